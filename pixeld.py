@@ -1,0 +1,1423 @@
+#!/usr/bin/env python3
+"""pixeld: privacy-first web analytics in one file.
+
+A pixel endpoint stores page views without cookies or anything that identifies a person;
+``/report`` reads them back as plain text or JSON. Standard library only (Python 3.9+);
+``geoip2`` is used for countries when installed and configured.
+
+The file reads in the order data flows: configuration, request parsing and normalisation,
+the user-agent reducer, storage, report rendering, the WSGI app, the server, the command line.
+"""
+
+import argparse
+import dataclasses
+import datetime as dt
+import hmac
+import ipaddress
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import unicodedata
+from collections import Counter
+from functools import lru_cache
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from urllib.parse import parse_qs, unquote, urlsplit
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+__version__ = "0.1.0"
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+DEFAULT_LISTEN = "127.0.0.1:8000"
+DEFAULT_DB = "pixeld.db"
+LOOPBACK_NETWORKS: Tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+class ConfigError(Exception):
+    """A setting that stops startup: reported as one line on stderr, exit status 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db_path: str = DEFAULT_DB
+    geoip_path: str = ""
+    token: str = ""
+    trusted_proxies: Tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    flush_interval: float = 1.0
+
+
+def parse_listen(value: str) -> Tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[IPV6]:PORT`` into a host and a port."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]*):(\d{1,5})", value.strip())
+    if not match:
+        raise ConfigError(f"cannot parse listen address {value!r}: use HOST:PORT or [IPV6]:PORT")
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port < 65536:
+        raise ConfigError(f"listen port {port} is out of range 1-65535")
+    return host, port
+
+
+def parse_networks(values: Iterable[str]) -> Tuple[IPNetwork, ...]:
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ConfigError(f"cannot parse trusted proxy {value!r}: use an address or CIDR") from None
+    return tuple(networks)
+
+
+def read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read token file {path}: {error_reason(error)}") from None
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token
+
+
+def open_geoip(path: str) -> Any:
+    """Open a GeoLite2/DB-IP country (or city) ``.mmdb`` with ``geoip2``, the one optional import."""
+    try:
+        import geoip2.database
+    except ImportError:
+        raise ConfigError("--geoip needs the geoip2 package: pip install geoip2") from None
+    try:
+        reader = geoip2.database.Reader(path)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"cannot open GeoIP database {path}: {error_reason(error)}") from None
+    if "Country" not in reader.metadata().database_type and "City" not in reader.metadata().database_type:
+        raise ConfigError(f"GeoIP database {path} is not a country or city database")
+    return reader
+
+
+def error_reason(error: BaseException) -> str:
+    """The human part of an exception, without the errno prefix or a traceback."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+###############################################################################
+# Request parsing and normalisation ###########################################
+###############################################################################
+
+MAX_PATH = 2048
+MAX_TITLE = 512
+MAX_REFERRER = 1024
+MAX_HOST = 253
+MAX_SCREEN = 100_000
+MAX_PARAM = 8192
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]+")
+_HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
+_LANGUAGE = re.compile(r"[a-z]{2,3}")
+
+
+class PageView(NamedTuple):
+    """One page view, normalised: exactly what is stored, and nothing else."""
+
+    time: int
+    site: str
+    path: str
+    title: str
+    referrer: str
+    country: str
+    browser: str
+    version: str
+    os: str
+    device: str
+    screen: str
+    language: str
+
+
+def parse_query(query_string: str) -> Dict[str, str]:
+    """Decode a query string leniently: the first value of each key, invalid UTF-8 replaced."""
+    pairs = parse_qs(query_string[: 4 * MAX_PARAM], keep_blank_values=True, errors="replace")
+    return {key: values[0][:MAX_PARAM] for key, values in pairs.items()}
+
+
+def clean_text(value: str, limit: int) -> str:
+    """Drop control characters, fold runs of white space, and cut to ``limit`` characters."""
+    value = _CONTROL.sub(" ", value)
+    value = " ".join(value.split())
+    return "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
+
+
+def normalise_path(value: str) -> str:
+    """The URL path only: no scheme, host, query or fragment; percent-decoded once; at most 2,048 characters."""
+    if "://" in value[:16]:
+        value = urlsplit(value).path if _safe_split(value) else ""
+    value = value.split("#", 1)[0].split("?", 1)[0]
+    value = clean_text(unquote(value, errors="replace"), MAX_PATH)
+    if not value.startswith("/"):
+        value = "/" + value
+    return value[:MAX_PATH]
+
+
+def normalise_title(value: str) -> str:
+    return clean_text(value, MAX_TITLE)
+
+
+def normalise_host(value: str) -> str:
+    """A lower-case hostname with the port and a leading ``www.`` dropped; empty when invalid."""
+    host = value.strip().lower().rstrip(".")
+    if host.startswith("["):
+        host = host.split("]", 1)[0] + "]"
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host.startswith("www."):
+        host = host[4:]
+    if len(host) > MAX_HOST or not _HOSTNAME.fullmatch(host):
+        return ""
+    return host
+
+
+def url_host(url: str) -> str:
+    """The normalised host of an absolute URL, or empty."""
+    if not _safe_split(url):
+        return ""
+    return normalise_host(urlsplit(url).netloc.rsplit("@", 1)[-1])
+
+
+def _safe_split(url: str) -> bool:
+    """Whether ``urlsplit`` accepts the URL (it raises on some malformed IPv6 hosts and ports)."""
+    try:
+        parts = urlsplit(url)
+        parts.port
+    except ValueError:
+        return False
+    return True
+
+
+def normalise_referrer(value: str, site: str) -> str:
+    """Host and path of the referring page, ``www.`` folded; empty when direct or internal."""
+    value = value.strip()
+    if not value or not _safe_split(value):
+        return ""
+    parts = urlsplit(value)
+    host = url_host(value)
+    if not host or host == site:
+        return ""
+    path = clean_text(unquote(parts.path, errors="replace"), MAX_REFERRER)
+    return (host + path.rstrip("/"))[:MAX_REFERRER]
+
+
+def normalise_screen(value: str) -> str:
+    """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; empty when unknown."""
+    match = re.fullmatch(r"\s*(\d{1,6})\s*[,xX]\s*(\d{1,6})\s*", value)
+    if not match:
+        return ""
+    width, height = int(match.group(1)), int(match.group(2))
+    if not (0 < width <= MAX_SCREEN and 0 < height <= MAX_SCREEN):
+        return ""
+    return f"{width}x{height}"
+
+
+def primary_language(accept_language: str) -> str:
+    """The primary subtag of the most preferred language in ``Accept-Language``: ``de`` for ``de-AT,de;q=0.9``."""
+    best, best_q = "", 0.0
+    for item in accept_language[:512].split(","):
+        tag, _, params = item.strip().partition(";")
+        quality = 1.0
+        match = re.fullmatch(r"\s*q\s*=\s*([01](?:\.\d{0,3})?)\s*", params) if params else None
+        if params and not match:
+            continue
+        if match:
+            quality = float(match.group(1))
+        subtag = tag.split("-", 1)[0].strip().lower()
+        if quality > best_q and _LANGUAGE.fullmatch(subtag):
+            best, best_q = subtag, quality
+    return best
+
+
+def parse_ip(value: str) -> Optional[IPAddress]:
+    """An IP address from a header or peer value (brackets, ports and IPv4-mapped IPv6 allowed), else None."""
+    value = value.strip().strip('"')
+    if value.startswith("["):
+        value = value[1:].split("]", 1)[0]
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(value.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def forwarded_chain(x_forwarded_for: str, forwarded: str) -> List[str]:
+    """The proxy chain, client first: ``X-Forwarded-For`` if present, else the ``for=`` of ``Forwarded``."""
+    if x_forwarded_for.strip():
+        return [part for part in x_forwarded_for.split(",")]
+    chain = []
+    for element in forwarded.split(","):
+        for pair in element.split(";"):
+            name, _, value = pair.partition("=")
+            if name.strip().lower() == "for":
+                chain.append(value)
+    return chain
+
+
+def client_address(peer: str, x_forwarded_for: str, forwarded: str, trusted: Sequence[IPNetwork]) -> Optional[IPAddress]:
+    """The visitor's address: the peer, unless the peer is a trusted proxy.
+
+    Behind trusted proxies the chain is walked right to left, skipping trusted hops; the first
+    untrusted address is the client. Garbage in the chain falls back to the peer, so a client
+    cannot smuggle an address past the proxy that appended the real one.
+    """
+    peer_ip = parse_ip(peer)
+    if peer_ip is None or not is_in(peer_ip, trusted):
+        return peer_ip
+    hops = forwarded_chain(x_forwarded_for[:4096], forwarded[:4096])
+    for hop in reversed(hops):
+        address = parse_ip(hop)
+        if address is None:
+            return peer_ip
+        if not is_in(address, trusted):
+            return address
+    return parse_ip(hops[0]) if hops else peer_ip
+
+
+def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def lookup_country(reader: Any, address: Optional[IPAddress]) -> str:
+    """ISO country code of an address from the GeoIP reader, or empty. The address is not kept."""
+    if reader is None or address is None or not address.is_global:
+        return ""
+    try:
+        if "City" in reader.metadata().database_type:
+            code = reader.city(str(address)).country.iso_code
+        else:
+            code = reader.country(str(address)).country.iso_code
+    except Exception:  # not found, or a database that cannot answer: the country is unknown
+        return ""
+    return code if isinstance(code, str) and re.fullmatch(r"[A-Z]{2}", code) else ""
+
+
+###############################################################################
+# User-agent reducer ##########################################################
+###############################################################################
+
+
+class UserAgent(NamedTuple):
+    browser: str
+    version: str
+    os: str
+    device: str
+
+
+_BOT = re.compile(
+    r"bot\b|bot[/_;:-]|crawl|spider|slurp|scrap|archiv|index(er|ing)|fetch|preview|monitor|"
+    r"headless|phantomjs|selenium|webdriver|puppeteer|playwright|lighthouse|pagespeed|"
+    r"curl/|wget|python|java/|go-http|okhttp|libwww|httpclient|http_request|axios|node-fetch|"
+    r"undici|aiohttp|httpx|ruby|perl|php/|facebookexternalhit|facebookcatalog|whatsapp|"
+    r"telegram|slack|discord|embedly|skypeuripreview|uptime|pingdom|statuscake|gtmetrix|"
+    r"feedfetcher|feedburner|rss|ahrefs|semrush|mj12|dotbot|petalbot|yandex(?!browser)[a-z]*/|"
+    r"baiduspider|bingpreview|applebot|gptbot|chatgpt|claude|anthropic|ccbot|bytespider|"
+    r"amazonbot|google-|mediapartners|adsbot|apis-google|googleother|ia_archiver|"
+    r"wordpress|validator|checker|linkcheck|scanner|nutch|heritrix|httrack|zgrab|masscan|"
+    r"nmap|nikto|sqlmap|postman|insomnia|^mozilla/\d\.\d$|^mozilla/\d\.\d \(compatible\)$|"
+    r"\bcfnetwork/.*darwin/(?!.*mobile)|^[a-z0-9_.-]+/[0-9.]+$|^[^/ ]*$",
+    re.IGNORECASE,
+)
+
+_BROWSERS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
+    (name, re.compile(pattern))
+    for name, pattern in (
+        ("Edge", r"\b(?:Edge?|EdgA|EdgiOS)/(\d+)"),
+        ("Opera Mini", r"Opera Mini/(\d+)"),
+        ("Opera", r"\b(?:OPR|OPT|OPiOS|OPX)/(\d+)|Opera[/ ](?:.*Version/)?(\d+)"),
+        ("Samsung Internet", r"SamsungBrowser/(\d+)"),
+        ("Yandex", r"YaBrowser/(\d+)|YaSearchBrowser/(\d+)"),
+        ("UC Browser", r"UC ?Browser/(\d+)|UCWEB/?(\d+)?"),
+        ("Vivaldi", r"Vivaldi/(\d+)"),
+        ("Brave", r"Brave(?: Chrome)?/(\d+)"),
+        ("Whale", r"Whale/(\d+)"),
+        ("QQ Browser", r"M?QQBrowser/(\d+)"),
+        ("Sogou", r"SogouMobileBrowser/(\d+)|SE (\d+)\.X MetaSr"),
+        ("Baidu", r"baidubrowser/(\d+)|BIDUBrowser[ /](\d+)|bdbrowser\w*/(\d+)"),
+        ("Mi Browser", r"(?:XiaoMi/)?MiuiBrowser/(\d+)"),
+        ("Huawei Browser", r"HuaweiBrowser/(\d+)"),
+        ("Honor Browser", r"HiBrowser/(\d+)|HONORBrowser/(\d+)"),
+        ("DuckDuckGo", r"DuckDuckGo/(\d+)|Ddg/(\d+)"),
+        ("Silk", r"Silk/(\d+)"),
+        ("Puffin", r"Puffin/(\d+)"),
+        ("Seznam", r"SznProhlizec/(\d+)"),
+        ("Avast", r"Avast/(\d+)"),
+        ("AVG", r"AVG/(\d+)"),
+        ("Coc Coc", r"coc_coc_browser/(\d+)"),
+        ("Facebook", r"FB(?:AN|AV|_IAB)/(?:[A-Za-z]+;FBAV/)?(\d+)?"),
+        ("Instagram", r"Instagram (\d+)"),
+        ("Pale Moon", r"PaleMoon/(\d+)"),
+        ("Waterfox", r"Waterfox/(\d+)"),
+        ("SeaMonkey", r"SeaMonkey/(\d+)"),
+        ("Firefox", r"(?:Firefox|FxiOS|Focus|Klar)/(\d+)"),
+        ("Internet Explorer", r"MSIE (\d+)|Trident/.*rv:(\d+)|IEMobile[/ ](\d+)"),
+        ("Chrome", r"(?:Chrome|CriOS|Chromium)/(\d+)"),
+        ("Safari", r"Version/(\d+)[.\d]* (?:Mobile/\S+ )?Safari/|Mobile/\w+(?:$| )|Safari/(\d+)"),
+    )
+)
+
+_OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
+    (name, re.compile(pattern))
+    for name, pattern in (
+        ("Windows Phone", r"Windows Phone|Windows Mobile|WPDesktop|ZuneWP"),
+        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d"),
+        ("Android", r"Android|Adr |\bAdr\b"),
+        ("ChromeOS", r"\bCrOS\b"),
+        ("Windows", r"Windows|Win(?:NT|95|98|32|64)\b"),
+        ("macOS", r"Mac OS X|Macintosh|Mac_PowerPC|Darwin/"),
+        ("KaiOS", r"KAIOS|KaiOS"),
+        ("Tizen", r"Tizen"),
+        ("HarmonyOS", r"HarmonyOS|OpenHarmony"),
+        ("FreeBSD", r"FreeBSD"),
+        ("OpenBSD", r"OpenBSD"),
+        ("Linux", r"Linux|Ubuntu|X11|Fedora|Debian"),
+    )
+)
+
+_TABLET = re.compile(r"iPad|Tablet|Kindle|Silk/|PlayBook|Nexus (?:7|9|10)\b|SM-T\d|GT-P\d|SCH-I800|Tab\b", re.IGNORECASE)
+_PHONE = re.compile(r"Mobi|iPhone|iPod|Phone|Opera Mini|BlackBerry|BB10|Symbian|Nokia|KAIOS|Fennec", re.IGNORECASE)
+_TV = re.compile(r"SmartTV|SMART-TV|HbbTV|AppleTV|GoogleTV|CrKey|Roku|BRAVIA|NetCast|Web0S|webOS.TV|PlayStation|Xbox|Nintendo", re.IGNORECASE)
+
+
+@lru_cache(maxsize=4096)
+def classify_user_agent(ua: str) -> UserAgent:
+    """Reduce a User-Agent to (browser, major version, OS, device class); the string itself is not kept.
+
+    ``device`` is ``desktop``, ``phone``, ``tablet``, ``bot`` (crawlers, previews, monitors,
+    headless browsers, HTTP libraries, an empty UA) or ``other`` (TVs, consoles, unknown).
+    """
+    ua = ua.strip()[:1024]
+    if is_bot(ua):
+        return UserAgent(bot_name(ua), "", "", "bot")
+    browser, version = browser_of(ua)
+    os_name = os_of(ua)
+    return UserAgent(browser, version, os_name, device_of(ua, os_name))
+
+
+def is_bot(ua: str) -> bool:
+    return not ua or bool(_BOT.search(ua))
+
+
+def bot_name(ua: str) -> str:
+    """A short name for a bot, for the record of what was filtered: ``Googlebot``, ``curl``."""
+    match = re.search(r"([A-Za-z][\w.-]*(?:bot|crawler|spider))\b", ua, re.IGNORECASE) or re.match(r"([A-Za-z][\w.-]*)", ua)
+    return match.group(1)[:32] if match else ""
+
+
+def browser_of(ua: str) -> Tuple[str, str]:
+    if "; wv)" in ua and "Chrome/" in ua:
+        match = re.search(r"Chrome/(\d+)", ua)
+        return "Chrome", match.group(1) if match else ""
+    for name, pattern in _BROWSERS:
+        match = pattern.search(ua)
+        if match:
+            return name, next((group for group in match.groups() if group), "")
+    return "", ""
+
+
+def os_of(ua: str) -> str:
+    for name, pattern in _OS:
+        if pattern.search(ua):
+            return name
+    return ""
+
+
+def device_of(ua: str, os_name: str) -> str:
+    if _TV.search(ua):
+        return "other"
+    if _TABLET.search(ua) or (os_name == "Android" and "Mobile" not in ua):
+        return "tablet"
+    if _PHONE.search(ua) or os_name in ("iOS", "Windows Phone", "KaiOS"):
+        return "phone"
+    if os_name in ("Windows", "macOS", "Linux", "ChromeOS", "FreeBSD", "OpenBSD"):
+        return "desktop"
+    return "other"
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+DAY = 86_400
+ID_SHIFT = 20  # page view ids are unix seconds << 20 | a sequence: rows sort by time without an index
+DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
+PAGEVIEW_COLUMNS = {"pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen", "languages": "language"}
+
+MIGRATIONS: Tuple[str, ...] = (
+    """
+    CREATE TABLE strings (id INTEGER PRIMARY KEY, value TEXT NOT NULL UNIQUE);
+    CREATE TABLE agents (
+        id INTEGER PRIMARY KEY,
+        browser TEXT NOT NULL, version TEXT NOT NULL, os TEXT NOT NULL, device TEXT NOT NULL,
+        UNIQUE (browser, version, os, device));
+    CREATE TABLE pageviews (
+        id INTEGER PRIMARY KEY,
+        site INTEGER NOT NULL, path INTEGER NOT NULL, title INTEGER NOT NULL,
+        referrer INTEGER NOT NULL, country INTEGER NOT NULL, agent INTEGER NOT NULL,
+        screen INTEGER NOT NULL, language INTEGER NOT NULL);
+    CREATE TABLE daily (
+        day INTEGER NOT NULL, site INTEGER NOT NULL, dim INTEGER NOT NULL, value INTEGER NOT NULL,
+        views INTEGER NOT NULL,
+        PRIMARY KEY (day, site, dim, value)) WITHOUT ROWID;
+    CREATE TABLE filtered (
+        day INTEGER NOT NULL, site INTEGER NOT NULL, reason TEXT NOT NULL, hits INTEGER NOT NULL,
+        PRIMARY KEY (day, site, reason)) WITHOUT ROWID;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+NO_HOST = "(no host)"
+
+
+class StorageError(Exception):
+    """The database cannot be opened or used: reported as one line."""
+
+
+class FilteredHit(NamedTuple):
+    """A hit that is not a page view, tallied per day and reason."""
+
+    time: int
+    site: str
+    reason: str
+
+
+def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database: read-write (creating and migrating it), or read-only for reports."""
+    if readonly and not os.path.exists(path):
+        raise StorageError(f"no database at {path}")
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StorageError(f"database {path} has schema version {version}, newer than this pixeld ({SCHEMA_VERSION}): upgrade pixeld.py")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate(conn, version)
+        elif version < SCHEMA_VERSION:
+            raise StorageError(f"database {path} has schema version {version}: start the daemon once to migrate it")
+    except sqlite3.Error as error:
+        raise StorageError(f"cannot use database {path}: {error}") from None
+    return conn
+
+
+def _uri_path(path: str) -> str:
+    return os.path.abspath(path).replace("?", "%3f").replace("#", "%23")
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Apply the migrations after ``version``, each in one transaction with its version bump."""
+    for number in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+class Store:
+    """The writer's side of the database: interned strings and agents, batched inserts and counts.
+
+    Only the writer thread uses a Store. Its caches mirror committed rows; a failed batch clears
+    them, because the rolled-back transaction may have created rows the cache still names.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._strings: Dict[str, int] = {}
+        self._agents: Dict[Tuple[str, str, str, str], int] = {}
+        self._id_second = -1
+        self._id_next = 0
+
+    def write(self, views: Sequence[PageView], filtered: Sequence[FilteredHit]) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._insert_pageviews(views)
+            self._count_filtered(filtered)
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self._strings.clear()
+            self._agents.clear()
+            self._id_second = -1
+            raise
+
+    def _insert_pageviews(self, views: Sequence[PageView]) -> None:
+        rows = [self._pageview_row(view) for view in views]
+        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        counts: Counter = Counter()
+        for row in rows:
+            day, site = (row[0] >> ID_SHIFT) // DAY, row[1]
+            for dim, column in zip(DIMENSIONS.values(), (row[2], row[4], row[5], row[6], row[7], row[8])):
+                counts[day, site, dim, column] += 1
+        self.conn.executemany(
+            "INSERT INTO daily VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (day, site, dim, value) DO UPDATE SET views = views + excluded.views",
+            [key + (n,) for key, n in counts.items()],
+        )
+
+    def _pageview_row(self, view: PageView) -> Tuple[int, ...]:
+        intern = self.intern
+        return (
+            self._next_id(view.time), intern(view.site), intern(view.path), intern(view.title),
+            intern(view.referrer), intern(view.country),
+            self.agent(UserAgent(view.browser, view.version, view.os, view.device)),
+            intern(view.screen), intern(view.language),
+        )
+
+    def _count_filtered(self, hits: Sequence[FilteredHit]) -> None:
+        counts = Counter((hit.time // DAY, self.intern(hit.site), hit.reason) for hit in hits)
+        self.conn.executemany(
+            "INSERT INTO filtered VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (day, site, reason) DO UPDATE SET hits = hits + excluded.hits",
+            [key + (n,) for key, n in counts.items()],
+        )
+
+    def _next_id(self, second: int) -> int:
+        """A unique id that sorts by time: the next free sequence number within ``second``."""
+        if second != self._id_second:
+            low = second << ID_SHIFT
+            last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, low + (1 << ID_SHIFT))).fetchone()[0]
+            self._id_second, self._id_next = second, low if last is None else last + 1
+        self._id_next += 1
+        return self._id_next - 1
+
+    def intern(self, value: str) -> int:
+        found = self._strings.get(value)
+        if found is None:
+            self.conn.execute("INSERT OR IGNORE INTO strings (value) VALUES (?)", (value,))
+            found = self.conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()[0]
+            self._strings[value] = found
+        return found
+
+    def agent(self, agent: UserAgent) -> int:
+        key = tuple(agent)
+        found = self._agents.get(key)  # type: ignore[arg-type]
+        if found is None:
+            self.conn.execute("INSERT OR IGNORE INTO agents (browser, version, os, device) VALUES (?, ?, ?, ?)", key)
+            found = self.conn.execute(
+                "SELECT id FROM agents WHERE browser = ? AND version = ? AND os = ? AND device = ?", key
+            ).fetchone()[0]
+            self._agents[key] = found  # type: ignore[index]
+        return found
+
+
+class Writer:
+    """The one thread that writes: request threads hand it hits; it commits a batch at least once a second.
+
+    A batch that fails to commit (database locked, disk full) is kept and tried again, so
+    nothing acknowledged is dropped; ``close()`` drains the queue and commits before returning.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, flush_interval: float = 1.0, log: Callable[[str], None] = print) -> None:
+        self.store = Store(conn)
+        self.flush_interval = flush_interval
+        self.log = log
+        self.error = ""
+        self._queue: "queue.SimpleQueue[Union[PageView, FilteredHit, None]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pixeld-writer", daemon=True)
+        self._views: List[PageView] = []
+        self._filtered: List[FilteredHit] = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, hit: Union[PageView, FilteredHit]) -> None:
+        self._queue.put(hit)
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive() and not self.error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.store.conn.close()
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            deadline = time.monotonic() + self.flush_interval
+            closing = self._collect_until(deadline)
+            self._flush(final=closing)
+
+    def _collect_until(self, deadline: float) -> bool:
+        """Move queued hits into the batch until the deadline; True when asked to close."""
+        while True:
+            try:
+                hit = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return False
+            if hit is None:
+                return True
+            (self._views if isinstance(hit, PageView) else self._filtered).append(hit)
+
+    def _flush(self, final: bool) -> None:
+        attempts = 0
+        while self._views or self._filtered:
+            try:
+                self.store.write(self._views, self._filtered)
+            except sqlite3.Error as error:
+                self._note_error(f"cannot write to the database: {error}")
+                attempts += 1
+                if not final or attempts >= 10:
+                    return
+                time.sleep(0.5)
+            else:
+                self._views, self._filtered = [], []
+                if self.error:
+                    self.log("database writable again")
+                self.error = ""
+
+    def _note_error(self, message: str) -> None:
+        if message != self.error:
+            self.log(message)
+        self.error = message
+
+
+###############################################################################
+# Queries #####################################################################
+###############################################################################
+
+
+class Range(NamedTuple):
+    """A half-open time range [start, end) in unix seconds."""
+
+    start: int
+    end: int
+
+
+class ReportData(NamedTuple):
+    range: Range
+    site: str
+    sites: List[str]
+    pageviews: int
+    filtered: Dict[str, int]
+    sections: Dict[str, List[Tuple[str, int]]]
+
+
+def query_report(conn: sqlite3.Connection, span: Range, site: str = "") -> ReportData:
+    """Count everything in the range: whole UTC days from ``daily``, partial days from raw page views.
+
+    The cost grows with days and distinct values, not with traffic, except for the partial
+    days at the edges of a range that does not start or end at midnight.
+    """
+    site_id = _string_id(conn, site) if site else None
+    first_day, end_day = -(-span.start // DAY), span.end // DAY
+    counts: Dict[str, Counter] = {name: Counter() for name in DIMENSIONS}
+    if first_day < end_day:
+        _count_days(conn, first_day, end_day, site_id, counts)
+        edges = [Range(span.start, first_day * DAY), Range(end_day * DAY, span.end)]
+    else:
+        edges = [span]
+    for edge in edges:
+        if edge.start < edge.end:
+            _count_raw(conn, edge, site_id, counts)
+    pageviews = sum(counts["pages"].values())
+    return ReportData(
+        range=span,
+        site=site,
+        sites=_sites(conn, span, site),
+        pageviews=pageviews,
+        filtered=_count_filtered(conn, span, site_id),
+        sections=_resolve_sections(conn, counts, multi_site=not site),
+    )
+
+
+def _string_id(conn: sqlite3.Connection, value: str) -> int:
+    row = conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()
+    return row[0] if row else -1
+
+
+def _site_clause(site_id: Optional[int]) -> Tuple[str, Tuple[int, ...]]:
+    return ("", ()) if site_id is None else (" AND site = ?", (site_id,))
+
+
+def _count_days(conn: sqlite3.Connection, first_day: int, end_day: int, site_id: Optional[int], counts: Dict[str, Counter]) -> None:
+    names = {code: name for name, code in DIMENSIONS.items()}
+    clause, args = _site_clause(site_id)
+    for dim, site, value, views in conn.execute(
+        f"SELECT dim, site, value, sum(views) FROM daily WHERE day >= ? AND day < ?{clause} GROUP BY dim, site, value",
+        (first_day, end_day) + args,
+    ):
+        counts[names[dim]][(site, value)] += views
+
+
+def _count_raw(conn: sqlite3.Connection, edge: Range, site_id: Optional[int], counts: Dict[str, Counter]) -> None:
+    clause, args = _site_clause(site_id)
+    bounds = (edge.start << ID_SHIFT, edge.end << ID_SHIFT)
+    for name, column in PAGEVIEW_COLUMNS.items():
+        for site, value, views in conn.execute(
+            f"SELECT site, {column}, count(*) FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
+            bounds + args,
+        ):
+            counts[name][(site, value)] += views
+
+
+def _count_filtered(conn: sqlite3.Connection, span: Range, site_id: Optional[int]) -> Dict[str, int]:
+    """Filtered hits per reason, over the days the range touches (they are only counted per day)."""
+    clause, args = _site_clause(site_id)
+    rows = conn.execute(
+        f"SELECT reason, sum(hits) FROM filtered WHERE day >= ? AND day < ?{clause} GROUP BY reason ORDER BY reason",
+        (span.start // DAY, -(-span.end // DAY)) + args,
+    )
+    return {reason: hits for reason, hits in rows}
+
+
+def _sites(conn: sqlite3.Connection, span: Range, site: str) -> List[str]:
+    if site:
+        return [site]
+    rows = conn.execute(
+        "SELECT DISTINCT value FROM strings WHERE id IN (SELECT DISTINCT site FROM daily WHERE day >= ? AND day < ?) ORDER BY value",
+        (span.start // DAY, -(-span.end // DAY)),
+    )
+    return [value or NO_HOST for (value,) in rows]
+
+
+def _resolve_sections(conn: sqlite3.Connection, counts: Dict[str, Counter], multi_site: bool) -> Dict[str, List[Tuple[str, int]]]:
+    """Turn id counts into ranked (label, count) rows for each report section."""
+    agents = {row[0]: UserAgent(*row[1:]) for row in conn.execute("SELECT id, browser, version, os, device FROM agents")}
+    ids = {site for counter in counts.values() for site, _ in counter}
+    ids.update(value for name, counter in counts.items() if name != "agents" for _, value in counter)
+    strings = _strings_by_id(conn, ids)
+    many_sites = multi_site and len({site for site, _ in counts["pages"]}) > 1
+
+    def ranked(counter: Counter) -> List[Tuple[str, int]]:
+        return sorted(counter.items(), key=lambda item: (-item[1], item[0]))
+
+    def by_value(name: str, label: Callable[[int, int], str]) -> List[Tuple[str, int]]:
+        merged: Counter = Counter()
+        for (site, value), views in counts[name].items():
+            merged[label(site, value)] += views
+        return ranked(merged)
+
+    def page_label(site: int, value: int) -> str:
+        return (strings.get(site) or NO_HOST) + strings.get(value, "") if many_sites else strings.get(value, "")
+
+    def agent_field(field: Callable[[UserAgent], str]) -> Callable[[int, int], str]:
+        return lambda _site, value: field(agents.get(value, UserAgent("", "", "", "")))
+
+    string = lambda _site, value: strings.get(value, "")  # noqa: E731
+    return {
+        "pages": by_value("pages", page_label),
+        "referrers": by_value("referrers", string),
+        "countries": by_value("countries", string),
+        "browsers": by_value("agents", agent_field(lambda a: f"{a.browser} {a.version}".strip())),
+        "operating_systems": by_value("agents", agent_field(lambda a: a.os)),
+        "devices": by_value("agents", agent_field(lambda a: a.device)),
+        "screens": by_value("screens", string),
+        "languages": by_value("languages", string),
+    }
+
+
+def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
+    wanted, found = sorted(ids), {}
+    for i in range(0, len(wanted), 500):
+        chunk = wanted[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(conn.execute(f"SELECT id, value FROM strings WHERE id IN ({marks})", chunk))
+    return found
+
+
+def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
+    return conn.execute("SELECT min(day) FROM daily").fetchone()[0]
+
+
+###############################################################################
+# Report parameters and rendering #############################################
+###############################################################################
+
+RANGES = ("today", "yesterday", "7d", "30d", "month", "year", "all")
+TEXT_ROWS = 10
+WIDTH = 80
+SECTION_TITLES = {
+    "pages": "Pages",
+    "referrers": "Referrers",
+    "countries": "Countries",
+    "browsers": "Browsers",
+    "operating_systems": "Operating systems",
+    "devices": "Devices",
+    "screens": "Screen sizes",
+    "languages": "Languages",
+}
+EMPTY_LABELS = {"referrers": "(direct)", "countries": "(unknown)", "browsers": "(unknown)", "operating_systems": "(unknown)", "screens": "(unknown)", "languages": "(unknown)"}
+FILTER_REASONS = {"bot": "bots"}
+
+
+class ReportError(Exception):
+    """A report parameter that cannot be used: answered with 400 and this one-line reason."""
+
+
+class ReportRequest(NamedTuple):
+    range: Range
+    site: str
+    format: str
+
+
+def parse_report_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]]) -> ReportRequest:
+    """Validate report parameters: ``start``/``end`` or ``range``, ``site``, ``format``."""
+    fmt = params.get("format", "text") or "text"
+    if fmt not in ("text", "json"):
+        raise ReportError(f"unknown format {fmt!r}: use text or json")
+    site = normalise_host(params["site"]) if params.get("site") else ""
+    if params.get("site") and not site:
+        raise ReportError(f"cannot parse site {params['site']!r}: use a hostname")
+    return ReportRequest(parse_range(params, now, first_day), site, fmt)
+
+
+def parse_range(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]]) -> Range:
+    start, end, named = params.get("start", ""), params.get("end", ""), params.get("range", "")
+    if named and (start or end):
+        raise ReportError("give either range or start/end, not both")
+    tomorrow = (int(now) // DAY + 1) * DAY
+    if named or not (start or end):
+        return named_range(named or "30d", now, first_day)
+    end_time = parse_time(end, is_end=True) if end else tomorrow
+    start_time = parse_time(start, is_end=False) if start else end_time - 30 * DAY
+    if start_time >= end_time:
+        raise ReportError("start must be before end")
+    return Range(start_time, end_time)
+
+
+def named_range(name: str, now: float, first_day: Callable[[], Optional[int]]) -> Range:
+    """Calendar ranges in UTC that end with today: ``7d`` is today and the six days before it."""
+    today = int(now) // DAY * DAY
+    tomorrow = today + DAY
+    if name == "today":
+        return Range(today, tomorrow)
+    if name == "yesterday":
+        return Range(today - DAY, today)
+    match = re.fullmatch(r"(\d{1,4})d", name)
+    if match and int(match.group(1)) > 0:
+        return Range(tomorrow - int(match.group(1)) * DAY, tomorrow)
+    date = dt.datetime.fromtimestamp(today, dt.timezone.utc)
+    if name == "month":
+        return Range(int(date.replace(day=1).timestamp()), tomorrow)
+    if name == "year":
+        return Range(int(date.replace(month=1, day=1).timestamp()), tomorrow)
+    if name == "all":
+        first = first_day()
+        return Range(min(first * DAY, today) if first is not None else today, tomorrow)
+    raise ReportError(f"unknown range {name!r}: use today, yesterday, Nd (7d, 30d, ...), month, year or all")
+
+
+def parse_time(value: str, is_end: bool) -> int:
+    """Unix seconds, an ISO date (an end date includes that whole day) or an ISO datetime (UTC unless it says)."""
+    value = value.strip()
+    if re.fullmatch(r"\d{1,11}", value):
+        return int(value)
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            day = dt.datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+            return int(day.timestamp()) + (DAY if is_end else 0)
+        moment = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+    except (ValueError, OverflowError):
+        raise ReportError(f"cannot parse time {value[:40]!r}: use unix seconds, 2026-11-01 or 2026-11-01T12:00:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return int(moment.timestamp())
+
+
+def format_range(span: Range) -> str:
+    def stamp(seconds: int) -> str:
+        moment = dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+        return moment.strftime("%Y-%m-%d" if seconds % DAY == 0 else "%Y-%m-%d %H:%M:%S")
+
+    if span.start % DAY == 0 and span.end % DAY == 0:
+        days = (span.end - span.start) // DAY
+        last = stamp(span.end - DAY)
+        dates = stamp(span.start) if days == 1 else f"{stamp(span.start)} – {last}"
+        return f"{dates} UTC ({days} day{'s' if days != 1 else ''})"
+    return f"{stamp(span.start)} – {stamp(span.end)} UTC"
+
+
+def iso(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def percent(count: int, total: int) -> float:
+    return round(100.0 * count / total, 1) if total else 0.0
+
+
+def render_json(report: ReportData) -> str:
+    document = {
+        "version": __version__,
+        "site": report.site or None,
+        "sites": report.sites,
+        "start": iso(report.range.start),
+        "end": iso(report.range.end),
+        "timezone": "UTC",
+        "pageviews": report.pageviews,
+        "filtered": {"total": sum(report.filtered.values()), **report.filtered},
+        "sections": {
+            name: [{"value": value, "count": count, "percent": percent(count, report.pageviews)} for value, count in rows]
+            for name, rows in report.sections.items()
+        },
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+
+
+def render_text(report: ReportData, width: int = WIDTH) -> str:
+    lines = [
+        f"pixeld report · {report.site or 'all sites'}" + ("" if report.site or not report.sites else f" ({', '.join(report.sites)})"),
+        format_range(report.range),
+        "",
+        f"Page views  {report.pageviews:>12,}",
+        f"Filtered    {sum(report.filtered.values()):>12,}" + filtered_breakdown(report.filtered),
+    ]
+    for name, rows in report.sections.items():
+        lines += ["", *render_section(SECTION_TITLES[name], rows, report.pageviews, EMPTY_LABELS.get(name, "(none)"), width)]
+    return "\n".join(lines)[: 1 << 20] + "\n"
+
+
+def filtered_breakdown(filtered: Dict[str, int]) -> str:
+    parts = [f"{FILTER_REASONS.get(reason, reason)} {hits:,}" for reason, hits in filtered.items()]
+    return f"  ({', '.join(parts)})" if parts else ""
+
+
+def render_section(title: str, rows: List[Tuple[str, int]], total: int, empty: str, width: int) -> List[str]:
+    label_width = width - 18
+    lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}"]
+    for value, count in rows[:TEXT_ROWS]:
+        lines.append(f"{cut(value or empty, label_width - 2):<{label_width}}{count:>10,}{percent(count, total):>7.1f}%")
+    if len(rows) > TEXT_ROWS:
+        lines.append(f"… and {len(rows) - TEXT_ROWS:,} more")
+    if not rows:
+        lines.append("(no page views)")
+    return lines
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+###############################################################################
+# Snippet #####################################################################
+###############################################################################
+
+SNIPPET_PLACEHOLDER = "https://stats.example.org"
+SNIPPET = """<!-- pixeld: privacy-first analytics. Replace https://stats.example.org (twice) with your pixeld address. -->
+<script>
+(function (u) {
+  var d = document, l = location, e = encodeURIComponent;
+  new Image().src = u + "/pixel.gif?path=" + e(l.pathname) + "&title=" + e(d.title) +
+    "&referrer=" + e(d.referrer) + "&resolution=" + screen.width + "," + screen.height +
+    "&host=" + e(l.hostname);
+})("https://stats.example.org");
+</script>
+<noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
+"""
+
+
+def snippet(url: str = SNIPPET_PLACEHOLDER) -> str:
+    """The snippet to paste into pages, pointing at ``url``."""
+    return SNIPPET.replace(SNIPPET_PLACEHOLDER, url.rstrip("/"))
+
+
+###############################################################################
+# WSGI app ####################################################################
+###############################################################################
+
+GIF = (
+    b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\x00\x00\x00!\xf9\x04\x01\x00\x00\x00\x00"
+    b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+)
+GIF_HEADERS = [
+    ("Content-Type", "image/gif"),
+    ("Content-Length", str(len(GIF))),
+    ("Cache-Control", "no-store"),
+    ("Cross-Origin-Resource-Policy", "cross-origin"),
+]
+PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+Environ = Dict[str, Any]
+StartResponse = Callable[..., Any]
+
+
+class App:
+    """The WSGI application: ``/pixel.gif`` captures, ``/report`` reads, ``/healthz`` and ``/`` help.
+
+    It owns the writer and the GeoIP reader. The clock is injected so tests can move time.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time, log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.clock = clock
+        self.log = log
+        self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
+        self.writer = Writer(connect(config.db_path), config.flush_interval, log)
+        self.routes: Dict[str, Callable[[Environ], Tuple[str, List[Tuple[str, str]], bytes]]] = {
+            "/pixel.gif": self.pixel,
+            "/report": self.report,
+            "/healthz": self.healthz,
+            "/": self.index,
+        }
+
+    def start(self) -> None:
+        self.writer.start()
+
+    def close(self) -> None:
+        """Commit everything acknowledged so far and release the database."""
+        self.writer.close()
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> List[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        route = self.routes.get(environ.get("PATH_INFO", ""))
+        if route is None:
+            status, headers, body = plain("404 Not Found", "not found")
+        elif method not in ("GET", "HEAD"):
+            status, headers, body = plain("405 Method Not Allowed", "use GET or HEAD")
+            headers.append(("Allow", "GET, HEAD"))
+        else:
+            status, headers, body = route(environ)
+        start_response(status, headers)
+        return [b"" if method == "HEAD" else body]
+
+    def pixel(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        """Record the hit and answer the GIF, whatever the request holds."""
+        try:
+            self.writer.submit(self.hit_from(environ))
+        except Exception as error:  # a bug must never break the host page: log one line, still answer
+            self.log(f"pixel: could not record a hit: {type(error).__name__}: {error}"[:200])
+        return "200 OK", list(GIF_HEADERS), GIF
+
+    def hit_from(self, environ: Environ) -> Union[PageView, FilteredHit]:
+        params = parse_query(environ.get("QUERY_STRING", ""))
+        page_url = environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", "")
+        site = normalise_host(params["host"]) if params.get("host") else url_host(page_url)
+        now = int(self.clock())
+        agent = classify_user_agent(environ.get("HTTP_USER_AGENT", ""))
+        if agent.device == "bot":
+            return FilteredHit(now, site, "bot")
+        path = params.get("path") or (urlsplit(page_url).path if page_url and _safe_split(page_url) else "")
+        address = client_address(
+            environ.get("REMOTE_ADDR", ""),
+            environ.get("HTTP_X_FORWARDED_FOR", ""),
+            environ.get("HTTP_FORWARDED", ""),
+            self.config.trusted_proxies,
+        )
+        return PageView(
+            time=now,
+            site=site,
+            path=normalise_path(path),
+            title=normalise_title(params.get("title", "")),
+            referrer=normalise_referrer(params.get("referrer", ""), site),
+            country=lookup_country(self.geoip, address),
+            browser=agent.browser,
+            version=agent.version,
+            os=agent.os,
+            device=agent.device,
+            screen=normalise_screen(params.get("resolution", "")),
+            language=primary_language(environ.get("HTTP_ACCEPT_LANGUAGE", "")),
+        )
+
+    def report(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        denied = self.deny_report(environ)
+        if denied:
+            return denied
+        try:
+            conn = connect(self.config.db_path, readonly=True)
+        except StorageError as error:
+            return plain("503 Service Unavailable", str(error))
+        try:
+            request = parse_report_request(parse_query(environ.get("QUERY_STRING", "")), self.clock(), lambda: first_day_with_data(conn))
+            return render_report(conn, request)
+        except ReportError as error:
+            return plain("400 Bad Request", str(error))
+        finally:
+            conn.close()
+
+    def deny_report(self, environ: Environ) -> Optional[Tuple[str, List[Tuple[str, str]], bytes]]:
+        """The report's access rule: the token when one is set, else a direct loopback request."""
+        if self.config.token:
+            given = environ.get("HTTP_AUTHORIZATION", "")
+            expected = f"Bearer {self.config.token}"
+            if hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+                return None
+            status, headers, body = plain("401 Unauthorized", "send Authorization: Bearer TOKEN (the token given with --token)")
+            headers.append(("WWW-Authenticate", 'Bearer realm="pixeld"'))
+            return status, headers, body
+        peer = parse_ip(environ.get("REMOTE_ADDR", ""))
+        if peer is not None and peer.is_loopback and not any(environ.get(name) for name in PROXY_HEADERS):
+            return None
+        return plain("403 Forbidden", "the report is only for direct loopback requests; set --token to read it from elsewhere")
+
+    def healthz(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        if self.writer.healthy:
+            return plain("200 OK", "ok")
+        return plain("503 Service Unavailable", self.writer.error or "the writer has stopped")
+
+    def index(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        page = INDEX_PAGE.replace("{snippet}", snippet(""))
+        return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], page.encode()
+
+
+INDEX_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>pixeld</title></head>
+<body><h1>pixeld is running</h1>
+<p>This page embeds the snippet, so each visit is counted as a page view of this host.
+Read the report with <code>curl http://127.0.0.1:8000/report</code> on this machine.</p>
+{snippet}</body></html>
+"""
+
+
+def render_report(conn: sqlite3.Connection, request: ReportRequest) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    data = query_report(conn, request.range, request.site)
+    if request.format == "json":
+        return "200 OK", [("Content-Type", "application/json"), ("Cache-Control", "no-store")], render_json(data).encode()
+    return "200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")], render_text(data).encode()
+
+
+def plain(status: str, message: str) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    return status, [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")], (message + "\n").encode()
+
+
+###############################################################################
+# Server ######################################################################
+###############################################################################
+
+
+class QuietHandler(WSGIRequestHandler):
+    """wsgiref's handler without the access log: it would print every client's address."""
+
+    timeout = 10
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class Server(WSGIServer):
+    """wsgiref's server with a thread per request, quiet errors, and IPv6 when the host says so.
+
+    Request threads are joined on close, so every hit a client was answered for is queued
+    before the writer is flushed.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: Tuple[str, int], log: Callable[[str], None]) -> None:
+        self.log = log
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._threads: List[threading.Thread] = []
+        super().__init__(address, QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(target=self._handle, args=(request, client_address), daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _handle(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception as error:
+            self.handle_error_quietly(error)
+        finally:
+            self.shutdown_request(request)
+
+    def handle_error_quietly(self, error: BaseException) -> None:
+        if not isinstance(error, (ConnectionError, socket.timeout)):
+            self.log(f"request failed: {type(error).__name__}: {error}"[:200])
+
+    def server_close(self) -> None:
+        super().server_close()
+        for thread in self._threads:
+            thread.join()
+
+
+def make_server(config: Config, app: App, log: Callable[[str], None]) -> Server:
+    try:
+        server = Server((config.host, config.port), log)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {format_address(config.host, config.port)}: {error_reason(error)}") from None
+    server.set_app(app)
+    return server
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(config: Config, log: Callable[[str], None]) -> None:
+    """Run until SIGTERM or SIGINT, then stop accepting, finish requests and flush every hit."""
+    app = App(config, log=log)
+    try:
+        server = make_server(config, app, log)
+    except ConfigError:
+        app.close()
+        raise
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    app.start()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="pixeld-accept")
+    thread.start()
+    log(
+        f"version {__version__} listening on http://{format_address(*server.server_address[:2])}, "
+        f"database {os.path.abspath(config.db_path)}, GeoIP {'on' if config.geoip_path else 'off'}, "
+        f"trusted proxies {', '.join(map(str, config.trusted_proxies)) or 'none'}, "
+        f"report {'by token' if config.token else 'from loopback only'}"
+    )
+    while not stopping.wait(1.0):
+        pass
+    server.shutdown()
+    thread.join()
+    server.server_close()
+    app.close()
+    log("stopped; every page view is saved")
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+ENVIRONMENT = {
+    "listen": "PIXELD_LISTEN",
+    "db": "PIXELD_DB",
+    "geoip": "PIXELD_GEOIP",
+    "token": "PIXELD_TOKEN",
+    "token_file": "PIXELD_TOKEN_FILE",
+    "trusted_proxy": "PIXELD_TRUSTED_PROXIES",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixeld.py", description="Privacy-first web analytics in one file.")
+    parser.add_argument("--version", action="version", version=f"pixeld {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve_cmd = commands.add_parser("serve", help="run the daemon (the default)", description="Run the pixeld daemon.")
+    serve_cmd.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:8000 for IPv6) [$PIXELD_LISTEN]")
+    serve_cmd.add_argument("--db", metavar="PATH", help=f"SQLite database, created on first start (default ./{DEFAULT_DB}) [$PIXELD_DB]")
+    serve_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
+    token = serve_cmd.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
+    token.add_argument("--token-file", metavar="PATH", help="read the token from a file, keeping it out of ps [$PIXELD_TOKEN_FILE]")
+    serve_cmd.add_argument(
+        "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
+        help="proxies whose X-Forwarded-For/Forwarded are believed (default loopback) [$PIXELD_TRUSTED_PROXIES, comma-separated]",
+    )
+
+    report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
+    report_cmd.add_argument("--db", metavar="PATH", help=f"SQLite database (default ./{DEFAULT_DB}) [$PIXELD_DB]")
+    report_cmd.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (UTC)")
+    report_cmd.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
+    report_cmd.add_argument("--range", default="", help="today, yesterday, 7d, 30d, month, year or all (default 30d)")
+    report_cmd.add_argument("--site", default="", help="one site (hostname) instead of all")
+    report_cmd.add_argument("--format", default="text", choices=("text", "json"))
+
+    snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
+    snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
+    return parser
+
+
+def setting(args: argparse.Namespace, name: str, environ: Dict[str, str], default: Any = None) -> Any:
+    """A flag wins over the environment, which wins over the default."""
+    value = getattr(args, name, None)
+    if value is not None:
+        return value
+    return environ.get(ENVIRONMENT[name]) or default
+
+
+def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
+    host, port = parse_listen(setting(args, "listen", environ, DEFAULT_LISTEN))
+    token = args.token if args.token is not None else None
+    token_file = args.token_file if args.token_file is not None else None
+    if token is None and token_file is None:
+        token, token_file = environ.get("PIXELD_TOKEN") or None, environ.get("PIXELD_TOKEN_FILE") or None
+    if token is not None and not token.strip():
+        raise ConfigError("the token is empty")
+    proxies = args.trusted_proxy
+    if proxies is None and environ.get("PIXELD_TRUSTED_PROXIES"):
+        proxies = environ["PIXELD_TRUSTED_PROXIES"].replace(",", " ").split()
+    return Config(
+        host=host,
+        port=port,
+        db_path=setting(args, "db", environ, DEFAULT_DB),
+        geoip_path=setting(args, "geoip", environ, ""),
+        token=read_token_file(token_file) if token_file else (token or "").strip(),
+        trusted_proxies=parse_networks(proxies) if proxies is not None else LOOPBACK_NETWORKS,
+    )
+
+
+def check_database_path(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"database directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(f"database {path} is not writable (check the directory {directory})")
+
+
+def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
+    try:
+        params = {"start": args.start, "end": args.end, "range": args.range, "site": args.site, "format": args.format}
+        request = parse_report_request({k: v for k, v in params.items() if v}, time.time(), lambda: first_day_with_data(conn))
+        _, _, body = render_report(conn, request)
+    finally:
+        conn.close()
+    sys.stdout.write(body.decode())
+
+
+def log_line(message: str) -> None:
+    print(f"pixeld: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    environ = dict(os.environ) if environ is None else environ
+    args = build_parser().parse_args(argv or ["serve"])
+    try:
+        if args.command == "report":
+            run_report(args, environ)
+        elif args.command == "snippet":
+            sys.stdout.write(snippet(args.url))
+        else:
+            config = config_from(args, environ)
+            check_database_path(config.db_path)
+            serve(config, log_line)
+    except (ConfigError, StorageError, ReportError) as error:
+        print(f"pixeld: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
