@@ -331,29 +331,29 @@ class UserAgent(NamedTuple):
 
 
 _BOT = re.compile(
-    r"bot\b|bot[/_;:-]|crawl|spider|slurp|scrap|archiv|index(er|ing)|fetch|preview|monitor|"
-    r"headless|phantomjs|selenium|webdriver|puppeteer|playwright|lighthouse|pagespeed|"
+    r"\bbot|bot\b|bot[/_;:-]|crawl|spider|slurp|scrap|archiv|index(?:er|ing)|fetch|(?<!developer)preview|"
+    r"monitor|headless|phantomjs|selenium|webdriver|puppeteer|playwright|lighthouse|pagespeed|ptst/|"
     r"curl/|wget|python|java/|go-http|okhttp|libwww|httpclient|http_request|axios|node-fetch|"
     r"undici|aiohttp|httpx|ruby|perl|php/|facebookexternalhit|facebookcatalog|whatsapp|"
-    r"telegram|slack|discord|embedly|skypeuripreview|uptime|pingdom|statuscake|gtmetrix|"
-    r"feedfetcher|feedburner|rss|ahrefs|semrush|mj12|dotbot|petalbot|yandex(?!browser)[a-z]*/|"
-    r"baiduspider|bingpreview|applebot|gptbot|chatgpt|claude|anthropic|ccbot|bytespider|"
-    r"amazonbot|google-|mediapartners|adsbot|apis-google|googleother|ia_archiver|"
-    r"wordpress|validator|checker|linkcheck|scanner|nutch|heritrix|httrack|zgrab|masscan|"
-    r"nmap|nikto|sqlmap|postman|insomnia|^mozilla/\d\.\d$|^mozilla/\d\.\d \(compatible\)$|"
-    r"\bcfnetwork/.*darwin/(?!.*mobile)|^[a-z0-9_.-]+/[0-9.]+$|^[^/ ]*$",
-    re.IGNORECASE,
+    r"telegram|slack|discord|embedly|skypeuripreview|uptime|pingdom|statuscake|gtmetrix|gomezagent|"
+    r"newrelic|datanyze|thumbnail|feedfetcher|feedburner|newsgator|netvibes|rss|ahrefs|semrush|mj12|"
+    r"dotbot|petalbot|yandex(?!browser)[a-z]*/|baiduspider|daum|yeti/|qwantify|bingpreview|applebot|"
+    r"gptbot|chatgpt|claude|anthropic|ccbot|bytespider|amazonbot|google-|mediapartners|adsbot|"
+    r"apis-google|googleother|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scanner|"
+    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|https?://|"
+    r"^mozilla/\d\.\d$|^mozilla/\d\.\d \(compatible\)$|"
+    r"^(?!safari)[^(]*\bcfnetwork/.*darwin/|^[a-z0-9_.-]+/[0-9.]+$|^[^/ ]*$"
 )
 
 _BROWSERS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
         ("Edge", r"\b(?:Edge?|EdgA|EdgiOS)/(\d+)"),
+        ("UC Browser", r"UC ?Browser/?(\d+)|UCWEB/?(\d+)?|UCMobile/(\d+)|\bUBrowser/(\d+)"),
         ("Opera Mini", r"Opera Mini/(\d+)"),
         ("Opera", r"\b(?:OPR|OPT|OPiOS|OPX)/(\d+)|Opera[/ ](?:.*Version/)?(\d+)"),
         ("Samsung Internet", r"SamsungBrowser/(\d+)"),
         ("Yandex", r"YaBrowser/(\d+)|YaSearchBrowser/(\d+)"),
-        ("UC Browser", r"UC ?Browser/(\d+)|UCWEB/?(\d+)?"),
         ("Vivaldi", r"Vivaldi/(\d+)"),
         ("Brave", r"Brave(?: Chrome)?/(\d+)"),
         ("Whale", r"Whale/(\d+)"),
@@ -386,8 +386,8 @@ _OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
         ("Windows Phone", r"Windows Phone|Windows Mobile|WPDesktop|ZuneWP"),
-        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d"),
-        ("Android", r"Android|Adr |\bAdr\b"),
+        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d|CriOS/|EdgiOS/|FxiOS/|OPiOS/"),
+        ("Android", r"Android|\bAdr\b|Silk/|\bKF[A-Z]{2,5} Build|OculusBrowser|^JUC ?\("),
         ("ChromeOS", r"\bCrOS\b"),
         ("Windows", r"Windows|Win(?:NT|95|98|32|64)\b"),
         ("macOS", r"Mac OS X|Macintosh|Mac_PowerPC|Darwin/"),
@@ -400,9 +400,11 @@ _OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
     )
 )
 
-_TABLET = re.compile(r"iPad|Tablet|Kindle|Silk/|PlayBook|Nexus (?:7|9|10)\b|SM-T\d|GT-P\d|SCH-I800|Tab\b", re.IGNORECASE)
-_PHONE = re.compile(r"Mobi|iPhone|iPod|Phone|Opera Mini|BlackBerry|BB10|Symbian|Nokia|KAIOS|Fennec", re.IGNORECASE)
-_TV = re.compile(r"SmartTV|SMART-TV|HbbTV|AppleTV|GoogleTV|CrKey|Roku|BRAVIA|NetCast|Web0S|webOS.TV|PlayStation|Xbox|Nintendo", re.IGNORECASE)
+_IOS_DEVICE = re.compile(r"iPhone|iPad|iPod")
+# The bot and device patterns match the lower-cased UA: much faster than re.IGNORECASE.
+_TABLET = re.compile(r"ipad|tablet|kindle|silk/|playbook|nexus (?:7|9|10)\b|sm-t\d|gt-p\d|sch-i800|tab\b")
+_PHONE = re.compile(r"mobi|iphone|ipod|phone|opera mini|blackberry|bb10|symbian|nokia|kaios|fennec")
+_TV = re.compile(r"smarttv|smart-tv|hbbtv|appletv|googletv|crkey|roku|bravia|netcast|web0s|webos.tv|playstation|xbox|nintendo")
 
 
 @lru_cache(maxsize=4096)
@@ -413,15 +415,16 @@ def classify_user_agent(ua: str) -> UserAgent:
     headless browsers, HTTP libraries, an empty UA) or ``other`` (TVs, consoles, unknown).
     """
     ua = ua.strip()[:1024]
-    if is_bot(ua):
+    lower = ua.lower()
+    if is_bot(lower):
         return UserAgent(bot_name(ua), "", "", "bot")
     browser, version = browser_of(ua)
     os_name = os_of(ua)
-    return UserAgent(browser, version, os_name, device_of(ua, os_name))
+    return UserAgent(browser, version, os_name, device_of(lower, os_name))
 
 
-def is_bot(ua: str) -> bool:
-    return not ua or bool(_BOT.search(ua))
+def is_bot(lower_ua: str) -> bool:
+    return not lower_ua or bool(_BOT.search(lower_ua))
 
 
 def bot_name(ua: str) -> str:
@@ -438,6 +441,8 @@ def browser_of(ua: str) -> Tuple[str, str]:
         match = pattern.search(ua)
         if match:
             return name, next((group for group in match.groups() if group), "")
+    if "AppleWebKit/" in ua and _IOS_DEVICE.search(ua):
+        return "Safari", ""  # an in-app WKWebView: Safari's engine without Safari's token
     return "", ""
 
 
@@ -448,12 +453,12 @@ def os_of(ua: str) -> str:
     return ""
 
 
-def device_of(ua: str, os_name: str) -> str:
-    if _TV.search(ua):
+def device_of(lower_ua: str, os_name: str) -> str:
+    if _TV.search(lower_ua):
         return "other"
-    if _TABLET.search(ua) or (os_name == "Android" and "Mobile" not in ua):
+    if _TABLET.search(lower_ua) or (os_name == "Android" and "mobile" not in lower_ua):
         return "tablet"
-    if _PHONE.search(ua) or os_name in ("iOS", "Windows Phone", "KaiOS"):
+    if _PHONE.search(lower_ua) or os_name in ("iOS", "Windows Phone", "KaiOS"):
         return "phone"
     if os_name in ("Windows", "macOS", "Linux", "ChromeOS", "FreeBSD", "OpenBSD"):
         return "desktop"

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Measure pixeld's user-agent reducer against the labelled uap-core corpus.
+
+The corpus is a development yardstick, not a test fixture: it stays outside the project
+(``../shared/ua-corpus/uap-core`` by default). Prints accuracy for mainstream browsers,
+operating systems and crawlers, the misses, and the reducer's speed.
+
+    python3 bench/ua_yardstick.py [CORPUS_DIR] [--misses]
+"""
+
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import yaml  # noqa: E402  (PyYAML, a development dependency)
+
+import pixeld  # noqa: E402
+
+BROWSERS = {
+    "Chrome": "Chrome", "Chrome Mobile": "Chrome", "Chrome Mobile iOS": "Chrome", "Chrome Mobile WebView": "Chrome",
+    "Firefox": "Firefox", "Firefox Mobile": "Firefox", "Firefox iOS": "Firefox",
+    "Safari": "Safari", "Mobile Safari": "Safari", "Mobile Safari UI/WKWebView": "Safari",
+    "Edge": "Edge", "Edge Mobile": "Edge",
+    "Opera": "Opera", "Opera Mobile": "Opera",
+    "Samsung Internet": "Samsung Internet", "Yandex Browser": "Yandex", "UC Browser": "UC Browser",
+}
+SYSTEMS = {"Windows": "Windows", "Mac OS X": "macOS", "iOS": "iOS", "Android": "Android", "Linux": "Linux", "Ubuntu": "Linux", "Chrome OS": "ChromeOS"}
+CRAWLER_WORDS = ("bot", "spider", "crawler", "slurp", "preview", "fetcher", "headless", "archiver")
+
+
+def load(directory, name):
+    with open(os.path.join(directory, name), encoding="utf-8") as handle:
+        return yaml.safe_load(handle)["test_cases"]
+
+
+def is_browser_like(ua):
+    """Browsers announce themselves as Mozilla or Opera; app and library UAs (CFNetwork, okhttp) do not."""
+    return ua.startswith(("Mozilla/", "Opera"))
+
+
+def share(hits, total):
+    return f"{hits}/{total} = {100.0 * hits / total:.1f}%" if total else "n/a"
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    show = "--misses" in sys.argv
+    here = os.path.dirname(os.path.abspath(__file__))
+    directory = args[0] if args else os.path.join(here, "..", "..", "shared", "ua-corpus", "uap-core")
+    uas, oses, devices = load(directory, "test_ua.yaml"), load(directory, "test_os.yaml"), load(directory, "test_device.yaml")
+    classify = pixeld.classify_user_agent
+
+    browser_rows = [(r["user_agent_string"], BROWSERS[r["family"]]) for r in uas if r["family"] in BROWSERS]
+    browser_misses = [(ua, want, classify(ua)) for ua, want in browser_rows if classify(ua).browser != want]
+    mainstream_bots = [(ua, want) for ua, want in browser_rows if classify(ua).device == "bot"]
+
+    os_rows = [(r["user_agent_string"], SYSTEMS[r["family"]]) for r in oses if r["family"] in SYSTEMS and is_browser_like(r["user_agent_string"])]
+    os_misses = [(ua, want, classify(ua)) for ua, want in os_rows if classify(ua).os != want]
+
+    spiders = [r["user_agent_string"] for r in devices if r["family"] == "Spider"]
+    spiders += [r["user_agent_string"] for r in uas if any(w in r["family"].lower() for w in CRAWLER_WORDS)]
+    spider_misses = [ua for ua in spiders if classify(ua).device != "bot"]
+
+    people = [r["user_agent_string"] for r in devices if r["family"] in ("iPhone", "iPad", "Generic Smartphone", "Generic Tablet", "Mac")]
+    people_bots = [ua for ua in people if classify(ua).device == "bot"]
+
+    print(f"mainstream browser family : {share(len(browser_rows) - len(browser_misses), len(browser_rows))}")
+    print(f"mainstream OS (browsers)  : {share(len(os_rows) - len(os_misses), len(os_rows))}")
+    print(f"crawlers caught           : {share(len(spiders) - len(spider_misses), len(spiders))}")
+    print(f"mainstream taken for bots : {len(mainstream_bots)} of {len(browser_rows)} browsers, {len(people_bots)} of {len(people)} phones/tablets/Macs")
+
+    sample = [r["user_agent_string"] for r in uas + oses + devices]
+    random.seed(1)
+    mix = [random.choice(sample[:2000]) for _ in range(200_000)]
+    pixeld.classify_user_agent.cache_clear()
+    started = time.perf_counter()
+    for ua in mix:
+        classify(ua)
+    elapsed = time.perf_counter() - started
+    print(f"speed (200,000 UAs, 2,000 distinct, cached): {len(mix) / elapsed:,.0f} UAs/s")
+    pixeld.classify_user_agent.cache_clear()
+    started = time.perf_counter()
+    for ua in sample:
+        pixeld.classify_user_agent.__wrapped__(ua)
+    print(f"speed (uncached, {len(sample):,} distinct): {len(sample) / (time.perf_counter() - started):,.0f} UAs/s")
+
+    if show:
+        for ua, want, got in browser_misses:
+            print(f"BROWSER want {want}: got {got}  {ua}")
+        for ua, want, got in os_misses:
+            print(f"OS want {want}: got {got}  {ua}")
+        for ua in spider_misses:
+            print(f"CRAWLER missed: {ua}")
+        for ua, want in mainstream_bots:
+            print(f"BOT? {want}: {ua}")
+        for ua in people_bots:
+            print(f"BOT? person: {ua}")
+
+
+if __name__ == "__main__":
+    main()
