@@ -71,8 +71,8 @@ def parse_listen(value: str) -> Tuple[str, int]:
         raise ConfigError(f"cannot parse listen address {value!r}: use HOST:PORT or [IPV6]:PORT")
     host = match.group(1) or match.group(3) or "0.0.0.0"
     port = int(match.group(2) or match.group(4))
-    if not 0 < port < 65536:
-        raise ConfigError(f"listen port {port} is out of range 1-65535")
+    if port > 65535:
+        raise ConfigError(f"listen port {port} is out of range 0-65535")
     return host, port
 
 
@@ -129,7 +129,7 @@ MAX_REFERRER = 1024
 MAX_HOST = 253
 MAX_SCREEN = 100_000
 MAX_PARAM = 8192
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]+")  # and bidi overrides
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
 
@@ -656,11 +656,9 @@ class Writer:
         self.log = log
         self.error = ""
         self._queue: "queue.SimpleQueue[Union[PageView, FilteredHit, None]]" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="pixeld-writer", daemon=True)
         self._views: List[PageView] = []
         self._filtered: List[FilteredHit] = []
-
-    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pixeld-writer", daemon=True)
         self._thread.start()
 
     def submit(self, hit: Union[PageView, FilteredHit]) -> None:
@@ -1037,7 +1035,7 @@ def cut(text: str, width: int) -> str:
 ###############################################################################
 
 SNIPPET_PLACEHOLDER = "https://stats.example.org"
-SNIPPET = """<!-- pixeld: privacy-first analytics. Replace https://stats.example.org (twice) with your pixeld address. -->
+SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below point at your pixeld server. -->
 <script>
 (function (u) {
   var d = document, l = location, e = encodeURIComponent;
@@ -1092,9 +1090,6 @@ class App:
             "/healthz": self.healthz,
             "/": self.index,
         }
-
-    def start(self) -> None:
-        self.writer.start()
 
     def close(self) -> None:
         """Commit everything acknowledged so far and release the database."""
@@ -1291,7 +1286,6 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    app.start()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="pixeld-accept")
     thread.start()
     log(

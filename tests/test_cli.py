@@ -1,0 +1,214 @@
+"""The command line: defaults, flags and environment, one-line errors, the report and snippet commands."""
+
+import json
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+import pixeld
+from conftest import PIXELD, ROOT, free_port, request, run_pixeld, stored_pageviews
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["report"], ["snippet"]])
+def test_help_on_every_command(command):
+    code, out, _ = run_pixeld(*command, "--help")
+    assert code == 0 and out.startswith("usage: pixeld.py")
+
+
+def test_version():
+    code, out, _ = run_pixeld("--version")
+    assert (code, out) == (0, f"pixeld {pixeld.__version__}\n")
+
+
+def test_no_arguments_serves_on_the_embedded_defaults(tmp_path):
+    if not can_bind(8000):
+        pytest.skip("port 8000 is taken on this machine")
+    proc = subprocess.Popen([sys.executable, str(PIXELD)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: request("127.0.0.1", 8000, "/healthz").status == 200, proc)
+        request("127.0.0.1", 8000, "/pixel.gif?path=/default", {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"})
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode()
+    assert "listening on http://127.0.0.1:8000" in out
+    assert [v["path"] for v in stored_pageviews(tmp_path / "pixeld.db")] == ["/default"]
+
+
+def can_bind(port):
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for(check, proc, seconds=15.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def bad_start(tmp_path, *args, env=None):
+    """Start serve with a bad setting: it must exit 2 with exactly one line on stderr."""
+    args = list(args)
+    if "--db" not in args:
+        args += ["--db", str(tmp_path / "p.db")]
+    code, out, err = run_pixeld("serve", *args, env=env)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("pixeld: ") and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "listen, reason",
+    [("nonsense", "cannot parse listen address"), ("127.0.0.1:99999", "out of range"), ("[::1:80", "cannot parse listen address"), ("no.such.host.invalid:80", "cannot listen on")],
+)
+def test_bad_listen_addresses(tmp_path, listen, reason):
+    assert reason in bad_start(tmp_path, "--listen", listen)
+
+
+def test_port_in_use(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = bad_start(tmp_path, "--listen", f"127.0.0.1:{port}")
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
+
+
+def test_database_problems(tmp_path):
+    not_sqlite = tmp_path / "notes.db"
+    not_sqlite.write_text("plain text, not SQLite\n" * 200)
+    assert "cannot use database" in bad_start(tmp_path, "--db", str(not_sqlite))
+    assert not_sqlite.read_text().startswith("plain text")  # and it was left alone
+
+    assert "does not exist" in bad_start(tmp_path, "--db", str(tmp_path / "no" / "such" / "dir.db"))
+
+    newer = tmp_path / "newer.db"
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version = {pixeld.SCHEMA_VERSION + 5}")
+    conn.close()
+    assert "newer than this pixeld" in bad_start(tmp_path, "--db", str(newer))
+
+
+def test_unwritable_database_directory():
+    import os
+    import tempfile
+
+    # Root ignores file modes, so the daemon runs as nobody when the tests run as root.
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root")
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
+        os.chmod(scratch, 0o755)
+        shutil.copy(PIXELD, scratch)
+        readonly = os.path.join(scratch, "ro")
+        os.mkdir(readonly, 0o555)
+        os.chmod(readonly, 0o555)
+        cmd = [sys.executable, os.path.join(scratch, "pixeld.py"), "serve", "--listen", "127.0.0.1:0", "--db", os.path.join(readonly, "p.db")]
+        if os.geteuid() == 0:
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=scratch)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not writable" in proc.stderr, proc.stderr
+
+
+def test_token_settings(tmp_path):
+    assert "cannot read token file" in bad_start(tmp_path, "--token-file", str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert "is empty" in bad_start(tmp_path, "--token-file", str(empty))
+    assert "cannot parse trusted proxy" in bad_start(tmp_path, "--trusted-proxy", "10.0.0.0/8", "not-a-network")
+    code, _, err = run_pixeld("serve", "--token", "a", "--token-file", "b")
+    assert code == 2 and "not allowed with" in err
+
+
+def test_environment_and_flags(start_daemon, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    daemon = start_daemon(env={"PIXELD_TOKEN_FILE": str(token_file), "PIXELD_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1"})
+    assert daemon.report().status == 401
+    assert daemon.report(headers={"Authorization": "Bearer from-the-file"}).status == 200
+    output = daemon.stop()
+    assert "trusted proxies 10.0.0.0/8, 127.0.0.1/32" in output and "report by token" in output
+    assert "from-the-file" not in output
+
+    # A flag wins over the environment: a broken PIXELD_LISTEN and PIXELD_DB do not matter.
+    daemon = start_daemon("--token", "from-the-flag", env={"PIXELD_TOKEN": "from-env", "PIXELD_LISTEN": "garbage", "PIXELD_DB": "/nonexistent/x.db"})
+    assert daemon.report(headers={"Authorization": "Bearer from-the-flag"}).status == 200
+    assert daemon.report(headers={"Authorization": "Bearer from-env"}).status == 401
+
+
+def test_environment_alone_sets_listen_and_db(tmp_path):
+    port = free_port()
+    db = tmp_path / "env.db"
+    proc = subprocess.Popen(
+        [sys.executable, str(PIXELD), "serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={"PATH": "/usr/bin:/bin", "PIXELD_LISTEN": f"127.0.0.1:{port}", "PIXELD_DB": str(db)},
+    )
+    try:
+        wait_for(lambda: request("127.0.0.1", port, "/healthz").status == 200, proc)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert db.exists()
+
+
+def test_ipv6_listen(start_daemon):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        daemon = start_daemon(host="::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    assert daemon.pixel({"path": "/v6"}).status == 200
+    assert daemon.report().status == 200  # ::1 is loopback
+    assert "listening on http://[::1]:" in daemon.stop()
+    assert [v["path"] for v in stored_pageviews(daemon.db)] == ["/v6"]
+
+
+def test_report_command_reads_the_database_while_the_daemon_runs(start_daemon):
+    daemon = start_daemon()
+    daemon.pixel({"path": "/live", "host": "example.org"})
+    wait_for(lambda: len(stored_pageviews(daemon.db)) == 1, daemon.proc)
+    code, out, _ = run_pixeld("report", "--db", str(daemon.db))
+    assert code == 0 and "/live" in out and "Page views             1" in out
+    code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "7d", "--format", "json", "--site", "www.example.org")
+    assert code == 0 and json.loads(out)["site"] == "example.org" and json.loads(out)["pageviews"] == 1
+    assert daemon.report("range=today").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today")[1]
+
+
+def test_report_command_errors(tmp_path):
+    code, _, err = run_pixeld("report", "--db", str(tmp_path / "missing.db"))
+    assert code == 2 and err == f"pixeld: no database at {tmp_path / 'missing.db'}\n"
+    sqlite3.connect(tmp_path / "empty.db").close()
+    code, _, err = run_pixeld("report", "--db", str(tmp_path / "empty.db"), "--start", "someday")
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_snippet_command_and_snippet_html_agree():
+    code, out, _ = run_pixeld("snippet")
+    assert code == 0 and out == (ROOT / "snippet.html").read_text()
+    code, out, _ = run_pixeld("snippet", "--url", "https://stats.mysite.net/")
+    assert "https://stats.example.org" not in out and out.count("https://stats.mysite.net") == 2 and "stats.mysite.net/\"" not in out
+
+
+def test_python_39_is_enough():
+    vermin = shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed (it is in tests/requirements.txt)")
+    proc = subprocess.run([vermin, "--target=3.9-", "--violations", "--no-tips", "--eval-annotations", str(PIXELD)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

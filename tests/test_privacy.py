@@ -1,0 +1,75 @@
+"""Privacy: no address, full User-Agent or non-campaign query string reaches the disk or the output."""
+
+import ipaddress
+import time
+from pathlib import Path
+
+from conftest import stored_pageviews
+
+ADDRESSES = ["198.51.100.213", "203.0.113.177", "2001:db8:dead:beef::1234"]
+CANARY_UAS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 CanaryToolbar/9.8.7-qzx",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1 CanaryApp/5.4.3-vvk",
+]
+SECRETS = ["sessiontoken-5f3a", "q-private-search-77"]
+
+
+def forms_of(address: str):
+    """The ways an address could be written down: as text, compressed and exploded, and packed."""
+    parsed = ipaddress.ip_address(address)
+    return [address.encode(), str(parsed).encode(), parsed.exploded.encode(), parsed.packed]
+
+
+def leaks(data: bytes):
+    found = [a for a in ADDRESSES for form in forms_of(a) if form in data]
+    found += [ua for ua in CANARY_UAS if ua.encode() in data]
+    found += [token for ua in CANARY_UAS for token in ua.split() if token.startswith("Canary") and token.encode() in data]
+    found += [secret for secret in SECRETS if secret.encode() in data]
+    return found
+
+
+def database_files(db: Path):
+    return [path for path in db.parent.iterdir() if path.name.startswith(db.name)]
+
+
+def test_nothing_identifying_reaches_the_database_its_wal_or_the_output(start_daemon):
+    daemon = start_daemon()
+    for address in ADDRESSES:
+        for ua in CANARY_UAS:
+            answer = daemon.pixel(
+                {"path": f"/account?token={SECRETS[0]}", "host": "example.org", "referrer": f"https://search.example.net/?q={SECRETS[1]}"},
+                {"User-Agent": ua, "X-Forwarded-For": address},
+            )
+            assert answer.status == 200
+    time.sleep(1.5)  # let the writer commit while the daemon runs: the WAL and SHM files exist now
+    files = database_files(daemon.db)
+    assert {path.name for path in files} >= {"pixeld.db", "pixeld.db-wal", "pixeld.db-shm"}
+    for path in files:
+        assert leaks(path.read_bytes()) == [], path.name
+    output = daemon.stop()
+    for path in database_files(daemon.db):
+        assert leaks(path.read_bytes()) == [], path.name
+    assert leaks(output.encode()) == []
+
+    views = stored_pageviews(daemon.db)
+    assert len(views) == len(ADDRESSES) * len(CANARY_UAS)  # they were stored, just not the identifying parts
+    assert {v["path"] for v in views} == {"/account"}
+    assert {v["referrer"] for v in views} == {"search.example.net"}
+    assert {v["browser"] for v in views} == {"Chrome", "Safari"}
+
+
+def test_the_test_would_notice_a_leak():
+    assert leaks(b"...198.51.100.213...") and leaks(ipaddress.ip_address(ADDRESSES[2]).packed)
+    assert leaks(b"CanaryToolbar/9.8.7-qzx") and leaks(SECRETS[1].encode())
+
+
+def test_no_per_request_log_line(start_daemon):
+    daemon = start_daemon()
+    for _ in range(5):
+        daemon.pixel({"path": "/"}, {"X-Forwarded-For": ADDRESSES[0]})
+    daemon.get("/nope")
+    output = daemon.stop()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 2, lines  # one at start, one at stop
+    assert "listening on" in lines[0] and "stopped" in lines[1]
+    assert "127.0.0.1 -" not in output and "GET /" not in output

@@ -1,0 +1,173 @@
+"""Report parameters, rendering (text and JSON) and the access rule, through the real WSGI app."""
+
+import io
+import json
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+import pixeld
+from pixeld import DAY, Config, Range, ReportData, ReportError, parse_range, render_text
+
+NOW = 1_795_874_400  # 2026-11-28 10:00:00 UTC
+TODAY = 1_795_824_000  # 2026-11-28 00:00:00 UTC
+
+
+def no_data():
+    return None
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({}, Range(TODAY - 29 * DAY, TODAY + DAY)),
+        ({"range": "today"}, Range(TODAY, TODAY + DAY)),
+        ({"range": "yesterday"}, Range(TODAY - DAY, TODAY)),
+        ({"range": "7d"}, Range(TODAY - 6 * DAY, TODAY + DAY)),
+        ({"range": "30d"}, Range(TODAY - 29 * DAY, TODAY + DAY)),
+        ({"range": "month"}, Range(1_793_491_200, TODAY + DAY)),  # 2026-11-01
+        ({"range": "year"}, Range(1_767_225_600, TODAY + DAY)),  # 2026-01-01
+        ({"range": "all"}, Range(TODAY, TODAY + DAY)),
+        ({"start": "2026-11-01", "end": "2026-11-02"}, Range(1_793_491_200, 1_793_491_200 + 2 * DAY)),  # end date included
+        ({"start": "1793491200", "end": "1793494800"}, Range(1_793_491_200, 1_793_494_800)),
+        ({"start": "2026-11-01T12:00:00", "end": "2026-11-01T13:30:00Z"}, Range(1_793_534_400, 1_793_539_800)),
+        ({"start": "2026-11-01T12:00:00+01:00", "end": "2026-11-02"}, Range(1_793_530_800, 1_793_491_200 + 2 * DAY)),
+        ({"start": "2026-11-27"}, Range(TODAY - DAY, TODAY + DAY)),
+    ],
+)
+def test_parse_range(params, expected):
+    assert parse_range(params, NOW, no_data) == expected
+
+
+def test_range_all_starts_on_the_first_day_with_data():
+    assert parse_range({"range": "all"}, NOW, lambda: TODAY // DAY - 100) == Range(TODAY - 100 * DAY, TODAY + DAY)
+
+
+@pytest.mark.parametrize(
+    "params, reason",
+    [
+        ({"start": "yesterday-ish"}, "cannot parse time"),
+        ({"start": "2026-13-45"}, "cannot parse time"),
+        ({"end": "99999999999999999999"}, "cannot parse time"),
+        ({"range": "fortnight"}, "unknown range"),
+        ({"range": "0d"}, "unknown range"),
+        ({"range": "7d", "start": "2026-11-01"}, "either range or start/end"),
+        ({"start": "2026-11-02", "end": "2026-11-01"}, "start must be before end"),
+    ],
+)
+def test_bad_ranges_get_a_reason(params, reason):
+    with pytest.raises(ReportError, match=reason):
+        parse_range(params, NOW, no_data)
+
+
+def sample_report(pageviews=3, **sections):
+    base = {name: [] for name in pixeld.SECTION_TITLES}
+    base.update(sections)
+    return ReportData(Range(TODAY - 6 * DAY, TODAY + DAY), "", ["example.org"], pageviews, {"bot": 2}, base)
+
+
+def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
+    long_path = "/" + "very-long-path-segment/" * 10
+    rows = [(long_path, 2), ("/", 1)] + [(f"/p{i}", 1) for i in range(12)]
+    text = render_text(sample_report(pageviews=14, pages=rows, referrers=[("", 3)]))
+    lines = text.splitlines()
+    assert lines[0] == "pixeld report · all sites (example.org)"
+    assert lines[1] == "2026-11-22 – 2026-11-28 UTC (7 days)"
+    assert "Filtered               2  (bots 2)" in lines
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    page_rows = [line for line in lines if line.startswith("/very")]
+    assert page_rows and page_rows[0].rstrip().endswith("2   14.3%") and "…" in page_rows[0]
+    assert "… and 4 more" in lines
+    assert any(line.startswith("(direct)") for line in lines)
+    assert lines[lines.index("Countries" + " " * 53 + "     Views       %") + 1] == "(no page views)"
+
+
+def test_json_report_has_the_same_data():
+    document = json.loads(pixeld.render_json(sample_report(pageviews=4, pages=[("/", 3), ("/a", 1)])))
+    assert document["pageviews"] == 4
+    assert document["filtered"] == {"total": 2, "bot": 2}
+    assert document["sections"]["pages"] == [{"value": "/", "count": 3, "percent": 75.0}, {"value": "/a", "count": 1, "percent": 25.0}]
+    assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
+    assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
+
+
+@pytest.fixture
+def app(tmp_path):
+    def make(**settings):
+        made = pixeld.App(Config(db_path=str(tmp_path / "app.db"), **settings), clock=lambda: NOW, log=lambda message: None)
+        apps.append(made)
+        return made
+
+    apps = []
+    yield make
+    for made in apps:
+        made.close()
+
+
+def call(app, path, query="", method="GET", remote="127.0.0.1", **headers):
+    environ = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": method, "REMOTE_ADDR": remote}
+    environ.update({"HTTP_" + name.upper(): value for name, value in headers.items()})
+    setup_testing_defaults(environ)
+    environ["wsgi.errors"] = io.StringIO()
+    answer = {}
+
+    def start_response(status, response_headers):
+        answer["status"], answer["headers"] = status, dict(response_headers)
+
+    body = b"".join(app(environ, start_response))
+    return int(answer["status"][:3]), answer["headers"], body.decode(errors="replace")
+
+
+def test_report_from_direct_loopback_without_a_token(app):
+    made = app()
+    assert call(made, "/report")[0] == 200
+    assert call(made, "/report", remote="::1")[0] == 200
+    assert call(made, "/report", remote="::ffff:127.0.0.1")[0] == 200
+
+
+@pytest.mark.parametrize("header", ["X_FORWARDED_FOR", "FORWARDED", "X_REAL_IP"])
+def test_report_through_a_proxy_is_refused_without_a_token(app, header):
+    status, _, body = call(app(), "/report", **{header: "for=203.0.113.5" if header == "FORWARDED" else "203.0.113.5"})
+    assert status == 403 and "--token" in body and body.count("\n") == 1
+
+
+def test_report_from_elsewhere_is_refused_without_a_token(app):
+    status, _, body = call(app(), "/report", remote="203.0.113.5")
+    assert status == 403 and "--token" in body
+
+
+def test_report_with_a_token_needs_the_token_even_on_loopback(app):
+    made = app(token="s3cret-token")
+    assert call(made, "/report")[0] == 401
+    assert call(made, "/report", AUTHORIZATION="Bearer wrong")[0] == 401
+    assert call(made, "/report", AUTHORIZATION="Bearer s3cret-token\u00e9")[0] == 401
+    assert call(made, "/report", remote="203.0.113.5", AUTHORIZATION="Bearer s3cret-token")[0] == 200
+    assert call(made, "/report", X_FORWARDED_FOR="198.51.100.1", AUTHORIZATION="Bearer s3cret-token")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "query, reason",
+    [("start=soon", "cannot parse time"), ("format=xml", "unknown format"), ("range=fortnight", "unknown range"), ("site=%00", "cannot parse site")],
+)
+def test_bad_report_parameters_get_400_with_one_line(app, query, reason):
+    status, headers, body = call(app(), "/report", query)
+    assert status == 400 and reason in body and body.count("\n") == 1
+    assert headers["Content-Type"].startswith("text/plain")
+
+
+def test_report_formats(app):
+    made = app()
+    status, headers, body = call(made, "/report", "format=json&range=7d")
+    assert status == 200 and headers["Content-Type"] == "application/json" and json.loads(body)["pageviews"] == 0
+    status, headers, body = call(made, "/report", "range=today")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain") and "2026-11-28 UTC (1 day)" in body
+
+
+def test_healthz_index_and_unknown_routes(app):
+    made = app()
+    assert call(made, "/healthz")[:3:2] == (200, "ok\n")
+    status, headers, body = call(made, "/")
+    assert status == 200 and "/pixel.gif?path=" in body and headers["Content-Type"].startswith("text/html")
+    assert call(made, "/nope")[0] == 404
+    status, headers, _ = call(made, "/report", method="POST")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"

@@ -1,0 +1,145 @@
+"""Storage: schema and migrations, the batched writer, pre-aggregated counts and the queries over them."""
+
+import random
+import sqlite3
+import time
+from collections import Counter
+
+import pytest
+
+import pixeld
+from pixeld import DAY, PageView, FilteredHit, Range, Store, StorageError, Writer, connect, query_report
+
+T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
+
+
+def view(at, path="/", site="example.org", **fields):
+    values = dict(
+        time=at, site=site, path=path, title="", referrer="", country="", browser="Chrome", version="131",
+        os="Windows", device="desktop", screen="1920x1080", language="en",
+    )
+    values.update(fields)
+    return PageView(**values)
+
+
+def test_new_database_gets_the_current_schema_in_wal_mode(tmp_path):
+    conn = connect(str(tmp_path / "new.db"))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == pixeld.SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"strings", "agents", "pageviews", "daily", "filtered"} <= tables
+
+
+def test_an_older_database_is_migrated_and_a_newer_one_refused(tmp_path):
+    path = tmp_path / "old.db"
+    sqlite3.connect(path).close()  # version 0: an empty SQLite file
+    connect(str(path)).close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == pixeld.SCHEMA_VERSION
+
+    newer = sqlite3.connect(path)
+    newer.execute(f"PRAGMA user_version = {pixeld.SCHEMA_VERSION + 1}")
+    newer.close()
+    with pytest.raises(StorageError, match="newer than this pixeld"):
+        connect(str(path))
+    with pytest.raises(StorageError, match="newer than this pixeld"):
+        connect(str(path), readonly=True)
+
+
+def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("these are not the pages you are looking for\n" * 100)
+    with pytest.raises(StorageError, match="cannot use database"):
+        connect(str(path))
+
+
+def test_readonly_report_connection_needs_an_existing_database(tmp_path):
+    with pytest.raises(StorageError, match="no database"):
+        connect(str(tmp_path / "missing.db"), readonly=True)
+
+
+def test_writer_stores_everything_on_close_and_keeps_counts_in_step(tmp_path):
+    writer = Writer(connect(str(tmp_path / "w.db")), flush_interval=60)
+    rng = random.Random(7)
+    views = [
+        view(T0 + rng.randrange(3 * DAY), path=rng.choice(["/", "/a", "/b"]), referrer=rng.choice(["", "google.com"]),
+             country=rng.choice(["", "DE", "FR"]), screen=rng.choice(["", "390x844"]), language=rng.choice(["en", "de"]))
+        for _ in range(500)
+    ]
+    for item in views:
+        writer.submit(item)
+    writer.submit(FilteredHit(T0, "example.org", "bot"))
+    writer.close()  # the flush interval is a minute: only close() can have written them
+
+    conn = connect(str(tmp_path / "w.db"), readonly=True)
+    assert conn.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 500
+    for dim in pixeld.DIMENSIONS.values():
+        assert conn.execute("SELECT sum(views) FROM daily WHERE dim = ?", (dim,)).fetchone()[0] == 500
+    report = query_report(conn, Range(T0, T0 + 3 * DAY))
+    assert report.pageviews == 500
+    assert dict(report.sections["pages"]) == Counter(v.path for v in views)
+    assert dict(report.sections["countries"]) == Counter(v.country for v in views)
+    assert report.filtered == {"bot": 1}
+
+
+def test_writer_commits_within_a_second_or_so_without_being_closed(tmp_path):
+    path = str(tmp_path / "live.db")
+    writer = Writer(connect(path), flush_interval=0.2)
+    writer.submit(view(T0))
+    reader = connect(path, readonly=True)
+    deadline = time.monotonic() + 5
+    while reader.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 0:
+        assert time.monotonic() < deadline, "the writer did not commit"
+        time.sleep(0.05)
+    writer.close()
+
+
+def test_ids_sort_by_time_and_stay_unique_within_a_second(tmp_path):
+    store = Store(connect(str(tmp_path / "ids.db")))
+    store.write([view(T0 + 5)] * 3 + [view(T0 + 1)] * 2, [])
+    store.write([view(T0 + 5)] * 2, [])  # the same second again, in a later batch
+    ids = [row[0] for row in store.conn.execute("SELECT id FROM pageviews")]
+    assert len(set(ids)) == 7
+    assert sorted(i >> pixeld.ID_SHIFT for i in ids) == [T0 + 1] * 2 + [T0 + 5] * 5
+
+
+def test_partial_days_are_counted_exactly_from_page_views(tmp_path):
+    store = Store(connect(str(tmp_path / "edges.db")))
+    times = [T0 + h * 3600 for h in range(0, 72, 3)]  # every 3 hours for 3 days
+    store.write([view(t, path=f"/h{(t - T0) // 3600}") for t in times], [])
+    for start, end in [(T0 + 7 * 3600, T0 + 50 * 3600), (T0 + 3600, T0 + 2 * 3600), (T0, T0 + 2 * DAY), (T0 + 12 * 3600, T0 + 3 * DAY)]:
+        report = query_report(store.conn, Range(start, end))
+        expected = [t for t in times if start <= t < end]
+        assert report.pageviews == len(expected), (start, end)
+        assert {label for label, _ in report.sections["pages"]} == {f"/h{(t - T0) // 3600}" for t in expected}
+
+
+def test_one_site_or_all_sites(tmp_path):
+    store = Store(connect(str(tmp_path / "sites.db")))
+    store.write([view(T0, "/", "example.org"), view(T0, "/", "blog.example.org"), view(T0, "/x", "example.org")], [])
+    everything = query_report(store.conn, Range(T0, T0 + DAY))
+    assert everything.sites == ["blog.example.org", "example.org"]
+    assert dict(everything.sections["pages"]) == {"example.org/": 1, "blog.example.org/": 1, "example.org/x": 1}
+    one = query_report(store.conn, Range(T0, T0 + DAY), site="example.org")
+    assert one.pageviews == 2 and dict(one.sections["pages"]) == {"/": 1, "/x": 1}
+
+
+def test_a_failed_batch_is_kept_and_written_later(tmp_path):
+    path = str(tmp_path / "locked.db")
+    conn = connect(path)
+    conn.execute("PRAGMA busy_timeout = 0")
+    writer = Writer(conn, flush_interval=0.1, log=lambda message: None)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    writer.submit(view(T0))
+    deadline = time.monotonic() + 5
+    while writer.healthy:
+        assert time.monotonic() < deadline, "the writer never noticed the lock"
+        time.sleep(0.02)
+    assert "locked" in writer.error
+    blocker.execute("ROLLBACK")
+    deadline = time.monotonic() + 5
+    while not writer.healthy:
+        assert time.monotonic() < deadline, "the writer did not recover"
+        time.sleep(0.02)
+    writer.close()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM pageviews").fetchone()[0] == 1
