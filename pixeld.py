@@ -470,7 +470,8 @@ def device_of(lower_ua: str, os_name: str) -> str:
 ###############################################################################
 
 DAY = 86_400
-ID_SHIFT = 20  # page view ids are unix seconds << 20 | a sequence: rows sort by time without an index
+ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in six bytes
+ID_SHIFT = 12  # a page view's id is its second << 12 | a sequence: rows sort by time without an index
 DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
 PAGEVIEW_COLUMNS = {"pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen", "languages": "language"}
 
@@ -556,6 +557,15 @@ def migrate(conn: sqlite3.Connection, version: int) -> None:
             raise
 
 
+def first_id(second: int) -> int:
+    """The smallest page view id of a second (more than 4,096 views in one second spill into the next)."""
+    return (second - ID_EPOCH) << ID_SHIFT
+
+
+def second_of(pageview_id: int) -> int:
+    return (pageview_id >> ID_SHIFT) + ID_EPOCH
+
+
 class Store:
     """The writer's side of the database: interned strings and agents, batched inserts and counts.
 
@@ -588,7 +598,7 @@ class Store:
         self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         counts: Counter = Counter()
         for row in rows:
-            day, site = (row[0] >> ID_SHIFT) // DAY, row[1]
+            day, site = second_of(row[0]) // DAY, row[1]
             for dim, column in zip(DIMENSIONS.values(), (row[2], row[4], row[5], row[6], row[7], row[8])):
                 counts[day, site, dim, column] += 1
         self.conn.executemany(
@@ -617,8 +627,8 @@ class Store:
     def _next_id(self, second: int) -> int:
         """A unique id that sorts by time: the next free sequence number within ``second``."""
         if second != self._id_second:
-            low = second << ID_SHIFT
-            last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, low + (1 << ID_SHIFT))).fetchone()[0]
+            low = first_id(second)
+            last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, first_id(second + 1))).fetchone()[0]
             self._id_second, self._id_next = second, low if last is None else last + 1
         self._id_next += 1
         return self._id_next - 1
@@ -784,7 +794,7 @@ def _count_days(conn: sqlite3.Connection, first_day: int, end_day: int, site_id:
 
 def _count_raw(conn: sqlite3.Connection, edge: Range, site_id: Optional[int], counts: Dict[str, Counter]) -> None:
     clause, args = _site_clause(site_id)
-    bounds = (edge.start << ID_SHIFT, edge.end << ID_SHIFT)
+    bounds = (first_id(edge.start), first_id(edge.end))
     for name, column in PAGEVIEW_COLUMNS.items():
         for site, value, views in conn.execute(
             f"SELECT site, {column}, count(*) FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",

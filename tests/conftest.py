@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PIXELD = ROOT / "pixeld.py"
 sys.path.insert(0, str(ROOT))
 
+import pixeld  # noqa: E402  (importable once ROOT is on the path)
+
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1"
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
@@ -115,7 +117,7 @@ def stored_pageviews(db: Path) -> List[Dict[str, object]]:
     try:
         rows = conn.execute(
             """
-            SELECT p.id >> 20, site.value, path.value, title.value, referrer.value, country.value,
+            SELECT p.id, site.value, path.value, title.value, referrer.value, country.value,
                    a.browser, a.version, a.os, a.device, screen.value, language.value
             FROM pageviews p
             JOIN strings site ON site.id = p.site JOIN strings path ON path.id = p.path
@@ -127,6 +129,7 @@ def stored_pageviews(db: Path) -> List[Dict[str, object]]:
         ).fetchall()
     finally:
         conn.close()
+    rows = [(pixeld.second_of(row[0]),) + row[1:] for row in rows]
     keys = ("time", "site", "path", "title", "referrer", "country", "browser", "version", "os", "device", "screen", "language")
     return [dict(zip(keys, row)) for row in rows]
 

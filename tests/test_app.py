@@ -1,6 +1,7 @@
 """The pixel, end to end: the real daemon on a loopback port, real HTTP, then what the database holds."""
 
 import json
+import signal
 import threading
 from urllib.parse import quote
 
@@ -105,7 +106,8 @@ def test_report_over_http_shows_what_was_sent(start_daemon):
     assert dict((r["value"], r["count"]) for r in sections["devices"]) == {"desktop": 2, "phone": 1}
 
 
-def test_sigterm_keeps_every_acknowledged_page_view(start_daemon):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_clean_stop_keeps_every_acknowledged_page_view(start_daemon, sig):
     daemon = start_daemon()
     answered = []
 
@@ -119,7 +121,7 @@ def test_sigterm_keeps_every_acknowledged_page_view(start_daemon):
         thread.start()
     for thread in threads:
         thread.join()
-    output = daemon.stop()
+    output = daemon.stop(sig)
     assert daemon.proc.returncode == 0
     assert len(stored_pageviews(daemon.db)) == len(answered) == 300
     assert "stopped; every page view is saved" in output

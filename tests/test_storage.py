@@ -99,7 +99,7 @@ def test_ids_sort_by_time_and_stay_unique_within_a_second(tmp_path):
     store.write([view(T0 + 5)] * 2, [])  # the same second again, in a later batch
     ids = [row[0] for row in store.conn.execute("SELECT id FROM pageviews")]
     assert len(set(ids)) == 7
-    assert sorted(i >> pixeld.ID_SHIFT for i in ids) == [T0 + 1] * 2 + [T0 + 5] * 5
+    assert sorted(pixeld.second_of(i) for i in ids) == [T0 + 1] * 2 + [T0 + 5] * 5
 
 
 def test_partial_days_are_counted_exactly_from_page_views(tmp_path):
