@@ -12,12 +12,14 @@ the user-agent reducer, storage, report rendering, the WSGI app, the server, the
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
 import hmac
 import ipaddress
 import json
 import os
 import queue
 import re
+import secrets
 import signal
 import socket
 import sqlite3
@@ -27,7 +29,7 @@ import time
 import unicodedata
 from collections import Counter
 from functools import lru_cache
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -41,11 +43,27 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 # Configuration ###############################################################
 ###############################################################################
 
+DAY = 86_400
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_DB = "pixeld.db"
 LOOPBACK_NETWORKS: Tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
+)
+
+
+# Referrer spam: domains that fake visits to advertise themselves. Subdomains match too.
+SPAM_DOMAINS = frozenset(
+    """
+    semalt.com buttons-for-website.com buttons-for-your-website.com darodar.com ilovevitaly.com
+    ilovevitaly.ru priceg.com hulfingtonpost.com best-seo-offer.com best-seo-solution.com
+    4webmasters.org blackhatworth.com free-social-buttons.com get-free-traffic-now.com
+    social-buttons.com simple-share-buttons.com trafficmonetize.org webmonetizer.net
+    floating-share-buttons.com free-share-buttons.com event-tracking.com o-o-6-o-o.com
+    o-o-8-o-o.com humanorightswatch.org sharebutton.net success-seo.com videos-for-your-business.com
+    site-auditor.online traffic2cash.xyz rank-checker.online seo-platform.com uptime.com.ua
+    googlsucks.com 100dollars-seo.com kambasoft.com savetubevideo.com screentoolkit.com
+    """.split()
 )
 
 
@@ -61,6 +79,10 @@ class Config:
     geoip_path: str = ""
     token: str = ""
     trusted_proxies: Tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    sites: Tuple[str, ...] = ()
+    spam_domains: FrozenSet[str] = SPAM_DOMAINS
+    ignore_networks: Tuple[IPNetwork, ...] = ()
+    rate_limit: int = 60
     flush_interval: float = 1.0
 
 
@@ -76,14 +98,33 @@ def parse_listen(value: str) -> Tuple[str, int]:
     return host, port
 
 
-def parse_networks(values: Iterable[str]) -> Tuple[IPNetwork, ...]:
+def parse_networks(values: Iterable[str], what: str) -> Tuple[IPNetwork, ...]:
     networks = []
     for value in values:
         try:
             networks.append(ipaddress.ip_network(value, strict=False))
         except ValueError:
-            raise ConfigError(f"cannot parse trusted proxy {value!r}: use an address or CIDR") from None
+            raise ConfigError(f"cannot parse {what} {value!r}: use an address or CIDR") from None
     return tuple(networks)
+
+
+def parse_domain(value: str, what: str) -> str:
+    """A domain from the command line or a list file: lower case, ``www.`` dropped."""
+    domain = value.strip().lower().rstrip(".")
+    domain = domain[4:] if domain.startswith("www.") else domain
+    if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?", domain):
+        raise ConfigError(f"cannot parse {what} {value!r}: use a hostname like example.org")
+    return domain
+
+
+def read_spam_list(path: str) -> FrozenSet[str]:
+    """One domain per line; blank lines and ``#`` comments are skipped."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line.split("#", 1)[0].strip() for line in handle]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read spam list {path}: {error_reason(error)}") from None
+    return frozenset(parse_domain(line, f"domain in {path}") for line in lines if line)
 
 
 def read_token_file(path: str) -> str:
@@ -149,6 +190,10 @@ class PageView(NamedTuple):
     device: str
     screen: str
     language: str
+    first_today: bool = False  # the visitor's first page view of this UTC day (see Privacy)
+
+
+PREFETCH_HEADERS = {"HTTP_SEC_PURPOSE": "prefetch", "HTTP_PURPOSE": "prefetch", "HTTP_X_MOZ": "prefetch", "HTTP_X_PURPOSE": "preview"}
 
 
 def parse_query(query_string: str) -> Dict[str, str]:
@@ -304,6 +349,16 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return any(address.version == net.version and address in net for net in networks)
 
 
+def is_prefetch(environ: Dict[str, Any]) -> bool:
+    """Prefetch, prerender and preview requests load the pixel for a page nobody may ever see."""
+    return any(word in environ.get(header, "").lower() for header, word in PREFETCH_HEADERS.items())
+
+
+def in_domains(host: str, domains: Iterable[str]) -> bool:
+    """Whether ``host`` is one of ``domains`` or a subdomain of one."""
+    return any(host == domain or host.endswith("." + domain) for domain in domains)
+
+
 def lookup_country(reader: Any, address: Optional[IPAddress]) -> str:
     """ISO country code of an address from the GeoIP reader, or empty. The address is not kept."""
     if reader is None or address is None or not address.is_global:
@@ -400,6 +455,7 @@ _OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
     )
 )
 
+_HEADLESS = re.compile(r"headless|phantomjs|puppeteer|playwright|selenium|webdriver|lighthouse")
 _IOS_DEVICE = re.compile(r"iPhone|iPad|iPod")
 # The bot and device patterns match the lower-cased UA: much faster than re.IGNORECASE.
 _TABLET = re.compile(r"ipad|tablet|kindle|silk/|playbook|nexus (?:7|9|10)\b|sm-t\d|gt-p\d|sch-i800|tab\b")
@@ -421,6 +477,11 @@ def classify_user_agent(ua: str) -> UserAgent:
     browser, version = browser_of(ua)
     os_name = os_of(ua)
     return UserAgent(browser, version, os_name, device_of(lower, os_name))
+
+
+def is_headless(ua: str) -> bool:
+    """Headless and automated browsers, told apart from other bots in the filtered tally."""
+    return bool(_HEADLESS.search(ua.lower()))
 
 
 def is_bot(lower_ua: str) -> bool:
@@ -466,10 +527,138 @@ def device_of(lower_ua: str, os_name: str) -> str:
 
 
 ###############################################################################
+# Privacy: salts, visitor keys, visits ########################################
+###############################################################################
+
+VISIT_TIMEOUT = 30 * 60  # a visit ends after 30 minutes without a page view
+MAX_VISITORS = 200_000  # beyond this many in a day, new visitors are counted but not remembered
+
+
+class Visit:
+    """One visit, in memory only: never written, never logged.
+
+    The request side owns ``start``, ``last`` and ``views``. The writer owns ``entry`` (where it
+    wrote the visit's first page view) and what it has written of the visit so far, so it can
+    update that one row as the visit grows; the row id lives here and nowhere else.
+    """
+
+    __slots__ = ("start", "last", "views", "entry", "written_views", "written_duration")
+
+    def __init__(self, now: int) -> None:
+        self.start = self.last = now
+        self.views = 1
+        self.entry: Optional[Tuple[int, int, Tuple[int, ...]]] = None
+        self.written_views = self.written_duration = 0
+
+
+class VisitStep(NamedTuple):
+    """A page view's place in its visit, as the writer needs it: handed over in memory only."""
+
+    visit: Visit
+    views: int  # page views in the visit so far, this one included
+    duration: int  # seconds from the visit's first page view to this one
+
+
+class Observation(NamedTuple):
+    first_today: bool
+    step: VisitStep
+
+
+class Visitor:
+    __slots__ = ("visit", "counted_day", "minute", "minute_views")
+
+    def __init__(self) -> None:
+        self.visit: Optional[Visit] = None
+        self.counted_day = -1
+        self.minute = -1
+        self.minute_views = 0
+
+
+class Generation:
+    """A salt and the visitors keyed with it. It lives for one UTC day, plus the tail of its visits."""
+
+    __slots__ = ("salt", "day", "visitors")
+
+    def __init__(self, day: int) -> None:
+        self.salt = secrets.token_bytes(32)
+        self.day = day
+        self.visitors: Dict[bytes, Visitor] = {}
+
+    def key(self, site: str, address: str, user_agent: str) -> bytes:
+        data = f"{site}\0{address}\0{user_agent}".encode("utf-8", "replace")
+        return hashlib.blake2b(data, key=self.salt, digest_size=16).digest()
+
+
+class Visitors:
+    """Unique visitors, visits and rate limits, from keys that exist only in memory.
+
+    A visitor key is a keyed hash of site, client address and full User-Agent, with a random
+    salt that is replaced at 00:00 UTC. The previous salt is kept only until every visit begun
+    under it has ended (30 idle minutes after midnight), so a visit can run across midnight.
+    Nothing here is ever persisted: a restart forgets everyone. Not thread-safe; the app
+    holds a lock around ``observe`` and the hand-over to the writer.
+    """
+
+    def __init__(self, rate_limit: int) -> None:
+        self.rate_limit = rate_limit
+        self._current = Generation(-1)
+        self._previous: Optional[Generation] = None
+
+    def observe(self, now: int, site: str, address: str, user_agent: str) -> Optional[Observation]:
+        """Place a page view in its visit; None when the visitor is over the rate limit."""
+        self._rotate(now)
+        visitor = self._find(now, site, address, user_agent)
+        if not self._within_rate_limit(visitor, now):
+            return None
+        first_today = visitor.counted_day != self._current.day
+        visitor.counted_day = self._current.day
+        visit = visitor.visit
+        if visit is None or now - visit.last > VISIT_TIMEOUT:
+            visit = visitor.visit = Visit(now)
+        else:
+            visit.views += 1
+            visit.last = max(visit.last, now)
+        return Observation(first_today, VisitStep(visit, visit.views, visit.last - visit.start))
+
+    def _rotate(self, now: int) -> None:
+        day = now // DAY
+        if day > self._current.day:
+            self._previous = self._current if day == self._current.day + 1 else None
+            self._current = Generation(day)
+        if self._previous is not None and now >= self._current.day * DAY + VISIT_TIMEOUT:
+            self._previous = None  # every visit begun under it has ended, or moved on to today's key
+
+    def _find(self, now: int, site: str, address: str, user_agent: str) -> Visitor:
+        key = self._current.key(site, address, user_agent)
+        visitor = self._current.visitors.get(key)
+        if visitor is not None:
+            return visitor
+        visitor = Visitor()
+        if self._previous is not None:
+            yesterday = self._previous.visitors.pop(self._previous.key(site, address, user_agent), None)
+            if yesterday is not None and yesterday.visit is not None and now - yesterday.visit.last <= VISIT_TIMEOUT:
+                visitor.visit = yesterday.visit
+        if len(self._current.visitors) < MAX_VISITORS:
+            self._current.visitors[key] = visitor
+        return visitor
+
+    def _within_rate_limit(self, visitor: Visitor, now: int) -> bool:
+        if self.rate_limit <= 0:
+            return True
+        if visitor.minute != now // 60:
+            visitor.minute, visitor.minute_views = now // 60, 0
+        visitor.minute_views += 1
+        return visitor.minute_views <= self.rate_limit
+
+    def salts(self) -> List[bytes]:
+        """The salts held right now, so tests can prove they never reach the disk."""
+        return [generation.salt for generation in (self._current, self._previous) if generation is not None]
+
+
+###############################################################################
 # Storage #####################################################################
 ###############################################################################
 
-DAY = 86_400
 ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in six bytes
 ID_SHIFT = 12  # a page view's id is its second << 12 | a sequence: rows sort by time without an index
 DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
@@ -486,10 +675,12 @@ MIGRATIONS: Tuple[str, ...] = (
         id INTEGER PRIMARY KEY,
         site INTEGER NOT NULL, path INTEGER NOT NULL, title INTEGER NOT NULL,
         referrer INTEGER NOT NULL, country INTEGER NOT NULL, agent INTEGER NOT NULL,
-        screen INTEGER NOT NULL, language INTEGER NOT NULL);
+        screen INTEGER NOT NULL, language INTEGER NOT NULL,
+        first_today INTEGER NOT NULL, visit_views INTEGER NOT NULL, duration INTEGER NOT NULL);
     CREATE TABLE daily (
         day INTEGER NOT NULL, site INTEGER NOT NULL, dim INTEGER NOT NULL, value INTEGER NOT NULL,
-        views INTEGER NOT NULL,
+        views INTEGER NOT NULL, visitors INTEGER NOT NULL, visits INTEGER NOT NULL,
+        bounces INTEGER NOT NULL, duration INTEGER NOT NULL,
         PRIMARY KEY (day, site, dim, value)) WITHOUT ROWID;
     CREATE TABLE filtered (
         day INTEGER NOT NULL, site INTEGER NOT NULL, reason TEXT NOT NULL, hits INTEGER NOT NULL,
@@ -569,6 +760,10 @@ def second_of(pageview_id: int) -> int:
 class Store:
     """The writer's side of the database: interned strings and agents, batched inserts and counts.
 
+    A page view row carries no identifier. ``first_today`` marks a visitor's first page view of
+    the day; ``visit_views`` and ``duration`` are set only on a visit's entry row, which the
+    writer updates as the visit grows. Daily counts per site and dimension are kept in step.
+
     Only the writer thread uses a Store. Its caches mirror committed rows; a failed batch clears
     them, because the rolled-back transaction may have created rows the cache still names.
     """
@@ -580,10 +775,10 @@ class Store:
         self._id_second = -1
         self._id_next = 0
 
-    def write(self, views: Sequence[PageView], filtered: Sequence[FilteredHit]) -> None:
+    def write(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], filtered: Sequence[FilteredHit]) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            self._insert_pageviews(views)
+            written = self._insert_pageviews(views)
             self._count_filtered(filtered)
             self.conn.execute("COMMIT")
         except BaseException:
@@ -592,26 +787,56 @@ class Store:
             self._agents.clear()
             self._id_second = -1
             raise
+        written()
 
-    def _insert_pageviews(self, views: Sequence[PageView]) -> None:
-        rows = [self._pageview_row(view) for view in views]
-        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        counts: Counter = Counter()
-        for row in rows:
-            day, site = second_of(row[0]) // DAY, row[1]
-            for dim, column in zip(DIMENSIONS.values(), (row[2], row[4], row[5], row[6], row[7], row[8])):
-                counts[day, site, dim, column] += 1
-        self.conn.executemany(
-            "INSERT INTO daily VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (day, site, dim, value) DO UPDATE SET views = views + excluded.views",
-            [key + (n,) for key, n in counts.items()],
-        )
+    def _insert_pageviews(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]]) -> Callable[[], None]:
+        """Insert rows, update entry rows of growing visits, add up daily counts; return what to
+        remember about the visits once the transaction has committed."""
+        rows, counts = [], DailyCounts()
+        entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]] = {}
+        latest: Dict[Visit, VisitStep] = {}
+        for view, step in views:
+            keys = self._keys(view)
+            is_entry = step is not None and step.views == 1
+            row_id = self._next_id(view.time)
+            rows.append((row_id, keys[0], keys[1], self.intern(view.title), *keys[2:], int(view.first_today), int(is_entry), 0))
+            day = view.time // DAY
+            counts.add(day, keys, (1, int(view.first_today), int(is_entry), int(is_entry), 0))
+            if is_entry:
+                entries[step.visit] = (row_id, day, keys)  # type: ignore[union-attr]
+            elif step is not None:
+                latest[step.visit] = step
+        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._grow_visits(latest, entries, counts)
+        counts.save(self.conn)
 
-    def _pageview_row(self, view: PageView) -> Tuple[int, ...]:
+        def remember() -> None:
+            for visit, entry in entries.items():
+                visit.entry, visit.written_views, visit.written_duration = entry, 1, 0
+            for visit, step in latest.items():
+                visit.written_views, visit.written_duration = step.views, step.duration
+
+        return remember
+
+    def _grow_visits(self, latest: Dict[Visit, VisitStep], entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]], counts: "DailyCounts") -> None:
+        """Bring each growing visit's entry row and its day's counts up to the visit's latest step."""
+        updates = []
+        for visit, step in latest.items():
+            entry = entries.get(visit) or visit.entry
+            if entry is None:
+                continue
+            written_views, written_duration = (1, 0) if visit in entries else (visit.written_views, visit.written_duration)
+            row_id, day, keys = entry
+            updates.append((step.views, step.duration, row_id))
+            no_longer_a_bounce = -1 if written_views == 1 and step.views > 1 else 0
+            counts.add(day, keys, (0, 0, 0, no_longer_a_bounce, step.duration - written_duration))
+        self.conn.executemany("UPDATE pageviews SET visit_views = ?, duration = ? WHERE id = ?", updates)
+
+    def _keys(self, view: PageView) -> Tuple[int, ...]:
+        """Interned ids: site, then one per dimension in DIMENSIONS order."""
         intern = self.intern
         return (
-            self._next_id(view.time), intern(view.site), intern(view.path), intern(view.title),
-            intern(view.referrer), intern(view.country),
+            intern(view.site), intern(view.path), intern(view.referrer), intern(view.country),
             self.agent(UserAgent(view.browser, view.version, view.os, view.device)),
             intern(view.screen), intern(view.language),
         )
@@ -653,6 +878,28 @@ class Store:
         return found
 
 
+class DailyCounts:
+    """Changes to the daily counts (views, visitors, visits, bounces, duration) within one batch."""
+
+    def __init__(self) -> None:
+        self._changes: Dict[Tuple[int, int, int, int], List[int]] = {}
+
+    def add(self, day: int, keys: Tuple[int, ...], change: Tuple[int, int, int, int, int]) -> None:
+        site = keys[0]
+        for dim, value in zip(DIMENSIONS.values(), keys[1:]):
+            total = self._changes.setdefault((day, site, dim, value), [0, 0, 0, 0, 0])
+            for i, amount in enumerate(change):
+                total[i] += amount
+
+    def save(self, conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, site, dim, value) DO UPDATE SET "
+            "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits, "
+            "bounces = bounces + excluded.bounces, duration = duration + excluded.duration",
+            [key + tuple(total) for key, total in self._changes.items()],
+        )
+
+
 class Writer:
     """The one thread that writes: request threads hand it hits; it commits a batch at least once a second.
 
@@ -665,14 +912,14 @@ class Writer:
         self.flush_interval = flush_interval
         self.log = log
         self.error = ""
-        self._queue: "queue.SimpleQueue[Union[PageView, FilteredHit, None]]" = queue.SimpleQueue()
-        self._views: List[PageView] = []
+        self._queue: "queue.SimpleQueue[Union[Tuple[PageView, Optional[VisitStep]], FilteredHit, None]]" = queue.SimpleQueue()
+        self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
         self._filtered: List[FilteredHit] = []
         self._thread = threading.Thread(target=self._run, name="pixeld-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, hit: Union[PageView, FilteredHit]) -> None:
-        self._queue.put(hit)
+    def submit(self, hit: Union[PageView, FilteredHit], step: Optional[VisitStep] = None) -> None:
+        self._queue.put((hit, step) if isinstance(hit, PageView) else hit)
 
     @property
     def healthy(self) -> bool:
@@ -699,7 +946,10 @@ class Writer:
                 return False
             if hit is None:
                 return True
-            (self._views if isinstance(hit, PageView) else self._filtered).append(hit)
+            if isinstance(hit, FilteredHit):
+                self._filtered.append(hit)
+            else:
+                self._views.append(hit)
 
     def _flush(self, final: bool) -> None:
         attempts = 0
@@ -736,13 +986,25 @@ class Range(NamedTuple):
     end: int
 
 
+class Metrics(NamedTuple):
+    views: int = 0
+    visitors: int = 0  # daily unique visitors, summed over the days
+    visits: int = 0
+    bounces: int = 0  # visits with one page view
+    duration: int = 0  # seconds from first to last page view, summed over visits
+
+
 class ReportData(NamedTuple):
     range: Range
     site: str
     sites: List[str]
-    pageviews: int
+    totals: Metrics
     filtered: Dict[str, int]
-    sections: Dict[str, List[Tuple[str, int]]]
+    sections: Dict[str, List[Tuple[str, int]]]  # (label, page views), ranked
+    entry_pages: List[Tuple[str, int, int]]  # (label, visits, bounces), ranked by visits
+
+
+Counts = Dict[str, Dict[Tuple[int, int], List[int]]]  # section -> (site id, value id) -> metrics
 
 
 def query_report(conn: sqlite3.Connection, span: Range, site: str = "") -> ReportData:
@@ -753,7 +1015,7 @@ def query_report(conn: sqlite3.Connection, span: Range, site: str = "") -> Repor
     """
     site_id = _string_id(conn, site) if site else None
     first_day, end_day = -(-span.start // DAY), span.end // DAY
-    counts: Dict[str, Counter] = {name: Counter() for name in DIMENSIONS}
+    counts: Counts = {name: {} for name in DIMENSIONS}
     if first_day < end_day:
         _count_days(conn, first_day, end_day, site_id, counts)
         edges = [Range(span.start, first_day * DAY), Range(end_day * DAY, span.end)]
@@ -762,14 +1024,15 @@ def query_report(conn: sqlite3.Connection, span: Range, site: str = "") -> Repor
     for edge in edges:
         if edge.start < edge.end:
             _count_raw(conn, edge, site_id, counts)
-    pageviews = sum(counts["pages"].values())
+    labels = _labeller(conn, counts, multi_site=not site)
     return ReportData(
         range=span,
         site=site,
         sites=_sites(conn, span, site),
-        pageviews=pageviews,
+        totals=Metrics(*(sum(column) for column in zip(*counts["pages"].values()))) if counts["pages"] else Metrics(),
         filtered=_count_filtered(conn, span, site_id),
-        sections=_resolve_sections(conn, counts, multi_site=not site),
+        sections=_sections(counts, labels),
+        entry_pages=_entry_pages(counts["pages"], labels["pages"]),
     )
 
 
@@ -782,25 +1045,33 @@ def _site_clause(site_id: Optional[int]) -> Tuple[str, Tuple[int, ...]]:
     return ("", ()) if site_id is None else (" AND site = ?", (site_id,))
 
 
-def _count_days(conn: sqlite3.Connection, first_day: int, end_day: int, site_id: Optional[int], counts: Dict[str, Counter]) -> None:
+def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int]) -> None:
+    total = counts[name].setdefault((site, value), [0, 0, 0, 0, 0])
+    for i, amount in enumerate(metrics):
+        total[i] += amount
+
+
+def _count_days(conn: sqlite3.Connection, first_day: int, end_day: int, site_id: Optional[int], counts: Counts) -> None:
     names = {code: name for name, code in DIMENSIONS.items()}
     clause, args = _site_clause(site_id)
-    for dim, site, value, views in conn.execute(
-        f"SELECT dim, site, value, sum(views) FROM daily WHERE day >= ? AND day < ?{clause} GROUP BY dim, site, value",
+    for dim, site, value, *metrics in conn.execute(
+        "SELECT dim, site, value, sum(views), sum(visitors), sum(visits), sum(bounces), sum(duration) "
+        f"FROM daily WHERE day >= ? AND day < ?{clause} GROUP BY dim, site, value",
         (first_day, end_day) + args,
     ):
-        counts[names[dim]][(site, value)] += views
+        _add(counts, names[dim], site, value, metrics)
 
 
-def _count_raw(conn: sqlite3.Connection, edge: Range, site_id: Optional[int], counts: Dict[str, Counter]) -> None:
+def _count_raw(conn: sqlite3.Connection, edge: Range, site_id: Optional[int], counts: Counts) -> None:
     clause, args = _site_clause(site_id)
     bounds = (first_id(edge.start), first_id(edge.end))
     for name, column in PAGEVIEW_COLUMNS.items():
-        for site, value, views in conn.execute(
-            f"SELECT site, {column}, count(*) FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
+        for site, value, *metrics in conn.execute(
+            f"SELECT site, {column}, count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration) "
+            f"FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
             bounds + args,
         ):
-            counts[name][(site, value)] += views
+            _add(counts, name, site, value, metrics)
 
 
 def _count_filtered(conn: sqlite3.Connection, span: Range, site_id: Optional[int]) -> Dict[str, int]:
@@ -823,40 +1094,61 @@ def _sites(conn: sqlite3.Connection, span: Range, site: str) -> List[str]:
     return [value or NO_HOST for (value,) in rows]
 
 
-def _resolve_sections(conn: sqlite3.Connection, counts: Dict[str, Counter], multi_site: bool) -> Dict[str, List[Tuple[str, int]]]:
-    """Turn id counts into ranked (label, count) rows for each report section."""
+Label = Callable[[int, int], str]
+
+
+def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dict[str, Label]:
+    """How each report section names a counted (site id, value id): its text, or a part of the agent."""
     agents = {row[0]: UserAgent(*row[1:]) for row in conn.execute("SELECT id, browser, version, os, device FROM agents")}
     ids = {site for counter in counts.values() for site, _ in counter}
     ids.update(value for name, counter in counts.items() if name != "agents" for _, value in counter)
     strings = _strings_by_id(conn, ids)
     many_sites = multi_site and len({site for site, _ in counts["pages"]}) > 1
+    unknown = UserAgent("", "", "", "")
 
-    def ranked(counter: Counter) -> List[Tuple[str, int]]:
-        return sorted(counter.items(), key=lambda item: (-item[1], item[0]))
+    def string(_site: int, value: int) -> str:
+        return strings.get(value, "")
 
-    def by_value(name: str, label: Callable[[int, int], str]) -> List[Tuple[str, int]]:
-        merged: Counter = Counter()
-        for (site, value), views in counts[name].items():
-            merged[label(site, value)] += views
-        return ranked(merged)
-
-    def page_label(site: int, value: int) -> str:
+    def page(site: int, value: int) -> str:
         return (strings.get(site) or NO_HOST) + strings.get(value, "") if many_sites else strings.get(value, "")
 
-    def agent_field(field: Callable[[UserAgent], str]) -> Callable[[int, int], str]:
-        return lambda _site, value: field(agents.get(value, UserAgent("", "", "", "")))
+    def agent_part(part: Callable[[UserAgent], str]) -> Label:
+        return lambda _site, value: part(agents.get(value, unknown))
 
-    string = lambda _site, value: strings.get(value, "")  # noqa: E731
     return {
-        "pages": by_value("pages", page_label),
-        "referrers": by_value("referrers", string),
-        "countries": by_value("countries", string),
-        "browsers": by_value("agents", agent_field(lambda a: f"{a.browser} {a.version}".strip())),
-        "operating_systems": by_value("agents", agent_field(lambda a: a.os)),
-        "devices": by_value("agents", agent_field(lambda a: a.device)),
-        "screens": by_value("screens", string),
-        "languages": by_value("languages", string),
+        "pages": page,
+        "referrers": string,
+        "countries": string,
+        "browsers": agent_part(lambda a: f"{a.browser} {a.version}".strip()),
+        "operating_systems": agent_part(lambda a: a.os),
+        "devices": agent_part(lambda a: a.device),
+        "screens": string,
+        "languages": string,
     }
+
+
+SECTION_SOURCES = {"browsers": "agents", "operating_systems": "agents", "devices": "agents"}
+
+
+def _sections(counts: Counts, labels: Dict[str, Label]) -> Dict[str, List[Tuple[str, int]]]:
+    """Page views per label for each section, most first."""
+    sections = {}
+    for name, label in labels.items():
+        merged: Counter = Counter()
+        for (site, value), metrics in counts[SECTION_SOURCES.get(name, name)].items():
+            merged[label(site, value)] += metrics[0]
+        sections[name] = sorted(((key, n) for key, n in merged.items() if n), key=lambda item: (-item[1], item[0]))
+    return sections
+
+
+def _entry_pages(pages: Dict[Tuple[int, int], List[int]], label: Label) -> List[Tuple[str, int, int]]:
+    merged: Dict[str, List[int]] = {}
+    for (site, value), metrics in pages.items():
+        if metrics[2]:
+            total = merged.setdefault(label(site, value), [0, 0])
+            total[0] += metrics[2]
+            total[1] += metrics[3]
+    return sorted(((key, visits, bounces) for key, (visits, bounces) in merged.items()), key=lambda row: (-row[1], row[0]))
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -890,7 +1182,10 @@ SECTION_TITLES = {
     "languages": "Languages",
 }
 EMPTY_LABELS = {"referrers": "(direct)", "countries": "(unknown)", "browsers": "(unknown)", "operating_systems": "(unknown)", "screens": "(unknown)", "languages": "(unknown)"}
-FILTER_REASONS = {"bot": "bots"}
+FILTER_REASONS = {
+    "bot": "bots", "headless": "headless", "prefetch": "prefetch", "spam": "spam",
+    "foreign": "foreign site", "ignored": "ignored", "rate-limited": "rate-limited",
+}
 
 
 class ReportError(Exception):
@@ -988,7 +1283,26 @@ def percent(count: int, total: int) -> float:
     return round(100.0 * count / total, 1) if total else 0.0
 
 
+def pages_per_visit(totals: Metrics) -> float:
+    return round(totals.views / totals.visits, 2) if totals.visits else 0.0
+
+
+def average_duration(totals: Metrics) -> int:
+    return round(totals.duration / totals.visits) if totals.visits else 0
+
+
+def format_duration(seconds: int) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def days_in(span: Range) -> int:
+    return -(-(span.end - span.start) // DAY)
+
+
 def render_json(report: ReportData) -> str:
+    totals = report.totals
     document = {
         "version": __version__,
         "site": report.site or None,
@@ -996,31 +1310,48 @@ def render_json(report: ReportData) -> str:
         "start": iso(report.range.start),
         "end": iso(report.range.end),
         "timezone": "UTC",
-        "pageviews": report.pageviews,
+        "visitors": totals.visitors,
+        "visits": totals.visits,
+        "pageviews": totals.views,
+        "pages_per_visit": pages_per_visit(totals),
+        "bounce_rate": percent(totals.bounces, totals.visits),
+        "visit_duration": average_duration(totals),
         "filtered": {"total": sum(report.filtered.values()), **report.filtered},
         "sections": {
-            name: [{"value": value, "count": count, "percent": percent(count, report.pageviews)} for value, count in rows]
+            name: [{"value": value, "count": count, "percent": percent(count, totals.views)} for value, count in rows]
             for name, rows in report.sections.items()
         },
+        "entry_pages": [
+            {"value": value, "visits": visits, "bounce_rate": percent(bounces, visits)} for value, visits, bounces in report.entry_pages
+        ],
     }
     return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 
 def render_text(report: ReportData, width: int = WIDTH) -> str:
+    totals = report.totals
+    summed = f"  (daily unique visitors, summed over {days_in(report.range)} days)" if days_in(report.range) > 1 else ""
     lines = [
         f"pixeld report · {report.site or 'all sites'}" + ("" if report.site or not report.sites else f" ({', '.join(report.sites)})"),
         format_range(report.range),
         "",
-        f"Page views  {report.pageviews:>12,}",
-        f"Filtered    {sum(report.filtered.values()):>12,}" + filtered_breakdown(report.filtered),
+        f"Visitors        {totals.visitors:>10,}{summed}",
+        f"Visits          {totals.visits:>10,}",
+        f"Page views      {totals.views:>10,}",
+        f"Pages per visit {pages_per_visit(totals):>10.2f}",
+        f"Bounce rate     {percent(totals.bounces, totals.visits):>9.1f}%",
+        f"Visit duration  {format_duration(average_duration(totals)):>10}",
+        f"Filtered        {sum(report.filtered.values()):>10,}" + filtered_breakdown(report.filtered),
     ]
     for name, rows in report.sections.items():
-        lines += ["", *render_section(SECTION_TITLES[name], rows, report.pageviews, EMPTY_LABELS.get(name, "(none)"), width)]
-    return "\n".join(lines)[: 1 << 20] + "\n"
+        lines += ["", *render_section(SECTION_TITLES[name], rows, totals.views, EMPTY_LABELS.get(name, "(none)"), width)]
+        if name == "pages":
+            lines += ["", *render_entry_pages(report.entry_pages, width)]
+    return "\n".join(lines) + "\n"
 
 
 def filtered_breakdown(filtered: Dict[str, int]) -> str:
-    parts = [f"{FILTER_REASONS.get(reason, reason)} {hits:,}" for reason, hits in filtered.items()]
+    parts = [f"{label} {filtered[reason]:,}" for reason, label in FILTER_REASONS.items() if filtered.get(reason)]
     return f"  ({', '.join(parts)})" if parts else ""
 
 
@@ -1029,11 +1360,21 @@ def render_section(title: str, rows: List[Tuple[str, int]], total: int, empty: s
     lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}"]
     for value, count in rows[:TEXT_ROWS]:
         lines.append(f"{cut(value or empty, label_width - 2):<{label_width}}{count:>10,}{percent(count, total):>7.1f}%")
-    if len(rows) > TEXT_ROWS:
-        lines.append(f"… and {len(rows) - TEXT_ROWS:,} more")
-    if not rows:
-        lines.append("(no page views)")
-    return lines
+    return lines + more_or_nothing(len(rows))
+
+
+def render_entry_pages(rows: List[Tuple[str, int, int]], width: int) -> List[str]:
+    label_width = width - 22
+    lines = [f"{'Entry pages':<{label_width}}{'Visits':>10}{'Bounce rate':>12}"]
+    for value, visits, bounces in rows[:TEXT_ROWS]:
+        lines.append(f"{cut(value, label_width - 2):<{label_width}}{visits:>10,}{percent(bounces, visits):>11.1f}%")
+    return lines + more_or_nothing(len(rows))
+
+
+def more_or_nothing(count: int) -> List[str]:
+    if count > TEXT_ROWS:
+        return [f"… and {count - TEXT_ROWS:,} more"]
+    return [] if count else ["(no page views)"]
 
 
 def cut(text: str, width: int) -> str:
@@ -1051,7 +1392,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
   var d = document, l = location, e = encodeURIComponent;
   new Image().src = u + "/pixel.gif?path=" + e(l.pathname) + "&title=" + e(d.title) +
     "&referrer=" + e(d.referrer) + "&resolution=" + screen.width + "," + screen.height +
-    "&host=" + e(l.hostname);
+    "&host=" + e(l.hostname) + (navigator.webdriver ? "&bot=1" : "");
 })("https://stats.example.org");
 </script>
 <noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
@@ -1085,7 +1426,8 @@ StartResponse = Callable[..., Any]
 class App:
     """The WSGI application: ``/pixel.gif`` captures, ``/report`` reads, ``/healthz`` and ``/`` help.
 
-    It owns the writer and the GeoIP reader. The clock is injected so tests can move time.
+    It owns the writer, the in-memory visitors and the GeoIP reader. The clock is injected so
+    tests can move time (salt rotation, visits, report ranges).
     """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time, log: Callable[[str], None] = print) -> None:
@@ -1094,6 +1436,8 @@ class App:
         self.log = log
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
         self.writer = Writer(connect(config.db_path), config.flush_interval, log)
+        self.visitors = Visitors(config.rate_limit)
+        self._visitors_lock = threading.Lock()
         self.routes: Dict[str, Callable[[Environ], Tuple[str, List[Tuple[str, str]], bytes]]] = {
             "/pixel.gif": self.pixel,
             "/report": self.report,
@@ -1121,32 +1465,37 @@ class App:
     def pixel(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
         """Record the hit and answer the GIF, whatever the request holds."""
         try:
-            self.writer.submit(self.hit_from(environ))
+            self.record(environ)
         except Exception as error:  # a bug must never break the host page: log one line, still answer
             self.log(f"pixel: could not record a hit: {type(error).__name__}: {error}"[:200])
         return "200 OK", list(GIF_HEADERS), GIF
 
-    def hit_from(self, environ: Environ) -> Union[PageView, FilteredHit]:
+    def record(self, environ: Environ) -> None:
+        """Filter the hit, or place it in its visit and hand it to the writer."""
         params = parse_query(environ.get("QUERY_STRING", ""))
         page_url = environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", "")
         site = normalise_host(params["host"]) if params.get("host") else url_host(page_url)
         now = int(self.clock())
-        agent = classify_user_agent(environ.get("HTTP_USER_AGENT", ""))
-        if agent.device == "bot":
-            return FilteredHit(now, site, "bot")
-        path = params.get("path") or (urlsplit(page_url).path if page_url and _safe_split(page_url) else "")
+        user_agent = environ.get("HTTP_USER_AGENT", "")
         address = client_address(
             environ.get("REMOTE_ADDR", ""),
             environ.get("HTTP_X_FORWARDED_FOR", ""),
             environ.get("HTTP_FORWARDED", ""),
             self.config.trusted_proxies,
         )
-        return PageView(
+        referrer = normalise_referrer(params.get("referrer", ""), site)
+        agent = classify_user_agent(user_agent)
+        reason = self.filter_reason(environ, params, site, address, user_agent, agent, referrer)
+        if reason:
+            self.writer.submit(FilteredHit(now, site if reason != "foreign" else "", reason))
+            return
+        path = params.get("path") or (urlsplit(page_url).path if page_url and _safe_split(page_url) else "")
+        view = PageView(
             time=now,
             site=site,
             path=normalise_path(path),
             title=normalise_title(params.get("title", "")),
-            referrer=normalise_referrer(params.get("referrer", ""), site),
+            referrer=referrer,
             country=lookup_country(self.geoip, address),
             browser=agent.browser,
             version=agent.version,
@@ -1155,6 +1504,31 @@ class App:
             screen=normalise_screen(params.get("resolution", "")),
             language=primary_language(environ.get("HTTP_ACCEPT_LANGUAGE", "")),
         )
+        with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
+            observation = self.visitors.observe(now, site, str(address or ""), user_agent)
+            if observation is None:
+                self.writer.submit(FilteredHit(now, site, "rate-limited"))
+            else:
+                self.writer.submit(view._replace(first_today=observation.first_today), observation.step)
+
+    def filter_reason(
+        self, environ: Environ, params: Dict[str, str], site: str, address: Optional[IPAddress], user_agent: str, agent: UserAgent, referrer: str
+    ) -> str:
+        """Why a hit is not a page view, or empty when it is one."""
+        config = self.config
+        if address is not None and is_in(address, config.ignore_networks):
+            return "ignored"
+        if config.sites and not in_domains(site, config.sites):
+            return "foreign"
+        if is_prefetch(environ):
+            return "prefetch"
+        if params.get("bot") or is_headless(user_agent):
+            return "headless"
+        if agent.device == "bot":
+            return "bot"
+        if referrer and in_domains(referrer.split("/", 1)[0], config.spam_domains):
+            return "spam"
+        return ""
 
     def report(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
         denied = self.deny_report(environ)
@@ -1324,6 +1698,10 @@ ENVIRONMENT = {
     "token": "PIXELD_TOKEN",
     "token_file": "PIXELD_TOKEN_FILE",
     "trusted_proxy": "PIXELD_TRUSTED_PROXIES",
+    "site": "PIXELD_SITES",
+    "spam_list": "PIXELD_SPAM_LIST",
+    "ignore_ip": "PIXELD_IGNORE_IPS",
+    "rate_limit": "PIXELD_RATE_LIMIT",
 }
 
 
@@ -1343,6 +1721,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
         help="proxies whose X-Forwarded-For/Forwarded are believed (default loopback) [$PIXELD_TRUSTED_PROXIES, comma-separated]",
     )
+    serve_cmd.add_argument("--site", metavar="DOMAIN", action="append", help="accept only hits for this site and its subdomains; repeatable (default: every host) [$PIXELD_SITES, comma-separated]")
+    serve_cmd.add_argument("--spam-list", metavar="FILE", help="more referrer spam domains, one per line, added to the built-in list [$PIXELD_SPAM_LIST]")
+    serve_cmd.add_argument("--ignore-ip", metavar="CIDR", action="append", help="drop hits from these addresses (your own visits); repeatable [$PIXELD_IGNORE_IPS, comma-separated]")
+    serve_cmd.add_argument("--rate-limit", metavar="N", type=int, help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
     report_cmd.add_argument("--db", metavar="PATH", help=f"SQLite database (default ./{DEFAULT_DB}) [$PIXELD_DB]")
@@ -1373,17 +1755,38 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         token, token_file = environ.get("PIXELD_TOKEN") or None, environ.get("PIXELD_TOKEN_FILE") or None
     if token is not None and not token.strip():
         raise ConfigError("the token is empty")
-    proxies = args.trusted_proxy
-    if proxies is None and environ.get("PIXELD_TRUSTED_PROXIES"):
-        proxies = environ["PIXELD_TRUSTED_PROXIES"].replace(",", " ").split()
+    proxies = listed(args, "trusted_proxy", environ)
+    spam_list = setting(args, "spam_list", environ)
     return Config(
         host=host,
         port=port,
         db_path=setting(args, "db", environ, DEFAULT_DB),
         geoip_path=setting(args, "geoip", environ, ""),
         token=read_token_file(token_file) if token_file else (token or "").strip(),
-        trusted_proxies=parse_networks(proxies) if proxies is not None else LOOPBACK_NETWORKS,
+        trusted_proxies=parse_networks(proxies, "trusted proxy") if proxies is not None else LOOPBACK_NETWORKS,
+        sites=tuple(parse_domain(site, "site") for site in listed(args, "site", environ) or ()),
+        spam_domains=SPAM_DOMAINS | read_spam_list(spam_list) if spam_list else SPAM_DOMAINS,
+        ignore_networks=parse_networks(listed(args, "ignore_ip", environ) or (), "address to ignore"),
+        rate_limit=parse_count(setting(args, "rate_limit", environ, 60), "rate limit"),
     )
+
+
+def listed(args: argparse.Namespace, name: str, environ: Dict[str, str]) -> Optional[List[str]]:
+    """A repeatable option: the flags, else the comma-separated environment variable, else None."""
+    values = getattr(args, name, None)
+    if values is None and environ.get(ENVIRONMENT[name]):
+        values = environ[ENVIRONMENT[name]].replace(",", " ").split()
+    return values
+
+
+def parse_count(value: Any, what: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(f"cannot parse {what} {value!r}: use a whole number") from None
+    if count < 0:
+        raise ConfigError(f"{what} must not be negative")
+    return count
 
 
 def check_database_path(path: str) -> None:

@@ -1,6 +1,7 @@
 """The pixel, end to end: the real daemon on a loopback port, real HTTP, then what the database holds."""
 
 import json
+import re
 import signal
 import threading
 from urllib.parse import quote
@@ -88,7 +89,7 @@ def test_bots_get_the_gif_but_are_only_counted_as_filtered(start_daemon):
     daemon2 = start_daemon(db=daemon.db)
     report = json.loads(daemon2.report("range=all&format=json").text)
     assert report["pageviews"] == 1 and report["filtered"] == {"total": 3, "bot": 3}
-    assert "Filtered               3  (bots 3)" in daemon2.report("range=all").text
+    assert re.search(r"^Filtered +3  \(bots 3\)$", daemon2.report("range=all").text, re.M)
 
 
 def test_report_over_http_shows_what_was_sent(start_daemon):
@@ -98,7 +99,7 @@ def test_report_over_http_shows_what_was_sent(start_daemon):
     daemon.stop()
     daemon = start_daemon(db=daemon.db)
     text = daemon.report("range=today").text
-    assert "Page views             3" in text
+    assert re.search(r"^Page views +3$", text, re.M)
     for line in ("/                           ", "Chrome 131", "Safari 17", "Firefox 133", "iOS", "phone", "390x844", "fr"):
         assert line in text, line
     sections = json.loads(daemon.report("range=today&format=json").text)["sections"]
@@ -108,7 +109,7 @@ def test_report_over_http_shows_what_was_sent(start_daemon):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_clean_stop_keeps_every_acknowledged_page_view(start_daemon, sig):
-    daemon = start_daemon()
+    daemon = start_daemon("--rate-limit", "0")  # one client sends them all
     answered = []
 
     def send(worker):

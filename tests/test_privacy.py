@@ -73,3 +73,58 @@ def test_no_per_request_log_line(start_daemon):
     assert len(lines) == 2, lines  # one at start, one at stop
     assert "listening on" in lines[0] and "stopped" in lines[1]
     assert "127.0.0.1 -" not in output and "GET /" not in output
+
+
+def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
+    """Two readers who differ only by address read the same pages at the same moments, across a
+    midnight and a restart. Every stored column except the page must then be identical between
+    them: any visitor id, hash or key would tell them apart. Neither salts nor keys reach the disk."""
+    import io
+    import sqlite3
+    from wsgiref.util import setup_testing_defaults
+
+    import pixeld
+
+    db = tmp_path / "linked.db"
+    logged = []
+    now = [1_795_824_000 - 3600]  # 2026-11-27 23:00 UTC
+    secrets_seen = []
+
+    def visit(app, reader, path):
+        environ = {
+            "PATH_INFO": "/pixel.gif", "QUERY_STRING": f"path={path}-{reader}&host=example.org", "REQUEST_METHOD": "GET",
+            "REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": ADDRESSES[reader], "HTTP_USER_AGENT": CANARY_UAS[0],
+        }
+        setup_testing_defaults(environ)
+        environ["wsgi.errors"] = io.StringIO()
+        b"".join(app(environ, lambda status, headers: None))
+        generation = app.visitors._current
+        secrets_seen.extend(app.visitors.salts())
+        secrets_seen.append(generation.key("example.org", ADDRESSES[reader], CANARY_UAS[0]))
+
+    for session in range(2):  # the second session is after a restart
+        app = pixeld.App(pixeld.Config(db_path=str(db), flush_interval=0.05), clock=lambda: now[0], log=logged.append)
+        for step in range(4):  # 23:00, 23:50, 00:40 and 01:30 (first session), then the next day (second)
+            for reader in (0, 1):
+                visit(app, reader, f"/s{session}p{step}")
+            now[0] += 50 * 60
+        now[0] += 22 * 3600
+        app.close()
+
+    conn = sqlite3.connect(db)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(pageviews)")]
+    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration"]
+    rows = conn.execute("SELECT * FROM pageviews ORDER BY id").fetchall()
+    conn.close()
+    assert len(rows) == 16
+    readers = [rows[0::2], rows[1::2]]  # each moment: reader 0, then reader 1
+    for mine, theirs in zip(*readers):
+        assert mine[0] >> pixeld.ID_SHIFT == theirs[0] >> pixeld.ID_SHIFT  # the same second
+        assert mine[3:] == theirs[3:] and mine[1] == theirs[1]  # everything but the id and the page is the same
+
+    blobs = [path.read_bytes() for path in tmp_path.iterdir() if path.name.startswith("linked.db")] + ["\n".join(logged).encode()]
+    for secret in secrets_seen:
+        for blob in blobs:
+            assert secret not in blob and secret.hex().encode() not in blob
+    for blob in blobs:
+        assert leaks(blob) == []

@@ -60,10 +60,11 @@ def test_bad_ranges_get_a_reason(params, reason):
         parse_range(params, NOW, no_data)
 
 
-def sample_report(pageviews=3, **sections):
+def sample_report(pageviews=3, entry_pages=(), **sections):
     base = {name: [] for name in pixeld.SECTION_TITLES}
     base.update(sections)
-    return ReportData(Range(TODAY - 6 * DAY, TODAY + DAY), "", ["example.org"], pageviews, {"bot": 2}, base)
+    totals = pixeld.Metrics(views=pageviews, visitors=2, visits=3, bounces=1, duration=250)
+    return ReportData(Range(TODAY - 6 * DAY, TODAY + DAY), "", ["example.org"], totals, {"bot": 2, "spam": 1}, base, list(entry_pages))
 
 
 def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
@@ -73,7 +74,15 @@ def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
     lines = text.splitlines()
     assert lines[0] == "pixeld report · all sites (example.org)"
     assert lines[1] == "2026-11-22 – 2026-11-28 UTC (7 days)"
-    assert "Filtered               2  (bots 2)" in lines
+    assert lines[3:10] == [
+        "Visitors                 2  (daily unique visitors, summed over 7 days)",
+        "Visits                   3",
+        "Page views              14",
+        "Pages per visit       4.67",
+        "Bounce rate          33.3%",
+        "Visit duration      1m 23s",
+        "Filtered                 3  (bots 2, spam 1)",
+    ]
     assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
     page_rows = [line for line in lines if line.startswith("/very")]
     assert page_rows and page_rows[0].rstrip().endswith("2   14.3%") and "…" in page_rows[0]
@@ -85,7 +94,8 @@ def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
 def test_json_report_has_the_same_data():
     document = json.loads(pixeld.render_json(sample_report(pageviews=4, pages=[("/", 3), ("/a", 1)])))
     assert document["pageviews"] == 4
-    assert document["filtered"] == {"total": 2, "bot": 2}
+    assert (document["visitors"], document["visits"], document["pages_per_visit"], document["bounce_rate"], document["visit_duration"]) == (2, 3, 1.33, 33.3, 83)
+    assert document["filtered"] == {"total": 3, "bot": 2, "spam": 1}
     assert document["sections"]["pages"] == [{"value": "/", "count": 3, "percent": 75.0}, {"value": "/a", "count": 1, "percent": 25.0}]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
     assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
