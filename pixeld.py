@@ -659,6 +659,7 @@ class Visitors:
 # Storage #####################################################################
 ###############################################################################
 
+QUARTER = 15 * 60  # totals per site are kept per quarter hour: every time zone's day starts on one
 ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in six bytes
 ID_SHIFT = 12  # a page view's id is its second << 12 | a sequence: rows sort by time without an index
 DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
@@ -685,6 +686,12 @@ MIGRATIONS: Tuple[str, ...] = (
     CREATE TABLE filtered (
         day INTEGER NOT NULL, site INTEGER NOT NULL, reason TEXT NOT NULL, hits INTEGER NOT NULL,
         PRIMARY KEY (day, site, reason)) WITHOUT ROWID;
+    CREATE TABLE quarters (
+        quarter INTEGER NOT NULL, site INTEGER NOT NULL,
+        views INTEGER NOT NULL, visitors INTEGER NOT NULL, visits INTEGER NOT NULL,
+        PRIMARY KEY (quarter, site)) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TABLE imports (fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, rows INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -757,14 +764,23 @@ def second_of(pageview_id: int) -> int:
     return (pageview_id >> ID_SHIFT) + ID_EPOCH
 
 
+class Record(NamedTuple):
+    """A page view as stored, with its visit numbers: what export writes and import reads."""
+
+    view: PageView
+    visit_views: int = 0  # on a visit's entry page view: the visit's page views; else 0
+    duration: int = 0  # on a visit's entry page view: seconds from its first to its last page view
+
+
 class Store:
     """The writer's side of the database: interned strings and agents, batched inserts and counts.
 
     A page view row carries no identifier. ``first_today`` marks a visitor's first page view of
     the day; ``visit_views`` and ``duration`` are set only on a visit's entry row, which the
-    writer updates as the visit grows. Daily counts per site and dimension are kept in step.
+    writer updates as the visit grows. Daily counts per site and dimension, and per-site totals
+    per quarter hour, are kept in step.
 
-    Only the writer thread uses a Store. Its caches mirror committed rows; a failed batch clears
+    Only one thread uses a Store. Its caches mirror committed rows; a failed batch clears
     them, because the rolled-back transaction may have created rows the cache still names.
     """
 
@@ -775,11 +791,20 @@ class Store:
         self._id_second = -1
         self._id_next = 0
 
-    def write(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], filtered: Sequence[FilteredHit]) -> None:
+    def write(
+        self,
+        views: Sequence[Tuple[PageView, Optional[VisitStep]]] = (),
+        filtered: Sequence[FilteredHit] = (),
+        records: Sequence[Record] = (),
+    ) -> None:
+        """Commit live page views (placed in their visits), filtered hits and imported records at once."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            written = self._insert_pageviews(views)
+            tally = Tally()
+            self._insert(records, tally)
+            remember = self._insert_live(views, tally)
             self._count_filtered(filtered)
+            tally.save(self.conn)
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -787,28 +812,34 @@ class Store:
             self._agents.clear()
             self._id_second = -1
             raise
-        written()
+        remember()
 
-    def _insert_pageviews(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]]) -> Callable[[], None]:
-        """Insert rows, update entry rows of growing visits, add up daily counts; return what to
-        remember about the visits once the transaction has committed."""
-        rows, counts = [], DailyCounts()
+    def _insert(self, records: Sequence[Record], tally: "Tally") -> List[Tuple[int, Tuple[int, ...]]]:
+        """Insert page view rows and count them; return each row's id and interned keys."""
+        rows, placed = [], []
+        for view, visit_views, duration in records:
+            keys = self._keys(view)
+            row_id = self._next_id(view.time)
+            rows.append((row_id, keys[0], keys[1], self.intern(view.title), *keys[2:], int(view.first_today), visit_views, duration))
+            tally.page_view(view.time, keys, int(view.first_today), visit_views, duration)
+            placed.append((row_id, keys))
+        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return placed
+
+    def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], tally: "Tally") -> Callable[[], None]:
+        """Insert live page views, then bring the entry rows of growing visits up to date; return
+        what to remember about the visits once the transaction has committed."""
+        placed = self._insert([Record(view, int(step is not None and step.views == 1)) for view, step in views], tally)
         entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]] = {}
         latest: Dict[Visit, VisitStep] = {}
-        for view, step in views:
-            keys = self._keys(view)
-            is_entry = step is not None and step.views == 1
-            row_id = self._next_id(view.time)
-            rows.append((row_id, keys[0], keys[1], self.intern(view.title), *keys[2:], int(view.first_today), int(is_entry), 0))
-            day = view.time // DAY
-            counts.add(day, keys, (1, int(view.first_today), int(is_entry), int(is_entry), 0))
-            if is_entry:
-                entries[step.visit] = (row_id, day, keys)  # type: ignore[union-attr]
-            elif step is not None:
+        for (view, step), (row_id, keys) in zip(views, placed):
+            if step is None:
+                continue
+            if step.views == 1:
+                entries[step.visit] = (row_id, view.time // DAY, keys)
+            else:
                 latest[step.visit] = step
-        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        self._grow_visits(latest, entries, counts)
-        counts.save(self.conn)
+        self._grow_visits(latest, entries, tally)
 
         def remember() -> None:
             for visit, entry in entries.items():
@@ -818,7 +849,7 @@ class Store:
 
         return remember
 
-    def _grow_visits(self, latest: Dict[Visit, VisitStep], entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]], counts: "DailyCounts") -> None:
+    def _grow_visits(self, latest: Dict[Visit, VisitStep], entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]], tally: "Tally") -> None:
         """Bring each growing visit's entry row and its day's counts up to the visit's latest step."""
         updates = []
         for visit, step in latest.items():
@@ -828,9 +859,30 @@ class Store:
             written_views, written_duration = (1, 0) if visit in entries else (visit.written_views, visit.written_duration)
             row_id, day, keys = entry
             updates.append((step.views, step.duration, row_id))
-            no_longer_a_bounce = -1 if written_views == 1 and step.views > 1 else 0
-            counts.add(day, keys, (0, 0, 0, no_longer_a_bounce, step.duration - written_duration))
+            tally.visit_grew(day, keys, -1 if written_views == 1 and step.views > 1 else 0, step.duration - written_duration)
         self.conn.executemany("UPDATE pageviews SET visit_views = ?, duration = ? WHERE id = ?", updates)
+
+    def prune(self, before: int, chunk: int = 50_000) -> int:
+        """Delete page views older than ``before``, a chunk per transaction so the writer never
+        stalls for long; the counts stay, so unfiltered reports still cover those days."""
+        deleted = 0
+        while True:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                count = self.conn.execute(
+                    "DELETE FROM pageviews WHERE id IN (SELECT id FROM pageviews WHERE id < ? ORDER BY id LIMIT ?)", (first_id(before), chunk)
+                ).rowcount
+                if count < chunk:
+                    self.conn.execute(
+                        "INSERT INTO meta VALUES ('pruned_before', ?) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", (before,)
+                    )
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            deleted += count
+            if count < chunk:
+                return deleted
 
     def _keys(self, view: PageView) -> Tuple[int, ...]:
         """Interned ids: site, then one per dimension in DIMENSIONS order."""
@@ -878,16 +930,29 @@ class Store:
         return found
 
 
-class DailyCounts:
-    """Changes to the daily counts (views, visitors, visits, bounces, duration) within one batch."""
+
+class Tally:
+    """What one batch adds to the counts: per day, site and dimension, and per quarter hour and site."""
 
     def __init__(self) -> None:
-        self._changes: Dict[Tuple[int, int, int, int], List[int]] = {}
+        self._daily: Dict[Tuple[int, int, int, int], List[int]] = {}
+        self._quarters: Dict[Tuple[int, int], List[int]] = {}
 
-    def add(self, day: int, keys: Tuple[int, ...], change: Tuple[int, int, int, int, int]) -> None:
+    def page_view(self, time: int, keys: Tuple[int, ...], first_today: int, visit_views: int, duration: int) -> None:
+        visit = int(visit_views > 0)
+        self._add_daily(time // DAY, keys, (1, first_today, visit, int(visit_views == 1), duration))
+        total = self._quarters.setdefault((time // QUARTER, keys[0]), [0, 0, 0])
+        total[0] += 1
+        total[1] += first_today
+        total[2] += visit
+
+    def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
+        self._add_daily(day, keys, (0, 0, 0, bounces, duration))
+
+    def _add_daily(self, day: int, keys: Tuple[int, ...], change: Tuple[int, int, int, int, int]) -> None:
         site = keys[0]
         for dim, value in zip(DIMENSIONS.values(), keys[1:]):
-            total = self._changes.setdefault((day, site, dim, value), [0, 0, 0, 0, 0])
+            total = self._daily.setdefault((day, site, dim, value), [0, 0, 0, 0, 0])
             for i, amount in enumerate(change):
                 total[i] += amount
 
@@ -896,7 +961,12 @@ class DailyCounts:
             "INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, site, dim, value) DO UPDATE SET "
             "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits, "
             "bounces = bounces + excluded.bounces, duration = duration + excluded.duration",
-            [key + tuple(total) for key, total in self._changes.items()],
+            [key + tuple(total) for key, total in self._daily.items()],
+        )
+        conn.executemany(
+            "INSERT INTO quarters VALUES (?, ?, ?, ?, ?) ON CONFLICT (quarter, site) DO UPDATE SET "
+            "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits",
+            [key + tuple(total) for key, total in self._quarters.items()],
         )
 
 
@@ -907,11 +977,21 @@ class Writer:
     nothing acknowledged is dropped; ``close()`` drains the queue and commits before returning.
     """
 
-    def __init__(self, conn: sqlite3.Connection, flush_interval: float = 1.0, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        flush_interval: float = 1.0,
+        log: Callable[[str], None] = print,
+        keep_days: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = Store(conn)
         self.flush_interval = flush_interval
         self.log = log
+        self.keep_days = keep_days
+        self.clock = clock
         self.error = ""
+        self._pruned_day = -1
         self._queue: "queue.SimpleQueue[Union[Tuple[PageView, Optional[VisitStep]], FilteredHit, None]]" = queue.SimpleQueue()
         self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
         self._filtered: List[FilteredHit] = []
@@ -936,6 +1016,7 @@ class Writer:
             deadline = time.monotonic() + self.flush_interval
             closing = self._collect_until(deadline)
             self._flush(final=closing)
+            self._prune_once_a_day()
 
     def _collect_until(self, deadline: float) -> bool:
         """Move queued hits into the batch until the deadline; True when asked to close."""
@@ -967,6 +1048,20 @@ class Writer:
                 if self.error:
                     self.log("database writable again")
                 self.error = ""
+
+    def _prune_once_a_day(self) -> None:
+        """With ``--keep-days N``, delete page views older than N days, at start and then daily."""
+        today = int(self.clock()) // DAY
+        if not self.keep_days or today == self._pruned_day:
+            return
+        try:
+            deleted = self.store.prune((today - self.keep_days) * DAY)
+        except sqlite3.Error as error:
+            self._note_error(f"cannot delete old page views: {error}")
+            return
+        self._pruned_day = today
+        if deleted:
+            self.log(f"deleted {deleted:,} page views older than {self.keep_days} days; their counts stay")
 
     def _note_error(self, message: str) -> None:
         if message != self.error:
