@@ -10,16 +10,20 @@ the user-agent reducer, storage, report rendering, the WSGI app, the server, the
 """
 
 import argparse
+import bisect
+import csv
 import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -27,9 +31,10 @@ import sys
 import threading
 import time
 import unicodedata
+import zoneinfo
 from collections import Counter
 from functools import lru_cache
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -83,6 +88,8 @@ class Config:
     spam_domains: FrozenSet[str] = SPAM_DOMAINS
     ignore_networks: Tuple[IPNetwork, ...] = ()
     rate_limit: int = 60
+    zone: dt.tzinfo = dt.timezone.utc
+    keep_days: int = 0
     flush_interval: float = 1.0
 
 
@@ -151,6 +158,16 @@ def open_geoip(path: str) -> Any:
     if "Country" not in reader.metadata().database_type and "City" not in reader.metadata().database_type:
         raise ConfigError(f"GeoIP database {path} is not a country or city database")
     return reader
+
+
+def load_zone(name: str) -> dt.tzinfo:
+    """A time zone by its IANA name (``Europe/Berlin``), from the standard library's zoneinfo."""
+    if name.upper() == "UTC":
+        return dt.timezone.utc
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise ConfigError(f"unknown time zone {name[:60]!r}: use a name like Europe/Berlin or UTC") from None
 
 
 def error_reason(error: BaseException) -> str:
@@ -1089,46 +1106,110 @@ class Metrics(NamedTuple):
     duration: int = 0  # seconds from first to last page view, summed over visits
 
 
-class ReportData(NamedTuple):
+class Query(NamedTuple):
+    """What a report counts: a time range, shown in a time zone, for one site or all, with filters."""
+
     range: Range
-    site: str
+    zone: dt.tzinfo = dt.timezone.utc
+    site: str = ""
+    filters: Tuple[Tuple[str, str], ...] = ()  # (name, value): path, referrer, country, browser, os, device, language
+
+
+class ReportData(NamedTuple):
+    query: Query
     sites: List[str]
     totals: Metrics
+    previous: Metrics  # the same length of time just before the range
     filtered: Dict[str, int]
     sections: Dict[str, List[Tuple[str, int]]]  # (label, page views), ranked
     entry_pages: List[Tuple[str, int, int]]  # (label, visits, bounces), ranked by visits
+    grain: str  # hour, day, week or month
+    series: List[Tuple[int, int, int]]  # (bucket start, page views, visitors)
+    notes: List[str]
+
+
+class Scope(NamedTuple):
+    """Which page views count: one site (or all), and SQL conditions on raw rows (empty when unfiltered)."""
+
+    site_id: Optional[int]
+    where: str
+    args: Tuple[Any, ...]
 
 
 Counts = Dict[str, Dict[Tuple[int, int], List[int]]]  # section -> (site id, value id) -> metrics
+FILTERS = ("path", "referrer", "country", "browser", "os", "device", "language")
 
 
-def query_report(conn: sqlite3.Connection, span: Range, site: str = "") -> ReportData:
-    """Count everything in the range: whole UTC days from ``daily``, partial days from raw page views.
+def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
+    """Count everything the query asks for.
 
-    The cost grows with days and distinct values, not with traffic, except for the partial
-    days at the edges of a range that does not start or end at midnight.
+    Unfiltered, whole UTC days come from ``daily`` and only partial days at the edges of the
+    range from raw page views, so the cost grows with days and distinct values, not with
+    traffic. Filters are conditions on the raw page views, so a filtered report reads the rows
+    of its range. The series comes from quarter-hour totals, which makes a day in any time zone
+    exact.
     """
-    site_id = _string_id(conn, site) if site else None
-    first_day, end_day = -(-span.start // DAY), span.end // DAY
-    counts: Counts = {name: {} for name in DIMENSIONS}
-    if first_day < end_day:
-        _count_days(conn, first_day, end_day, site_id, counts)
-        edges = [Range(span.start, first_day * DAY), Range(end_day * DAY, span.end)]
-    else:
-        edges = [span]
-    for edge in edges:
-        if edge.start < edge.end:
-            _count_raw(conn, edge, site_id, counts)
-    labels = _labeller(conn, counts, multi_site=not site)
+    span = query.range
+    scope = _scope(conn, query)
+    counts = _count(conn, span, scope, tuple(DIMENSIONS))
+    labels = _labeller(conn, counts, multi_site=not query.site)
+    previous = _count(conn, Range(2 * span.start - span.end, span.start), scope, ("pages",))["pages"]
+    grain, series = _series(conn, span, query.zone, scope)
     return ReportData(
-        range=span,
-        site=site,
-        sites=_sites(conn, span, site),
-        totals=Metrics(*(sum(column) for column in zip(*counts["pages"].values()))) if counts["pages"] else Metrics(),
-        filtered=_count_filtered(conn, span, site_id),
+        query=query,
+        sites=_sites(conn, span, query.site),
+        totals=_total(counts["pages"]),
+        previous=_total(previous),
+        filtered=_count_filtered(conn, span, scope.site_id),
         sections=_sections(counts, labels),
         entry_pages=_entry_pages(counts["pages"], labels["pages"]),
+        grain=grain,
+        series=series,
+        notes=_retention_notes(conn, span, scope),
     )
+
+
+def _total(counted: Dict[Tuple[int, int], List[int]]) -> Metrics:
+    return Metrics(*(sum(column) for column in zip(*counted.values()))) if counted else Metrics()
+
+
+def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
+    """Turn the filters into SQL on ``pageviews``. ``path`` and ``referrer`` take a trailing ``*`` for a prefix."""
+    parts: List[str] = []
+    args: List[Any] = []
+    for name, value in query.filters:
+        if name in ("path", "referrer") and value.endswith("*"):
+            parts.append(f"{name} IN (SELECT id FROM strings WHERE value >= ? AND value < ?)")
+            args += [value[:-1], value[:-1] + "\U0010ffff"]
+        elif name in ("path", "referrer", "country", "language"):
+            parts.append(f"{name} = (SELECT id FROM strings WHERE value = ?)")
+            args.append(value)
+        elif name == "browser":  # a name, or a name and a major version: "Chrome" or "Chrome 131"
+            parts.append("agent IN (SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?)")
+            args += [value, value]
+        else:
+            parts.append(f"agent IN (SELECT id FROM agents WHERE {name} = ?)")
+            args.append(value)
+    site_id = _string_id(conn, query.site) if query.site else None
+    if not parts:
+        return Scope(site_id, "", ())
+    if site_id is not None:
+        parts.append("site = ?")
+        args.append(site_id)
+    return Scope(site_id, "".join(" AND " + part for part in parts), tuple(args))
+
+
+def _count(conn: sqlite3.Connection, span: Range, scope: Scope, names: Sequence[str]) -> Counts:
+    counts: Counts = {name: {} for name in names}
+    first_day, end_day = -(-span.start // DAY), span.end // DAY
+    if scope.where or first_day >= end_day:
+        _count_raw(conn, span, scope, counts)
+        return counts
+    _count_days(conn, first_day, end_day, scope.site_id, counts)
+    for edge in (Range(span.start, first_day * DAY), Range(end_day * DAY, span.end)):
+        if edge.start < edge.end:
+            _count_raw(conn, edge, scope, counts)
+    return counts
 
 
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
@@ -1147,26 +1228,107 @@ def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int
 
 
 def _count_days(conn: sqlite3.Connection, first_day: int, end_day: int, site_id: Optional[int], counts: Counts) -> None:
-    names = {code: name for name, code in DIMENSIONS.items()}
+    names = {code: name for name, code in DIMENSIONS.items() if name in counts}
     clause, args = _site_clause(site_id)
     for dim, site, value, *metrics in conn.execute(
         "SELECT dim, site, value, sum(views), sum(visitors), sum(visits), sum(bounces), sum(duration) "
-        f"FROM daily WHERE day >= ? AND day < ?{clause} GROUP BY dim, site, value",
-        (first_day, end_day) + args,
+        f"FROM daily WHERE day >= ? AND day < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
+        (first_day, end_day, *names) + args,
     ):
         _add(counts, names[dim], site, value, metrics)
 
 
-def _count_raw(conn: sqlite3.Connection, edge: Range, site_id: Optional[int], counts: Counts) -> None:
-    clause, args = _site_clause(site_id)
-    bounds = (first_id(edge.start), first_id(edge.end))
-    for name, column in PAGEVIEW_COLUMNS.items():
+def _raw_clause(scope: Scope) -> Tuple[str, Tuple[Any, ...]]:
+    return (scope.where, scope.args) if scope.where else _site_clause(scope.site_id)
+
+
+def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Counts) -> None:
+    clause, args = _raw_clause(scope)
+    for name in counts:
+        column = PAGEVIEW_COLUMNS[name]
         for site, value, *metrics in conn.execute(
             f"SELECT site, {column}, count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration) "
             f"FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
-            bounds + args,
+            (first_id(span.start), first_id(span.end)) + args,
         ):
             _add(counts, name, site, value, metrics)
+
+
+def _series(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope) -> Tuple[str, List[Tuple[int, int, int]]]:
+    """Page views and visitors per hour, day, week or month of the zone's calendar."""
+    grain, bounds = series_bounds(span, zone)
+    rows = [[start, 0, 0] for start in bounds[:-1]]
+    for when, views, visitors in _quarter_counts(conn, span, scope):
+        row = rows[bisect.bisect_right(bounds, max(when, span.start)) - 1]
+        row[1] += views
+        row[2] += visitors
+    return grain, [(start, views, visitors) for start, views, visitors in rows]
+
+
+def _quarter_counts(conn: sqlite3.Connection, span: Range, scope: Scope) -> Iterable[Tuple[int, int, int]]:
+    """(quarter start, page views, visitors): from the quarter totals where they serve, else raw rows."""
+    inner = Range(-(-span.start // QUARTER) * QUARTER, span.end // QUARTER * QUARTER)
+    raw_parts = [span]
+    if not scope.where and inner.start < inner.end:
+        clause, args = _site_clause(scope.site_id)
+        yield from conn.execute(
+            f"SELECT quarter * {QUARTER}, sum(views), sum(visitors) FROM quarters WHERE quarter >= ? AND quarter < ?{clause} GROUP BY quarter",
+            (inner.start // QUARTER, inner.end // QUARTER) + args,
+        )
+        raw_parts = [Range(span.start, inner.start), Range(inner.end, span.end)]
+    clause, args = _raw_clause(scope)
+    for part in raw_parts:
+        if part.start < part.end:
+            yield from conn.execute(
+                f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {QUARTER} * {QUARTER} AS q, count(*), sum(first_today) "
+                f"FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY q",
+                (first_id(part.start), first_id(part.end)) + args,
+            )
+
+
+def series_bounds(span: Range, zone: dt.tzinfo) -> Tuple[str, List[int]]:
+    """The grain for a range (hours up to two days, then days, weeks, months) and its bucket edges."""
+    days = (span.end - span.start) / DAY
+    grain = "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month"
+    bounds = [span.start]
+    while True:
+        following = next_boundary(bounds[-1], grain, zone)
+        if following >= span.end:
+            return grain, bounds + [span.end]
+        bounds.append(following)
+
+
+def next_boundary(moment: int, grain: str, zone: dt.tzinfo) -> int:
+    local = dt.datetime.fromtimestamp(moment, zone)
+    if grain == "hour":  # step in real hours, so a daylight saving change neither skips nor repeats one
+        offset = int(local.utcoffset().total_seconds())  # type: ignore[union-attr]
+        return moment - (moment + offset) % 3600 + 3600
+    date = local.date()
+    if grain == "day":
+        date += dt.timedelta(days=1)
+    elif grain == "week":
+        date += dt.timedelta(days=7 - date.weekday())
+    else:
+        date = (date.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+    return local_midnight(date, zone)
+
+
+def local_midnight(date: dt.date, zone: dt.tzinfo) -> int:
+    return int(dt.datetime.combine(date, dt.time(), tzinfo=zone).timestamp())
+
+
+def _retention_notes(conn: sqlite3.Connection, span: Range, scope: Scope) -> List[str]:
+    """Say so when the report needs page views that ``--keep-days`` has deleted."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'pruned_before'").fetchone()
+    if not row or span.start >= row[0]:
+        return []
+    since = dt.datetime.fromtimestamp(row[0], dt.timezone.utc).strftime("%Y-%m-%d")
+    if scope.where:
+        return [f"page views before {since} UTC were deleted (--keep-days): the filtered numbers count only later ones"]
+    if span.start % DAY or span.end % DAY:
+        return [f"page views before {since} UTC were deleted (--keep-days): partial days before then are not counted"]
+    return []
+
 
 
 def _count_filtered(conn: sqlite3.Connection, span: Range, site_id: Optional[int]) -> Dict[str, int]:
@@ -1263,11 +1425,11 @@ def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
 # Report parameters and rendering #############################################
 ###############################################################################
 
-RANGES = ("today", "yesterday", "7d", "30d", "month", "year", "all")
 TEXT_ROWS = 10
 WIDTH = 80
 SECTION_TITLES = {
     "pages": "Pages",
+    "entry_pages": "Entry pages",
     "referrers": "Referrers",
     "countries": "Countries",
     "browsers": "Browsers",
@@ -1281,6 +1443,7 @@ FILTER_REASONS = {
     "bot": "bots", "headless": "headless", "prefetch": "prefetch", "spam": "spam",
     "foreign": "foreign site", "ignored": "ignored", "rate-limited": "rate-limited",
 }
+EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
 class ReportError(Exception):
@@ -1288,90 +1451,134 @@ class ReportError(Exception):
 
 
 class ReportRequest(NamedTuple):
-    range: Range
-    site: str
-    format: str
+    query: Query
+    format: str  # text, json or csv
+    limit: Optional[int]  # rows per section; None: 10 in text, all in JSON and CSV
+    section: str  # one section in full, or every section
+    ascii: bool  # bars of '#' and +/- for terminals without Unicode
 
 
-def parse_report_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]]) -> ReportRequest:
-    """Validate report parameters: ``start``/``end`` or ``range``, ``site``, ``format``."""
-    fmt = params.get("format", "text") or "text"
-    if fmt not in ("text", "json"):
-        raise ReportError(f"unknown format {fmt!r}: use text or json")
-    site = normalise_host(params["site"]) if params.get("site") else ""
-    if params.get("site") and not site:
-        raise ReportError(f"cannot parse site {params['site']!r}: use a hostname")
-    return ReportRequest(parse_range(params, now, first_day), site, fmt)
+def parse_report_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> ReportRequest:
+    """Validate every report parameter, or raise ReportError with the reason."""
+    fmt = params.get("format") or "text"
+    if fmt not in ("text", "json", "csv"):
+        raise ReportError(f"unknown format {fmt!r}: use text, json or csv")
+    if params.get("tz"):
+        try:
+            zone = load_zone(params["tz"])
+        except ConfigError as error:
+            raise ReportError(str(error)) from None
+    section = params.get("section", "")
+    if section and section not in SECTION_TITLES:
+        raise ReportError(f"unknown section {section!r}: use one of {', '.join(SECTION_TITLES)}")
+    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params))
+    return ReportRequest(query, fmt, parse_limit(params.get("limit", "")), section, params.get("ascii", "") not in ("", "0"))
 
 
-def parse_range(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]]) -> Range:
+def parse_site(value: str) -> str:
+    site = normalise_host(value) if value else ""
+    if value and not site:
+        raise ReportError(f"cannot parse site {value[:40]!r}: use a hostname")
+    return site
+
+
+def parse_filters(params: Dict[str, str]) -> Tuple[Tuple[str, str], ...]:
+    """The filters given, cleaned as stored values are: ``(direct)`` and ``(unknown)`` match empty values."""
+    filters = []
+    for name in FILTERS:
+        value = clean_text(params.get(name, ""), MAX_PATH)
+        if not value:
+            continue
+        if value in ("(direct)", "(unknown)", "(none)"):
+            value = ""
+        elif name == "country":
+            value = value.upper()
+        elif name == "language":
+            value = value.lower()
+        filters.append((name, value))
+    return tuple(filters)
+
+
+def parse_limit(value: str) -> Optional[int]:
+    if not value:
+        return None
+    if not re.fullmatch(r"\d{1,6}", value) or int(value) == 0:
+        raise ReportError(f"cannot parse limit {value[:20]!r}: use a whole number from 1")
+    return int(value)
+
+
+def parse_range(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo = dt.timezone.utc) -> Range:
     start, end, named = params.get("start", ""), params.get("end", ""), params.get("range", "")
     if named and (start or end):
         raise ReportError("give either range or start/end, not both")
-    tomorrow = (int(now) // DAY + 1) * DAY
     if named or not (start or end):
-        return named_range(named or "30d", now, first_day)
-    end_time = parse_time(end, is_end=True) if end else tomorrow
-    start_time = parse_time(start, is_end=False) if start else end_time - 30 * DAY
+        return named_range(named or "30d", now, first_day, zone)
+    today = dt.datetime.fromtimestamp(now, zone).date()
+    end_time = parse_time(end, True, zone) if end else local_midnight(today + dt.timedelta(days=1), zone)
+    start_time = parse_time(start, False, zone) if start else end_time - 30 * DAY
     if start_time >= end_time:
         raise ReportError("start must be before end")
     return Range(start_time, end_time)
 
 
-def named_range(name: str, now: float, first_day: Callable[[], Optional[int]]) -> Range:
-    """Calendar ranges in UTC that end with today: ``7d`` is today and the six days before it."""
-    today = int(now) // DAY * DAY
-    tomorrow = today + DAY
+def named_range(name: str, now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo = dt.timezone.utc) -> Range:
+    """Calendar ranges in the zone that end with today: ``7d`` is today and the six days before it."""
+    today = dt.datetime.fromtimestamp(now, zone).date()
+    tomorrow = local_midnight(today + dt.timedelta(days=1), zone)
     if name == "today":
-        return Range(today, tomorrow)
+        return Range(local_midnight(today, zone), tomorrow)
     if name == "yesterday":
-        return Range(today - DAY, today)
+        return Range(local_midnight(today - dt.timedelta(days=1), zone), local_midnight(today, zone))
     match = re.fullmatch(r"(\d{1,4})d", name)
     if match and int(match.group(1)) > 0:
-        return Range(tomorrow - int(match.group(1)) * DAY, tomorrow)
-    date = dt.datetime.fromtimestamp(today, dt.timezone.utc)
+        return Range(local_midnight(today - dt.timedelta(days=int(match.group(1)) - 1), zone), tomorrow)
     if name == "month":
-        return Range(int(date.replace(day=1).timestamp()), tomorrow)
+        return Range(local_midnight(today.replace(day=1), zone), tomorrow)
     if name == "year":
-        return Range(int(date.replace(month=1, day=1).timestamp()), tomorrow)
+        return Range(local_midnight(today.replace(month=1, day=1), zone), tomorrow)
     if name == "all":
         first = first_day()
-        return Range(min(first * DAY, today) if first is not None else today, tomorrow)
-    raise ReportError(f"unknown range {name!r}: use today, yesterday, Nd (7d, 30d, ...), month, year or all")
+        start = dt.datetime.fromtimestamp(first * DAY, zone).date() if first is not None else today
+        return Range(local_midnight(min(start, today), zone), tomorrow)
+    raise ReportError(f"unknown range {name[:20]!r}: use today, yesterday, Nd (7d, 30d, ...), month, year or all")
 
 
-def parse_time(value: str, is_end: bool) -> int:
-    """Unix seconds, an ISO date (an end date includes that whole day) or an ISO datetime (UTC unless it says)."""
+def parse_time(value: str, is_end: bool, zone: dt.tzinfo = dt.timezone.utc) -> int:
+    """Unix seconds, an ISO date (an end date includes that whole day) or an ISO datetime, in the zone unless it says."""
     value = value.strip()
     if re.fullmatch(r"\d{1,11}", value):
         return int(value)
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            day = dt.datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
-            return int(day.timestamp()) + (DAY if is_end else 0)
+            day = dt.datetime.strptime(value, "%Y-%m-%d").date()
+            return local_midnight(day + dt.timedelta(days=1) if is_end else day, zone)
         moment = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=zone)
+        return int(moment.timestamp())
     except (ValueError, OverflowError):
         raise ReportError(f"cannot parse time {value[:40]!r}: use unix seconds, 2026-11-01 or 2026-11-01T12:00:00") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    return int(moment.timestamp())
 
 
-def format_range(span: Range) -> str:
-    def stamp(seconds: int) -> str:
-        moment = dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
-        return moment.strftime("%Y-%m-%d" if seconds % DAY == 0 else "%Y-%m-%d %H:%M:%S")
-
-    if span.start % DAY == 0 and span.end % DAY == 0:
-        days = (span.end - span.start) // DAY
-        last = stamp(span.end - DAY)
-        dates = stamp(span.start) if days == 1 else f"{stamp(span.start)} – {last}"
-        return f"{dates} UTC ({days} day{'s' if days != 1 else ''})"
-    return f"{stamp(span.start)} – {stamp(span.end)} UTC"
+def zone_name(zone: dt.tzinfo) -> str:
+    return getattr(zone, "key", None) or "UTC"
 
 
-def iso(seconds: int) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def format_range(span: Range, zone: dt.tzinfo) -> str:
+    def stamp(moment: dt.datetime) -> str:
+        return moment.strftime("%Y-%m-%d" if moment.time() == dt.time() else "%Y-%m-%d %H:%M:%S")
+
+    start, end = dt.datetime.fromtimestamp(span.start, zone), dt.datetime.fromtimestamp(span.end, zone)
+    if start.time() == end.time() == dt.time():
+        days = (end.date() - start.date()).days
+        dates = stamp(start) if days == 1 else f"{stamp(start)} – {stamp(end - dt.timedelta(days=1))}"
+        return f"{dates} {zone_name(zone)} ({days} day{'s' if days != 1 else ''})"
+    return f"{stamp(start)} – {stamp(end)} {zone_name(zone)}"
+
+
+def iso(seconds: int, zone: dt.tzinfo = dt.timezone.utc) -> str:
+    moment = dt.datetime.fromtimestamp(seconds, zone)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if zone is dt.timezone.utc else moment.isoformat()
 
 
 def percent(count: int, total: int) -> float:
@@ -1386,6 +1593,23 @@ def average_duration(totals: Metrics) -> int:
     return round(totals.duration / totals.visits) if totals.visits else 0
 
 
+def headline(totals: Metrics) -> Dict[str, float]:
+    """The headline numbers, by their JSON names."""
+    return {
+        "visitors": totals.visitors,
+        "visits": totals.visits,
+        "pageviews": totals.views,
+        "pages_per_visit": pages_per_visit(totals),
+        "bounce_rate": percent(totals.bounces, totals.visits),
+        "visit_duration": average_duration(totals),
+    }
+
+
+def change(current: float, previous: float) -> Optional[int]:
+    """Percent change against the previous period; None when there was nothing before."""
+    return round(100 * (current - previous) / previous) if previous else None
+
+
 def format_duration(seconds: int) -> str:
     minutes, seconds = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
@@ -1393,56 +1617,118 @@ def format_duration(seconds: int) -> str:
 
 
 def days_in(span: Range) -> int:
-    return -(-(span.end - span.start) // DAY)
+    return round((span.end - span.start) / DAY) or 1
 
 
-def render_json(report: ReportData) -> str:
-    totals = report.totals
-    document = {
+def limited(rows: List[Any], request: ReportRequest, text: bool) -> List[Any]:
+    limit = request.limit or (None if request.section or not text else TEXT_ROWS)
+    return rows[:limit] if limit else rows
+
+
+def shown_sections(report: ReportData, request: ReportRequest) -> List[str]:
+    return [request.section] if request.section else list(SECTION_TITLES)
+
+
+def section_rows(report: ReportData, name: str) -> List[Tuple[str, int, int]]:
+    """Rows of any section as (label, count, second number): page views and total, or visits and bounces."""
+    if name == "entry_pages":
+        return report.entry_pages
+    return [(label, views, report.totals.views) for label, views in report.sections[name]]
+
+
+def render_json(report: ReportData, request: ReportRequest) -> str:
+    query, now, before = report.query, headline(report.totals), headline(report.previous)
+    document: Dict[str, Any] = {
         "version": __version__,
-        "site": report.site or None,
+        "site": query.site or None,
         "sites": report.sites,
-        "start": iso(report.range.start),
-        "end": iso(report.range.end),
-        "timezone": "UTC",
-        "visitors": totals.visitors,
-        "visits": totals.visits,
-        "pageviews": totals.views,
-        "pages_per_visit": pages_per_visit(totals),
-        "bounce_rate": percent(totals.bounces, totals.visits),
-        "visit_duration": average_duration(totals),
+        "start": iso(query.range.start, query.zone),
+        "end": iso(query.range.end, query.zone),
+        "timezone": zone_name(query.zone),
+        "filters": dict(query.filters),
+        **now,
+        "previous": before,
+        "change": {name: change(now[name], before[name]) for name in now},
         "filtered": {"total": sum(report.filtered.values()), **report.filtered},
-        "sections": {
-            name: [{"value": value, "count": count, "percent": percent(count, totals.views)} for value, count in rows]
-            for name, rows in report.sections.items()
+        "series": {
+            "grain": report.grain,
+            "rows": [{"start": iso(start, query.zone), "pageviews": views, "visitors": visitors} for start, views, visitors in report.series],
         },
-        "entry_pages": [
-            {"value": value, "visits": visits, "bounce_rate": percent(bounces, visits)} for value, visits, bounces in report.entry_pages
-        ],
+        "sections": {},
+        "notes": report.notes,
     }
+    for name in shown_sections(report, request):
+        rows = limited(section_rows(report, name), request, text=False)
+        if name == "entry_pages":
+            document["sections"][name] = [{"value": v, "visits": n, "bounce_rate": percent(b, n)} for v, n, b in rows]
+        else:
+            document["sections"][name] = [{"value": v, "count": n, "percent": percent(n, total)} for v, n, total in rows]
     return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 
-def render_text(report: ReportData, width: int = WIDTH) -> str:
-    totals = report.totals
-    summed = f"  (daily unique visitors, summed over {days_in(report.range)} days)" if days_in(report.range) > 1 else ""
+def render_csv(report: ReportData, request: ReportRequest) -> str:
+    """Long form: ``section,value,count,percent``, for spreadsheets."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["section", "value", "count", "percent"])
+    for name, number in headline(report.totals).items():
+        writer.writerow(["totals", name, number, ""])
+    for reason, hits in report.filtered.items():
+        writer.writerow(["filtered", reason, hits, ""])
+    for start, views, visitors in report.series:
+        writer.writerow(["series", iso(start, report.query.zone), views, ""])
+        writer.writerow(["series_visitors", iso(start, report.query.zone), visitors, ""])
+    for name in shown_sections(report, request):
+        for value, count, other in limited(section_rows(report, name), request, text=False):
+            if name == "entry_pages":
+                writer.writerow(["entry_pages", value, count, percent(count, report.totals.visits)])
+                writer.writerow(["entry_bounces", value, other, percent(other, count)])
+            else:
+                writer.writerow([name, value, count, percent(count, other)])
+    return out.getvalue()
+
+
+def render_text(report: ReportData, request: ReportRequest, width: int = WIDTH) -> str:
+    query = report.query
     lines = [
-        f"pixeld report · {report.site or 'all sites'}" + ("" if report.site or not report.sites else f" ({', '.join(report.sites)})"),
-        format_range(report.range),
-        "",
-        f"Visitors        {totals.visitors:>10,}{summed}",
-        f"Visits          {totals.visits:>10,}",
-        f"Page views      {totals.views:>10,}",
-        f"Pages per visit {pages_per_visit(totals):>10.2f}",
-        f"Bounce rate     {percent(totals.bounces, totals.visits):>9.1f}%",
-        f"Visit duration  {format_duration(average_duration(totals)):>10}",
-        f"Filtered        {sum(report.filtered.values()):>10,}" + filtered_breakdown(report.filtered),
+        f"pixeld report · {query.site or 'all sites'}" + ("" if query.site or not report.sites else f" ({', '.join(report.sites)})"),
+        format_range(query.range, query.zone),
     ]
-    for name, rows in report.sections.items():
-        lines += ["", *render_section(SECTION_TITLES[name], rows, totals.views, EMPTY_LABELS.get(name, "(none)"), width)]
-        if name == "pages":
-            lines += ["", *render_entry_pages(report.entry_pages, width)]
+    if query.filters:
+        lines.append("Filters: " + ", ".join(f"{name}={value or '(none)'}" for name, value in query.filters))
+    if not request.section:
+        lines += ["", *render_headline(report, request.ascii), *[f"Note: {note}" for note in report.notes]]
+        lines += ["", *render_series(report, width, request.ascii)]
+    for name in shown_sections(report, request):
+        lines += ["", *render_section(name, section_rows(report, name), request, width)]
     return "\n".join(lines) + "\n"
+
+
+def render_headline(report: ReportData, ascii: bool) -> List[str]:
+    now, before = headline(report.totals), headline(report.previous)
+    shown = {
+        "visitors": f"{now['visitors']:,}",
+        "visits": f"{now['visits']:,}",
+        "pageviews": f"{now['pageviews']:,}",
+        "pages_per_visit": f"{now['pages_per_visit']:.2f}",
+        "bounce_rate": f"{now['bounce_rate']:.1f}%",
+        "visit_duration": format_duration(int(now["visit_duration"])),
+    }
+    titles = {"visitors": "Visitors", "visits": "Visits", "pageviews": "Page views", "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate", "visit_duration": "Visit duration"}
+    lines = [f"{titles[name]:<16}{value:>10}  {format_change(now[name], before[name], ascii):<7}".rstrip() for name, value in shown.items()]
+    if days_in(report.query.range) > 1:
+        lines[0] = f"{lines[0]:<37}(daily unique visitors, summed)"
+    lines.append(f"{'Filtered':<16}{sum(report.filtered.values()):>10,}" + filtered_breakdown(report.filtered))
+    return lines
+
+
+def format_change(current: float, previous: float, ascii: bool) -> str:
+    percent_change = change(current, previous)
+    if percent_change is None:
+        return "new" if current else ""
+    if ascii:
+        return f"{percent_change:+d}%"
+    return f"{'▲' if percent_change > 0 else '▼' if percent_change < 0 else '='} {abs(percent_change)}%"
 
 
 def filtered_breakdown(filtered: Dict[str, int]) -> str:
@@ -1450,30 +1736,338 @@ def filtered_breakdown(filtered: Dict[str, int]) -> str:
     return f"  ({', '.join(parts)})" if parts else ""
 
 
-def render_section(title: str, rows: List[Tuple[str, int]], total: int, empty: str, width: int) -> List[str]:
-    label_width = width - 18
-    lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}"]
-    for value, count in rows[:TEXT_ROWS]:
-        lines.append(f"{cut(value or empty, label_width - 2):<{label_width}}{count:>10,}{percent(count, total):>7.1f}%")
-    return lines + more_or_nothing(len(rows))
+def render_series(report: ReportData, width: int, ascii: bool) -> List[str]:
+    zone = report.query.zone
+    formats = {"hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d %a", "week": "%Y-%m-%d wk", "month": "%Y-%m"}
+    bar_width = width - 16 - 1 - 10 - 10
+    largest = max((views for _, views, _ in report.series), default=0)
+    lines = [f"{'Page views per ' + report.grain:<{width - 20}}{'Views':>10}{'Visitors':>10}"]
+    for start, views, visitors in report.series:
+        label = dt.datetime.fromtimestamp(start, zone).strftime(formats[report.grain])
+        lines.append(f"{label:<16} {bar(views, largest, bar_width, ascii):<{bar_width}}{views:>10,}{visitors:>10,}")
+    return lines
 
 
-def render_entry_pages(rows: List[Tuple[str, int, int]], width: int) -> List[str]:
-    label_width = width - 22
-    lines = [f"{'Entry pages':<{label_width}}{'Visits':>10}{'Bounce rate':>12}"]
-    for value, visits, bounces in rows[:TEXT_ROWS]:
-        lines.append(f"{cut(value, label_width - 2):<{label_width}}{visits:>10,}{percent(bounces, visits):>11.1f}%")
-    return lines + more_or_nothing(len(rows))
+def bar(value: int, largest: int, width: int, ascii: bool) -> str:
+    """A horizontal bar scaled to the largest value, in eighths of a character (or whole '#')."""
+    if not largest or not value:
+        return ""
+    if ascii:
+        return "#" * max(1, round(width * value / largest))
+    eighths = max(1, round(8 * width * value / largest))
+    return "█" * (eighths // 8) + EIGHTHS[eighths % 8].strip()
 
 
-def more_or_nothing(count: int) -> List[str]:
-    if count > TEXT_ROWS:
-        return [f"… and {count - TEXT_ROWS:,} more"]
-    return [] if count else ["(no page views)"]
+def render_section(name: str, rows: List[Tuple[str, int, int]], request: ReportRequest, width: int) -> List[str]:
+    title, empty = SECTION_TITLES[name], EMPTY_LABELS.get(name, "(none)")
+    shown = limited(rows, request, text=True)
+    if name == "entry_pages":
+        label_width = width - 22
+        lines = [f"{title:<{label_width}}{'Visits':>10}{'Bounce rate':>12}"]
+        lines += [f"{cut(value, label_width - 2):<{label_width}}{visits:>10,}{percent(bounces, visits):>11.1f}%" for value, visits, bounces in shown]
+    else:
+        label_width = width - 18
+        lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}"]
+        lines += [f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%" for value, views, total in shown]
+    if len(rows) > len(shown):
+        lines.append(f"… and {len(rows) - len(shown):,} more")
+    return lines if rows else lines + ["(no page views)"]
 
 
 def cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+###############################################################################
+# Export and import ###########################################################
+###############################################################################
+
+EXPORT_FIELDS = (
+    "time", "site", "path", "title", "referrer", "country", "browser", "version", "os", "device",
+    "screen", "language", "first_today", "visit_views", "duration",
+)
+DEVICES = ("desktop", "phone", "tablet", "other", "")
+IMPORT_BATCH = 20_000
+_COMBINED = re.compile(
+    r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
+    r'(?P<status>\d{3}) \S+(?: "(?P<referrer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
+)
+_ASSET = re.compile(r"\.(?!html?$|php$|aspx?$)[a-z0-9]{1,5}$", re.IGNORECASE)
+
+
+def export_lines(conn: sqlite3.Connection, span: Range, site: str, fmt: str) -> Iterator[str]:
+    """Stored page views as CSV or NDJSON lines, oldest first, read in chunks so memory stays flat."""
+    if fmt == "csv":
+        yield ",".join(EXPORT_FIELDS) + "\n"
+    clause, args = _site_clause(_string_id(conn, site) if site else None)
+    cursor = conn.execute(
+        f"""SELECT p.id, s.value, pa.value, t.value, r.value, c.value, a.browser, a.version, a.os, a.device,
+                   sc.value, l.value, p.first_today, p.visit_views, p.duration
+            FROM pageviews p
+            JOIN strings s ON s.id = p.site JOIN strings pa ON pa.id = p.path JOIN strings t ON t.id = p.title
+            JOIN strings r ON r.id = p.referrer JOIN strings c ON c.id = p.country JOIN agents a ON a.id = p.agent
+            JOIN strings sc ON sc.id = p.screen JOIN strings l ON l.id = p.language
+            WHERE p.id >= ? AND p.id < ?{clause.replace('site', 'p.site')} ORDER BY p.id""",
+        (first_id(span.start), first_id(span.end)) + args,
+    )
+    while True:
+        rows = cursor.fetchmany(1000)
+        if not rows:
+            return
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        for row in rows:
+            values = (iso(second_of(row[0])),) + row[1:]
+            if fmt == "csv":
+                writer.writerow(values)
+            else:
+                out.write(json.dumps(dict(zip(EXPORT_FIELDS, values)), ensure_ascii=False) + "\n")
+        yield out.getvalue()
+
+
+def parse_export_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> Tuple[str, Range, str]:
+    """Format, range (everything unless given) and site of an export."""
+    fmt = params.get("format") or "csv"
+    if fmt not in ("csv", "ndjson"):
+        raise ReportError(f"unknown format {fmt!r}: use csv or ndjson")
+    everything = not any(params.get(name) for name in ("range", "start", "end"))
+    span = Range(0, 4_102_444_800) if everything else parse_range(params, now, first_day, zone)
+    return fmt, span, parse_site(params.get("site", ""))
+
+
+class ImportFailed(Exception):
+    """A file that cannot be imported: one line, exit status 2."""
+
+
+class Importer:
+    """Brings page views in from files, batched, with progress; refuses a file it has seen unless forced.
+
+    Formats: pixeld's own export (``csv``, ``ndjson``); the SQLite database of the 2020 Flask
+    tool (``flask``); web server access logs in the combined format (``combined``). Every value
+    is normalised as a live hit's would be. Access logs go through the same filters and visitor
+    counting as live hits, and their addresses are dropped after the country lookup.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, site: str, geoip: Any, progress: Callable[[str], None]) -> None:
+        self.store = Store(conn)
+        self.site = site
+        self.geoip = geoip
+        self.progress = progress
+        self.visitors = Visitors(rate_limit=0)
+        self.imported = self.filtered = self.skipped = 0
+        self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
+        self._records: List[Record] = []
+        self._hits: List[FilteredHit] = []
+        self._started = self._reported = time.monotonic()
+
+    def run(self, path: str, fmt: str, force: bool) -> None:
+        fingerprint = file_fingerprint(path)
+        seen = self.store.conn.execute("SELECT at FROM imports WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        if seen and not force:
+            when = dt.datetime.fromtimestamp(seen[0], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
+        readers = {"csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined}
+        readers[fmt or detect_format(path)](path)
+        self._flush()
+        self.store.conn.execute(
+            "INSERT INTO imports VALUES (?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET rows = excluded.rows, at = excluded.at",
+            (fingerprint, os.path.basename(path), self.imported, int(time.time())),
+        )
+        seconds = time.monotonic() - self._started
+        self.progress(
+            f"imported {self.imported:,} page views from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
+            f"{self.filtered:,} filtered, {self.skipped:,} lines skipped"
+        )
+
+    def _read_csv(self, path: str) -> None:
+        with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or set(reader.fieldnames) < {"time", "path"}:
+                raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
+            for row in reader:
+                self._add_record(row)
+
+    def _read_ndjson(self, path: str) -> None:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                self._add_record(row if isinstance(row, dict) else None)
+
+    def _read_flask(self, path: str) -> None:
+        """The 2020 Flask tool's ``data(id, timestamp, path, title, referrer, country, device, width, height)``."""
+        try:
+            source = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True)
+            rows = source.execute("SELECT timestamp, path, title, referrer, country, device, width, height FROM data ORDER BY id")
+            for stamp, page, title, referrer, country, device, width, height in rows:
+                browser, _, version = str(device or "").strip().partition(" ")
+                if browser.lower() in FLASK_BOTS:
+                    self._filter(parse_stamp(stamp), "bot")
+                    continue
+                self._add_record({
+                    "time": stamp, "path": page, "title": title, "referrer": referrer, "country": country,
+                    "browser": FLASK_BROWSERS.get(browser.lower(), browser.title()), "version": version.split(".")[0],
+                    "screen": f"{width}x{height}",
+                })
+            source.close()
+        except sqlite3.Error as error:
+            raise ImportFailed(f"{path} is not a database of the Flask tool: {error}") from None
+
+    def _read_combined(self, path: str) -> None:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                match = _COMBINED.match(line)
+                when = parse_log_time(match.group("time")) if match else None
+                if match is None or when is None:
+                    self.skipped += 1
+                    continue
+                self._add_log_line(match, when)
+
+    def _add_log_line(self, match: "re.Match[str]", when: int) -> None:
+        target = match.group("target")
+        page = urlsplit(target).path if _safe_split(target) else ""
+        if match.group("method") != "GET" or not match.group("status").startswith("2") or not page or _ASSET.search(page):
+            return
+        user_agent = unescape_log(match.group("agent") or "")
+        referrer = normalise_referrer(unescape_log(match.group("referrer") or ""), self.site)
+        agent = classify_user_agent(user_agent)
+        reason = "headless" if is_headless(user_agent) else "bot" if agent.device == "bot" else ""
+        if not reason and referrer and in_domains(referrer.split("/", 1)[0], SPAM_DOMAINS):
+            reason = "spam"
+        if reason:
+            self._filter(when, reason)
+            return
+        address = parse_ip(match.group("address"))
+        observation = self.visitors.observe(when, self.site, str(address or ""), user_agent)
+        view = PageView(
+            when, self.site, normalise_path(page), "", referrer, lookup_country(self.geoip, address),
+            agent.browser, agent.version, agent.os, agent.device, "", "", first_today=observation.first_today,  # type: ignore[union-attr]
+        )
+        self._views.append((view, observation.step))  # type: ignore[union-attr]
+        self._count()
+
+    def _add_record(self, row: Optional[Dict[str, Any]]) -> None:
+        record = record_from(row, self.site) if row else None
+        if record is None:
+            self.skipped += 1
+            return
+        self._records.append(record)
+        self._count()
+
+    def _filter(self, when: Optional[int], reason: str) -> None:
+        if when is not None:
+            self._hits.append(FilteredHit(when, self.site, reason))
+            self.filtered += 1
+
+    def _count(self) -> None:
+        self.imported += 1
+        if len(self._views) + len(self._records) >= IMPORT_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self.store.write(self._views, self._hits, self._records)
+        except sqlite3.IntegrityError:  # the daemon wrote into the same second meanwhile: ids are recomputed
+            self.store.write(self._views, self._hits, self._records)
+        self._views, self._records, self._hits = [], [], []
+        now = time.monotonic()
+        if now - self._reported >= 1:
+            self._reported = now
+            self.progress(f"{self.imported:,} rows, {self.imported / (now - self._started):,.0f} rows/s")
+
+
+FLASK_BROWSERS = {"chrome": "Chrome", "firefox": "Firefox", "safari": "Safari", "edge": "Edge", "msie": "Internet Explorer", "opera": "Opera", "samsungbrowser": "Samsung Internet", "yandex": "Yandex"}
+FLASK_BOTS = {"google", "msn", "yahoo", "ask", "aol", "baidu", "bingbot", "googlebot", "yandexbot"}
+
+
+def record_from(row: Dict[str, Any], default_site: str) -> Optional[Record]:
+    """A stored page view from an exported or foreign row, every value normalised; None when unusable."""
+    when = parse_stamp(row.get("time"))
+    if when is None:
+        return None
+    site = normalise_host(str(row.get("site") or default_site))
+    device = str(row.get("device") or "")
+    version = str(row.get("version") or "")
+    country = str(row.get("country") or "").upper()
+    view = PageView(
+        time=when,
+        site=site,
+        path=normalise_path(str(row.get("path") or "")),
+        title=normalise_title(str(row.get("title") or "")),
+        referrer=normalise_referrer(with_scheme(str(row.get("referrer") or "")), site),
+        country=country if re.fullmatch(r"[A-Z]{2}", country) else "",
+        browser=clean_text(str(row.get("browser") or ""), 32),
+        version=version if re.fullmatch(r"\d{1,6}", version) else "",
+        os=clean_text(str(row.get("os") or ""), 32),
+        device=device if device in DEVICES else "",
+        screen=normalise_screen(str(row.get("screen") or "")),
+        language=str(row.get("language") or "") if _LANGUAGE.fullmatch(str(row.get("language") or "")) else "",
+        first_today=str(row.get("first_today")) in ("1", "True", "true"),
+    )
+    return Record(view, bounded(row.get("visit_views"), 1_000_000), bounded(row.get("duration"), 10 * DAY))
+
+
+def with_scheme(referrer: str) -> str:
+    """Exported referrers are host and path; foreign ones may be full URLs."""
+    return referrer if "://" in referrer or not referrer else "http://" + referrer
+
+
+def bounded(value: Any, limit: int) -> int:
+    try:
+        number = int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+    return min(max(number, 0), limit)
+
+
+def parse_stamp(value: Any) -> Optional[int]:
+    """Unix seconds, or an ISO or SQLite datetime (UTC unless it says), between 2000 and 2100."""
+    text = str(value or "").strip()
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            when = int(float(text))
+        else:
+            moment = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+            when = int((moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp())
+    except (ValueError, OverflowError):
+        return None
+    return when if 946_684_800 <= when < 4_102_444_800 else None
+
+
+def parse_log_time(value: str) -> Optional[int]:
+    try:
+        return int(dt.datetime.strptime(value, "%d/%b/%Y:%H:%M:%S %z").timestamp())
+    except ValueError:
+        return None
+
+
+def unescape_log(value: str) -> str:
+    return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
+
+
+def detect_format(path: str) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"SQLite format 3\x00"):
+        return "flask"
+    if head.lstrip().startswith(b"{"):
+        return "ndjson"
+    if head.startswith(b"time,") or b",path," in head.split(b"\n", 1)[0]:
+        return "csv"
+    return "combined"
+
+
+def file_fingerprint(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise ImportFailed(f"cannot read {path}: {error_reason(error)}") from None
+    return digest.hexdigest()
 
 
 ###############################################################################
@@ -1516,6 +2110,7 @@ GIF_HEADERS = [
 PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
+Answer = Tuple[str, List[Tuple[str, str]], Any]  # status, headers, and bytes or a generator of bytes
 
 
 class App:
@@ -1530,12 +2125,13 @@ class App:
         self.clock = clock
         self.log = log
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
-        self.writer = Writer(connect(config.db_path), config.flush_interval, log)
+        self.writer = Writer(connect(config.db_path), config.flush_interval, log, config.keep_days, clock)
         self.visitors = Visitors(config.rate_limit)
         self._visitors_lock = threading.Lock()
-        self.routes: Dict[str, Callable[[Environ], Tuple[str, List[Tuple[str, str]], bytes]]] = {
+        self.routes: Dict[str, Callable[[Environ], Answer]] = {
             "/pixel.gif": self.pixel,
             "/report": self.report,
+            "/export": self.export,
             "/healthz": self.healthz,
             "/": self.index,
         }
@@ -1555,9 +2151,13 @@ class App:
         else:
             status, headers, body = route(environ)
         start_response(status, headers)
-        return [b"" if method == "HEAD" else body]
+        if method == "HEAD":
+            if not isinstance(body, bytes):
+                body.close()  # type: ignore[union-attr]
+            return [b""]
+        return [body] if isinstance(body, bytes) else body
 
-    def pixel(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    def pixel(self, environ: Environ) -> Answer:
         """Record the hit and answer the GIF, whatever the request holds."""
         try:
             self.record(environ)
@@ -1625,7 +2225,7 @@ class App:
             return "spam"
         return ""
 
-    def report(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    def report(self, environ: Environ) -> Answer:
         denied = self.deny_report(environ)
         if denied:
             return denied
@@ -1634,14 +2234,42 @@ class App:
         except StorageError as error:
             return plain("503 Service Unavailable", str(error))
         try:
-            request = parse_report_request(parse_query(environ.get("QUERY_STRING", "")), self.clock(), lambda: first_day_with_data(conn))
+            params = parse_query(environ.get("QUERY_STRING", ""))
+            request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone)
             return render_report(conn, request)
         except ReportError as error:
             return plain("400 Bad Request", str(error))
         finally:
             conn.close()
 
-    def deny_report(self, environ: Environ) -> Optional[Tuple[str, List[Tuple[str, str]], bytes]]:
+    def export(self, environ: Environ) -> Answer:
+        """Stream stored page views as CSV or NDJSON, behind the report's access rule."""
+        denied = self.deny_report(environ)
+        if denied:
+            return denied
+        params = parse_query(environ.get("QUERY_STRING", ""))
+        try:
+            conn = connect(self.config.db_path, readonly=True)
+        except StorageError as error:
+            return plain("503 Service Unavailable", str(error))
+        try:
+            fmt, span, site = parse_export_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone)
+        except ReportError as error:
+            conn.close()
+            return plain("400 Bad Request", str(error))
+
+        def body() -> Iterator[bytes]:
+            try:
+                for chunk in export_lines(conn, span, site, fmt):
+                    yield chunk.encode()
+            finally:
+                conn.close()
+
+        content_type = "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson"
+        disposition = f'attachment; filename="pixeld-export.{fmt}"'
+        return "200 OK", [("Content-Type", content_type), ("Content-Disposition", disposition), ("Cache-Control", "no-store")], body()
+
+    def deny_report(self, environ: Environ) -> Optional[Answer]:
         """The report's access rule: the token when one is set, else a direct loopback request."""
         if self.config.token:
             given = environ.get("HTTP_AUTHORIZATION", "")
@@ -1656,12 +2284,12 @@ class App:
             return None
         return plain("403 Forbidden", "the report is only for direct loopback requests; set --token to read it from elsewhere")
 
-    def healthz(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    def healthz(self, environ: Environ) -> Answer:
         if self.writer.healthy:
             return plain("200 OK", "ok")
         return plain("503 Service Unavailable", self.writer.error or "the writer has stopped")
 
-    def index(self, environ: Environ) -> Tuple[str, List[Tuple[str, str]], bytes]:
+    def index(self, environ: Environ) -> Answer:
         page = INDEX_PAGE.replace("{snippet}", snippet(""))
         return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], page.encode()
 
@@ -1675,14 +2303,16 @@ Read the report with <code>curl http://127.0.0.1:8000/report</code> on this mach
 """
 
 
-def render_report(conn: sqlite3.Connection, request: ReportRequest) -> Tuple[str, List[Tuple[str, str]], bytes]:
-    data = query_report(conn, request.range, request.site)
+def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int = WIDTH) -> Answer:
+    data = query_report(conn, request.query)
     if request.format == "json":
-        return "200 OK", [("Content-Type", "application/json"), ("Cache-Control", "no-store")], render_json(data).encode()
-    return "200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")], render_text(data).encode()
+        return "200 OK", [("Content-Type", "application/json"), ("Cache-Control", "no-store")], render_json(data, request).encode()
+    if request.format == "csv":
+        return "200 OK", [("Content-Type", "text/csv; charset=utf-8"), ("Cache-Control", "no-store")], render_csv(data, request).encode()
+    return "200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")], render_text(data, request, width).encode()
 
 
-def plain(status: str, message: str) -> Tuple[str, List[Tuple[str, str]], bytes]:
+def plain(status: str, message: str) -> Answer:
     return status, [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")], (message + "\n").encode()
 
 
@@ -1797,6 +2427,8 @@ ENVIRONMENT = {
     "spam_list": "PIXELD_SPAM_LIST",
     "ignore_ip": "PIXELD_IGNORE_IPS",
     "rate_limit": "PIXELD_RATE_LIMIT",
+    "timezone": "PIXELD_TIMEZONE",
+    "keep_days": "PIXELD_KEEP_DAYS",
 }
 
 
@@ -1807,7 +2439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = commands.add_parser("serve", help="run the daemon (the default)", description="Run the pixeld daemon.")
     serve_cmd.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:8000 for IPv6) [$PIXELD_LISTEN]")
-    serve_cmd.add_argument("--db", metavar="PATH", help=f"SQLite database, created on first start (default ./{DEFAULT_DB}) [$PIXELD_DB]")
+    add_db_option(serve_cmd, "created on first start")
     serve_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
     token = serve_cmd.add_mutually_exclusive_group()
     token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
@@ -1819,19 +2451,48 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--site", metavar="DOMAIN", action="append", help="accept only hits for this site and its subdomains; repeatable (default: every host) [$PIXELD_SITES, comma-separated]")
     serve_cmd.add_argument("--spam-list", metavar="FILE", help="more referrer spam domains, one per line, added to the built-in list [$PIXELD_SPAM_LIST]")
     serve_cmd.add_argument("--ignore-ip", metavar="CIDR", action="append", help="drop hits from these addresses (your own visits); repeatable [$PIXELD_IGNORE_IPS, comma-separated]")
-    serve_cmd.add_argument("--rate-limit", metavar="N", type=int, help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
+    serve_cmd.add_argument("--rate-limit", metavar="N", help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
+    serve_cmd.add_argument("--timezone", metavar="ZONE", help="the report's default time zone, like Europe/Berlin (default UTC) [$PIXELD_TIMEZONE]")
+    serve_cmd.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
-    report_cmd.add_argument("--db", metavar="PATH", help=f"SQLite database (default ./{DEFAULT_DB}) [$PIXELD_DB]")
-    report_cmd.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (UTC)")
-    report_cmd.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
-    report_cmd.add_argument("--range", default="", help="today, yesterday, 7d, 30d, month, year or all (default 30d)")
-    report_cmd.add_argument("--site", default="", help="one site (hostname) instead of all")
-    report_cmd.add_argument("--format", default="text", choices=("text", "json"))
+    add_db_option(report_cmd, "read-only")
+    add_range_options(report_cmd)
+    for name in FILTERS:
+        report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
+    report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
+    report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
+    report_cmd.add_argument("--ascii", action="store_true", help="bars of # for terminals without Unicode")
+    report_cmd.add_argument("--format", default="text", choices=("text", "json", "csv"))
+
+    export_cmd = commands.add_parser("export", help="write stored page views as CSV or NDJSON", description="Write the stored page views (they carry no identifiers) to standard output.")
+    add_db_option(export_cmd, "read-only")
+    add_range_options(export_cmd, default="everything")
+    export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
+
+    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, the 2020 Flask tool's database, or a combined access log.")
+    import_cmd.add_argument("file")
+    add_db_option(import_cmd, "created if missing")
+    import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
+    import_cmd.add_argument("--site", default="", help="the site's hostname, for files that do not say (Flask database, access logs)")
+    import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
+    import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
     return parser
+
+
+def add_db_option(command: argparse.ArgumentParser, note: str) -> None:
+    command.add_argument("--db", metavar="PATH", help=f"SQLite database, {note} (default ./{DEFAULT_DB}) [$PIXELD_DB]")
+
+
+def add_range_options(command: argparse.ArgumentParser, default: str = "30d") -> None:
+    command.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (in --tz)")
+    command.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
+    command.add_argument("--range", default="", help=f"today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
+    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
+    command.add_argument("--site", default="", help="one site (hostname) instead of all")
 
 
 def setting(args: argparse.Namespace, name: str, environ: Dict[str, str], default: Any = None) -> Any:
@@ -1863,6 +2524,8 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         spam_domains=SPAM_DOMAINS | read_spam_list(spam_list) if spam_list else SPAM_DOMAINS,
         ignore_networks=parse_networks(listed(args, "ignore_ip", environ) or (), "address to ignore"),
         rate_limit=parse_count(setting(args, "rate_limit", environ, 60), "rate limit"),
+        zone=load_zone(setting(args, "timezone", environ, "UTC")),
+        keep_days=parse_count(setting(args, "keep_days", environ, 0), "--keep-days"),
     )
 
 
@@ -1892,15 +2555,54 @@ def check_database_path(path: str) -> None:
         raise ConfigError(f"database {path} is not writable (check the directory {directory})")
 
 
+def command_params(args: argparse.Namespace, names: Iterable[str]) -> Dict[str, str]:
+    """The report and export flags as the query parameters /report and /export take."""
+    params = {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
+    if getattr(args, "ascii", False):
+        params["ascii"] = "1"
+    return params
+
+
+def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo:
+    return load_zone(args.tz or environ.get("PIXELD_TIMEZONE") or "UTC")
+
+
 def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
+    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", *FILTERS)
     try:
-        params = {"start": args.start, "end": args.end, "range": args.range, "site": args.site, "format": args.format}
-        request = parse_report_request({k: v for k, v in params.items() if v}, time.time(), lambda: first_day_with_data(conn))
-        _, _, body = render_report(conn, request)
+        request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
+        width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
+        _, _, body = render_report(conn, request, max(60, width))
     finally:
         conn.close()
     sys.stdout.write(body.decode())
+
+
+def run_export(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
+    try:
+        params = command_params(args, ("start", "end", "range", "site", "format"))
+        fmt, span, site = parse_export_request(params, time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
+        for chunk in export_lines(conn, span, site, fmt):
+            sys.stdout.write(chunk)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (| head): not an error
+        sys.stdout = open(os.devnull, "w")
+    finally:
+        conn.close()
+
+
+def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    db_path = setting(args, "db", environ, DEFAULT_DB)
+    check_database_path(db_path)
+    geoip_path = setting(args, "geoip", environ, "")
+    conn = connect(db_path)
+    try:
+        site = parse_domain(args.site, "site") if args.site else ""
+        Importer(conn, site, open_geoip(geoip_path) if geoip_path else None, log_line).run(args.file, args.format, args.force)
+    finally:
+        conn.close()
 
 
 def log_line(message: str) -> None:
@@ -1911,16 +2613,17 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ) if environ is None else environ
     args = build_parser().parse_args(argv or ["serve"])
+    commands = {"report": run_report, "export": run_export, "import": run_import}
     try:
-        if args.command == "report":
-            run_report(args, environ)
+        if args.command in commands:
+            commands[args.command](args, environ)
         elif args.command == "snippet":
             sys.stdout.write(snippet(args.url))
         else:
             config = config_from(args, environ)
             check_database_path(config.db_path)
             serve(config, log_line)
-    except (ConfigError, StorageError, ReportError) as error:
+    except (ConfigError, StorageError, ReportError, ImportFailed) as error:
         print(f"pixeld: {error}", file=sys.stderr)
         return 2
     return 0

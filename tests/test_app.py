@@ -99,7 +99,7 @@ def test_report_over_http_shows_what_was_sent(start_daemon):
     daemon.stop()
     daemon = start_daemon(db=daemon.db)
     text = daemon.report("range=today").text
-    assert re.search(r"^Page views +3$", text, re.M)
+    assert re.search(r"^Page views +3 ", text, re.M)
     for line in ("/                           ", "Chrome 131", "Safari 17", "Firefox 133", "iOS", "phone", "390x844", "fr"):
         assert line in text, line
     sections = json.loads(daemon.report("range=today&format=json").text)["sections"]

@@ -70,7 +70,7 @@ def test_report_for_one_site_says_so_and_counts_only_it(start_daemon):
     daemon = start_daemon(db=daemon.db)
     text = daemon.report("range=today&site=www.other.net").text
     assert text.startswith("pixeld report · other.net\n")
-    assert re.search(r"^Page views +1$", text, re.M) and re.search(r"^Filtered +1  \(bots 1\)$", text, re.M)
+    assert re.search(r"^Page views +1 ", text, re.M) and re.search(r"^Filtered +1  \(bots 1\)$", text, re.M)
     everything = daemon.report("range=today").text
     assert everything.startswith("pixeld report · all sites (example.org, other.net)\n")
     assert "example.org/" in everything and "other.net/x" in everything

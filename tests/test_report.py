@@ -61,26 +61,34 @@ def test_bad_ranges_get_a_reason(params, reason):
 
 
 def sample_report(pageviews=3, entry_pages=(), **sections):
-    base = {name: [] for name in pixeld.SECTION_TITLES}
+    base = {name: [] for name in pixeld.SECTION_TITLES if name != "entry_pages"}
     base.update(sections)
     totals = pixeld.Metrics(views=pageviews, visitors=2, visits=3, bounces=1, duration=250)
-    return ReportData(Range(TODAY - 6 * DAY, TODAY + DAY), "", ["example.org"], totals, {"bot": 2, "spam": 1}, base, list(entry_pages))
+    previous = pixeld.Metrics(views=pageviews // 2, visitors=2, visits=4, bounces=0, duration=250)
+    series = [(TODAY - (6 - i) * DAY, i, i // 2) for i in range(7)]
+    query = pixeld.Query(Range(TODAY - 6 * DAY, TODAY + DAY))
+    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, base, list(entry_pages), "day", series, [])
+
+
+def request_for(report, fmt="text", limit=None, section="", ascii=False):
+    return pixeld.ReportRequest(report.query, fmt, limit, section, ascii)
 
 
 def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
     long_path = "/" + "very-long-path-segment/" * 10
     rows = [(long_path, 2), ("/", 1)] + [(f"/p{i}", 1) for i in range(12)]
-    text = render_text(sample_report(pageviews=14, pages=rows, referrers=[("", 3)]))
+    report = sample_report(pageviews=14, pages=rows, referrers=[("", 3)])
+    text = render_text(report, request_for(report))
     lines = text.splitlines()
     assert lines[0] == "pixeld report · all sites (example.org)"
     assert lines[1] == "2026-11-22 – 2026-11-28 UTC (7 days)"
     assert lines[3:10] == [
-        "Visitors                 2  (daily unique visitors, summed over 7 days)",
-        "Visits                   3",
-        "Page views              14",
-        "Pages per visit       4.67",
-        "Bounce rate          33.3%",
-        "Visit duration      1m 23s",
+        "Visitors                 2  = 0%   (daily unique visitors, summed)",
+        "Visits                   3  ▼ 25%",
+        "Page views              14  ▲ 100%",
+        "Pages per visit       4.67  ▲ 167%",
+        "Bounce rate          33.3%  new",
+        "Visit duration      1m 23s  ▲ 34%",
         "Filtered                 3  (bots 2, spam 1)",
     ]
     assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
@@ -92,13 +100,16 @@ def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
 
 
 def test_json_report_has_the_same_data():
-    document = json.loads(pixeld.render_json(sample_report(pageviews=4, pages=[("/", 3), ("/a", 1)])))
+    report = sample_report(pageviews=4, pages=[("/", 3), ("/a", 1)])
+    document = json.loads(pixeld.render_json(report, request_for(report, "json")))
     assert document["pageviews"] == 4
     assert (document["visitors"], document["visits"], document["pages_per_visit"], document["bounce_rate"], document["visit_duration"]) == (2, 3, 1.33, 33.3, 83)
     assert document["filtered"] == {"total": 3, "bot": 2, "spam": 1}
     assert document["sections"]["pages"] == [{"value": "/", "count": 3, "percent": 75.0}, {"value": "/a", "count": 1, "percent": 25.0}]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
     assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
+    assert document["previous"]["pageviews"] == 2 and document["change"]["pageviews"] == 100 and document["change"]["bounce_rate"] is None
+    assert document["series"]["grain"] == "day" and document["series"]["rows"][6] == {"start": "2026-11-28T00:00:00Z", "pageviews": 6, "visitors": 3}
 
 
 @pytest.fixture

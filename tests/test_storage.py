@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 import pixeld
-from pixeld import DAY, PageView, FilteredHit, Range, Store, StorageError, Writer, connect, query_report
+from pixeld import DAY, PageView, FilteredHit, Query, Range, Store, StorageError, Writer, connect, query_report
 
 T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
 
@@ -74,7 +74,7 @@ def test_writer_stores_everything_on_close_and_keeps_counts_in_step(tmp_path):
     assert conn.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 500
     for dim in pixeld.DIMENSIONS.values():
         assert conn.execute("SELECT sum(views) FROM daily WHERE dim = ?", (dim,)).fetchone()[0] == 500
-    report = query_report(conn, Range(T0, T0 + 3 * DAY))
+    report = query_report(conn, Query(Range(T0, T0 + 3 * DAY)))
     assert report.totals.views == 500
     assert dict(report.sections["pages"]) == Counter(v.path for v in views)
     assert dict(report.sections["countries"]) == Counter(v.country for v in views)
@@ -107,7 +107,7 @@ def test_partial_days_are_counted_exactly_from_page_views(tmp_path):
     times = [T0 + h * 3600 for h in range(0, 72, 3)]  # every 3 hours for 3 days
     store.write([(view(t, path=f"/h{(t - T0) // 3600}"), None) for t in times], [])
     for start, end in [(T0 + 7 * 3600, T0 + 50 * 3600), (T0 + 3600, T0 + 2 * 3600), (T0, T0 + 2 * DAY), (T0 + 12 * 3600, T0 + 3 * DAY)]:
-        report = query_report(store.conn, Range(start, end))
+        report = query_report(store.conn, Query(Range(start, end)))
         expected = [t for t in times if start <= t < end]
         assert report.totals.views == len(expected), (start, end)
         assert {label for label, _ in report.sections["pages"]} == {f"/h{(t - T0) // 3600}" for t in expected}
@@ -116,10 +116,10 @@ def test_partial_days_are_counted_exactly_from_page_views(tmp_path):
 def test_one_site_or_all_sites(tmp_path):
     store = Store(connect(str(tmp_path / "sites.db")))
     store.write([(view(T0, "/", "example.org"), None), (view(T0, "/", "blog.example.org"), None), (view(T0, "/x", "example.org"), None)], [])
-    everything = query_report(store.conn, Range(T0, T0 + DAY))
+    everything = query_report(store.conn, Query(Range(T0, T0 + DAY)))
     assert everything.sites == ["blog.example.org", "example.org"]
     assert dict(everything.sections["pages"]) == {"example.org/": 1, "blog.example.org/": 1, "example.org/x": 1}
-    one = query_report(store.conn, Range(T0, T0 + DAY), site="example.org")
+    one = query_report(store.conn, Query(Range(T0, T0 + DAY), site="example.org"))
     assert one.totals.views == 2 and dict(one.sections["pages"]) == {"/": 1, "/x": 1}
 
 
