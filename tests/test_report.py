@@ -83,7 +83,7 @@ def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
     assert lines[0] == "pixeld report · all sites (example.org)"
     assert lines[1] == "2026-11-22 – 2026-11-28 UTC (7 days)"
     assert lines[3:10] == [
-        "Visitors                 2  = 0%   (daily unique visitors, summed)",
+        "Visitors                 2  = 0%     (daily unique visitors, summed)",
         "Visits                   3  ▼ 25%",
         "Page views              14  ▲ 100%",
         "Pages per visit       4.67  ▲ 167%",
