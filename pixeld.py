@@ -805,8 +805,7 @@ class Store:
         self.conn = conn
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
-        self._id_second = -1
-        self._id_next = 0
+        self._next_ids: Dict[int, int] = {}  # second -> next free id, within the batch being written
 
     def write(
         self,
@@ -816,6 +815,7 @@ class Store:
     ) -> None:
         """Commit live page views (placed in their visits), filtered hits and imported records at once."""
         self.conn.execute("BEGIN IMMEDIATE")
+        self._next_ids.clear()
         try:
             tally = Tally()
             self._insert(records, tally)
@@ -827,7 +827,6 @@ class Store:
             self.conn.execute("ROLLBACK")
             self._strings.clear()
             self._agents.clear()
-            self._id_second = -1
             raise
         remember()
 
@@ -920,12 +919,13 @@ class Store:
 
     def _next_id(self, second: int) -> int:
         """A unique id that sorts by time: the next free sequence number within ``second``."""
-        if second != self._id_second:
+        next_id = self._next_ids.get(second)
+        if next_id is None:
             low = first_id(second)
             last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, first_id(second + 1))).fetchone()[0]
-            self._id_second, self._id_next = second, low if last is None else last + 1
-        self._id_next += 1
-        return self._id_next - 1
+            next_id = low if last is None else last + 1
+        self._next_ids[second] = next_id + 1
+        return next_id
 
     def intern(self, value: str) -> int:
         found = self._strings.get(value)
@@ -1882,7 +1882,7 @@ class Importer:
     def _read_csv(self, path: str) -> None:
         with open(path, encoding="utf-8", errors="replace", newline="") as handle:
             reader = csv.DictReader(handle)
-            if not reader.fieldnames or set(reader.fieldnames) < {"time", "path"}:
+            if not reader.fieldnames or not {"time", "path"} <= set(reader.fieldnames):
                 raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
             for row in reader:
                 self._add_record(row)
@@ -2239,6 +2239,8 @@ class App:
             return render_report(conn, request)
         except ReportError as error:
             return plain("400 Bad Request", str(error))
+        except sqlite3.Error as error:
+            return plain("503 Service Unavailable", f"cannot read the database: {error}")
         finally:
             conn.close()
 
@@ -2574,6 +2576,8 @@ def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
         request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
         _, _, body = render_report(conn, request, max(60, width))
+    except sqlite3.Error as error:
+        raise StorageError(f"cannot read the database: {error}") from None
     finally:
         conn.close()
     sys.stdout.write(body.decode())

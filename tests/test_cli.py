@@ -213,3 +213,41 @@ def test_python_39_is_enough():
         pytest.skip("vermin is not installed (it is in tests/requirements.txt)")
     proc = subprocess.run([vermin, "--target=3.9-", "--violations", "--no-tips", "--eval-annotations", str(PIXELD)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_report_flags_and_terminal_width(start_daemon):
+    import os
+    import pty
+
+    daemon = start_daemon()
+    daemon.pixel({"path": "/blog/one", "host": "example.org", "title": "x" * 200})
+    daemon.pixel({"path": "/about", "host": "example.org"}, {"User-Agent": CHROME_UA_ANDROID})
+    wait_for(lambda: len(stored_pageviews(daemon.db)) == 2, daemon.proc)
+    code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "7d", "--path", "/blog/*", "--format", "json")
+    assert code == 0 and json.loads(out)["pageviews"] == 1 and json.loads(out)["filters"] == {"path": "/blog/*"}
+    code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--device", "phone", "--tz", "Europe/Berlin", "--ascii", "--section", "devices")
+    assert code == 0 and "Europe/Berlin" in out and "phone" in out and "desktop" not in out
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELD_")}
+    env["COLUMNS"] = "120"
+    proc = subprocess.Popen([sys.executable, str(PIXELD), "report", "--db", str(daemon.db), "--range", "today"], stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the process ends
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    proc.wait(timeout=20)
+    os.close(leader)
+    lines = b"".join(chunks).decode().splitlines()
+    assert max(len(line.rstrip()) for line in lines) > 80 and all(len(line) <= 120 for line in lines)
+    code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "today", env={"COLUMNS": "120"})
+    assert max(len(line) for line in out.splitlines()) <= 80  # not a terminal: 80 columns
+
+
+CHROME_UA_ANDROID = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.6778.81 Mobile Safari/537.36"

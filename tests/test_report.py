@@ -2,6 +2,8 @@
 
 import io
 import json
+import re
+import time
 from wsgiref.util import setup_testing_defaults
 
 import pytest
@@ -192,3 +194,89 @@ def test_healthz_index_and_unknown_routes(app):
     assert call(made, "/nope")[0] == 404
     status, headers, _ = call(made, "/report", method="POST")
     assert status == 405 and headers["Allow"] == "GET, HEAD"
+
+
+@pytest.fixture
+def busy_app(app):
+    """An app with page views on eleven paths today and one yesterday."""
+    made = app()
+    for i in range(12):
+        path = f"/p{i:02d}" if i else "/"
+        environ_hit(made, path, "203.0.113.%d" % (i + 1), when=NOW - (DAY if i == 11 else 0))
+    deadline = time.monotonic() + 10
+    while json.loads(call(made, "/report", "range=2d&format=json")[2])["pageviews"] < 12:  # the writer commits within a second
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return made
+
+
+def environ_hit(app, path, ip, when):
+    app.clock = lambda: when
+    status, headers, body = call(app, "/pixel.gif", f"path={path}&host=example.org", USER_AGENT=CHROME_UA, X_FORWARDED_FOR=ip)
+    assert status == 200
+    app.clock = lambda: NOW
+
+
+CHROME_UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+
+
+def test_limit_and_section(busy_app):
+    text = call(busy_app, "/report", "range=today")[2]
+    assert "… and 1 more" in text  # 11 pages today, 10 shown
+    text = call(busy_app, "/report", "range=today&limit=3")[2]
+    assert "… and 8 more" in text
+    status, _, text = call(busy_app, "/report", "range=today&section=pages")
+    assert status == 200 and "Referrers" not in text and "Visitors" not in text and "… and" not in text
+    assert sum(1 for line in text.splitlines() if line.startswith("/")) == 11
+    document = json.loads(call(busy_app, "/report", "range=today&format=json&section=entry_pages&limit=2")[2])
+    assert list(document["sections"]) == ["entry_pages"] and len(document["sections"]["entry_pages"]) == 2
+    assert call(busy_app, "/report", "section=nope")[0] == 400
+    assert call(busy_app, "/report", "limit=0")[0] == 400 and call(busy_app, "/report", "limit=ten")[0] == 400
+
+
+def test_time_zone_parameter(busy_app):
+    status, _, text = call(busy_app, "/report", "range=today&tz=Asia/Tokyo")
+    assert status == 200 and "2026-11-28 Asia/Tokyo (1 day)" in text
+    status, _, text = call(busy_app, "/report", "tz=Mars/Olympus_Mons")
+    assert status == 400 and "unknown time zone" in text and text.count("\n") == 1
+
+
+def test_serve_timezone_sets_the_default(app):
+    made = app(zone=pixeld.load_zone("America/New_York"))
+    text = call(made, "/report", "range=today")[2]
+    assert "2026-11-28 America/New_York (1 day)" in text
+
+
+def test_ascii_bars_and_changes(busy_app):
+    unicode_text = call(busy_app, "/report", "range=2d")[2]
+    ascii_text = call(busy_app, "/report", "range=2d&ascii=1")[2]
+    assert "█" in unicode_text and "▲" in unicode_text or "new" in unicode_text
+    assert "#" in ascii_text and not any(ch in ascii_text for ch in "█▏▎▍▌▋▊▉▲▼")
+
+
+def test_csv_is_long_form(busy_app):
+    import csv as csv_module
+
+    status, headers, body = call(busy_app, "/report", "range=7d&format=csv&path=/p0*")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    rows = list(csv_module.reader(io.StringIO(body)))
+    assert rows[0] == ["section", "value", "count", "percent"]
+    sections = {row[0] for row in rows[1:]}
+    assert {"totals", "series", "series_visitors", "pages", "entry_pages", "entry_bounces", "countries"} <= sections
+    pages = {row[1]: int(row[2]) for row in rows if row[0] == "pages"}
+    assert pages == {f"/p0{i}": 1 for i in range(1, 10)}
+    assert ["totals", "pageviews", "9", ""] in rows and sum(int(r[2]) for r in rows if r[0] == "series") == 9
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "csv"])
+def test_filters_with_every_format(busy_app, fmt):
+    status, _, body = call(busy_app, "/report", f"range=today&format={fmt}&path=/p1*&browser=Chrome%20131&country=(unknown)&device=desktop")
+    assert status == 200
+    if fmt == "text":
+        assert "Filters: path=/p1*, country=(none), browser=Chrome 131, device=desktop" in body
+        assert re.search(r"^Page views +1 ", body, re.M)
+    elif fmt == "json":
+        document = json.loads(body)
+        assert document["pageviews"] == 1 and document["filters"]["path"] == "/p1*"
+    else:
+        assert "totals,pageviews,1," in body

@@ -95,11 +95,11 @@ def test_writer_commits_within_a_second_or_so_without_being_closed(tmp_path):
 
 def test_ids_sort_by_time_and_stay_unique_within_a_second(tmp_path):
     store = Store(connect(str(tmp_path / "ids.db")))
-    store.write([(view(T0 + 5), None)] * 3 + [(view(T0 + 1), None)] * 2, [])
+    store.write([(view(T0 + 5), None)] * 3 + [(view(T0 + 1), None)] * 2 + [(view(T0 + 5), None)], [])  # back to a second seen
     store.write([(view(T0 + 5), None)] * 2, [])  # the same second again, in a later batch
     ids = [row[0] for row in store.conn.execute("SELECT id FROM pageviews")]
-    assert len(set(ids)) == 7
-    assert sorted(pixeld.second_of(i) for i in ids) == [T0 + 1] * 2 + [T0 + 5] * 5
+    assert len(set(ids)) == 8
+    assert sorted(pixeld.second_of(i) for i in ids) == [T0 + 1] * 2 + [T0 + 5] * 6
 
 
 def test_partial_days_are_counted_exactly_from_page_views(tmp_path):

@@ -1,0 +1,172 @@
+"""Export and import: pixeld's own CSV and NDJSON round trip, the 2020 Flask tool's database, combined
+access logs; refusing a file twice; /export behind the report's access rule; flat memory."""
+
+import json
+import resource
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+import pixeld
+from conftest import CHROME, FIREFOX, IPHONE, PIXELD, run_pixeld, stored_pageviews
+
+ADDRESS = "198.51.100.77"
+
+
+@pytest.fixture
+def live_db(start_daemon):
+    """A database written by the real daemon: visits, bounces, referrers, screens."""
+    daemon = start_daemon()
+    for ip, ua, pages in [("198.51.100.1", CHROME, ["/", "/a", "/b"]), ("198.51.100.2", IPHONE, ["/a"]), ("198.51.100.3", FIREFOX, ["/", "/c"])]:
+        for i, page in enumerate(pages):
+            daemon.pixel(
+                {"path": page, "host": "example.org", "title": f"Title {page}", "referrer": "https://news.example.net/x" if i == 0 else "", "resolution": "1440,900"},
+                {"User-Agent": ua, "X-Forwarded-For": ip, "Accept-Language": "de-DE"},
+            )
+    daemon.stop()
+    return daemon.db
+
+
+def report_json(db, *args):
+    code, out, err = run_pixeld("report", "--db", str(db), "--range", "all", "--format", "json", *args)
+    assert code == 0, err
+    document = json.loads(out)
+    return {key: value for key, value in document.items() if key not in ("start", "end", "previous", "change")}
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_round_trip_gives_the_same_report(live_db, tmp_path, fmt):
+    code, exported, _ = run_pixeld("export", "--db", str(live_db), "--format", fmt)
+    assert code == 0
+    lines = exported.splitlines()
+    assert len(lines) == 6 + (fmt == "csv")
+    if fmt == "csv":
+        assert lines[0] == ",".join(pixeld.EXPORT_FIELDS)
+    else:
+        assert set(json.loads(lines[0])) == set(pixeld.EXPORT_FIELDS)
+    assert ADDRESS not in exported and "Mozilla" not in exported
+    path = tmp_path / f"export.{fmt}"
+    path.write_text(exported)
+    copy = tmp_path / "copy.db"
+    code, _, err = run_pixeld("import", str(path), "--db", str(copy))
+    assert code == 0 and "imported 6 page views" in err and "rows/s" in err
+    assert report_json(copy) == report_json(live_db)
+    assert report_json(copy)["visits"] == 3 and report_json(copy)["bounce_rate"] == 33.3
+
+
+def test_the_same_file_is_refused_unless_forced(live_db, tmp_path):
+    path = tmp_path / "export.csv"
+    path.write_text(run_pixeld("export", "--db", str(live_db))[1])
+    copy = tmp_path / "copy.db"
+    assert run_pixeld("import", str(path), "--db", str(copy))[0] == 0
+    code, _, err = run_pixeld("import", str(path), "--db", str(copy))
+    assert code == 2 and "was imported on" in err and "--force" in err and err.count("\n") == 1
+    assert run_pixeld("import", str(path), "--db", str(copy), "--force")[0] == 0
+    assert report_json(copy)["pageviews"] == 12
+
+
+def test_flask_tool_database(tmp_path):
+    old = tmp_path / "analytics.db"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE data (id INTEGER PRIMARY KEY, timestamp TEXT, path TEXT, title TEXT, referrer TEXT, country TEXT, device TEXT, width INTEGER, height INTEGER)")
+    conn.executemany(
+        "INSERT INTO data (timestamp, path, title, referrer, country, device, width, height) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            ("2020-08-10 12:34:56.123456", "/post/hello", "Hello", "https://www.google.com/", "us", "chrome 84", 1920, 1080),
+            ("2020-08-10 13:00:00", "/post/hello?ref=x", "Hello", "", "DE", "firefox 79.0", 1280, 800),
+            ("2020-08-11 09:00:00", "/", "Home", "https://blog.example.org/about", "", "safari 13", None, None),
+            ("2020-08-11 09:30:00", "/", "Home", "", "", "google", 0, 0),
+            ("not a time", "/", "", "", "", "chrome 84", 1, 1),
+        ],
+    )
+    conn.commit()
+    conn.close()
+    db = tmp_path / "pixeld.db"
+    code, _, err = run_pixeld("import", str(old), "--db", str(db), "--site", "blog.example.org")
+    assert code == 0 and "imported 3 page views" in err and "1 filtered" in err and "1 lines skipped" in err, err
+    report = report_json(db, "--range", "", "--start", "2020-08-01", "--end", "2020-08-31")
+    assert {r["value"]: r["count"] for r in report["sections"]["pages"]} == {"/post/hello": 2, "/": 1}
+    assert {r["value"] for r in report["sections"]["browsers"]} == {"Chrome 84", "Firefox 79", "Safari 13"}
+    assert {r["value"] for r in report["sections"]["countries"]} == {"US", "DE", ""}
+    assert {r["value"] for r in report["sections"]["referrers"]} == {"google.com", ""}  # its own site is internal
+    assert report["filtered"] == {"total": 1, "bot": 1}
+
+
+LOG = [
+    '{ip} - - [27/Nov/2026:10:00:00 +0000] "GET /blog/post/ HTTP/1.1" 200 5123 "https://www.google.com/" "{chrome}"',
+    '{ip} - - [27/Nov/2026:10:00:01 +0000] "GET /static/site.css HTTP/1.1" 200 900 "https://example.org/blog/post/" "{chrome}"',
+    '{ip} - - [27/Nov/2026:10:02:00 +0000] "GET /about.html?x=1 HTTP/1.1" 200 2000 "https://example.org/blog/post/" "{chrome}"',
+    '203.0.113.9 - - [27/Nov/2026:11:00:00 +0100] "GET / HTTP/2.0" 304 0 "-" "{iphone}"',
+    '203.0.113.9 - - [27/Nov/2026:11:00:00 +0100] "GET / HTTP/2.0" 200 10 "-" "{iphone}"',
+    '203.0.113.9 - - [27/Nov/2026:11:01:00 +0100] "POST /comment HTTP/2.0" 200 10 "-" "{iphone}"',
+    '203.0.113.9 - - [27/Nov/2026:11:01:00 +0100] "GET /missing HTTP/2.0" 404 10 "-" "{iphone}"',
+    '66.249.66.1 - - [27/Nov/2026:12:00:00 +0000] "GET /blog/post/ HTTP/1.1" 200 5123 "-" "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"',
+    'garbage line',
+]
+
+
+def test_combined_access_log(tmp_path):
+    log = tmp_path / "access.log"
+    log.write_text("\n".join(line.format(ip=ADDRESS, chrome=CHROME, iphone=IPHONE) for line in LOG) + "\n")
+    db = tmp_path / "pixeld.db"
+    code, _, err = run_pixeld("import", str(log), "--db", str(db), "--site", "example.org")
+    assert code == 0 and "imported 3 page views" in err and "1 filtered" in err and "1 lines skipped" in err, err
+    views = stored_pageviews(db)
+    assert [(v["path"], v["referrer"], v["browser"], v["device"]) for v in views] == [
+        ("/blog/post/", "google.com", "Chrome", "desktop"),
+        ("/", "", "Safari", "phone"),  # 11:00 +0100 is 10:00 UTC: rows sort by time
+        ("/about.html", "", "Chrome", "desktop"),
+    ]
+    report = report_json(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
+    assert (report["visitors"], report["visits"], report["pageviews"], report["bounce_rate"]) == (2, 2, 3, 50.0)
+    assert report["filtered"] == {"total": 1, "bot": 1}
+    for path in tmp_path.iterdir():
+        if path.name.startswith("pixeld.db"):
+            assert ADDRESS.encode() not in path.read_bytes()
+
+
+def test_import_errors_are_one_line(tmp_path):
+    for args, reason in [
+        (["missing.log"], "cannot read"),
+        (["bad.csv", "--format", "csv"], "is not a pixeld CSV export"),
+        (["bad.csv", "--format", "flask"], "is not a database of the Flask tool"),
+    ]:
+        (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+        code, _, err = run_pixeld("import", str(tmp_path / args[0]), *args[1:], "--db", str(tmp_path / "p.db"))
+        assert code == 2 and reason in err and err.count("\n") == 1, err
+
+
+def test_export_over_http_behind_the_access_rule(start_daemon, live_db):
+    daemon = start_daemon("--token", "t0ken", db=live_db)
+    assert daemon.get("/export").status == 401
+    answer = daemon.get("/export?format=ndjson&range=today", {"Authorization": "Bearer t0ken"})
+    assert answer.status == 200 and answer.headers["content-type"] == "application/x-ndjson"
+    assert len(answer.text.splitlines()) == 6
+    assert daemon.get("/export?format=xml", {"Authorization": "Bearer t0ken"}).status == 400
+    open_daemon = start_daemon(db=live_db.parent / "other.db")
+    assert open_daemon.get("/export", {"X-Forwarded-For": "203.0.113.1"}).status == 403
+    assert open_daemon.get("/export").text == ",".join(pixeld.EXPORT_FIELDS) + "\n"
+
+
+def peak_memory_of_export(db):
+    """The export command's peak RSS in KiB, measured on its own process."""
+    code = (
+        "import resource, subprocess, sys; "
+        f"subprocess.run([sys.executable, {str(PIXELD)!r}, 'export', '--db', {str(db)!r}], stdout=subprocess.DEVNULL, check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_export_memory_stays_flat(tmp_path):
+    sizes = {}
+    for rows in (5_000, 150_000):
+        db = tmp_path / f"{rows}.db"
+        store = pixeld.Store(pixeld.connect(str(db)))
+        start = 1_790_000_000
+        store.write(records=[pixeld.Record(pixeld.PageView(start + i * 7, "example.org", f"/page/{i % 997}", "T", "", "DE", "Chrome", "131", "Windows", "desktop", "", "en")) for i in range(rows)])
+        store.conn.close()
+        sizes[rows] = peak_memory_of_export(db)
+    assert sizes[150_000] - sizes[5_000] < 8 * 1024, sizes  # 30 times the rows, under 8 MiB more

@@ -1,0 +1,170 @@
+"""Queries: time zones (daylight saving, half-hour offsets), filters, series and the previous period,
+over a real SQLite file written by the real Store."""
+
+import datetime as dt
+import json
+import sqlite3
+import time
+
+import pytest
+
+import pixeld
+from pixeld import DAY, PageView, Query, Range, Record, Store, connect, load_zone, query_report
+
+BERLIN = load_zone("Europe/Berlin")
+KOLKATA = load_zone("Asia/Kolkata")
+
+
+def utc(text):
+    return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp())
+
+
+def view(at, path="/", **fields):
+    values = dict(time=at, site="example.org", path=path, title="", referrer="", country="", browser="Chrome", version="131",
+                  os="Windows", device="desktop", screen="1920x1080", language="en", first_today=True)
+    values.update(fields)
+    return PageView(**values)
+
+
+@pytest.fixture
+def store(tmp_path):
+    made = Store(connect(str(tmp_path / "q.db")))
+    yield made
+    made.conn.close()
+
+
+def test_a_day_with_a_daylight_saving_change_has_25_hours(store):
+    # Berlin leaves summer time on 2026-10-25 at 03:00 CEST (01:00 UTC): that local day lasts 25 hours.
+    times = [utc("2026-10-24T21:59:00"), utc("2026-10-24T22:00:00"), utc("2026-10-25T00:30:00"), utc("2026-10-25T01:30:00"), utc("2026-10-25T22:59:00"), utc("2026-10-25T23:00:00")]
+    store.write(records=[Record(view(t), 1) for t in times])
+    span = pixeld.named_range("yesterday", utc("2026-10-26T12:00:00"), lambda: None, BERLIN)
+    assert span == Range(utc("2026-10-24T22:00:00"), utc("2026-10-25T23:00:00"))  # 25 hours
+    report = query_report(store.conn, Query(span, BERLIN))
+    assert report.totals.views == 4 and report.grain == "hour"
+    hours = [dt.datetime.fromtimestamp(start, BERLIN).strftime("%H:%M%z") for start, _, _ in report.series]
+    assert len(hours) == 25 and hours[2:5] == ["02:00+0200", "02:00+0100", "03:00+0100"]  # 02:00 twice, nothing skipped
+    assert [views for _, views, _ in report.series if views] == [1, 1, 1, 1]
+
+    week = query_report(store.conn, Query(Range(utc("2026-10-22T22:00:00"), utc("2026-10-27T23:00:00")), BERLIN))
+    days = {dt.datetime.fromtimestamp(start, BERLIN).strftime("%m-%d"): views for start, views, _ in week.series}
+    assert week.grain == "day" and days == {"10-23": 0, "10-24": 1, "10-25": 4, "10-26": 1, "10-27": 0}
+
+
+def test_a_half_hour_zone_gets_exact_days(store):
+    # 18:29 and 18:31 UTC fall on two different days in India (UTC+5:30).
+    store.write(records=[Record(view(utc("2026-11-27T18:29:00")), 1), Record(view(utc("2026-11-27T18:31:00")), 1)])
+    for date, expected in (("2026-11-27", 1), ("2026-11-28", 1)):
+        span = pixeld.parse_range({"start": date, "end": date}, time.time(), lambda: None, KOLKATA)
+        report = query_report(store.conn, Query(span, KOLKATA))
+        assert report.totals.views == expected and sum(views for _, views, _ in report.series) == expected
+    two_days = query_report(store.conn, Query(pixeld.parse_range({"start": "2026-11-27", "end": "2026-11-28"}, time.time(), lambda: None, KOLKATA), KOLKATA))
+    assert [views for _, views, _ in two_days.series if views] == [1, 1]
+
+
+def test_series_from_quarter_totals_equals_the_series_from_raw_rows(store):
+    start = utc("2026-11-01T00:00:00")
+    store.write(records=[Record(view(start + i * 997, f"/p{i % 7}"), i % 3) for i in range(600)])
+    for span in (Range(start, start + 7 * DAY), Range(start + 1234, start + 6 * DAY + 77)):
+        unfiltered = query_report(store.conn, Query(span, BERLIN))
+        filtered = query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),)))  # every row matches; read raw
+        assert unfiltered.series == filtered.series
+        assert sum(views for _, views, _ in unfiltered.series) == unfiltered.totals.views == filtered.totals.views
+
+
+@pytest.fixture
+def mixed(store):
+    day = utc("2026-11-20T00:00:00")
+    rows = [
+        view(day + 100, "/blog/a", referrer="news.ycombinator.com/item", country="DE", language="de"),
+        view(day + 200, "/blog/b", referrer="google.com", country="DE", browser="Firefox", version="133", os="Linux"),
+        view(day + 300, "/blog/", referrer="google.com/search", country="FR", os="macOS", browser="Safari", version="18"),
+        view(day + 400, "/about", country="DE", device="phone", os="iOS", browser="Safari", version="17"),
+        view(day + 500, "/", site="other.net", country="DE"),
+    ]
+    store.write(records=[Record(r, 1) for r in rows])
+    return Range(day, day + DAY)
+
+
+@pytest.mark.parametrize(
+    "filters, pages",
+    [
+        ((("path", "/blog/a"),), {"/blog/a"}),
+        ((("path", "/blog/*"),), {"/blog/a", "/blog/b", "/blog/"}),
+        ((("referrer", "google.com*"),), {"/blog/b", "/blog/"}),
+        ((("referrer", ""),), {"/about"}),  # (direct); "/" is another site
+        ((("country", "DE"),), {"/blog/a", "/blog/b", "/about"}),
+        ((("browser", "Safari"),), {"/blog/", "/about"}),
+        ((("browser", "Safari 17"),), {"/about"}),
+        ((("os", "Linux"),), {"/blog/b"}),
+        ((("device", "phone"),), {"/about"}),
+        ((("language", "de"),), {"/blog/a"}),
+        ((("path", "/blog/*"), ("country", "DE"), ("browser", "Chrome")), {"/blog/a"}),
+        ((("path", "/nowhere"),), set()),
+    ],
+)
+def test_filters(store, mixed, filters, pages):
+    report = query_report(store.conn, Query(mixed, site="example.org", filters=filters))
+    shown = {label for label, _ in report.sections["pages"]}
+    assert shown == pages and report.totals.views == len(pages)
+    assert sum(views for _, views, _ in report.series) == len(pages)
+    assert sum(count for _, count in report.sections["countries"]) == len(pages)
+
+
+def test_site_with_filters_and_without(store, mixed):
+    assert query_report(store.conn, Query(mixed, site="other.net")).totals.views == 1
+    assert query_report(store.conn, Query(mixed, site="other.net", filters=(("country", "DE"),))).totals.views == 1
+    assert query_report(store.conn, Query(mixed, filters=(("country", "DE"),))).totals.views == 4
+
+
+def test_previous_period(store):
+    day = utc("2026-11-20T00:00:00")
+    store.write(records=[Record(view(day - 3 * DAY), 1), Record(view(day + 3600), 1), Record(view(day + 7200), 0)])
+    report = query_report(store.conn, Query(Range(day - 2 * DAY, day + DAY)))
+    assert report.previous.views == 1 and report.totals.views == 2  # the 3 days before: 1 view
+    assert query_report(store.conn, Query(Range(day, day + DAY))).previous.views == 0
+
+
+def test_retention_deletes_old_page_views_daily_and_keeps_the_counts(tmp_path):
+    db = tmp_path / "keep.db"
+    now = [utc("2026-11-28T10:00:00")]
+    store = Store(connect(str(db)))
+    store.write(records=[Record(view(utc("2026-11-01T12:00:00")), 1), Record(view(utc("2026-11-20T12:00:00")), 1), Record(view(utc("2026-11-27T12:00:00")), 1)])
+    store.conn.close()
+
+    app = pixeld.App(pixeld.Config(db_path=str(db), keep_days=7, flush_interval=0.05), clock=lambda: now[0], log=lambda message: None)
+    wait_for(lambda: count_rows(db) == 1)  # at start: everything before 2026-11-21 is gone
+    now[0] += DAY
+    time.sleep(0.3)
+    assert count_rows(db) == 1  # a day later, 2026-11-27 is still within 7 days
+    now[0] += 6 * DAY
+    wait_for(lambda: count_rows(db) == 0)  # a week later it is not
+    app.close()
+
+    conn = connect(str(db), readonly=True)
+    whole = query_report(conn, Query(Range(utc("2026-11-01T00:00:00"), utc("2026-11-29T00:00:00"))))
+    assert whole.totals.views == 3 and whole.notes == []  # whole days come from the daily counts
+    filtered = query_report(conn, Query(Range(utc("2026-11-01T00:00:00"), utc("2026-11-29T00:00:00")), filters=(("country", ""),)))
+    assert filtered.totals.views == 0 and "were deleted (--keep-days)" in filtered.notes[0]
+
+
+def count_rows(db):
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT count(*) FROM pageviews").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def wait_for(check, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_report_json_has_filters_timezone_and_series_for_the_request(store, mixed):
+    query = Query(mixed, BERLIN, "example.org", (("path", "/blog/*"),))
+    document = json.loads(pixeld.render_json(query_report(store.conn, query), pixeld.ReportRequest(query, "json", None, "", False)))
+    assert document["timezone"] == "Europe/Berlin" and document["filters"] == {"path": "/blog/*"}
+    assert document["start"] == "2026-11-20T01:00:00+01:00" and document["series"]["grain"] == "hour"
+    assert sum(row["pageviews"] for row in document["series"]["rows"]) == document["pageviews"] == 3
