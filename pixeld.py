@@ -14,6 +14,7 @@ import bisect
 import csv
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import hmac
 import io
@@ -22,7 +23,9 @@ import json
 import os
 import queue
 import re
+import resource
 import secrets
+import selectors
 import shutil
 import signal
 import socket
@@ -36,7 +39,7 @@ from collections import Counter
 from functools import lru_cache
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qs, unquote, urlsplit
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.handlers import BaseHandler
 
 __version__ = "0.1.0"
 
@@ -90,6 +93,7 @@ class Config:
     rate_limit: int = 60
     zone: dt.tzinfo = dt.timezone.utc
     keep_days: int = 0
+    request_timeout: float = 10.0
     flush_interval: float = 1.0
 
 
@@ -677,8 +681,8 @@ class Visitors:
 ###############################################################################
 
 QUARTER = 15 * 60  # totals per site are kept per quarter hour: every time zone's day starts on one
-ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in six bytes
-ID_SHIFT = 12  # a page view's id is its second << 12 | a sequence: rows sort by time without an index
+ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in seven bytes
+ID_SHIFT = 16  # a page view's id is its second << 16 | a sequence: rows sort by time without an index
 DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
 PAGEVIEW_COLUMNS = {"pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen", "languages": "language"}
 
@@ -773,7 +777,7 @@ def migrate(conn: sqlite3.Connection, version: int) -> None:
 
 
 def first_id(second: int) -> int:
-    """The smallest page view id of a second (more than 4,096 views in one second spill into the next)."""
+    """The smallest page view id of a second (more than 65,536 views in one second spill into the next)."""
     return (second - ID_EPOCH) << ID_SHIFT
 
 
@@ -918,12 +922,15 @@ class Store:
         )
 
     def _next_id(self, second: int) -> int:
-        """A unique id that sorts by time: the next free sequence number within ``second``."""
+        """A unique id that sorts by time: the next free sequence number within ``second``.
+
+        The committed rows of the second are asked once per batch; a second that overflowed in
+        this batch spills into the next one, which then starts after the spill."""
         next_id = self._next_ids.get(second)
         if next_id is None:
             low = first_id(second)
             last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, first_id(second + 1))).fetchone()[0]
-            next_id = low if last is None else last + 1
+            next_id = max(low if last is None else last + 1, self._next_ids.get(second - 1, low))
         self._next_ids[second] = next_id + 1
         return next_id
 
@@ -2116,9 +2123,14 @@ Answer = Tuple[str, List[Tuple[str, str]], Any]  # status, headers, and bytes or
 class App:
     """The WSGI application: ``/pixel.gif`` captures, ``/report`` reads, ``/healthz`` and ``/`` help.
 
+    ``/pixel.gif`` never blocks: it hands the hit to the writer thread. The server may answer it
+    without a thread hand-off; it says so in ``nonblocking_paths``.
+
     It owns the writer, the in-memory visitors and the GeoIP reader. The clock is injected so
     tests can move time (salt rotation, visits, report ranges).
     """
+
+    nonblocking_paths = ("/pixel.gif",)
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time, log: Callable[[str], None] = print) -> None:
         self.config = config
@@ -2322,64 +2334,432 @@ def plain(status: str, message: str) -> Answer:
 # Server ######################################################################
 ###############################################################################
 
+MAX_REQUEST_LINE = 32 * 1024  # pixel URLs carry a title and a referrer; real browsers stay far below this
+MAX_HEADER_BYTES = 32 * 1024
+MAX_HEADERS = 100
+WORKERS = 4
+SEND_TIMEOUT = 10.0
+ERROR_STATUSES = {
+    "400": "400 Bad Request", "408": "408 Request Timeout", "414": "414 URI Too Long",
+    "431": "431 Request Header Fields Too Large", "501": "501 Not Implemented", "505": "505 HTTP Version Not Supported",
+}
 
-class QuietHandler(WSGIRequestHandler):
-    """wsgiref's handler without the access log: it would print every client's address."""
 
-    timeout = 10
+class BadRequest(Exception):
+    """A request the server answers itself, with this status, before the app sees it."""
 
-    def log_message(self, format: str, *args: Any) -> None:
+
+class Connection:
+    __slots__ = ("sock", "peer", "buffer", "deadline")
+
+    def __init__(self, sock: socket.socket, peer: Any) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.buffer = b""
+        self.deadline = 0.0
+
+
+class Request(NamedTuple):
+    environ: Environ
+    keep_alive: bool
+
+
+def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Request:
+    """The request line and headers (without the blank line) as a WSGI environ, per PEP 3333."""
+    lines = head.split(b"\r\n")
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise BadRequest("414")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise BadRequest("431")
+    parts = lines[0].decode("latin-1").split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
+        raise BadRequest("400")
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise BadRequest("505" if version.startswith("HTTP/") else "400")
+    if "://" in target[:10]:
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    path, _, query = target.partition("?")
+    environ: Environ = {
+        "REQUEST_METHOD": method.upper(),
+        "SCRIPT_NAME": "",
+        "PATH_INFO": unquote(path.partition("#")[0], encoding="latin-1"),
+        "QUERY_STRING": query.partition("#")[0],
+        "SERVER_NAME": server_address[0],
+        "SERVER_PORT": str(server_address[1]),
+        "SERVER_PROTOCOL": version,
+        "REMOTE_ADDR": peer[0] if isinstance(peer, tuple) else "",
+        "REMOTE_PORT": str(peer[1]) if isinstance(peer, tuple) else "",
+    }
+    for line in lines[1:]:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if not colon or not name or name != name.strip() or " " in name:
+            raise BadRequest("400")
+        key = name.upper().replace("-", "_")
+        key = key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+        environ[key] = environ[key] + "," + value.strip() if key in environ else value.strip()
+    connection = environ.get("HTTP_CONNECTION", "").lower()
+    keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
+        keep_alive = False  # bodies are not read: the connection ends with this request
+    return Request(environ, keep_alive)
+
+
+class ResponseHandler(BaseHandler):
+    """wsgiref runs the app for one request. The response is collected and sent in one go;
+    a long streamed body (an export) goes out in 64 KiB pieces, and then the connection closes."""
+
+    os_environ: Dict[str, str] = {}
+    http_version = "1.1"
+    origin_server = True
+    server_software = f"pixeld/{__version__}"
+    wsgi_multithread = True
+    wsgi_multiprocess = False
+    wsgi_run_once = False
+
+    def __init__(self, request: Request, log: Callable[[str], None], stream_to: Optional[socket.socket] = None) -> None:
+        self.request = request
+        self.keep_alive = request.keep_alive
+        self.log = log
+        self.stream_to = stream_to
+        self.chunks: List[bytes] = []
+        self.size = 0
+
+    def get_stdin(self) -> Any:
+        return io.BytesIO()
+
+    def get_stderr(self) -> Any:
+        return sys.stderr
+
+    def add_cgi_vars(self) -> None:
+        self.environ.update(self.request.environ)
+
+    def cleanup_headers(self) -> None:
+        super().cleanup_headers()
+        if "Content-Length" not in self.headers:
+            self.keep_alive = False
+        if not self.keep_alive:
+            self.headers["Connection"] = "close"
+        elif self.request.environ["SERVER_PROTOCOL"] == "HTTP/1.0":
+            self.headers["Connection"] = "keep-alive"
+
+    def log_exception(self, exc_info: Any) -> None:
+        self.log(f"request failed: {exc_info[0].__name__}: {exc_info[1]}"[:200])
+
+    def _write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def _flush(self) -> None:
+        if self.stream_to is not None and self.size >= 65536:
+            self.stream_to.sendall(self.take())
+
+    def take(self) -> bytes:
+        data = b"".join(self.chunks)
+        self.chunks, self.size = [], 0
+        return data
+
+
+def error_response(code: str) -> bytes:
+    status = ERROR_STATUSES[code]
+    body = f"{status[4:].lower()}\n".encode()
+    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class Server:
+    """An HTTP/1.1 server for a WSGI app, built to face the open internet on a small machine.
+
+    One thread owns every socket: it accepts, reads and parses requests without blocking, so idle
+    and slow clients cost a socket, never a thread. Each connection must deliver a complete
+    request within ``request_timeout`` seconds (a total deadline, not a per-read timeout), and
+    request lines and headers are capped. When connections reach the cap (kept below the open-file
+    limit) or ``accept`` fails for lack of file descriptors, the longest-waiting idle connection is
+    closed. Paths the app declares non-blocking (the pixel) are answered on this thread, keeping the
+    hot path free of hand-offs; everything else runs on a small pool of worker threads. Keep-alive,
+    ``TCP_NODELAY``, and one send per response.
+    """
+
+    def __init__(self, app: Any, host: str, port: int, log: Callable[[str], None], request_timeout: float = 10.0, workers: int = WORKERS) -> None:
+        self.app = app
+        self.log = log
+        self.request_timeout = request_timeout
+        self.inline_paths = frozenset(getattr(app, "nonblocking_paths", ()))
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.listener.bind((host, port))
+            self.listener.listen(1024)
+        except OSError:
+            self.listener.close()
+            raise
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()[:2]
+        self.max_connections = connection_limit()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.wake_writer.setblocking(False)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        self.waiting: Dict[socket.socket, Connection] = {}  # waiting for a request, oldest first
+        self.busy = 0
+        self.accept_paused_until = 0.0
+        self.listener_closed = False
+        self.jobs: "queue.Queue[Optional[Tuple[Connection, Optional[Request], bytes]]]" = queue.Queue()
+        self.returned: "queue.SimpleQueue[Tuple[Connection, bool]]" = queue.SimpleQueue()
+        self.workers = [threading.Thread(target=self._work, name=f"pixeld-worker-{n}", daemon=True) for n in range(workers)]
+        for worker in self.workers:
+            worker.start()
+
+    def serve(self, stopping: threading.Event, heartbeat: Callable[[], None]) -> None:
+        """Serve until ``stopping`` is set; ``heartbeat`` runs every quarter second from this loop."""
+        while not stopping.is_set():
+            now = time.monotonic()
+            if self.accept_paused_until and now >= self.accept_paused_until:
+                self.accept_paused_until = 0.0
+                self.selector.register(self.listener, selectors.EVENT_READ)
+            for key, _ in self.selector.select(timeout=0.25):
+                if key.fileobj is self.listener:
+                    self._accept()
+                elif key.fileobj is self.wake_reader:
+                    self._take_back()
+                else:
+                    self._read(key.data)
+            self._expire(time.monotonic())
+            heartbeat()
+        self._shut_down()
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, peer = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._make_room(pause=True)
+                return
+            if len(self.waiting) + self.busy >= self.max_connections:
+                self._make_room(pause=False)
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._serve_buffered(Connection(sock, peer))
+
+    def _make_room(self, pause: bool) -> None:
+        """Close the longest-waiting idle connection; out of descriptors with none idle, pause accepting."""
+        if self.waiting:
+            self._close(next(iter(self.waiting.values())))
+        elif pause and not self.accept_paused_until:
+            self.selector.unregister(self.listener)
+            self.accept_paused_until = time.monotonic() + 0.1
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.buffer += data
+        self._serve_buffered(conn)
+
+    def _serve_buffered(self, conn: Connection) -> None:
+        """Answer every complete request in the buffer that can be answered here; then wait for more."""
+        while True:
+            end = conn.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                code = self._incomplete_request_error(conn.buffer)
+                if code:
+                    self._reject(conn, code)
+                else:
+                    self._wait(conn)
+                return
+            head, conn.buffer = conn.buffer[:end], conn.buffer[end + 4 :]
+            self._unwait(conn)
+            try:
+                request = parse_request(head, conn.peer, self.address)
+            except BadRequest as error:
+                self._reject(conn, str(error))
+                return
+            if request.environ["PATH_INFO"] not in self.inline_paths:
+                self.busy += 1
+                self.jobs.put((conn, request, b""))
+                return
+            if not self._answer_here(conn, request):
+                return
+
+    @staticmethod
+    def _incomplete_request_error(buffer: bytes) -> str:
+        line_end = buffer.find(b"\r\n")
+        if (line_end < 0 and len(buffer) > MAX_REQUEST_LINE) or line_end > MAX_REQUEST_LINE:
+            return "414"
+        return "431" if len(buffer) > MAX_REQUEST_LINE + MAX_HEADER_BYTES else ""
+
+    def _answer_here(self, conn: Connection, request: Request) -> bool:
+        """Answer a non-blocking request on this thread; True when the connection stays with us."""
+        handler = ResponseHandler(request, self.log)
+        handler.run(self.app)
+        data = handler.take()
+        try:
+            sent = conn.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return False
+        if sent < len(data):  # the client is not reading: a worker finishes the send, with a timeout, and closes
+            self.busy += 1
+            self.jobs.put((conn, None, data[sent:]))
+            return False
+        if not handler.keep_alive:
+            self._close(conn)
+            return False
+        return True
+
+    def _reject(self, conn: Connection, code: str) -> None:
+        try:
+            conn.sock.send(error_response(code))
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _wait(self, conn: Connection) -> None:
+        if conn.sock in self.waiting:
+            return
+        conn.deadline = time.monotonic() + self.request_timeout
+        self.waiting[conn.sock] = conn
+        self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _unwait(self, conn: Connection) -> None:
+        if self.waiting.pop(conn.sock, None) is not None:
+            self.selector.unregister(conn.sock)
+
+    def _expire(self, now: float) -> None:
+        """The total deadline: a connection that has not delivered a request in time is closed."""
+        for conn in list(self.waiting.values()):
+            if conn.deadline > now:
+                break
+            self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        self._unwait(conn)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            conn, request, pending = job
+            keep_alive = request is not None
+            try:
+                conn.sock.settimeout(SEND_TIMEOUT)
+                if request is None:
+                    conn.sock.sendall(pending)
+                else:
+                    handler = ResponseHandler(request, self.log, stream_to=conn.sock)
+                    handler.run(self.app)
+                    conn.sock.sendall(handler.take())
+                    keep_alive = handler.keep_alive
+                conn.sock.setblocking(False)
+            except OSError:
+                keep_alive = False
+            except Exception as error:  # never let one request take a worker down
+                self.log(f"request failed: {type(error).__name__}: {error}"[:200])
+                keep_alive = False
+            self.returned.put((conn, keep_alive))
+            try:
+                self.wake_writer.send(b"\0")
+            except OSError:
+                pass  # the wake-up pipe is full: the loop is waking up anyway
+            self.jobs.task_done()
+
+    def _take_back(self) -> None:
+        try:
+            while self.wake_reader.recv(4096):
+                pass
+        except OSError:
+            pass
+        while True:
+            try:
+                conn, keep_alive = self.returned.get_nowait()
+            except queue.Empty:
+                return
+            self.busy -= 1
+            if keep_alive and not self.listener_closed:
+                self._serve_buffered(conn)
+            else:
+                self._close(conn)
+
+    def _shut_down(self) -> None:
+        """Stop accepting, drop idle connections, let the workers finish what they hold."""
+        self.listener_closed = True
+        if not self.accept_paused_until:
+            self.selector.unregister(self.listener)
+        self.listener.close()
+        for conn in list(self.waiting.values()):
+            self._close(conn)
+        self.jobs.join()
+        for _ in self.workers:
+            self.jobs.put(None)
+        for worker in self.workers:
+            worker.join()
+        self._take_back()
+        self.selector.close()
+        self.wake_reader.close()
+        self.wake_writer.close()
+
+
+def connection_limit() -> int:
+    """How many connections to hold: raise the soft open-file limit to the hard one (at most
+    65,536), and stay well below it, so accepting never runs the process out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return max(16, min(soft - 64, 16_384))
+
+
+def notify(message: str) -> None:
+    """Tell systemd (``Type=notify``) how we are; without ``NOTIFY_SOCKET`` this does nothing."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError:
         pass
 
 
-class Server(WSGIServer):
-    """wsgiref's server with a thread per request, quiet errors, and IPv6 when the host says so.
-
-    Request threads are joined on close, so every hit a client was answered for is queued
-    before the writer is flushed.
-    """
-
-    daemon_threads = False
-    block_on_close = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address: Tuple[str, int], log: Callable[[str], None]) -> None:
-        self.log = log
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self._threads: List[threading.Thread] = []
-        super().__init__(address, QuietHandler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        thread = threading.Thread(target=self._handle, args=(request, client_address), daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()
-
-    def _handle(self, request: Any, client_address: Any) -> None:
-        try:
-            self.finish_request(request, client_address)
-        except Exception as error:
-            self.handle_error_quietly(error)
-        finally:
-            self.shutdown_request(request)
-
-    def handle_error_quietly(self, error: BaseException) -> None:
-        if not isinstance(error, (ConnectionError, socket.timeout)):
-            self.log(f"request failed: {type(error).__name__}: {error}"[:200])
-
-    def server_close(self) -> None:
-        super().server_close()
-        for thread in self._threads:
-            thread.join()
+def watchdog_interval() -> float:
+    """Half of systemd's ``WatchdogSec=``, or 0 when there is no watchdog for this process."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 2e6
 
 
 def make_server(config: Config, app: App, log: Callable[[str], None]) -> Server:
     try:
-        server = Server((config.host, config.port), log)
+        return Server(app, config.host, config.port, log, config.request_timeout)
     except OSError as error:
         raise ConfigError(f"cannot listen on {format_address(config.host, config.port)}: {error_reason(error)}") from None
-    server.set_app(app)
-    return server
 
 
 def format_address(host: str, port: int) -> str:
@@ -2397,21 +2777,36 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="pixeld-accept")
-    thread.start()
     log(
-        f"version {__version__} listening on http://{format_address(*server.server_address[:2])}, "
+        f"version {__version__} listening on http://{format_address(*server.address)}, "
         f"database {os.path.abspath(config.db_path)}, GeoIP {'on' if config.geoip_path else 'off'}, "
         f"trusted proxies {', '.join(map(str, config.trusted_proxies)) or 'none'}, "
         f"report {'by token' if config.token else 'from loopback only'}"
     )
-    while not stopping.wait(1.0):
-        pass
-    server.shutdown()
-    thread.join()
-    server.server_close()
+    notify(f"READY=1\nSTATUS=listening on {format_address(*server.address)}")
+    server.serve(stopping, heartbeat(app))
+    notify("STOPPING=1\nSTATUS=saving the last page views")
     app.close()
     log("stopped; every page view is saved")
+
+
+def heartbeat(app: App) -> Callable[[], None]:
+    """Called from the serve loop: pings the systemd watchdog, so a wedged loop gets restarted, and
+    keeps systemd's status line current."""
+    interval = watchdog_interval()
+    last = [0.0, ""]
+
+    def beat() -> None:
+        now = time.monotonic()
+        if interval and now - last[0] >= interval:
+            last[0] = now
+            notify("WATCHDOG=1")
+        status = "ok" if app.writer.healthy else f"degraded: {app.writer.error}"
+        if status != last[1]:
+            last[1] = status
+            notify(f"STATUS={status}")
+
+    return beat
 
 
 ###############################################################################
@@ -2431,6 +2826,7 @@ ENVIRONMENT = {
     "rate_limit": "PIXELD_RATE_LIMIT",
     "timezone": "PIXELD_TIMEZONE",
     "keep_days": "PIXELD_KEEP_DAYS",
+    "request_timeout": "PIXELD_REQUEST_TIMEOUT",
 }
 
 
@@ -2455,6 +2851,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--ignore-ip", metavar="CIDR", action="append", help="drop hits from these addresses (your own visits); repeatable [$PIXELD_IGNORE_IPS, comma-separated]")
     serve_cmd.add_argument("--rate-limit", metavar="N", help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
     serve_cmd.add_argument("--timezone", metavar="ZONE", help="the report's default time zone, like Europe/Berlin (default UTC) [$PIXELD_TIMEZONE]")
+    serve_cmd.add_argument("--request-timeout", metavar="SECONDS", help="time a client has to send a whole request (default 10) [$PIXELD_REQUEST_TIMEOUT]")
     serve_cmd.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
@@ -2528,6 +2925,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         rate_limit=parse_count(setting(args, "rate_limit", environ, 60), "rate limit"),
         zone=load_zone(setting(args, "timezone", environ, "UTC")),
         keep_days=parse_count(setting(args, "keep_days", environ, 0), "--keep-days"),
+        request_timeout=parse_seconds(setting(args, "request_timeout", environ, 10), "--request-timeout"),
     )
 
 
@@ -2547,6 +2945,16 @@ def parse_count(value: Any, what: str) -> int:
     if count < 0:
         raise ConfigError(f"{what} must not be negative")
     return count
+
+
+def parse_seconds(value: Any, what: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"cannot parse {what} {value!r}: use seconds, like 10") from None
+    if not 0.1 <= seconds <= 3600:
+        raise ConfigError(f"{what} must be between 0.1 and 3600 seconds")
+    return seconds
 
 
 def check_database_path(path: str) -> None:

@@ -123,6 +123,16 @@ def test_one_site_or_all_sites(tmp_path):
     assert one.totals.views == 2 and dict(one.sections["pages"]) == {"/": 1, "/x": 1}
 
 
+def test_a_second_with_more_ids_than_it_holds_spills_into_the_next(tmp_path):
+    store = Store(connect(str(tmp_path / "spill.db")))
+    per_second = 1 << pixeld.ID_SHIFT
+    store.write([(view(T0), None)] * (per_second + 10) + [(view(T0 + 1), None)] * 5, [])
+    store.write([(view(T0 + 1), None)] * 5, [])
+    ids = [row[0] for row in store.conn.execute("SELECT id FROM pageviews ORDER BY id")]
+    assert len(ids) == len(set(ids)) == per_second + 20
+    assert query_report(store.conn, Query(Range(T0, T0 + DAY))).totals.views == per_second + 20
+
+
 def test_a_failed_batch_is_kept_and_written_later(tmp_path):
     path = str(tmp_path / "locked.db")
     conn = connect(path)
