@@ -38,7 +38,7 @@ import zoneinfo
 from collections import Counter
 from functools import lru_cache
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 from wsgiref.handlers import BaseHandler
 
 __version__ = "0.1.0"
@@ -218,22 +218,33 @@ PREFETCH_HEADERS = {"HTTP_SEC_PURPOSE": "prefetch", "HTTP_PURPOSE": "prefetch", 
 
 
 def parse_query(query_string: str) -> Dict[str, str]:
-    """Decode a query string leniently: the first value of each key, invalid UTF-8 replaced."""
-    pairs = parse_qs(query_string[: 4 * MAX_PARAM], keep_blank_values=True, errors="replace")
-    return {key: values[0][:MAX_PARAM] for key, values in pairs.items()}
+    """Decode a query string leniently: the first value of each of at most 64 keys, invalid UTF-8 replaced."""
+    params: Dict[str, str] = {}
+    for pair in query_string[: 4 * MAX_PARAM].split("&", 64)[:64]:
+        key, _, value = pair.partition("=")
+        if key:
+            params.setdefault(decode_component(key), decode_component(value)[:MAX_PARAM])
+    return params
+
+
+def decode_component(text: str) -> str:
+    if "+" in text:
+        text = text.replace("+", " ")
+    return unquote(text, errors="replace") if "%" in text else text
 
 
 def clean_text(value: str, limit: int) -> str:
     """Drop control characters, fold runs of white space, and cut to ``limit`` characters."""
-    value = _CONTROL.sub(" ", value)
-    value = " ".join(value.split())
+    if value.isascii() and value.isprintable():
+        return " ".join(value.split())[:limit]
+    value = " ".join(_CONTROL.sub(" ", value).split())
     return "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
 
 
 def normalise_path(value: str) -> str:
     """The URL path only: no scheme, host, query or fragment; percent-decoded once; at most 2,048 characters."""
     if "://" in value[:16]:
-        value = urlsplit(value).path if _safe_split(value) else ""
+        value = url_path(value)
     value = value.split("#", 1)[0].split("?", 1)[0]
     value = clean_text(unquote(value, errors="replace"), MAX_PATH)
     if not value.startswith("/"):
@@ -259,30 +270,33 @@ def normalise_host(value: str) -> str:
     return host
 
 
-def url_host(url: str) -> str:
-    """The normalised host of an absolute URL, or empty."""
-    if not _safe_split(url):
-        return ""
-    return normalise_host(urlsplit(url).netloc.rsplit("@", 1)[-1])
-
-
-def _safe_split(url: str) -> bool:
-    """Whether ``urlsplit`` accepts the URL (it raises on some malformed IPv6 hosts and ports)."""
+def split_url(url: str) -> Optional[SplitResult]:
+    """``urlsplit``, or None for the malformed URLs it rejects (bad IPv6 hosts and ports)."""
     try:
         parts = urlsplit(url)
         parts.port
     except ValueError:
-        return False
-    return True
+        return None
+    return parts
+
+
+def url_host(url: str) -> str:
+    """The normalised host of an absolute URL, or empty."""
+    parts = split_url(url)
+    return normalise_host(parts.netloc.rsplit("@", 1)[-1]) if parts else ""
+
+
+def url_path(url: str) -> str:
+    parts = split_url(url)
+    return parts.path if parts else ""
 
 
 def normalise_referrer(value: str, site: str) -> str:
     """Host and path of the referring page, ``www.`` folded; empty when direct or internal."""
-    value = value.strip()
-    if not value or not _safe_split(value):
+    parts = split_url(value.strip())
+    if parts is None:
         return ""
-    parts = urlsplit(value)
-    host = url_host(value)
+    host = normalise_host(parts.netloc.rsplit("@", 1)[-1])
     if not host or host == site:
         return ""
     path = clean_text(unquote(parts.path, errors="replace"), MAX_REFERRER)
@@ -317,8 +331,11 @@ def primary_language(accept_language: str) -> str:
     return best
 
 
+@lru_cache(maxsize=1024)
 def parse_ip(value: str) -> Optional[IPAddress]:
-    """An IP address from a header or peer value (brackets, ports and IPv4-mapped IPv6 allowed), else None."""
+    """An IP address from a header or peer value (brackets, ports and IPv4-mapped IPv6 allowed), else None.
+
+    Cached in memory only, like everything else that sees an address."""
     value = value.strip().strip('"')
     if value.startswith("["):
         value = value[1:].split("]", 1)[0]
@@ -375,9 +392,10 @@ def is_prefetch(environ: Dict[str, Any]) -> bool:
     return any(word in environ.get(header, "").lower() for header, word in PREFETCH_HEADERS.items())
 
 
-def in_domains(host: str, domains: Iterable[str]) -> bool:
+def in_domains(host: str, domains: Union[FrozenSet[str], Tuple[str, ...]]) -> bool:
     """Whether ``host`` is one of ``domains`` or a subdomain of one."""
-    return any(host == domain or host.endswith("." + domain) for domain in domains)
+    parts = host.split(".")
+    return any(".".join(parts[i:]) in domains for i in range(len(parts)))
 
 
 def lookup_country(reader: Any, address: Optional[IPAddress]) -> str:
@@ -684,6 +702,7 @@ QUARTER = 15 * 60  # totals per site are kept per quarter hour: every time zone'
 ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in seven bytes
 ID_SHIFT = 16  # a page view's id is its second << 16 | a sequence: rows sort by time without an index
 DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
+DIMENSION_CODES = tuple(DIMENSIONS.values())
 PAGEVIEW_COLUMNS = {"pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen", "languages": "language"}
 
 MIGRATIONS: Tuple[str, ...] = (
@@ -963,12 +982,24 @@ class Tally:
         self._quarters: Dict[Tuple[int, int], List[int]] = {}
 
     def page_view(self, time: int, keys: Tuple[int, ...], first_today: int, visit_views: int, duration: int) -> None:
-        visit = int(visit_views > 0)
-        self._add_daily(time // DAY, keys, (1, first_today, visit, int(visit_views == 1), duration))
-        total = self._quarters.setdefault((time // QUARTER, keys[0]), [0, 0, 0])
+        """Count one page view in every dimension; the writer's hot path, so it adds only what is not zero."""
+        day, site = time // DAY, keys[0]
+        daily = self._daily
+        for dim, value in zip(DIMENSION_CODES, keys[1:]):
+            total = daily.get((day, site, dim, value))
+            if total is None:
+                total = daily[day, site, dim, value] = [0, 0, 0, 0, 0]
+            total[0] += 1
+            if first_today:
+                total[1] += 1
+            if visit_views:
+                total[2] += 1
+                total[3] += visit_views == 1
+                total[4] += duration
+        total = self._quarters.setdefault((time // QUARTER, site), [0, 0, 0])
         total[0] += 1
         total[1] += first_today
-        total[2] += visit
+        total[2] += visit_views > 0
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
         self._add_daily(day, keys, (0, 0, 0, bounces, duration))
@@ -1934,7 +1965,7 @@ class Importer:
 
     def _add_log_line(self, match: "re.Match[str]", when: int) -> None:
         target = match.group("target")
-        page = urlsplit(target).path if _safe_split(target) else ""
+        page = url_path(target)
         if match.group("method") != "GET" or not match.group("status").startswith("2") or not page or _ASSET.search(page):
             return
         user_agent = unescape_log(match.group("agent") or "")
@@ -2196,27 +2227,18 @@ class App:
         if reason:
             self.writer.submit(FilteredHit(now, site if reason != "foreign" else "", reason))
             return
-        path = params.get("path") or (urlsplit(page_url).path if page_url and _safe_split(page_url) else "")
-        view = PageView(
-            time=now,
-            site=site,
-            path=normalise_path(path),
-            title=normalise_title(params.get("title", "")),
-            referrer=referrer,
-            country=lookup_country(self.geoip, address),
-            browser=agent.browser,
-            version=agent.version,
-            os=agent.os,
-            device=agent.device,
-            screen=normalise_screen(params.get("resolution", "")),
-            language=primary_language(environ.get("HTTP_ACCEPT_LANGUAGE", "")),
+        path = params.get("path") or url_path(page_url)
+        fields = (
+            normalise_path(path), normalise_title(params.get("title", "")), referrer, lookup_country(self.geoip, address),
+            agent.browser, agent.version, agent.os, agent.device, normalise_screen(params.get("resolution", "")),
+            primary_language(environ.get("HTTP_ACCEPT_LANGUAGE", "")),
         )
         with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
             observation = self.visitors.observe(now, site, str(address or ""), user_agent)
             if observation is None:
                 self.writer.submit(FilteredHit(now, site, "rate-limited"))
             else:
-                self.writer.submit(view._replace(first_today=observation.first_today), observation.step)
+                self.writer.submit(PageView(now, site, *fields, observation.first_today), observation.step)
 
     def filter_reason(
         self, environ: Environ, params: Dict[str, str], site: str, address: Optional[IPAddress], user_agent: str, agent: UserAgent, referrer: str
@@ -2229,10 +2251,10 @@ class App:
             return "foreign"
         if is_prefetch(environ):
             return "prefetch"
-        if params.get("bot") or is_headless(user_agent):
-            return "headless"
         if agent.device == "bot":
-            return "bot"
+            return "headless" if is_headless(user_agent) else "bot"
+        if params.get("bot"):
+            return "headless"  # the snippet saw navigator.webdriver
         if referrer and in_domains(referrer.split("/", 1)[0], config.spam_domains):
             return "spam"
         return ""
@@ -2513,11 +2535,8 @@ class Server:
 
     def serve(self, stopping: threading.Event, heartbeat: Callable[[], None]) -> None:
         """Serve until ``stopping`` is set; ``heartbeat`` runs every quarter second from this loop."""
+        swept = 0.0
         while not stopping.is_set():
-            now = time.monotonic()
-            if self.accept_paused_until and now >= self.accept_paused_until:
-                self.accept_paused_until = 0.0
-                self.selector.register(self.listener, selectors.EVENT_READ)
             for key, _ in self.selector.select(timeout=0.25):
                 if key.fileobj is self.listener:
                     self._accept()
@@ -2525,8 +2544,14 @@ class Server:
                     self._take_back()
                 else:
                     self._read(key.data)
-            self._expire(time.monotonic())
-            heartbeat()
+            now = time.monotonic()
+            if now - swept >= 0.25:  # deadlines, paused accepting and the heartbeat need no finer grain
+                swept = now
+                self._expire(now)
+                if self.accept_paused_until and now >= self.accept_paused_until:
+                    self.accept_paused_until = 0.0
+                    self.selector.register(self.listener, selectors.EVENT_READ)
+                heartbeat()
         self._shut_down()
 
     def _accept(self) -> None:
@@ -2579,18 +2604,19 @@ class Server:
                     self._wait(conn)
                 return
             head, conn.buffer = conn.buffer[:end], conn.buffer[end + 4 :]
-            self._unwait(conn)
             try:
                 request = parse_request(head, conn.peer, self.address)
             except BadRequest as error:
                 self._reject(conn, str(error))
                 return
             if request.environ["PATH_INFO"] not in self.inline_paths:
+                self._unwait(conn)
                 self.busy += 1
                 self.jobs.put((conn, request, b""))
                 return
             if not self._answer_here(conn, request):
                 return
+            self._unwait_keep_registered(conn)
 
     @staticmethod
     def _incomplete_request_error(buffer: bytes) -> str:
@@ -2633,6 +2659,12 @@ class Server:
         conn.deadline = time.monotonic() + self.request_timeout
         self.waiting[conn.sock] = conn
         self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+
+    def _unwait_keep_registered(self, conn: Connection) -> None:
+        """After a request answered here: a new deadline for the next one, without touching the selector."""
+        if self.waiting.pop(conn.sock, None) is not None:
+            conn.deadline = time.monotonic() + self.request_timeout
+            self.waiting[conn.sock] = conn
 
     def _unwait(self, conn: Connection) -> None:
         if self.waiting.pop(conn.sock, None) is not None:
