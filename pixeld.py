@@ -39,7 +39,7 @@ from collections import Counter
 from functools import lru_cache
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import SplitResult, unquote, urlsplit
-from wsgiref.handlers import BaseHandler
+from wsgiref.handlers import BaseHandler, format_date_time
 
 __version__ = "0.1.0"
 
@@ -389,7 +389,7 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
 
 def is_prefetch(environ: Dict[str, Any]) -> bool:
     """Prefetch, prerender and preview requests load the pixel for a page nobody may ever see."""
-    return any(word in environ.get(header, "").lower() for header, word in PREFETCH_HEADERS.items())
+    return any(word in environ[header].lower() for header, word in PREFETCH_HEADERS.items() if header in environ)
 
 
 def in_domains(host: str, domains: Union[FrozenSet[str], Tuple[str, ...]]) -> bool:
@@ -2465,6 +2465,10 @@ class ResponseHandler(BaseHandler):
         elif self.request.environ["SERVER_PROTOCOL"] == "HTTP/1.0":
             self.headers["Connection"] = "keep-alive"
 
+    def send_preamble(self) -> None:
+        """The status line, Date and Server in one piece (wsgiref writes them one by one)."""
+        self._write(f"HTTP/1.1 {self.status}\r\nDate: {http_date()}\r\nServer: {self.server_software}\r\n".encode("latin-1"))
+
     def log_exception(self, exc_info: Any) -> None:
         self.log(f"request failed: {exc_info[0].__name__}: {exc_info[1]}"[:200])
 
@@ -2480,6 +2484,15 @@ class ResponseHandler(BaseHandler):
         data = b"".join(self.chunks)
         self.chunks, self.size = [], 0
         return data
+
+
+@lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    return format_date_time(second)
+
+
+def http_date() -> str:
+    return _http_date(int(time.time()))
 
 
 def error_response(code: str) -> bytes:
