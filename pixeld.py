@@ -94,6 +94,7 @@ class Config:
     zone: dt.tzinfo = dt.timezone.utc
     keep_days: int = 0
     request_timeout: float = 10.0
+    queue_limit: int = 100_000
     flush_interval: float = 1.0
 
 
@@ -745,11 +746,12 @@ class StorageError(Exception):
 
 
 class FilteredHit(NamedTuple):
-    """A hit that is not a page view, tallied per day and reason."""
+    """Hits that are not page views, tallied per day and reason."""
 
     time: int
     site: str
     reason: str
+    count: int = 1
 
 
 def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
@@ -847,9 +849,10 @@ class Store:
             tally.save(self.conn)
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
             self._strings.clear()
             self._agents.clear()
+            if self.conn.in_transaction:  # SQLite may have rolled back already (a full disk, say)
+                self.conn.execute("ROLLBACK")
             raise
         remember()
 
@@ -917,7 +920,8 @@ class Store:
                     )
                 self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise
             deleted += count
             if count < chunk:
@@ -933,7 +937,9 @@ class Store:
         )
 
     def _count_filtered(self, hits: Sequence[FilteredHit]) -> None:
-        counts = Counter((hit.time // DAY, self.intern(hit.site), hit.reason) for hit in hits)
+        counts: Counter = Counter()
+        for hit in hits:
+            counts[hit.time // DAY, self.intern(hit.site), hit.reason] += hit.count
         self.conn.executemany(
             "INSERT INTO filtered VALUES (?, ?, ?, ?) "
             "ON CONFLICT (day, site, reason) DO UPDATE SET hits = hits + excluded.hits",
@@ -1028,8 +1034,11 @@ class Tally:
 class Writer:
     """The one thread that writes: request threads hand it hits; it commits a batch at least once a second.
 
-    A batch that fails to commit (database locked, disk full) is kept and tried again, so
-    nothing acknowledged is dropped; ``close()`` drains the queue and commits before returning.
+    A batch that fails to commit (database locked, disk full) is kept and tried again until it
+    lands, so nothing acknowledged is lost; meanwhile new hits wait in memory, up to
+    ``queue_limit``. Past that they are dropped, never blocking the pixel, and counted: the
+    count is written as a ``dropped`` tally once the database takes writes again. ``close()``
+    drains the queue and commits before returning.
     """
 
     def __init__(
@@ -1039,13 +1048,18 @@ class Writer:
         log: Callable[[str], None] = print,
         keep_days: int = 0,
         clock: Callable[[], float] = time.time,
+        queue_limit: int = 100_000,
     ) -> None:
         self.store = Store(conn)
         self.flush_interval = flush_interval
         self.log = log
         self.keep_days = keep_days
         self.clock = clock
+        self.queue_limit = queue_limit
         self.error = ""
+        self.dropped = 0  # since start
+        self._unsaved_drops = 0
+        self._drops_lock = threading.Lock()
         self._pruned_day = -1
         self._queue: "queue.SimpleQueue[Union[Tuple[PageView, Optional[VisitStep]], FilteredHit, None]]" = queue.SimpleQueue()
         self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
@@ -1054,11 +1068,29 @@ class Writer:
         self._thread.start()
 
     def submit(self, hit: Union[PageView, FilteredHit], step: Optional[VisitStep] = None) -> None:
+        if self.waiting() >= self.queue_limit:
+            with self._drops_lock:
+                if not self.dropped:
+                    self.log(f"dropping hits: {self.queue_limit:,} are waiting for the database")
+                self.dropped += 1
+                self._unsaved_drops += 1
+            return
         self._queue.put((hit, step) if isinstance(hit, PageView) else hit)
+
+    def waiting(self) -> int:
+        """Hits accepted but not yet committed."""
+        return self._queue.qsize() + len(self._views) + len(self._filtered)
 
     @property
     def healthy(self) -> bool:
         return self._thread.is_alive() and not self.error
+
+    def status(self) -> str:
+        if not self._thread.is_alive():
+            return "the writer has stopped"
+        if not self.error:
+            return "ok"
+        return f"degraded: {self.error}; {self.waiting():,} hits waiting, {self.dropped:,} dropped"
 
     def close(self) -> None:
         self._queue.put(None)
@@ -1088,11 +1120,15 @@ class Writer:
                 self._views.append(hit)
 
     def _flush(self, final: bool) -> None:
+        with self._drops_lock:
+            drops, self._unsaved_drops = self._unsaved_drops, 0
+        if drops:
+            self._filtered.append(FilteredHit(int(self.clock()), "", "dropped", drops))
         attempts = 0
         while self._views or self._filtered:
             try:
                 self.store.write(self._views, self._filtered)
-            except sqlite3.Error as error:
+            except Exception as error:  # a locked or full database, or worse: keep the batch, try again
                 self._note_error(f"cannot write to the database: {error}")
                 attempts += 1
                 if not final or attempts >= 10:
@@ -1479,7 +1515,7 @@ SECTION_TITLES = {
 EMPTY_LABELS = {"referrers": "(direct)", "countries": "(unknown)", "browsers": "(unknown)", "operating_systems": "(unknown)", "screens": "(unknown)", "languages": "(unknown)"}
 FILTER_REASONS = {
     "bot": "bots", "headless": "headless", "prefetch": "prefetch", "spam": "spam",
-    "foreign": "foreign site", "ignored": "ignored", "rate-limited": "rate-limited",
+    "foreign": "foreign site", "ignored": "ignored", "rate-limited": "rate-limited", "dropped": "dropped (database unavailable)",
 }
 EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -2168,7 +2204,7 @@ class App:
         self.clock = clock
         self.log = log
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
-        self.writer = Writer(connect(config.db_path), config.flush_interval, log, config.keep_days, clock)
+        self.writer = Writer(connect(config.db_path), config.flush_interval, log, config.keep_days, clock, config.queue_limit)
         self.visitors = Visitors(config.rate_limit)
         self._visitors_lock = threading.Lock()
         self.routes: Dict[str, Callable[[Environ], Answer]] = {
@@ -2321,9 +2357,8 @@ class App:
         return plain("403 Forbidden", "the report is only for direct loopback requests; set --token to read it from elsewhere")
 
     def healthz(self, environ: Environ) -> Answer:
-        if self.writer.healthy:
-            return plain("200 OK", "ok")
-        return plain("503 Service Unavailable", self.writer.error or "the writer has stopped")
+        status = self.writer.status()
+        return plain("200 OK" if status == "ok" else "503 Service Unavailable", status)
 
     def index(self, environ: Environ) -> Answer:
         page = INDEX_PAGE.replace("{snippet}", snippet(""))
@@ -2846,7 +2881,7 @@ def heartbeat(app: App) -> Callable[[], None]:
         if interval and now - last[0] >= interval:
             last[0] = now
             notify("WATCHDOG=1")
-        status = "ok" if app.writer.healthy else f"degraded: {app.writer.error}"
+        status = app.writer.status()
         if status != last[1]:
             last[1] = status
             notify(f"STATUS={status}")
@@ -2872,6 +2907,7 @@ ENVIRONMENT = {
     "timezone": "PIXELD_TIMEZONE",
     "keep_days": "PIXELD_KEEP_DAYS",
     "request_timeout": "PIXELD_REQUEST_TIMEOUT",
+    "queue_limit": "PIXELD_QUEUE_LIMIT",
 }
 
 
@@ -2897,6 +2933,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--rate-limit", metavar="N", help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
     serve_cmd.add_argument("--timezone", metavar="ZONE", help="the report's default time zone, like Europe/Berlin (default UTC) [$PIXELD_TIMEZONE]")
     serve_cmd.add_argument("--request-timeout", metavar="SECONDS", help="time a client has to send a whole request (default 10) [$PIXELD_REQUEST_TIMEOUT]")
+    serve_cmd.add_argument("--queue-limit", metavar="N", help="hits held in memory while the database cannot take them; more are dropped and counted (default 100000) [$PIXELD_QUEUE_LIMIT]")
     serve_cmd.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
@@ -2921,6 +2958,10 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("--site", default="", help="the site's hostname, for files that do not say (Flask database, access logs)")
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
+
+    backup_cmd = commands.add_parser("backup", help="copy the database consistently, also while the daemon runs", description="Make a consistent copy of the database with SQLite's online backup, also while the daemon runs.")
+    backup_cmd.add_argument("dest", help="the new file; it must not exist yet")
+    add_db_option(backup_cmd, "read-only")
 
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
@@ -2971,6 +3012,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         zone=load_zone(setting(args, "timezone", environ, "UTC")),
         keep_days=parse_count(setting(args, "keep_days", environ, 0), "--keep-days"),
         request_timeout=parse_seconds(setting(args, "request_timeout", environ, 10), "--request-timeout"),
+        queue_limit=parse_count(setting(args, "queue_limit", environ, 100_000), "--queue-limit"),
     )
 
 
@@ -3062,6 +3104,24 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
         conn.close()
 
 
+def run_backup(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    """SQLite's online backup: a consistent copy while the daemon keeps writing."""
+    if os.path.exists(args.dest):
+        raise ConfigError(f"{args.dest} exists already: name a new file")
+    source = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
+    try:
+        target = sqlite3.connect(args.dest)
+        try:
+            source.backup(target, pages=1024, sleep=0.01)
+        finally:
+            target.close()
+    except sqlite3.Error as error:
+        raise StorageError(f"cannot back up to {args.dest}: {error}") from None
+    finally:
+        source.close()
+    log_line(f"backed up to {args.dest}")
+
+
 def log_line(message: str) -> None:
     print(f"pixeld: {message}", file=sys.stderr, flush=True)
 
@@ -3070,7 +3130,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ) if environ is None else environ
     args = build_parser().parse_args(argv or ["serve"])
-    commands = {"report": run_report, "export": run_export, "import": run_import}
+    commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup}
     try:
         if args.command in commands:
             commands[args.command](args, environ)
