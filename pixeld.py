@@ -2426,7 +2426,7 @@ def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Re
     lines = head.split(b"\r\n")
     if len(lines[0]) > MAX_REQUEST_LINE:
         raise BadRequest("414")
-    if len(lines) - 1 > MAX_HEADERS:
+    if len(lines) - 1 > MAX_HEADERS or len(head) - len(lines[0]) > MAX_HEADER_BYTES:
         raise BadRequest("431")
     parts = lines[0].decode("latin-1").split(" ")
     if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
