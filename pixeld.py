@@ -1121,13 +1121,12 @@ class Writer:
 
     def _flush(self, final: bool) -> None:
         with self._drops_lock:
-            drops, self._unsaved_drops = self._unsaved_drops, 0
-        if drops:
-            self._filtered.append(FilteredHit(int(self.clock()), "", "dropped", drops))
+            drops = self._unsaved_drops
+        tally = [FilteredHit(int(self.clock()), "", "dropped", drops)] if drops else []
         attempts = 0
-        while self._views or self._filtered:
+        while self._views or self._filtered or tally:
             try:
-                self.store.write(self._views, self._filtered)
+                self.store.write(self._views, self._filtered + tally)
             except Exception as error:  # a locked or full database, or worse: keep the batch, try again
                 self._note_error(f"cannot write to the database: {error}")
                 attempts += 1
@@ -1135,7 +1134,9 @@ class Writer:
                     return
                 time.sleep(0.5)
             else:
-                self._views, self._filtered = [], []
+                self._views, self._filtered, tally = [], [], []
+                with self._drops_lock:
+                    self._unsaved_drops -= drops
                 if self.error:
                     self.log("database writable again")
                 self.error = ""

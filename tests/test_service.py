@@ -1,8 +1,12 @@
 """pixeld.service: systemd accepts it silently, it is hardened, and its settings are pixeld's own."""
 
+import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -44,3 +48,165 @@ def test_unit_environment_names_pixeld_settings():
     names = {value.split("=", 1)[0] for key, value in settings() if key == "Environment"}
     assert names and names <= set(pixeld.ENVIRONMENT.values())
     assert dict(value.split("=", 1) for key, value in settings() if key == "Environment")["PIXELD_DB"] == "/var/lib/pixeld/pixeld.db"
+
+
+def test_unit_is_notify_with_a_watchdog():
+    unit = dict(settings())
+    assert unit["Type"] == "notify" and int(unit["WatchdogSec"]) > 0
+
+
+class FakeSystemd:
+    """Plays systemd's side of sd_notify: a datagram socket that collects what the daemon says."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(10)
+        self.messages = []
+
+    def wait_for(self, word):
+        while not any(word in message for message in self.messages):
+            self.messages.append(self.sock.recv(4096).decode())
+        return next(message for message in self.messages if word in message)
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_ready_status_watchdog_and_stopping_over_notify_socket(start_daemon, tmp_path, abstract):
+    path = f"\0pixeld-test-{os.getpid()}-{abstract}" if abstract else str(tmp_path / "notify.sock")
+    systemd = FakeSystemd(path)
+    address = "@" + path[1:] if abstract else path
+    daemon = start_daemon(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"})
+    assert "STATUS=listening on 127.0.0.1:" in systemd.wait_for("READY=1")
+    systemd.wait_for("STATUS=ok")
+    for _ in range(3):
+        systemd.messages = [m for m in systemd.messages if m != "WATCHDOG=1"]
+        systemd.wait_for("WATCHDOG=1")  # sent from the serve loop, every 0.2-0.25 s here
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert "STOPPING=1" in systemd.wait_for("STOPPING=1")
+    daemon.stop()
+    systemd.sock.close()
+
+
+def test_watchdog_pings_only_for_the_named_process(start_daemon, tmp_path):
+    systemd = FakeSystemd(str(tmp_path / "notify.sock"))
+    systemd.sock.settimeout(1.5)
+    start_daemon(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
+    systemd.wait_for("READY=1")
+    with pytest.raises(socket.timeout):
+        systemd.wait_for("WATCHDOG=1")
+
+
+def test_the_token_from_a_file_appears_neither_in_ps_nor_in_the_log(start_daemon, tmp_path):
+    token = "credential-token-5b2f9c"
+    (tmp_path / "token").write_text(token + "\n")
+    daemon = start_daemon(env={"PIXELD_TOKEN_FILE": str(tmp_path / "token")})
+    assert daemon.report(headers={"Authorization": f"Bearer {token}"}).status == 200
+    command_line = (open(f"/proc/{daemon.proc.pid}/cmdline", "rb").read()).decode()
+    assert token not in command_line
+    assert token not in daemon.stop()
+
+
+ROOT_CACHE = os.environ.get("PIXELD_TEST_ROOT", "/var/cache/pixeld-test/root")
+NSPAWN_MISSING = next((tool for tool in ("debootstrap", "systemd-nspawn", "nsenter") if shutil.which(tool) is None), None)
+
+
+def debian_root():
+    """A minimal Debian with systemd and python3, built once with debootstrap and kept for later runs."""
+    if not os.path.isdir(ROOT_CACHE):
+        building = ROOT_CACHE + ".tmp"
+        shutil.rmtree(building, ignore_errors=True)
+        os.makedirs(os.path.dirname(ROOT_CACHE), exist_ok=True)
+        proc = subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus,python3", "bookworm", building],
+            capture_output=True, text=True, timeout=900,
+        )
+        if proc.returncode:
+            pytest.skip(f"debootstrap could not build a Debian root here: {proc.stderr.strip()[-300:]}")
+        os.rename(building, ROOT_CACHE)
+    return ROOT_CACHE
+
+
+class Container:
+    """A booted systemd in systemd-nspawn; ``run`` executes inside it through nsenter."""
+
+    def __init__(self, root, repo):
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "-D", root, "--volatile=overlay", "--boot", "--register=no", "--keep-unit",
+             "--private-network", "--console=read-only", "--quiet", f"--bind-ro={repo}:/mnt/pixeld"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.leader = None
+        deadline = time.monotonic() + 60
+        while self.leader is None:
+            assert self.proc.poll() is None and time.monotonic() < deadline, "the container did not boot"
+            found = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-x", "systemd"], capture_output=True, text=True).stdout.split()
+            self.leader = found[0] if found else None
+            time.sleep(0.1)
+        self.wait(lambda: self.run("systemctl is-system-running", check=False).stdout.strip() in ("running", "degraded"))
+
+    def run(self, command, check=True):
+        proc = subprocess.run(["nsenter", "-t", self.leader, "-m", "-u", "-i", "-n", "-p", "sh", "-c", command], capture_output=True, text=True, timeout=60)
+        if check:
+            assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+        return proc
+
+    def http(self, target, ua="Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"):
+        script = (
+            "import urllib.request; "
+            f"r = urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:8000{target}', headers={{'User-Agent': {ua!r}}}), timeout=10); "
+            "print(r.status); print(r.read().decode(errors='replace'))"
+        )
+        return self.run(f'python3 -c "{script}"').stdout
+
+    def wait(self, check, seconds=60.0):
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert time.monotonic() < deadline, "timed out in the container"
+            time.sleep(0.2)
+
+    def poweroff(self):
+        self.run("systemctl poweroff", check=False)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="booting a container needs root")
+@pytest.mark.skipif(NSPAWN_MISSING is not None, reason=f"{NSPAWN_MISSING} is not installed (apt-get install debootstrap systemd-container)")
+def test_a_real_systemd_boot():
+    """Install pixeld in a booted Debian exactly as the README says, and watch systemd run it."""
+    container = Container(debian_root(), str(ROOT))
+    try:
+        # The README's install steps.
+        container.run("cp /mnt/pixeld/pixeld.py /usr/local/bin/pixeld.py && cp /mnt/pixeld/pixeld.service /etc/systemd/system/pixeld.service")
+        container.run("systemctl daemon-reload && systemctl enable --now pixeld")
+        assert container.run("systemctl is-active pixeld").stdout.strip() == "active"  # Type=notify: active means READY=1 came
+
+        for i in range(5):
+            assert container.http(f"/pixel.gif?path=/boot/{i}&host=example.org").startswith("200")
+        container.wait(lambda: "Page views               5" in container.http("/report?range=today"))
+
+        owner, mode = container.run("stat -c '%u %a' /var/lib/pixeld/pixeld.db").stdout.split()
+        main_pid = container.run("systemctl show -p MainPID --value pixeld").stdout.strip()
+        service_uid = container.run(f"awk '/^Uid:/ {{print $2}}' /proc/{main_pid}/status").stdout.strip()
+        assert owner == service_uid and 61184 <= int(owner) <= 65519  # systemd's range for dynamic users
+        assert mode == "600"  # only that user can read the database
+
+        # The watchdog: a frozen process is restarted. A shorter WatchdogSec keeps the test quick.
+        container.run("mkdir -p /etc/systemd/system/pixeld.service.d && printf '[Service]\\nWatchdogSec=2\\n' > /etc/systemd/system/pixeld.service.d/quick.conf")
+        container.run("systemctl daemon-reload && systemctl restart pixeld")
+        frozen = container.run("systemctl show -p MainPID --value pixeld").stdout.strip()
+        container.run(f"kill -STOP {frozen}")
+        container.wait(lambda: container.run("systemctl show -p MainPID --value pixeld").stdout.strip() not in (frozen, "0")
+                       and container.run("systemctl is-active pixeld", check=False).stdout.strip() == "active", seconds=40)
+        assert int(container.run("systemctl show -p NRestarts --value pixeld").stdout) >= 1
+
+        for i in range(5, 12):
+            container.http(f"/pixel.gif?path=/boot/{i}&host=example.org")
+        container.run("systemctl stop pixeld")  # a clean stop: everything acknowledged is saved
+        count = container.run("python3 -c \"import sqlite3; print(sqlite3.connect('/var/lib/pixeld/pixeld.db').execute('select count(*) from pageviews').fetchone()[0])\"")
+        assert count.stdout.strip() == "12"
+    finally:
+        container.poweroff()

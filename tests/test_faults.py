@@ -1,0 +1,219 @@
+"""Faults: stops under load, a locked database, a full disk, broken database files, backup and restore."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+import pixeld
+from conftest import CHROME, PIXELD, free_port, request, run_pixeld, stored_pageviews
+
+
+def load(daemon, stop, answered, worker):
+    """Keep sending page views until stopped; remember when each 2xx answer came."""
+    i = 0
+    while not stop.is_set():
+        try:
+            answer = daemon.pixel({"path": f"/load/{worker}/{i}", "host": "example.org"})
+        except OSError:
+            continue  # the daemon is gone or going: this one was never acknowledged
+        if answer.status == 200:
+            answered.append(time.monotonic())
+        i += 1
+
+
+def under_load(daemon, seconds):
+    stop, answered = threading.Event(), []
+    threads = [threading.Thread(target=load, args=(daemon, stop, answered, n)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    return stop, answered, threads
+
+
+def test_sigterm_under_load_keeps_every_acknowledged_page_view(start_daemon):
+    daemon = start_daemon("--rate-limit", "0")
+    stop, answered, threads = under_load(daemon, 2.0)
+    daemon.proc.send_signal(signal.SIGTERM)  # while the load goes on
+    daemon.proc.wait(timeout=30)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert daemon.proc.returncode == 0 and len(answered) > 100
+    assert len(stored_pageviews(daemon.db)) == len(answered)
+
+
+def test_sigkill_under_load_loses_at_most_the_last_flush(start_daemon):
+    daemon = start_daemon("--rate-limit", "0")
+    stop, answered, threads = under_load(daemon, 3.0)
+    daemon.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    daemon.proc.wait(timeout=30)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    conn = sqlite3.connect(daemon.db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    stored = len(stored_pageviews(daemon.db))
+    recent = sum(1 for when in answered if when > killed - 2.0)  # the flush interval is 1 s; allow one more
+    assert len(answered) - recent <= stored <= len(answered)
+    restarted = start_daemon(db=daemon.db)
+    assert restarted.pixel({"path": "/after-kill"}).status == 200
+
+
+def test_a_locked_database_queues_hits_up_to_the_bound_and_counts_the_rest(start_daemon):
+    daemon = start_daemon("--queue-limit", "40", "--rate-limit", "0")
+    assert daemon.pixel({"path": "/before", "host": "example.org"}).status == 200
+    wait_for(lambda: len(stored_pageviews(daemon.db)) == 1)
+    backup = sqlite3.connect(daemon.db, isolation_level=None)
+    backup.execute("BEGIN IMMEDIATE")  # another process holds the write lock, as a long backup might
+    try:
+        for i in range(60):
+            answer = daemon.pixel({"path": f"/locked/{i}", "host": "example.org"})
+            assert answer.status == 200 and answer.body == pixeld.GIF  # never blocked
+        wait_for(lambda: daemon.get("/healthz").status == 503, seconds=20)
+        health = daemon.get("/healthz").text
+        assert "database is locked" in health and "40 hits waiting, 20 dropped" in health
+    finally:
+        backup.execute("ROLLBACK")
+        backup.close()
+    wait_for(lambda: daemon.get("/healthz").text == "ok\n", seconds=20)
+    assert len(stored_pageviews(daemon.db)) == 41
+    report = json.loads(daemon.report("range=today&format=json").text)
+    assert report["filtered"] == {"total": 20, "dropped": 20} and report["pageviews"] == 41
+    output = daemon.stop()
+    assert "dropping hits" in output and "database writable again" in output and "Traceback" not in output
+
+
+@pytest.fixture
+def tiny_filesystem():
+    """A 2 MiB tmpfs, so the disk really fills; skipped where mounting is not allowed."""
+    mountpoint = tempfile.mkdtemp(prefix="pixeld-full-")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountpoint], capture_output=True).returncode:
+        os.rmdir(mountpoint)
+        pytest.skip("mounting a tiny tmpfs needs root")
+    yield mountpoint
+    subprocess.run(["umount", "-l", mountpoint], check=False)
+    os.rmdir(mountpoint)
+
+
+def test_a_full_disk_degrades_and_recovers_by_itself(start_daemon, tiny_filesystem):
+    db = os.path.join(tiny_filesystem, "pixeld.db")
+    daemon = start_daemon("--rate-limit", "0", db=pixeld_path(db))
+    daemon.pixel({"path": "/first", "host": "example.org"})
+    wait_for(lambda: daemon.get("/healthz").status == 200 and len(stored_pageviews(daemon.db)) == 1)
+    filler = os.path.join(tiny_filesystem, "filler")
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass  # the disk is full now
+    for i in range(300):
+        answer = daemon.pixel({"path": f"/full/{i}", "host": "example.org", "title": "x" * 400})
+        assert answer.status == 200 and answer.body == pixeld.GIF
+    wait_for(lambda: daemon.get("/healthz").status == 503, seconds=20)
+    assert "full" in daemon.get("/healthz").text
+    os.remove(filler)  # space returns
+    wait_for(lambda: daemon.get("/healthz").status == 200, seconds=20)
+    daemon.stop()
+    assert len(stored_pageviews(daemon.db)) == 301
+
+
+def pixeld_path(path):
+    from pathlib import Path
+
+    return Path(path)
+
+
+def test_database_full_by_max_page_count_in_process(tmp_path):
+    """The same recovery, with SQLite's own size cap: works without mount rights."""
+    app = pixeld.App(pixeld.Config(db_path=str(tmp_path / "cap.db"), flush_interval=0.05, rate_limit=0), log=lambda message: None)
+    try:
+        pages = app.writer.store.conn.execute("PRAGMA page_count").fetchone()[0]
+        app.writer.store.conn.execute(f"PRAGMA max_page_count = {pages}")
+        for i in range(400):
+            app.writer.submit(pixeld.PageView(1_795_874_400 + i, "example.org", f"/p/{i}", "t" * 300, "", "", "Chrome", "131", "Windows", "desktop", "", "en"))
+        wait_for(lambda: "full" in app.writer.status())
+        app.writer.store.conn.execute("PRAGMA max_page_count = 1073741823")
+        wait_for(lambda: app.writer.status() == "ok")
+    finally:
+        app.close()
+    assert len(stored_pageviews(tmp_path / "cap.db")) == 400
+
+
+def bad_start(db, as_nobody=False):
+    cmd = [sys.executable, str(PIXELD), "serve", "--listen", "127.0.0.1:0", "--db", str(db)]
+    if as_nobody:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_corrupt_database_at_start(tmp_path):
+    db = tmp_path / "corrupt.db"
+    pixeld.connect(str(db)).close()
+    data = bytearray(db.read_bytes())
+    data[100:4096] = os.urandom(3996)  # the schema page, after the header
+    db.write_bytes(bytes(data))
+    assert "cannot use database" in bad_start(db)
+
+
+def test_read_only_database_at_start():
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv")
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
+        os.chmod(scratch, 0o755)
+        db = os.path.join(scratch, "ro.db")
+        pixeld.connect(db).close()
+        os.chmod(db, 0o444)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(db + suffix):
+                os.remove(db + suffix)
+        assert "not writable" in bad_start(db, as_nobody=os.geteuid() == 0)
+
+
+def test_backup_while_running_and_restore(start_daemon, tmp_path):
+    daemon = start_daemon("--rate-limit", "0")
+    stop, answered, threads = under_load(daemon, 1.5)
+    copy = tmp_path / "backup.db"
+    code, _, err = run_pixeld("backup", str(copy), "--db", str(daemon.db))  # while writes go on
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert code == 0 and "backed up to" in err
+    conn = sqlite3.connect(copy)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    backed_up = conn.execute("SELECT count(*) FROM pageviews").fetchone()[0]
+    conn.close()
+    assert 0 < backed_up <= len(answered)
+    assert run_pixeld("backup", str(copy), "--db", str(daemon.db))[0] == 2  # never overwrites
+    daemon.stop()
+
+    restored = tmp_path / "restored.db"  # restore: the daemon stopped, the copy put in place, started again
+    shutil.copy(copy, restored)
+    again = start_daemon(db=restored)
+    assert json.loads(again.report("range=all&format=json").text)["pageviews"] == backed_up
+
+
+def wait_for(check, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if check():
+                return
+        except (OSError, sqlite3.Error):
+            pass
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -1,0 +1,133 @@
+"""Property-based tests: whatever a client sends, the pixel answers the GIF, the report answers 200 or
+400 (never 5xx), and every stored value stays inside its normalised domain."""
+
+import io
+import re
+import sqlite3
+from urllib.parse import quote
+from wsgiref.util import setup_testing_defaults
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pixeld
+from conftest import stored_pageviews
+
+KEYS = st.sampled_from(["path", "title", "referrer", "resolution", "host", "bot", "x", "", "path[]", "%"])
+ANY_TEXT = st.text(min_size=0, max_size=300)
+URLISH = st.one_of(ANY_TEXT, st.builds(lambda s, h, p: f"{s}://{h}/{p}", st.sampled_from(["http", "https", "android-app", ""]), ANY_TEXT, ANY_TEXT))
+RAW_BYTES = st.binary(max_size=200).map(lambda b: "".join(f"%{byte:02X}" for byte in b))
+VALUES = st.one_of(ANY_TEXT.map(lambda s: quote(s, safe="")), RAW_BYTES, URLISH.map(lambda s: quote(s, safe="")), st.text(alphabet="&=%+;#?", max_size=20))
+QUERY = st.lists(st.tuples(KEYS, VALUES), max_size=8).map(lambda pairs: "&".join(f"{k}={v}" for k, v in pairs))
+ADDRESSES = st.one_of(st.ip_addresses().map(str), ANY_TEXT, st.just("unknown"), st.just("[::1]:80"))
+HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "HTTP_USER_AGENT": st.one_of(ANY_TEXT, st.sampled_from([
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+            "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
+        ])),
+        "HTTP_REFERER": URLISH,
+        "HTTP_ORIGIN": URLISH,
+        "HTTP_X_FORWARDED_FOR": st.lists(ADDRESSES, max_size=4).map(", ".join),
+        "HTTP_FORWARDED": st.lists(ADDRESSES, max_size=3).map(lambda xs: ", ".join(f"for={x}" for x in xs)),
+        "HTTP_ACCEPT_LANGUAGE": st.one_of(ANY_TEXT, st.sampled_from(["de-DE,de;q=0.9", "*", "en;q=abc", "zh-Hant-TW;q=1.0"])),
+        "HTTP_HOST": ANY_TEXT,
+        "HTTP_SEC_PURPOSE": st.sampled_from(["", "prefetch", "prefetch;prerender"]),
+    },
+)
+REMOTE = st.one_of(st.just("127.0.0.1"), st.ip_addresses().map(str), st.just("garbage"))
+
+
+def latin1(text: str) -> str:
+    """What a WSGI server hands over: the bytes on the wire, decoded as latin-1 (PEP 3333)."""
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+def call(app, path, query, remote, headers):
+    environ = {"PATH_INFO": path, "QUERY_STRING": latin1(query), "REQUEST_METHOD": "GET", "REMOTE_ADDR": remote}
+    environ.update({key: latin1(value) for key, value in headers.items()})
+    setup_testing_defaults(environ)
+    environ["wsgi.errors"] = io.StringIO()
+    answer = {}
+    body = b"".join(app(environ, lambda status, response_headers: answer.update(status=status)))
+    return int(answer["status"][:3]), body
+
+
+NOW = 1_795_874_400
+
+
+def test_pixel_never_fails_and_stores_only_clean_values(tmp_path):
+    logged = []
+    app = pixeld.App(pixeld.Config(db_path=str(tmp_path / "fuzz.db"), flush_interval=0.05, rate_limit=0), clock=lambda: NOW, log=logged.append)
+
+    @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(query=QUERY, headers=HEADERS, remote=REMOTE)
+    def pixel(query, headers, remote):
+        status, body = call(app, "/pixel.gif", query, remote, headers)
+        assert status == 200 and body == pixeld.GIF
+
+    try:
+        pixel()
+    finally:
+        app.close()
+    assert logged == []  # no bug reached the log
+    views = stored_pageviews(tmp_path / "fuzz.db")
+    assert views
+    for view in views:
+        check_domain(view)
+
+
+def check_domain(view):
+    for key, value in view.items():
+        if isinstance(value, str):
+            value.encode("utf-8")  # valid UTF-8: no lone surrogates
+            assert not re.search(r"[\x00-\x1f\x7f-\x9f]", value), (key, value)
+    assert view["path"].startswith("/") and len(view["path"]) <= pixeld.MAX_PATH
+    assert len(view["title"]) <= pixeld.MAX_TITLE and len(view["referrer"]) <= pixeld.MAX_REFERRER
+    assert view["site"] == "" or (len(view["site"]) <= pixeld.MAX_HOST and pixeld.normalise_host(view["site"]) == view["site"])
+    assert re.fullmatch(r"([A-Z]{2})?", view["country"])
+    assert re.fullmatch(r"(\d{1,6})?", view["version"])
+    assert view["device"] in ("desktop", "phone", "tablet", "other")
+    assert view["language"] == "" or re.fullmatch(r"[a-z]{2,3}", view["language"])
+    if view["screen"]:
+        width, height = map(int, view["screen"].split("x"))
+        assert 0 < width <= pixeld.MAX_SCREEN and 0 < height <= pixeld.MAX_SCREEN
+
+
+REPORT_KEYS = st.sampled_from(["range", "start", "end", "tz", "site", "format", "limit", "section", "ascii", "path", "referrer", "country", "browser", "os", "device", "language", "x"])
+REPORT_VALUES = st.one_of(
+    ANY_TEXT, RAW_BYTES,
+    st.sampled_from(["7d", "0d", "99999d", "all", "today", "2026-11-01", "2026-13-01", "1793491200", "-5", "2026-11-01T25:00", "Europe/Berlin", "Etc/GMT+14", "../../etc/passwd", "json", "csv", "text", "/blog/*", "*", "0", "1"]),
+)
+
+
+def test_report_answers_200_or_400_for_any_parameters(tmp_path):
+    app = pixeld.App(pixeld.Config(db_path=str(tmp_path / "r.db"), flush_interval=0.05), clock=lambda: NOW, log=lambda message: None)
+    for i in range(30):
+        call(app, "/pixel.gif", f"path=/p{i % 4}&host=example.org&resolution=1920,1080", "127.0.0.1", {"HTTP_USER_AGENT": "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"})
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(pairs=st.lists(st.tuples(REPORT_KEYS, REPORT_VALUES.map(lambda s: quote(s, safe=""))), max_size=6))
+    def report(pairs):
+        status, body = call(app, "/report", "&".join(f"{k}={v}" for k, v in pairs), "127.0.0.1", {})
+        assert status in (200, 400), (status, body[:200])
+        if status == 400:
+            assert body.count(b"\n") == 1
+
+    try:
+        report()
+    finally:
+        app.close()
+
+
+def test_the_fuzzers_would_notice_a_bad_value():
+    good = {"time": NOW, "site": "example.org", "path": "/", "title": "", "referrer": "", "country": "", "browser": "Chrome",
+            "version": "131", "os": "Windows", "device": "desktop", "screen": "1920x1080", "language": "en"}
+    check_domain(good)
+    for key, bad in [("path", "no-slash"), ("title", "a\x00b"), ("screen", "0x5"), ("country", "de"), ("device", "toaster")]:
+        try:
+            check_domain({**good, key: bad})
+        except AssertionError:
+            continue
+        raise AssertionError(f"{key}={bad!r} passed the domain check")
