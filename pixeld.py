@@ -704,6 +704,7 @@ ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, s
 ID_SHIFT = 16  # a page view's id is its second << 16 | a sequence: rows sort by time without an index
 DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
 DIMENSION_CODES = tuple(DIMENSIONS.values())
+EPOCH_DATE = dt.date(1970, 1, 1)
 PAGEVIEW_COLUMNS = {"pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen", "languages": "language"}
 
 MIGRATIONS: Tuple[str, ...] = (
@@ -724,6 +725,11 @@ MIGRATIONS: Tuple[str, ...] = (
         views INTEGER NOT NULL, visitors INTEGER NOT NULL, visits INTEGER NOT NULL,
         bounces INTEGER NOT NULL, duration INTEGER NOT NULL,
         PRIMARY KEY (day, site, dim, value)) WITHOUT ROWID;
+    CREATE TABLE monthly (
+        month INTEGER NOT NULL, site INTEGER NOT NULL, dim INTEGER NOT NULL, value INTEGER NOT NULL,
+        views INTEGER NOT NULL, visitors INTEGER NOT NULL, visits INTEGER NOT NULL,
+        bounces INTEGER NOT NULL, duration INTEGER NOT NULL,
+        PRIMARY KEY (month, site, dim, value)) WITHOUT ROWID;
     CREATE TABLE filtered (
         day INTEGER NOT NULL, site INTEGER NOT NULL, reason TEXT NOT NULL, hits INTEGER NOT NULL,
         PRIMARY KEY (day, site, reason)) WITHOUT ROWID;
@@ -773,6 +779,8 @@ def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
             migrate(conn, version)
         elif version < SCHEMA_VERSION:
             raise StorageError(f"database {path} has schema version {version}: start the daemon once to migrate it")
+        else:
+            conn.execute("PRAGMA temp_store = MEMORY")  # a filtered report's matching rows never touch the disk
     except sqlite3.Error as error:
         raise StorageError(f"cannot use database {path}: {error}") from None
     return conn
@@ -795,6 +803,18 @@ def migrate(conn: sqlite3.Connection, version: int) -> None:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+
+@lru_cache(maxsize=4096)
+def month_of_day(day: int) -> int:
+    """The UTC month (months since January 1970) of a day (days since 1970-01-01)."""
+    date = EPOCH_DATE + dt.timedelta(days=day)
+    return (date.year - 1970) * 12 + date.month - 1
+
+
+def first_day_of_month(month: int) -> int:
+    year, index = divmod(month, 12)
+    return (dt.date(1970 + year, index + 1, 1) - EPOCH_DATE).days
 
 
 def first_id(second: int) -> int:
@@ -981,49 +1001,50 @@ class Store:
 
 
 class Tally:
-    """What one batch adds to the counts: per day, site and dimension, and per quarter hour and site."""
+    """What one batch adds to the counts: per day (and month), site and dimension, and per quarter
+    hour and site. The same page view counts in its day and in its month."""
 
     def __init__(self) -> None:
         self._daily: Dict[Tuple[int, int, int, int], List[int]] = {}
+        self._monthly: Dict[Tuple[int, int, int, int], List[int]] = {}
         self._quarters: Dict[Tuple[int, int], List[int]] = {}
 
     def page_view(self, time: int, keys: Tuple[int, ...], first_today: int, visit_views: int, duration: int) -> None:
         """Count one page view in every dimension; the writer's hot path, so it adds only what is not zero."""
         day, site = time // DAY, keys[0]
-        daily = self._daily
-        for dim, value in zip(DIMENSION_CODES, keys[1:]):
-            total = daily.get((day, site, dim, value))
-            if total is None:
-                total = daily[day, site, dim, value] = [0, 0, 0, 0, 0]
-            total[0] += 1
-            if first_today:
-                total[1] += 1
-            if visit_views:
-                total[2] += 1
-                total[3] += visit_views == 1
-                total[4] += duration
+        for table, period in ((self._daily, day), (self._monthly, month_of_day(day))):
+            for dim, value in zip(DIMENSION_CODES, keys[1:]):
+                total = table.get((period, site, dim, value))
+                if total is None:
+                    total = table[period, site, dim, value] = [0, 0, 0, 0, 0]
+                total[0] += 1
+                if first_today:
+                    total[1] += 1
+                if visit_views:
+                    total[2] += 1
+                    total[3] += visit_views == 1
+                    total[4] += duration
         total = self._quarters.setdefault((time // QUARTER, site), [0, 0, 0])
         total[0] += 1
         total[1] += first_today
         total[2] += visit_views > 0
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
-        self._add_daily(day, keys, (0, 0, 0, bounces, duration))
-
-    def _add_daily(self, day: int, keys: Tuple[int, ...], change: Tuple[int, int, int, int, int]) -> None:
         site = keys[0]
-        for dim, value in zip(DIMENSIONS.values(), keys[1:]):
-            total = self._daily.setdefault((day, site, dim, value), [0, 0, 0, 0, 0])
-            for i, amount in enumerate(change):
-                total[i] += amount
+        for table, period in ((self._daily, day), (self._monthly, month_of_day(day))):
+            for dim, value in zip(DIMENSION_CODES, keys[1:]):
+                total = table.setdefault((period, site, dim, value), [0, 0, 0, 0, 0])
+                total[3] += bounces
+                total[4] += duration
 
     def save(self, conn: sqlite3.Connection) -> None:
-        conn.executemany(
-            "INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, site, dim, value) DO UPDATE SET "
-            "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits, "
-            "bounces = bounces + excluded.bounces, duration = duration + excluded.duration",
-            [key + tuple(total) for key, total in self._daily.items()],
-        )
+        for table, period, changes in (("daily", "day", self._daily), ("monthly", "month", self._monthly)):
+            conn.executemany(
+                f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT ({period}, site, dim, value) DO UPDATE SET "
+                "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits, "
+                "bounces = bounces + excluded.bounces, duration = duration + excluded.duration",
+                [key + tuple(total) for key, total in changes.items()],
+            )
         conn.executemany(
             "INSERT INTO quarters VALUES (?, ?, ?, ?, ?) ON CONFLICT (quarter, site) DO UPDATE SET "
             "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits",
@@ -1204,14 +1225,22 @@ class ReportData(NamedTuple):
 
 
 class Scope(NamedTuple):
-    """Which page views count: one site (or all), and SQL conditions on raw rows (empty when unfiltered)."""
+    """Which page views count: one site (or all), and SQL conditions on raw rows (empty when unfiltered).
+
+    A filtered report first copies the rows that match into a temporary table (``table``), then
+    counts them there: one pass over the range instead of one per section."""
 
     site_id: Optional[int]
     where: str
     args: Tuple[Any, ...]
+    table: str = "pageviews"
+
+    @property
+    def filtered(self) -> bool:
+        return bool(self.where) or self.table != "pageviews"
 
 
-Counts = Dict[str, Dict[Tuple[int, int], List[int]]]  # section -> (site id, value id) -> metrics
+Counts = Dict[str, Dict[Tuple[int, int], List[int]]]  # section -> (site id, value id) -> metrics (only page views are used outside pages)
 FILTERS = ("path", "referrer", "country", "browser", "os", "device", "language")
 
 
@@ -1226,15 +1255,20 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     """
     span = query.range
     scope = _scope(conn, query)
-    counts = _count(conn, span, scope, tuple(DIMENSIONS))
+    previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
+    matched = _matched(conn, span, scope) if scope.where else scope
+    try:
+        counts = _count(conn, span, matched, tuple(DIMENSIONS))
+        grain, series = _series(conn, span, query.zone, matched)
+    finally:
+        if matched.table != "pageviews":
+            conn.execute(f"DROP TABLE {matched.table}")
     labels = _labeller(conn, counts, multi_site=not query.site)
-    previous = _count(conn, Range(2 * span.start - span.end, span.start), scope, ("pages",))["pages"]
-    grain, series = _series(conn, span, query.zone, scope)
     return ReportData(
         query=query,
         sites=_sites(conn, span, query.site),
         totals=_total(counts["pages"]),
-        previous=_total(previous),
+        previous=previous,
         filtered=_count_filtered(conn, span, scope.site_id),
         sections=_sections(counts, labels),
         entry_pages=_entry_pages(counts["pages"], labels["pages"]),
@@ -1274,17 +1308,73 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
     return Scope(site_id, "".join(" AND " + part for part in parts), tuple(args))
 
 
-def _count(conn: sqlite3.Connection, span: Range, scope: Scope, names: Sequence[str]) -> Counts:
-    counts: Counts = {name: {} for name in names}
+def _matched(conn: sqlite3.Connection, span: Range, scope: Scope) -> Scope:
+    """Copy the page views of the range that pass the filters into a temporary table, in memory."""
+    conn.execute(
+        "CREATE TEMP TABLE matched AS SELECT id, site, path, referrer, country, agent, screen, language, first_today, visit_views, duration "
+        f"FROM pageviews WHERE id >= ? AND id < ?{scope.where}",
+        (first_id(span.start), first_id(span.end)) + scope.args,
+    )
+    return Scope(scope.site_id, "", (), "temp.matched")
+
+
+class Split(NamedTuple):
+    """How an unfiltered range is counted: whole UTC months, whole days, and raw partial days."""
+
+    months: Tuple[int, int]
+    days: List[Tuple[int, int]]
+    raw: List[Range]
+
+
+def split_range(span: Range) -> Split:
     first_day, end_day = -(-span.start // DAY), span.end // DAY
-    if scope.where or first_day >= end_day:
+    if first_day >= end_day:
+        return Split((0, 0), [], [span])
+    first_month, end_month = month_of_day(first_day - 1) + 1, month_of_day(end_day)
+    if first_month < end_month:
+        days = [(first_day, first_day_of_month(first_month)), (first_day_of_month(end_month), end_day)]
+    else:
+        first_month = end_month = 0
+        days = [(first_day, end_day)]
+    raw = [Range(span.start, first_day * DAY), Range(end_day * DAY, span.end)]
+    return Split((first_month, end_month), [d for d in days if d[0] < d[1]], [r for r in raw if r.start < r.end])
+
+
+def _count(conn: sqlite3.Connection, span: Range, scope: Scope, names: Sequence[str]) -> Counts:
+    """Whole UTC months from ``monthly``, whole days from ``daily``, the rest from raw page views."""
+    counts: Counts = {name: {} for name in names}
+    if scope.filtered:
         _count_raw(conn, span, scope, counts)
         return counts
-    _count_days(conn, first_day, end_day, scope.site_id, counts)
-    for edge in (Range(span.start, first_day * DAY), Range(end_day * DAY, span.end)):
-        if edge.start < edge.end:
-            _count_raw(conn, edge, scope, counts)
+    split = split_range(span)
+    if split.months[0] < split.months[1]:
+        _count_periods(conn, "monthly", *split.months, scope.site_id, counts)
+    for first, end in split.days:
+        _count_periods(conn, "daily", first, end, scope.site_id, counts)
+    for edge in split.raw:
+        _count_raw(conn, edge, scope, counts)
     return counts
+
+
+def _totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
+    """The headline numbers alone (for the previous period): sums, without counting per value."""
+    site_clause, site_args = _site_clause(scope.site_id)
+    metrics = "sum(views), sum(visitors), sum(visits), sum(bounces), sum(duration)"
+    raw_metrics = "count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration)"
+    queries = []
+    if scope.filtered:
+        queries.append((f"SELECT {raw_metrics} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(span.start), first_id(span.end)) + scope.args))
+    else:
+        split = split_range(span)
+        if split.months[0] < split.months[1]:
+            queries.append((f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", split.months + site_args))
+        queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", days + site_args) for days in split.days]
+        queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args) for r in split.raw]
+    sums = [0, 0, 0, 0, 0]
+    for sql, args in queries:
+        for i, value in enumerate(conn.execute(sql, args).fetchone()):
+            sums[i] += value or 0
+    return Metrics(*sums)
 
 
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
@@ -1302,13 +1392,15 @@ def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int
         total[i] += amount
 
 
-def _count_days(conn: sqlite3.Connection, first_day: int, end_day: int, site_id: Optional[int], counts: Counts) -> None:
+def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, site_id: Optional[int], counts: Counts) -> None:
+    """Add up ``daily`` (days first..end) or ``monthly`` (months first..end) counts."""
     names = {code: name for name, code in DIMENSIONS.items() if name in counts}
+    period = "day" if table == "daily" else "month"
     clause, args = _site_clause(site_id)
     for dim, site, value, *metrics in conn.execute(
         "SELECT dim, site, value, sum(views), sum(visitors), sum(visits), sum(bounces), sum(duration) "
-        f"FROM daily WHERE day >= ? AND day < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
-        (first_day, end_day, *names) + args,
+        f"FROM {table} WHERE {period} >= ? AND {period} < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
+        (first, end, *names) + args,
     ):
         _add(counts, names[dim], site, value, metrics)
 
@@ -1318,45 +1410,66 @@ def _raw_clause(scope: Scope) -> Tuple[str, Tuple[Any, ...]]:
 
 
 def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Counts) -> None:
+    """Count raw page views. Pages get every metric (entry pages and the totals come from them);
+    the other sections show page views only, which Python counts faster than SQLite can sort."""
     clause, args = _raw_clause(scope)
+    bounds = (first_id(span.start), first_id(span.end)) + args
     for name in counts:
         column = PAGEVIEW_COLUMNS[name]
-        for site, value, *metrics in conn.execute(
-            f"SELECT site, {column}, count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration) "
-            f"FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
-            (first_id(span.start), first_id(span.end)) + args,
-        ):
-            _add(counts, name, site, value, metrics)
+        if name == "pages":
+            for site, value, *metrics in conn.execute(
+                f"SELECT site, {column}, count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration) "
+                f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
+                bounds,
+            ):
+                _add(counts, name, site, value, metrics)
+        else:
+            for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {scope.table} WHERE id >= ? AND id < ?{clause}", bounds)).items():
+                _add(counts, name, site, value, (views, 0, 0, 0, 0))
 
 
 def _series(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope) -> Tuple[str, List[Tuple[int, int, int]]]:
     """Page views and visitors per hour, day, week or month of the zone's calendar."""
     grain, bounds = series_bounds(span, zone)
-    rows = [[start, 0, 0] for start in bounds[:-1]]
-    for when, views, visitors in _quarter_counts(conn, span, scope):
-        row = rows[bisect.bisect_right(bounds, max(when, span.start)) - 1]
+    rows = {start: [start, 0, 0] for start in bounds[:-1]}
+    inner = Range(-(-span.start // QUARTER) * QUARTER, span.end // QUARTER * QUARTER)
+    if scope.filtered or inner.start >= inner.end:
+        raw_parts = [span]
+    else:
+        for start, views, visitors in _bucket_totals(conn, bounds, inner, scope.site_id):
+            rows[start][1] += views
+            rows[start][2] += visitors
+        raw_parts = [Range(span.start, inner.start), Range(inner.end, span.end)]
+    for when, views, visitors in _raw_quarter_counts(conn, raw_parts, scope):
+        row = rows[bounds[bisect.bisect_right(bounds, max(when, span.start)) - 1]]
         row[1] += views
         row[2] += visitors
-    return grain, [(start, views, visitors) for start, views, visitors in rows]
+    return grain, [(start, views, visitors) for start, views, visitors in rows.values()]
 
 
-def _quarter_counts(conn: sqlite3.Connection, span: Range, scope: Scope) -> Iterable[Tuple[int, int, int]]:
-    """(quarter start, page views, visitors): from the quarter totals where they serve, else raw rows."""
-    inner = Range(-(-span.start // QUARTER) * QUARTER, span.end // QUARTER * QUARTER)
-    raw_parts = [span]
-    if not scope.where and inner.start < inner.end:
-        clause, args = _site_clause(scope.site_id)
+def _bucket_totals(conn: sqlite3.Connection, bounds: List[int], inner: Range, site_id: Optional[int]) -> Iterable[Tuple[int, int, int]]:
+    """Sum the quarter totals per bucket in SQLite: each bucket is a range scan of the primary key."""
+    clause, args = _site_clause(site_id)
+    buckets = [(start, max(start, inner.start) // QUARTER, -(-min(end, inner.end) // QUARTER)) for start, end in zip(bounds, bounds[1:])]
+    for i in range(0, len(buckets), 300):
+        chunk = buckets[i : i + 300]
+        values = ",".join("(?, ?, ?)" for _ in chunk)
         yield from conn.execute(
-            f"SELECT quarter * {QUARTER}, sum(views), sum(visitors) FROM quarters WHERE quarter >= ? AND quarter < ?{clause} GROUP BY quarter",
-            (inner.start // QUARTER, inner.end // QUARTER) + args,
+            f"WITH bucket(start, first, last) AS (VALUES {values}) "
+            f"SELECT bucket.start, sum(views), sum(visitors) FROM bucket JOIN quarters ON quarter >= first AND quarter < last{clause} "
+            "GROUP BY bucket.start",
+            tuple(value for bucket in chunk for value in bucket) + args,
         )
-        raw_parts = [Range(span.start, inner.start), Range(inner.end, span.end)]
+
+
+def _raw_quarter_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope: Scope) -> Iterable[Tuple[int, int, int]]:
+    """(quarter start, page views, visitors) counted from raw page views."""
     clause, args = _raw_clause(scope)
     for part in raw_parts:
         if part.start < part.end:
             yield from conn.execute(
                 f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {QUARTER} * {QUARTER} AS q, count(*), sum(first_today) "
-                f"FROM pageviews WHERE id >= ? AND id < ?{clause} GROUP BY q",
+                f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY q",
                 (first_id(part.start), first_id(part.end)) + args,
             )
 
@@ -1398,7 +1511,7 @@ def _retention_notes(conn: sqlite3.Connection, span: Range, scope: Scope) -> Lis
     if not row or span.start >= row[0]:
         return []
     since = dt.datetime.fromtimestamp(row[0], dt.timezone.utc).strftime("%Y-%m-%d")
-    if scope.where:
+    if scope.filtered:
         return [f"page views before {since} UTC were deleted (--keep-days): the filtered numbers count only later ones"]
     if span.start % DAY or span.end % DAY:
         return [f"page views before {since} UTC were deleted (--keep-days): partial days before then are not counted"]
@@ -1420,8 +1533,8 @@ def _sites(conn: sqlite3.Connection, span: Range, site: str) -> List[str]:
     if site:
         return [site]
     rows = conn.execute(
-        "SELECT DISTINCT value FROM strings WHERE id IN (SELECT DISTINCT site FROM daily WHERE day >= ? AND day < ?) ORDER BY value",
-        (span.start // DAY, -(-span.end // DAY)),
+        "SELECT value FROM strings WHERE id IN (SELECT DISTINCT site FROM quarters WHERE quarter >= ? AND quarter < ?) ORDER BY value",
+        (span.start // QUARTER, -(-span.end // QUARTER)),
     )
     return [value or NO_HOST for (value,) in rows]
 
