@@ -242,6 +242,7 @@ def clean_text(value: str, limit: int) -> str:
     return "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
 
 
+@lru_cache(maxsize=4096)
 def normalise_path(value: str) -> str:
     """The URL path only: no scheme, host, query or fragment; percent-decoded once; at most 2,048 characters."""
     if "://" in value[:16]:
@@ -253,10 +254,12 @@ def normalise_path(value: str) -> str:
     return value[:MAX_PATH]
 
 
+@lru_cache(maxsize=4096)
 def normalise_title(value: str) -> str:
     return clean_text(value, MAX_TITLE)
 
 
+@lru_cache(maxsize=4096)
 def normalise_host(value: str) -> str:
     """A lower-case hostname with the port and a leading ``www.`` dropped; empty when invalid."""
     host = value.strip().lower().rstrip(".")
@@ -292,6 +295,7 @@ def url_path(url: str) -> str:
     return parts.path if parts else ""
 
 
+@lru_cache(maxsize=4096)
 def normalise_referrer(value: str, site: str) -> str:
     """Host and path of the referring page, ``www.`` folded; empty when direct or internal."""
     parts = split_url(value.strip())
@@ -304,6 +308,7 @@ def normalise_referrer(value: str, site: str) -> str:
     return (host + path.rstrip("/"))[:MAX_REFERRER]
 
 
+@lru_cache(maxsize=4096)
 def normalise_screen(value: str) -> str:
     """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; empty when unknown."""
     match = re.fullmatch(r"\s*(\d{1,6})\s*[,xX]\s*(\d{1,6})\s*", value)
@@ -851,6 +856,7 @@ class Store:
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
         self._next_ids: Dict[int, int] = {}  # second -> next free id, within the batch being written
+        self._loaded_seconds = (0, -1)
 
     def write(
         self,
@@ -878,11 +884,16 @@ class Store:
 
     def _insert(self, records: Sequence[Record], tally: "Tally") -> List[Tuple[int, Tuple[int, ...]]]:
         """Insert page view rows and count them; return each row's id and interned keys."""
+        if records:
+            self._load_next_ids(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
+        strings = self._strings
         for view, visit_views, duration in records:
             keys = self._keys(view)
+            site, path, referrer, country, agent, screen, language = keys
             row_id = self._next_id(view.time)
-            rows.append((row_id, keys[0], keys[1], self.intern(view.title), *keys[2:], int(view.first_today), visit_views, duration))
+            title = strings.get(view.title) or self.intern(view.title)
+            rows.append((row_id, site, path, title, referrer, country, agent, screen, language, int(view.first_today), visit_views, duration))
             tally.page_view(view.time, keys, int(view.first_today), visit_views, duration)
             placed.append((row_id, keys))
         self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -948,12 +959,15 @@ class Store:
                 return deleted
 
     def _keys(self, view: PageView) -> Tuple[int, ...]:
-        """Interned ids: site, then one per dimension in DIMENSIONS order."""
-        intern = self.intern
+        """Interned ids: site, then one per dimension in DIMENSIONS order (the writer's hot path:
+        the cache answers almost always, ``intern`` only on a miss)."""
+        strings, intern = self._strings, self.intern
+        agent = self._agents.get((view.browser, view.version, view.os, view.device))
         return (
-            intern(view.site), intern(view.path), intern(view.referrer), intern(view.country),
-            self.agent(UserAgent(view.browser, view.version, view.os, view.device)),
-            intern(view.screen), intern(view.language),
+            strings.get(view.site) or intern(view.site), strings.get(view.path) or intern(view.path),
+            strings.get(view.referrer) or intern(view.referrer), strings.get(view.country) or intern(view.country),
+            agent or self.agent(UserAgent(view.browser, view.version, view.os, view.device)),
+            strings.get(view.screen) or intern(view.screen), strings.get(view.language) or intern(view.language),
         )
 
     def _count_filtered(self, hits: Sequence[FilteredHit]) -> None:
@@ -966,16 +980,28 @@ class Store:
             [key + (n,) for key, n in counts.items()],
         )
 
+    def _load_next_ids(self, first: int, last: int) -> None:
+        """Learn, in one query, the last committed id of every second from ``first`` to ``last``."""
+        self._loaded_seconds = (first, last)
+        rows = self.conn.execute(
+            f"SELECT id >> {ID_SHIFT}, max(id) FROM pageviews WHERE id >= ? AND id < ? GROUP BY id >> {ID_SHIFT}", (first_id(first), first_id(last + 1))
+        )
+        for shifted, last_id in rows:
+            second = shifted + ID_EPOCH
+            self._next_ids[second] = max(self._next_ids.get(second, 0), last_id + 1)
+
     def _next_id(self, second: int) -> int:
         """A unique id that sorts by time: the next free sequence number within ``second``.
 
-        The committed rows of the second are asked once per batch; a second that overflowed in
-        this batch spills into the next one, which then starts after the spill."""
+        The committed rows of the batch's seconds are loaded once per batch; a second that
+        overflowed spills into the next one, which then starts after the spill."""
         next_id = self._next_ids.get(second)
         if next_id is None:
             low = first_id(second)
-            last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, first_id(second + 1))).fetchone()[0]
-            next_id = max(low if last is None else last + 1, self._next_ids.get(second - 1, low))
+            if not self._loaded_seconds[0] <= second <= self._loaded_seconds[1]:
+                last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, first_id(second + 1))).fetchone()[0]
+                low = low if last is None else last + 1
+            next_id = max(low, self._next_ids.get(second - 1, low))
         self._next_ids[second] = next_id + 1
         return next_id
 
@@ -1006,24 +1032,23 @@ class Tally:
 
     def __init__(self) -> None:
         self._daily: Dict[Tuple[int, int, int, int], List[int]] = {}
-        self._monthly: Dict[Tuple[int, int, int, int], List[int]] = {}
         self._quarters: Dict[Tuple[int, int], List[int]] = {}
 
     def page_view(self, time: int, keys: Tuple[int, ...], first_today: int, visit_views: int, duration: int) -> None:
         """Count one page view in every dimension; the writer's hot path, so it adds only what is not zero."""
         day, site = time // DAY, keys[0]
-        for table, period in ((self._daily, day), (self._monthly, month_of_day(day))):
-            for dim, value in zip(DIMENSION_CODES, keys[1:]):
-                total = table.get((period, site, dim, value))
-                if total is None:
-                    total = table[period, site, dim, value] = [0, 0, 0, 0, 0]
-                total[0] += 1
-                if first_today:
-                    total[1] += 1
-                if visit_views:
-                    total[2] += 1
-                    total[3] += visit_views == 1
-                    total[4] += duration
+        daily = self._daily
+        for dim, value in zip(DIMENSION_CODES, keys[1:]):
+            total = daily.get((day, site, dim, value))
+            if total is None:
+                total = daily[day, site, dim, value] = [0, 0, 0, 0, 0]
+            total[0] += 1
+            if first_today:
+                total[1] += 1
+            if visit_views:
+                total[2] += 1
+                total[3] += visit_views == 1
+                total[4] += duration
         total = self._quarters.setdefault((time // QUARTER, site), [0, 0, 0])
         total[0] += 1
         total[1] += first_today
@@ -1031,14 +1056,25 @@ class Tally:
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
         site = keys[0]
-        for table, period in ((self._daily, day), (self._monthly, month_of_day(day))):
-            for dim, value in zip(DIMENSION_CODES, keys[1:]):
-                total = table.setdefault((period, site, dim, value), [0, 0, 0, 0, 0])
-                total[3] += bounces
-                total[4] += duration
+        for dim, value in zip(DIMENSION_CODES, keys[1:]):
+            total = self._daily.setdefault((day, site, dim, value), [0, 0, 0, 0, 0])
+            total[3] += bounces
+            total[4] += duration
+
+    def _months(self) -> Dict[Tuple[int, int, int, int], List[int]]:
+        """The monthly changes: the batch's daily changes, added up per month."""
+        monthly: Dict[Tuple[int, int, int, int], List[int]] = {}
+        for (day, site, dim, value), change in self._daily.items():
+            total = monthly.get((month_of_day(day), site, dim, value))
+            if total is None:
+                monthly[month_of_day(day), site, dim, value] = list(change)
+            else:
+                for i, amount in enumerate(change):
+                    total[i] += amount
+        return monthly
 
     def save(self, conn: sqlite3.Connection) -> None:
-        for table, period, changes in (("daily", "day", self._daily), ("monthly", "month", self._monthly)):
+        for table, period, changes in (("daily", "day", self._daily), ("monthly", "month", self._months())):
             conn.executemany(
                 f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT ({period}, site, dim, value) DO UPDATE SET "
                 "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits, "
@@ -2069,11 +2105,12 @@ class Importer:
 
     def _read_csv(self, path: str) -> None:
         with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-            reader = csv.DictReader(handle)
-            if not reader.fieldnames or not {"time", "path"} <= set(reader.fieldnames):
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            if not {"time", "path"} <= set(header):
                 raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
             for row in reader:
-                self._add_record(row)
+                self._add_record(dict(zip(header, row)))
 
     def _read_ndjson(self, path: str) -> None:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -2175,26 +2212,30 @@ def record_from(row: Dict[str, Any], default_site: str) -> Optional[Record]:
     when = parse_stamp(row.get("time"))
     if when is None:
         return None
-    site = normalise_host(str(row.get("site") or default_site))
-    device = str(row.get("device") or "")
-    version = str(row.get("version") or "")
-    country = str(row.get("country") or "").upper()
+    text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
+    site = normalise_host(text("site", default_site))
+    device, version, country, language = text("device", ""), text("version", ""), text("country", "").upper(), text("language", "")
     view = PageView(
         time=when,
         site=site,
-        path=normalise_path(str(row.get("path") or "")),
-        title=normalise_title(str(row.get("title") or "")),
-        referrer=normalise_referrer(with_scheme(str(row.get("referrer") or "")), site),
-        country=country if re.fullmatch(r"[A-Z]{2}", country) else "",
-        browser=clean_text(str(row.get("browser") or ""), 32),
-        version=version if re.fullmatch(r"\d{1,6}", version) else "",
-        os=clean_text(str(row.get("os") or ""), 32),
+        path=normalise_path(text("path", "")),
+        title=normalise_title(text("title", "")),
+        referrer=normalise_referrer(with_scheme(text("referrer", "")), site),
+        country=country if len(country) == 2 and country.isalpha() and country.isascii() else "",
+        browser=clean_label(text("browser", "")),
+        version=version if version.isdigit() and len(version) <= 6 else "",
+        os=clean_label(text("os", "")),
         device=device if device in DEVICES else "",
-        screen=normalise_screen(str(row.get("screen") or "")),
-        language=str(row.get("language") or "") if _LANGUAGE.fullmatch(str(row.get("language") or "")) else "",
-        first_today=str(row.get("first_today")) in ("1", "True", "true"),
+        screen=normalise_screen(text("screen", "")),
+        language=language if _LANGUAGE.fullmatch(language) else "",
+        first_today=text("first_today", "") in ("1", "True", "true"),
     )
     return Record(view, bounded(row.get("visit_views"), 1_000_000), bounded(row.get("duration"), 10 * DAY))
+
+
+@lru_cache(maxsize=1024)
+def clean_label(value: str) -> str:
+    return clean_text(value, 32)
 
 
 def with_scheme(referrer: str) -> str:
@@ -2213,6 +2254,8 @@ def bounded(value: Any, limit: int) -> int:
 def parse_stamp(value: Any) -> Optional[int]:
     """Unix seconds, or an ISO or SQLite datetime (UTC unless it says), between 2000 and 2100."""
     text = str(value or "").strip()
+    if len(text) == 20 and text[10] == "T" and text[19] == "Z" and text[:4].isdigit():  # pixeld's own export
+        return parse_export_stamp(text)
     try:
         if re.fullmatch(r"\d+(\.\d+)?", text):
             when = int(float(text))
@@ -2222,6 +2265,20 @@ def parse_stamp(value: Any) -> Optional[int]:
     except (ValueError, OverflowError):
         return None
     return when if 946_684_800 <= when < 4_102_444_800 else None
+
+
+def parse_export_stamp(text: str) -> Optional[int]:
+    """``2026-11-28T14:05:09Z``, quickly: days come from a small cache, the time from slicing."""
+    try:
+        seconds = _midnight(text[:10]) + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19])
+    except ValueError:
+        return None
+    return seconds if 946_684_800 <= seconds < 4_102_444_800 else None
+
+
+@lru_cache(maxsize=1024)
+def _midnight(date: str) -> int:
+    return int(dt.datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp())
 
 
 def parse_log_time(value: str) -> Optional[int]:
