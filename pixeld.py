@@ -10,6 +10,7 @@ the user-agent reducer, storage, report rendering, the WSGI app, the server, the
 """
 
 import argparse
+import atexit
 import bisect
 import csv
 import dataclasses
@@ -37,7 +38,7 @@ import unicodedata
 import zoneinfo
 from collections import Counter
 from functools import lru_cache
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import SplitResult, unquote, urlsplit
 from wsgiref.handlers import BaseHandler, format_date_time
 
@@ -192,6 +193,8 @@ MAX_REFERRER = 1024
 MAX_HOST = 253
 MAX_SCREEN = 100_000
 MAX_PARAM = 8192
+MAX_EVENT = 64
+MAX_CAMPAIGN = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]+")  # and bidi overrides
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
@@ -213,6 +216,7 @@ class PageView(NamedTuple):
     screen: str
     language: str
     first_today: bool = False  # the visitor's first page view of this UTC day (see Privacy)
+    campaign: str = ""  # "source / medium / campaign" from utm_* parameters
 
 
 PREFETCH_HEADERS = {"HTTP_SEC_PURPOSE": "prefetch", "HTTP_PURPOSE": "prefetch", "HTTP_X_MOZ": "prefetch", "HTTP_X_PURPOSE": "preview"}
@@ -391,6 +395,13 @@ def client_address(peer: str, x_forwarded_for: str, forwarded: str, trusted: Seq
 
 def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return any(address.version == net.version and address in net for net in networks)
+
+
+def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
+    """``source / medium / campaign`` from ``utm_*`` (``ref`` or ``source`` for the source), and the source alone."""
+    source = clean_text(params.get("utm_source") or params.get("ref") or params.get("source") or "", MAX_CAMPAIGN).lower()
+    parts = [source] + [clean_text(params.get(name, ""), MAX_CAMPAIGN).lower() for name in ("utm_medium", "utm_campaign")]
+    return (" / ".join(parts) if any(parts) else ""), source
 
 
 def is_prefetch(environ: Dict[str, Any]) -> bool:
@@ -610,13 +621,14 @@ class Observation(NamedTuple):
 
 
 class Visitor:
-    __slots__ = ("visit", "counted_day", "minute", "minute_views")
+    __slots__ = ("visit", "counted_day", "minute", "minute_views", "events_today")
 
     def __init__(self) -> None:
         self.visit: Optional[Visit] = None
         self.counted_day = -1
         self.minute = -1
         self.minute_views = 0
+        self.events_today: Set[str] = set()  # names of the events this visitor sent today
 
 
 class Generation:
@@ -665,6 +677,16 @@ class Visitors:
             visit.last = max(visit.last, now)
         return Observation(first_today, VisitStep(visit, visit.views, visit.last - visit.start))
 
+    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str) -> Optional[bool]:
+        """Whether this is the visitor's first event of this name today; None over the rate limit."""
+        self._rotate(now)
+        visitor = self._find(now, site, address, user_agent)
+        if not self._within_rate_limit(visitor, now):
+            return None
+        first = name not in visitor.events_today
+        visitor.events_today.add(name)
+        return first
+
     def _rotate(self, now: int) -> None:
         day = now // DAY
         if day > self._current.day:
@@ -707,10 +729,14 @@ class Visitors:
 QUARTER = 15 * 60  # totals per site are kept per quarter hour: every time zone's day starts on one
 ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in seven bytes
 ID_SHIFT = 16  # a page view's id is its second << 16 | a sequence: rows sort by time without an index
-DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6}
-DIMENSION_CODES = tuple(DIMENSIONS.values())
+PAGEVIEW_DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6, "campaigns": 7}
+DIMENSIONS = {**PAGEVIEW_DIMENSIONS, "events": 8}  # events are counted per name, from their own table
+DIMENSION_CODES = tuple(PAGEVIEW_DIMENSIONS.values())
 EPOCH_DATE = dt.date(1970, 1, 1)
-PAGEVIEW_COLUMNS = {"pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen", "languages": "language"}
+PAGEVIEW_COLUMNS = {
+    "pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen",
+    "languages": "language", "campaigns": "campaign", "events": "name",
+}
 
 MIGRATIONS: Tuple[str, ...] = (
     """
@@ -724,7 +750,15 @@ MIGRATIONS: Tuple[str, ...] = (
         site INTEGER NOT NULL, path INTEGER NOT NULL, title INTEGER NOT NULL,
         referrer INTEGER NOT NULL, country INTEGER NOT NULL, agent INTEGER NOT NULL,
         screen INTEGER NOT NULL, language INTEGER NOT NULL,
-        first_today INTEGER NOT NULL, visit_views INTEGER NOT NULL, duration INTEGER NOT NULL);
+        first_today INTEGER NOT NULL, visit_views INTEGER NOT NULL, duration INTEGER NOT NULL,
+        campaign INTEGER NOT NULL);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        site INTEGER NOT NULL, path INTEGER NOT NULL, name INTEGER NOT NULL,
+        referrer INTEGER NOT NULL, country INTEGER NOT NULL, agent INTEGER NOT NULL,
+        screen INTEGER NOT NULL, language INTEGER NOT NULL,
+        first_today INTEGER NOT NULL, visit_views INTEGER NOT NULL, duration INTEGER NOT NULL,
+        campaign INTEGER NOT NULL);
     CREATE TABLE daily (
         day INTEGER NOT NULL, site INTEGER NOT NULL, dim INTEGER NOT NULL, value INTEGER NOT NULL,
         views INTEGER NOT NULL, visitors INTEGER NOT NULL, visits INTEGER NOT NULL,
@@ -754,6 +788,14 @@ NO_HOST = "(no host)"
 
 class StorageError(Exception):
     """The database cannot be opened or used: reported as one line."""
+
+
+class Event(NamedTuple):
+    """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
+    ``view.first_today`` means: the visitor's first event of this name today."""
+
+    name: str
+    view: PageView
 
 
 class FilteredHit(NamedTuple):
@@ -855,22 +897,24 @@ class Store:
         self.conn = conn
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
-        self._next_ids: Dict[int, int] = {}  # second -> next free id, within the batch being written
-        self._loaded_seconds = (0, -1)
+        self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
 
     def write(
         self,
         views: Sequence[Tuple[PageView, Optional[VisitStep]]] = (),
         filtered: Sequence[FilteredHit] = (),
         records: Sequence[Record] = (),
+        events: Sequence[Event] = (),
     ) -> None:
-        """Commit live page views (placed in their visits), filtered hits and imported records at once."""
+        """Commit live page views (placed in their visits), filtered hits, imported records and events at once."""
         self.conn.execute("BEGIN IMMEDIATE")
-        self._next_ids.clear()
+        for ids in self._ids.values():
+            ids.clear()
         try:
             tally = Tally()
             self._insert(records, tally)
             remember = self._insert_live(views, tally)
+            self._insert_events(events, tally)
             self._count_filtered(filtered)
             tally.save(self.conn)
             self.conn.execute("COMMIT")
@@ -884,20 +928,33 @@ class Store:
 
     def _insert(self, records: Sequence[Record], tally: "Tally") -> List[Tuple[int, Tuple[int, ...]]]:
         """Insert page view rows and count them; return each row's id and interned keys."""
+        ids = self._ids["pageviews"]
         if records:
-            self._load_next_ids(min(r.view.time for r in records), max(r.view.time for r in records))
+            ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
         strings = self._strings
         for view, visit_views, duration in records:
             keys = self._keys(view)
-            site, path, referrer, country, agent, screen, language = keys
-            row_id = self._next_id(view.time)
+            site, path, referrer, country, agent, screen, language, campaign = keys
+            row_id = ids.next(view.time)
             title = strings.get(view.title) or self.intern(view.title)
-            rows.append((row_id, site, path, title, referrer, country, agent, screen, language, int(view.first_today), visit_views, duration))
+            rows.append((row_id, site, path, title, referrer, country, agent, screen, language, int(view.first_today), visit_views, duration, campaign))
             tally.page_view(view.time, keys, int(view.first_today), visit_views, duration)
             placed.append((row_id, keys))
-        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return placed
+
+    def _insert_events(self, events: Sequence[Event], tally: "Tally") -> None:
+        ids = self._ids["events"]
+        if events:
+            ids.load(min(e.view.time for e in events), max(e.view.time for e in events))
+        rows = []
+        for name, view in events:
+            site, path, referrer, country, agent, screen, language, campaign = self._keys(view)
+            name_id = self.intern(name)
+            rows.append((ids.next(view.time), site, path, name_id, referrer, country, agent, screen, language, int(view.first_today), 0, 0, campaign))
+            tally.event(view.time, site, name_id, int(view.first_today))
+        self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], tally: "Tally") -> Callable[[], None]:
         """Insert live page views, then bring the entry rows of growing visits up to date; return
@@ -968,6 +1025,7 @@ class Store:
             strings.get(view.referrer) or intern(view.referrer), strings.get(view.country) or intern(view.country),
             agent or self.agent(UserAgent(view.browser, view.version, view.os, view.device)),
             strings.get(view.screen) or intern(view.screen), strings.get(view.language) or intern(view.language),
+            strings.get(view.campaign) or intern(view.campaign),
         )
 
     def _count_filtered(self, hits: Sequence[FilteredHit]) -> None:
@@ -979,31 +1037,6 @@ class Store:
             "ON CONFLICT (day, site, reason) DO UPDATE SET hits = hits + excluded.hits",
             [key + (n,) for key, n in counts.items()],
         )
-
-    def _load_next_ids(self, first: int, last: int) -> None:
-        """Learn, in one query, the last committed id of every second from ``first`` to ``last``."""
-        self._loaded_seconds = (first, last)
-        rows = self.conn.execute(
-            f"SELECT id >> {ID_SHIFT}, max(id) FROM pageviews WHERE id >= ? AND id < ? GROUP BY id >> {ID_SHIFT}", (first_id(first), first_id(last + 1))
-        )
-        for shifted, last_id in rows:
-            second = shifted + ID_EPOCH
-            self._next_ids[second] = max(self._next_ids.get(second, 0), last_id + 1)
-
-    def _next_id(self, second: int) -> int:
-        """A unique id that sorts by time: the next free sequence number within ``second``.
-
-        The committed rows of the batch's seconds are loaded once per batch; a second that
-        overflowed spills into the next one, which then starts after the spill."""
-        next_id = self._next_ids.get(second)
-        if next_id is None:
-            low = first_id(second)
-            if not self._loaded_seconds[0] <= second <= self._loaded_seconds[1]:
-                last = self.conn.execute("SELECT max(id) FROM pageviews WHERE id >= ? AND id < ?", (low, first_id(second + 1))).fetchone()[0]
-                low = low if last is None else last + 1
-            next_id = max(low, self._next_ids.get(second - 1, low))
-        self._next_ids[second] = next_id + 1
-        return next_id
 
     def intern(self, value: str) -> int:
         found = self._strings.get(value)
@@ -1024,6 +1057,44 @@ class Store:
             self._agents[key] = found  # type: ignore[index]
         return found
 
+
+
+class TimeIds:
+    """Ids for one table that sort by time: second << 16 | a sequence, unique within the table.
+
+    The committed rows of a batch's seconds are loaded once per batch; a second that overflowed
+    spills into the next one, which then starts after the spill."""
+
+    def __init__(self, conn: sqlite3.Connection, table: str) -> None:
+        self.conn = conn
+        self.table = table
+        self._next: Dict[int, int] = {}  # second -> next free id, within the batch being written
+        self._loaded: List[Tuple[int, int]] = []  # ranges of seconds whose committed ids are known
+
+    def clear(self) -> None:
+        self._next.clear()
+        self._loaded.clear()
+
+    def load(self, first: int, last: int) -> None:
+        """Learn, in one query, the last committed id of every second from ``first`` to ``last``."""
+        self._loaded.append((first, last))
+        rows = self.conn.execute(
+            f"SELECT id >> {ID_SHIFT}, max(id) FROM {self.table} WHERE id >= ? AND id < ? GROUP BY id >> {ID_SHIFT}", (first_id(first), first_id(last + 1))
+        )
+        for shifted, last_id in rows:
+            second = shifted + ID_EPOCH
+            self._next[second] = max(self._next.get(second, 0), last_id + 1)
+
+    def next(self, second: int) -> int:
+        next_id = self._next.get(second)
+        if next_id is None:
+            low = first_id(second)
+            if not any(first <= second <= last for first, last in self._loaded):
+                last = self.conn.execute(f"SELECT max(id) FROM {self.table} WHERE id >= ? AND id < ?", (low, first_id(second + 1))).fetchone()[0]
+                low = low if last is None else last + 1
+            next_id = max(low, self._next.get(second - 1, low))
+        self._next[second] = next_id + 1
+        return next_id
 
 
 class Tally:
@@ -1053,6 +1124,11 @@ class Tally:
         total[0] += 1
         total[1] += first_today
         total[2] += visit_views > 0
+
+    def event(self, time: int, site: int, name: int, first_today: int) -> None:
+        total = self._daily.setdefault((time // DAY, site, DIMENSIONS["events"], name), [0, 0, 0, 0, 0])
+        total[0] += 1
+        total[1] += first_today
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
         site = keys[0]
@@ -1118,13 +1194,14 @@ class Writer:
         self._unsaved_drops = 0
         self._drops_lock = threading.Lock()
         self._pruned_day = -1
-        self._queue: "queue.SimpleQueue[Union[Tuple[PageView, Optional[VisitStep]], FilteredHit, None]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[Union[Tuple[PageView, Optional[VisitStep]], FilteredHit, Event, None]]" = queue.SimpleQueue()
         self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
         self._filtered: List[FilteredHit] = []
+        self._events: List[Event] = []
         self._thread = threading.Thread(target=self._run, name="pixeld-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, hit: Union[PageView, FilteredHit], step: Optional[VisitStep] = None) -> None:
+    def submit(self, hit: Union[PageView, FilteredHit, Event], step: Optional[VisitStep] = None) -> None:
         if self.waiting() >= self.queue_limit:
             with self._drops_lock:
                 if not self.dropped:
@@ -1136,7 +1213,7 @@ class Writer:
 
     def waiting(self) -> int:
         """Hits accepted but not yet committed."""
-        return self._queue.qsize() + len(self._views) + len(self._filtered)
+        return self._queue.qsize() + len(self._views) + len(self._filtered) + len(self._events)
 
     @property
     def healthy(self) -> bool:
@@ -1173,6 +1250,8 @@ class Writer:
                 return True
             if isinstance(hit, FilteredHit):
                 self._filtered.append(hit)
+            elif isinstance(hit, Event):
+                self._events.append(hit)
             else:
                 self._views.append(hit)
 
@@ -1181,9 +1260,9 @@ class Writer:
             drops = self._unsaved_drops
         tally = [FilteredHit(int(self.clock()), "", "dropped", drops)] if drops else []
         attempts = 0
-        while self._views or self._filtered or tally:
+        while self._views or self._filtered or self._events or tally:
             try:
-                self.store.write(self._views, self._filtered + tally)
+                self.store.write(self._views, self._filtered + tally, events=self._events)
             except Exception as error:  # a locked or full database, or worse: keep the batch, try again
                 self._note_error(f"cannot write to the database: {error}")
                 attempts += 1
@@ -1191,7 +1270,7 @@ class Writer:
                     return
                 time.sleep(0.5)
             else:
-                self._views, self._filtered, tally = [], [], []
+                self._views, self._filtered, self._events, tally = [], [], [], []
                 with self._drops_lock:
                     self._unsaved_drops -= drops
                 if self.error:
@@ -1255,6 +1334,7 @@ class ReportData(NamedTuple):
     filtered: Dict[str, int]
     sections: Dict[str, List[Tuple[str, int]]]  # (label, page views), ranked
     entry_pages: List[Tuple[str, int, int]]  # (label, visits, bounces), ranked by visits
+    events: List[Tuple[str, int, int]]  # (name, count, visitors), ranked by count
     grain: str  # hour, day, week or month
     series: List[Tuple[int, int, int]]  # (bucket start, page views, visitors)
     notes: List[str]
@@ -1269,15 +1349,15 @@ class Scope(NamedTuple):
     site_id: Optional[int]
     where: str
     args: Tuple[Any, ...]
-    table: str = "pageviews"
+    table: str = "pageviews"  # raw rows to count: pageviews, events (with event=), or the temporary copy
 
     @property
     def filtered(self) -> bool:
-        return bool(self.where) or self.table != "pageviews"
+        return bool(self.where) or self.table.startswith("temp.")
 
 
 Counts = Dict[str, Dict[Tuple[int, int], List[int]]]  # section -> (site id, value id) -> metrics (only page views are used outside pages)
-FILTERS = ("path", "referrer", "country", "browser", "os", "device", "language")
+FILTERS = ("path", "referrer", "country", "browser", "os", "device", "language", "event")
 
 
 def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
@@ -1294,11 +1374,12 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
     matched = _matched(conn, span, scope) if scope.where else scope
     try:
-        counts = _count(conn, span, matched, tuple(DIMENSIONS))
+        counts = _count(conn, span, matched, tuple(PAGEVIEW_DIMENSIONS))
         grain, series = _series(conn, span, query.zone, matched)
     finally:
-        if matched.table != "pageviews":
+        if matched.filtered:
             conn.execute(f"DROP TABLE {matched.table}")
+    counts.update(_count(conn, span, scope._replace(table="events"), ("events",)))
     labels = _labeller(conn, counts, multi_site=not query.site)
     return ReportData(
         query=query,
@@ -1308,6 +1389,7 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         filtered=_count_filtered(conn, span, scope.site_id),
         sections=_sections(counts, labels),
         entry_pages=_entry_pages(counts["pages"], labels["pages"]),
+        events=_events(counts["events"], labels["events"]),
         grain=grain,
         series=series,
         notes=_retention_notes(conn, span, scope),
@@ -1329,6 +1411,9 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
         elif name in ("path", "referrer", "country", "language"):
             parts.append(f"{name} = (SELECT id FROM strings WHERE value = ?)")
             args.append(value)
+        elif name == "event":
+            parts.append("name = (SELECT id FROM strings WHERE value = ?)")
+            args.append(value)
         elif name == "browser":  # a name, or a name and a major version: "Chrome" or "Chrome 131"
             parts.append("agent IN (SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?)")
             args += [value, value]
@@ -1341,14 +1426,15 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
     if site_id is not None:
         parts.append("site = ?")
         args.append(site_id)
-    return Scope(site_id, "".join(" AND " + part for part in parts), tuple(args))
+    table = "events" if any(name == "event" for name, _ in query.filters) else "pageviews"
+    return Scope(site_id, "".join(" AND " + part for part in parts), tuple(args), table)
 
 
 def _matched(conn: sqlite3.Connection, span: Range, scope: Scope) -> Scope:
-    """Copy the page views of the range that pass the filters into a temporary table, in memory."""
+    """Copy the rows of the range that pass the filters into a temporary table."""
     conn.execute(
-        "CREATE TEMP TABLE matched AS SELECT id, site, path, referrer, country, agent, screen, language, first_today, visit_views, duration "
-        f"FROM pageviews WHERE id >= ? AND id < ?{scope.where}",
+        "CREATE TEMP TABLE matched AS SELECT id, site, path, referrer, country, agent, screen, language, first_today, visit_views, duration, campaign "
+        f"FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}",
         (first_id(span.start), first_id(span.end)) + scope.args,
     )
     return Scope(scope.site_id, "", (), "temp.matched")
@@ -1452,7 +1538,7 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     bounds = (first_id(span.start), first_id(span.end)) + args
     for name in counts:
         column = PAGEVIEW_COLUMNS[name]
-        if name == "pages":
+        if name in ("pages", "events"):
             for site, value, *metrics in conn.execute(
                 f"SELECT site, {column}, count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration) "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
@@ -1605,6 +1691,8 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
         "devices": agent_part(lambda a: a.device),
         "screens": string,
         "languages": string,
+        "campaigns": string,
+        "events": string,
     }
 
 
@@ -1612,12 +1700,16 @@ SECTION_SOURCES = {"browsers": "agents", "operating_systems": "agents", "devices
 
 
 def _sections(counts: Counts, labels: Dict[str, Label]) -> Dict[str, List[Tuple[str, int]]]:
-    """Page views per label for each section, most first."""
+    """Page views per label for each section, most first (page views without a campaign are not listed)."""
     sections = {}
     for name, label in labels.items():
+        if name == "events":
+            continue
         merged: Counter = Counter()
         for (site, value), metrics in counts[SECTION_SOURCES.get(name, name)].items():
             merged[label(site, value)] += metrics[0]
+        if name == "campaigns":
+            merged.pop("", None)
         sections[name] = sorted(((key, n) for key, n in merged.items() if n), key=lambda item: (-item[1], item[0]))
     return sections
 
@@ -1630,6 +1722,15 @@ def _entry_pages(pages: Dict[Tuple[int, int], List[int]], label: Label) -> List[
             total[0] += metrics[2]
             total[1] += metrics[3]
     return sorted(((key, visits, bounces) for key, (visits, bounces) in merged.items()), key=lambda row: (-row[1], row[0]))
+
+
+def _events(counted: Dict[Tuple[int, int], List[int]], label: Label) -> List[Tuple[str, int, int]]:
+    merged: Dict[str, List[int]] = {}
+    for (site, value), metrics in counted.items():
+        total = merged.setdefault(label(site, value), [0, 0])
+        total[0] += metrics[0]
+        total[1] += metrics[1]
+    return sorted(((name, count, visitors) for name, (count, visitors) in merged.items()), key=lambda row: (-row[1], row[0]))
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -1655,12 +1756,14 @@ SECTION_TITLES = {
     "pages": "Pages",
     "entry_pages": "Entry pages",
     "referrers": "Referrers",
+    "campaigns": "Campaigns",
     "countries": "Countries",
     "browsers": "Browsers",
     "operating_systems": "Operating systems",
     "devices": "Devices",
     "screens": "Screen sizes",
     "languages": "Languages",
+    "events": "Events",
 }
 EMPTY_LABELS = {"referrers": "(direct)", "countries": "(unknown)", "browsers": "(unknown)", "operating_systems": "(unknown)", "screens": "(unknown)", "languages": "(unknown)"}
 FILTER_REASONS = {
@@ -1854,9 +1957,12 @@ def shown_sections(report: ReportData, request: ReportRequest) -> List[str]:
 
 
 def section_rows(report: ReportData, name: str) -> List[Tuple[str, int, int]]:
-    """Rows of any section as (label, count, second number): page views and total, or visits and bounces."""
+    """Rows of any section as (label, count, second number): page views and total, visits and bounces,
+    or an event's count and visitors."""
     if name == "entry_pages":
         return report.entry_pages
+    if name == "events":
+        return report.events
     return [(label, views, report.totals.views) for label, views in report.sections[name]]
 
 
@@ -1885,6 +1991,8 @@ def render_json(report: ReportData, request: ReportRequest) -> str:
         rows = limited(section_rows(report, name), request, text=False)
         if name == "entry_pages":
             document["sections"][name] = [{"value": v, "visits": n, "bounce_rate": percent(b, n)} for v, n, b in rows]
+        elif name == "events":
+            document["sections"][name] = [{"value": v, "count": n, "visitors": visitors} for v, n, visitors in rows]
         else:
             document["sections"][name] = [{"value": v, "count": n, "percent": percent(n, total)} for v, n, total in rows]
     return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
@@ -1907,6 +2015,9 @@ def render_csv(report: ReportData, request: ReportRequest) -> str:
             if name == "entry_pages":
                 writer.writerow(["entry_pages", value, count, percent(count, report.totals.visits)])
                 writer.writerow(["entry_bounces", value, other, percent(other, count)])
+            elif name == "events":
+                writer.writerow(["events", value, count, ""])
+                writer.writerow(["event_visitors", value, other, ""])
             else:
                 writer.writerow([name, value, count, percent(count, other)])
     return out.getvalue()
@@ -1938,7 +2049,8 @@ def render_headline(report: ReportData, ascii: bool) -> List[str]:
         "bounce_rate": f"{now['bounce_rate']:.1f}%",
         "visit_duration": format_duration(int(now["visit_duration"])),
     }
-    titles = {"visitors": "Visitors", "visits": "Visits", "pageviews": "Page views", "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate", "visit_duration": "Visit duration"}
+    counted = "Events" if any(name == "event" for name, _ in report.query.filters) else "Page views"
+    titles = {"visitors": "Visitors", "visits": "Visits", "pageviews": counted, "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate", "visit_duration": "Visit duration"}
     lines = [f"{titles[name]:<16}{value:>10}  {format_change(now[name], before[name], ascii):<7}".rstrip() for name, value in shown.items()]
     if days_in(report.query.range) > 1:
         lines[0] = f"{lines[0]:<37}(daily unique visitors, summed)"
@@ -1989,13 +2101,17 @@ def render_section(name: str, rows: List[Tuple[str, int, int]], request: ReportR
         label_width = width - 22
         lines = [f"{title:<{label_width}}{'Visits':>10}{'Bounce rate':>12}"]
         lines += [f"{cut(value, label_width - 2):<{label_width}}{visits:>10,}{percent(bounces, visits):>11.1f}%" for value, visits, bounces in shown]
+    elif name == "events":
+        label_width = width - 20
+        lines = [f"{title:<{label_width}}{'Count':>10}{'Visitors':>10}"]
+        lines += [f"{cut(value, label_width - 2):<{label_width}}{count:>10,}{visitors:>10,}" for value, count, visitors in shown]
     else:
         label_width = width - 18
         lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}"]
         lines += [f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%" for value, views, total in shown]
     if len(rows) > len(shown):
         lines.append(f"… and {len(rows) - len(shown):,} more")
-    return lines if rows else lines + ["(no page views)"]
+    return lines if rows else lines + [f"(no {'events' if name == 'events' else 'campaigns' if name == 'campaigns' else 'page views'})"]
 
 
 def cut(text: str, width: int) -> str:
@@ -2378,6 +2494,7 @@ class App:
         self.writer = Writer(connect(config.db_path), config.flush_interval, log, config.keep_days, clock, config.queue_limit)
         self.visitors = Visitors(config.rate_limit)
         self._visitors_lock = threading.Lock()
+        self.closed = False
         self.routes: Dict[str, Callable[[Environ], Answer]] = {
             "/pixel.gif": self.pixel,
             "/report": self.report,
@@ -2387,15 +2504,17 @@ class App:
         }
 
     def close(self) -> None:
-        """Commit everything acknowledged so far and release the database."""
-        self.writer.close()
+        """Commit everything acknowledged so far and release the database (once; later calls do nothing)."""
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> List[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         route = self.routes.get(environ.get("PATH_INFO", ""))
         if route is None:
             status, headers, body = plain("404 Not Found", "not found")
-        elif method not in ("GET", "HEAD"):
+        elif method not in ("GET", "HEAD") and not (method == "POST" and route == self.pixel):  # sendBeacon POSTs
             status, headers, body = plain("405 Method Not Allowed", "use GET or HEAD")
             headers.append(("Allow", "GET, HEAD"))
         else:
@@ -2428,7 +2547,8 @@ class App:
             environ.get("HTTP_FORWARDED", ""),
             self.config.trusted_proxies,
         )
-        referrer = normalise_referrer(params.get("referrer", ""), site)
+        campaign, source = campaign_of(params)
+        referrer = f"{source} (campaign)" if source else normalise_referrer(params.get("referrer", ""), site)
         agent = classify_user_agent(user_agent)
         reason = self.filter_reason(environ, params, site, address, user_agent, agent, referrer)
         if reason:
@@ -2440,12 +2560,27 @@ class App:
             agent.browser, agent.version, agent.os, agent.device, normalise_screen(params.get("resolution", "")),
             primary_language(environ.get("HTTP_ACCEPT_LANGUAGE", "")),
         )
+        if "event" in params:
+            self.record_event(now, site, str(address or ""), user_agent, params["event"], fields, campaign)
+            return
         with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
             observation = self.visitors.observe(now, site, str(address or ""), user_agent)
             if observation is None:
                 self.writer.submit(FilteredHit(now, site, "rate-limited"))
             else:
-                self.writer.submit(PageView(now, site, *fields, observation.first_today), observation.step)
+                self.writer.submit(PageView(now, site, *fields, observation.first_today, campaign), observation.step)
+
+    def record_event(self, now: int, site: str, address: str, user_agent: str, name: str, fields: Tuple[Any, ...], campaign: str) -> None:
+        """A custom event: not a page view; counted with its first-of-the-day-per-visitor flag."""
+        name = clean_text(name, MAX_EVENT)
+        if not name:
+            return
+        with self._visitors_lock:
+            first = self.visitors.observe_event(now, site, address, user_agent, name)
+        if first is None:
+            self.writer.submit(FilteredHit(now, site, "rate-limited"))
+        else:
+            self.writer.submit(Event(name, PageView(now, site, *fields, first, campaign)))
 
     def filter_reason(
         self, environ: Environ, params: Dict[str, str], site: str, address: Optional[IPAddress], user_agent: str, agent: UserAgent, referrer: str
@@ -3291,6 +3426,22 @@ def run_backup(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     finally:
         source.close()
     log_line(f"backed up to {args.dest}")
+
+
+def create_app(environ: Optional[Dict[str, str]] = None) -> App:
+    """The WSGI app for another server, configured from ``PIXELD_*`` variables like ``serve``:
+    ``gunicorn --workers 1 --threads 8 'pixeld:create_app()'``. One process only: visitors and
+    the writer live in it. Its page views are flushed when the process exits."""
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        config = config_from(build_parser().parse_args(["serve"]), environ)
+        check_database_path(config.db_path)
+        app = App(config, log=log_line)
+    except (ConfigError, StorageError) as error:
+        raise SystemExit(f"pixeld: {error}") from None
+    atexit.register(app.close)
+    log_line(f"version {__version__} as a WSGI app, database {os.path.abspath(config.db_path)}")
+    return app
 
 
 def log_line(message: str) -> None:

@@ -63,13 +63,13 @@ def test_bad_ranges_get_a_reason(params, reason):
 
 
 def sample_report(pageviews=3, entry_pages=(), **sections):
-    base = {name: [] for name in pixeld.SECTION_TITLES if name != "entry_pages"}
+    base = {name: [] for name in pixeld.SECTION_TITLES if name not in ("entry_pages", "events")}
     base.update(sections)
     totals = pixeld.Metrics(views=pageviews, visitors=2, visits=3, bounces=1, duration=250)
     previous = pixeld.Metrics(views=pageviews // 2, visitors=2, visits=4, bounces=0, duration=250)
     series = [(TODAY - (6 - i) * DAY, i, i // 2) for i in range(7)]
     query = pixeld.Query(Range(TODAY - 6 * DAY, TODAY + DAY))
-    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, base, list(entry_pages), "day", series, [])
+    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, base, list(entry_pages), [("signup", 3, 2)], "day", series, [])
 
 
 def request_for(report, fmt="text", limit=None, section="", ascii=False):
