@@ -2437,21 +2437,55 @@ def file_fingerprint(path: str) -> str:
 
 SNIPPET_PLACEHOLDER = "https://stats.example.org"
 SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below point at your pixeld server. -->
-<script>
-(function (u) {
-  var d = document, l = location, e = encodeURIComponent;
-  new Image().src = u + "/pixel.gif?path=" + e(l.pathname) + "&title=" + e(d.title) +
-    "&referrer=" + e(d.referrer) + "&resolution=" + screen.width + "," + screen.height +
-    "&host=" + e(l.hostname) + (navigator.webdriver ? "&bot=1" : "");
-})("https://stats.example.org");
+<script data-pixeld="https://stats.example.org">
+(function (w, d, l, n) {
+  var c = d.currentScript, u = c.getAttribute("data-pixeld"), e = encodeURIComponent, k = "pixeld-ignore", s, last, first = 1;
+  try { s = w.localStorage; } catch (x) { s = {}; }
+  if (l.hash == "#" + k) {
+    s[k] ? delete s[k] : (s[k] = 1);
+    alert("pixeld: this browser is " + (s[k] ? "no longer counted" : "counted again"));
+  }
+  function off() {
+    return s[k] || (!c.hasAttribute("data-local") && (l.protocol == "file:" || /^(localhost|127\\.|\\[::1\\]$)/.test(l.hostname)));
+  }
+  function url(q) {
+    var p = new URLSearchParams(l.search);
+    ["utm_source", "utm_medium", "utm_campaign", "ref", "source"].forEach(function (m) { if (p.get(m)) q += "&" + m + "=" + e(p.get(m)); });
+    return u + "/pixel.gif?" + q + "&host=" + e(l.hostname) + (n.webdriver ? "&bot=1" : "");
+  }
+  function view() {
+    if (off() || l.pathname == last) return;
+    last = l.pathname;
+    new Image().src = url("path=" + e(last) + "&title=" + e(d.title) + "&referrer=" + e(first ? d.referrer : "") +
+      "&resolution=" + screen.width + "," + screen.height);
+    first = 0;
+  }
+  w.pixeld = function (kind, name) {
+    if (kind != "event" || off()) return;
+    var x = url("event=" + e(name) + "&path=" + e(l.pathname));
+    n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x);
+  };
+  ["pushState", "replaceState"].forEach(function (f) {
+    var o = history[f];
+    history[f] = function () { var r = o.apply(this, arguments); setTimeout(view); return r; };
+  });
+  w.addEventListener("popstate", view);
+  d.addEventListener("click", function (v) {
+    var a = v.target.closest("[data-pixeld-event],a[href]");
+    if (a && a.hasAttribute("data-pixeld-event")) w.pixeld("event", a.getAttribute("data-pixeld-event"));
+    else if (a && c.hasAttribute("data-outbound") && a.hostname && a.hostname != l.hostname) w.pixeld("event", "outbound:" + a.hostname);
+  }, true);
+  d.prerendering ? d.addEventListener("prerenderingchange", view, { once: true }) : view();
+})(window, document, location, navigator);
 </script>
 <noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
 """
 
 
-def snippet(url: str = SNIPPET_PLACEHOLDER) -> str:
-    """The snippet to paste into pages, pointing at ``url``."""
-    return SNIPPET.replace(SNIPPET_PLACEHOLDER, url.rstrip("/"))
+def snippet(url: str = SNIPPET_PLACEHOLDER, local: bool = False) -> str:
+    """The snippet to paste into pages, pointing at ``url``; ``local`` lets it count on localhost too."""
+    text = SNIPPET.replace(SNIPPET_PLACEHOLDER, url.rstrip("/"))
+    return text.replace("<script data-pixeld=", "<script data-local data-pixeld=") if local else text
 
 
 ###############################################################################
@@ -2667,7 +2701,7 @@ class App:
         return plain("200 OK" if status == "ok" else "503 Service Unavailable", status)
 
     def index(self, environ: Environ) -> Answer:
-        page = INDEX_PAGE.replace("{snippet}", snippet(""))
+        page = INDEX_PAGE.replace("{snippet}", snippet("", local=True))
         return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], page.encode()
 
 
