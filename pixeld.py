@@ -826,8 +826,6 @@ def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
             migrate(conn, version)
         elif version < SCHEMA_VERSION:
             raise StorageError(f"database {path} has schema version {version}: start the daemon once to migrate it")
-        else:
-            conn.execute("PRAGMA temp_store = MEMORY")  # a filtered report's matching rows never touch the disk
     except sqlite3.Error as error:
         raise StorageError(f"cannot use database {path}: {error}") from None
     return conn
@@ -915,7 +913,7 @@ class Store:
             self._insert(records, tally)
             remember = self._insert_live(views, tally)
             self._insert_events(events, tally)
-            self._count_filtered(filtered)
+            self._tally_filtered(filtered)
             tally.save(self.conn)
             self.conn.execute("COMMIT")
         except BaseException:
@@ -1028,7 +1026,7 @@ class Store:
             strings.get(view.campaign) or intern(view.campaign),
         )
 
-    def _count_filtered(self, hits: Sequence[FilteredHit]) -> None:
+    def _tally_filtered(self, hits: Sequence[FilteredHit]) -> None:
         counts: Counter = Counter()
         for hit in hits:
             counts[hit.time // DAY, self.intern(hit.site), hit.reason] += hit.count
@@ -1431,7 +1429,8 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
 
 
 def _matched(conn: sqlite3.Connection, span: Range, scope: Scope) -> Scope:
-    """Copy the rows of the range that pass the filters into a temporary table."""
+    """Copy the rows of the range that pass the filters into a temporary table. SQLite keeps it in its
+    page cache and spills the rest to a private temporary file, so memory stays flat however many match."""
     conn.execute(
         "CREATE TEMP TABLE matched AS SELECT id, site, path, referrer, country, agent, screen, language, first_today, visit_views, duration, campaign "
         f"FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}",
@@ -1441,38 +1440,63 @@ def _matched(conn: sqlite3.Connection, span: Range, scope: Scope) -> Scope:
 
 
 class Split(NamedTuple):
-    """How an unfiltered range is counted: whole UTC months, whole days, and raw partial days."""
+    """How an unfiltered range is counted: UTC months, days added or taken away, and raw partial days."""
 
-    months: Tuple[int, int]
-    days: List[Tuple[int, int]]
-    raw: List[Range]
+    months: List[Tuple[int, int]]  # ranges of whole months, from ``monthly``
+    days: List[Tuple[int, int, int]]  # (first day, end day, +1 or -1), from ``daily``
+    raw: List[Range]  # partial days at the edges, from raw page views
 
 
-def split_range(span: Range) -> Split:
+def split_range(conn: sqlite3.Connection, span: Range) -> Split:
+    """Plan the cheapest exact sum. A month the range covers only in part is its ``monthly`` row
+    minus the days outside the range when those are fewer (or hold nothing yet, like the rest of
+    the current month); else the sum of the days inside. Every count is a plain sum, so this is exact."""
     first_day, end_day = -(-span.start // DAY), span.end // DAY
     if first_day >= end_day:
-        return Split((0, 0), [], [span])
-    first_month, end_month = month_of_day(first_day - 1) + 1, month_of_day(end_day)
-    if first_month < end_month:
-        days = [(first_day, first_day_of_month(first_month)), (first_day_of_month(end_month), end_day)]
-    else:
-        first_month = end_month = 0
-        days = [(first_day, end_day)]
+        return Split([], [], [span])
+    months: List[Tuple[int, int]] = []
+    days: List[Tuple[int, int, int]] = []
+    for month in range(month_of_day(first_day), month_of_day(end_day - 1) + 1):
+        month_start, month_end = first_day_of_month(month), first_day_of_month(month + 1)
+        inside = (max(first_day, month_start), min(end_day, month_end))
+        outside = [part for part in ((month_start, inside[0]), (inside[1], month_end)) if part[0] < part[1]]
+        outside_days = sum(end - start for start, end in outside)
+        if not outside_days or not _has_days(conn, outside):
+            months.append((month, month + 1))
+        elif outside_days < inside[1] - inside[0]:
+            months.append((month, month + 1))
+            days += [(start, end, -1) for start, end in outside]
+        else:
+            days.append((inside[0], inside[1], 1))
     raw = [Range(span.start, first_day * DAY), Range(end_day * DAY, span.end)]
-    return Split((first_month, end_month), [d for d in days if d[0] < d[1]], [r for r in raw if r.start < r.end])
+    return Split(merge_ranges(months), days, [r for r in raw if r.start < r.end])
+
+
+def _has_days(conn: sqlite3.Connection, parts: List[Tuple[int, int]]) -> bool:
+    return any(conn.execute("SELECT 1 FROM daily WHERE day >= ? AND day < ? LIMIT 1", part).fetchone() for part in parts)
+
+
+def merge_ranges(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    merged: List[Tuple[int, int]] = []
+    for start, end in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _count(conn: sqlite3.Connection, span: Range, scope: Scope, names: Sequence[str]) -> Counts:
-    """Whole UTC months from ``monthly``, whole days from ``daily``, the rest from raw page views."""
+    """Months from ``monthly``, days from ``daily``, the rest from raw page views (see ``split_range``)."""
     counts: Counts = {name: {} for name in names}
     if scope.filtered:
         _count_raw(conn, span, scope, counts)
         return counts
-    split = split_range(span)
-    if split.months[0] < split.months[1]:
-        _count_periods(conn, "monthly", *split.months, scope.site_id, counts)
-    for first, end in split.days:
-        _count_periods(conn, "daily", first, end, scope.site_id, counts)
+    split = split_range(conn, span)
+    for first, end in split.months:
+        _count_periods(conn, "monthly", first, end, scope.site_id, counts)
+    for first, end, sign in split.days:
+        _count_periods(conn, "daily", first, end, scope.site_id, counts, sign)
     for edge in split.raw:
         _count_raw(conn, edge, scope, counts)
     return counts
@@ -1485,17 +1509,16 @@ def _totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
     raw_metrics = "count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration)"
     queries = []
     if scope.filtered:
-        queries.append((f"SELECT {raw_metrics} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(span.start), first_id(span.end)) + scope.args))
+        queries.append((f"SELECT {raw_metrics} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(span.start), first_id(span.end)) + scope.args, 1))
     else:
-        split = split_range(span)
-        if split.months[0] < split.months[1]:
-            queries.append((f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", split.months + site_args))
-        queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", days + site_args) for days in split.days]
-        queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args) for r in split.raw]
+        split = split_range(conn, span)
+        queries += [(f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", months + site_args, 1) for months in split.months]
+        queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", (first, end) + site_args, sign) for first, end, sign in split.days]
+        queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args, 1) for r in split.raw]
     sums = [0, 0, 0, 0, 0]
-    for sql, args in queries:
+    for sql, args, sign in queries:
         for i, value in enumerate(conn.execute(sql, args).fetchone()):
-            sums[i] += value or 0
+            sums[i] += sign * (value or 0)
     return Metrics(*sums)
 
 
@@ -1514,8 +1537,8 @@ def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int
         total[i] += amount
 
 
-def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, site_id: Optional[int], counts: Counts) -> None:
-    """Add up ``daily`` (days first..end) or ``monthly`` (months first..end) counts."""
+def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, site_id: Optional[int], counts: Counts, sign: int = 1) -> None:
+    """Add up (or, with ``sign`` -1, take away) ``daily`` (days first..end) or ``monthly`` (months first..end) counts."""
     names = {code: name for name, code in DIMENSIONS.items() if name in counts}
     period = "day" if table == "daily" else "month"
     clause, args = _site_clause(site_id)
@@ -1524,7 +1547,7 @@ def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, s
         f"FROM {table} WHERE {period} >= ? AND {period} < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
         (first, end, *names) + args,
     ):
-        _add(counts, names[dim], site, value, metrics)
+        _add(counts, names[dim], site, value, [sign * amount for amount in metrics] if sign < 0 else metrics)
 
 
 def _raw_clause(scope: Scope) -> Tuple[str, Tuple[Any, ...]]:
@@ -2287,7 +2310,7 @@ class Importer:
             agent.browser, agent.version, agent.os, agent.device, "", "", first_today=observation.first_today,  # type: ignore[union-attr]
         )
         self._views.append((view, observation.step))  # type: ignore[union-attr]
-        self._count()
+        self._counted()
 
     def _add_record(self, row: Optional[Dict[str, Any]]) -> None:
         record = record_from(row, self.site) if row else None
@@ -2295,14 +2318,14 @@ class Importer:
             self.skipped += 1
             return
         self._records.append(record)
-        self._count()
+        self._counted()
 
     def _filter(self, when: Optional[int], reason: str) -> None:
         if when is not None:
             self._hits.append(FilteredHit(when, self.site, reason))
             self.filtered += 1
 
-    def _count(self) -> None:
+    def _counted(self) -> None:
         self.imported += 1
         if len(self._views) + len(self._records) >= IMPORT_BATCH:
             self._flush()
@@ -2346,7 +2369,8 @@ def record_from(row: Dict[str, Any], default_site: str) -> Optional[Record]:
         language=language if _LANGUAGE.fullmatch(language) else "",
         first_today=text("first_today", "") in ("1", "True", "true"),
     )
-    return Record(view, bounded(row.get("visit_views"), 1_000_000), bounded(row.get("duration"), 10 * DAY))
+    visit_views = bounded(row.get("visit_views"), 1_000_000)
+    return Record(view, visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0)  # a duration belongs to a visit's entry
 
 
 @lru_cache(maxsize=1024)

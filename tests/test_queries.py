@@ -168,3 +168,15 @@ def test_report_json_has_filters_timezone_and_series_for_the_request(store, mixe
     assert document["timezone"] == "Europe/Berlin" and document["filters"] == {"path": "/blog/*"}
     assert document["start"] == "2026-11-20T01:00:00+01:00" and document["series"]["grain"] == "hour"
     assert sum(row["pageviews"] for row in document["series"]["rows"]) == document["pageviews"] == 3
+
+
+def test_months_days_and_subtracted_days_agree_with_raw_rows(store):
+    """Partial months are the monthly row minus the days outside, or the days inside: both exact."""
+    start = utc("2026-08-01T00:00:00")
+    store.write(records=[Record(view(start + i * 5 * 3600 + 77, f"/p{i % 5}", country="DE" if i % 3 else "FR"), (i % 4) % 3, (i % 7) * ((i % 4) % 3 > 0)) for i in range(600)])
+    for first, end in [("2026-08-25", "2026-10-05"), ("2026-08-03", "2026-10-28"), ("2026-08-10", "2026-08-20"), ("2026-09-01", "2026-09-30"), ("2026-08-02T06:00:00", "2026-10-30T18:00:00")]:
+        span = pixeld.parse_range({"start": first, "end": end}, time.time(), lambda: None)
+        planned = query_report(store.conn, Query(span))
+        raw = query_report(store.conn, Query(span, filters=(("device", "desktop"),)))  # every row matches: read raw
+        assert planned.totals == raw.totals and planned.previous == raw.previous, (first, end)
+        assert planned.sections == raw.sections and planned.entry_pages == raw.entry_pages, (first, end)

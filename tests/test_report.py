@@ -190,7 +190,7 @@ def test_healthz_index_and_unknown_routes(app):
     made = app()
     assert call(made, "/healthz")[:3:2] == (200, "ok\n")
     status, headers, body = call(made, "/")
-    assert status == 200 and "/pixel.gif?path=" in body and headers["Content-Type"].startswith("text/html")
+    assert status == 200 and '<script data-local data-pixeld="">' in body and headers["Content-Type"].startswith("text/html")
     assert call(made, "/nope")[0] == 404
     status, headers, _ = call(made, "/report", method="POST")
     assert status == 405 and headers["Allow"] == "GET, HEAD"
