@@ -1213,10 +1213,6 @@ class Writer:
         """Hits accepted but not yet committed."""
         return self._queue.qsize() + len(self._views) + len(self._filtered) + len(self._events)
 
-    @property
-    def healthy(self) -> bool:
-        return self._thread.is_alive() and not self.error
-
     def status(self) -> str:
         if not self._thread.is_alive():
             return "the writer has stopped"

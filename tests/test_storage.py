@@ -142,13 +142,13 @@ def test_a_failed_batch_is_kept_and_written_later(tmp_path):
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     writer.submit(view(T0))
     deadline = time.monotonic() + 5
-    while writer.healthy:
+    while writer.status() == "ok":
         assert time.monotonic() < deadline, "the writer never noticed the lock"
         time.sleep(0.02)
     assert "locked" in writer.error
     blocker.execute("ROLLBACK")
     deadline = time.monotonic() + 5
-    while not writer.healthy:
+    while writer.status() != "ok":
         assert time.monotonic() < deadline, "the writer did not recover"
         time.sleep(0.02)
     writer.close()
