@@ -130,6 +130,26 @@ def parse_domain(value: str, what: str) -> str:
     return domain
 
 
+def parse_count(value: Any, what: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise ConfigError(f"cannot parse {what} {value!r}: use a whole number") from None
+    if count < 0:
+        raise ConfigError(f"{what} must not be negative")
+    return count
+
+
+def parse_seconds(value: Any, what: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"cannot parse {what} {value!r}: use seconds, like 10") from None
+    if not 0.1 <= seconds <= 3600:
+        raise ConfigError(f"{what} must be between 0.1 and 3600 seconds")
+    return seconds
+
+
 def read_spam_list(path: str) -> FrozenSet[str]:
     """One domain per line; blank lines and ``#`` comments are skipped."""
     try:
@@ -3382,26 +3402,6 @@ def listed(args: argparse.Namespace, name: str, environ: Dict[str, str]) -> Opti
     if values is None and environ.get(ENVIRONMENT[name]):
         values = environ[ENVIRONMENT[name]].replace(",", " ").split()
     return values
-
-
-def parse_count(value: Any, what: str) -> int:
-    try:
-        count = int(value)
-    except ValueError:
-        raise ConfigError(f"cannot parse {what} {value!r}: use a whole number") from None
-    if count < 0:
-        raise ConfigError(f"{what} must not be negative")
-    return count
-
-
-def parse_seconds(value: Any, what: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ConfigError(f"cannot parse {what} {value!r}: use seconds, like 10") from None
-    if not 0.1 <= seconds <= 3600:
-        raise ConfigError(f"{what} must be between 0.1 and 3600 seconds")
-    return seconds
 
 
 def check_database_path(path: str) -> None:
