@@ -2955,7 +2955,7 @@ class Server:
         self.busy = 0
         self.accept_paused_until = 0.0
         self.listener_closed = False
-        self.jobs: "queue.Queue[Optional[Tuple[Connection, Optional[Request], bytes]]]" = queue.Queue()
+        self.jobs: "queue.SimpleQueue[Optional[Tuple[Connection, Optional[Request], bytes]]]" = queue.SimpleQueue()
         self.returned: "queue.SimpleQueue[Tuple[Connection, bool]]" = queue.SimpleQueue()
         self.workers = [threading.Thread(target=self._work, name=f"pixeld-worker-{n}", daemon=True) for n in range(workers)]
         for worker in self.workers:
@@ -3139,7 +3139,6 @@ class Server:
                 self.wake_writer.send(b"\0")
             except OSError:
                 pass  # the wake-up pipe is full: the loop is waking up anyway
-            self.jobs.task_done()
 
     def _take_back(self) -> None:
         try:
@@ -3158,20 +3157,24 @@ class Server:
             else:
                 self._close(conn)
 
-    def _shut_down(self) -> None:
-        """Stop accepting, drop idle connections, let the workers finish what they hold."""
+    def _shut_down(self, grace: float = 5.0) -> None:
+        """Stop accepting, drop idle connections, give the workers a few seconds to finish.
+
+        Every pixel hit was answered (and handed to the writer) on this thread, so nothing that
+        was acknowledged waits on a worker: a long export to a slow client must not hold up the
+        final flush until systemd loses patience. Workers are daemon threads; they end with us."""
         self.listener_closed = True
         if not self.accept_paused_until:
             self.selector.unregister(self.listener)
         self.listener.close()
         for conn in list(self.waiting.values()):
             self._close(conn)
-        self.jobs.join()
+        deadline = time.monotonic() + grace
+        while self.busy and time.monotonic() < deadline:
+            self._take_back()
+            time.sleep(0.02)
         for _ in self.workers:
             self.jobs.put(None)
-        for worker in self.workers:
-            worker.join()
-        self._take_back()
         self.selector.close()
         self.wake_reader.close()
         self.wake_writer.close()
