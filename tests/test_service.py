@@ -203,6 +203,14 @@ def test_a_real_systemd_boot():
                        and container.run("systemctl is-active pixeld", check=False).stdout.strip() == "active", seconds=40)
         assert int(container.run("systemctl show -p NRestarts --value pixeld").stdout) >= 1
 
+        # The README's token recipe: a systemd credential, read with --token-file.
+        container.run("install -d -m 700 /etc/pixeld && echo boot-test-token > /etc/pixeld/token && chmod 600 /etc/pixeld/token")
+        container.run("printf '[Service]\\nLoadCredential=token:/etc/pixeld/token\\nEnvironment=PIXELD_TOKEN_FILE=%%d/token\\n' > /etc/systemd/system/pixeld.service.d/token.conf")
+        container.run("systemctl daemon-reload && systemctl restart pixeld")
+        assert "401" in container.run("python3 -c \"import urllib.request, urllib.error\ntry: urllib.request.urlopen('http://127.0.0.1:8000/report')\nexcept urllib.error.HTTPError as e: print(e.code)\"").stdout
+        authorized = "import urllib.request; print(urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:8000/report', headers={'Authorization': 'Bearer boot-test-token'})).status)"
+        assert container.run(f'python3 -c "{authorized}"').stdout.strip() == "200"
+
         for i in range(5, 12):
             container.http(f"/pixel.gif?path=/boot/{i}&host=example.org")
         container.run("systemctl stop pixeld")  # a clean stop: everything acknowledged is saved
