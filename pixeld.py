@@ -171,8 +171,9 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def open_geoip(path: str) -> Any:
-    """Open a GeoLite2/DB-IP country (or city) ``.mmdb`` with ``geoip2``, the one optional import."""
+def open_geoip(path: str) -> Callable[[str], Any]:
+    """Open a GeoLite2/DB-IP country (or city) ``.mmdb`` with ``geoip2``, the one optional import,
+    and return its lookup (``country`` or ``city``, chosen once here, not per hit)."""
     try:
         import geoip2.database
     except ImportError:
@@ -181,9 +182,12 @@ def open_geoip(path: str) -> Any:
         reader = geoip2.database.Reader(path)
     except (OSError, ValueError, RuntimeError) as error:
         raise ConfigError(f"cannot open GeoIP database {path}: {error_reason(error)}") from None
-    if "Country" not in reader.metadata().database_type and "City" not in reader.metadata().database_type:
-        raise ConfigError(f"GeoIP database {path} is not a country or city database")
-    return reader
+    kind = reader.metadata().database_type
+    if "City" in kind:
+        return reader.city
+    if "Country" in kind:
+        return reader.country
+    raise ConfigError(f"GeoIP database {path} is not a country or city database")
 
 
 def load_zone(name: str) -> dt.tzinfo:
@@ -435,15 +439,12 @@ def in_domains(host: str, domains: Union[FrozenSet[str], Tuple[str, ...]]) -> bo
     return any(".".join(parts[i:]) in domains for i in range(len(parts)))
 
 
-def lookup_country(reader: Any, address: Optional[IPAddress]) -> str:
-    """ISO country code of an address from the GeoIP reader, or empty. The address is not kept."""
-    if reader is None or address is None or not address.is_global:
+def lookup_country(lookup: Optional[Callable[[str], Any]], address: Optional[IPAddress]) -> str:
+    """ISO country code of an address from the GeoIP lookup, or empty. The address is not kept."""
+    if lookup is None or address is None or not address.is_global:
         return ""
     try:
-        if "City" in reader.metadata().database_type:
-            code = reader.city(str(address)).country.iso_code
-        else:
-            code = reader.country(str(address)).country.iso_code
+        code = lookup(str(address)).country.iso_code
     except Exception:  # not found, or a database that cannot answer: the country is unknown
         return ""
     return code if isinstance(code, str) and re.fullmatch(r"[A-Z]{2}", code) else ""

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -108,7 +109,7 @@ def tiny_filesystem():
 
 def test_a_full_disk_degrades_and_recovers_by_itself(start_daemon, tiny_filesystem):
     db = os.path.join(tiny_filesystem, "pixeld.db")
-    daemon = start_daemon("--rate-limit", "0", db=pixeld_path(db))
+    daemon = start_daemon("--rate-limit", "0", db=Path(db))
     daemon.pixel({"path": "/first", "host": "example.org"})
     wait_for(lambda: daemon.get("/healthz").status == 200 and len(stored_pageviews(daemon.db)) == 1)
     filler = os.path.join(tiny_filesystem, "filler")
@@ -128,12 +129,6 @@ def test_a_full_disk_degrades_and_recovers_by_itself(start_daemon, tiny_filesyst
     wait_for(lambda: daemon.get("/healthz").status == 200, seconds=20)
     daemon.stop()
     assert len(stored_pageviews(daemon.db)) == 301
-
-
-def pixeld_path(path):
-    from pathlib import Path
-
-    return Path(path)
 
 
 def test_database_full_by_max_page_count_in_process(tmp_path):
