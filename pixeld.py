@@ -5,8 +5,12 @@ A pixel endpoint stores page views without cookies or anything that identifies a
 ``/report`` reads them back as plain text or JSON. Standard library only (Python 3.9+);
 ``geoip2`` is used for countries when installed and configured.
 
-The file reads in the order data flows: configuration, request parsing and normalisation,
-the user-agent reducer, storage, report rendering, the WSGI app, the server, the command line.
+The file reads in the order data flows, one banner per section: configuration; request
+parsing and normalisation; the user-agent reducer; hits (one pipeline for live requests and
+imports); privacy (salts, visitor keys, visits); storage (the dimension registry, schema and
+migrations, batched inserts and counts); the writer; queries; report parameters and rendering;
+export and import; the snippet; the WSGI app; the server; the service (start-up, signals,
+sd_notify, watchdog); the command line.
 """
 
 import argparse
@@ -17,10 +21,13 @@ import dataclasses
 import datetime as dt
 import errno
 import hashlib
+import heapq
 import hmac
 import io
 import ipaddress
+import itertools
 import json
+import operator
 import os
 import queue
 import re
@@ -243,7 +250,53 @@ class PageView(NamedTuple):
     campaign: str = ""  # "source / medium / campaign" from utm_* parameters
 
 
+class Event(NamedTuple):
+    """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
+    ``view.first_today`` means: the visitor's first event of this name today."""
+
+    name: str
+    view: PageView
+
+
 PREFETCH_HEADERS = {"HTTP_SEC_PURPOSE": "prefetch", "HTTP_PURPOSE": "prefetch", "HTTP_X_MOZ": "prefetch", "HTTP_X_PURPOSE": "preview"}
+
+
+class FilteredHit(NamedTuple):
+    """Hits that are not page views, tallied per day and reason."""
+
+    time: int
+    site: str
+    reason: str
+    count: int = 1
+
+
+class Memo:
+    """Bounded in-memory caches for the normalisers that see raw client input (addresses, full
+    User-Agents, referrer URLs): ``memo(function, *args)``. The App owns one and empties it when
+    the visitor salt rotates, so no raw input outlives the salt; nothing here is written anywhere."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._tables: Dict[Callable[..., Any], Dict[Tuple[Any, ...], Any]] = {}
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
+        table = self._tables.get(function)
+        if table is None:
+            table = self._tables[function] = {}
+        try:
+            return table[args]
+        except KeyError:
+            pass
+        if len(table) >= self.limit:
+            table.clear()
+        value = table[args] = function(*args)
+        return value
+
+    def size(self) -> int:
+        return sum(len(table) for table in self._tables.values())
+
+    def clear(self) -> None:
+        self._tables.clear()
 
 
 def parse_query(query_string: str) -> Dict[str, str]:
@@ -323,7 +376,6 @@ def url_path(url: str) -> str:
     return parts.path if parts else ""
 
 
-@lru_cache(maxsize=4096)
 def normalise_referrer(value: str, site: str) -> str:
     """Host and path of the referring page, ``www.`` folded; empty when direct or internal."""
     parts = split_url(value.strip())
@@ -365,11 +417,8 @@ def primary_language(accept_language: str) -> str:
     return best
 
 
-@lru_cache(maxsize=1024)
 def parse_ip(value: str) -> Optional[IPAddress]:
-    """An IP address from a header or peer value (brackets, ports and IPv4-mapped IPv6 allowed), else None.
-
-    Cached in memory only, like everything else that sees an address."""
+    """An IP address from a header or peer value (brackets, ports and IPv4-mapped IPv6 allowed), else None."""
     value = value.strip().strip('"')
     if value.startswith("["):
         value = value[1:].split("]", 1)[0]
@@ -426,6 +475,50 @@ def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
     source = clean_text(params.get("utm_source") or params.get("ref") or params.get("source") or "", MAX_CAMPAIGN).lower()
     parts = [source] + [clean_text(params.get(name, ""), MAX_CAMPAIGN).lower() for name in ("utm_medium", "utm_campaign")]
     return (" / ".join(parts) if any(parts) else ""), source
+
+
+def clean_campaign(value: str) -> str:
+    """A stored ``source / medium / campaign`` string, from an import."""
+    parts = [clean_text(part, MAX_CAMPAIGN).lower() for part in value.split(" / ")[:3]]
+    return " / ".join(parts + [""] * (3 - len(parts))) if any(parts) else ""
+
+
+def campaign_referrer(campaign: str) -> str:
+    """A campaign's source stands in the referrer's place: ``newsletter (campaign)``."""
+    source = campaign.split(" / ", 1)[0]
+    return f"{source} (campaign)" if source else ""
+
+
+def clean_country(value: str) -> str:
+    value = value.upper()
+    return value if len(value) == 2 and value.isalpha() and value.isascii() else ""
+
+
+def clean_version(value: str) -> str:
+    return value if value.isdigit() and len(value) <= 6 else ""
+
+
+def clean_language(value: str) -> str:
+    return value if _LANGUAGE.fullmatch(value) else ""
+
+
+def clean_label(value: str) -> str:
+    return clean_text(value, 32)
+
+
+DEVICES = ("desktop", "phone", "tablet", "bot", "other")
+
+
+def clean_device(value: str) -> str:
+    return value if value in DEVICES and value != "bot" else ""
+
+
+# How an imported value of each stored field is made safe (the referrer depends on the site and campaign).
+FIELD_CLEANERS: Dict[str, Callable[[str], str]] = {
+    "path": normalise_path, "title": normalise_title, "campaign": clean_campaign, "country": clean_country,
+    "browser": clean_label, "version": clean_version, "os": clean_label, "device": clean_device,
+    "screen": normalise_screen, "language": clean_language,
+}
 
 
 def is_prefetch(environ: Dict[str, Any]) -> bool:
@@ -540,7 +633,6 @@ _PHONE = re.compile(r"mobi|iphone|ipod|phone|opera mini|blackberry|bb10|symbian|
 _TV = re.compile(r"smarttv|smart-tv|hbbtv|appletv|googletv|crkey|roku|bravia|netcast|web0s|webos.tv|playstation|xbox|nintendo")
 
 
-@lru_cache(maxsize=4096)
 def classify_user_agent(ua: str) -> UserAgent:
     """Reduce a User-Agent to (browser, major version, OS, device class); the string itself is not kept.
 
@@ -601,6 +693,154 @@ def device_of(lower_ua: str, os_name: str) -> str:
     if os_name in ("Windows", "macOS", "Linux", "ChromeOS", "FreeBSD", "OpenBSD"):
         return "desktop"
     return "other"
+
+
+###############################################################################
+# Hits: one pipeline for live requests and imports ############################
+###############################################################################
+
+
+class RawHit(NamedTuple):
+    """What a hit brings before anything is decided, from a pixel request or an access-log line."""
+
+    time: int
+    params: Dict[str, str]  # path, title, referrer, host, resolution, event, utm_* ...
+    user_agent: str = ""
+    page_url: str = ""  # the page that loaded the pixel (its Referer or Origin header)
+    accept_language: str = ""
+    peer: str = ""
+    forwarded_for: str = ""
+    forwarded: str = ""
+    prefetch: bool = False
+
+
+class Accepted(NamedTuple):
+    """A hit that counts: its page view (or event), and what its in-memory visitor key is made of."""
+
+    view: PageView
+    event: str  # the event's name; empty for a page view
+    address: str  # never stored: only salted into the visitor key
+    user_agent: str
+    visit: Tuple[int, int] = (0, 0)  # an imported entry page view's visit: page views and duration
+
+
+Outcome = Union[Accepted, FilteredHit, None]  # None: malformed, ignored without a trace
+
+
+def raw_hit(environ: Dict[str, Any], now: int) -> RawHit:
+    """The parts of a WSGI request that a hit may use."""
+    return RawHit(
+        now, parse_query(environ.get("QUERY_STRING", "")), environ.get("HTTP_USER_AGENT", ""),
+        environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", ""), environ.get("HTTP_ACCEPT_LANGUAGE", ""),
+        environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR", ""), environ.get("HTTP_FORWARDED", ""),
+        is_prefetch(environ),
+    )
+
+
+def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Optional[IPAddress]], str]) -> Outcome:
+    """Decide what a hit is (filtered, or a normalised page view or event) for live requests and access logs alike."""
+    params = hit.params
+    site = normalise_host(params["host"]) if params.get("host") else url_host(hit.page_url)
+    address = memo(client_address, hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)
+    campaign, source = campaign_of(params)
+    referrer = f"{source} (campaign)" if source else memo(normalise_referrer, params.get("referrer", ""), site)
+    agent = memo(classify_user_agent, hit.user_agent)
+    reason = filter_reason(config, site, address, agent, hit.user_agent, referrer, hit.prefetch, bool(params.get("bot")))
+    if reason:
+        return FilteredHit(hit.time, site if reason != "foreign" else "", reason)
+    event = clean_text(params["event"], MAX_EVENT) if "event" in params else ""
+    if "event" in params and not event:
+        return None
+    view = PageView(
+        hit.time, site, normalise_path(params.get("path") or url_path(hit.page_url)), normalise_title(params.get("title", "")),
+        referrer, country_of(address), agent.browser, agent.version, agent.os, agent.device,
+        normalise_screen(params.get("resolution", "")), primary_language(hit.accept_language), False, campaign,
+    )
+    return Accepted(view, event, str(address or ""), hit.user_agent)
+
+
+def read_record(row: Dict[str, Any], config: Config, default_site: str) -> Outcome:
+    """An exported or foreign row (already reduced: no address, no User-Agent), every value normalised
+    as a live hit's would be and filtered by the same rules; None when it is unusable."""
+    when = parse_stamp(row.get("time"))
+    if when is None:
+        return None
+    text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
+    site = normalise_host(text("site", default_site))
+    fields = {name: clean(text(name, "")) for name, clean in FIELD_CLEANERS.items()}
+    fields["referrer"] = campaign_referrer(fields["campaign"]) or normalise_referrer(with_scheme(text("referrer", "")), site)
+    view = PageView(time=when, site=site, first_today=text("first_today", "") in ("1", "True", "true"), **fields)
+    agent = UserAgent(view.browser, view.version, view.os, "bot" if text("device", "") == "bot" else view.device)
+    reason = filter_reason(config, site, None, agent, "", view.referrer)
+    if reason:
+        return FilteredHit(when, site if reason != "foreign" else "", reason)
+    event = clean_text(text("event", ""), MAX_EVENT) if text("type", "pageview") == "event" else ""
+    if text("type", "pageview") == "event" and not event:
+        return None
+    visit_views = bounded(row.get("visit_views"), 1_000_000)
+    return Accepted(view, event, "", "", (visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0))  # a duration belongs to a visit's entry
+
+
+def filter_reason(
+    config: Config, site: str, address: Optional[IPAddress], agent: UserAgent, user_agent: str, referrer: str, prefetch: bool = False, webdriver: bool = False
+) -> str:
+    """Why a hit is not a page view, or empty when it is one. ``webdriver``: the snippet saw ``navigator.webdriver``."""
+    if address is not None and is_in(address, config.ignore_networks):
+        return "ignored"
+    if config.sites and not in_domains(site, config.sites):
+        return "foreign"
+    if prefetch:
+        return "prefetch"
+    if agent.device == "bot":
+        return "headless" if is_headless(user_agent) else "bot"
+    if webdriver:
+        return "headless"
+    if referrer and in_domains(referrer.split("/", 1)[0], config.spam_domains):
+        return "spam"
+    return ""
+
+
+def with_scheme(referrer: str) -> str:
+    """Exported referrers are host and path; foreign ones may be full URLs."""
+    return referrer if "://" in referrer or not referrer else "http://" + referrer
+
+
+def parse_stamp(value: Any) -> Optional[int]:
+    """Unix seconds, or an ISO or SQLite datetime (UTC unless it says), between 2000 and 2100."""
+    text = str(value or "").strip()
+    if len(text) == 20 and text[10] == "T" and text[19] == "Z" and text[:4].isdigit():  # pixeld's own export
+        return parse_export_stamp(text)
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            when = int(float(text))
+        else:
+            moment = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+            when = int((moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp())
+    except (ValueError, OverflowError):
+        return None
+    return when if 946_684_800 <= when < 4_102_444_800 else None
+
+
+def bounded(value: Any, limit: int) -> int:
+    try:
+        number = int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+    return min(max(number, 0), limit)
+
+
+def parse_export_stamp(text: str) -> Optional[int]:
+    """``2026-11-28T14:05:09Z``, quickly: days come from a small cache, the time from slicing."""
+    try:
+        seconds = _midnight(text[:10]) + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19])
+    except ValueError:
+        return None
+    return seconds if 946_684_800 <= seconds < 4_102_444_800 else None
+
+
+@lru_cache(maxsize=1024)
+def _midnight(date: str) -> int:
+    return int(dt.datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp())
 
 
 ###############################################################################
@@ -677,10 +917,24 @@ class Visitors:
     holds a lock around ``observe`` and the hand-over to the writer.
     """
 
-    def __init__(self, rate_limit: int) -> None:
+    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None) -> None:
         self.rate_limit = rate_limit
+        self.on_new_salt = on_new_salt
         self._current = Generation(-1)
         self._previous: Optional[Generation] = None
+
+    def admit(self, hit: Accepted) -> Tuple[Union[PageView, Event, FilteredHit], Optional[VisitStep]]:
+        """What the writer gets for an accepted hit: the page view in its visit, the event, or a rate-limited tally."""
+        view = hit.view
+        if hit.event:
+            first = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event)
+            if first is None:
+                return FilteredHit(view.time, view.site, "rate-limited"), None
+            return Event(hit.event, view._replace(first_today=first)), None
+        observation = self.observe(view.time, view.site, hit.address, hit.user_agent)
+        if observation is None:
+            return FilteredHit(view.time, view.site, "rate-limited"), None
+        return view._replace(first_today=observation.first_today), observation.step
 
     def observe(self, now: int, site: str, address: str, user_agent: str) -> Optional[Observation]:
         """Place a page view in its visit; None when the visitor is over the rate limit."""
@@ -713,6 +967,7 @@ class Visitors:
         if day > self._current.day:
             self._previous = self._current if day == self._current.day + 1 else None
             self._current = Generation(day)
+            self.on_new_salt()
         if self._previous is not None and now >= self._current.day * DAY + VISIT_TIMEOUT:
             self._previous = None  # every visit begun under it has ended, or moved on to today's key
 
@@ -750,14 +1005,73 @@ class Visitors:
 QUARTER = 15 * 60  # totals per site are kept per quarter hour: every time zone's day starts on one
 ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in seven bytes
 ID_SHIFT = 16  # a page view's id is its second << 16 | a sequence: rows sort by time without an index
-PAGEVIEW_DIMENSIONS = {"pages": 1, "referrers": 2, "countries": 3, "agents": 4, "screens": 5, "languages": 6, "campaigns": 7}
-DIMENSIONS = {**PAGEVIEW_DIMENSIONS, "events": 8}  # events are counted per name, from their own table
-DIMENSION_CODES = tuple(PAGEVIEW_DIMENSIONS.values())
 EPOCH_DATE = dt.date(1970, 1, 1)
-PAGEVIEW_COLUMNS = {
-    "pages": "path", "referrers": "referrer", "countries": "country", "agents": "agent", "screens": "screen",
-    "languages": "language", "campaigns": "campaign", "events": "name",
-}
+
+
+class Section(NamedTuple):
+    """A report section fed by a dimension, and the report parameter that filters on it."""
+
+    name: str  # the section's key in JSON and CSV, and its ``section=`` value
+    title: str
+    empty: str = "(none)"  # how the empty value is shown (and the filter value that matches it)
+    filter: str = ""  # the query parameter that filters on it
+    match: str = "exact"  # exact, prefix (a trailing * matches a prefix), upper or lower (exact, case folded), agent
+    part: str = ""  # for the agent: which of its fields the section shows and the filter matches
+
+
+class Dimension(NamedTuple):
+    """Something stored with every page view and counted per day: the one place that says so.
+
+    The schema's columns, the writer's keys and counts, the filtered-report copy, filters, report
+    sections and labels, and export and import fields all derive from ``DIMENSIONS``."""
+
+    name: str
+    code: int  # persisted in daily.dim and monthly.dim: never change or reuse one; 0 means stored, not counted
+    column: str  # its column in pageviews and events (a string id; the agent's is an agent id)
+    fields: Tuple[str, ...]  # the PageView fields it holds, which are also its export fields
+    sections: Tuple[Section, ...] = ()
+    in_events: bool = True  # whether events carry it too
+
+
+AGENT_FIELDS = ("browser", "version", "os", "device")
+DIMENSIONS: Tuple[Dimension, ...] = (
+    Dimension("pages", 1, "path", ("path",), (Section("pages", "Pages", filter="path", match="prefix"), Section("entry_pages", "Entry pages"))),
+    Dimension("titles", 0, "title", ("title",), in_events=False),
+    Dimension("referrers", 2, "referrer", ("referrer",), (Section("referrers", "Referrers", "(direct)", "referrer", "prefix"),)),
+    Dimension("campaigns", 7, "campaign", ("campaign",), (Section("campaigns", "Campaigns", filter="campaign"),)),
+    Dimension("countries", 3, "country", ("country",), (Section("countries", "Countries", "(unknown)", "country", "upper"),)),
+    Dimension("agents", 4, "agent", AGENT_FIELDS, (
+        Section("browsers", "Browsers", "(unknown)", "browser", "agent", "browser"),
+        Section("operating_systems", "Operating systems", "(unknown)", "os", "agent", "os"),
+        Section("devices", "Devices", "(unknown)", "device", "agent", "device"),
+    )),
+    Dimension("screens", 5, "screen", ("screen",), (Section("screens", "Screen sizes", "(unknown)", "screen"),)),
+    Dimension("languages", 6, "language", ("language",), (Section("languages", "Languages", "(unknown)", "language", "lower"),)),
+)
+EVENT_NAMES = Dimension("events", 8, "name", ("event",), (Section("events", "Events", filter="event"),))  # the events table only
+COUNTED = tuple(dim for dim in DIMENSIONS if dim.code)
+SECTIONS: Dict[str, Tuple[Dimension, Section]] = {section.name: (dim, section) for dim in DIMENSIONS + (EVENT_NAMES,) for section in dim.sections}
+FILTERS: Dict[str, Tuple[Dimension, Section]] = {section.filter: (dim, section) for dim, section in SECTIONS.values() if section.filter}
+
+
+class Metrics(NamedTuple):
+    """The numbers counted for every dimension value, per day and month; also a report's headline."""
+
+    views: int = 0
+    visitors: int = 0  # daily unique visitors, summed over the days
+    visits: int = 0
+    bounces: int = 0  # visits with one page view
+    duration: int = 0  # seconds from first to last page view, summed over visits
+
+
+VIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(len(Metrics._fields))
+RAW_METRICS = Metrics("count(*)", "sum(first_today)", "sum(visit_views > 0)", "sum(visit_views = 1)", "sum(duration)")  # SQL over raw rows
+SUMMED_METRICS = ", ".join(f"sum({name})" for name in Metrics._fields)  # SQL over daily and monthly counts
+
+
+def no_metrics() -> List[int]:
+    return [0] * len(Metrics._fields)
+
 
 MIGRATIONS: Tuple[str, ...] = (
     """
@@ -802,6 +1116,16 @@ MIGRATIONS: Tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
+PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), "first_today", "visit_views", "duration")
+EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, "first_today", "visit_views", "duration")
+COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
+DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
+DIMENSION_VALUE = {dim.name: operator.attrgetter(*dim.fields) for dim in DIMENSIONS}  # a PageView's value (the agent's is a tuple)
+
+
+def insert_sql(table: str, columns: Sequence[str]) -> str:
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
 NO_HOST = "(no host)"
@@ -809,23 +1133,6 @@ NO_HOST = "(no host)"
 
 class StorageError(Exception):
     """The database cannot be opened or used: reported as one line."""
-
-
-class Event(NamedTuple):
-    """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
-    ``view.first_today`` means: the visitor's first event of this name today."""
-
-    name: str
-    view: PageView
-
-
-class FilteredHit(NamedTuple):
-    """Hits that are not page views, tallied per day and reason."""
-
-    time: int
-    site: str
-    reason: str
-    count: int = 1
 
 
 def connect(path: str, readonly: bool = False) -> sqlite3.Connection:
@@ -951,16 +1258,13 @@ class Store:
         if records:
             ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
-        strings = self._strings
         for view, visit_views, duration in records:
-            keys = self._keys(view)
-            site, path, referrer, country, agent, screen, language, campaign = keys
+            keys = self._keys(view, DIMENSIONS)
             row_id = ids.next(view.time)
-            title = strings.get(view.title) or self.intern(view.title)
-            rows.append((row_id, site, path, title, referrer, country, agent, screen, language, int(view.first_today), visit_views, duration, campaign))
+            rows.append((row_id, *keys, int(view.first_today), visit_views, duration))
             tally.page_view(view.time, keys, int(view.first_today), visit_views, duration)
             placed.append((row_id, keys))
-        self.conn.executemany("INSERT INTO pageviews VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self.conn.executemany(insert_sql("pageviews", PAGEVIEW_COLUMNS), rows)
         return placed
 
     def _insert_events(self, events: Sequence[Event], tally: "Tally") -> None:
@@ -969,11 +1273,11 @@ class Store:
             ids.load(min(e.view.time for e in events), max(e.view.time for e in events))
         rows = []
         for name, view in events:
-            site, path, referrer, country, agent, screen, language, campaign = self._keys(view)
+            keys = self._keys(view, EVENT_DIMENSIONS)
             name_id = self.intern(name)
-            rows.append((ids.next(view.time), site, path, name_id, referrer, country, agent, screen, language, int(view.first_today), 0, 0, campaign))
-            tally.event(view.time, site, name_id, int(view.first_today))
-        self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0))
+            tally.event(view.time, keys[0], name_id, int(view.first_today))
+        self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
 
     def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], tally: "Tally") -> Callable[[], None]:
         """Insert live page views, then bring the entry rows of growing visits up to date; return
@@ -1034,18 +1338,18 @@ class Store:
             if count < chunk:
                 return deleted
 
-    def _keys(self, view: PageView) -> Tuple[int, ...]:
-        """Interned ids: site, then one per dimension in DIMENSIONS order (the writer's hot path:
-        the cache answers almost always, ``intern`` only on a miss)."""
-        strings, intern = self._strings, self.intern
-        agent = self._agents.get((view.browser, view.version, view.os, view.device))
-        return (
-            strings.get(view.site) or intern(view.site), strings.get(view.path) or intern(view.path),
-            strings.get(view.referrer) or intern(view.referrer), strings.get(view.country) or intern(view.country),
-            agent or self.agent(UserAgent(view.browser, view.version, view.os, view.device)),
-            strings.get(view.screen) or intern(view.screen), strings.get(view.language) or intern(view.language),
-            strings.get(view.campaign) or intern(view.campaign),
-        )
+    def _keys(self, view: PageView, dimensions: Tuple[Dimension, ...]) -> Tuple[int, ...]:
+        """Interned ids: the site, then one per dimension (the writer's hot path: the caches answer
+        almost always, ``intern`` and ``agent`` only on a miss)."""
+        strings, agents = self._strings, self._agents
+        keys = [strings.get(view.site) or self.intern(view.site)]
+        for dim, value_of in ((dim, DIMENSION_VALUE[dim.name]) for dim in dimensions):
+            value = value_of(view)
+            if dim.column == "agent":
+                keys.append(agents.get(value) or self.agent(UserAgent(*value)))
+            else:
+                keys.append(strings.get(value) or self.intern(value))
+        return tuple(keys)
 
     def _tally_filtered(self, hits: Sequence[FilteredHit]) -> None:
         counts: Counter = Counter()
@@ -1128,33 +1432,34 @@ class Tally:
         """Count one page view in every dimension; the writer's hot path, so it adds only what is not zero."""
         day, site = time // DAY, keys[0]
         daily = self._daily
-        for dim, value in zip(DIMENSION_CODES, keys[1:]):
-            total = daily.get((day, site, dim, value))
+        for index, code in COUNTED_KEYS:
+            value = keys[index]
+            total = daily.get((day, site, code, value))
             if total is None:
-                total = daily[day, site, dim, value] = [0, 0, 0, 0, 0]
-            total[0] += 1
+                total = daily[day, site, code, value] = no_metrics()
+            total[VIEWS] += 1
             if first_today:
-                total[1] += 1
+                total[VISITORS] += 1
             if visit_views:
-                total[2] += 1
-                total[3] += visit_views == 1
-                total[4] += duration
+                total[VISITS] += 1
+                total[BOUNCES] += visit_views == 1
+                total[DURATION] += duration
         total = self._quarters.setdefault((time // QUARTER, site), [0, 0, 0])
         total[0] += 1
         total[1] += first_today
         total[2] += visit_views > 0
 
     def event(self, time: int, site: int, name: int, first_today: int) -> None:
-        total = self._daily.setdefault((time // DAY, site, DIMENSIONS["events"], name), [0, 0, 0, 0, 0])
-        total[0] += 1
-        total[1] += first_today
+        total = self._daily.setdefault((time // DAY, site, EVENT_NAMES.code, name), no_metrics())
+        total[VIEWS] += 1
+        total[VISITORS] += first_today
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
         site = keys[0]
-        for dim, value in zip(DIMENSION_CODES, keys[1:]):
-            total = self._daily.setdefault((day, site, dim, value), [0, 0, 0, 0, 0])
-            total[3] += bounces
-            total[4] += duration
+        for index, code in COUNTED_KEYS:
+            total = self._daily.setdefault((day, site, code, keys[index]), no_metrics())
+            total[BOUNCES] += bounces
+            total[DURATION] += duration
 
     def _months(self) -> Dict[Tuple[int, int, int, int], List[int]]:
         """The monthly changes: the batch's daily changes, added up per month."""
@@ -1169,11 +1474,10 @@ class Tally:
         return monthly
 
     def save(self, conn: sqlite3.Connection) -> None:
+        added = ", ".join(f"{name} = {name} + excluded.{name}" for name in Metrics._fields)
         for table, period, changes in (("daily", "day", self._daily), ("monthly", "month", self._months())):
             conn.executemany(
-                f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT ({period}, site, dim, value) DO UPDATE SET "
-                "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits, "
-                "bounces = bounces + excluded.bounces, duration = duration + excluded.duration",
+                f"{insert_sql(table, (period, 'site', 'dim', 'value', *Metrics._fields))} ON CONFLICT ({period}, site, dim, value) DO UPDATE SET {added}",
                 [key + tuple(total) for key, total in changes.items()],
             )
         conn.executemany(
@@ -1181,6 +1485,11 @@ class Tally:
             "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits",
             [key + tuple(total) for key, total in self._quarters.items()],
         )
+
+
+###############################################################################
+# Writer: one thread, batched commits #########################################
+###############################################################################
 
 
 class Writer:
@@ -1324,14 +1633,6 @@ class Range(NamedTuple):
     end: int
 
 
-class Metrics(NamedTuple):
-    views: int = 0
-    visitors: int = 0  # daily unique visitors, summed over the days
-    visits: int = 0
-    bounces: int = 0  # visits with one page view
-    duration: int = 0  # seconds from first to last page view, summed over visits
-
-
 class Query(NamedTuple):
     """What a report counts: a time range, shown in a time zone, for one site or all, with filters."""
 
@@ -1372,7 +1673,6 @@ class Scope(NamedTuple):
 
 
 Counts = Dict[str, Dict[Tuple[int, int], List[int]]]  # section -> (site id, value id) -> metrics (only page views are used outside pages)
-FILTERS = ("path", "referrer", "country", "browser", "os", "device", "language", "event")
 
 
 def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
@@ -1389,12 +1689,12 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
     matched = _matched(conn, span, scope) if scope.where else scope
     try:
-        counts = _count(conn, span, matched, tuple(PAGEVIEW_DIMENSIONS))
+        counts = _count(conn, span, matched, COUNTED)
         grain, series = _series(conn, span, query.zone, matched)
     finally:
         if matched.filtered:
             conn.execute(f"DROP TABLE {matched.table}")
-    counts.update(_count(conn, span, scope._replace(table="events"), ("events",)))
+    counts.update(_count(conn, span, scope._replace(table="events"), (EVENT_NAMES,)))
     labels = _labeller(conn, counts, multi_site=not query.site)
     return ReportData(
         query=query,
@@ -1415,42 +1715,42 @@ def _total(counted: Dict[Tuple[int, int], List[int]]) -> Metrics:
     return Metrics(*(sum(column) for column in zip(*counted.values()))) if counted else Metrics()
 
 
+def filter_clause(name: str, value: str) -> Tuple[str, Tuple[str, ...]]:
+    """SQL on a raw row for one filter, as its section says it matches."""
+    dim, section = FILTERS[name]
+    if section.part == "browser":  # a name, or a name and a major version: "Chrome" or "Chrome 131"
+        return "agent IN (SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?)", (value, value)
+    if section.part:
+        return f"agent IN (SELECT id FROM agents WHERE {section.part} = ?)", (value,)
+    if section.match == "prefix" and value.endswith("*"):
+        return f"{dim.column} IN (SELECT id FROM strings WHERE value >= ? AND value < ?)", (value[:-1], value[:-1] + "\U0010ffff")
+    return f"{dim.column} = (SELECT id FROM strings WHERE value = ?)", (value,)
+
+
 def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
-    """Turn the filters into SQL on ``pageviews``. ``path`` and ``referrer`` take a trailing ``*`` for a prefix."""
+    """Turn the filters into SQL on ``pageviews`` (on ``events`` with ``event=``)."""
     parts: List[str] = []
     args: List[Any] = []
     for name, value in query.filters:
-        if name in ("path", "referrer") and value.endswith("*"):
-            parts.append(f"{name} IN (SELECT id FROM strings WHERE value >= ? AND value < ?)")
-            args += [value[:-1], value[:-1] + "\U0010ffff"]
-        elif name in ("path", "referrer", "country", "language"):
-            parts.append(f"{name} = (SELECT id FROM strings WHERE value = ?)")
-            args.append(value)
-        elif name == "event":
-            parts.append("name = (SELECT id FROM strings WHERE value = ?)")
-            args.append(value)
-        elif name == "browser":  # a name, or a name and a major version: "Chrome" or "Chrome 131"
-            parts.append("agent IN (SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?)")
-            args += [value, value]
-        else:
-            parts.append(f"agent IN (SELECT id FROM agents WHERE {name} = ?)")
-            args.append(value)
+        clause, clause_args = filter_clause(name, value)
+        parts.append(clause)
+        args += clause_args
     site_id = _string_id(conn, query.site) if query.site else None
     if not parts:
         return Scope(site_id, "", ())
     if site_id is not None:
         parts.append("site = ?")
         args.append(site_id)
-    table = "events" if any(name == "event" for name, _ in query.filters) else "pageviews"
+    table = "events" if any(name == EVENT_NAMES.sections[0].filter for name, _ in query.filters) else "pageviews"
     return Scope(site_id, "".join(" AND " + part for part in parts), tuple(args), table)
 
 
 def _matched(conn: sqlite3.Connection, span: Range, scope: Scope) -> Scope:
     """Copy the rows of the range that pass the filters into a temporary table. SQLite keeps it in its
     page cache and spills the rest to a private temporary file, so memory stays flat however many match."""
+    columns = ", ".join(EVENT_COLUMNS if scope.table == "events" else PAGEVIEW_COLUMNS)
     conn.execute(
-        "CREATE TEMP TABLE matched AS SELECT id, site, path, referrer, country, agent, screen, language, first_today, visit_views, duration, campaign "
-        f"FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}",
+        f"CREATE TEMP TABLE matched AS SELECT {columns} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}",
         (first_id(span.start), first_id(span.end)) + scope.args,
     )
     return Scope(scope.site_id, "", (), "temp.matched")
@@ -1503,9 +1803,9 @@ def merge_ranges(ranges: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     return merged
 
 
-def _count(conn: sqlite3.Connection, span: Range, scope: Scope, names: Sequence[str]) -> Counts:
+def _count(conn: sqlite3.Connection, span: Range, scope: Scope, dimensions: Sequence[Dimension]) -> Counts:
     """Months from ``monthly``, days from ``daily``, the rest from raw page views (see ``split_range``)."""
-    counts: Counts = {name: {} for name in names}
+    counts: Counts = {dim.name: {} for dim in dimensions}
     if scope.filtered:
         _count_raw(conn, span, scope, counts)
         return counts
@@ -1522,8 +1822,7 @@ def _count(conn: sqlite3.Connection, span: Range, scope: Scope, names: Sequence[
 def _totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
     """The headline numbers alone (for the previous period): sums, without counting per value."""
     site_clause, site_args = _site_clause(scope.site_id)
-    metrics = "sum(views), sum(visitors), sum(visits), sum(bounces), sum(duration)"
-    raw_metrics = "count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration)"
+    metrics, raw_metrics = SUMMED_METRICS, ", ".join(RAW_METRICS)
     queries = []
     if scope.filtered:
         queries.append((f"SELECT {raw_metrics} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(span.start), first_id(span.end)) + scope.args, 1))
@@ -1532,7 +1831,7 @@ def _totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
         queries += [(f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", months + site_args, 1) for months in split.months]
         queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", (first, end) + site_args, sign) for first, end, sign in split.days]
         queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args, 1) for r in split.raw]
-    sums = [0, 0, 0, 0, 0]
+    sums = no_metrics()
     for sql, args, sign in queries:
         for i, value in enumerate(conn.execute(sql, args).fetchone()):
             sums[i] += sign * (value or 0)
@@ -1549,18 +1848,20 @@ def _site_clause(site_id: Optional[int]) -> Tuple[str, Tuple[int, ...]]:
 
 
 def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int]) -> None:
-    total = counts[name].setdefault((site, value), [0, 0, 0, 0, 0])
+    total = counts[name].get((site, value))
+    if total is None:
+        total = counts[name][site, value] = no_metrics()
     for i, amount in enumerate(metrics):
         total[i] += amount
 
 
 def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, site_id: Optional[int], counts: Counts, sign: int = 1) -> None:
     """Add up (or, with ``sign`` -1, take away) ``daily`` (days first..end) or ``monthly`` (months first..end) counts."""
-    names = {code: name for name, code in DIMENSIONS.items() if name in counts}
+    names = {dim.code: dim.name for dim in COUNTED + (EVENT_NAMES,) if dim.name in counts}
     period = "day" if table == "daily" else "month"
     clause, args = _site_clause(site_id)
     for dim, site, value, *metrics in conn.execute(
-        "SELECT dim, site, value, sum(views), sum(visitors), sum(visits), sum(bounces), sum(duration) "
+        f"SELECT dim, site, value, {SUMMED_METRICS} "
         f"FROM {table} WHERE {period} >= ? AND {period} < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
         (first, end, *names) + args,
     ):
@@ -1577,17 +1878,17 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     clause, args = _raw_clause(scope)
     bounds = (first_id(span.start), first_id(span.end)) + args
     for name in counts:
-        column = PAGEVIEW_COLUMNS[name]
+        column = DIMENSION_NAMED[name].column
         if name in ("pages", "events"):
             for site, value, *metrics in conn.execute(
-                f"SELECT site, {column}, count(*), sum(first_today), sum(visit_views > 0), sum(visit_views = 1), sum(duration) "
+                f"SELECT site, {column}, {', '.join(RAW_METRICS)} "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
                 bounds,
             ):
                 _add(counts, name, site, value, metrics)
         else:
             for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {scope.table} WHERE id >= ? AND id < ?{clause}", bounds)).items():
-                _add(counts, name, site, value, (views, 0, 0, 0, 0))
+                _add(counts, name, site, value, Metrics(views))
 
 
 def _series(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope) -> Tuple[str, List[Tuple[int, int, int]]]:
@@ -1708,7 +2009,7 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
     """How each report section names a counted (site id, value id): its text, or a part of the agent."""
     agents = {row[0]: UserAgent(*row[1:]) for row in conn.execute("SELECT id, browser, version, os, device FROM agents")}
     ids = {site for counter in counts.values() for site, _ in counter}
-    ids.update(value for name, counter in counts.items() if name != "agents" for _, value in counter)
+    ids.update(value for name, counter in counts.items() if DIMENSION_NAMED[name].column != "agent" for _, value in counter)
     strings = _strings_by_id(conn, ids)
     many_sites = multi_site and len({site for site, _ in counts["pages"]}) > 1
     unknown = UserAgent("", "", "", "")
@@ -1719,35 +2020,24 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
     def page(site: int, value: int) -> str:
         return (strings.get(site) or NO_HOST) + strings.get(value, "") if many_sites else strings.get(value, "")
 
-    def agent_part(part: Callable[[UserAgent], str]) -> Label:
-        return lambda _site, value: part(agents.get(value, unknown))
+    def agent_part(part: str) -> Label:
+        if part == "browser":
+            return lambda _site, value: " ".join(filter(None, agents.get(value, unknown)[:2]))
+        return lambda _site, value: getattr(agents.get(value, unknown), part)
 
-    return {
-        "pages": page,
-        "referrers": string,
-        "countries": string,
-        "browsers": agent_part(lambda a: f"{a.browser} {a.version}".strip()),
-        "operating_systems": agent_part(lambda a: a.os),
-        "devices": agent_part(lambda a: a.device),
-        "screens": string,
-        "languages": string,
-        "campaigns": string,
-        "events": string,
-    }
-
-
-SECTION_SOURCES = {"browsers": "agents", "operating_systems": "agents", "devices": "agents"}
+    return {name: page if dim.name == "pages" else agent_part(section.part) if section.part else string for name, (dim, section) in SECTIONS.items()}
 
 
 def _sections(counts: Counts, labels: Dict[str, Label]) -> Dict[str, List[Tuple[str, int]]]:
     """Page views per label for each section, most first (page views without a campaign are not listed)."""
     sections = {}
-    for name, label in labels.items():
-        if name == "events":
+    for name, (dim, _section) in SECTIONS.items():
+        if name in ("entry_pages", "events"):
             continue
         merged: Counter = Counter()
-        for (site, value), metrics in counts[SECTION_SOURCES.get(name, name)].items():
-            merged[label(site, value)] += metrics[0]
+        label = labels[name]
+        for (site, value), metrics in counts[dim.name].items():
+            merged[label(site, value)] += metrics[VIEWS]
         if name == "campaigns":
             merged.pop("", None)
         sections[name] = sorted(((key, n) for key, n in merged.items() if n), key=lambda item: (-item[1], item[0]))
@@ -1757,10 +2047,10 @@ def _sections(counts: Counts, labels: Dict[str, Label]) -> Dict[str, List[Tuple[
 def _entry_pages(pages: Dict[Tuple[int, int], List[int]], label: Label) -> List[Tuple[str, int, int]]:
     merged: Dict[str, List[int]] = {}
     for (site, value), metrics in pages.items():
-        if metrics[2]:
+        if metrics[VISITS]:
             total = merged.setdefault(label(site, value), [0, 0])
-            total[0] += metrics[2]
-            total[1] += metrics[3]
+            total[0] += metrics[VISITS]
+            total[1] += metrics[BOUNCES]
     return sorted(((key, visits, bounces) for key, (visits, bounces) in merged.items()), key=lambda row: (-row[1], row[0]))
 
 
@@ -1768,8 +2058,8 @@ def _events(counted: Dict[Tuple[int, int], List[int]], label: Label) -> List[Tup
     merged: Dict[str, List[int]] = {}
     for (site, value), metrics in counted.items():
         total = merged.setdefault(label(site, value), [0, 0])
-        total[0] += metrics[0]
-        total[1] += metrics[1]
+        total[0] += metrics[VIEWS]
+        total[1] += metrics[VISITORS]
     return sorted(((name, count, visitors) for name, (count, visitors) in merged.items()), key=lambda row: (-row[1], row[0]))
 
 
@@ -1792,20 +2082,7 @@ def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
 
 TEXT_ROWS = 10
 WIDTH = 80
-SECTION_TITLES = {
-    "pages": "Pages",
-    "entry_pages": "Entry pages",
-    "referrers": "Referrers",
-    "campaigns": "Campaigns",
-    "countries": "Countries",
-    "browsers": "Browsers",
-    "operating_systems": "Operating systems",
-    "devices": "Devices",
-    "screens": "Screen sizes",
-    "languages": "Languages",
-    "events": "Events",
-}
-EMPTY_LABELS = {"referrers": "(direct)", "countries": "(unknown)", "browsers": "(unknown)", "operating_systems": "(unknown)", "screens": "(unknown)", "languages": "(unknown)"}
+SECTION_TITLES = {name: section.title for name, (_, section) in SECTIONS.items()}
 FILTER_REASONS = {
     "bot": "bots", "headless": "headless", "prefetch": "prefetch", "spam": "spam",
     "foreign": "foreign site", "ignored": "ignored", "rate-limited": "rate-limited", "dropped": "dropped (database unavailable)",
@@ -1850,18 +2127,16 @@ def parse_site(value: str) -> str:
 
 
 def parse_filters(params: Dict[str, str]) -> Tuple[Tuple[str, str], ...]:
-    """The filters given, cleaned as stored values are: ``(direct)`` and ``(unknown)`` match empty values."""
+    """The filters given, cleaned as stored values are: ``(direct)``, ``(unknown)`` and ``(none)`` match empty values."""
     filters = []
-    for name in FILTERS:
+    for name, (_, section) in FILTERS.items():
         value = clean_text(params.get(name, ""), MAX_PATH)
         if not value:
             continue
         if value in ("(direct)", "(unknown)", "(none)"):
             value = ""
-        elif name == "country":
-            value = value.upper()
-        elif name == "language":
-            value = value.lower()
+        elif section.match in ("upper", "lower"):
+            value = value.upper() if section.match == "upper" else value.lower()
         filters.append((name, value))
     return tuple(filters)
 
@@ -2006,6 +2281,16 @@ def section_rows(report: ReportData, name: str) -> List[Tuple[str, int, int]]:
     return [(label, views, report.totals.views) for label, views in report.sections[name]]
 
 
+CONTENT_TYPES = {"text": "text/plain; charset=utf-8", "json": "application/json", "csv": "text/csv; charset=utf-8"}
+
+
+def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int = WIDTH) -> Tuple[str, str]:
+    """The report the request asks for: its text and its content type."""
+    data = query_report(conn, request.query)
+    renderers = {"json": render_json, "csv": render_csv, "text": lambda data, request: render_text(data, request, width)}
+    return renderers[request.format](data, request), CONTENT_TYPES[request.format]
+
+
 def render_json(report: ReportData, request: ReportRequest) -> str:
     query, now, before = report.query, headline(report.totals), headline(report.previous)
     document: Dict[str, Any] = {
@@ -2135,7 +2420,7 @@ def bar(value: int, largest: int, width: int, ascii: bool) -> str:
 
 
 def render_section(name: str, rows: List[Tuple[str, int, int]], request: ReportRequest, width: int) -> List[str]:
-    title, empty = SECTION_TITLES[name], EMPTY_LABELS.get(name, "(none)")
+    title, empty = SECTION_TITLES[name], SECTIONS[name][1].empty
     shown = limited(rows, request, text=True)
     if name == "entry_pages":
         label_width = width - 22
@@ -2163,10 +2448,8 @@ def cut(text: str, width: int) -> str:
 ###############################################################################
 
 EXPORT_FIELDS = (
-    "time", "site", "path", "title", "referrer", "country", "browser", "version", "os", "device",
-    "screen", "language", "first_today", "visit_views", "duration",
+    "time", "type", "site", *(field for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), "first_today", "visit_views", "duration",
 )
-DEVICES = ("desktop", "phone", "tablet", "other", "")
 IMPORT_BATCH = 20_000
 _COMBINED = re.compile(
     r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
@@ -2176,33 +2459,43 @@ _ASSET = re.compile(r"\.(?!html?$|php$|aspx?$)[a-z0-9]{1,5}$", re.IGNORECASE)
 
 
 def export_lines(conn: sqlite3.Connection, span: Range, site: str, fmt: str) -> Iterator[str]:
-    """Stored page views as CSV or NDJSON lines, oldest first, read in chunks so memory stays flat."""
+    """Stored page views and events as CSV or NDJSON lines, oldest first, read in chunks so memory stays flat."""
     if fmt == "csv":
         yield ",".join(EXPORT_FIELDS) + "\n"
     clause, args = _site_clause(_string_id(conn, site) if site else None)
-    cursor = conn.execute(
-        f"""SELECT p.id, s.value, pa.value, t.value, r.value, c.value, a.browser, a.version, a.os, a.device,
-                   sc.value, l.value, p.first_today, p.visit_views, p.duration
-            FROM pageviews p
-            JOIN strings s ON s.id = p.site JOIN strings pa ON pa.id = p.path JOIN strings t ON t.id = p.title
-            JOIN strings r ON r.id = p.referrer JOIN strings c ON c.id = p.country JOIN agents a ON a.id = p.agent
-            JOIN strings sc ON sc.id = p.screen JOIN strings l ON l.id = p.language
-            WHERE p.id >= ? AND p.id < ?{clause.replace('site', 'p.site')} ORDER BY p.id""",
-        (first_id(span.start), first_id(span.end)) + args,
-    )
+    bounds = (first_id(span.start), first_id(span.end)) + args
+    tables = [conn.execute(export_sql(table, kind) + clause.replace("site", "t.site") + " ORDER BY t.id", bounds) for table, kind in (("pageviews", "pageview"), ("events", "event"))]
+    rows = heapq.merge(*tables)
     while True:
-        rows = cursor.fetchmany(1000)
-        if not rows:
+        chunk = list(itertools.islice(rows, 1000))
+        if not chunk:
             return
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        for row in rows:
+        for row in chunk:
             values = (iso(second_of(row[0])),) + row[1:]
             if fmt == "csv":
                 writer.writerow(values)
             else:
                 out.write(json.dumps(dict(zip(EXPORT_FIELDS, values)), ensure_ascii=False) + "\n")
         yield out.getvalue()
+
+
+def export_sql(table: str, kind: str) -> str:
+    """SELECT a table's rows in EXPORT_FIELDS order, every dimension resolved to its text; a field the table lacks is empty."""
+    columns = PAGEVIEW_COLUMNS if table == "pageviews" else EVENT_COLUMNS
+    selected, joins = ["t.id", f"'{kind}'", "s.value"], ["JOIN strings s ON s.id = t.site"]
+    for number, dim in enumerate(DIMENSIONS + (EVENT_NAMES,)):
+        if dim.column not in columns:
+            selected += ["''"] * len(dim.fields)
+        elif dim.column == "agent":
+            selected += [f"a.{field}" for field in AGENT_FIELDS]
+            joins.append("JOIN agents a ON a.id = t.agent")
+        else:
+            selected.append(f"j{number}.value")
+            joins.append(f"JOIN strings j{number} ON j{number}.id = t.{dim.column}")
+    selected += ["t.first_today", "t.visit_views", "t.duration"]
+    return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
 
 
 def parse_export_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> Tuple[str, Range, str]:
@@ -2220,23 +2513,28 @@ class ImportFailed(Exception):
 
 
 class Importer:
-    """Brings page views in from files, batched, with progress; refuses a file it has seen unless forced.
+    """Brings page views and events in from files, batched, with progress; refuses a file it has seen
+    unless forced, and a file it cannot read.
 
     Formats: pixeld's own export (``csv``, ``ndjson``); the SQLite database of the 2020 Flask
-    tool (``flask``); web server access logs in the combined format (``combined``). Every value
-    is normalised as a live hit's would be. Access logs go through the same filters and visitor
-    counting as live hits, and their addresses are dropped after the country lookup.
+    tool (``flask``); web server access logs in the combined format (``combined``). Every row
+    goes through the hit pipeline (``read_hit`` for log lines, ``read_record`` for reduced rows),
+    so values are normalised and filtered as a live hit's would be. Access logs are counted in
+    visits as live hits are, and their addresses are dropped after the country lookup.
     """
 
-    def __init__(self, conn: sqlite3.Connection, site: str, geoip: Any, progress: Callable[[str], None]) -> None:
+    def __init__(self, conn: sqlite3.Connection, config: Config, geoip: Any, progress: Callable[[str], None]) -> None:
         self.store = Store(conn)
-        self.site = site
+        self.config = config
+        self.site = config.sites[0] if config.sites else ""
         self.geoip = geoip
         self.progress = progress
-        self.visitors = Visitors(rate_limit=0)
+        self.memo = Memo()
+        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear)
         self.imported = self.filtered = self.skipped = 0
         self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
         self._records: List[Record] = []
+        self._events: List[Event] = []
         self._hits: List[FilteredHit] = []
         self._started = self._reported = time.monotonic()
 
@@ -2247,7 +2545,7 @@ class Importer:
             when = dt.datetime.fromtimestamp(seen[0], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
         readers = {"csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined}
-        readers[fmt or detect_format(path)](path)
+        readers[fmt](path)
         self._flush()
         self.store.conn.execute(
             "INSERT INTO imports VALUES (?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET rows = excluded.rows, at = excluded.at",
@@ -2255,7 +2553,7 @@ class Importer:
         )
         seconds = time.monotonic() - self._started
         self.progress(
-            f"imported {self.imported:,} page views from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
+            f"imported {self.imported:,} page views and events from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
             f"{self.filtered:,} filtered, {self.skipped:,} lines skipped"
         )
 
@@ -2263,8 +2561,6 @@ class Importer:
         with open(path, encoding="utf-8", errors="replace", newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, [])
-            if not {"time", "path"} <= set(header):
-                raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
             for row in reader:
                 self._add_record(dict(zip(header, row)))
 
@@ -2284,13 +2580,10 @@ class Importer:
             rows = source.execute("SELECT timestamp, path, title, referrer, country, device, width, height FROM data ORDER BY id")
             for stamp, page, title, referrer, country, device, width, height in rows:
                 browser, _, version = str(device or "").strip().partition(" ")
-                if browser.lower() in FLASK_BOTS:
-                    self._filter(parse_stamp(stamp), "bot")
-                    continue
                 self._add_record({
                     "time": stamp, "path": page, "title": title, "referrer": referrer, "country": country,
                     "browser": FLASK_BROWSERS.get(browser.lower(), browser.title()), "version": version.split(".")[0],
-                    "screen": f"{width}x{height}",
+                    "screen": f"{width}x{height}", "device": "bot" if browser.lower() in FLASK_BOTS else "",
                 })
             source.close()
         except sqlite3.Error as error:
@@ -2307,52 +2600,45 @@ class Importer:
                 self._add_log_line(match, when)
 
     def _add_log_line(self, match: "re.Match[str]", when: int) -> None:
-        target = match.group("target")
-        page = url_path(target)
+        """A page request in an access log is a hit: its Referer is the page's referrer, its address the visitor's."""
+        page = url_path(match.group("target"))
         if match.group("method") != "GET" or not match.group("status").startswith("2") or not page or _ASSET.search(page):
             return
-        user_agent = unescape_log(match.group("agent") or "")
-        referrer = normalise_referrer(unescape_log(match.group("referrer") or ""), self.site)
-        agent = classify_user_agent(user_agent)
-        reason = "headless" if is_headless(user_agent) else "bot" if agent.device == "bot" else ""
-        if not reason and referrer and in_domains(referrer.split("/", 1)[0], SPAM_DOMAINS):
-            reason = "spam"
-        if reason:
-            self._filter(when, reason)
-            return
-        address = parse_ip(match.group("address"))
-        observation = self.visitors.observe(when, self.site, str(address or ""), user_agent)
-        view = PageView(
-            when, self.site, normalise_path(page), "", referrer, lookup_country(self.geoip, address),
-            agent.browser, agent.version, agent.os, agent.device, "", "", first_today=observation.first_today,  # type: ignore[union-attr]
-        )
-        self._views.append((view, observation.step))  # type: ignore[union-attr]
-        self._counted()
+        params = {"path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
+        hit = RawHit(when, params, unescape_log(match.group("agent") or ""), peer=match.group("address"))
+        self._add(read_hit(hit, self.config, self.memo, lambda address: lookup_country(self.geoip, address)), live=True)
 
     def _add_record(self, row: Optional[Dict[str, Any]]) -> None:
-        record = record_from(row, self.site) if row else None
-        if record is None:
+        self._add(read_record(row, self.config, self.site) if row else None, live=False)
+
+    def _add(self, outcome: Outcome, live: bool) -> None:
+        if outcome is None:
             self.skipped += 1
             return
-        self._records.append(record)
-        self._counted()
-
-    def _filter(self, when: Optional[int], reason: str) -> None:
-        if when is not None:
-            self._hits.append(FilteredHit(when, self.site, reason))
+        if isinstance(outcome, FilteredHit):
+            self._hits.append(outcome)
             self.filtered += 1
-
-    def _counted(self) -> None:
+            return
         self.imported += 1
-        if len(self._views) + len(self._records) >= IMPORT_BATCH:
+        if live:
+            hit, step = self.visitors.admit(outcome)
+            if isinstance(hit, PageView):
+                self._views.append((hit, step))
+            elif isinstance(hit, Event):
+                self._events.append(hit)
+        elif outcome.event:
+            self._events.append(Event(outcome.event, outcome.view))
+        else:
+            self._records.append(Record(outcome.view, *outcome.visit))
+        if len(self._views) + len(self._records) + len(self._events) >= IMPORT_BATCH:
             self._flush()
 
     def _flush(self) -> None:
         try:
-            self.store.write(self._views, self._hits, self._records)
+            self.store.write(self._views, self._hits, self._records, self._events)
         except sqlite3.IntegrityError:  # the daemon wrote into the same second meanwhile: ids are recomputed
-            self.store.write(self._views, self._hits, self._records)
-        self._views, self._records, self._hits = [], [], []
+            self.store.write(self._views, self._hits, self._records, self._events)
+        self._views, self._records, self._events, self._hits = [], [], [], []
         now = time.monotonic()
         if now - self._reported >= 1:
             self._reported = now
@@ -2361,81 +2647,6 @@ class Importer:
 
 FLASK_BROWSERS = {"chrome": "Chrome", "firefox": "Firefox", "safari": "Safari", "edge": "Edge", "msie": "Internet Explorer", "opera": "Opera", "samsungbrowser": "Samsung Internet", "yandex": "Yandex"}
 FLASK_BOTS = {"google", "msn", "yahoo", "ask", "aol", "baidu", "bingbot", "googlebot", "yandexbot"}
-
-
-def record_from(row: Dict[str, Any], default_site: str) -> Optional[Record]:
-    """A stored page view from an exported or foreign row, every value normalised; None when unusable."""
-    when = parse_stamp(row.get("time"))
-    if when is None:
-        return None
-    text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
-    site = normalise_host(text("site", default_site))
-    device, version, country, language = text("device", ""), text("version", ""), text("country", "").upper(), text("language", "")
-    view = PageView(
-        time=when,
-        site=site,
-        path=normalise_path(text("path", "")),
-        title=normalise_title(text("title", "")),
-        referrer=normalise_referrer(with_scheme(text("referrer", "")), site),
-        country=country if len(country) == 2 and country.isalpha() and country.isascii() else "",
-        browser=clean_label(text("browser", "")),
-        version=version if version.isdigit() and len(version) <= 6 else "",
-        os=clean_label(text("os", "")),
-        device=device if device in DEVICES else "",
-        screen=normalise_screen(text("screen", "")),
-        language=language if _LANGUAGE.fullmatch(language) else "",
-        first_today=text("first_today", "") in ("1", "True", "true"),
-    )
-    visit_views = bounded(row.get("visit_views"), 1_000_000)
-    return Record(view, visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0)  # a duration belongs to a visit's entry
-
-
-@lru_cache(maxsize=1024)
-def clean_label(value: str) -> str:
-    return clean_text(value, 32)
-
-
-def with_scheme(referrer: str) -> str:
-    """Exported referrers are host and path; foreign ones may be full URLs."""
-    return referrer if "://" in referrer or not referrer else "http://" + referrer
-
-
-def bounded(value: Any, limit: int) -> int:
-    try:
-        number = int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-    return min(max(number, 0), limit)
-
-
-def parse_stamp(value: Any) -> Optional[int]:
-    """Unix seconds, or an ISO or SQLite datetime (UTC unless it says), between 2000 and 2100."""
-    text = str(value or "").strip()
-    if len(text) == 20 and text[10] == "T" and text[19] == "Z" and text[:4].isdigit():  # pixeld's own export
-        return parse_export_stamp(text)
-    try:
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            when = int(float(text))
-        else:
-            moment = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
-            when = int((moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp())
-    except (ValueError, OverflowError):
-        return None
-    return when if 946_684_800 <= when < 4_102_444_800 else None
-
-
-def parse_export_stamp(text: str) -> Optional[int]:
-    """``2026-11-28T14:05:09Z``, quickly: days come from a small cache, the time from slicing."""
-    try:
-        seconds = _midnight(text[:10]) + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19])
-    except ValueError:
-        return None
-    return seconds if 946_684_800 <= seconds < 4_102_444_800 else None
-
-
-@lru_cache(maxsize=1024)
-def _midnight(date: str) -> int:
-    return int(dt.datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp())
 
 
 def parse_log_time(value: str) -> Optional[int]:
@@ -2449,16 +2660,41 @@ def unescape_log(value: str) -> str:
     return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
 
 
-def detect_format(path: str) -> str:
-    with open(path, "rb") as handle:
-        head = handle.read(4096)
+def detect_format(path: str, fmt: str = "") -> str:
+    """The file's format (the one given, or detected), once its first lines show that pixeld can read
+    it; else ImportFailed, before anything touches the database."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(65536)
+    except OSError as error:
+        raise ImportFailed(f"cannot read {path}: {error_reason(error)}") from None
+    if not head.strip():
+        raise ImportFailed(f"{path} is empty: nothing to import")
     if head.startswith(b"SQLite format 3\x00"):
-        return "flask"
-    if head.lstrip().startswith(b"{"):
-        return "ndjson"
-    if head.startswith(b"time,") or b",path," in head.split(b"\n", 1)[0]:
-        return "csv"
-    return "combined"
+        detected = "flask"
+    elif head.lstrip().startswith(b"{"):
+        detected = "ndjson"
+    elif head.startswith(b"time,") or b",path," in head.split(b"\n", 1)[0]:
+        detected = "csv"
+    else:
+        detected = "combined"
+    fmt = fmt or detected
+    lines = head.decode("utf-8", "replace").splitlines()[:100]
+    if fmt == "csv" and not {"time", "path"} <= set(next(csv.reader(lines[:1]), [])):
+        raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
+    if fmt == "ndjson" and not any(_is_export_object(line) for line in lines):
+        raise ImportFailed(f"{path} is not a pixeld NDJSON export (no line is an object with a time)")
+    if fmt == "combined" and not any(_COMBINED.match(line) for line in lines):
+        raise ImportFailed(f"{path} is not a file pixeld can import: neither an export, a Flask database nor a combined access log")
+    return fmt
+
+
+def _is_export_object(line: str) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "time" in row
 
 
 def file_fingerprint(path: str) -> str:
@@ -2555,7 +2791,8 @@ class App:
     ``/pixel.gif`` never blocks: it hands the hit to the writer thread. The server may answer it
     without a thread hand-off; it says so in ``nonblocking_paths``.
 
-    It owns the writer, the in-memory visitors and the GeoIP reader. The clock is injected so
+    It owns the writer, the in-memory visitors, the caches of raw inputs (emptied with each new
+    salt) and the GeoIP reader. The clock is injected so
     tests can move time (salt rotation, visits, report ranges).
     """
 
@@ -2567,7 +2804,8 @@ class App:
         self.log = log
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
         self.writer = Writer(connect(config.db_path), config.flush_interval, log, config.keep_days, clock, config.queue_limit)
-        self.visitors = Visitors(config.rate_limit)
+        self.memo = Memo()
+        self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear)
         self._visitors_lock = threading.Lock()
         self.closed = False
         self.routes: Dict[str, Callable[[Environ], Answer]] = {
@@ -2610,71 +2848,16 @@ class App:
         return "200 OK", list(GIF_HEADERS), GIF
 
     def record(self, environ: Environ) -> None:
-        """Filter the hit, or place it in its visit and hand it to the writer."""
-        params = parse_query(environ.get("QUERY_STRING", ""))
-        page_url = environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", "")
-        site = normalise_host(params["host"]) if params.get("host") else url_host(page_url)
-        now = int(self.clock())
-        user_agent = environ.get("HTTP_USER_AGENT", "")
-        address = client_address(
-            environ.get("REMOTE_ADDR", ""),
-            environ.get("HTTP_X_FORWARDED_FOR", ""),
-            environ.get("HTTP_FORWARDED", ""),
-            self.config.trusted_proxies,
-        )
-        campaign, source = campaign_of(params)
-        referrer = f"{source} (campaign)" if source else normalise_referrer(params.get("referrer", ""), site)
-        agent = classify_user_agent(user_agent)
-        reason = self.filter_reason(environ, params, site, address, user_agent, agent, referrer)
-        if reason:
-            self.writer.submit(FilteredHit(now, site if reason != "foreign" else "", reason))
-            return
-        path = params.get("path") or url_path(page_url)
-        fields = (
-            normalise_path(path), normalise_title(params.get("title", "")), referrer, lookup_country(self.geoip, address),
-            agent.browser, agent.version, agent.os, agent.device, normalise_screen(params.get("resolution", "")),
-            primary_language(environ.get("HTTP_ACCEPT_LANGUAGE", "")),
-        )
-        if "event" in params:
-            self.record_event(now, site, str(address or ""), user_agent, params["event"], fields, campaign)
-            return
-        with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
-            observation = self.visitors.observe(now, site, str(address or ""), user_agent)
-            if observation is None:
-                self.writer.submit(FilteredHit(now, site, "rate-limited"))
-            else:
-                self.writer.submit(PageView(now, site, *fields, observation.first_today, campaign), observation.step)
+        """Run the hit through the pipeline; place what counts in its visit and hand it to the writer."""
+        outcome = read_hit(raw_hit(environ, int(self.clock())), self.config, self.memo, self.country_of)
+        if isinstance(outcome, FilteredHit):
+            self.writer.submit(outcome)
+        elif outcome is not None:
+            with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
+                self.writer.submit(*self.visitors.admit(outcome))
 
-    def record_event(self, now: int, site: str, address: str, user_agent: str, name: str, fields: Tuple[Any, ...], campaign: str) -> None:
-        """A custom event: not a page view; counted with its first-of-the-day-per-visitor flag."""
-        name = clean_text(name, MAX_EVENT)
-        if not name:
-            return
-        with self._visitors_lock:
-            first = self.visitors.observe_event(now, site, address, user_agent, name)
-        if first is None:
-            self.writer.submit(FilteredHit(now, site, "rate-limited"))
-        else:
-            self.writer.submit(Event(name, PageView(now, site, *fields, first, campaign)))
-
-    def filter_reason(
-        self, environ: Environ, params: Dict[str, str], site: str, address: Optional[IPAddress], user_agent: str, agent: UserAgent, referrer: str
-    ) -> str:
-        """Why a hit is not a page view, or empty when it is one."""
-        config = self.config
-        if address is not None and is_in(address, config.ignore_networks):
-            return "ignored"
-        if config.sites and not in_domains(site, config.sites):
-            return "foreign"
-        if is_prefetch(environ):
-            return "prefetch"
-        if agent.device == "bot":
-            return "headless" if is_headless(user_agent) else "bot"
-        if params.get("bot"):
-            return "headless"  # the snippet saw navigator.webdriver
-        if referrer and in_domains(referrer.split("/", 1)[0], config.spam_domains):
-            return "spam"
-        return ""
+    def country_of(self, address: Optional[IPAddress]) -> str:
+        return lookup_country(self.geoip, address)
 
     def report(self, environ: Environ) -> Answer:
         denied = self.deny_report(environ)
@@ -2687,7 +2870,8 @@ class App:
         try:
             params = parse_query(environ.get("QUERY_STRING", ""))
             request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone)
-            return render_report(conn, request)
+            body, content_type = render_report(conn, request)
+            return "200 OK", [("Content-Type", content_type), ("Cache-Control", "no-store")], body.encode()
         except ReportError as error:
             return plain("400 Bad Request", str(error))
         except sqlite3.Error as error:
@@ -2753,15 +2937,6 @@ INDEX_PAGE = """<!doctype html>
 Read the report with <code>curl http://127.0.0.1:8000/report</code> on this machine.</p>
 {snippet}</body></html>
 """
-
-
-def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int = WIDTH) -> Answer:
-    data = query_report(conn, request.query)
-    if request.format == "json":
-        return "200 OK", [("Content-Type", "application/json"), ("Cache-Control", "no-store")], render_json(data, request).encode()
-    if request.format == "csv":
-        return "200 OK", [("Content-Type", "text/csv; charset=utf-8"), ("Cache-Control", "no-store")], render_csv(data, request).encode()
-    return "200 OK", [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")], render_text(data, request, width).encode()
 
 
 def plain(status: str, message: str) -> Answer:
@@ -3195,6 +3370,11 @@ def connection_limit() -> int:
     return max(16, min(soft - 64, 16_384))
 
 
+###############################################################################
+# Service: start-up, signals, sd_notify and the watchdog ######################
+###############################################################################
+
+
 def notify(message: str) -> None:
     """Tell systemd (``Type=notify``) how we are; without ``NOTIFY_SOCKET`` this does nothing."""
     address = os.environ.get("NOTIFY_SOCKET", "")
@@ -3311,9 +3491,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
         help="proxies whose X-Forwarded-For/Forwarded are believed (default loopback) [$PIXELD_TRUSTED_PROXIES, comma-separated]",
     )
-    serve_cmd.add_argument("--site", metavar="DOMAIN", action="append", help="accept only hits for this site and its subdomains; repeatable (default: every host) [$PIXELD_SITES, comma-separated]")
-    serve_cmd.add_argument("--spam-list", metavar="FILE", help="more referrer spam domains, one per line, added to the built-in list [$PIXELD_SPAM_LIST]")
-    serve_cmd.add_argument("--ignore-ip", metavar="CIDR", action="append", help="drop hits from these addresses (your own visits); repeatable [$PIXELD_IGNORE_IPS, comma-separated]")
+    add_filter_options(serve_cmd)
     serve_cmd.add_argument("--rate-limit", metavar="N", help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
     serve_cmd.add_argument("--timezone", metavar="ZONE", help="the report's default time zone, like Europe/Berlin (default UTC) [$PIXELD_TIMEZONE]")
     serve_cmd.add_argument("--request-timeout", metavar="SECONDS", help="time a client has to send a whole request (default 10) [$PIXELD_REQUEST_TIMEOUT]")
@@ -3339,7 +3517,7 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
     import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
-    import_cmd.add_argument("--site", default="", help="the site's hostname, for files that do not say (Flask database, access logs)")
+    add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
@@ -3350,6 +3528,16 @@ def build_parser() -> argparse.ArgumentParser:
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
     return parser
+
+
+def add_filter_options(command: argparse.ArgumentParser, site_note: str = "") -> None:
+    """What decides whether a hit counts, the same for ``serve`` and ``import``."""
+    command.add_argument(
+        "--site", metavar="DOMAIN", action="append",
+        help=f"accept only hits for this site and its subdomains; repeatable (default: every host).{site_note} [$PIXELD_SITES, comma-separated]",
+    )
+    command.add_argument("--spam-list", metavar="FILE", help="more referrer spam domains, one per line, added to the built-in list [$PIXELD_SPAM_LIST]")
+    command.add_argument("--ignore-ip", metavar="CIDR", action="append", help="drop hits from these addresses (your own visits); repeatable [$PIXELD_IGNORE_IPS, comma-separated]")
 
 
 def add_db_option(command: argparse.ArgumentParser, note: str) -> None:
@@ -3374,8 +3562,7 @@ def setting(args: argparse.Namespace, name: str, environ: Dict[str, str], defaul
 
 def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
     host, port = parse_listen(setting(args, "listen", environ, DEFAULT_LISTEN))
-    token = args.token if args.token is not None else None
-    token_file = args.token_file if args.token_file is not None else None
+    token, token_file = getattr(args, "token", None), getattr(args, "token_file", None)
     if token is None and token_file is None:
         token, token_file = environ.get("PIXELD_TOKEN") or None, environ.get("PIXELD_TOKEN_FILE") or None
     if token is not None and not token.strip():
@@ -3434,12 +3621,12 @@ def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     try:
         request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
-        _, _, body = render_report(conn, request, max(60, width))
+        body, _ = render_report(conn, request, max(60, width))
     except sqlite3.Error as error:
         raise StorageError(f"cannot read the database: {error}") from None
     finally:
         conn.close()
-    sys.stdout.write(body.decode())
+    sys.stdout.write(body)
 
 
 def run_export(args: argparse.Namespace, environ: Dict[str, str]) -> None:
@@ -3457,13 +3644,15 @@ def run_export(args: argparse.Namespace, environ: Dict[str, str]) -> None:
 
 
 def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    """Import with the same filters as ``serve``: its --site, --spam-list and --ignore-ip, and its environment."""
+    fmt = detect_format(args.file, args.format)
     db_path = setting(args, "db", environ, DEFAULT_DB)
     check_database_path(db_path)
     geoip_path = setting(args, "geoip", environ, "")
+    config = config_from(args, environ)
     conn = connect(db_path)
     try:
-        site = parse_domain(args.site, "site") if args.site else ""
-        Importer(conn, site, open_geoip(geoip_path) if geoip_path else None, log_line).run(args.file, args.format, args.force)
+        Importer(conn, config, open_geoip(geoip_path) if geoip_path else None, log_line).run(args.file, fmt, args.force)
     finally:
         conn.close()
 

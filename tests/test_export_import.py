@@ -6,6 +6,7 @@ import resource
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -170,3 +171,94 @@ def test_export_memory_stays_flat(tmp_path):
         store.conn.close()
         sizes[rows] = peak_memory_of_export(db)
     assert sizes[150_000] - sizes[5_000] < 8 * 1024, sizes  # 30 times the rows, under 8 MiB more
+
+
+@pytest.fixture
+def rich_db(start_daemon):
+    """Page views with campaigns, events and multi-page visits, written by the real daemon."""
+    daemon = start_daemon()
+    readers = [("198.51.100.1", CHROME), ("198.51.100.2", IPHONE), ("198.51.100.3", FIREFOX)]
+    for n, (ip, ua) in enumerate(readers):
+        headers = {"User-Agent": ua, "X-Forwarded-For": ip, "Accept-Language": "fr"}
+        first = {"utm_source": "Newsletter", "utm_medium": "email", "utm_campaign": "nov"} if n < 2 else {"referrer": "https://news.example.net/x"}
+        daemon.pixel({"path": "/", "host": "example.org", "title": "Home", "resolution": "390,844", **first}, headers)
+        daemon.pixel({"path": f"/post/{n}", "host": "example.org", "title": f"Post {n}"}, headers)
+        daemon.pixel({"event": "signup" if n else "download", "path": f"/post/{n}", "host": "example.org", **first}, headers)
+    daemon.pixel({"event": "signup", "path": "/post/1", "host": "example.org"}, {"User-Agent": IPHONE, "X-Forwarded-For": "198.51.100.2"})
+    daemon.stop()
+    return daemon.db
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
+def test_round_trip_carries_campaigns_events_and_visits(rich_db, tmp_path, fmt):
+    code, exported, _ = run_pixeld("export", "--db", str(rich_db), "--format", fmt)
+    assert code == 0
+    path = tmp_path / f"export.{fmt}"
+    path.write_text(exported)
+    copy = tmp_path / "copy.db"
+    code, _, err = run_pixeld("import", str(path), "--db", str(copy))
+    assert code == 0, err
+    before, after = report_json(rich_db), report_json(copy)
+    assert {r["value"]: r["count"] for r in before["sections"]["campaigns"]} == {"newsletter / email / nov": 2}
+    assert {r["value"]: r["count"] for r in before["sections"]["events"]} == {"signup": 3, "download": 1}
+    assert before["visits"] == 3 and before["pageviews"] == 6
+    for key in before:
+        if key != "sections":
+            assert after[key] == before[key], key
+    for name in before["sections"]:
+        assert after["sections"][name] == before["sections"][name], name
+    for args in (["--event", "signup"], ["--campaign", "newsletter / email / nov"], ["--referrer", "newsletter (campaign)"]):
+        assert report_json(copy, *args) == report_json(rich_db, *args), args
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\n\n", bytes(range(256)) * 400, b"a,b\n1,2\n", b'{"no": "time"}\n', b"[1, 2]\n"],
+    ids=["empty", "blank", "random-bytes", "foreign-csv", "json-without-time", "json-array"],
+)
+def test_import_refuses_what_it_cannot_read_and_writes_nothing(tmp_path, content):
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    db = tmp_path / "p.db"
+    code, _, err = run_pixeld("import", str(path), "--db", str(db))
+    assert code == 2 and err.count("\n") == 1 and err.startswith("pixeld: "), err
+    assert not db.exists()
+
+
+def test_import_filters_as_serve_does(tmp_path):
+    spam = tmp_path / "spam.txt"
+    spam.write_text("# ours\nspammy.example\n")
+    log = tmp_path / "access.log"
+    log.write_text("\n".join([
+        f'203.0.113.7 - - [27/Nov/2026:10:00:00 +0000] "GET /a HTTP/1.1" 200 10 "https://spammy.example/x" "{CHROME}"',
+        f'198.51.100.9 - - [27/Nov/2026:10:00:00 +0000] "GET /b HTTP/1.1" 200 10 "-" "{CHROME}"',
+        f'203.0.113.5 - - [27/Nov/2026:10:00:00 +0000] "GET /c HTTP/1.1" 200 10 "-" "{CHROME}"',
+    ]) + "\n")
+    db = tmp_path / "p.db"
+    code, _, err = run_pixeld("import", str(log), "--db", str(db), "--site", "example.org", "--spam-list", str(spam), "--ignore-ip", "198.51.100.0/24")
+    assert code == 0 and "imported 1 page views" in err, err
+    report = report_json(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
+    assert [r["value"] for r in report["sections"]["pages"]] == ["/c"]
+    assert report["filtered"] == {"total": 2, "ignored": 1, "spam": 1}
+
+
+def test_live_hits_and_the_same_access_log_give_the_same_report(start_daemon, tmp_path):
+    visits = [("203.0.113.1", CHROME, ["/", "/a", "/b"], "https://www.google.com/search"), ("203.0.113.2", IPHONE, ["/a"], ""),
+              ("203.0.113.3", FIREFOX, ["/", "/c"], "https://news.example.net/x"), ("66.249.66.1", "Googlebot/2.1 (+http://www.google.com/bot.html)", ["/"], "")]
+    daemon = start_daemon("--site", "example.org")
+    lines = []
+    for ip, ua, pages, referrer in visits:
+        for i, page in enumerate(pages):
+            daemon.pixel({"path": page, "host": "example.org", "referrer": referrer if i == 0 else f"https://example.org{pages[i - 1]}"},
+                         {"User-Agent": ua, "X-Forwarded-For": ip})
+            stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time()))
+            lines.append(f'{ip} - - [{stamp}] "GET {page} HTTP/1.1" 200 10 "{referrer if i == 0 else "https://example.org" + pages[i - 1]}" "{ua}"')
+    daemon.stop()
+    log = tmp_path / "access.log"
+    log.write_text("\n".join(lines) + "\n")
+    imported = tmp_path / "imported.db"
+    code, _, err = run_pixeld("import", str(log), "--db", str(imported), "--site", "example.org")
+    assert code == 0, err
+    live, from_log = report_json(daemon.db, "--range", "today"), report_json(imported, "--range", "today")
+    assert live["pageviews"] == 6 and live["visits"] == 3 and live["filtered"] == {"total": 1, "bot": 1}
+    for key in ("visitors", "visits", "pageviews", "bounce_rate", "pages_per_visit", "filtered", "sections"):
+        assert from_log[key] == live[key], key

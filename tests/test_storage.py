@@ -72,8 +72,8 @@ def test_writer_stores_everything_on_close_and_keeps_counts_in_step(tmp_path):
 
     conn = connect(str(tmp_path / "w.db"), readonly=True)
     assert conn.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 500
-    for dim in pixeld.PAGEVIEW_DIMENSIONS.values():
-        assert conn.execute("SELECT sum(views) FROM daily WHERE dim = ?", (dim,)).fetchone()[0] == 500
+    for dim in pixeld.COUNTED:
+        assert conn.execute("SELECT sum(views) FROM daily WHERE dim = ?", (dim.code,)).fetchone()[0] == 500
     report = query_report(conn, Query(Range(T0, T0 + 3 * DAY)))
     assert report.totals.views == 500
     assert dict(report.sections["pages"]) == Counter(v.path for v in views)

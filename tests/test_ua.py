@@ -101,9 +101,16 @@ def test_garbage_gets_an_answer():
         assert agent.device in ("desktop", "phone", "tablet", "bot", "other")
 
 
-def test_repeated_user_agents_are_cached():
-    pixeld.classify_user_agent.cache_clear()
+def test_repeated_user_agents_are_cached_in_a_bounded_memo():
+    calls = []
+
+    def counted(ua):
+        calls.append(ua)
+        return classify_user_agent(ua)
+
+    memo = pixeld.Memo(limit=2)
     for _ in range(3):
-        classify_user_agent(BROWSERS[0][0])
-    info = pixeld.classify_user_agent.cache_info()
-    assert info.hits == 2 and info.misses == 1
+        assert memo(counted, BROWSERS[0][0]) == BROWSERS[0][1]
+    assert len(calls) == 1
+    memo(counted, "a"), memo(counted, "b"), memo(counted, "c")
+    assert memo.size() <= 2

@@ -156,3 +156,21 @@ def test_entry_rows_carry_the_visit_and_other_rows_nothing(tmp_path):
     conn = pixeld.connect(str(db), readonly=True)
     rows = conn.execute("SELECT first_today, visit_views, duration FROM pageviews ORDER BY id").fetchall()
     assert rows == [(1, 3, 95), (0, 0, 0), (0, 0, 0)]
+
+
+def test_raw_inputs_are_cached_only_until_the_salt_rotates(tmp_path):
+    clock = Clock(MIDNIGHT + 23 * 3600)
+    app = make_app(tmp_path / "m.db", clock)
+    try:
+        hit(app, "/", "203.0.113.9")  # the first hit brings the first salt
+        hit(app, "/", "203.0.113.1", referrer="https://news.example.net/a?utm_x=1")
+        assert app.memo.size() == 3  # the address, the User-Agent and the referrer
+        clock.now += 3600  # past 00:00 UTC: a new salt
+        hit(app, "/", "203.0.113.2")
+        assert app.memo.size() == 0  # emptied with the new salt
+        memo = pixeld.Memo(limit=10)
+        for n in range(1000):
+            memo(str, n)
+        assert memo.size() <= 10
+    finally:
+        app.close()
