@@ -62,6 +62,7 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 DAY = 86_400
 DEFAULT_LISTEN = "127.0.0.1:8000"
 DEFAULT_DB = "pixeld.db"
+DEFAULT_HIT_PATH = "/pixel.gif"
 LOOPBACK_NETWORKS: Tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
@@ -104,6 +105,7 @@ class Config:
     request_timeout: float = 10.0
     queue_limit: int = 100_000
     flush_interval: float = 1.0
+    hit_path: str = DEFAULT_HIT_PATH  # served as well as /pixel.gif (a neutral name that content blockers do not match)
 
 
 def parse_listen(value: str) -> Tuple[str, int]:
@@ -155,6 +157,13 @@ def parse_seconds(value: Any, what: str) -> float:
     if not 0.1 <= seconds <= 3600:
         raise ConfigError(f"{what} must be between 0.1 and 3600 seconds")
     return seconds
+
+
+def parse_hit_path(value: str) -> str:
+    """Another path for the hit endpoint, like ``/hit``: one or more plain segments."""
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or value in ("/report", "/export", "/healthz", "/metrics", "/whoami"):
+        raise ConfigError(f"cannot use hit path {value[:60]!r}: use a plain path like /hit that no other endpoint uses")
+    return value
 
 
 def read_spam_list(path: str) -> FrozenSet[str]:
@@ -1165,6 +1174,16 @@ class Accepted(NamedTuple):
 
 
 Outcome = Union[Accepted, FilteredHit, None]  # None: malformed, ignored without a trace
+FILTER_REASONS = {  # reason: (label in the report, why)
+    "bot": ("bots", "the User-Agent is a crawler, a link preview, a monitor or an HTTP library"),
+    "headless": ("headless", "a headless or automated browser"),
+    "prefetch": ("prefetch", "a prefetch, prerender or preview request, for a page nobody may see"),
+    "spam": ("spam", "the referrer's domain is on the referrer spam list"),
+    "foreign": ("foreign site", "the site is not one of --site"),
+    "ignored": ("ignored", "the client address is in --ignore-ip"),
+    "rate-limited": ("rate-limited", "more page views from this visitor in a minute than --rate-limit"),
+    "dropped": ("dropped (database unavailable)", "the database could not take writes and the queue was full"),
+}
 
 
 def raw_hit(environ: Dict[str, Any], now: int) -> RawHit:
@@ -1240,6 +1259,22 @@ def filter_reason(
     if referrer and in_domains(referrer.split("/", 1)[0], config.spam_domains):
         return "spam"
     return ""
+
+
+def explain(outcome: Outcome) -> str:
+    """One line on what a hit would be, for a dry run and ``pixeld.py check``."""
+    if outcome is None:
+        return "ignored: malformed (an event without a name)"
+    if isinstance(outcome, FilteredHit):
+        return f"filtered: {outcome.reason} ({FILTER_REASONS[outcome.reason][1]})"
+    view = outcome.view
+    what = f"the event {outcome.event!r} on" if outcome.event else "a page view of"
+    details = [
+        f"browser {' '.join(filter(None, (view.browser, view.version))) or '(unknown)'}", f"OS {view.os or '(unknown)'}",
+        f"device {view.device or '(unknown)'}", f"source {view.source or '(direct)'} ({view.channel})",
+        f"country {view.country or '(unknown)'}", f"language {view.language or '(unknown)'}", f"screen {view.screen or '(unknown)'}",
+    ]
+    return f"counted as {what} {view.site or '(no host)'}{view.path} ({', '.join(details)}), unless the visitor is over the rate limit"
 
 
 def with_scheme(referrer: str) -> str:
@@ -1434,6 +1469,10 @@ class Visitors:
             visitor.minute, visitor.minute_views = now // 60, 0
         visitor.minute_views += 1
         return visitor.minute_views <= self.rate_limit
+
+    def remembered(self) -> int:
+        """How many visitor keys are held in memory."""
+        return sum(len(generation.visitors) for generation in (self._current, self._previous) if generation is not None)
 
     def salts(self) -> List[bytes]:
         """The salts held right now, so tests can prove they never reach the disk."""
@@ -2028,6 +2067,8 @@ class Writer:
         self._unsaved_drops = 0
         self._drops_lock = threading.Lock()
         self._pruned_day = -1
+        self.last_commit = time.monotonic()
+        self.commit_seconds = 0.0  # how long the last commit took
         self._queue: "queue.SimpleQueue[Union[Tuple[PageView, Optional[VisitStep]], FilteredHit, Event, None]]" = queue.SimpleQueue()
         self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
         self._filtered: List[FilteredHit] = []
@@ -2092,7 +2133,9 @@ class Writer:
         attempts = 0
         while self._views or self._filtered or self._events or tally:
             try:
+                started = time.monotonic()
                 self.store.write(self._views, self._filtered + tally, events=self._events)
+                self.last_commit, self.commit_seconds = time.monotonic(), time.monotonic() - started
             except Exception as error:  # a locked or full database, or worse: keep the batch, try again
                 self._note_error(f"cannot write to the database: {error}")
                 attempts += 1
@@ -2618,10 +2661,6 @@ def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
 TEXT_ROWS = 10
 WIDTH = 80
 SECTION_TITLES = {name: section.title for name, (_, section) in SECTIONS.items()}
-FILTER_REASONS = {
-    "bot": "bots", "headless": "headless", "prefetch": "prefetch", "spam": "spam",
-    "foreign": "foreign site", "ignored": "ignored", "rate-limited": "rate-limited", "dropped": "dropped (database unavailable)",
-}
 EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
@@ -2933,7 +2972,7 @@ def format_change(current: float, previous: float, ascii: bool) -> str:
 
 
 def filtered_breakdown(filtered: Dict[str, int]) -> str:
-    parts = [f"{label} {filtered[reason]:,}" for reason, label in FILTER_REASONS.items() if filtered.get(reason)]
+    parts = [f"{label} {filtered[reason]:,}" for reason, (label, _) in FILTER_REASONS.items() if filtered.get(reason)]
     return f"  ({', '.join(parts)})" if parts else ""
 
 
@@ -3312,9 +3351,9 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 """
 
 
-def snippet(url: str = SNIPPET_PLACEHOLDER, local: bool = False) -> str:
-    """The snippet to paste into pages, pointing at ``url``; ``local`` lets it count on localhost too."""
-    text = SNIPPET.replace(SNIPPET_PLACEHOLDER, url.rstrip("/"))
+def snippet(url: str = SNIPPET_PLACEHOLDER, local: bool = False, hit_path: str = DEFAULT_HIT_PATH) -> str:
+    """The snippet to paste into pages, pointing at ``url`` and its hit path; ``local`` lets it count on localhost too."""
+    text = SNIPPET.replace(SNIPPET_PLACEHOLDER, url.rstrip("/")).replace(DEFAULT_HIT_PATH, hit_path)
     return text.replace("<script data-pixeld=", "<script data-local data-pixeld=") if local else text
 
 
@@ -3339,17 +3378,16 @@ Answer = Tuple[str, List[Tuple[str, str]], Any]  # status, headers, and bytes or
 
 
 class App:
-    """The WSGI application: ``/pixel.gif`` captures, ``/report`` reads, ``/healthz`` and ``/`` help.
+    """The WSGI application: ``/pixel.gif`` (and ``--hit-path``) captures, ``/report`` and ``/export``
+    read, ``/whoami``, ``/metrics``, ``/healthz`` and ``/`` help.
 
-    ``/pixel.gif`` never blocks: it hands the hit to the writer thread. The server may answer it
-    without a thread hand-off; it says so in ``nonblocking_paths``.
+    The hit endpoint never blocks: it hands the hit to the writer thread. The server may answer
+    it without a thread hand-off; it says so in ``nonblocking_paths``.
 
     It owns the writer, the in-memory visitors, the caches of raw inputs (emptied with each new
-    salt) and the GeoIP reader. The clock is injected so
-    tests can move time (salt rotation, visits, report ranges).
+    salt), the counts of outcomes and the GeoIP reader. The clock is injected so tests can move
+    time (salt rotation, visits, report ranges).
     """
-
-    nonblocking_paths = ("/pixel.gif",)
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.time, log: Callable[[str], None] = print) -> None:
         self.config = config
@@ -3361,10 +3399,17 @@ class App:
         self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear)
         self._visitors_lock = threading.Lock()
         self.closed = False
+        self.started = time.monotonic()
+        self.outcomes: Counter = Counter()  # hits since start, by outcome: pageview, event, malformed, or a filter reason
+        self.open_connections: Optional[Callable[[], int]] = None  # set by the server that runs the app, if it knows
+        self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path)
         self.routes: Dict[str, Callable[[Environ], Answer]] = {
-            "/pixel.gif": self.pixel,
+            DEFAULT_HIT_PATH: self.pixel,
+            config.hit_path: self.pixel,
             "/report": self.report,
             "/export": self.export,
+            "/whoami": self.whoami,
+            "/metrics": self.metrics,
             "/healthz": self.healthz,
             "/": self.index,
         }
@@ -3393,7 +3438,10 @@ class App:
         return [body] if isinstance(body, bytes) else body
 
     def pixel(self, environ: Environ) -> Answer:
-        """Record the hit and answer the GIF, whatever the request holds."""
+        """Record the hit and answer the GIF, whatever the request holds. A dry run (``dry_run=1``)
+        from a request allowed to read the report says what the hit would be, and records nothing."""
+        if "dry_run=" in environ.get("QUERY_STRING", "") and self.deny_report(environ) is None:
+            return plain("200 OK", explain(read_hit(raw_hit(environ, int(self.clock())), self.config, Memo(), self.country_of)))
         try:
             self.record(environ)
         except Exception as error:  # a bug must never break the host page: log one line, still answer
@@ -3403,11 +3451,17 @@ class App:
     def record(self, environ: Environ) -> None:
         """Run the hit through the pipeline; place what counts in its visit and hand it to the writer."""
         outcome = read_hit(raw_hit(environ, int(self.clock())), self.config, self.memo, self.country_of)
+        if outcome is None:
+            self.outcomes["malformed"] += 1
+            return
         if isinstance(outcome, FilteredHit):
+            item: Union[PageView, Event, FilteredHit] = outcome
             self.writer.submit(outcome)
-        elif outcome is not None:
+        else:
             with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
-                self.writer.submit(*self.visitors.admit(outcome))
+                item, step = self.visitors.admit(outcome)
+                self.writer.submit(item, step)
+        self.outcomes["pageview" if isinstance(item, PageView) else "event" if isinstance(item, Event) else item.reason] += 1
 
     def country_of(self, address: Optional[IPAddress]) -> str:
         return lookup_country(self.geoip, address)
@@ -3474,12 +3528,43 @@ class App:
             return None
         return plain("403 Forbidden", "the report is only for direct loopback requests; set --token to read it from elsewhere")
 
+    def whoami(self, environ: Environ) -> Answer:
+        """What pixeld concludes about this request: who sent it, through which proxy, for which site."""
+        denied = self.deny_report(environ)
+        if denied:
+            return denied
+        proxied = any(name in environ for name in ("HTTP_VIA", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST", "HTTP_X_REAL_IP"))
+        return plain("200 OK", "\n".join(describe_request(raw_hit(environ, int(self.clock())), self.config, proxied)))
+
+    def metrics(self, environ: Environ) -> Answer:
+        """Counters and gauges in the Prometheus text format."""
+        denied = self.deny_report(environ)
+        if denied:
+            return denied
+        gauges = {
+            "writer_queue_hits": ("Hits accepted but not yet committed.", self.writer.waiting()),
+            "last_commit_age_seconds": ("Seconds since the writer last committed.", round(time.monotonic() - self.writer.last_commit, 3)),
+            "commit_duration_seconds": ("How long the last commit took.", round(self.writer.commit_seconds, 6)),
+            "database_size_bytes": ("The database file with its write-ahead log.", database_size(self.config.db_path)),
+            "remembered_visitors": ("Visitor keys held in memory.", self.visitors.remembered()),
+            "uptime_seconds": ("Seconds since the app started.", round(time.monotonic() - self.started, 3)),
+        }
+        if self.open_connections is not None:
+            gauges["open_connections"] = ("Client connections open.", self.open_connections())
+        outcomes = Counter({"pageview": 0, "event": 0, **{reason: 0 for reason in FILTER_REASONS if reason != "dropped"}})
+        outcomes.update(self.outcomes)
+        return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
+            {"hits_total": ("Hits by outcome: page views, events, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
+             "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
+            gauges,
+        ).encode()
+
     def healthz(self, environ: Environ) -> Answer:
         status = self.writer.status()
         return plain("200 OK" if status == "ok" else "503 Service Unavailable", status)
 
     def index(self, environ: Environ) -> Answer:
-        page = INDEX_PAGE.replace("{snippet}", snippet("", local=True))
+        page = INDEX_PAGE.replace("{snippet}", snippet("", local=True, hit_path=self.config.hit_path))
         return "200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")], page.encode()
 
 
@@ -3490,6 +3575,54 @@ INDEX_PAGE = """<!doctype html>
 Read the report with <code>curl http://127.0.0.1:8000/report</code> on this machine.</p>
 {snippet}</body></html>
 """
+
+
+def describe_request(hit: RawHit, config: Config, proxied: bool) -> List[str]:
+    """/whoami: the peer, whether it is a trusted proxy, the client address pixeld would use (masked) and
+    where it came from, and the site it would record. Nothing is stored."""
+    peer = parse_ip(hit.peer)
+    trusted = peer is not None and is_in(peer, config.trusted_proxies)
+    address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)
+    via = "X-Forwarded-For" if hit.forwarded_for.strip() else "Forwarded" if hit.forwarded.strip() else ""
+    site = normalise_host(hit.params["host"]) if hit.params.get("host") else url_host(hit.page_url)
+    lines = [
+        f"peer: {hit.peer or '(unknown)'}",
+        f"trusted proxy: {'yes' if trusted else 'no'} (--trusted-proxy {', '.join(map(str, config.trusted_proxies)) or 'none'})",
+        f"client address: {mask_address(address)} (from {via if trusted and via else 'the peer'})",
+        f"site: {site or '(none: a hit names its site with host= or its Referer)'}",
+    ]
+    if trusted and not via and (proxied or not peer.is_loopback):  # type: ignore[union-attr]
+        lines.append("warning: the request came through a trusted proxy that sent no X-Forwarded-For: every visitor would look like the proxy")
+    elif trusted and not via:
+        lines.append("note: no X-Forwarded-For: right for a direct request from this machine; through a proxy, every visitor would look like the proxy")
+    elif via and not trusted:
+        lines.append(f"note: {via} is ignored, because the peer is not a trusted proxy")
+    return lines
+
+
+def mask_address(address: Optional[IPAddress]) -> str:
+    """An address with its host part hidden: ``203.0.113.x``, ``2001:db8:1:2::x``."""
+    if address is None:
+        return "(unknown)"
+    if address.version == 4:
+        return str(address).rsplit(".", 1)[0] + ".x"
+    return ":".join(address.exploded.split(":")[:4]) + "::x"
+
+
+def database_size(path: str) -> int:
+    return sum(os.path.getsize(path + suffix) for suffix in ("", "-wal") if os.path.exists(path + suffix))
+
+
+def prometheus_text(counters: Dict[str, Tuple[str, Any]], gauges: Dict[str, Tuple[str, Any]]) -> str:
+    """Metrics named ``pixeld_NAME`` with their help and type; a counter's value may be {labels: value}."""
+    lines = []
+    for kind, metrics in (("counter", counters), ("gauge", gauges)):
+        for name, (help_text, value) in metrics.items():
+            lines += [f"# HELP pixeld_{name} {help_text}", f"# TYPE pixeld_{name} {kind}"]
+            values = value if isinstance(value, dict) else {"": value}
+            lines += [f"pixeld_{name}{{{labels}}} {number}" if labels else f"pixeld_{name} {number}" for labels, number in values.items()]
+    lines += ["# HELP pixeld_build_info The running version.", "# TYPE pixeld_build_info gauge", f'pixeld_build_info{{version="{__version__}"}} 1']
+    return "\n".join(lines) + "\n"
 
 
 def plain(status: str, message: str) -> Answer:
@@ -3971,6 +4104,7 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
     except ConfigError:
         app.close()
         raise
+    app.open_connections = lambda: len(server.waiting) + server.busy
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
@@ -4025,6 +4159,7 @@ ENVIRONMENT = {
     "keep_days": "PIXELD_KEEP_DAYS",
     "request_timeout": "PIXELD_REQUEST_TIMEOUT",
     "queue_limit": "PIXELD_QUEUE_LIMIT",
+    "hit_path": "PIXELD_HIT_PATH",
 }
 
 
@@ -4033,23 +4168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pixeld {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve_cmd = commands.add_parser("serve", help="run the daemon (the default)", description="Run the pixeld daemon.")
-    serve_cmd.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:8000 for IPv6) [$PIXELD_LISTEN]")
-    add_db_option(serve_cmd, "created on first start")
-    serve_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
-    token = serve_cmd.add_mutually_exclusive_group()
-    token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
-    token.add_argument("--token-file", metavar="PATH", help="read the token from a file, keeping it out of ps [$PIXELD_TOKEN_FILE]")
-    serve_cmd.add_argument(
-        "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
-        help="proxies whose X-Forwarded-For/Forwarded are believed (default loopback) [$PIXELD_TRUSTED_PROXIES, comma-separated]",
-    )
-    add_filter_options(serve_cmd)
-    serve_cmd.add_argument("--rate-limit", metavar="N", help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
-    serve_cmd.add_argument("--timezone", metavar="ZONE", help="the report's default time zone, like Europe/Berlin (default UTC) [$PIXELD_TIMEZONE]")
-    serve_cmd.add_argument("--request-timeout", metavar="SECONDS", help="time a client has to send a whole request (default 10) [$PIXELD_REQUEST_TIMEOUT]")
-    serve_cmd.add_argument("--queue-limit", metavar="N", help="hits held in memory while the database cannot take them; more are dropped and counted (default 100000) [$PIXELD_QUEUE_LIMIT]")
-    serve_cmd.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
+    add_serve_options(commands.add_parser("serve", help="run the daemon (the default)", description="Run the pixeld daemon."))
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
     add_db_option(report_cmd, "read-only")
@@ -4074,13 +4193,46 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
+    check_cmd = commands.add_parser("check", help="say whether a hit would be counted, and why", description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored.")
+    for name, note in (("ua", "the User-Agent"), ("referrer", "the page's referrer, a full URL"), ("path", "the page's path"), ("host", "the site's hostname"),
+                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view")):
+        check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
+    check_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look the country up [$PIXELD_GEOIP]")
+    add_filter_options(check_cmd)
+
+    doctor_cmd = commands.add_parser("doctor", help="check the setup and explain what is wrong", description="Check the database, token, GeoIP file, time zone and state directory, and with --url a running daemon. Exit status 0 when nothing fails.")
+    add_serve_options(doctor_cmd)
+    doctor_cmd.add_argument("--url", help="a running daemon to check, as your browser or proxy reaches it: http://127.0.0.1:8000 or https://stats.example.org")
+
     backup_cmd = commands.add_parser("backup", help="copy the database consistently, also while the daemon runs", description="Make a consistent copy of the database with SQLite's online backup, also while the daemon runs.")
     backup_cmd.add_argument("dest", help="the new file; it must not exist yet")
     add_db_option(backup_cmd, "read-only")
 
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
+    snippet_cmd.add_argument("--hit-path", metavar="PATH", help="the hit path the daemon serves (serve --hit-path) [$PIXELD_HIT_PATH]")
     return parser
+
+
+def add_serve_options(command: argparse.ArgumentParser) -> None:
+    """The daemon's settings, for ``serve`` and for ``doctor``, which checks them."""
+    command.add_argument("--listen", metavar="HOST:PORT", help=f"address to listen on (default {DEFAULT_LISTEN}; [::1]:8000 for IPv6) [$PIXELD_LISTEN]")
+    add_db_option(command, "created on first start")
+    command.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
+    token = command.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
+    token.add_argument("--token-file", metavar="PATH", help="read the token from a file, keeping it out of ps [$PIXELD_TOKEN_FILE]")
+    command.add_argument(
+        "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
+        help="proxies whose X-Forwarded-For/Forwarded are believed (default loopback) [$PIXELD_TRUSTED_PROXIES, comma-separated]",
+    )
+    add_filter_options(command)
+    command.add_argument("--rate-limit", metavar="N", help="page views counted per visitor per minute; 0 for no limit (default 60) [$PIXELD_RATE_LIMIT]")
+    command.add_argument("--timezone", metavar="ZONE", help="the report's default time zone, like Europe/Berlin (default UTC) [$PIXELD_TIMEZONE]")
+    command.add_argument("--request-timeout", metavar="SECONDS", help="time a client has to send a whole request (default 10) [$PIXELD_REQUEST_TIMEOUT]")
+    command.add_argument("--queue-limit", metavar="N", help="hits held in memory while the database cannot take them; more are dropped and counted (default 100000) [$PIXELD_QUEUE_LIMIT]")
+    command.add_argument("--hit-path", metavar="PATH", help="serve the hit endpoint at this path as well as /pixel.gif, like /hit (see Content blockers) [$PIXELD_HIT_PATH]")
+    command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
 
 
 def add_filter_options(command: argparse.ArgumentParser, site_note: str = "") -> None:
@@ -4137,6 +4289,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         keep_days=parse_count(setting(args, "keep_days", environ, 0), "--keep-days"),
         request_timeout=parse_seconds(setting(args, "request_timeout", environ, 10), "--request-timeout"),
         queue_limit=parse_count(setting(args, "queue_limit", environ, 100_000), "--queue-limit"),
+        hit_path=parse_hit_path(setting(args, "hit_path", environ, DEFAULT_HIT_PATH)),
     )
 
 
@@ -4228,6 +4381,151 @@ def run_backup(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     log_line(f"backed up to {args.dest}")
 
 
+def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``."""
+    config = config_from(args, environ)
+    geoip_path = setting(args, "geoip", environ, "")
+    geoip = open_geoip(geoip_path) if geoip_path else None
+    params = {"path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
+    hit = RawHit(int(time.time()), params, args.ua, peer=args.ip)
+    print(explain(read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))))
+
+
+Finding = Tuple[str, str]  # (ok, warn or fail; what was found)
+
+
+def run_doctor(args: argparse.Namespace, environ: Dict[str, str]) -> int:
+    """``pixeld.py doctor``: one line per check; exit status 1 when any fails."""
+    db_path = setting(args, "db", environ, DEFAULT_DB)
+    findings = [
+        *doctor_settings(args, environ), *doctor_database(db_path), doctor_directory(db_path), doctor_token(args, environ),
+        doctor_geoip(setting(args, "geoip", environ, "")), doctor_zone(setting(args, "timezone", environ, "UTC")),
+    ]
+    if args.url:
+        findings += doctor_daemon(args.url.rstrip("/"), token_of(args, environ))
+    for level, message in findings:
+        print(f"{level:<5} {message}")
+    failed = sum(level == "fail" for level, _ in findings)
+    print(f"{failed} failed, {sum(level == 'warn' for level, _ in findings)} warnings" if findings else "nothing to check")
+    return 1 if failed else 0
+
+
+def doctor_settings(args: argparse.Namespace, environ: Dict[str, str]) -> List[Finding]:
+    try:
+        config_from(args, environ)
+    except ConfigError as error:
+        return [("fail", f"settings: {error}")]
+    return [("ok", "settings: every option and PIXELD_* variable can be used")]
+
+
+def doctor_database(path: str) -> List[Finding]:
+    if not os.path.exists(path):
+        return [("warn", f"database {path}: not there yet; serve creates it at first start")]
+    try:
+        conn = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error as error:
+        return [("fail", f"database {path}: cannot be read: {error}")]
+    size = f"{database_size(path) / 1e6:,.1f} MB"
+    if verdict != "ok":
+        return [("fail", f"database {path}: quick_check found damage ({verdict[:80]}); restore a backup")]
+    if version < SCHEMA_VERSION:
+        return [("warn", f"database {path}: {size}, schema version {version}; the next start migrates it to {SCHEMA_VERSION}")]
+    if version > SCHEMA_VERSION:
+        return [("fail", f"database {path}: schema version {version} is newer than this pixeld ({SCHEMA_VERSION}): upgrade pixeld.py")]
+    return [("ok", f"database {path}: {size}, quick_check ok")]
+
+
+def doctor_directory(path: str) -> Finding:
+    """The directory that holds the database (the unit's state directory) must be writable, and have room."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+        return "fail", f"directory {directory}: not writable by this user; the database and its -wal file live there"
+    usage = shutil.disk_usage(directory)
+    free = f"{usage.free / 1e9:,.2f} GB free of {usage.total / 1e9:,.1f} GB"
+    if usage.free < 50e6:
+        return "fail", f"directory {directory}: {free}; page views wait in memory and are then dropped when the disk is full"
+    if usage.free < 1e9 or usage.free < usage.total / 20:
+        return "warn", f"directory {directory}: writable, but only {free}"
+    return "ok", f"directory {directory}: writable, {free}"
+
+
+def token_of(args: argparse.Namespace, environ: Dict[str, str]) -> str:
+    try:
+        return config_from(args, environ).token
+    except ConfigError:
+        return ""
+
+
+def doctor_token(args: argparse.Namespace, environ: Dict[str, str]) -> Finding:
+    origins = [(getattr(args, "token", None), "--token (visible to other users in ps: prefer --token-file)"),
+               (getattr(args, "token_file", None), f"--token-file {getattr(args, 'token_file', '')}"),
+               (environ.get("PIXELD_TOKEN"), "PIXELD_TOKEN"), (environ.get("PIXELD_TOKEN_FILE"), f"PIXELD_TOKEN_FILE {environ.get('PIXELD_TOKEN_FILE')}")]
+    origin = next((where for value, where in origins if value), "")
+    if not origin:
+        return "warn", "token: none; the report answers only direct requests from this machine (set --token-file for a browser or a proxy)"
+    try:
+        config_from(args, environ)
+    except ConfigError as error:
+        return "fail", f"token: {error}"
+    return "ok", f"token: set, from {origin}"
+
+
+def doctor_geoip(path: str) -> Finding:
+    if not path:
+        return "ok", "GeoIP: off; countries are not looked up (--geoip FILE.mmdb turns them on)"
+    try:
+        open_geoip(path)
+        import geoip2.database
+
+        built = geoip2.database.Reader(path).metadata().build_epoch
+    except ConfigError as error:
+        return "fail", f"GeoIP: {error}"
+    age = (time.time() - built) / DAY
+    stamp = dt.datetime.fromtimestamp(built, dt.timezone.utc).strftime("%Y-%m-%d")
+    if age > 60:
+        return "warn", f"GeoIP: {path} was built {stamp}, {age:.0f} days ago; geoipupdate has probably stopped"
+    return "ok", f"GeoIP: {path}, built {stamp}"
+
+
+def doctor_zone(name: str) -> Finding:
+    try:
+        return "ok", f"time zone: {zone_name(load_zone(name))}"
+    except ConfigError as error:
+        return "fail", f"time zone: {error}"
+
+
+def doctor_daemon(url: str, token: str) -> List[Finding]:
+    """Ask a running daemon: /healthz, then /whoami with the token, which shows what it concludes about us."""
+    import urllib.error
+    import urllib.request
+
+    def get(path: str) -> Tuple[int, str]:
+        request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read(65536).decode("utf-8", "replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(4096).decode("utf-8", "replace")
+        except (OSError, ValueError) as error:
+            return 0, error_reason(error)
+
+    status, body = get("/healthz")
+    if status != 200:
+        return [("fail", f"{url}/healthz: {status or 'no answer'}: {body.strip()[:120]}")]
+    findings = [("ok", f"{url}/healthz: {body.strip()}")]
+    status, body = get("/whoami")
+    if status != 200:
+        return findings + [("warn", f"{url}/whoami: {status or 'no answer'}: {body.strip()[:120]}")]
+    lines = body.strip().splitlines()
+    warned = any(line.startswith("warning:") for line in lines)
+    return findings + [("warn" if warned else "ok", f"{url}/whoami: " + "; ".join(lines))]
+
+
 def create_app(environ: Optional[Dict[str, str]] = None) -> App:
     """The WSGI app for another server, configured from ``PIXELD_*`` variables like ``serve``:
     ``gunicorn --workers 1 --threads 8 'pixeld:create_app()'``. One process only: visitors and
@@ -4252,12 +4550,12 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ) if environ is None else environ
     args = build_parser().parse_args(argv or ["serve"])
-    commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup}
+    commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
     try:
         if args.command in commands:
-            commands[args.command](args, environ)
+            return commands[args.command](args, environ) or 0
         elif args.command == "snippet":
-            sys.stdout.write(snippet(args.url))
+            sys.stdout.write(snippet(args.url, hit_path=parse_hit_path(setting(args, "hit_path", environ, DEFAULT_HIT_PATH))))
         else:
             config = config_from(args, environ)
             check_database_path(config.db_path)

@@ -149,8 +149,12 @@ def test_database_full_by_max_page_count_in_process(tmp_path):
 
 def bad_start(db, as_nobody=False):
     cmd = [sys.executable, str(PIXELD), "serve", "--listen", "127.0.0.1:0", "--db", str(db)]
-    if as_nobody:
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    if as_nobody:  # nobody may not read a checkout in a private home: it runs a readable copy, with the system Python
+        copy = os.path.join(os.path.dirname(str(db)), "pixeld.py")
+        shutil.copy(PIXELD, copy)
+        os.chmod(copy, 0o644)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, copy] + cmd[2:]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     return proc.stderr
