@@ -14,6 +14,7 @@ sd_notify, watchdog); the command line.
 """
 
 import argparse
+import base64
 import atexit
 import bisect
 import csv
@@ -23,6 +24,7 @@ import errno
 import hashlib
 import heapq
 import hmac
+import html
 import io
 import ipaddress
 import itertools
@@ -46,7 +48,7 @@ import zoneinfo
 from collections import Counter
 from functools import lru_cache
 from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlencode, urlsplit
 from wsgiref.handlers import BaseHandler, format_date_time
 
 __version__ = "0.1.0"
@@ -106,6 +108,7 @@ class Config:
     queue_limit: int = 100_000
     flush_interval: float = 1.0
     hit_path: str = DEFAULT_HIT_PATH  # served as well as /pixel.gif (a neutral name that content blockers do not match)
+    public_report: bool = False  # anyone may read /report (never /export)
 
 
 def parse_listen(value: str) -> Tuple[str, int]:
@@ -2189,6 +2192,7 @@ class Query(NamedTuple):
     zone: dt.tzinfo = dt.timezone.utc
     site: str = ""
     filters: Tuple[Tuple[str, str], ...] = ()  # (name, value): path, referrer, country, browser, os, device, language
+    now: Optional[int] = None  # for a live report (range=realtime): the moment "visitors now" counts back from
 
 
 class ReportData(NamedTuple):
@@ -2204,6 +2208,7 @@ class ReportData(NamedTuple):
     series: List[Tuple[int, int, int]]  # (bucket start, page views, visitors)
     notes: List[str]
     details: Dict[str, Dict[str, Dict[str, Any]]] = {}  # section -> label -> more about its row (a source's visitors and channel)
+    visitors_now: Optional[int] = None  # live reports: visitors with a page view in the last five minutes
 
 
 class Scope(NamedTuple):
@@ -2254,12 +2259,26 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         filtered=_count_filtered(conn, span, scope.site_id),
         sections=_sections(counts, labels),
         details=_details(counts, labels),
+        visitors_now=None if query.now is None else _visitors_now(conn, query.now, scope),
         entry_pages=_entry_pages(counts["pages"], labels["pages"]),
         events=_events(counts["events"], labels["events"]),
         grain=grain,
         series=series,
         notes=_retention_notes(conn, span, scope),
     )
+
+
+LIVE_WINDOW = 5 * 60  # "visitors now": a page view in the last five minutes
+
+
+def _visitors_now(conn: sqlite3.Connection, now: int, scope: Scope) -> int:
+    """Visits whose last page view (their entry row's time plus duration) came in the last five minutes:
+    a visitor has one visit at a time, so this counts visitors. Visits last a day at most."""
+    clause, args = _raw_clause(scope)
+    return conn.execute(
+        f"SELECT count(*) FROM {scope.table} WHERE id >= ? AND id < ? AND visit_views > 0 AND (id >> {ID_SHIFT}) + {ID_EPOCH} + duration >= ?{clause}",
+        (first_id(now - DAY), first_id(now + 1), now - LIVE_WINDOW) + args,
+    ).fetchone()[0]
 
 
 def _total(counted: Dict[Tuple[int, int], List[int]]) -> Metrics:
@@ -2447,14 +2466,15 @@ def _series(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope
     grain, bounds = series_bounds(span, zone)
     rows = {start: [start, 0, 0] for start in bounds[:-1]}
     inner = Range(-(-span.start // QUARTER) * QUARTER, span.end // QUARTER * QUARTER)
-    if scope.filtered or inner.start >= inner.end:
+    step = 60 if grain == "minute" else QUARTER
+    if scope.filtered or inner.start >= inner.end or grain == "minute":
         raw_parts = [span]
     else:
         for start, views, visitors in _bucket_totals(conn, bounds, inner, scope.site_id):
             rows[start][1] += views
             rows[start][2] += visitors
         raw_parts = [Range(span.start, inner.start), Range(inner.end, span.end)]
-    for when, views, visitors in _raw_quarter_counts(conn, raw_parts, scope):
+    for when, views, visitors in _raw_counts(conn, raw_parts, scope, step):
         row = rows[bounds[bisect.bisect_right(bounds, max(when, span.start)) - 1]]
         row[1] += views
         row[2] += visitors
@@ -2476,13 +2496,13 @@ def _bucket_totals(conn: sqlite3.Connection, bounds: List[int], inner: Range, si
         )
 
 
-def _raw_quarter_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope: Scope) -> Iterable[Tuple[int, int, int]]:
-    """(quarter start, page views, visitors) counted from raw page views."""
+def _raw_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope: Scope, step: int) -> Iterable[Tuple[int, int, int]]:
+    """(start of a quarter hour, or of a minute, page views, visitors) counted from raw page views."""
     clause, args = _raw_clause(scope)
     for part in raw_parts:
         if part.start < part.end:
             yield from conn.execute(
-                f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {QUARTER} * {QUARTER} AS q, count(*), sum(first_today) "
+                f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step} AS q, count(*), sum(first_today) "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY q",
                 (first_id(part.start), first_id(part.end)) + args,
             )
@@ -2491,7 +2511,7 @@ def _raw_quarter_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope:
 def series_bounds(span: Range, zone: dt.tzinfo) -> Tuple[str, List[int]]:
     """The grain for a range (hours up to two days, then days, weeks, months) and its bucket edges."""
     days = (span.end - span.start) / DAY
-    grain = "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month"
+    grain = "minute" if days <= 1 / 24 else "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month"
     bounds = [span.start]
     while True:
         following = next_boundary(bounds[-1], grain, zone)
@@ -2502,6 +2522,8 @@ def series_bounds(span: Range, zone: dt.tzinfo) -> Tuple[str, List[int]]:
 
 def next_boundary(moment: int, grain: str, zone: dt.tzinfo) -> int:
     local = dt.datetime.fromtimestamp(moment, zone)
+    if grain == "minute":
+        return moment - moment % 60 + 60
     if grain == "hour":  # step in real hours, so a daylight saving change neither skips nor repeats one
         offset = int(local.utcoffset().total_seconds())  # type: ignore[union-attr]
         return moment - (moment + offset) % 3600 + 3600
@@ -2660,6 +2682,8 @@ def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
 
 TEXT_ROWS = 10
 WIDTH = 80
+CONTENT_TYPES = {"text": "text/plain; charset=utf-8", "json": "application/json", "csv": "text/csv; charset=utf-8", "html": "text/html; charset=utf-8"}
+SERIES_FORMATS = {"minute": "%H:%M", "hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d %a", "week": "%Y-%m-%d wk", "month": "%Y-%m"}
 SECTION_TITLES = {name: section.title for name, (_, section) in SECTIONS.items()}
 EIGHTHS = " ▏▎▍▌▋▊▉"
 
@@ -2674,13 +2698,15 @@ class ReportRequest(NamedTuple):
     limit: Optional[int]  # rows per section; None: 10 in text, all in JSON and CSV
     section: str  # one section in full, or every section
     ascii: bool  # bars of '#' and +/- for terminals without Unicode
+    params: Tuple[Tuple[str, str], ...] = ()  # the query as given, for the HTML page's links
+    public: bool = False  # the operator made the report public: the page says so
 
 
 def parse_report_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> ReportRequest:
     """Validate every report parameter, or raise ReportError with the reason."""
     fmt = params.get("format") or "text"
-    if fmt not in ("text", "json", "csv"):
-        raise ReportError(f"unknown format {fmt!r}: use text, json or csv")
+    if fmt not in CONTENT_TYPES:
+        raise ReportError(f"unknown format {fmt!r}: use text, json, csv or html")
     if params.get("tz"):
         try:
             zone = load_zone(params["tz"])
@@ -2689,8 +2715,10 @@ def parse_report_request(params: Dict[str, str], now: float, first_day: Callable
     section = params.get("section", "")
     if section and section not in SECTION_TITLES:
         raise ReportError(f"unknown section {section!r}: use one of {', '.join(SECTION_TITLES)}")
-    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params))
-    return ReportRequest(query, fmt, parse_limit(params.get("limit", "")), section, params.get("ascii", "") not in ("", "0"))
+    live = params.get("range") == "realtime"
+    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None)
+    kept = tuple((name, value) for name, value in params.items() if name in LINK_PARAMS)
+    return ReportRequest(query, fmt, parse_limit(params.get("limit", "")), section, params.get("ascii", "") not in ("", "0"), kept)
 
 
 def parse_site(value: str) -> str:
@@ -2741,6 +2769,9 @@ def named_range(name: str, now: float, first_day: Callable[[], Optional[int]], z
     """Calendar ranges in the zone that end with today: ``7d`` is today and the six days before it."""
     today = dt.datetime.fromtimestamp(now, zone).date()
     tomorrow = local_midnight(today + dt.timedelta(days=1), zone)
+    if name == "realtime":  # the last 30 minutes, to the end of this minute
+        end = int(now) - int(now) % 60 + 60
+        return Range(end - 30 * 60, end)
     if name == "today":
         return Range(local_midnight(today, zone), tomorrow)
     if name == "yesterday":
@@ -2756,7 +2787,7 @@ def named_range(name: str, now: float, first_day: Callable[[], Optional[int]], z
         first = first_day()
         start = dt.datetime.fromtimestamp(first * DAY, zone).date() if first is not None else today
         return Range(local_midnight(min(start, today), zone), tomorrow)
-    raise ReportError(f"unknown range {name[:20]!r}: use today, yesterday, Nd (7d, 30d, ...), month, year or all")
+    raise ReportError(f"unknown range {name[:20]!r}: use realtime, today, yesterday, Nd (7d, 30d, ...), month, year or all")
 
 
 def parse_time(value: str, is_end: bool, zone: dt.tzinfo = dt.timezone.utc) -> int:
@@ -2856,13 +2887,10 @@ def section_rows(report: ReportData, name: str) -> List[Tuple[str, int, int]]:
     return [(label, views, report.totals.views) for label, views in report.sections[name]]
 
 
-CONTENT_TYPES = {"text": "text/plain; charset=utf-8", "json": "application/json", "csv": "text/csv; charset=utf-8"}
-
-
 def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int = WIDTH) -> Tuple[str, str]:
     """The report the request asks for: its text and its content type."""
     data = query_report(conn, request.query)
-    renderers = {"json": render_json, "csv": render_csv, "text": lambda data, request: render_text(data, request, width)}
+    renderers = {"json": render_json, "csv": render_csv, "html": render_html, "text": lambda data, request: render_text(data, request, width)}
     return renderers[request.format](data, request), CONTENT_TYPES[request.format]
 
 
@@ -2880,6 +2908,7 @@ def render_json(report: ReportData, request: ReportRequest) -> str:
         "previous": before,
         "change": {name: change(now[name], before[name]) for name in now},
         "filtered": {"total": sum(report.filtered.values()), **report.filtered},
+        **({} if report.visitors_now is None else {"visitors_now": report.visitors_now}),
         "series": {
             "grain": report.grain,
             "rows": [{"start": iso(start, query.zone), "pageviews": views, "visitors": visitors} for start, views, visitors in report.series],
@@ -2943,7 +2972,8 @@ def render_text(report: ReportData, request: ReportRequest, width: int = WIDTH) 
     return "\n".join(lines) + "\n"
 
 
-def render_headline(report: ReportData, ascii: bool) -> List[str]:
+def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]:
+    """The headline numbers as shown: (title, value, change against the previous period)."""
     now, before = headline(report.totals), headline(report.previous)
     shown = {
         "visitors": f"{now['visitors']:,}",
@@ -2955,9 +2985,15 @@ def render_headline(report: ReportData, ascii: bool) -> List[str]:
     }
     counted = "Events" if any(name == "event" for name, _ in report.query.filters) else "Page views"
     titles = {"visitors": "Visitors", "visits": "Visits", "pageviews": counted, "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate", "visit_duration": "Visit duration"}
-    lines = [f"{titles[name]:<16}{value:>10}  {format_change(now[name], before[name], ascii):<7}".rstrip() for name, value in shown.items()]
+    return [(titles[name], value, format_change(now[name], before[name], ascii)) for name, value in shown.items()]
+
+
+def render_headline(report: ReportData, ascii: bool) -> List[str]:
+    lines = [f"{title:<16}{value:>10}  {changed:<7}".rstrip() for title, value, changed in headline_rows(report, ascii)]
     if days_in(report.query.range) > 1:
         lines[0] = f"{lines[0]:<37}(daily unique visitors, summed)"
+    if report.visitors_now is not None:
+        lines.insert(0, f"{'Visitors now':<16}{report.visitors_now:>10,}  (a page view in the last 5 minutes)")
     lines.append(f"{'Filtered':<16}{sum(report.filtered.values()):>10,}" + filtered_breakdown(report.filtered))
     return lines
 
@@ -2978,7 +3014,7 @@ def filtered_breakdown(filtered: Dict[str, int]) -> str:
 
 def render_series(report: ReportData, width: int, ascii: bool) -> List[str]:
     zone = report.query.zone
-    formats = {"hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d %a", "week": "%Y-%m-%d wk", "month": "%Y-%m"}
+    formats = SERIES_FORMATS
     bar_width = width - 16 - 1 - 10 - 10
     largest = max((views for _, views, _ in report.series), default=0)
     lines = [f"{'Page views per ' + report.grain:<{width - 20}}{'Views':>10}{'Visitors':>10}"]
@@ -3029,6 +3065,139 @@ def render_section(
 
 def cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", *FILTERS)  # what the page's links carry over
+RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
+PAGE_STYLE = """
+:root{--fg:#1d1f21;--muted:#5f6368;--bg:#fff;--line:#e3e3e3;--bar:#dbe8ff;--accent:#1a56db;--chart:#3b82f6}
+@media (prefers-color-scheme:dark){:root{--fg:#e8e8e8;--muted:#a0a4a8;--bg:#16181b;--line:#2c2f33;--bar:#1f3354;--accent:#8ab4f8;--chart:#5b9cf6}}
+*{box-sizing:border-box}body{margin:0 auto;max-width:60rem;padding:1rem;font:15px/1.45 system-ui,sans-serif;color:var(--fg);background:var(--bg)}
+h1{font-size:1.3rem;margin:0}h2{font-size:1.05rem;margin:1.6rem 0 .4rem}a{color:var(--accent);text-decoration:none}a:hover{text-decoration:underline}
+.muted,small{color:var(--muted)}nav a{display:inline-block;margin:.15rem .6rem .15rem 0}nav a[aria-current]{font-weight:700;color:var(--fg)}
+.public{border:1px solid var(--line);padding:.3rem .6rem;border-radius:.3rem}.filters a{margin-left:.2rem}
+dl{display:grid;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));gap:.6rem;margin:1rem 0}dl div{border:1px solid var(--line);border-radius:.4rem;padding:.5rem .7rem}
+dt{color:var(--muted);font-size:.85rem}dd{margin:0;font-size:1.35rem;font-weight:600}dd small{font-size:.8rem;font-weight:400}
+svg{width:100%;height:auto;display:block}svg text{fill:var(--muted);font-size:11px}svg rect.b{fill:var(--chart)}svg line{stroke:var(--line)}
+table{width:100%;border-collapse:collapse;table-layout:fixed}td,th{padding:.25rem .4rem;border-bottom:1px solid var(--line);vertical-align:top}
+th{text-align:right;font-weight:600;color:var(--muted);font-size:.85rem}th:first-child{text-align:left}.n{text-align:right;width:5.6rem;font-variant-numeric:tabular-nums}
+td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
+@media (max-width:30rem){.n{width:3.9rem}body{padding:.6rem}}
+@media print{nav,.filters a{display:none}body{max-width:none;color:#000;background:#fff}a{color:#000}td.l span{background:#ddd;-webkit-print-color-adjust:exact;print-color-adjust:exact}}
+"""
+
+
+def render_html(report: ReportData, request: ReportRequest) -> str:
+    """The report as one page for a browser: no JavaScript, nothing loaded from elsewhere, every
+    visitor-supplied value escaped in text and attributes and percent-encoded in links."""
+    query = report.query
+    title = f"pixeld · {query.site or 'all sites'}"
+    refresh = '<meta http-equiv="refresh" content="30">' if report.visitors_now is not None else ""
+    parts = [
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">{refresh}',
+        f'<link rel="icon" href="data:,"><title>{esc(title)}</title><style>{PAGE_STYLE}</style></head><body><header><h1>{esc(title)}</h1>',
+        f'<p class="muted">{esc(format_range(query.range, query.zone))} · time zone {esc(zone_name(query.zone))}'
+        + (f" · sites: {esc(', '.join(report.sites))}" if not query.site and report.sites else "") + "</p>",
+        '<p class="public">This report is public: anyone with its address can read it.</p>' if request.public else "",
+        html_range_links(request), html_filters(request), "</header>",
+        html_headline(report), html_chart(report), *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
+    ]
+    for name in shown_sections(report, request):
+        parts.append(html_section(name, limited(section_rows(report, name), request, text=True), report, request))
+    parts.append(f'<footer><p class="muted">pixeld {__version__} · filtered {sum(report.filtered.values()):,}{esc(filtered_breakdown(report.filtered))}</p></footer></body></html>')
+    return "".join(parts) + "\n"
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def report_link(request: ReportRequest, drop: Sequence[str] = (), **changes: str) -> str:
+    """A link to this report with some parameters changed or dropped, escaped for an attribute."""
+    params = {name: value for name, value in request.params if name not in drop and name not in changes}
+    params.update(changes)
+    return esc("?" + urlencode(params)) if params else "?"
+
+
+def html_range_links(request: ReportRequest) -> str:
+    current = dict(request.params).get("range", "" if dict(request.params).get("start") or dict(request.params).get("end") else "30d")
+    links = [
+        f'<a href="{report_link(request, drop=("start", "end"), range=name)}"{" aria-current=page" if name == current else ""}>{name}</a>'
+        for name in RANGE_LINKS
+    ]
+    return f'<nav aria-label="ranges">{"".join(links)}</nav>'
+
+
+def html_filters(request: ReportRequest) -> str:
+    if not request.query.filters:
+        return ""
+    given = dict(request.params)
+    shown = [f'{esc(name)} = <b>{esc(given.get(name) or "(none)")}</b> <a href="{report_link(request, drop=(name,))}" title="remove">×</a>' for name, _ in request.query.filters]
+    return f'<p class="filters">Filters: {" · ".join(shown)}</p>'
+
+
+def html_headline(report: ReportData) -> str:
+    cells = [f"<div><dt>{esc(title)}</dt><dd>{esc(value)} <small>{esc(changed)}</small></dd></div>" for title, value, changed in headline_rows(report, ascii=False)]
+    if report.visitors_now is not None:
+        cells.insert(0, f"<div><dt>Visitors now</dt><dd>{report.visitors_now:,} <small>last 5 minutes</small></dd></div>")
+    return f"<dl>{''.join(cells)}</dl>"
+
+
+def html_chart(report: ReportData, width: int = 600, height: int = 150) -> str:
+    """The series as an inline SVG bar chart: the largest value on the axis, a date at each end, and
+    every bar's value in its <title>."""
+    series = report.series
+    largest = max((views for _, views, _ in series), default=0)
+    top, bottom, left = 12, 22, 36
+    step = (width - left) / max(1, len(series))
+    label = lambda start: dt.datetime.fromtimestamp(start, report.query.zone).strftime(SERIES_FORMATS[report.grain])  # noqa: E731
+    bars = []
+    for start, views, visitors in series:
+        bar_height = (height - top - bottom) * views / largest if largest else 0
+        x = left + step * len(bars)
+        bars.append(
+            f'<rect class="b" x="{x + step * 0.1:.1f}" y="{height - bottom - bar_height:.1f}" width="{step * 0.8:.1f}" height="{max(bar_height, 0.5):.1f}">'
+            f"<title>{esc(label(start))}: {views:,} page views, {visitors:,} visitors</title></rect>"
+        )
+    axis = [
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width}" y2="{height - bottom}"/>',
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{largest:,}</text><text x="{left - 4}" y="{height - bottom}" text-anchor="end">0</text>',
+    ]
+    if series:
+        axis.append(f'<text x="{left}" y="{height - 6}">{esc(label(series[0][0]))}</text>')
+        axis.append(f'<text x="{width}" y="{height - 6}" text-anchor="end">{esc(label(series[-1][0]))}</text>')
+    caption = f"Page views per {report.grain}"
+    return (
+        f'<figure><svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(caption)}"><title>{esc(caption)}</title>'
+        f'{"".join(axis)}{"".join(bars)}</svg><figcaption class="muted">{esc(caption)}</figcaption></figure>'
+    )
+
+
+def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData, request: ReportRequest) -> str:
+    """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
+    section = SECTIONS[name][1]
+    filter_name = section.filter or SECTIONS["pages"][1].filter  # entry pages filter by path
+    headers = {"entries": ("Visits", "Bounce rate"), "events": ("Count", "Visitors"), "visitors": ("Views", "%", "Visitors")}.get(section.columns, ("Views", "%"))
+    largest = max((count for _, count, _ in rows), default=0)
+    details = report.details.get(name, {})
+    body = []
+    for value, count, other in rows:
+        shown = value or section.empty
+        link = report_link(request, **{filter_name: value or section.empty})
+        numbers = {
+            "entries": (f"{count:,}", f"{percent(other, count):.1f}%"), "events": (f"{count:,}", f"{other:,}"),
+            "visitors": (f"{count:,}", f"{percent(count, other):.1f}%", f"{details.get(value, {}).get('visitors', 0):,}"),
+        }.get(section.columns, (f"{count:,}", f"{percent(count, other):.1f}%"))
+        body.append(
+            f'<tr><td class="l"><span style="width:{100 * count / largest if largest else 0:.1f}%"></span><a href="{link}">{esc(shown)}</a></td>'
+            + "".join(f'<td class="n">{cell}</td>' for cell in numbers) + "</tr>"
+        )
+    if not body:
+        body.append(f'<tr><td class="l muted" colspan="{len(headers) + 1}">(no {"events" if section.columns == "events" else "page views"})</td></tr>')
+    head = f'<tr><th>{esc(section.title)}</th>{"".join(f"<th class=n>{h}</th>" for h in headers)}</tr>'
+    more = len(section_rows(report, name)) - len(rows)
+    footer = f'<p class="muted"><a href="{report_link(request, section=name)}">all {more + len(rows):,}</a></p>' if more > 0 else ""
+    return f'<section><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
 
 
 ###############################################################################
@@ -3467,7 +3636,8 @@ class App:
         return lookup_country(self.geoip, address)
 
     def report(self, environ: Environ) -> Answer:
-        denied = self.deny_report(environ)
+        """The report, in the format asked for, or HTML when the request prefers it (a browser)."""
+        denied = None if self.config.public_report else self.deny_report(environ)
         if denied:
             return denied
         try:
@@ -3476,9 +3646,12 @@ class App:
             return plain("503 Service Unavailable", str(error))
         try:
             params = parse_query(environ.get("QUERY_STRING", ""))
+            if not params.get("format") and prefers_html(environ.get("HTTP_ACCEPT", "")):
+                params["format"] = "html"
             request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone)
-            body, content_type = render_report(conn, request)
-            return "200 OK", [("Content-Type", content_type), ("Cache-Control", "no-store")], body.encode()
+            body, content_type = render_report(conn, request._replace(public=self.config.public_report))
+            headers = [("Content-Type", content_type), ("Cache-Control", "no-store"), ("Vary", "Accept")]
+            return "200 OK", headers + (PAGE_HEADERS if request.format == "html" else []), body.encode()
         except ReportError as error:
             return plain("400 Bad Request", str(error))
         except sqlite3.Error as error:
@@ -3516,12 +3689,10 @@ class App:
     def deny_report(self, environ: Environ) -> Optional[Answer]:
         """The report's access rule: the token when one is set, else a direct loopback request."""
         if self.config.token:
-            given = environ.get("HTTP_AUTHORIZATION", "")
-            expected = f"Bearer {self.config.token}"
-            if hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            if credentials_match(environ.get("HTTP_AUTHORIZATION", ""), self.config.token):
                 return None
-            status, headers, body = plain("401 Unauthorized", "send Authorization: Bearer TOKEN (the token given with --token)")
-            headers.append(("WWW-Authenticate", 'Bearer realm="pixeld"'))
+            status, headers, body = plain("401 Unauthorized", "send the token: Authorization: Bearer TOKEN, or HTTP Basic with the token as the password (curl -u :TOKEN)")
+            headers.append(("WWW-Authenticate", 'Basic realm="pixeld", charset="UTF-8"'))
             return status, headers, body
         peer = parse_ip(environ.get("REMOTE_ADDR", ""))
         if peer is not None and peer.is_loopback and not any(environ.get(name) for name in PROXY_HEADERS):
@@ -3575,6 +3746,38 @@ INDEX_PAGE = """<!doctype html>
 Read the report with <code>curl http://127.0.0.1:8000/report</code> on this machine.</p>
 {snippet}</body></html>
 """
+
+
+PAGE_HEADERS = [  # the HTML report loads nothing, runs nothing and leaks no address
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+]
+
+
+def prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks text/html above text/plain, as browsers do; curl's */* does not."""
+    quality: Dict[str, float] = {}
+    for item in accept[:1024].split(","):
+        media, _, params = item.strip().partition(";")
+        match = re.search(r"q\s*=\s*([01](?:\.\d{0,3})?)", params)
+        quality[media.strip().lower()] = float(match.group(1)) if match else 1.0
+    ranked = lambda *media: max((quality[m] for m in media if m in quality), default=0.0)  # noqa: E731
+    return ranked("text/html") > ranked("text/plain", "text/*", "*/*") if "text/html" in quality else False
+
+
+def credentials_match(authorization: str, token: str) -> bool:
+    """Bearer TOKEN, or HTTP Basic with the token as the password (any user name), compared in constant time."""
+    scheme, _, value = authorization.strip().partition(" ")
+    given = ""
+    if scheme.lower() == "bearer":
+        given = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            given = ""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
 
 def describe_request(hit: RawHit, config: Config, proxied: bool) -> List[str]:
@@ -4112,7 +4315,7 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
         f"version {__version__} listening on http://{format_address(*server.address)}, "
         f"database {os.path.abspath(config.db_path)}, GeoIP {'on' if config.geoip_path else 'off'}, "
         f"trusted proxies {', '.join(map(str, config.trusted_proxies)) or 'none'}, "
-        f"report {'by token' if config.token else 'from loopback only'}"
+        f"report {'public' if config.public_report else 'by token' if config.token else 'from loopback only'}"
     )
     notify(f"READY=1\nSTATUS=listening on {format_address(*server.address)}")
     server.serve(stopping, heartbeat(app))
@@ -4160,6 +4363,7 @@ ENVIRONMENT = {
     "request_timeout": "PIXELD_REQUEST_TIMEOUT",
     "queue_limit": "PIXELD_QUEUE_LIMIT",
     "hit_path": "PIXELD_HIT_PATH",
+    "public_report": "PIXELD_PUBLIC_REPORT",
 }
 
 
@@ -4178,7 +4382,7 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
     report_cmd.add_argument("--ascii", action="store_true", help="bars of # for terminals without Unicode")
-    report_cmd.add_argument("--format", default="text", choices=("text", "json", "csv"))
+    report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))
 
     export_cmd = commands.add_parser("export", help="write stored page views as CSV or NDJSON", description="Write the stored page views (they carry no identifiers) to standard output.")
     add_db_option(export_cmd, "read-only")
@@ -4232,6 +4436,7 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--request-timeout", metavar="SECONDS", help="time a client has to send a whole request (default 10) [$PIXELD_REQUEST_TIMEOUT]")
     command.add_argument("--queue-limit", metavar="N", help="hits held in memory while the database cannot take them; more are dropped and counted (default 100000) [$PIXELD_QUEUE_LIMIT]")
     command.add_argument("--hit-path", metavar="PATH", help="serve the hit endpoint at this path as well as /pixel.gif, like /hit (see Content blockers) [$PIXELD_HIT_PATH]")
+    command.add_argument("--public-report", action="store_true", default=None, help="anyone may read /report (never /export); set to 1 [$PIXELD_PUBLIC_REPORT]")
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
 
 
@@ -4290,6 +4495,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         request_timeout=parse_seconds(setting(args, "request_timeout", environ, 10), "--request-timeout"),
         queue_limit=parse_count(setting(args, "queue_limit", environ, 100_000), "--queue-limit"),
         hit_path=parse_hit_path(setting(args, "hit_path", environ, DEFAULT_HIT_PATH)),
+        public_report=str(setting(args, "public_report", environ, "")).lower() in ("1", "true", "yes", "on"),
     )
 
 
