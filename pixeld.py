@@ -1173,7 +1173,8 @@ class Accepted(NamedTuple):
     event: str  # the event's name; empty for a page view
     address: str  # never stored: only salted into the visitor key
     user_agent: str
-    visit: Tuple[int, int] = (0, 0)  # an imported entry page view's visit: page views and duration
+    stored: Tuple[int, int, int, Optional[int]] = (0, 0, 0, None)  # an imported row's visit_views, duration, engaged, scroll
+    engagement: Optional[Tuple[float, int]] = None  # an engagement beacon's (seconds, scroll percent): not a page view
 
 
 Outcome = Union[Accepted, FilteredHit, None]  # None: malformed, ignored without a trace
@@ -1211,7 +1212,8 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     if reason:
         return FilteredHit(hit.time, site if reason != "foreign" else "", reason)
     event = clean_text(params["event"], MAX_EVENT) if "event" in params else ""
-    if "event" in params and not event:
+    engagement = parse_engagement(params) if params.get("engagement") else None
+    if ("event" in params and not event) or (params.get("engagement") and engagement is None):
         return None
     view = PageView(
         hit.time, site, normalise_path(params.get("path") or url_path(hit.page_url)), normalise_title(params.get("title", "")),
@@ -1219,7 +1221,21 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
         normalise_screen(params.get("resolution", "")), primary_language(hit.accept_language), False, campaign,
         *memo(classify_source, referrer),
     )
-    return Accepted(view, event, str(address or ""), hit.user_agent)
+    return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement)
+
+
+MAX_ENGAGED = 30 * 60  # engaged seconds counted per page view at most
+_SECONDS = re.compile(r"\d{1,6}(?:\.\d{1,3})?", re.ASCII)
+_PERCENT = re.compile(r"\d{1,3}(?:\.\d{1,3})?", re.ASCII)
+
+
+def parse_engagement(params: Dict[str, str]) -> Optional[Tuple[float, int]]:
+    """An engagement beacon's seconds (at most a day) and scroll depth (clamped to 100), or None when
+    either is malformed: ``abc``, negative, ``NaN``, ``1e9``, or too large to be true."""
+    seconds, scroll = params.get("engaged", ""), params.get("scroll", "")
+    if not _SECONDS.fullmatch(seconds) or not _PERCENT.fullmatch(scroll) or float(seconds) > DAY:
+        return None
+    return float(seconds), min(100, round(float(scroll)))
 
 
 def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: str) -> Outcome:
@@ -1242,7 +1258,9 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     if text("type", "pageview") == "event" and not event:
         return None
     visit_views = bounded(row.get("visit_views"), 1_000_000)
-    return Accepted(view, event, "", "", (visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0))  # a duration belongs to a visit's entry
+    scroll = None if text("scroll", "") == "" else bounded(row.get("scroll"), 100)
+    stored = (visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0, scroll)
+    return Accepted(view, event, "", "", stored)  # a duration belongs to a visit's entry; engagement to a page view that reported it
 
 
 def filter_reason(
@@ -1339,13 +1357,34 @@ class Visit:
     update that one row as the visit grows; the row id lives here and nowhere else.
     """
 
-    __slots__ = ("start", "last", "views", "entry", "written_views", "written_duration")
+    __slots__ = ("start", "last", "views", "pages", "entry", "written_views", "written_duration")
 
     def __init__(self, now: int) -> None:
         self.start = self.last = now
         self.views = 1
+        self.pages: List[PageSeen] = []  # the visit's latest page views, newest last, for engagement to find
         self.entry: Optional[Tuple[int, int, Tuple[int, ...]]] = None
         self.written_views = self.written_duration = 0
+
+
+class PageSeen:
+    """A page view in its visit, so that a later engagement beacon can find it: in memory only.
+
+    The request side sets ``path`` and ``time``. The writer sets where it wrote the row (``row``,
+    ``day``, ``keys``) and owns the engagement written so far (``seconds``; ``scroll`` is -1
+    until the first beacon)."""
+
+    __slots__ = ("path", "time", "row", "day", "keys", "seconds", "scroll")
+
+    def __init__(self, path: str, time: int) -> None:
+        self.path, self.time = path, time
+        self.row: Optional[int] = None
+        self.day = 0
+        self.keys: Tuple[int, ...] = ()
+        self.seconds, self.scroll = 0.0, -1
+
+
+RECENT_PAGES = 4  # page views per visit that engagement can still reach (a reader with a few tabs open)
 
 
 class VisitStep(NamedTuple):
@@ -1354,6 +1393,16 @@ class VisitStep(NamedTuple):
     visit: Visit
     views: int  # page views in the visit so far, this one included
     duration: int  # seconds from the visit's first page view to this one
+    page: PageSeen
+
+
+class Engagement(NamedTuple):
+    """Engaged time and scroll for a page view seen earlier: handed to the writer in memory only."""
+
+    page: PageSeen
+    visit: Visit
+    seconds: float  # engaged since the previous beacon
+    scroll: int  # the deepest scroll so far, 0-100
 
 
 class Observation(NamedTuple):
@@ -1403,20 +1452,23 @@ class Visitors:
         self._current = Generation(-1)
         self._previous: Optional[Generation] = None
 
-    def admit(self, hit: Accepted) -> Tuple[Union[PageView, Event, FilteredHit], Optional[VisitStep]]:
-        """What the writer gets for an accepted hit: the page view in its visit, the event, or a rate-limited tally."""
+    def admit(self, hit: Accepted) -> Tuple[Union[PageView, Event, Engagement, FilteredHit, None], Optional[VisitStep]]:
+        """What the writer gets for an accepted hit: the page view in its visit, the event, the engagement
+        joined to its page view (None when it has none), or a rate-limited tally."""
         view = hit.view
+        if hit.engagement is not None:
+            return self.engage(view.time, view.site, hit.address, hit.user_agent, view.path, *hit.engagement), None
         if hit.event:
             first = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event)
             if first is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
             return Event(hit.event, view._replace(first_today=first)), None
-        observation = self.observe(view.time, view.site, hit.address, hit.user_agent)
+        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path)
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
         return view._replace(first_today=observation.first_today), observation.step
 
-    def observe(self, now: int, site: str, address: str, user_agent: str) -> Optional[Observation]:
+    def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "") -> Optional[Observation]:
         """Place a page view in its visit; None when the visitor is over the rate limit."""
         self._rotate(now)
         visitor = self._find(now, site, address, user_agent)
@@ -1430,7 +1482,22 @@ class Visitors:
         else:
             visit.views += 1
             visit.last = max(visit.last, now)
-        return Observation(first_today, VisitStep(visit, visit.views, visit.last - visit.start))
+        page = PageSeen(path, now)
+        visit.pages = visit.pages[1 - RECENT_PAGES :] + [page]
+        return Observation(first_today, VisitStep(visit, visit.views, visit.last - visit.start, page))
+
+    def engage(self, now: int, site: str, address: str, user_agent: str, path: str, seconds: float, scroll: int) -> Optional[Union[Engagement, FilteredHit]]:
+        """Join engagement to the visitor's latest page view of that path, in memory; None when there is none."""
+        self._rotate(now)
+        visitor = self._current.visitors.get(self._current.key(site, address, user_agent))
+        if visitor is None and self._previous is not None:
+            visitor = self._previous.visitors.get(self._previous.key(site, address, user_agent))
+        if visitor is None or visitor.visit is None:
+            return None
+        if not self._within_rate_limit(visitor, now):
+            return FilteredHit(now, site, "rate-limited")
+        page = next((page for page in reversed(visitor.visit.pages) if page.path == path), None)
+        return None if page is None else Engagement(page, visitor.visit, seconds, scroll)
 
     def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str) -> Optional[bool]:
         """Whether this is the visitor's first event of this name today; None over the rate limit."""
@@ -1501,7 +1568,7 @@ class Section(NamedTuple):
     filter: str = ""  # the query parameter that filters on it
     match: str = "exact"  # exact, prefix (a trailing * matches a prefix), upper or lower (exact, case folded), agent
     part: str = ""  # for a dimension of several fields: the one the section shows and the filter matches
-    columns: str = "views"  # views (and percent), visitors (views, percent, visitors), entries (visits, bounces), events (count, visitors)
+    columns: str = "views"  # views (and percent); visitors or engagement (views, percent, and the row's details); entries (visits, bounces); events
 
 
 class Dimension(NamedTuple):
@@ -1520,7 +1587,9 @@ class Dimension(NamedTuple):
 
 AGENT_FIELDS = ("browser", "version", "os", "device")
 DIMENSIONS: Tuple[Dimension, ...] = (
-    Dimension("pages", 1, "path", ("path",), (Section("pages", "Pages", filter="path", match="prefix"), Section("entry_pages", "Entry pages", columns="entries"))),
+    Dimension("pages", 1, "path", ("path",), (
+        Section("pages", "Pages", filter="path", match="prefix", columns="engagement"), Section("entry_pages", "Entry pages", columns="entries"),
+    )),
     Dimension("titles", 0, "title", ("title",), in_events=False),
     Dimension("sources", 9, "source", ("channel", "source"), (
         Section("sources", "Sources", "(direct)", "source", part="source", columns="visitors"),
@@ -1551,11 +1620,16 @@ class Metrics(NamedTuple):
     visitors: int = 0  # daily unique visitors, summed over the days
     visits: int = 0
     bounces: int = 0  # visits with one page view
-    duration: int = 0  # seconds from first to last page view, summed over visits
+    duration: int = 0  # seconds from first page view to last page view or engagement, summed over visits
+    engaged: int = 0  # seconds the page was visible, summed over page views
+    engaged_views: int = 0  # page views that reported engagement
+    scroll: int = 0  # each such page view's deepest scroll, in percent, summed
 
 
-VIEWS, VISITORS, VISITS, BOUNCES, DURATION = range(len(Metrics._fields))
-RAW_METRICS = Metrics("count(*)", "sum(first_today)", "sum(visit_views > 0)", "sum(visit_views = 1)", "sum(duration)")  # SQL over raw rows
+VIEWS, VISITORS, VISITS, BOUNCES, DURATION, ENGAGED, ENGAGED_VIEWS, SCROLL = range(len(Metrics._fields))
+RAW_METRICS = Metrics(  # SQL over raw rows
+    "count(*)", "sum(first_today)", "sum(visit_views > 0)", "sum(visit_views = 1)", "sum(duration)", "sum(engaged)", "count(scroll)", "coalesce(sum(scroll), 0)"
+)
 SUMMED_METRICS = ", ".join(f"sum({name})" for name in Metrics._fields)  # SQL over daily and monthly counts
 
 
@@ -1593,7 +1667,7 @@ def add_sources(conn: sqlite3.Connection, progress: Callable[[str], None]) -> No
     code, referrer_code = DIMENSION_NAMED["sources"].code, DIMENSION_NAMED["referrers"].code
     for table, period in (("daily", "day"), ("monthly", "month")):
         conn.execute(
-            f"INSERT INTO {table} SELECT {period}, site, {code}, m.source, {SUMMED_METRICS} FROM {table} "
+            f"INSERT INTO {table} SELECT {period}, site, {code}, m.source, sum(views), sum(visitors), sum(visits), sum(bounces), sum(duration) FROM {table} "
             f"JOIN temp.source_of m ON m.referrer = {table}.value WHERE dim = {referrer_code} GROUP BY {period}, site, m.source"
         )
     conn.execute("DROP TABLE temp.source_of")
@@ -1651,11 +1725,24 @@ MIGRATIONS: Tuple[Union[str, Callable[[sqlite3.Connection, Callable[[str], None]
     CREATE TABLE imports (fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, rows INTEGER NOT NULL, at INTEGER NOT NULL) WITHOUT ROWID;
     """,
     add_sources,
+    """
+    ALTER TABLE pageviews ADD COLUMN engaged INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE pageviews ADD COLUMN scroll INTEGER;
+    ALTER TABLE events ADD COLUMN engaged INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE events ADD COLUMN scroll INTEGER;
+    ALTER TABLE daily ADD COLUMN engaged INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily ADD COLUMN engaged_views INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daily ADD COLUMN scroll INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE monthly ADD COLUMN engaged INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE monthly ADD COLUMN engaged_views INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE monthly ADD COLUMN scroll INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
-PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), "first_today", "visit_views", "duration")
-EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, "first_today", "visit_views", "duration")
+ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll")  # what a raw row holds beside its dimensions
+PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
+EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
 FULL_METRICS = {dim.name for dim in DIMENSIONS + (EVENT_NAMES,) if any(section.columns != "views" for section in dim.sections)}  # raw counts need more than views
@@ -1752,7 +1839,9 @@ class Record(NamedTuple):
 
     view: PageView
     visit_views: int = 0  # on a visit's entry page view: the visit's page views; else 0
-    duration: int = 0  # on a visit's entry page view: seconds from its first to its last page view
+    duration: int = 0  # on a visit's entry page view: seconds from its first to its last page view or engagement
+    engaged: int = 0  # seconds the page was visible
+    scroll: Optional[int] = None  # the deepest scroll in percent; None when the page view reported no engagement
 
 
 class Store:
@@ -1779,15 +1868,17 @@ class Store:
         filtered: Sequence[FilteredHit] = (),
         records: Sequence[Record] = (),
         events: Sequence[Event] = (),
+        engagements: Sequence["Engagement"] = (),
     ) -> None:
-        """Commit live page views (placed in their visits), filtered hits, imported records and events at once."""
+        """Commit live page views (placed in their visits), filtered hits, imported records, events and
+        engagement at once."""
         self.conn.execute("BEGIN IMMEDIATE")
         for ids in self._ids.values():
             ids.clear()
         try:
             tally = Tally()
             self._insert(records, tally)
-            remember = self._insert_live(views, tally)
+            remember = self._insert_live(views, engagements, tally)
             self._insert_events(events, tally)
             self._tally_filtered(filtered)
             tally.save(self.conn)
@@ -1806,11 +1897,13 @@ class Store:
         if records:
             ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
-        for view, visit_views, duration in records:
+        for view, visit_views, duration, engaged, scroll in records:
             keys = self._keys(view, DIMENSIONS)
             row_id = ids.next(view.time)
-            rows.append((row_id, *keys, int(view.first_today), visit_views, duration))
+            rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll))
             tally.page_view(view.time, keys, int(view.first_today), visit_views, duration)
+            if scroll is not None:
+                tally.engagement(view.time // DAY, keys, engaged, 1, scroll)
             placed.append((row_id, keys))
         self.conn.executemany(insert_sql("pageviews", PAGEVIEW_COLUMNS), rows)
         return placed
@@ -1823,45 +1916,74 @@ class Store:
         for name, view in events:
             keys = self._keys(view, EVENT_DIMENSIONS)
             name_id = self.intern(name)
-            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0))
+            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None))
             tally.event(view.time, keys[0], name_id, int(view.first_today))
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
 
-    def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], tally: "Tally") -> Callable[[], None]:
-        """Insert live page views, then bring the entry rows of growing visits up to date; return
-        what to remember about the visits once the transaction has committed."""
+    def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence["Engagement"], tally: "Tally") -> Callable[[], None]:
+        """Insert live page views, add engagement to the page views it belongs to, then bring the entry
+        rows of growing visits up to date; return what to remember once the transaction has committed."""
         placed = self._insert([Record(view, int(step is not None and step.views == 1)) for view, step in views], tally)
         entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]] = {}
-        latest: Dict[Visit, VisitStep] = {}
+        targets: Dict[Visit, List[int]] = {}  # what each touched visit should show: [page views, duration]
         for (view, step), (row_id, keys) in zip(views, placed):
             if step is None:
                 continue
+            step.page.row, step.page.day, step.page.keys = row_id, view.time // DAY, keys
             if step.views == 1:
                 entries[step.visit] = (row_id, view.time // DAY, keys)
-            else:
-                latest[step.visit] = step
-        self._grow_visits(latest, entries, tally)
+            target = targets.setdefault(step.visit, [0, 0])
+            target[0], target[1] = max(target[0], step.views), max(target[1], step.duration)
+        engaged = self._engage(engagements, targets, tally)
+        written = self._grow_visits(targets, entries, tally)
 
         def remember() -> None:
             for visit, entry in entries.items():
                 visit.entry, visit.written_views, visit.written_duration = entry, 1, 0
-            for visit, step in latest.items():
-                visit.written_views, visit.written_duration = step.views, step.duration
+            for visit, (views_now, duration) in written.items():
+                visit.written_views, visit.written_duration = views_now, duration
+            for page, (seconds, scroll) in engaged.items():
+                page.seconds, page.scroll = seconds, scroll
 
         return remember
 
-    def _grow_visits(self, latest: Dict[Visit, VisitStep], entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]], tally: "Tally") -> None:
-        """Bring each growing visit's entry row and its day's counts up to the visit's latest step."""
-        updates = []
-        for visit, step in latest.items():
+    def _engage(self, engagements: Sequence["Engagement"], targets: Dict[Visit, List[int]], tally: "Tally") -> Dict[PageSeen, Tuple[float, int]]:
+        """Add engaged seconds (capped per page view) and the deepest scroll to each page view's row and
+        counts, on the page view's day; a later, deeper scroll adds only the difference. The visit then
+        lasts at least until the end of that engagement."""
+        state: Dict[PageSeen, Tuple[float, int]] = {}
+        for page, visit, seconds, scroll in engagements:
+            if page.row is None:  # its page view was never written
+                continue
+            total, deepest = state.get(page, (page.seconds, page.scroll))
+            state[page] = (min(MAX_ENGAGED, total + seconds), max(deepest, scroll))
+            target = targets.setdefault(visit, [0, 0])
+            target[1] = max(target[1], page.time + round(state[page][0]) - visit.start)
+        rows = []
+        for page, (total, deepest) in state.items():
+            rows.append((round(total), deepest, page.row))
+            tally.engagement(page.day, page.keys, round(total) - round(page.seconds), int(page.scroll < 0), deepest - max(page.scroll, 0))
+        self.conn.executemany("UPDATE pageviews SET engaged = ?, scroll = ? WHERE id = ?", rows)
+        return state
+
+    def _grow_visits(self, targets: Dict[Visit, List[int]], entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]], tally: "Tally") -> Dict[Visit, Tuple[int, int]]:
+        """Bring each growing visit's entry row and its day's counts up to the visit's page views and
+        duration; return what was written."""
+        updates, written = [], {}
+        for visit, (views, duration) in targets.items():
             entry = entries.get(visit) or visit.entry
             if entry is None:
                 continue
             written_views, written_duration = (1, 0) if visit in entries else (visit.written_views, visit.written_duration)
+            views, duration = max(views, written_views), max(duration, written_duration)
+            if (views, duration) == (written_views, written_duration):
+                continue
             row_id, day, keys = entry
-            updates.append((step.views, step.duration, row_id))
-            tally.visit_grew(day, keys, -1 if written_views == 1 and step.views > 1 else 0, step.duration - written_duration)
+            updates.append((views, duration, row_id))
+            tally.visit_grew(day, keys, -1 if written_views == 1 and views > 1 else 0, duration - written_duration)
+            written[visit] = (views, duration)
         self.conn.executemany("UPDATE pageviews SET visit_views = ?, duration = ? WHERE id = ?", updates)
+        return written
 
     def prune(self, before: int, chunk: int = 50_000) -> int:
         """Delete page views older than ``before``, a chunk per transaction so the writer never
@@ -2002,6 +2124,15 @@ class Tally:
         total[VIEWS] += 1
         total[VISITORS] += first_today
 
+    def engagement(self, day: int, keys: Tuple[int, ...], seconds: int, views: int, scroll: int) -> None:
+        """A page view's engagement grew: count it on the page view's day, in every dimension."""
+        site = keys[0]
+        for index, code in COUNTED_KEYS:
+            total = self._daily.setdefault((day, site, code, keys[index]), no_metrics())
+            total[ENGAGED] += seconds
+            total[ENGAGED_VIEWS] += views
+            total[SCROLL] += scroll
+
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
         site = keys[0]
         for index, code in COUNTED_KEYS:
@@ -2076,10 +2207,11 @@ class Writer:
         self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
         self._filtered: List[FilteredHit] = []
         self._events: List[Event] = []
+        self._engagements: List[Engagement] = []
         self._thread = threading.Thread(target=self._run, name="pixeld-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, hit: Union[PageView, FilteredHit, Event], step: Optional[VisitStep] = None) -> None:
+    def submit(self, hit: Union[PageView, FilteredHit, Event, Engagement], step: Optional[VisitStep] = None) -> None:
         if self.waiting() >= self.queue_limit:
             with self._drops_lock:
                 if not self.dropped:
@@ -2091,7 +2223,7 @@ class Writer:
 
     def waiting(self) -> int:
         """Hits accepted but not yet committed."""
-        return self._queue.qsize() + len(self._views) + len(self._filtered) + len(self._events)
+        return self._queue.qsize() + len(self._views) + len(self._filtered) + len(self._events) + len(self._engagements)
 
     def status(self) -> str:
         if not self._thread.is_alive():
@@ -2126,6 +2258,8 @@ class Writer:
                 self._filtered.append(hit)
             elif isinstance(hit, Event):
                 self._events.append(hit)
+            elif isinstance(hit, Engagement):
+                self._engagements.append(hit)
             else:
                 self._views.append(hit)
 
@@ -2134,10 +2268,10 @@ class Writer:
             drops = self._unsaved_drops
         tally = [FilteredHit(int(self.clock()), "", "dropped", drops)] if drops else []
         attempts = 0
-        while self._views or self._filtered or self._events or tally:
+        while self._views or self._filtered or self._events or self._engagements or tally:
             try:
                 started = time.monotonic()
-                self.store.write(self._views, self._filtered + tally, events=self._events)
+                self.store.write(self._views, self._filtered + tally, events=self._events, engagements=self._engagements)
                 self.last_commit, self.commit_seconds = time.monotonic(), time.monotonic() - started
             except Exception as error:  # a locked or full database, or worse: keep the batch, try again
                 self._note_error(f"cannot write to the database: {error}")
@@ -2146,7 +2280,7 @@ class Writer:
                     return
                 time.sleep(0.5)
             else:
-                self._views, self._filtered, self._events, tally = [], [], [], []
+                self._views, self._filtered, self._events, self._engagements, tally = [], [], [], [], []
                 with self._drops_lock:
                     self._unsaved_drops -= drops
                 if self.error:
@@ -2627,19 +2761,24 @@ def _sections(counts: Counts, labels: Dict[str, Label]) -> Dict[str, List[Tuple[
 
 
 def _details(counts: Counts, labels: Dict[str, Label]) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """For sections that show visitors, each row's visitors; for a field of a several-field dimension,
-    the other fields of its biggest row (a source's channel)."""
+    """For sections that show visitors, each row's visitors, and for a field of a several-field
+    dimension the other fields of its biggest row (a source's channel); for pages, each row's time
+    on page and scroll depth."""
     details: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for name, (dim, section) in SECTIONS.items():
-        if section.columns != "visitors":
+        if section.columns not in ("visitors", "engagement"):
             continue
         rows: Dict[str, Dict[str, Any]] = {}
-        others = [(other.name, other.part, labels[other.name]) for other in dim.sections if other.part and other.part != section.part]
+        sums: Dict[str, Metrics] = {}
+        others = [(other.part, labels[other.name]) for other in dim.sections if other.part and other.part != section.part]
         for (site, value), metrics in sorted(counts[dim.name].items(), key=lambda item: -item[1][VIEWS]):
-            row = rows.setdefault(labels[name](site, value), {"visitors": 0})
-            row["visitors"] += metrics[VISITORS]
-            for _, part, label in others:
-                row.setdefault(part, label(site, value))
+            label = labels[name](site, value)
+            sums[label] = Metrics(*(a + b for a, b in zip(sums.get(label, Metrics()), metrics)))
+            for part, other in others:
+                rows.setdefault(label, {}).setdefault(part, other(site, value))
+        for label, total in sums.items():
+            shown = {"visitors": total.visitors} if section.columns == "visitors" else {"time_on_page": time_on_page(total), "scroll_depth": scroll_depth(total)}
+            rows[label] = {**shown, **rows.get(label, {})}
         details[name] = rows
     return details
 
@@ -2840,6 +2979,17 @@ def average_duration(totals: Metrics) -> int:
     return round(totals.duration / totals.visits) if totals.visits else 0
 
 
+def time_on_page(totals: Metrics) -> float:
+    """Average engaged seconds over the page views that reported engagement (not over every page
+    view: a page view without JavaScript, or never shown, says nothing about reading)."""
+    return round(totals.engaged / totals.engaged_views, 1) if totals.engaged_views else 0.0
+
+
+def scroll_depth(totals: Metrics) -> float:
+    """Average deepest scroll, in percent, over the page views that reported engagement."""
+    return round(totals.scroll / totals.engaged_views, 1) if totals.engaged_views else 0.0
+
+
 def headline(totals: Metrics) -> Dict[str, float]:
     """The headline numbers, by their JSON names."""
     return {
@@ -2849,6 +2999,8 @@ def headline(totals: Metrics) -> Dict[str, float]:
         "pages_per_visit": pages_per_visit(totals),
         "bounce_rate": percent(totals.bounces, totals.visits),
         "visit_duration": average_duration(totals),
+        "time_on_page": time_on_page(totals),
+        "scroll_depth": scroll_depth(totals),
     }
 
 
@@ -2983,8 +3135,14 @@ def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]
         "bounce_rate": f"{now['bounce_rate']:.1f}%",
         "visit_duration": format_duration(int(now["visit_duration"])),
     }
+    if report.totals.engaged_views or report.previous.engaged_views:  # shown once some page view reported engagement
+        shown["time_on_page"] = format_duration(round(now["time_on_page"]))
+        shown["scroll_depth"] = f"{now['scroll_depth']:.0f}%"
     counted = "Events" if any(name == "event" for name, _ in report.query.filters) else "Page views"
-    titles = {"visitors": "Visitors", "visits": "Visits", "pageviews": counted, "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate", "visit_duration": "Visit duration"}
+    titles = {
+        "visitors": "Visitors", "visits": "Visits", "pageviews": counted, "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate",
+        "visit_duration": "Visit duration", "time_on_page": "Time on page", "scroll_depth": "Scroll depth",
+    }
     return [(titles[name], value, format_change(now[name], before[name], ascii)) for name, value in shown.items()]
 
 
@@ -3047,11 +3205,14 @@ def render_section(
         label_width = width - 20
         lines = [f"{title:<{label_width}}{'Count':>10}{'Visitors':>10}"]
         lines += [f"{cut(value, label_width - 2):<{label_width}}{count:>10,}{visitors:>10,}" for value, count, visitors in shown]
-    elif columns == "visitors":
-        label_width, details = width - 28, report_details.get(name, {})
-        lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}{'Visitors':>10}"]
+    elif columns == "visitors" or (columns == "engagement" and any(row.get("time_on_page") or row.get("scroll_depth") for row in report_details.get(name, {}).values())):
+        label_width, details = width - (28 if columns == "visitors" else 34), report_details.get(name, {})
+        extra = (lambda row: f"{row.get('visitors', 0):>10,}") if columns == "visitors" else (
+            lambda row: f"{format_duration(round(row.get('time_on_page', 0))):>9}{row.get('scroll_depth', 0):>7.0f}%"
+        )
+        lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}" + (f"{'Visitors':>10}" if columns == "visitors" else f"{'Time':>9}{'Scroll':>8}")]
         lines += [
-            f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%{details.get(value, {}).get('visitors', 0):>10,}"
+            f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%{extra(details.get(value, {}))}"
             for value, views, total in shown
         ]
     else:
@@ -3177,7 +3338,8 @@ def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData
     """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
     section = SECTIONS[name][1]
     filter_name = section.filter or SECTIONS["pages"][1].filter  # entry pages filter by path
-    headers = {"entries": ("Visits", "Bounce rate"), "events": ("Count", "Visitors"), "visitors": ("Views", "%", "Visitors")}.get(section.columns, ("Views", "%"))
+    headers = {"entries": ("Visits", "Bounce rate"), "events": ("Count", "Visitors"), "visitors": ("Views", "%", "Visitors"),
+               "engagement": ("Views", "%", "Time", "Scroll")}.get(section.columns, ("Views", "%"))
     largest = max((count for _, count, _ in rows), default=0)
     details = report.details.get(name, {})
     body = []
@@ -3187,6 +3349,8 @@ def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData
         numbers = {
             "entries": (f"{count:,}", f"{percent(other, count):.1f}%"), "events": (f"{count:,}", f"{other:,}"),
             "visitors": (f"{count:,}", f"{percent(count, other):.1f}%", f"{details.get(value, {}).get('visitors', 0):,}"),
+            "engagement": (f"{count:,}", f"{percent(count, other):.1f}%", format_duration(round(details.get(value, {}).get("time_on_page", 0))),
+                           f"{details.get(value, {}).get('scroll_depth', 0):.0f}%"),
         }.get(section.columns, (f"{count:,}", f"{percent(count, other):.1f}%"))
         body.append(
             f'<tr><td class="l"><span style="width:{100 * count / largest if largest else 0:.1f}%"></span><a href="{link}">{esc(shown)}</a></td>'
@@ -3205,7 +3369,7 @@ def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData
 ###############################################################################
 
 EXPORT_FIELDS = (
-    "time", "type", "site", *(field for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), "first_today", "visit_views", "duration",
+    "time", "type", "site", *(field for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
 )
 IMPORT_BATCH = 20_000
 _COMBINED = re.compile(
@@ -3255,7 +3419,7 @@ def export_sql(table: str, kind: str) -> str:
         else:
             selected.append(f"j{number}.value")
             joins.append(f"JOIN strings j{number} ON j{number}.id = t.{dim.column}")
-    selected += ["t.first_today", "t.visit_views", "t.duration"]
+    selected += [f"t.{number}" for number in ROW_NUMBERS]
     return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
 
 
@@ -3382,7 +3546,7 @@ class Importer:
             return
         self.imported += 1
         if live:
-            hit, step = self.visitors.admit(outcome)
+            hit, step = self.visitors.admit(outcome)  # access logs have no engagement
             if isinstance(hit, PageView):
                 self._views.append((hit, step))
             elif isinstance(hit, Event):
@@ -3390,7 +3554,7 @@ class Importer:
         elif outcome.event:
             self._events.append(Event(outcome.event, outcome.view))
         else:
-            self._records.append(Record(outcome.view, *outcome.visit))
+            self._records.append(Record(outcome.view, *outcome.stored))
         if len(self._views) + len(self._records) + len(self._events) >= IMPORT_BATCH:
             self._flush()
 
@@ -3477,7 +3641,8 @@ SNIPPET_PLACEHOLDER = "https://stats.example.org"
 SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below point at your pixeld server. -->
 <script data-pixeld="https://stats.example.org">
 (function (w, d, l, n) {
-  var c = d.currentScript, u = c.getAttribute("data-pixeld"), e = encodeURIComponent, k = "pixeld-ignore", s, last, first = 1;
+  var c = d.currentScript, u = c.getAttribute("data-pixeld") + "/pixel.gif?", e = encodeURIComponent, k = "pixeld-ignore",
+    s, last, seen = 0, since = 0, depth = 0, sent = 0;
   try { s = w.localStorage; } catch (x) { s = {}; }
   if (l.hash == "#" + k) {
     s[k] ? delete s[k] : (s[k] = 1);
@@ -3486,32 +3651,49 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
   function off() {
     return s[k] || (!c.hasAttribute("data-local") && (l.protocol == "file:" || /^(localhost|127\\.|\\[::1\\]$)/.test(l.hostname)));
   }
+  function hit(q, more) {
+    return u + q + "&host=" + e(l.hostname) + more + (n.webdriver ? "&bot=1" : "");
+  }
   function url(q) {
-    var p = new URLSearchParams(l.search);
-    ["utm_source", "utm_medium", "utm_campaign", "ref", "source"].forEach(function (m) { if (p.get(m)) q += "&" + m + "=" + e(p.get(m)); });
-    return u + "/pixel.gif?" + q + "&host=" + e(l.hostname) + (n.webdriver ? "&bot=1" : "");
+    var p = new URLSearchParams(l.search), m = "";
+    ["utm_source", "utm_medium", "utm_campaign", "ref", "source"].forEach(function (x) { if (p.get(x)) m += "&" + x + "=" + e(p.get(x)); });
+    return hit(q, m);
+  }
+  function send(x) { n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x); }
+  function tick() {
+    var t = Date.now();
+    if (since) seen += t - since;
+    since = d.visibilityState == "visible" ? t : 0;
+    if (since) depth = Math.max(depth, Math.min(100, Math.round(100 * (scrollY + innerHeight) / d.documentElement.scrollHeight)));
+  }
+  function engage() {
+    tick();
+    if (last && (seen > 99 || depth > sent)) {
+      send(hit("engagement=1&path=" + e(last), "&engaged=" + (seen / 1000).toFixed(1) + "&scroll=" + depth));
+      seen = 0; sent = depth;
+    }
   }
   function view() {
     if (off() || l.pathname == last) return;
-    last = l.pathname;
-    new Image().src = url("path=" + e(last) + "&title=" + e(d.title) + "&referrer=" + e(first ? d.referrer : "") +
+    engage();
+    new Image().src = url("path=" + e(l.pathname) + "&title=" + e(d.title) + "&referrer=" + e(last ? "" : d.referrer) +
       "&resolution=" + screen.width + "," + screen.height);
-    first = 0;
+    last = l.pathname; seen = depth = sent = 0; tick();
   }
   w.pixeld = function (kind, name) {
-    if (kind != "event" || off()) return;
-    var x = url("event=" + e(name) + "&path=" + e(l.pathname));
-    n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x);
+    if (kind == "event" && !off()) send(url("event=" + e(name) + "&path=" + e(l.pathname)));
   };
   ["pushState", "replaceState"].forEach(function (f) {
     var o = history[f];
     history[f] = function () { var r = o.apply(this, arguments); setTimeout(view); return r; };
   });
   w.addEventListener("popstate", view);
+  w.addEventListener("scroll", tick);
+  w.addEventListener("pagehide", engage);
+  d.addEventListener("visibilitychange", function () { d.hidden ? engage() : tick(); });
   d.addEventListener("click", function (v) {
-    var a = v.target.closest("[data-pixeld-event],a[href]");
-    if (a && a.hasAttribute("data-pixeld-event")) w.pixeld("event", a.getAttribute("data-pixeld-event"));
-    else if (a && c.hasAttribute("data-outbound") && a.hostname && a.hostname != l.hostname) w.pixeld("event", "outbound:" + a.hostname);
+    var a = v.target.closest("[data-pixeld-event],a[href]"), x = a && a.getAttribute("data-pixeld-event");
+    if (x || (a && c.hasAttribute("data-outbound") && a.hostname && a.hostname != l.hostname)) w.pixeld("event", x || "outbound:" + a.hostname);
   }, true);
   d.prerendering ? d.addEventListener("prerenderingchange", view, { once: true }) : view();
 })(window, document, location, navigator);
@@ -3624,13 +3806,14 @@ class App:
             self.outcomes["malformed"] += 1
             return
         if isinstance(outcome, FilteredHit):
-            item: Union[PageView, Event, FilteredHit] = outcome
+            item: Union[PageView, Event, Engagement, FilteredHit, None] = outcome
             self.writer.submit(outcome)
         else:
             with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
                 item, step = self.visitors.admit(outcome)
-                self.writer.submit(item, step)
-        self.outcomes["pageview" if isinstance(item, PageView) else "event" if isinstance(item, Event) else item.reason] += 1
+                if item is not None:
+                    self.writer.submit(item, step)
+        self.outcomes[outcome_name(item)] += 1
 
     def country_of(self, address: Optional[IPAddress]) -> str:
         return lookup_country(self.geoip, address)
@@ -3746,6 +3929,13 @@ INDEX_PAGE = """<!doctype html>
 Read the report with <code>curl http://127.0.0.1:8000/report</code> on this machine.</p>
 {snippet}</body></html>
 """
+
+
+def outcome_name(item: Union[PageView, Event, Engagement, FilteredHit, None]) -> str:
+    """What became of a hit, for /metrics: pageview, event, engagement, unmatched (engagement for no page view seen), or a filter reason."""
+    if item is None:
+        return "unmatched"
+    return item.reason if isinstance(item, FilteredHit) else {PageView: "pageview", Event: "event", Engagement: "engagement"}[type(item)]
 
 
 PAGE_HEADERS = [  # the HTML report loads nothing, runs nothing and leaks no address

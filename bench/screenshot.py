@@ -39,6 +39,7 @@ def traffic(now: int, rng: random.Random):
                     "time": start + 60 * n, "type": "pageview", "site": "example.org", "path": rng.choice(PAGES), "referrer": referrer if n == 0 else "",
                     "country": country, "browser": agent[0], "version": agent[1], "os": agent[2], "device": agent[3], "screen": agent[4], "language": "en",
                     "first_today": int(n == 0), "visit_views": views if n == 0 else 0, "duration": 60 * (views - 1) if n == 0 else 0,
+                    "engaged": rng.randint(5, 400), "scroll": rng.randint(20, 100),
                 }
             if rng.random() < 0.1:
                 yield {"time": start, "type": "event", "site": "example.org", "path": "/", "event": "signup", "first_today": 1}

@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Measure pixeld's user-agent reducer against the labelled uap-core corpus.
+"""Measure pixeld's user-agent reducer against two public, labelled yardsticks.
 
-The corpus is a development yardstick, not a test fixture: it stays outside the project
-(``../shared/ua-corpus/uap-core`` by default). Prints accuracy for mainstream browsers,
-operating systems and crawlers, the misses, and the reducer's speed.
+- uap-core's test corpus (``../shared/ua-corpus/uap-core`` by default): browser family, OS,
+  crawlers caught, and mainstream browsers taken for bots;
+- the ``crawler-user-agents`` package from PyPI (MIT): bot recall on its example ``instances``.
 
+Neither corpus is copied into the project: they are development yardsticks, not test fixtures.
+Prints the numbers, the misses with ``--misses``, and the reducer's speed, cached (a realistic
+mix of repeated UAs, through the App's memo) and uncached (every UA distinct).
+
+    pip install -r bench/requirements.txt
     python3 bench/ua_yardstick.py [CORPUS_DIR] [--misses]
 """
 
@@ -72,20 +77,26 @@ def main():
     print(f"crawlers caught           : {share(len(spiders) - len(spider_misses), len(spiders))}")
     print(f"mainstream taken for bots : {len(mainstream_bots)} of {len(browser_rows)} browsers, {len(people_bots)} of {len(people)} phones/tablets/Macs")
 
+    import crawleruseragents  # noqa: E402  (crawler-user-agents, a bench dependency)
+
+    instances = sorted({ua for entry in crawleruseragents.CRAWLER_USER_AGENTS_DATA for ua in entry.get("instances", [])})
+    instance_misses = [ua for ua in instances if classify(ua).device != "bot"]
+    print(f"crawler-user-agents bots  : {share(len(instances) - len(instance_misses), len(instances))} of its instances caught")
+
     sample = [r["user_agent_string"] for r in uas + oses + devices]
     random.seed(1)
     mix = [random.choice(sample[:2000]) for _ in range(200_000)]
-    pixeld.classify_user_agent.cache_clear()
+    memo = pixeld.Memo()
     started = time.perf_counter()
     for ua in mix:
-        classify(ua)
+        memo(classify, ua)
     elapsed = time.perf_counter() - started
     print(f"speed (200,000 UAs, 2,000 distinct, cached): {len(mix) / elapsed:,.0f} UAs/s")
-    pixeld.classify_user_agent.cache_clear()
+    distinct = sorted(set(sample + instances))
     started = time.perf_counter()
-    for ua in sample:
-        pixeld.classify_user_agent.__wrapped__(ua)
-    print(f"speed (uncached, {len(sample):,} distinct): {len(sample) / (time.perf_counter() - started):,.0f} UAs/s")
+    for ua in distinct:
+        classify(ua)
+    print(f"speed (uncached, {len(distinct):,} distinct): {len(distinct) / (time.perf_counter() - started):,.0f} UAs/s")
 
     if show:
         for ua, want, got in browser_misses:
@@ -98,6 +109,8 @@ def main():
             print(f"BOT? {want}: {ua}")
         for ua in people_bots:
             print(f"BOT? person: {ua}")
+        for ua in instance_misses:
+            print(f"CRAWLER-USER-AGENTS missed: {ua}")
 
 
 if __name__ == "__main__":

@@ -91,13 +91,14 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
     secrets_seen = []
 
     def visit(app, reader, path):
-        environ = {
-            "PATH_INFO": "/pixel.gif", "QUERY_STRING": f"path={path}-{reader}&host=example.org", "REQUEST_METHOD": "GET",
-            "REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": ADDRESSES[reader], "HTTP_USER_AGENT": CANARY_UAS[0],
-        }
-        setup_testing_defaults(environ)
-        environ["wsgi.errors"] = io.StringIO()
-        b"".join(app(environ, lambda status, headers: None))
+        for query in (f"path={path}-{reader}&host=example.org", f"engagement=1&path={path}-{reader}&host=example.org&engaged=12.5&scroll=60"):
+            environ = {
+                "PATH_INFO": "/pixel.gif", "QUERY_STRING": query, "REQUEST_METHOD": "GET",
+                "REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": ADDRESSES[reader], "HTTP_USER_AGENT": CANARY_UAS[0],
+            }
+            setup_testing_defaults(environ)
+            environ["wsgi.errors"] = io.StringIO()
+            b"".join(app(environ, lambda status, headers: None))
         generation = app.visitors._current
         secrets_seen.extend(app.visitors.salts())
         secrets_seen.append(generation.key("example.org", ADDRESSES[reader], CANARY_UAS[0]))
@@ -113,12 +114,13 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
 
     conn = sqlite3.connect(db)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(pageviews)")]
-    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source"]
+    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll"]
     event_columns = [row[1] for row in conn.execute("PRAGMA table_info(events)")]
-    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source"]
+    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll"]
     rows = conn.execute("SELECT * FROM pageviews ORDER BY id").fetchall()
     conn.close()
     assert len(rows) == 16
+    assert all((row[columns.index("engaged")], row[columns.index("scroll")]) == (12, 60) for row in rows)  # engagement landed on every row
     readers = [rows[0::2], rows[1::2]]  # each moment: reader 0, then reader 1
     for mine, theirs in zip(*readers):
         assert mine[0] >> pixeld.ID_SHIFT == theirs[0] >> pixeld.ID_SHIFT  # the same second
