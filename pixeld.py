@@ -1007,55 +1007,65 @@ class UserAgent(NamedTuple):
     device: str
 
 
-_BOT = re.compile(
-    r"\bbot|bot\b|bot[/_;:-]|crawl|spider|slurp|scrap|archiv|index(?:er|ing)|fetch|(?<!developer)preview|"
+# Bot markers, matched on the lower-cased UA after an Android device model is cut out (a phone
+# called "CUBOT J9" is no bot). Crawlers put "bot" at the end of their product name (Googlebot/2.1,
+# AhrefsBot; SemrushBot), a generic word (crawler, spider, fetch, monitor, preview, scan), an info
+# URL or an e-mail address in their UA; HTTP libraries and automation name themselves.
+_BOT = re.compile(  # every branch starts with a literal, so the engine skips ahead quickly
+    r"bot(?:\b|[/_;:-])|crawl|spider|slurp|scrap|archiv|index(?:er|ing)|fetch|preview(?<!developerpreview)|"
     r"monitor|headless|phantomjs|selenium|webdriver|puppeteer|playwright|lighthouse|pagespeed|ptst/|"
-    r"curl/|wget|python|java/|go-http|okhttp|libwww|httpclient|http_request|axios|node-fetch|"
-    r"undici|aiohttp|httpx|ruby|perl|php/|facebookexternalhit|facebookcatalog|whatsapp|"
-    r"telegram|slack|discord|embedly|skypeuripreview|uptime|pingdom|statuscake|gtmetrix|gomezagent|"
-    r"newrelic|datanyze|thumbnail|feedfetcher|feedburner|newsgator|netvibes|rss|ahrefs|semrush|mj12|"
-    r"dotbot|petalbot|yandex(?!browser)[a-z]*/|baiduspider|daum|yeti/|qwantify|bingpreview|applebot|"
-    r"gptbot|chatgpt|claude|anthropic|ccbot|bytespider|amazonbot|google-|mediapartners|adsbot|"
-    r"apis-google|googleother|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scanner|"
-    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|https?://|"
-    r"^mozilla/\d\.\d$|^mozilla/\d\.\d \(compatible\)$|"
-    r"^(?!safari)[^(]*\bcfnetwork/.*darwin/|^[a-z0-9_.-]+/[0-9.]+$|^[^/ ]*$"
+    r"curl/|wget|python|java/|\(java\)|go-http|okhttp|libwww|http[ _-]?client|http_request|axios|node-fetch|"
+    r"undici|aiohttp|httpx|ruby\b|perl\b|php/|facebookexternalhit|facebookcatalog|"
+    r"telegrambot|slackbot|slack-imgproxy|discordbot|embedly|skypeuripreview|uptime|pingdom|statuscake|gtmetrix|gomezagent|"
+    r"newrelic|datanyze|thumbnail|feedfetcher|feedburner|newsgator|netvibes|rss(?:\b|/|reader)|ahrefs|semrush|mj12|"
+    r"petalbot|yandex(?!search|browser)[a-z]*/|baiduspider|daum|yeti/|qwantify|applebot|"
+    r"chatgpt|claude|anthropic|ccbot|bytespider|google-|googleagent|mediapartners|adsbot|"
+    r"apis-google|googleother|google favicon|googleimageproxy|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scan|"
+    r"analy[sz]er|verifier|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|"
+    r"agent\b|probe\b|proxy\b|"
+    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.com\b|"
+    r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os)))"
 )
+_BOT_WHOLE = re.compile(r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+$|[^/ ]*$|whatsapp/")  # matched at the start
+_ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")
+# A reader's UA names a browser (Mozilla/, Opera/) or a platform; anything else is a tool or a service.
+_PLATFORM = re.compile(r"^(?:mozilla|opera)/|\bios\b|ucweb|android|iphone|ipad|ipod|windows|macintosh|mac os|linux|cros\b|symbian|blackberry|bb10|midp|j2me|"
+                       r"nokia|kaios|tizen|webos|playstation|xbox|nintendo|roku|smart-?tv|cfnetwork|dalvik|\[fban|instagram")
 
-_BROWSERS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
-    (name, re.compile(pattern))
-    for name, pattern in (
-        ("Edge", r"\b(?:Edge?|EdgA|EdgiOS)/(\d+)"),
-        ("UC Browser", r"UC ?Browser/?(\d+)|UCWEB/?(\d+)?|UCMobile/(\d+)|\bUBrowser/(\d+)"),
-        ("Opera Mini", r"Opera Mini/(\d+)"),
-        ("Opera", r"\b(?:OPR|OPT|OPiOS|OPX)/(\d+)|Opera[/ ](?:.*Version/)?(\d+)"),
-        ("Samsung Internet", r"SamsungBrowser/(\d+)"),
-        ("Yandex", r"YaBrowser/(\d+)|YaSearchBrowser/(\d+)"),
-        ("Vivaldi", r"Vivaldi/(\d+)"),
-        ("Brave", r"Brave(?: Chrome)?/(\d+)"),
-        ("Whale", r"Whale/(\d+)"),
-        ("QQ Browser", r"M?QQBrowser/(\d+)"),
-        ("Sogou", r"SogouMobileBrowser/(\d+)|SE (\d+)\.X MetaSr"),
-        ("Baidu", r"baidubrowser/(\d+)|BIDUBrowser[ /](\d+)|bdbrowser\w*/(\d+)"),
-        ("Mi Browser", r"(?:XiaoMi/)?MiuiBrowser/(\d+)"),
-        ("Huawei Browser", r"HuaweiBrowser/(\d+)"),
-        ("Honor Browser", r"HiBrowser/(\d+)|HONORBrowser/(\d+)"),
-        ("DuckDuckGo", r"DuckDuckGo/(\d+)|Ddg/(\d+)"),
-        ("Silk", r"Silk/(\d+)"),
-        ("Puffin", r"Puffin/(\d+)"),
-        ("Seznam", r"SznProhlizec/(\d+)"),
-        ("Avast", r"Avast/(\d+)"),
-        ("AVG", r"AVG/(\d+)"),
-        ("Coc Coc", r"coc_coc_browser/(\d+)"),
-        ("Facebook", r"FB(?:AN|AV|_IAB)/(?:[A-Za-z]+;FBAV/)?(\d+)?"),
-        ("Instagram", r"Instagram (\d+)"),
-        ("Pale Moon", r"PaleMoon/(\d+)"),
-        ("Waterfox", r"Waterfox/(\d+)"),
-        ("SeaMonkey", r"SeaMonkey/(\d+)"),
-        ("Firefox", r"(?:Firefox|FxiOS|Focus|Klar)/(\d+)"),
-        ("Internet Explorer", r"MSIE (\d+)|Trident/.*rv:(\d+)|IEMobile[/ ](\d+)"),
-        ("Chrome", r"(?:Chrome|CriOS|Chromium)/(\d+)"),
-        ("Safari", r"Version/(\d+)[.\d]* (?:Mobile/\S+ )?Safari/|Mobile/\w+(?:$| )|Safari/(\d+)"),
+_BROWSERS: Tuple[Tuple[str, Tuple[str, ...], "re.Pattern[str]"], ...] = tuple(  # most specific first
+    (name, tuple(keys.split()), re.compile(pattern))  # (name, literals one of which the UA must hold, pattern)
+    for name, keys, pattern in (
+        ("Edge", "Edg", r"\b(?:Edge?|EdgA|EdgiOS)/(\d+)"),
+        ("UC Browser", "UC UBrowser", r"UC ?Browser/?(\d+)|UCWEB/?(\d+)?|UCMobile/(\d+)|\bUBrowser/(\d+)"),
+        ("Opera Mini", "Opera", r"Opera Mini/(\d+)"),
+        ("Opera", "OP Opera", r"\b(?:OPR|OPT|OPiOS|OPX)/(\d+)|Opera[/ ](?:.*Version/)?(\d+)"),
+        ("Samsung Internet", "SamsungBrowser", r"SamsungBrowser/(\d+)"),
+        ("Yandex", "Ya", r"YaBrowser/(\d+)|YaSearchBrowser/(\d+)|YandexSearch(?:Browser)?/(\d+)|YaApp_\w+/(\d+)"),
+        ("Vivaldi", "Vivaldi", r"Vivaldi/(\d+)"),
+        ("Brave", "Brave", r"Brave(?: Chrome)?/(\d+)"),
+        ("Whale", "Whale", r"Whale/(\d+)"),
+        ("QQ Browser", "QQBrowser", r"M?QQBrowser/(\d+)"),
+        ("Sogou", "Sogou MetaSr", r"SogouMobileBrowser/(\d+)|SE (\d+)\.X MetaSr"),
+        ("Baidu", "baidu BIDU bdbrowser", r"baidubrowser/(\d+)|BIDUBrowser[ /](\d+)|bdbrowser\w*/(\d+)"),
+        ("Mi Browser", "MiuiBrowser", r"(?:XiaoMi/)?MiuiBrowser/(\d+)"),
+        ("Huawei Browser", "HuaweiBrowser", r"HuaweiBrowser/(\d+)"),
+        ("Honor Browser", "HiBrowser HONORBrowser", r"HiBrowser/(\d+)|HONORBrowser/(\d+)"),
+        ("DuckDuckGo", "DuckDuckGo Ddg", r"DuckDuckGo/(\d+)|Ddg/(\d+)"),
+        ("Silk", "Silk", r"Silk/(\d+)"),
+        ("Puffin", "Puffin", r"Puffin/(\d+)"),
+        ("Seznam", "SznProhlizec", r"SznProhlizec/(\d+)"),
+        ("Avast", "Avast", r"Avast/(\d+)"),
+        ("AVG", "AVG", r"AVG/(\d+)"),
+        ("Coc Coc", "coc_coc", r"coc_coc_browser/(\d+)"),
+        ("Facebook", "FB", r"FB(?:AN|AV|_IAB)/(?:[A-Za-z0-9]+;FBAV/)?(\d+)?"),
+        ("Instagram", "Instagram", r"Instagram (\d+)"),
+        ("Pale Moon", "PaleMoon", r"PaleMoon/(\d+)"),
+        ("Waterfox", "Waterfox", r"Waterfox/(\d+)"),
+        ("SeaMonkey", "SeaMonkey", r"SeaMonkey/(\d+)"),
+        ("Firefox", "Firefox FxiOS Focus Klar", r"(?:Firefox|FxiOS|Focus|Klar)/(\d+)"),
+        ("Internet Explorer", "MSIE Trident IEMobile", r"MSIE (\d+)|Trident/.*rv:(\d+)|IEMobile[/ ](\d+)"),
+        ("Chrome", "Chrom CriOS", r"(?:Chrome|CriOS|Chromium)/(\d+)"),
+        ("Safari", "Safari Mobile/", r"Version/(\d+)[.\d]* (?:Mobile/\S+ )?Safari/|Mobile/\w+(?:$| )|Safari/(\d+)"),
     )
 )
 
@@ -1063,8 +1073,10 @@ _OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
         ("Windows Phone", r"Windows Phone|Windows Mobile|WPDesktop|ZuneWP"),
-        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d|CriOS/|EdgiOS/|FxiOS/|OPiOS/"),
-        ("Android", r"Android|\bAdr\b|Silk/|\bKF[A-Z]{2,5} Build|OculusBrowser|^JUC ?\("),
+        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d|CriOS/|EdgiOS/|FxiOS/|OPiOS/|FBIOS|FBSN/iOS"),
+        ("Android", r"Android|\bAdr\b|Silk/|\bKF[A-Z]{2,5} Build|OculusBrowser|^JUC ?\(|FB4A|FBAN/EMA|Dalvik/"),
+        ("macOS", r"CFNetwork/.*Darwin/.*(?:x86_64|Mac|arm64e?-apple)"),  # an app on a Mac: its Darwin names the machine
+        ("iOS", r"CFNetwork/.*Darwin/"),  # Darwin versions are shared by iOS and macOS; apps that say no more are on phones
         ("ChromeOS", r"\bCrOS\b"),
         ("Windows", r"Windows|Win(?:NT|95|98|32|64)\b"),
         ("macOS", r"Mac OS X|Macintosh|Mac_PowerPC|Darwin/"),
@@ -1080,9 +1092,19 @@ _OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
 _HEADLESS = re.compile(r"headless|phantomjs|puppeteer|playwright|selenium|webdriver|lighthouse")
 _IOS_DEVICE = re.compile(r"iPhone|iPad|iPod")
 # The bot and device patterns match the lower-cased UA: much faster than re.IGNORECASE.
-_TABLET = re.compile(r"ipad|tablet|kindle|silk/|playbook|nexus (?:7|9|10)\b|sm-t\d|gt-p\d|sch-i800|tab\b")
+# Tablets by their well-known model prefixes (Galaxy Tab SM-T/SM-X/SM-P, Lenovo TB-, Kindle Fire KF…,
+# Huawei MatePad/MediaPad, Xiaomi and Redmi Pad, OnePlus OPD, Pixel Tablet); else Android without "Mobile".
+_TABLET = re.compile(
+    r"ipad|tablet|kindle|silk/|playbook|nexus (?:7|9|10)\b|sm-[tpx]\d|gt-p\d|sch-i800|tab\b(?<=\btab)|lenovo tb|tb(?<=\btb)-?[0-9x]|"
+    r"matepad|mediapad|pad\b(?<=\bpad)|opd(?<=\bopd)\d|pixel (?:c|tablet)\b|kf(?<=\bkf)[a-z]{2,4}\b"
+)
 _PHONE = re.compile(r"mobi|iphone|ipod|phone|opera mini|blackberry|bb10|symbian|nokia|kaios|fennec")
-_TV = re.compile(r"smarttv|smart-tv|hbbtv|appletv|googletv|crkey|roku|bravia|netcast|web0s|webos.tv|playstation|xbox|nintendo")
+# Devices that are neither computers, phones nor tablets: TVs and their sticks and boxes, consoles,
+# cars, VR headsets and watches. They are "other".
+_TV = re.compile(
+    r"smarttv|smart-tv|smart tv|hbbtv|appletv|apple tv|googletv|google tv|android tv|tv\b(?<=\btv)|crkey|roku|bravia|netcast|web0s|webos.tv|"
+    r"aft(?<=\baft)[a-z]{1,4}\b|playstation|xbox|nintendo|oculus|quest \d|qtcarbrowser|tesla|android automotive|carplay|watch os|wearos|watch\b(?<=\bwatch)"
+)
 
 
 def classify_user_agent(ua: str) -> UserAgent:
@@ -1106,7 +1128,11 @@ def is_headless(ua: str) -> bool:
 
 
 def is_bot(lower_ua: str) -> bool:
-    return not lower_ua or bool(_BOT.search(lower_ua))
+    if not lower_ua or not _PLATFORM.search(lower_ua):
+        return True
+    if "android" in lower_ua:
+        lower_ua = _ANDROID_MODEL.sub(r"\1", lower_ua, count=1)
+    return bool(_BOT.search(lower_ua) or _BOT_WHOLE.match(lower_ua))
 
 
 def bot_name(ua: str) -> str:
@@ -1116,11 +1142,10 @@ def bot_name(ua: str) -> str:
 
 
 def browser_of(ua: str) -> Tuple[str, str]:
-    if "; wv)" in ua and "Chrome/" in ua:
-        match = re.search(r"Chrome/(\d+)", ua)
-        return "Chrome", match.group(1) if match else ""
-    for name, pattern in _BROWSERS:
-        match = pattern.search(ua)
+    """The most specific browser token wins: Opera's OPR/ or YaBrowser/ over the Chrome/ beside it,
+    also in an Android WebView (``; wv)``), which is otherwise Chrome."""
+    for name, keys, pattern in _BROWSERS:
+        match = pattern.search(ua) if any(key in ua for key in keys) else None
         if match:
             return name, next((group for group in match.groups() if group), "")
     if "AppleWebKit/" in ua and _IOS_DEVICE.search(ua):

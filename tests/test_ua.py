@@ -114,3 +114,82 @@ def test_repeated_user_agents_are_cached_in_a_bounded_memo():
     assert len(calls) == 1
     memo(counted, "a"), memo(counted, "b"), memo(counted, "c")
     assert memo.size() <= 2
+
+
+# Real readers whose UA holds a bot-like word, in-app browsers, and apps: written from each vendor's
+# documented format, not taken from any corpus.
+READERS = [
+    ("Mozilla/5.0 (Linux; Android 9; CUBOT J9 Build/PPR1.180610.011; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/93.0.4577.82 Mobile Safari/537.36",
+     UserAgent("Chrome", "93", "Android", "phone")),
+    ("Mozilla/5.0 (Linux; Android 10; CUBOT_X30) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.144 Mobile Safari/537.36",
+     UserAgent("Chrome", "120", "Android", "phone")),
+    ("Mozilla/5.0 (Linux; Android 12; SM-A525F) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/114.0.5735.196 YaBrowser/23.7.1.69 (lite) YaApp_Android/23.71.1 YaSearchBrowser/23.71.1 BroPP/1.0 SA/3 Mobile Safari/537.36",
+     UserAgent("Yandex", "23", "Android", "phone")),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 16_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.0 YandexSearch/23.71.2 Mobile/15E148 Safari/605.1.15",
+     UserAgent("Yandex", "23", "iOS", "phone")),
+    ("Mozilla/5.0 (Linux; Android 13; SM-G991B; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Mobile Safari/537.36 OPR/79.1.4195.76563",
+     UserAgent("Opera", "79", "Android", "phone")),
+    ("Mozilla/5.0 (Linux; Android 13; Pixel 7 Build/TQ3A.230805.001; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/116.0.5845.163 Mobile Safari/537.36",
+     UserAgent("Chrome", "116", "Android", "phone")),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/21B74 [FBAN/FBIOS;FBAV/442.0.0.37.104;FBDV/iPhone15,2;FBMD/iPhone;FBSN/iOS;FBSV/17.1;FBSS/3;FBCR/;FBID/phone;FBLC/en_US;FBOP/5]",
+     UserAgent("Facebook", "442", "iOS", "phone")),
+    ("[FBAN/FBIOS;FBAV/442.0.0.37.104;FBDV/iPhone15,2;FBMD/iPhone;FBSN/iOS;FBSV/17.1]", UserAgent("Facebook", "442", "iOS", "phone")),
+    ("Mozilla/5.0 (Linux; Android 13; Pixel 7 Build/TQ3A.230805.001; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/116.0.5845.163 Mobile Safari/537.36 [FB_IAB/FB4A;FBAV/430.0.0.23.113;]",
+     UserAgent("Facebook", "430", "Android", "phone")),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 Instagram 295.0.0.32.119 (iPhone14,5; iOS 16_6; en_US; en; scale=3.00; 1170x2532; 500160174)",
+     UserAgent("Instagram", "295", "iOS", "phone")),
+    ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.230 Mobile Safari/537.36 Telegram-Android/10.6.1 (Google Pixel 8; Android 14; SDK 34; HIGH)",
+     UserAgent("Chrome", "120", "Android", "phone")),
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) discord/1.0.9028 Chrome/120.0.6099.291 Electron/28.2.10 Safari/537.36",
+     UserAgent("Chrome", "120", "Windows", "desktop")),
+    ("MyReader/1.2.3 CFNetwork/1408.0.4 Darwin/22.5.0", UserAgent("", "", "iOS", "phone")),
+    ("NetNewsWire/6.1 CFNetwork/1410.0.3 Darwin/22.6.0 (x86_64)", UserAgent("", "", "macOS", "desktop")),
+]
+OTHER_DEVICES = [  # TVs, boxes, consoles and cars are "other"
+    "Mozilla/5.0 (Linux; Android 9; BRAVIA 4K GB ATV3 Build/PTT1.190515.001.S52) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/110.0.5481.65 Mobile Safari/537.36",
+    "Mozilla/5.0 (SMART-TV; Linux; Tizen 6.0) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/4.0 Chrome/76.0.3809.146 TV Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 9; AFTMM Build/PS7633.3445N; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/120.0.6099.230 Mobile Safari/537.36",
+    "Mozilla/5.0 (PlayStation; PlayStation 5/2.26) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/13.0 Safari/605.1.15",
+    "Mozilla/5.0 (X11; GNU/Linux) AppleWebKit/537.36 (KHTML, like Gecko) Chromium/79.0.3945.130 Chrome/79.0.3945.130 Safari/537.36 Tesla/2020.16.2.1-e99c70fff409",
+]
+TABLETS = [
+    "Mozilla/5.0 (Linux; Android 13; SM-X700) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 13; SM-X700) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 12; Lenovo TB-J606F) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/119.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 11; KFTRWI) AppleWebKit/537.36 (KHTML, like Gecko) Silk/120.3.1 like Chrome/120.0.6099.230 Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 13; Redmi Pad SE) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36",
+]
+GENERIC_BOTS = [  # no name pixeld knows: the generic signs of a machine
+    "Mozilla/5.0 (compatible; ExampleCrawler/1.0)",
+    "Mozilla/5.0 (compatible; LinkFetcher/2.0; +https://fetcher.example.net/about)",
+    "SiteMonitor/3.1 (ops@monitoring.example)",
+    "Acme HTTP Client/1.0",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 (compatible; ContextAnalyzer/1.0)",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 AdVerifyScanner/2.4",
+    "Mozilla/5.0 (compatible; PreviewMaker; +http://preview.example.org)",
+    "TelegramBot (like TwitterBot)",
+    "Mozilla/5.0 (compatible; Discordbot/2.0; +https://discordapp.com)",
+    "Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",
+    "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.216 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Some Service Agent",
+]
+
+
+@pytest.mark.parametrize("ua, expected", READERS)
+def test_readers_and_apps_are_not_bots(ua, expected):
+    assert classify_user_agent(ua) == expected
+
+
+@pytest.mark.parametrize("ua", OTHER_DEVICES)
+def test_tvs_boxes_consoles_and_cars_are_other(ua):
+    assert classify_user_agent(ua).device == "other"
+
+
+@pytest.mark.parametrize("ua", TABLETS)
+def test_tablets_by_model_and_by_the_missing_mobile_token(ua):
+    assert classify_user_agent(ua).device == "tablet"
+
+
+@pytest.mark.parametrize("ua", GENERIC_BOTS)
+def test_generic_bot_markers(ua):
+    assert classify_user_agent(ua).device == "bot"
