@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import datetime as dt
 import errno
+import gc
 import hashlib
 import heapq
 import hmac
@@ -313,13 +314,15 @@ class Memo:
         self._tables.clear()
 
 
-def parse_query(query_string: str) -> Dict[str, str]:
-    """Decode a query string leniently: the first value of each of at most 64 keys, invalid UTF-8 replaced."""
+def parse_query(query_string: str, memo: Optional["Memo"] = None) -> Dict[str, str]:
+    """Decode a query string leniently: the first value of each of at most 64 keys, invalid UTF-8 replaced.
+    With the App's memo, repeated encoded values (paths, titles, referrers) are decoded once."""
     params: Dict[str, str] = {}
     for pair in query_string[: 4 * MAX_PARAM].split("&", 64)[:64]:
         key, _, value = pair.partition("=")
         if key:
-            params.setdefault(decode_component(key), decode_component(value)[:MAX_PARAM])
+            value = memo(decode_component, value) if memo is not None and "%" in value else decode_component(value)
+            params.setdefault(decode_component(key), value[:MAX_PARAM])
     return params
 
 
@@ -433,6 +436,10 @@ def primary_language(accept_language: str) -> str:
 
 def parse_ip(value: str) -> Optional[IPAddress]:
     """An IP address from a header or peer value (brackets, ports and IPv4-mapped IPv6 allowed), else None."""
+    try:  # the common case, a plain dotted quad, without ipaddress's slower string parsing
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, value))
+    except (OSError, ValueError):
+        pass
     value = value.strip().strip('"')
     if value.startswith("["):
         value = value[1:].split("]", 1)[0]
@@ -481,7 +488,10 @@ def client_address(peer: str, x_forwarded_for: str, forwarded: str, trusted: Seq
 
 
 def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
-    return any(address.version == net.version and address in net for net in networks)
+    for net in networks:
+        if address.version == net.version and address in net:
+            return True
+    return False
 
 
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
@@ -1215,10 +1225,10 @@ FILTER_REASONS = {  # reason: (label in the report, why)
 }
 
 
-def raw_hit(environ: Dict[str, Any], now: int) -> RawHit:
+def raw_hit(environ: Dict[str, Any], now: int, memo: Optional[Memo] = None) -> RawHit:
     """The parts of a WSGI request that a hit may use."""
     return RawHit(
-        now, parse_query(environ.get("QUERY_STRING", "")), environ.get("HTTP_USER_AGENT", ""),
+        now, parse_query(environ.get("QUERY_STRING", ""), memo), environ.get("HTTP_USER_AGENT", ""),
         environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", ""), environ.get("HTTP_ACCEPT_LANGUAGE", ""),
         environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR", ""), environ.get("HTTP_FORWARDED", ""),
         is_prefetch(environ),
@@ -1229,7 +1239,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     """Decide what a hit is (filtered, or a normalised page view or event) for live requests and access logs alike."""
     params = hit.params
     site = normalise_host(params["host"]) if params.get("host") else url_host(hit.page_url)
-    address = memo(client_address, hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)
+    address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)  # a new address is the rule: no memo
     campaign, source = campaign_of(params)
     referrer = f"{source} (campaign)" if source else memo(normalise_referrer, params.get("referrer", ""), site)
     agent = memo(classify_user_agent, hit.user_agent)
@@ -1243,7 +1253,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     view = PageView(
         hit.time, site, normalise_path(params.get("path") or url_path(hit.page_url)), normalise_title(params.get("title", "")),
         referrer, country_of(address), agent.browser, agent.version, agent.os, agent.device,
-        normalise_screen(params.get("resolution", "")), primary_language(hit.accept_language), False, campaign,
+        normalise_screen(params.get("resolution", "")), memo(primary_language, hit.accept_language), False, campaign,
         *memo(classify_source, referrer),
     )
     return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement)
@@ -1443,7 +1453,7 @@ class Visitor:
         self.counted_day = -1
         self.minute = -1
         self.minute_views = 0
-        self.events_today: Set[str] = set()  # names of the events this visitor sent today
+        self.events_today: Optional[Set[str]] = None  # names of the events this visitor sent today (most send none)
 
 
 class Generation:
@@ -1508,7 +1518,9 @@ class Visitors:
             visit.views += 1
             visit.last = max(visit.last, now)
         page = PageSeen(path, now)
-        visit.pages = visit.pages[1 - RECENT_PAGES :] + [page]
+        visit.pages.append(page)
+        if len(visit.pages) > RECENT_PAGES:
+            del visit.pages[0]
         return Observation(first_today, VisitStep(visit, visit.views, visit.last - visit.start, page))
 
     def engage(self, now: int, site: str, address: str, user_agent: str, path: str, seconds: float, scroll: int) -> Optional[Union[Engagement, FilteredHit]]:
@@ -1530,6 +1542,8 @@ class Visitors:
         visitor = self._find(now, site, address, user_agent)
         if not self._within_rate_limit(visitor, now):
             return None
+        if visitor.events_today is None:
+            visitor.events_today = set()
         first = name not in visitor.events_today
         visitor.events_today.add(name)
         return first
@@ -1581,6 +1595,8 @@ class Visitors:
 QUARTER = 15 * 60  # totals per site are kept per quarter hour: every time zone's day starts on one
 ID_EPOCH = 1_577_836_800  # 2020-01-01: page view ids count seconds from here, so they fit in seven bytes
 ID_SHIFT = 16  # a page view's id is its second << 16 | a sequence: rows sort by time without an index
+SLICE = 128  # rows the writer handles before it yields the interpreter to the serve loop
+BATCH_LIMIT = 5_000  # page views in one batch at most: past this the writer commits before its second is up
 EPOCH_DATE = dt.date(1970, 1, 1)
 
 
@@ -1930,6 +1946,8 @@ class Store:
             if scroll is not None:
                 tally.engagement(view.time // DAY, keys, engaged, 1, scroll)
             placed.append((row_id, keys))
+            if len(rows) % SLICE == 0:
+                time.sleep(0)  # let the serve loop have the interpreter: a batch is thousands of rows of Python
         self.conn.executemany(insert_sql("pageviews", PAGEVIEW_COLUMNS), rows)
         return placed
 
@@ -2197,13 +2215,16 @@ class Tally:
 
 
 class Writer:
-    """The one thread that writes: request threads hand it hits; it commits a batch at least once a second.
+    """The one thread that writes: request threads hand it hits; it commits a batch at least once a
+    second, and sooner when hits pile up.
 
-    A batch that fails to commit (database locked, disk full) is kept and tried again until it
-    lands, so nothing acknowledged is lost; meanwhile new hits wait in memory, up to
-    ``queue_limit``. Past that they are dropped, never blocking the pixel, and counted: the
-    count is written as a ``dropped`` tally once the database takes writes again. ``close()``
-    drains the queue and commits before returning.
+    When the database is healthy but the writer falls behind, ``backlogged()`` says so and the
+    server stops reading new requests until the queue drains: TCP holds the clients, and no
+    answered hit is dropped. A batch that fails to commit (database locked, disk full) is kept and
+    tried again until it lands, so nothing acknowledged is lost; meanwhile new hits wait in
+    memory, up to ``queue_limit``. Past that they are dropped, never blocking the pixel, and
+    counted: the count is written as a ``dropped`` tally once the database takes writes again.
+    ``close()`` drains the queue and commits before returning.
     """
 
     def __init__(
@@ -2237,7 +2258,8 @@ class Writer:
         self._thread.start()
 
     def submit(self, hit: Union[PageView, FilteredHit, Event, Engagement], step: Optional[VisitStep] = None) -> None:
-        if self.waiting() >= self.queue_limit:
+        waiting = self.waiting()
+        if waiting >= self.queue_limit and (self.error or waiting >= 2 * self.queue_limit):  # a failing database, or no server holding back
             with self._drops_lock:
                 if not self.dropped:
                     self.log(f"dropping hits: {self.queue_limit:,} are waiting for the database")
@@ -2245,6 +2267,10 @@ class Writer:
                 self._unsaved_drops += 1
             return
         self._queue.put((hit, step) if isinstance(hit, PageView) else hit)
+
+    def backlogged(self) -> bool:
+        """Healthy but behind: the server should stop reading until the queue drains."""
+        return not self.error and self.waiting() >= self.queue_limit
 
     def waiting(self) -> int:
         """Hits accepted but not yet committed."""
@@ -2287,6 +2313,8 @@ class Writer:
                 self._engagements.append(hit)
             else:
                 self._views.append(hit)
+                if len(self._views) >= min(BATCH_LIMIT, max(1, self.queue_limit // 2)):  # hits are piling up: commit these now
+                    return False
 
     def _flush(self, final: bool) -> None:
         with self._drops_lock:
@@ -3826,7 +3854,7 @@ class App:
 
     def record(self, environ: Environ) -> None:
         """Run the hit through the pipeline; place what counts in its visit and hand it to the writer."""
-        outcome = read_hit(raw_hit(environ, int(self.clock())), self.config, self.memo, self.country_of)
+        outcome = read_hit(raw_hit(environ, int(self.clock()), self.memo), self.config, self.memo, self.country_of)
         if outcome is None:
             self.outcomes["malformed"] += 1
             return
@@ -3839,6 +3867,10 @@ class App:
                 if item is not None:
                     self.writer.submit(item, step)
         self.outcomes[outcome_name(item)] += 1
+
+    def overloaded(self) -> bool:
+        """For the server: stop reading requests until the writer catches up."""
+        return self.writer.backlogged()
 
     def country_of(self, address: Optional[IPAddress]) -> str:
         return lookup_country(self.geoip, address)
@@ -4057,7 +4089,7 @@ MAX_HEADERS = 100
 WORKERS = 4
 SEND_TIMEOUT = 10.0
 ERROR_STATUSES = {
-    "400": "400 Bad Request", "408": "408 Request Timeout", "414": "414 URI Too Long",
+    "400": "400 Bad Request", "500": "500 Internal Server Error", "408": "408 Request Timeout", "414": "414 URI Too Long",
     "431": "431 Request Header Fields Too Large", "501": "501 Not Implemented", "505": "505 HTTP Version Not Supported",
 }
 
@@ -4120,6 +4152,39 @@ def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Re
     if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
         keep_alive = False  # bodies are not read: the connection ends with this request
     return Request(environ, keep_alive)
+
+
+INLINE_ENVIRON = {
+    "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+    "wsgi.errors": sys.stderr, "SERVER_SOFTWARE": f"pixeld/{__version__}",
+}
+
+
+def answer_directly(app: Any, request: Request, log: Callable[[str], None]) -> Tuple[bytes, bool]:
+    """Run the app for a request of a non-blocking path (the hit) and return the whole response and
+    whether the connection stays open. The same protocol as ResponseHandler, without wsgiref's
+    per-request bookkeeping: the hit endpoint answers a fixed, small, complete body."""
+    environ = {**INLINE_ENVIRON, "wsgi.input": io.BytesIO(), **request.environ}
+    answer: List[Any] = []
+
+    def start_response(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+        answer[:] = [status, headers]
+        return lambda data: None
+
+    try:
+        body = b"".join(app(environ, start_response))
+    except Exception as error:  # as wsgiref does: a failing app is a 500, and the connection closes
+        log(f"request failed: {type(error).__name__}: {error}"[:200])
+        return error_response("500"), False
+    status, headers = answer
+    keep_alive = request.keep_alive and any(name == "Content-Length" for name, _ in headers)
+    lines = [f"HTTP/1.1 {status}\r\nDate: {http_date()}\r\nServer: pixeld/{__version__}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
+    if not keep_alive:
+        lines.append("Connection: close\r\n")
+    elif request.environ["SERVER_PROTOCOL"] == "HTTP/1.0":
+        lines.append("Connection: keep-alive\r\n")
+    return "".join(lines).encode("latin-1") + b"\r\n" + body, keep_alive
 
 
 class ResponseHandler(BaseHandler):
@@ -4214,6 +4279,7 @@ class Server:
         self.log = log
         self.request_timeout = request_timeout
         self.inline_paths = frozenset(getattr(app, "nonblocking_paths", ()))
+        self.overloaded: Callable[[], bool] = getattr(app, "overloaded", lambda: False)
         self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -4245,6 +4311,8 @@ class Server:
         """Serve until ``stopping`` is set; ``heartbeat`` runs every quarter second from this loop."""
         swept = 0.0
         while not stopping.is_set():
+            if self.overloaded():
+                self._hold(stopping, heartbeat)
             for key, _ in self.selector.select(timeout=0.25):
                 if key.fileobj is self.listener:
                     self._accept()
@@ -4261,6 +4329,19 @@ class Server:
                     self.selector.register(self.listener, selectors.EVENT_READ)
                 heartbeat()
         self._shut_down()
+
+    def _hold(self, stopping: threading.Event, heartbeat: Callable[[], None]) -> None:
+        """The app cannot keep up: read nothing, accept nothing, until it can. Clients wait in TCP's
+        buffers; the time held does not count against their request deadlines."""
+        started = beat = time.monotonic()
+        while self.overloaded() and not stopping.is_set():
+            time.sleep(0.002)
+            if time.monotonic() - beat >= 0.25:
+                beat = time.monotonic()
+                heartbeat()
+        held = time.monotonic() - started
+        for conn in self.waiting.values():
+            conn.deadline += held
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -4335,9 +4416,7 @@ class Server:
 
     def _answer_here(self, conn: Connection, request: Request) -> bool:
         """Answer a non-blocking request on this thread; True when the connection stays with us."""
-        handler = ResponseHandler(request, self.log)
-        handler.run(self.app)
-        data = handler.take()
+        data, keep_alive = answer_directly(self.app, request, self.log)
         try:
             sent = conn.sock.send(data)
         except BlockingIOError:
@@ -4349,7 +4428,7 @@ class Server:
             self.busy += 1
             self.jobs.put((conn, None, data[sent:]))
             return False
-        if not handler.keep_alive:
+        if not keep_alive:
             self._close(conn)
             return False
         return True
@@ -4539,14 +4618,31 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
     log("stopped; every page view is saved")
 
 
+GC_FREEZE_INTERVAL = 1.0  # seconds between moving long-lived objects out of the garbage collector's way
+GC_FULL_INTERVAL = DAY  # a full collection, for the rare cycle, once a day
+
+
 def heartbeat(app: App) -> Callable[[], None]:
-    """Called from the serve loop: pings the systemd watchdog, so a wedged loop gets restarted, and
-    keeps systemd's status line current."""
+    """Called from the serve loop: pings the systemd watchdog, so a wedged loop gets restarted, keeps
+    systemd's status line current, and keeps the garbage collector short.
+
+    Remembered visitors are hundreds of thousands of long-lived objects with no cycles. Python's
+    full collections would walk all of them in the middle of serving (100 ms and more); frozen,
+    they are skipped, and reference counting still frees them when their day is over."""
     interval = watchdog_interval()
     last = [0.0, ""]
+    collected = {"young": time.monotonic(), "full": time.monotonic()}
 
     def beat() -> None:
         now = time.monotonic()
+        if now - collected["full"] >= GC_FULL_INTERVAL:
+            collected["full"] = now
+            gc.unfreeze()
+            gc.collect()
+        if now - collected["young"] >= GC_FREEZE_INTERVAL:
+            collected["young"] = now
+            gc.collect(1)
+            gc.freeze()
         if interval and now - last[0] >= interval:
             last[0] = now
             notify("WATCHDOG=1")

@@ -1,47 +1,64 @@
 #!/usr/bin/env python3
-"""Ingest speed with zero lost page views.
+"""Ingest speed, latency and memory with zero lost page views, under realistic traffic.
 
-Starts the daemon on a loopback port with a fresh database and drives it with realistic, varied
-pixel requests (paths, referrers, screens, languages, User-Agents): with ``wrk`` when installed,
-in keep-alive and connection-per-request modes, or else with a stdlib multi-process client.
-Prints requests per second and p50/p99 latency, stops the daemon with SIGTERM, and checks the
-stored page views against the 2xx answers. Then an exact check: clients that count every 2xx
-answer they get, SIGTERM in the middle of the load, and stored page views must equal them.
+Starts the daemon on a loopback port with a fresh database and drives it with ``wrk`` (Debian's
+package) and varied pixel requests: paths, referrers, screens, languages, User-Agents, and, by
+default, a different client address per request through the trusted proxy's X-Forwarded-For,
+as real traffic behind nginx brings (thousands of visitors, not one per User-Agent).
 
-    python3 bench/ingest.py [--seconds 10] [--connections 32]
+    python3 bench/ingest.py                     # keep-alive and new-connection runs, p50/p99/max, then SIGTERM mid-load
+    python3 bench/ingest.py --single-visitor    # one visitor per User-Agent, as earlier versions measured
+    python3 bench/ingest.py --paced 6000        # a fixed request rate (wrk's delay()), for latency at part load
+    python3 bench/ingest.py --soak 120          # a soak: a new address per hit for 120 s, RSS sampled each second
+    python3 bench/ingest.py --nginx             # the same load against nginx's empty_gif, for comparison
+
+Each run checks the stored page views against wrk's 2xx answers; the exact check (stdlib clients
+that count every 2xx they get, SIGTERM in the middle of the load) must show them equal.
 """
 
 import argparse
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 from urllib.parse import quote
 
-from common import LANGUAGES, PATH_WEIGHTS, PATHS, REFERRERS, USER_AGENTS, Daemon, percentile, request
+from common import LANGUAGES, PATH_WEIGHTS, PATHS, REFERRERS, USER_AGENTS, Daemon, free_port
 
 LUA = r"""
 local paths, referrers, agents, screens, languages = {PATHS}, {REFERRERS}, {AGENTS}, {SCREENS}, {LANGUAGES}
 local close = os.getenv("PIXELD_BENCH_CLOSE") == "1"
-local sent = 0
-math.randomseed(os.time())
+local distinct = os.getenv("PIXELD_BENCH_SINGLE") ~= "1"
+local pause = tonumber(os.getenv("PIXELD_BENCH_DELAY") or "0")
+local counter = 0
+math.randomseed(os.time() + math.floor(os.clock() * 1000000))
+local base = math.random(0, 4000) * 4096
 request = function()
-  sent = sent + 1
+  counter = counter + 1
   local agent = math.random(#agents)
   local target = "/pixel.gif?path=" .. paths[math.random(#paths)] .. "&host=example.org&title=A%20post&referrer=" ..
     referrers[math.random(#referrers)] .. "&resolution=" .. screens[agent]
   local headers = {["User-Agent"] = agents[agent], ["Accept-Language"] = languages[math.random(#languages)]}
+  if distinct then
+    local n = (base + counter * 7919 + math.random(0, 7)) % 16777216
+    headers["X-Forwarded-For"] = "10." .. math.floor(n / 65536) .. "." .. math.floor(n / 256) % 256 .. "." .. n % 256
+  end
   if close then headers["Connection"] = "close" end
   return wrk.format("GET", target, headers)
 end
+if pause > 0 then
+  delay = function() return pause end
+end
 done = function(summary, latency, requests)
   local failed = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
-  io.write(string.format("RESULT %d %d %d %.3f %.3f\n", summary.requests, summary.errors.status, failed,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+  io.write(string.format("RESULT %d %d %d %.3f %.3f %.3f\n", summary.requests, summary.errors.status, failed,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000))
 end
 """
 
@@ -70,89 +87,153 @@ def stored(db):
         conn.close()
 
 
-def run_wrk(directory, close, seconds, connections):
-    db = os.path.join(directory, f"ingest-{'close' if close else 'keepalive'}.db")
-    daemon = Daemon(db, "--rate-limit", "0")
-    env = dict(os.environ, PIXELD_BENCH_CLOSE="1" if close else "0")
+def wrk(directory, url, seconds, connections, close=False, single=False, delay_ms=0.0):
+    """Run wrk; return (requests/s, 2xx answers, socket errors, p50, p99, max in ms)."""
+    env = dict(os.environ, PIXELD_BENCH_CLOSE="1" if close else "0", PIXELD_BENCH_SINGLE="1" if single else "0", PIXELD_BENCH_DELAY=str(delay_ms))
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", wrk_script(directory), f"http://127.0.0.1:{daemon.port}/"],
-        capture_output=True, text=True, env=env,
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", wrk_script(directory), url], capture_output=True, text=True, env=env,
     ).stdout
-    daemon.stop()
-    answered, non_2xx, failed, p50, p99 = next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
+    answered, non_2xx, failed, p50, p99, worst = next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
     rate = float(next(line for line in out.splitlines() if line.startswith("Requests/sec")).split()[1])
-    ok = int(answered) - int(non_2xx)
+    return rate, int(answered) - int(non_2xx), int(failed), float(p50), float(p99), float(worst)
+
+
+def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags):
+    db = os.path.join(directory, f"{name}.db")
+    daemon = Daemon(db, "--rate-limit", "0", *flags)
+    rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms)
+    rss = daemon.peak_rss_mb()
+    daemon.stop()
     count = stored(db)
     # wrk stops mid-flight: up to one request per connection was handled but never read by wrk.
     verdict = "none lost" if ok <= count <= ok + connections else "MISMATCH"
-    print(f"wrk, {'new connection per request' if close else 'keep-alive'}: {rate:,.0f} req/s, p50 {float(p50):.2f} ms, p99 {float(p99):.2f} ms; "
-          f"2xx {ok:,}, stored {count:,} ({verdict}; {int(failed)} socket errors)")
-    return rate, float(p50), float(p99)
+    print(f"{name}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
+          f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB", flush=True)
+    return rate
+
+
+NGINX_CONF = """
+worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{ access_log off; client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
+  server {{ listen 127.0.0.1:{port}; location = /pixel.gif {{ empty_gif; }} }} }}
+"""
+
+
+def run_nginx(directory, seconds, connections, close):
+    port = free_port()
+    conf = os.path.join(directory, "nginx.conf")
+    with open(conf, "w") as handle:
+        handle.write(NGINX_CONF.format(dir=directory, port=port))
+    proc = subprocess.Popen(["nginx", "-c", conf, "-p", directory], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{port}/", seconds, connections, close)
+    finally:
+        proc.terminate()
+        proc.wait()
+    print(f"nginx empty_gif, {'new connection per request' if close else 'keep-alive'}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms", flush=True)
+    return rate
+
+
+def soak(directory, seconds, connections, delay_ms):
+    """A new address per hit for a fixed time; RSS sampled every second; every answered hit must be stored."""
+    db = os.path.join(directory, "soak.db")
+    daemon = Daemon(db, "--rate-limit", "0")
+    samples, stop = [], threading.Event()
+
+    def sample():
+        while not stop.wait(1.0):
+            with open(f"/proc/{daemon.proc.pid}/status") as status:
+                samples.append(next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, delay_ms=delay_ms)
+    stop.set()
+    visitors = remembered(daemon.port)
+    output = daemon.stop()
+    count = stored(db)
+    dropped = re.search(r"dropping hits", output) is not None
+    print(f"soak {seconds} s: {rate:,.0f} req/s, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
+          f"({'none lost' if ok <= count <= ok + connections else 'LOST ' + str(ok - count)}{'; the daemon dropped hits' if dropped else ''})")
+    print(f"  RSS: start {samples[0]:.0f} MB, peak {max(samples):.0f} MB, end {samples[-1]:.0f} MB; remembered visitors at the end {visitors:,}; "
+          f"{(max(samples) - samples[0]) * 1024 * 1024 / max(1, visitors):.0f} bytes per remembered visitor")
+
+
+def remembered(port):
+    from common import request
+
+    status, body = request(port, "/metrics")
+    match = re.search(rb"^pixeld_remembered_visitors (\d+)", body, re.M)
+    return int(match.group(1)) if status == 200 and match else 0
 
 
 def client(args):
-    port, seconds, keep_alive, seed = args
+    port, seconds, seed = args
     import http.client
 
     rng = random.Random(seed)
-    answered, latencies = 0, []
+    answered = 0
     deadline = time.monotonic() + seconds
     conn = None
     while time.monotonic() < deadline:
         agent, _, screen = rng.choice(USER_AGENTS)
         target = f"/pixel.gif?path={quote(rng.choice(PATHS), safe='')}&host=example.org&resolution={screen}"
-        started = time.perf_counter()
+        address = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}"
         try:
             if conn is None:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("GET", target, headers={"User-Agent": agent, "Connection": "keep-alive" if keep_alive else "close"})
+            conn.request("GET", target, headers={"User-Agent": agent, "X-Forwarded-For": address})
             answer = conn.getresponse()
             answer.read()
-            if answer.status == 200:
-                answered += 1
-                latencies.append((time.perf_counter() - started) * 1000)
-            if not keep_alive:
-                conn.close()
-                conn = None
+            answered += answer.status == 200
         except OSError:
             conn = None  # the daemon stopped: this request was never acknowledged
             time.sleep(0.01)
-    return answered, latencies
+    return answered
 
 
-def run_clients(directory, seconds, keep_alive, processes, stop_midway=False):
-    db = os.path.join(directory, f"exact-{keep_alive}-{stop_midway}.db")
+def exact_check(directory, seconds=4, processes=4):
+    db = os.path.join(directory, "exact.db")
     daemon = Daemon(db, "--rate-limit", "0")
     with multiprocessing.Pool(processes) as pool:
-        pending = pool.map_async(client, [(daemon.port, seconds, keep_alive, n) for n in range(processes)])
-        if stop_midway:
-            time.sleep(seconds / 2)
-            daemon.stop()
-        results = pending.get()
-    if not stop_midway:
+        pending = pool.map_async(client, [(daemon.port, seconds, n) for n in range(processes)])
+        time.sleep(seconds / 2)
         daemon.stop()
-    answered = sum(a for a, _ in results)
-    latencies = [x for _, ls in results for x in ls]
-    return answered, latencies, stored(db)
+        answered = sum(pending.get())
+    count = stored(db)
+    print(f"SIGTERM in the middle of the load: 2xx answers {answered:,}, stored {count:,}: {'exactly equal' if answered == count else 'LOST PAGE VIEWS'}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--single-visitor", action="store_true", help="one visitor per User-Agent instead of a new address per hit")
+    parser.add_argument("--paced", type=float, default=0, help="a fixed total request rate, for latency at part load")
+    parser.add_argument("--soak", type=int, default=0, help="seconds of soak with RSS samples")
+    parser.add_argument("--soak-rate", type=float, default=8000, help="the soak's request rate")
+    parser.add_argument("--nginx", action="store_true", help="also measure nginx's empty_gif with the same load")
     args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("needs wrk: apt-get install wrk")
     directory = tempfile.mkdtemp(prefix="pixeld-ingest-")
     try:
-        if shutil.which("wrk"):
-            run_wrk(directory, False, args.seconds, args.connections)
-            run_wrk(directory, True, args.seconds, args.connections)
-        else:
-            for keep_alive in (True, False):
-                answered, latencies, count = run_clients(directory, args.seconds, keep_alive, os.cpu_count() or 2)
-                print(f"stdlib client, {'keep-alive' if keep_alive else 'new connection per request'}: {answered / args.seconds:,.0f} req/s, "
-                      f"p50 {percentile(latencies, 0.5):.2f} ms, p99 {percentile(latencies, 0.99):.2f} ms; 2xx {answered:,}, stored {count:,}")
-        answered, _, count = run_clients(directory, 4, True, 4, stop_midway=True)
-        print(f"SIGTERM in the middle of the load: 2xx answers {answered:,}, stored {count:,}: {'exactly equal' if answered == count else 'LOST PAGE VIEWS'}")
+        if args.soak:
+            soak(directory, args.soak, args.connections, 1000 * args.connections / args.soak_rate)
+            return
+        if args.paced:
+            run_pixeld(directory, f"paced at {args.paced:,.0f} req/s", args.seconds, args.connections, False, args.single_visitor, 1000 * args.connections / args.paced)
+            return
+        mode = "one visitor per User-Agent" if args.single_visitor else "a new address per hit"
+        keep = run_pixeld(directory, f"pixeld keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor)
+        fresh = run_pixeld(directory, f"pixeld new connection per request, {mode}", args.seconds, args.connections, True, args.single_visitor)
+        if args.nginx and shutil.which("nginx"):
+            nginx_keep = run_nginx(directory, args.seconds, args.connections, False)
+            nginx_fresh = run_nginx(directory, args.seconds, args.connections, True)
+            print(f"pixeld / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x")
+        exact_check(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -88,7 +88,7 @@ def test_a_locked_database_queues_hits_up_to_the_bound_and_counts_the_rest(start
         backup.execute("ROLLBACK")
         backup.close()
     wait_for(lambda: daemon.get("/healthz").text == "ok\n", seconds=20)
-    assert len(stored_pageviews(daemon.db)) == 41
+    wait_for(lambda: len(stored_pageviews(daemon.db)) == 41)  # the writer commits what waited in batches
     report = json.loads(daemon.report("range=today&format=json").text)
     assert report["filtered"] == {"total": 20, "dropped": 20} and report["pageviews"] == 41
     output = daemon.stop()
@@ -216,3 +216,27 @@ def wait_for(check, seconds=10.0):
             pass
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_a_writer_that_falls_behind_pushes_back_and_loses_nothing(start_daemon):
+    """A healthy database but more hits than the queue holds: the server stops reading until the
+    writer catches up (clients wait), and every answered hit is stored; nothing is dropped."""
+    daemon = start_daemon("--queue-limit", "30", "--rate-limit", "0")
+    answered = []
+
+    def send(worker):
+        for i in range(100):
+            if daemon.pixel({"path": f"/w{worker}/{i}", "host": "example.org"}, {"X-Forwarded-For": f"198.51.100.{worker}"}).status == 200:
+                answered.append(i)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    output = daemon.stop()
+    assert len(answered) == 600 and len(stored_pageviews(daemon.db)) == 600
+    assert "dropping hits" not in output
+    conn = sqlite3.connect(daemon.db)
+    assert conn.execute("SELECT count(*) FROM filtered WHERE reason = 'dropped'").fetchone()[0] == 0
+    conn.close()
