@@ -1854,6 +1854,11 @@ def migrate(conn: sqlite3.Connection, version: int, progress: Callable[[str], No
             raise
 
 
+MONTH_OF_DAY_SQL = (  # month_of_day() in SQL, for a column named day
+    "(CAST(strftime('%Y', day * 86400, 'unixepoch') AS INTEGER) - 1970) * 12 + CAST(strftime('%m', day * 86400, 'unixepoch') AS INTEGER) - 1"
+)
+
+
 @lru_cache(maxsize=4096)
 def month_of_day(day: int) -> int:
     """The UTC month (months since January 1970) of a day (days since 1970-01-01)."""
@@ -1938,7 +1943,7 @@ class Store:
         if records:
             ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
-        for view, visit_views, duration, engaged, scroll in records:
+        for view, visit_views, duration, engaged, scroll in sliced(records):
             keys = self._keys(view, DIMENSIONS)
             row_id = ids.next(view.time)
             rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll))
@@ -1946,8 +1951,6 @@ class Store:
             if scroll is not None:
                 tally.engagement(view.time // DAY, keys, engaged, 1, scroll)
             placed.append((row_id, keys))
-            if len(rows) % SLICE == 0:
-                time.sleep(0)  # let the serve loop have the interpreter: a batch is thousands of rows of Python
         self.conn.executemany(insert_sql("pageviews", PAGEVIEW_COLUMNS), rows)
         return placed
 
@@ -1969,7 +1972,7 @@ class Store:
         placed = self._insert([Record(view, int(step is not None and step.views == 1)) for view, step in views], tally)
         entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]] = {}
         targets: Dict[Visit, List[int]] = {}  # what each touched visit should show: [page views, duration]
-        for (view, step), (row_id, keys) in zip(views, placed):
+        for (view, step), (row_id, keys) in sliced(zip(views, placed)):
             if step is None:
                 continue
             step.page.row, step.page.day, step.page.keys = row_id, view.time // DAY, keys
@@ -1981,9 +1984,9 @@ class Store:
         written = self._grow_visits(targets, entries, tally)
 
         def remember() -> None:
-            for visit, entry in entries.items():
+            for visit, entry in sliced(entries.items()):
                 visit.entry, visit.written_views, visit.written_duration = entry, 1, 0
-            for visit, (views_now, duration) in written.items():
+            for visit, (views_now, duration) in sliced(written.items()):
                 visit.written_views, visit.written_duration = views_now, duration
             for page, (seconds, scroll) in engaged.items():
                 page.seconds, page.scroll = seconds, scroll
@@ -2013,7 +2016,7 @@ class Store:
         """Bring each growing visit's entry row and its day's counts up to the visit's page views and
         duration; return what was written."""
         updates, written = [], {}
-        for visit, (views, duration) in targets.items():
+        for visit, (views, duration) in sliced(targets.items()):
             entry = entries.get(visit) or visit.entry
             if entry is None:
                 continue
@@ -2183,30 +2186,34 @@ class Tally:
             total[BOUNCES] += bounces
             total[DURATION] += duration
 
-    def _months(self) -> Dict[Tuple[int, int, int, int], List[int]]:
-        """The monthly changes: the batch's daily changes, added up per month."""
-        monthly: Dict[Tuple[int, int, int, int], List[int]] = {}
-        for (day, site, dim, value), change in self._daily.items():
-            total = monthly.get((month_of_day(day), site, dim, value))
-            if total is None:
-                monthly[month_of_day(day), site, dim, value] = list(change)
-            else:
-                for i, amount in enumerate(change):
-                    total[i] += amount
-        return monthly
-
     def save(self, conn: sqlite3.Connection) -> None:
+        """Add the batch's changes to the daily counts and, added up per UTC month by SQLite, to the
+        monthly counts."""
+        columns = ("day", "site", "dim", "value", *Metrics._fields)
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS changes ({', '.join(columns)})")
+        conn.execute("DELETE FROM temp.changes")
+        conn.executemany(insert_sql("temp.changes", columns), (key + tuple(total) for key, total in sliced(self._daily.items())))
         added = ", ".join(f"{name} = {name} + excluded.{name}" for name in Metrics._fields)
-        for table, period, changes in (("daily", "day", self._daily), ("monthly", "month", self._months())):
-            conn.executemany(
-                f"{insert_sql(table, (period, 'site', 'dim', 'value', *Metrics._fields))} ON CONFLICT ({period}, site, dim, value) DO UPDATE SET {added}",
-                [key + tuple(total) for key, total in changes.items()],
-            )
+        sums = ", ".join(f"sum({name})" for name in Metrics._fields)
+        conn.execute(f"INSERT INTO daily SELECT * FROM temp.changes WHERE true ON CONFLICT (day, site, dim, value) DO UPDATE SET {added}")
+        conn.execute(
+            f"INSERT INTO monthly SELECT {MONTH_OF_DAY_SQL} AS m, site, dim, value, {sums} FROM temp.changes GROUP BY m, site, dim, value "
+            f"ON CONFLICT (month, site, dim, value) DO UPDATE SET {added}"
+        )
         conn.executemany(
             "INSERT INTO quarters VALUES (?, ?, ?, ?, ?) ON CONFLICT (quarter, site) DO UPDATE SET "
             "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits",
             [key + tuple(total) for key, total in self._quarters.items()],
         )
+
+
+def sliced(items: Iterable[Any]) -> Iterator[Any]:
+    """The items, one by one, letting the serve loop have the interpreter every SLICE of them: the
+    writer's batches are thousands of rows of Python, and the pixel must not wait for them."""
+    for number, item in enumerate(items, 1):
+        if number % SLICE == 0:
+            time.sleep(0)
+        yield item
 
 
 ###############################################################################
@@ -4618,7 +4625,7 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
     log("stopped; every page view is saved")
 
 
-GC_FREEZE_INTERVAL = 1.0  # seconds between moving long-lived objects out of the garbage collector's way
+GC_FREEZE_INTERVAL = 0.25  # seconds between moving long-lived objects out of the garbage collector's way
 GC_FULL_INTERVAL = DAY  # a full collection, for the rare cycle, once a day
 
 
@@ -4641,8 +4648,7 @@ def heartbeat(app: App) -> Callable[[], None]:
             gc.collect()
         if now - collected["young"] >= GC_FREEZE_INTERVAL:
             collected["young"] = now
-            gc.collect(1)
-            gc.freeze()
+            gc.freeze()  # a constant-time move; the young generation's own collections stay small
         if interval and now - last[0] >= interval:
             last[0] = now
             notify("WATCHDOG=1")

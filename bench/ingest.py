@@ -99,7 +99,7 @@ def wrk(directory, url, seconds, connections, close=False, single=False, delay_m
 
 
 def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags):
-    db = os.path.join(directory, f"{name}.db")
+    db = os.path.join(directory, re.sub(r"\W+", "-", name) + ".db")
     daemon = Daemon(db, "--rate-limit", "0", *flags)
     rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms)
     rss = daemon.peak_rss_mb()
