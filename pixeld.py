@@ -535,7 +535,7 @@ AllTheInternet|search|alltheinternet.com
 AllTheWeb|search|alltheweb.com
 AlohaFind|search|alohafind.com
 AltaVista|search|altavista.com search.altavista.com listings.altavista.com altavista.de altavista.fr {}.altavista.com be-nl.altavista.com be-fr.altavista.com
-AOL|search|search.aol.com search.aol.it aolsearch.aol.com aolrecherche.aol.fr aolrecherches.aol.fr aolimages.aol.fr aim.search.aol.com recherche.aol.fr recherche.aol.fr find.web.aol.com recherche.aol.ca aolsearch.aol.co.uk search.aol.co.uk aolrecherche.aol.fr sucheaol.aol.de suche.aol.de o2suche.aol.de suche.aolsvc.de aolbusqueda.aol.com.mx alicesuche.aol.de alicesuchet.aol.de suchet2.aol.de search.hp.my.aol.com.au search.hp.my.aol.de search.hp.my.aol.it search-intl.netscape.com de.aolsearch.com
+AOL|search|search.aol.com search.aol.it aolsearch.aol.com aolrecherche.aol.fr aolrecherches.aol.fr aolimages.aol.fr aim.search.aol.com recherche.aol.fr find.web.aol.com recherche.aol.ca aolsearch.aol.co.uk search.aol.co.uk sucheaol.aol.de suche.aol.de o2suche.aol.de suche.aolsvc.de aolbusqueda.aol.com.mx alicesuche.aol.de alicesuchet.aol.de suchet2.aol.de search.hp.my.aol.com.au search.hp.my.aol.de search.hp.my.aol.it search-intl.netscape.com de.aolsearch.com
 Apollo7|search|apollo7.de
 Aport|search|sm.aport.ru
 Arama|search|arama.com
@@ -548,7 +548,7 @@ Austronaut|search|www2.austronaut.at www1.austronaut.at
 Avira SafeSearch|search|search.avira.com search.avira.net safesearch.avira.com
 Babylon|search|search.babylon.com searchassist.babylon.com
 Badoo|social|badoo.com
-Baidu|search|baidu.com www1.baidu.com baidu.com m.baidu.com baidu.co.th zhidao.baidu.com tieba.baidu.com news.baidu.com
+Baidu|search|baidu.com www1.baidu.com m.baidu.com baidu.co.th zhidao.baidu.com tieba.baidu.com news.baidu.com
 Baidu AI|ai|yiyan.baidu.com ai.baidu.com
 Bebo|social|bebo.com
 Biglobe|search|cgi.search.biglobe.ne.jp images.search.biglobe.ne.jp
@@ -597,12 +597,12 @@ Dribbble|social|dribbble.com
 Duck.ai|ai|duck.ai
 DuckDuckGo|search|duckduckgo.com r.duckduckgo.com duckduckgogg42xjoc72x3sjasowoarfbgcmvfimaftt6twagswzczad.onion com.duckduckgo.mobile.android
 Earthlink|search|search.earthlink.net
-Ecosia|search|ecosia.org ecosia.org
+Ecosia|search|ecosia.org
 El Mundo|search|ariadna.elmundo.es
 Eniro|search|eniro.se
 Entireweb|search|entireweb.com
 eo|search|eo.st
-EpicSearch.in|search|epicsearch.in epicsearch.in
+EpicSearch.in|search|epicsearch.in
 Eurip|search|eurip.com
 Euroseek|search|euroseek.com
 Everyclick|search|everyclick.com
@@ -637,7 +637,7 @@ Gemini|ai|gemini.google.com bard.google.com
 Geni.com|social|geni.com
 Genieo|search|search.genieo.com
 Geona|search|geona.net
-Gibiru|search|gibiru.com gibiru.com
+Gibiru|search|gibiru.com
 Gigablast|search|gigablast.com
 Gigablast (Directory)|search|dir.gigablast.com
 GitHub|social|github.com
@@ -676,7 +676,7 @@ InfoSpace|search|infospace.com search.kiwee.com searches.vi-view.com search.webs
 Instagram|social|instagram.com l.instagram.com com.instagram.android
 Interia|search|google.interia.pl
 Isodelen|search|isodelen.se
-IxQuick|search|ixquick.com eu.ixquick.com ixquick.de ixquick.de us.ixquick.com s1.us.ixquick.com s2.us.ixquick.com s3.us.ixquick.com s4.us.ixquick.com s5.us.ixquick.com eu.ixquick.com s8-eu.ixquick.com s1-eu.ixquick.de s2-eu4.ixquick.com s5-eu4.ixquick.com
+IxQuick|search|ixquick.com eu.ixquick.com ixquick.de us.ixquick.com s1.us.ixquick.com s2.us.ixquick.com s3.us.ixquick.com s4.us.ixquick.com s5.us.ixquick.com s8-eu.ixquick.com s1-eu.ixquick.de s2-eu4.ixquick.com s5-eu4.ixquick.com
 Jasper|ai|app.jasper.ai
 Jungle Key|search|junglekey.com junglekey.fr
 Jungle Spider|search|jungle-spider.de
@@ -687,7 +687,7 @@ Kagi|search|kagi.com
 KARMA|search|karmasearch.org
 Kataweb|search|kataweb.it
 Kensaq|search|kensaq.com
-Kvasir|search|kvasir.no kvasir.no
+Kvasir|search|kvasir.no
 La Toile Du Québec (Google)|search|web.toile.com
 Laban|search|laban.vn
 lang-8|social|lang-8.com
@@ -717,7 +717,7 @@ Messenger|social|messenger.com com.facebook.orca
 Meta AI|ai|meta.ai
 Meta.ua|search|meta.ua
 MetaCrawler DE|search|s1.metacrawler.de s2.metacrawler.de s3.metacrawler.de
-Metager|search|meta.rrzn.uni-hannover.de metager.de metager.de
+Metager|search|meta.rrzn.uni-hannover.de metager.de
 Metager2|search|metager2.de
 MissEvan|social|missevan.com
 Mister Wong|search|mister-wong.com mister-wong.de
@@ -802,16 +802,16 @@ Snap.do|search|search.snap.do
 Snapchat|social|snapchat.com com.snapchat.android
 So-net|search|so-net.ne.jp video.so-net.ne.jp
 Softonic|search|search.softonic.com
-Sogou|search|sogou.com sogou.com m.sogou.com wap.sogou.com english.sogou.com
+Sogou|search|sogou.com m.sogou.com wap.sogou.com english.sogou.com
 Sonico.com|social|sonico.com
 Soso|search|soso.com
 SoundCloud|social|soundcloud.com gate.sc
 Sourceforge|social|sourceforge.net
 Sputnik|search|sputnik.ru
 StackOverflow|social|stackoverflow.com
-Startpage|search|startpage.com classic.startpage.com startpage.com eu.startpage.com s6-eu5.ixquick.com s2-eu4.startpage.com s6-eu4.startpage.com s7-eu4.startpage.com s1-eu5.startpage.com s2-eu5.startpage.com s4-eu5.startpage.com s5-eu5.startpage.com s6-eu5.startpage.com s7-eu5.startpage.com s8-eu5.startpage.com s10-eu5.startpage.com s11-eu5.startpage.com s12-eu5.startpage.com s13-eu5.startpage.com s14-eu5.startpage.com startpagel6srwcjlue4zgq3zevrujfaow726kjytqbbjyrswwmjzcqd.onion
+Startpage|search|startpage.com classic.startpage.com eu.startpage.com s6-eu5.ixquick.com s2-eu4.startpage.com s6-eu4.startpage.com s7-eu4.startpage.com s1-eu5.startpage.com s2-eu5.startpage.com s4-eu5.startpage.com s5-eu5.startpage.com s6-eu5.startpage.com s7-eu5.startpage.com s8-eu5.startpage.com s10-eu5.startpage.com s11-eu5.startpage.com s12-eu5.startpage.com s13-eu5.startpage.com s14-eu5.startpage.com startpagel6srwcjlue4zgq3zevrujfaow726kjytqbbjyrswwmjzcqd.onion
 Startpagina (Google)|search|startgoogle.startpagina.nl
-Startsiden|search|startsiden.no startsiden.no
+Startsiden|search|startsiden.no
 Stract|search|stract.com
 StudiVZ|social|studivz.net
 StumbleUpon|social|stumbleupon.com
@@ -837,7 +837,7 @@ TikTok|social|tiktok.com
 Tiscali|search|search.tiscali.it search-dyn.tiscali.it hledani.tiscali.cz
 Tixuma|search|tixuma.de
 Toolbarhome|search|toolbarhome.com vshare.toolbarhome.com
-Toppreise.ch|search|toppreise.ch toppreise.ch fr.toppreise.ch de.toppreise.ch en.toppreise.ch
+Toppreise.ch|search|toppreise.ch fr.toppreise.ch de.toppreise.ch en.toppreise.ch
 Torry|search|torry.io
 Trouvez.com|search|trouvez.com
 TrovaRapido|search|trovarapido.com
@@ -887,7 +887,7 @@ Yahoo!|search|search.yahoo.com malaysia.search.yahoo.com {}.search.yahoo.com cad
 Yahoo! Japan|search|search.yahoo.co.jp jp.hao123.com home.kingsoft.jp jwsearch.jword.jp image.search.yahoo.co.jp video.search.yahoo.co.jp
 Yahoo! Mail|email|mail.yahoo.com mail.yahoo.co.jp com.yahoo.mobile.client.android.mail
 Yam|search|search.yam.com
-Yandex|search|yandex.ru yandex.com yandex.{} yandex.{} clck.yandex.{} m.yandex.{} yabs.yandex.{} images.yandex.ru images.yandex.com images.yandex.{}
+Yandex|search|yandex.ru yandex.com yandex.{} clck.yandex.{} m.yandex.{} yabs.yandex.{} images.yandex.ru images.yandex.com images.yandex.{}
 Yandex Mail|email|mail.yandex.ru mail.yandex.com ru.yandex.mail
 Yasni|search|yasni.de yasni.com yasni.co.uk yasni.ch yasni.at
 Yatedo|search|yatedo.com yatedo.fr
@@ -1236,7 +1236,8 @@ def raw_hit(environ: Dict[str, Any], now: int, memo: Optional[Memo] = None) -> R
 
 
 def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Optional[IPAddress]], str]) -> Outcome:
-    """Decide what a hit is (filtered, or a normalised page view or event) for live requests and access logs alike."""
+    """Decide what a hit is, for live requests and access logs alike: filtered, malformed (None), or a
+    normalised page view, event or engagement beacon."""
     params = hit.params
     site = normalise_host(params["host"]) if params.get("host") else url_host(hit.page_url)
     address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)  # a new address is the rule: no memo

@@ -108,7 +108,7 @@ def read(directory: str):
             hosts = [h for h in hosts if "/" not in h and h]
             if hosts:
                 known = sources.setdefault(name, [channel, []])
-                known[1] += [h for h in hosts if h not in known[1]]
+                known[1] += [h for h in dict.fromkeys(hosts) if h not in known[1]]
     for line in HAND.strip().splitlines():
         name, channel, hosts = line.split("|")
         known = sources.setdefault(name, [channel, []])
