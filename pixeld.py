@@ -264,6 +264,10 @@ class PageView(NamedTuple):
     source: str = ""  # where the reader came from, by name: Google, Hacker News, a host, a campaign's source
     channel: str = "direct"  # search, social, email, ai, referral, campaign or direct
 
+    def counted(self, first_today: bool) -> "PageView":
+        """This page view with its first-of-the-day flag (on the hot path: faster than ``_replace``)."""
+        return PageView._make(self[:12] + (first_today,) + self[13:])
+
 
 class Event(NamedTuple):
     """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
@@ -1498,11 +1502,11 @@ class Visitors:
             first = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event)
             if first is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
-            return Event(hit.event, view._replace(first_today=first)), None
+            return Event(hit.event, view.counted(first)), None
         observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path)
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
-        return view._replace(first_today=observation.first_today), observation.step
+        return view.counted(observation.first_today), observation.step
 
     def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "") -> Optional[Observation]:
         """Place a page view in its visit; None when the visitor is over the rate limit."""

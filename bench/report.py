@@ -116,22 +116,23 @@ def main():
             rss_unfiltered = daemon.peak_rss_mb()
             days = max(1, min(365, round(365 * 1_000_000 / count)))  # a range holding about a million page views
             filtered = time_report(daemon, f"range={days}d&path=/blog/*&country=DE", max(3, args.runs // 2))
+            filtered_year = time_report(daemon, "range=365d&path=/blog/*&country=DE", 3)
             rss = daemon.peak_rss_mb()
             startup = daemon.startup
         finally:
             daemon.stop()
-        rows.append((count, built, per_view, startup, year, week, filtered, rss_unfiltered, rss))
-        print(f"{count:>11,} page views: built in {built}, {per_view:.1f} B/view, start {startup * 1000:.0f} ms, "
-              f"year {year:.0f} ms, 7 days {week:.0f} ms, filtered {filtered:.0f} ms, RSS {rss_unfiltered:.0f} MB ({rss:.0f} MB after filtered)", flush=True)
+        rows.append((count, built, per_view, startup, year, week, filtered, filtered_year, rss_unfiltered, rss))
+        print(f"{count:>11,} page views: built in {built}, {per_view:.1f} B/view, start {startup * 1000:.0f} ms, year {year:.0f} ms, "
+              f"7 days {week:.0f} ms, filtered {filtered:.0f} ms (full year {filtered_year:.0f} ms), RSS {rss_unfiltered:.0f} MB ({rss:.0f} MB after filtered)", flush=True)
     largest_small = max((r[0] for r in rows if r[0] <= 1_000_000), default=None)
     if largest_small:
         rate = measure_import(os.path.join(args.dir, f"report-{largest_small}.db"), args.dir)
         print(f"import of pixeld's CSV export ({largest_small:,} rows): {rate:,.0f} rows/s")
     print()
-    print("| page views | build | bytes/view | start | year p50 | 7 days p50 | filtered p50 (≤ 1M views) | peak RSS (unfiltered / after filtered) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for count, built, per_view, startup, year, week, filtered, rss_unfiltered, rss in rows:
-        print(f"| {count:,} | {built} | {per_view:.1f} | {startup * 1000:.0f} ms | {year:.0f} ms | {week:.0f} ms | {filtered:.0f} ms | {rss_unfiltered:.0f} / {rss:.0f} MB |")
+    print("| page views | build | bytes/view | start | year p50 | 7 days p50 | filtered p50 (≤ 1M views) | filtered, full year | peak RSS (unfiltered / after filtered) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for count, built, per_view, startup, year, week, filtered, filtered_year, rss_unfiltered, rss in rows:
+        print(f"| {count:,} | {built} | {per_view:.1f} | {startup * 1000:.0f} ms | {year:.0f} ms | {week:.0f} ms | {filtered:.0f} ms | {filtered_year:.0f} ms | {rss_unfiltered:.0f} / {rss:.0f} MB |")
 
 
 if __name__ == "__main__":
