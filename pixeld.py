@@ -3816,6 +3816,7 @@ class App:
         self._visitors_lock = threading.Lock()
         self.closed = False
         self.started = time.monotonic()
+        self._readers = threading.local()
         self.outcomes: Counter = Counter()  # hits since start, by outcome: pageview, event, malformed, or a filter reason
         self.open_connections: Optional[Callable[[], int]] = None  # set by the server that runs the app, if it knows
         self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path)
@@ -3893,7 +3894,7 @@ class App:
         if denied:
             return denied
         try:
-            conn = connect(self.config.db_path, readonly=True)
+            conn = self.reader()
         except StorageError as error:
             return plain("503 Service Unavailable", str(error))
         try:
@@ -3907,9 +3908,17 @@ class App:
         except ReportError as error:
             return plain("400 Bad Request", str(error))
         except sqlite3.Error as error:
-            return plain("503 Service Unavailable", f"cannot read the database: {error}")
-        finally:
             conn.close()
+            self._readers.conn = None
+            return plain("503 Service Unavailable", f"cannot read the database: {error}")
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection for reports, kept open so SQLite's page cache stays
+        warm from one report to the next (a new connection reads every page again)."""
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = self._readers.conn = connect(self.config.db_path, readonly=True)
+        return conn
 
     def export(self, environ: Environ) -> Answer:
         """Stream stored page views as CSV or NDJSON, behind the report's access rule."""
