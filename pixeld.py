@@ -1038,7 +1038,8 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"analy[sz]er|verifier|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|"
     r"agent\b|probe\b|proxy\b|"
     r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.com\b|"
-    r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os)))"
+    r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os)))|"
+    r"\(khtml, like gecko[,;] (?!safari/)"  # browsers send "(KHTML, like Gecko)" as it is (old Konqueror adds Safari/); tools add their name
 )
 _BOT_WHOLE = re.compile(r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+$|[^/ ]*$|whatsapp/")  # matched at the start
 _ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")

@@ -172,12 +172,18 @@ GENERIC_BOTS = [  # no name pixeld knows: the generic signs of a machine
     "Mozilla/5.0 (compatible; YandexBot/3.0; +http://yandex.com/bots)",
     "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.216 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
     "Some Service Agent",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko, Quaxo) Chrome/120.0.0.0 Safari/537.36",
 ]
 
 
 @pytest.mark.parametrize("ua, expected", READERS)
 def test_readers_and_apps_are_not_bots(ua, expected):
     assert classify_user_agent(ua) == expected
+
+
+def test_an_old_konqueror_keeps_its_safari_inside_khtml_and_is_no_bot():
+    ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/534.34 (KHTML, like Gecko, Safari/534.34) konqueror/4.14"
+    assert classify_user_agent(ua).device == "desktop"
 
 
 @pytest.mark.parametrize("ua", OTHER_DEVICES)
