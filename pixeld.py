@@ -1287,8 +1287,8 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
         return None
     text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
     site = normalise_host(text("site", default_site))
-    fields = {name: clean(text(name, "")) for name, clean in FIELD_CLEANERS.items()}
-    fields["referrer"] = campaign_referrer(fields["campaign"]) or normalise_referrer(with_scheme(text("referrer", "")), site)
+    fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
+    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(normalise_referrer, with_scheme(text("referrer", "")), site)
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
     view = PageView(time=when, site=site, first_today=text("first_today", "") in ("1", "True", "true"), **fields)
     agent = UserAgent(view.browser, view.version, view.os, "bot" if text("device", "") == "bot" else view.device)
@@ -1798,6 +1798,9 @@ DIMENSION_VALUE: Dict[str, Callable[[PageView], Any]] = {  # a PageView's stored
     if len(dim.fields) > 1 and dim.column != "agent" else operator.attrgetter(*dim.fields)
     for dim in DIMENSIONS
 }
+KeyGetters = Tuple[Tuple[bool, Callable[[PageView], Any]], ...]  # per stored column: (is it the agent, how to get its value)
+PAGEVIEW_KEYS: KeyGetters = tuple((dim.column == "agent", DIMENSION_VALUE[dim.name]) for dim in DIMENSIONS)
+EVENT_KEYS: KeyGetters = tuple((dim.column == "agent", DIMENSION_VALUE[dim.name]) for dim in EVENT_DIMENSIONS)
 
 
 def insert_sql(table: str, columns: Sequence[str]) -> str:
@@ -1950,7 +1953,7 @@ class Store:
             ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
         for view, visit_views, duration, engaged, scroll in sliced(records):
-            keys = self._keys(view, DIMENSIONS)
+            keys = self._keys(view, PAGEVIEW_KEYS)
             row_id = ids.next(view.time)
             rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll))
             tally.page_view(view.time, keys, int(view.first_today), visit_views, duration)
@@ -1966,7 +1969,7 @@ class Store:
             ids.load(min(e.view.time for e in events), max(e.view.time for e in events))
         rows = []
         for name, view in events:
-            keys = self._keys(view, EVENT_DIMENSIONS)
+            keys = self._keys(view, EVENT_KEYS)
             name_id = self.intern(name)
             rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None))
             tally.event(view.time, keys[0], name_id, int(view.first_today))
@@ -2060,14 +2063,14 @@ class Store:
             if count < chunk:
                 return deleted
 
-    def _keys(self, view: PageView, dimensions: Tuple[Dimension, ...]) -> Tuple[int, ...]:
+    def _keys(self, view: PageView, getters: KeyGetters) -> Tuple[int, ...]:
         """Interned ids: the site, then one per dimension (the writer's hot path: the caches answer
         almost always, ``intern`` and ``agent`` only on a miss)."""
         strings, agents = self._strings, self._agents
         keys = [strings.get(view.site) or self.intern(view.site)]
-        for dim, value_of in ((dim, DIMENSION_VALUE[dim.name]) for dim in dimensions):
+        for is_agent, value_of in getters:
             value = value_of(view)
-            if dim.column == "agent":
+            if is_agent:
                 keys.append(agents.get(value) or self.agent(UserAgent(*value)))
             else:
                 keys.append(strings.get(value) or self.intern(value))
