@@ -4620,6 +4620,7 @@ def format_address(host: str, port: int) -> str:
 
 def serve(config: Config, log: Callable[[str], None]) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting, finish requests and flush every hit."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     app = App(config, log=log)
     try:
         server = make_server(config, app, log)
@@ -4643,6 +4644,7 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
     log("stopped; every page view is saved")
 
 
+SWITCH_INTERVAL = 0.001  # how long the writer may hold the interpreter while the serve loop waits (Python's default: 5 ms)
 GC_FREEZE_INTERVAL = 0.25  # seconds between moving long-lived objects out of the garbage collector's way
 GC_FULL_INTERVAL = DAY  # a full collection, for the rare cycle, once a day
 
