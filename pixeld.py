@@ -3403,6 +3403,16 @@ def html_chart(report: ReportData, width: int = 600, height: int = 150) -> str:
     )
 
 
+def row_filter(name: str, value: str, sites: List[str]) -> Dict[str, str]:
+    """The filter a row's link adds. On an all-sites report a page is shown as host and path
+    (``example.org/about``): its link names both."""
+    if name == "path" and not value.startswith("/"):
+        site = next((site for site in sites if value.startswith(site + "/")), "")
+        if site:
+            return {"site": site, "path": value[len(site):]}
+    return {name: value}
+
+
 def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData, request: ReportRequest) -> str:
     """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
     section = SECTIONS[name][1]
@@ -3414,7 +3424,7 @@ def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData
     body = []
     for value, count, other in rows:
         shown = value or section.empty
-        link = report_link(request, **{filter_name: value or section.empty})
+        link = report_link(request, **row_filter(filter_name, value or section.empty, report.sites))
         numbers = {
             "entries": (f"{count:,}", f"{percent(other, count):.1f}%"), "events": (f"{count:,}", f"{other:,}"),
             "visitors": (f"{count:,}", f"{percent(count, other):.1f}%", f"{details.get(value, {}).get('visitors', 0):,}"),

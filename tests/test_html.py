@@ -212,3 +212,11 @@ def test_the_page_in_chromium_hostile_values_links_and_a_phone(start_daemon, tmp
             context.close()
         finally:
             browser.close()
+
+
+def test_a_page_of_an_all_sites_report_links_to_its_site_and_path():
+    report = sample(pages=[("example.org/about", 2), ("blog.example.net/", 1)])._replace(sites=["blog.example.net", "example.org"])
+    page = pixeld.render_html(report, request_for(report, range="7d"))
+    links = {text: parse_qs(urlsplit(href.replace("&amp;", "&")).query) for href, text in re.findall(r'<a href="([^"]*)"[^>]*>([^<]*)</a>', page)}
+    assert links["example.org/about"] == {"range": ["7d"], "site": ["example.org"], "path": ["/about"]}
+    assert links["blog.example.net/"] == {"range": ["7d"], "site": ["blog.example.net"], "path": ["/"]}
