@@ -1793,14 +1793,22 @@ EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
 FULL_METRICS = {dim.name for dim in DIMENSIONS + (EVENT_NAMES,) if any(section.columns != "views" for section in dim.sections)}  # raw counts need more than views
-DIMENSION_VALUE: Dict[str, Callable[[PageView], Any]] = {  # a PageView's stored value: a string, or the agent's tuple
-    dim.name: (lambda get: lambda view: FIELD_SEPARATOR.join(get(view)))(operator.attrgetter(*dim.fields))
-    if len(dim.fields) > 1 and dim.column != "agent" else operator.attrgetter(*dim.fields)
-    for dim in DIMENSIONS
-}
 KeyGetters = Tuple[Tuple[bool, Callable[[PageView], Any]], ...]  # per stored column: (is it the agent, how to get its value)
-PAGEVIEW_KEYS: KeyGetters = tuple((dim.column == "agent", DIMENSION_VALUE[dim.name]) for dim in DIMENSIONS)
-EVENT_KEYS: KeyGetters = tuple((dim.column == "agent", DIMENSION_VALUE[dim.name]) for dim in EVENT_DIMENSIONS)
+
+
+def key_getters(dimensions: Sequence[Dimension]) -> KeyGetters:
+    """How the writer gets each dimension's stored value from a PageView: a string (several fields
+    joined, as a source's "search\tGoogle"), or the agent's tuple."""
+    getters = []
+    for dim in dimensions:
+        get = operator.attrgetter(*dim.fields)
+        if len(dim.fields) > 1 and dim.column != "agent":
+            get = (lambda fields: lambda view: FIELD_SEPARATOR.join(fields(view)))(get)
+        getters.append((dim.column == "agent", get))
+    return tuple(getters)
+
+
+PAGEVIEW_KEYS, EVENT_KEYS = key_getters(DIMENSIONS), key_getters(EVENT_DIMENSIONS)
 
 
 def insert_sql(table: str, columns: Sequence[str]) -> str:
@@ -2089,9 +2097,7 @@ class Store:
     def intern(self, value: str) -> int:
         found = self._strings.get(value)
         if found is None:
-            self.conn.execute("INSERT OR IGNORE INTO strings (value) VALUES (?)", (value,))
-            found = self.conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()[0]
-            self._strings[value] = found
+            found = self._strings[value] = _intern(self.conn, value)
         return found
 
     def agent(self, agent: UserAgent) -> int:
@@ -2180,20 +2186,19 @@ class Tally:
         total[VISITORS] += first_today
 
     def engagement(self, day: int, keys: Tuple[int, ...], seconds: int, views: int, scroll: int) -> None:
-        """A page view's engagement grew: count it on the page view's day, in every dimension."""
-        site = keys[0]
-        for index, code in COUNTED_KEYS:
-            total = self._daily.setdefault((day, site, code, keys[index]), no_metrics())
-            total[ENGAGED] += seconds
-            total[ENGAGED_VIEWS] += views
-            total[SCROLL] += scroll
+        """A page view's engagement grew: count it on the page view's day."""
+        self._grew(day, keys, ((ENGAGED, seconds), (ENGAGED_VIEWS, views), (SCROLL, scroll)))
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
+        self._grew(day, keys, ((BOUNCES, bounces), (DURATION, duration)))
+
+    def _grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[int, int]]) -> None:
+        """Add changes to some metrics of a page view already counted, in every dimension it counts in."""
         site = keys[0]
         for index, code in COUNTED_KEYS:
             total = self._daily.setdefault((day, site, code, keys[index]), no_metrics())
-            total[BOUNCES] += bounces
-            total[DURATION] += duration
+            for metric, amount in changes:
+                total[metric] += amount
 
     def save(self, conn: sqlite3.Connection) -> None:
         """Add the batch's changes to the daily counts and, added up per UTC month by SQLite, to the
