@@ -2,7 +2,6 @@
 
 import http.client
 import os
-import random
 import signal
 import socket
 import subprocess

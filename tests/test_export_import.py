@@ -2,7 +2,6 @@
 access logs; refusing a file twice; /export behind the report's access rule; flat memory."""
 
 import json
-import resource
 import sqlite3
 import subprocess
 import sys

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import pixeld
-from conftest import CHROME, PIXELD, free_port, request, run_pixeld, stored_pageviews
+from conftest import PIXELD, run_pixeld, stored_pageviews
 
 
 def load(daemon, stop, answered, worker):

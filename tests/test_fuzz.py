@@ -3,7 +3,6 @@
 
 import io
 import re
-import sqlite3
 from urllib.parse import quote
 from wsgiref.util import setup_testing_defaults
 
