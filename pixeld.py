@@ -14,6 +14,7 @@ sd_notify, watchdog); the command line.
 """
 
 import argparse
+import array
 import base64
 import atexit
 import bisect
@@ -1388,93 +1389,162 @@ def _midnight(date: str) -> int:
 
 VISIT_TIMEOUT = 30 * 60  # a visit ends after 30 minutes without a page view
 MAX_VISITORS = 200_000  # beyond this many in a day, new visitors are counted but not remembered
+RECENT_PAGES = 4  # page views per visit that engagement can still reach (a reader with a few tabs open)
+UNWRITTEN = 0xFFFFFFFF  # in ``entry`` and ``page_row``: the writer has not written that row (yet)
 
 
-class Visit:
-    """One visit, in memory only: never written, never logged.
+class Generation:
+    """A salt and the visitors keyed with it. It lives for one UTC day, plus the tail of its visits.
 
-    The request side owns ``start``, ``last`` and ``views``. The writer owns ``entry`` (where it
-    wrote the visit's first page view) and what it has written of the visit so far, so it can
-    update that one row as the visit grows; the row id lives here and nowhere else.
+    Visitors are numbered in the order they come, and what is known of each (the rate limit, the
+    current visit, its latest page views) sits in typed arrays at that number: about 180 bytes per
+    visitor with its key, where a few Python objects each took 800. Times are unix seconds. The
+    request side, under the app's lock, owns everything but the row columns; the writer sets
+    ``entry`` and ``page_row`` (where it wrote the row, as an offset it reads back the same way)
+    once it has written the row, and only while the visit or page view there is still the one it
+    wrote.
     """
 
-    __slots__ = ("start", "last", "views", "pages", "entry", "written_views", "written_duration")
+    __slots__ = ("salt", "day", "numbers", "counted", "minute", "minute_views", "start", "last", "views", "entry",
+                 "page_path", "page_time", "page_row", "next_page", "events", "origin", "heir")
 
-    def __init__(self, now: int) -> None:
-        self.start = self.last = now
-        self.views = 1
-        self.pages: List[PageSeen] = []  # the visit's latest page views, newest last, for engagement to find
-        self.entry: Optional[Tuple[int, int, Tuple[int, ...]]] = None
-        self.written_views = self.written_duration = 0
+    def __init__(self, day: int) -> None:
+        self.salt = secrets.token_bytes(32)
+        self.day = day
+        self.numbers: Dict[int, int] = {}  # visitor key -> visitor number
+        self.counted = bytearray()  # 1 once the visitor's first page view of the day is counted
+        self.minute = array.array("I")  # the rate limit's minute, and the visitor's hits in it
+        self.minute_views = array.array("H")
+        self.start = array.array("I")  # the current visit: its first and latest page view, and its page views (0: none)
+        self.last = array.array("I")
+        self.views = array.array("I")
+        self.entry = array.array("I")  # where its first page view was written
+        self.page_path = array.array("I")  # RECENT_PAGES slots per visitor: a hash of the path, its time, its row
+        self.page_time = array.array("I")
+        self.page_row = array.array("I")
+        self.next_page = bytearray()  # the slot the visitor's next page view takes
+        self.events: Dict[int, Set[str]] = {}  # the names of the events a visitor sent today (most send none)
+        self.origin: Dict[int, Tuple[int, int]] = {}  # a visit carried over from yesterday: yesterday's day and number
+        self.heir: Dict[int, Tuple["Generation", int]] = {}  # yesterday's visitors carried into today: where to
+
+    def key(self, site: str, address: str, user_agent: str) -> int:
+        data = f"{site}\0{address}\0{user_agent}".encode("utf-8", "replace")
+        return int.from_bytes(hashlib.blake2b(data, key=self.salt, digest_size=7).digest(), "little")
+
+    def add(self, key: int) -> int:
+        number = self.numbers[key] = len(self.counted)
+        self.counted.append(0)
+        self.next_page.append(0)
+        self.minute_views.append(0)
+        for column in (self.minute, self.start, self.last, self.views):
+            column.append(0)
+        self.entry.append(UNWRITTEN)
+        self.page_path.extend(NO_PAGES)
+        self.page_time.extend(NO_PAGES)
+        self.page_row.extend(UNWRITTEN_PAGES)
+        return number
+
+    def carry(self, number: int, yesterday: "Generation", old: int) -> None:
+        """Continue a visit begun under yesterday's salt. The writer may not have told yesterday yet
+        where it wrote the visit's rows: yesterday passes that on (``heir``)."""
+        for column in ("start", "last", "views", "entry", "next_page"):
+            getattr(self, column)[number] = getattr(yesterday, column)[old]
+        for column in ("page_path", "page_time", "page_row"):
+            getattr(self, column)[number * RECENT_PAGES : (number + 1) * RECENT_PAGES] = getattr(yesterday, column)[old * RECENT_PAGES : (old + 1) * RECENT_PAGES]
+        self.origin[number] = yesterday.origin.get(old, (yesterday.day, old))
+        yesterday.heir[old] = (self, number)
+
+    def visit_key(self, number: int) -> Tuple[int, int, int]:
+        """Names the visitor's current visit in the writer's batch, the same before and after midnight."""
+        day, first = self.origin.get(number, (self.day, number))
+        return day, first, self.start[number]
+
+    def step(self, number: int, now: int, path: str) -> "VisitStep":
+        """Place a page view in the visitor's visit, beginning a new one after 30 idle minutes. The
+        latest page views stay reachable across visits: a beacon from a tab left open still lands."""
+        if not self.views[number] or now - self.last[number] > VISIT_TIMEOUT:
+            self.start[number] = self.last[number] = now
+            self.views[number] = 1
+            self.entry[number] = UNWRITTEN
+            self.origin.pop(number, None)
+        else:
+            self.views[number] += 1
+            self.last[number] = max(self.last[number], now)
+        slot = number * RECENT_PAGES + self.next_page[number]
+        self.next_page[number] = (self.next_page[number] + 1) % RECENT_PAGES
+        self.page_path[slot], self.page_time[slot], self.page_row[slot] = path_hash(path), now, UNWRITTEN
+        return VisitStep(self, number, self.start[number], self.views[number], self.last[number] - self.start[number], slot, self.visit_key(number))
+
+    def find_page(self, number: int, path: str) -> int:
+        """The slot of the visit's latest page view of this path, or -1."""
+        wanted, newest = path_hash(path), self.next_page[number]
+        for back in range(1, RECENT_PAGES + 1):
+            slot = number * RECENT_PAGES + (newest - back) % RECENT_PAGES
+            if self.page_time[slot] and self.page_path[slot] == wanted:
+                return slot
+        return -1
+
+    def wrote_page(self, slot: int, seen: int, row: int) -> None:
+        if self.page_time[slot] == seen and 0 <= row < UNWRITTEN:
+            self.page_row[slot] = row
+        heir = self.heir.get(slot // RECENT_PAGES)
+        if heir is not None:
+            heir[0].wrote_page(heir[1] * RECENT_PAGES + slot % RECENT_PAGES, seen, row)
+
+    def page_row_of(self, slot: int, seen: int) -> Optional[int]:
+        """Where the page view in this slot was written, if it is still the one seen at ``seen``."""
+        row = self.page_row[slot]
+        return row if self.page_time[slot] == seen and row != UNWRITTEN else None
+
+    def wrote_entry(self, number: int, start: int, row: int) -> None:
+        if self.start[number] == start and 0 <= row < UNWRITTEN:
+            self.entry[number] = row
+        heir = self.heir.get(number)
+        if heir is not None:
+            heir[0].wrote_entry(heir[1], start, row)
+
+    def entry_of(self, number: int, start: int) -> Optional[int]:
+        """Where the first page view of the visit that began at ``start`` was written, if it was."""
+        row = self.entry[number]
+        return row if self.start[number] == start and row != UNWRITTEN else None
 
 
-class PageSeen:
-    """A page view in its visit, so that a later engagement beacon can find it: in memory only.
-
-    The request side sets ``path`` and ``time``. The writer sets where it wrote the row (``row``,
-    ``day``, ``keys``) and owns the engagement written so far (``seconds``; ``scroll`` is -1
-    until the first beacon)."""
-
-    __slots__ = ("path", "time", "row", "day", "keys", "seconds", "scroll")
-
-    def __init__(self, path: str, time: int) -> None:
-        self.path, self.time = path, time
-        self.row: Optional[int] = None
-        self.day = 0
-        self.keys: Tuple[int, ...] = ()
-        self.seconds, self.scroll = 0.0, -1
+NO_PAGES = array.array("I", [0] * RECENT_PAGES)
+UNWRITTEN_PAGES = array.array("I", [UNWRITTEN] * RECENT_PAGES)
 
 
-RECENT_PAGES = 4  # page views per visit that engagement can still reach (a reader with a few tabs open)
+def path_hash(path: str) -> int:
+    return hash(path) & 0x7FFFFFFF
 
 
 class VisitStep(NamedTuple):
     """A page view's place in its visit, as the writer needs it: handed over in memory only."""
 
-    visit: Visit
+    generation: Optional[Generation]  # None for a visitor beyond MAX_VISITORS: counted, never remembered
+    number: int  # the visitor's number in the generation
+    start: int  # when the visit began: with the generation and number, it names the visit
     views: int  # page views in the visit so far, this one included
     duration: int  # seconds from the visit's first page view to this one
-    page: PageSeen
+    slot: int  # where the generation keeps this page view for engagement to find
+    visit: Tuple[int, int, int]  # names the visit in the writer's batch (``Generation.visit_key``)
 
 
 class Engagement(NamedTuple):
     """Engaged time and scroll for a page view seen earlier: handed to the writer in memory only."""
 
-    page: PageSeen
-    visit: Visit
+    generation: Generation
+    number: int
+    start: int  # the visit's start
+    slot: int  # the page view's slot in the generation
+    time: int  # the page view's time: the slot still holds it when its time matches
     seconds: float  # engaged since the previous beacon
     scroll: int  # the deepest scroll so far, 0-100
+    visit: Tuple[int, int, int]
 
 
 class Observation(NamedTuple):
     first_today: bool
     step: VisitStep
-
-
-class Visitor:
-    __slots__ = ("visit", "counted_day", "minute", "minute_views", "events_today")
-
-    def __init__(self) -> None:
-        self.visit: Optional[Visit] = None
-        self.counted_day = -1
-        self.minute = -1
-        self.minute_views = 0
-        self.events_today: Optional[Set[str]] = None  # names of the events this visitor sent today (most send none)
-
-
-class Generation:
-    """A salt and the visitors keyed with it. It lives for one UTC day, plus the tail of its visits."""
-
-    __slots__ = ("salt", "day", "visitors")
-
-    def __init__(self, day: int) -> None:
-        self.salt = secrets.token_bytes(32)
-        self.day = day
-        self.visitors: Dict[bytes, Visitor] = {}
-
-    def key(self, site: str, address: str, user_agent: str) -> bytes:
-        data = f"{site}\0{address}\0{user_agent}".encode("utf-8", "replace")
-        return hashlib.blake2b(data, key=self.salt, digest_size=16).digest()
 
 
 class Visitors:
@@ -1512,46 +1582,44 @@ class Visitors:
     def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "") -> Optional[Observation]:
         """Place a page view in its visit; None when the visitor is over the rate limit."""
         self._rotate(now)
-        visitor = self._find(now, site, address, user_agent)
-        if not self._within_rate_limit(visitor, now):
+        generation = self._current
+        number = self._find(now, site, address, user_agent)
+        if number < 0:
+            return Observation(True, VisitStep(None, -1, now, 1, 0, -1, (-1, -1, now)))
+        if not self._within_rate_limit(generation, number, now):
             return None
-        first_today = visitor.counted_day != self._current.day
-        visitor.counted_day = self._current.day
-        visit = visitor.visit
-        if visit is None or now - visit.last > VISIT_TIMEOUT:
-            visit = visitor.visit = Visit(now)
-        else:
-            visit.views += 1
-            visit.last = max(visit.last, now)
-        page = PageSeen(path, now)
-        visit.pages.append(page)
-        if len(visit.pages) > RECENT_PAGES:
-            del visit.pages[0]
-        return Observation(first_today, VisitStep(visit, visit.views, visit.last - visit.start, page))
+        first_today = not generation.counted[number]
+        generation.counted[number] = 1
+        return Observation(first_today, generation.step(number, now, path))
 
     def engage(self, now: int, site: str, address: str, user_agent: str, path: str, seconds: float, scroll: int) -> Optional[Union[Engagement, FilteredHit]]:
         """Join engagement to the visitor's latest page view of that path, in memory; None when there is none."""
         self._rotate(now)
-        visitor = self._current.visitors.get(self._current.key(site, address, user_agent))
-        if visitor is None and self._previous is not None:
-            visitor = self._previous.visitors.get(self._previous.key(site, address, user_agent))
-        if visitor is None or visitor.visit is None:
+        for generation in filter(None, (self._current, self._previous)):
+            number = generation.numbers.get(generation.key(site, address, user_agent))
+            if number is not None and generation.views[number]:
+                break
+        else:
             return None
-        if not self._within_rate_limit(visitor, now):
+        if not self._within_rate_limit(generation, number, now):
             return FilteredHit(now, site, "rate-limited")
-        page = next((page for page in reversed(visitor.visit.pages) if page.path == path), None)
-        return None if page is None else Engagement(page, visitor.visit, seconds, scroll)
+        slot = generation.find_page(number, path)
+        if slot < 0:
+            return None
+        return Engagement(generation, number, generation.start[number], slot, generation.page_time[slot], seconds, scroll, generation.visit_key(number))
 
     def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str) -> Optional[bool]:
         """Whether this is the visitor's first event of this name today; None over the rate limit."""
         self._rotate(now)
-        visitor = self._find(now, site, address, user_agent)
-        if not self._within_rate_limit(visitor, now):
+        generation = self._current
+        number = self._find(now, site, address, user_agent)
+        if number < 0:
+            return True
+        if not self._within_rate_limit(generation, number, now):
             return None
-        if visitor.events_today is None:
-            visitor.events_today = set()
-        first = name not in visitor.events_today
-        visitor.events_today.add(name)
+        names = generation.events.setdefault(number, set())
+        first = name not in names
+        names.add(name)
         return first
 
     def _rotate(self, now: int) -> None:
@@ -1563,31 +1631,34 @@ class Visitors:
         if self._previous is not None and now >= self._current.day * DAY + VISIT_TIMEOUT:
             self._previous = None  # every visit begun under it has ended, or moved on to today's key
 
-    def _find(self, now: int, site: str, address: str, user_agent: str) -> Visitor:
-        key = self._current.key(site, address, user_agent)
-        visitor = self._current.visitors.get(key)
-        if visitor is not None:
-            return visitor
-        visitor = Visitor()
-        if self._previous is not None:
-            yesterday = self._previous.visitors.pop(self._previous.key(site, address, user_agent), None)
-            if yesterday is not None and yesterday.visit is not None and now - yesterday.visit.last <= VISIT_TIMEOUT:
-                visitor.visit = yesterday.visit
-        if len(self._current.visitors) < MAX_VISITORS:
-            self._current.visitors[key] = visitor
-        return visitor
+    def _find(self, now: int, site: str, address: str, user_agent: str) -> int:
+        """The visitor's number today, continuing a visit from yesterday; -1 past MAX_VISITORS."""
+        generation = self._current
+        key = generation.key(site, address, user_agent)
+        number = generation.numbers.get(key)
+        if number is not None:
+            return number
+        if len(generation.numbers) >= MAX_VISITORS:
+            return -1
+        number = generation.add(key)
+        yesterday = self._previous
+        if yesterday is not None:
+            old = yesterday.numbers.pop(yesterday.key(site, address, user_agent), None)
+            if old is not None and yesterday.views[old] and now - yesterday.last[old] <= VISIT_TIMEOUT:
+                generation.carry(number, yesterday, old)
+        return number
 
-    def _within_rate_limit(self, visitor: Visitor, now: int) -> bool:
+    def _within_rate_limit(self, generation: Generation, number: int, now: int) -> bool:
         if self.rate_limit <= 0:
             return True
-        if visitor.minute != now // 60:
-            visitor.minute, visitor.minute_views = now // 60, 0
-        visitor.minute_views += 1
-        return visitor.minute_views <= self.rate_limit
+        if generation.minute[number] != now // 60:
+            generation.minute[number], generation.minute_views[number] = now // 60, 0
+        generation.minute_views[number] = min(0xFFFF, generation.minute_views[number] + 1)
+        return generation.minute_views[number] <= self.rate_limit
 
     def remembered(self) -> int:
         """How many visitor keys are held in memory."""
-        return sum(len(generation.visitors) for generation in (self._current, self._previous) if generation is not None)
+        return sum(len(generation.numbers) for generation in (self._current, self._previous) if generation is not None)
 
     def salts(self) -> List[bytes]:
         """The salts held right now, so tests can prove they never reach the disk."""
@@ -1799,6 +1870,8 @@ RAW_NEEDS = {  # the metrics each dimension's sections need from raw rows
     dim.name: tuple(sorted({metric for section in dim.sections for metric in SECTION_METRICS.get(section.columns, range(len(Metrics._fields)))}))
     for dim in DIMENSIONS + (EVENT_NAMES,)
 }
+STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
+STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL = (PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll"))
 KeyGetters = Tuple[Tuple[bool, Callable[[PageView], Any]], ...]  # per stored column: (is it the agent, how to get its value)
 
 
@@ -1989,70 +2062,81 @@ class Store:
             tally.event(view.time, keys[0], name_id, int(view.first_today))
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
 
-    def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence["Engagement"], tally: "Tally") -> Callable[[], None]:
+    def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence[Engagement], tally: "Tally") -> Callable[[], None]:
         """Insert live page views, add engagement to the page views it belongs to, then bring the entry
-        rows of growing visits up to date; return what to remember once the transaction has committed."""
+        rows of growing visits up to date; return what to remember once the transaction has committed.
+
+        Memory holds only where each visit's first page view and latest page views were written; what
+        they show so far is read back from their rows."""
         placed = self._insert([Record(view, int(step is not None and step.views == 1)) for view, step in views], tally)
-        entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]] = {}
-        targets: Dict[Visit, List[int]] = {}  # what each touched visit should show: [page views, duration]
-        for (view, step), (row_id, keys) in sliced(zip(views, placed)):
-            if step is None:
+        entries: Entries = {}  # a visit begun in this batch -> its entry row, and the step that wrote it
+        targets: Dict[int, List[int]] = {}  # a growing visit's entry row -> [page views, duration, day] it should show
+        for (view, step), (row_id, _) in sliced(zip(views, placed)):
+            if step is None or step.generation is None:
                 continue
-            step.page.row, step.page.day, step.page.keys = row_id, view.time // DAY, keys
+            step.generation.wrote_page(step.slot, view.time, row_id - first_id(view.time))
             if step.views == 1:
-                entries[step.visit] = (row_id, view.time // DAY, keys)
-            target = targets.setdefault(step.visit, [0, 0])
-            target[0], target[1] = max(target[0], step.views), max(target[1], step.duration)
-        engaged = self._engage(engagements, targets, tally)
-        written = self._grow_visits(targets, entries, tally)
+                entries[step.visit] = (row_id, step)
+            else:
+                _grow(targets, entries, step, step.views, step.duration)
+        self._engage(engagements, entries, targets, tally)
+        self._grow_visits(targets, tally)
 
         def remember() -> None:
-            for visit, entry in sliced(entries.items()):
-                visit.entry, visit.written_views, visit.written_duration = entry, 1, 0
-            for visit, (views_now, duration) in sliced(written.items()):
-                visit.written_views, visit.written_duration = views_now, duration
-            for page, (seconds, scroll) in engaged.items():
-                page.seconds, page.scroll = seconds, scroll
+            for row_id, step in sliced(entries.values()):
+                step.generation.wrote_entry(step.number, step.start, row_id - first_id(step.start))  # type: ignore[union-attr]
 
         return remember
 
-    def _engage(self, engagements: Sequence["Engagement"], targets: Dict[Visit, List[int]], tally: "Tally") -> Dict[PageSeen, Tuple[float, int]]:
+    def _engage(self, engagements: Sequence[Engagement], entries: "Entries", targets: Dict[int, List[int]], tally: "Tally") -> None:
         """Add engaged seconds (capped per page view) and the deepest scroll to each page view's row and
         counts, on the page view's day; a later, deeper scroll adds only the difference. The visit then
         lasts at least until the end of that engagement."""
-        state: Dict[PageSeen, Tuple[float, int]] = {}
-        for page, visit, seconds, scroll in engagements:
-            if page.row is None:  # its page view was never written
+        batch: Dict[int, Tuple[float, int, Engagement]] = {}  # page view row -> (seconds to add, deepest scroll, latest beacon)
+        for engagement in engagements:
+            offset = engagement.generation.page_row_of(engagement.slot, engagement.time)
+            if offset is None:  # its page view was never written, or is no longer remembered
                 continue
-            total, deepest = state.get(page, (page.seconds, page.scroll))
-            state[page] = (min(MAX_ENGAGED, total + seconds), max(deepest, scroll))
-            target = targets.setdefault(visit, [0, 0])
-            target[1] = max(target[1], page.time + round(state[page][0]) - visit.start)
-        rows = []
-        for page, (total, deepest) in state.items():
-            rows.append((round(total), deepest, page.row))
-            tally.engagement(page.day, page.keys, round(total) - round(page.seconds), int(page.scroll < 0), deepest - max(page.scroll, 0))
-        self.conn.executemany("UPDATE pageviews SET engaged = ?, scroll = ? WHERE id = ?", rows)
-        return state
+            row_id = first_id(engagement.time) + offset
+            added, deepest, _ = batch.get(row_id, (0.0, -1, engagement))
+            batch[row_id] = (added + engagement.seconds, max(deepest, engagement.scroll), engagement)
+        stored = self._stored(batch)
+        updates = []
+        for row_id, (added, deepest, engagement) in batch.items():
+            row = stored.get(row_id)
+            if row is None:
+                continue
+            engaged, scroll = row[STORED_ENGAGED], row[STORED_SCROLL]
+            total, deepest = min(MAX_ENGAGED, engaged + round(added)), max(deepest, -1 if scroll is None else scroll)
+            updates.append((total, deepest, row_id))
+            tally.engagement(engagement.time // DAY, row[STORED_KEYS], total - engaged, int(scroll is None), deepest - (scroll or 0))
+            _grow(targets, entries, engagement, 0, engagement.time + total - engagement.start)
+        self.conn.executemany("UPDATE pageviews SET engaged = ?, scroll = ? WHERE id = ?", updates)
 
-    def _grow_visits(self, targets: Dict[Visit, List[int]], entries: Dict[Visit, Tuple[int, int, Tuple[int, ...]]], tally: "Tally") -> Dict[Visit, Tuple[int, int]]:
-        """Bring each growing visit's entry row and its day's counts up to the visit's page views and
-        duration; return what was written."""
-        updates, written = [], {}
-        for visit, (views, duration) in sliced(targets.items()):
-            entry = entries.get(visit) or visit.entry
-            if entry is None:
+    def _grow_visits(self, targets: Dict[int, List[int]], tally: "Tally") -> None:
+        """Bring each growing visit's entry row, and its day's counts, up to the visit's page views and duration."""
+        stored = self._stored(targets)
+        updates = []
+        for row_id, (views, duration, day) in sliced(targets.items()):
+            row = stored.get(row_id)
+            if row is None or not row[STORED_VISIT_VIEWS]:  # deleted meanwhile, or not an entry row
                 continue
-            written_views, written_duration = (1, 0) if visit in entries else (visit.written_views, visit.written_duration)
+            written_views, written_duration = row[STORED_VISIT_VIEWS], row[STORED_DURATION]
             views, duration = max(views, written_views), max(duration, written_duration)
             if (views, duration) == (written_views, written_duration):
                 continue
-            row_id, day, keys = entry
             updates.append((views, duration, row_id))
-            tally.visit_grew(day, keys, -1 if written_views == 1 and views > 1 else 0, duration - written_duration)
-            written[visit] = (views, duration)
+            tally.visit_grew(day, row[STORED_KEYS], -1 if written_views == 1 and views > 1 else 0, duration - written_duration)
         self.conn.executemany("UPDATE pageviews SET visit_views = ?, duration = ? WHERE id = ?", updates)
-        return written
+
+    def _stored(self, row_ids: Iterable[int]) -> Dict[int, Tuple[Any, ...]]:
+        """Page view rows by id, as written so far (in this transaction too), in ``PAGEVIEW_COLUMNS`` order."""
+        ids, found = list(row_ids), {}
+        for first in range(0, len(ids), 500):
+            chunk = ids[first : first + 500]
+            for row in self.conn.execute(f"SELECT {', '.join(PAGEVIEW_COLUMNS)} FROM pageviews WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
+                found[row[0]] = row
+        return found
 
     def prune(self, before: int, chunk: int = 50_000) -> int:
         """Delete page views older than ``before``, a chunk per transaction so the writer never
@@ -2117,6 +2201,22 @@ class Store:
             self._agents[key] = found  # type: ignore[index]
         return found
 
+
+
+Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
+
+
+def _grow(targets: Dict[int, List[int]], entries: Entries, seen: Union[VisitStep, Engagement], views: int, duration: int) -> None:
+    """Note what a visit should show on its entry row: at least ``views`` page views and ``duration`` seconds.
+    Its entry row was written in this batch, or earlier (and the visit's generation knows where)."""
+    written = entries.get(seen.visit)
+    entry = written[0] if written else None
+    if entry is None and seen.generation is not None:
+        offset = seen.generation.entry_of(seen.number, seen.start)
+        entry = None if offset is None else first_id(seen.start) + offset
+    if entry is not None:
+        target = targets.setdefault(entry, [0, 0, seen.start // DAY])
+        target[0], target[1] = max(target[0], views), max(target[1], duration)
 
 
 class TimeIds:
