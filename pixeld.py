@@ -1389,6 +1389,7 @@ def _midnight(date: str) -> int:
 
 VISIT_TIMEOUT = 30 * 60  # a visit ends after 30 minutes without a page view
 MAX_VISITORS = 200_000  # beyond this many in a day, new visitors are counted but not remembered
+KEY_SLOTS = 1 << (2 * MAX_VISITORS - 1).bit_length()  # a generation's key table: at most half full
 RECENT_PAGES = 4  # page views per visit that engagement can still reach (a reader with a few tabs open)
 UNWRITTEN = 0xFFFFFFFF  # in ``entry`` and ``page_row``: the writer has not written that row (yet)
 
@@ -1397,21 +1398,23 @@ class Generation:
     """A salt and the visitors keyed with it. It lives for one UTC day, plus the tail of its visits.
 
     Visitors are numbered in the order they come, and what is known of each (the rate limit, the
-    current visit, its latest page views) sits in typed arrays at that number: about 180 bytes per
-    visitor with its key, where a few Python objects each took 800. Times are unix seconds. The
+    current visit, its latest page views) sits in typed arrays at that number. Keys find numbers
+    in an open-addressing table of two arrays, sized for ``MAX_VISITORS`` at most half full: about
+    100 bytes per visitor in all, where a dict and a few Python objects each took 800. Times are unix seconds. The
     request side, under the app's lock, owns everything but the row columns; the writer sets
     ``entry`` and ``page_row`` (where it wrote the row, as an offset it reads back the same way)
     once it has written the row, and only while the visit or page view there is still the one it
     wrote.
     """
 
-    __slots__ = ("salt", "day", "numbers", "counted", "minute", "minute_views", "start", "last", "views", "entry",
+    __slots__ = ("salt", "day", "keys", "numbers", "counted", "minute", "minute_views", "start", "last", "views", "entry",
                  "page_path", "page_time", "page_row", "next_page", "events", "origin", "heir")
 
     def __init__(self, day: int) -> None:
         self.salt = secrets.token_bytes(32)
         self.day = day
-        self.numbers: Dict[int, int] = {}  # visitor key -> visitor number
+        self.keys = array.array("Q", bytes(8 * KEY_SLOTS))  # visitor keys (0: a free slot) ...
+        self.numbers = array.array("I", bytes(4 * KEY_SLOTS))  # ... and the number of each, in the same slot
         self.counted = bytearray()  # 1 once the visitor's first page view of the day is counted
         self.minute = array.array("I")  # the rate limit's minute, and the visitor's hits in it
         self.minute_views = array.array("H")
@@ -1428,11 +1431,29 @@ class Generation:
         self.heir: Dict[int, Tuple["Generation", int]] = {}  # yesterday's visitors carried into today: where to
 
     def key(self, site: str, address: str, user_agent: str) -> int:
+        """A keyed hash of 56 bits, never 0."""
         data = f"{site}\0{address}\0{user_agent}".encode("utf-8", "replace")
-        return int.from_bytes(hashlib.blake2b(data, key=self.salt, digest_size=7).digest(), "little")
+        return int.from_bytes(hashlib.blake2b(data, key=self.salt, digest_size=7).digest(), "little") | 1 << 56
+
+    def __len__(self) -> int:
+        return len(self.counted)
+
+    def find(self, key: int) -> int:
+        """The visitor's number, or -1."""
+        slot = self._slot(key)
+        return self.numbers[slot] if self.keys[slot] else -1
+
+    def _slot(self, key: int) -> int:
+        """Where the key is, or the free slot where it goes (linear probing)."""
+        keys, slot = self.keys, key & (KEY_SLOTS - 1)
+        while keys[slot] and keys[slot] != key:
+            slot = (slot + 1) & (KEY_SLOTS - 1)
+        return slot
 
     def add(self, key: int) -> int:
-        number = self.numbers[key] = len(self.counted)
+        """Number a new visitor (below ``MAX_VISITORS`` only)."""
+        slot, number = self._slot(key), len(self.counted)
+        self.keys[slot], self.numbers[slot] = key, number
         self.counted.append(0)
         self.next_page.append(0)
         self.minute_views.append(0)
@@ -1596,8 +1617,8 @@ class Visitors:
         """Join engagement to the visitor's latest page view of that path, in memory; None when there is none."""
         self._rotate(now)
         for generation in filter(None, (self._current, self._previous)):
-            number = generation.numbers.get(generation.key(site, address, user_agent))
-            if number is not None and generation.views[number]:
+            number = generation.find(generation.key(site, address, user_agent))
+            if number >= 0 and generation.views[number]:
                 break
         else:
             return None
@@ -1635,16 +1656,16 @@ class Visitors:
         """The visitor's number today, continuing a visit from yesterday; -1 past MAX_VISITORS."""
         generation = self._current
         key = generation.key(site, address, user_agent)
-        number = generation.numbers.get(key)
-        if number is not None:
+        number = generation.find(key)
+        if number >= 0:
             return number
-        if len(generation.numbers) >= MAX_VISITORS:
+        if len(generation) >= MAX_VISITORS:
             return -1
         number = generation.add(key)
         yesterday = self._previous
         if yesterday is not None:
-            old = yesterday.numbers.pop(yesterday.key(site, address, user_agent), None)
-            if old is not None and yesterday.views[old] and now - yesterday.last[old] <= VISIT_TIMEOUT:
+            old = yesterday.find(yesterday.key(site, address, user_agent))
+            if old >= 0 and yesterday.views[old] and now - yesterday.last[old] <= VISIT_TIMEOUT:
                 generation.carry(number, yesterday, old)
         return number
 
@@ -1658,7 +1679,7 @@ class Visitors:
 
     def remembered(self) -> int:
         """How many visitor keys are held in memory."""
-        return sum(len(generation.numbers) for generation in (self._current, self._previous) if generation is not None)
+        return len(self._current) + (len(self._previous) - len(self._previous.heir) if self._previous is not None else 0)
 
     def salts(self) -> List[bytes]:
         """The salts held right now, so tests can prove they never reach the disk."""

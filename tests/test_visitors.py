@@ -66,8 +66,9 @@ def test_visitors_keep_nothing_but_salts_and_hashes():
     visitors = Visitors(rate_limit=0)
     visitors.observe(MIDNIGHT, "example.org", "198.51.100.1", CHROME)
     [generation] = [visitors._current]
-    assert all(isinstance(key, int) and key < 2**56 for key in generation.numbers)  # a 7-byte keyed hash
-    assert generation.numbers == {generation.key("example.org", "198.51.100.1", CHROME): 0}
+    key = generation.key("example.org", "198.51.100.1", CHROME)
+    assert key < 2**57 and generation.find(key) == 0 and len(generation) == 1  # a 7-byte keyed hash, and a number
+    assert set(generation.keys) == {0, key}
 
 
 class Clock:
@@ -156,6 +157,37 @@ def test_entry_rows_carry_the_visit_and_other_rows_nothing(tmp_path):
     conn = pixeld.connect(str(db), readonly=True)
     rows = conn.execute("SELECT first_today, visit_views, duration FROM pageviews ORDER BY id").fetchall()
     assert rows == [(1, 3, 95), (0, 0, 0), (0, 0, 0)]
+
+
+def test_beyond_the_cap_visitors_are_counted_but_not_remembered(monkeypatch):
+    monkeypatch.setattr(pixeld, "MAX_VISITORS", 3)
+    visitors = Visitors(rate_limit=1)
+    for n in range(3):
+        visitors.observe(MIDNIGHT + n, "example.org", f"198.51.100.{n}", CHROME)
+    crowd = [visitors.observe(MIDNIGHT + 10 + n, "example.org", "198.51.100.99", CHROME) for n in range(3)]
+    assert visitors.remembered() == 3
+    assert all(seen.first_today and seen.step.views == 1 and seen.step.generation is None for seen in crowd)  # no rate limit, no visit
+    assert visitors.engage(MIDNIGHT + 20, "example.org", "198.51.100.99", CHROME, "/", 5.0, 50) is None
+    assert visitors.observe(MIDNIGHT + 90, "example.org", "198.51.100.1", CHROME).step.views == 2  # the first three still are
+
+
+@pytest.mark.parametrize("second_page", [False, True])
+def test_engagement_across_midnight_lands_on_its_page_view(tmp_path, second_page):
+    """The writer writes the whole batch at close: the visit is carried into the new day (with a second
+    page view) before the writer has said where it wrote the first page view, and learns it through the carry."""
+    db, clock = tmp_path / "n.db", Clock(MIDNIGHT - 10)
+    app = make_app(db, clock)
+    hit(app, "/late", "203.0.113.8")
+    clock.now = MIDNIGHT + 5
+    if second_page:
+        hit(app, "/early", "203.0.113.8")
+    hit(app, "/late", "203.0.113.8", engagement=1, engaged=42, scroll=70)
+    app.close()
+    conn = pixeld.connect(str(db), readonly=True)
+    rows = conn.execute("SELECT visit_views, duration, engaged, scroll FROM pageviews ORDER BY id").fetchall()
+    assert rows[0] == ((2 if second_page else 1), 42, 42, 70)  # the visit lasts until the end of its engagement
+    yesterday = report(db, MIDNIGHT - DAY, MIDNIGHT)
+    assert yesterday["time_on_page"] == 42 and yesterday["scroll_depth"] == 70
 
 
 def test_raw_inputs_are_cached_only_until_the_salt_rotates(tmp_path):
