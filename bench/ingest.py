@@ -8,7 +8,7 @@ as real traffic behind nginx brings (thousands of visitors, not one per User-Age
 
     python3 bench/ingest.py                     # keep-alive and new-connection runs, p50/p99/max, then SIGTERM mid-load
     python3 bench/ingest.py --single-visitor    # one visitor per User-Agent, as earlier versions measured
-    python3 bench/ingest.py --paced 6000        # a fixed request rate (wrk's delay()), for latency at part load
+    python3 bench/ingest.py --paced 6000        # a fixed request rate (wrk's delay()), for latency at part load (--nginx: beside nginx)
     python3 bench/ingest.py --soak 120          # a soak: a new address per hit for 120 s, RSS sampled each second
     python3 bench/ingest.py --nginx             # the same load against nginx's empty_gif, for comparison
 
@@ -120,7 +120,7 @@ http {{ access_log off; client_body_temp_path {dir}; proxy_temp_path {dir}; fast
 """
 
 
-def run_nginx(directory, seconds, connections, close):
+def run_nginx(directory, seconds, connections, close, delay_ms=0.0):
     port = free_port()
     conf = os.path.join(directory, "nginx.conf")
     with open(conf, "w") as handle:
@@ -128,11 +128,12 @@ def run_nginx(directory, seconds, connections, close):
     proc = subprocess.Popen(["nginx", "-c", conf, "-p", directory], stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     try:
-        rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{port}/", seconds, connections, close)
+        rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{port}/", seconds, connections, close, delay_ms=delay_ms)
     finally:
         proc.terminate()
         proc.wait()
-    print(f"nginx empty_gif, {'new connection per request' if close else 'keep-alive'}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms", flush=True)
+    mode = "paced" if delay_ms else "new connection per request" if close else "keep-alive"
+    print(f"nginx empty_gif, {mode}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms", flush=True)
     return rate
 
 
@@ -225,6 +226,8 @@ def main():
             return
         if args.paced:
             run_pixeld(directory, f"paced at {args.paced:,.0f} req/s", args.seconds, args.connections, False, args.single_visitor, 1000 * args.connections / args.paced)
+            if args.nginx and shutil.which("nginx"):  # the floor: what wrk measures on this machine for a server that does nothing
+                run_nginx(directory, args.seconds, args.connections, False, 1000 * args.connections / args.paced)
             return
         mode = "one visitor per User-Agent" if args.single_visitor else "a new address per hit"
         keep = run_pixeld(directory, f"pixeld keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor)
