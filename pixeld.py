@@ -2040,12 +2040,12 @@ class Store:
         for ids in self._ids.values():
             ids.clear()
         try:
-            tally = Tally()
+            tally = Tally(self.conn)
             self._insert(records, tally)
             remember = self._insert_live(views, engagements, tally)
             self._insert_events(events, tally)
             self._tally_filtered(filtered)
-            tally.save(self.conn)
+            tally.save()
             self.conn.execute("COMMIT")
         except BaseException:
             self._strings.clear()
@@ -2056,20 +2056,18 @@ class Store:
         remember()
 
     def _insert(self, records: Sequence[Record], tally: "Tally") -> List[Tuple[int, Tuple[int, ...]]]:
-        """Insert page view rows and count them; return each row's id and interned keys."""
+        """Insert page view rows and count them (``Tally.count_rows``); return each row's id and interned keys."""
+        if not records:
+            return []
         ids = self._ids["pageviews"]
-        if records:
-            ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
+        ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
         for view, visit_views, duration, engaged, scroll in sliced(records):
             keys = self._keys(view, PAGEVIEW_KEYS)
             row_id = ids.next(view.time)
-            rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll))
-            tally.page_view(view.time, keys, int(view.first_today), visit_views, duration)
-            if scroll is not None:
-                tally.engagement(view.time // DAY, keys, engaged, 1, scroll)
+            rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.time))
             placed.append((row_id, keys))
-        self.conn.executemany(insert_sql("pageviews", PAGEVIEW_COLUMNS), rows)
+        tally.count_rows(rows)
         return placed
 
     def _insert_events(self, events: Sequence[Event], tally: "Tally") -> None:
@@ -2281,32 +2279,34 @@ class TimeIds:
 
 class Tally:
     """What one batch adds to the counts: per day (and month), site and dimension, and per quarter
-    hour and site. The same page view counts in its day and in its month."""
+    hour and site. The same page view counts in its day and in its month.
 
-    def __init__(self) -> None:
+    New page views are counted by SQLite, from a temporary copy of the batch's rows: the writer's
+    Python then does little per row, and leaves the interpreter to the serve loop. Changes to page
+    views counted earlier (a visit that grew, engagement) and events are added up here."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
         self._daily: Dict[Tuple[int, int, int, int], List[int]] = {}
-        self._quarters: Dict[Tuple[int, int], List[int]] = {}
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS changes ({', '.join(CHANGE_COLUMNS)})")
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch ({', '.join(BATCH_COLUMNS)})")
+        conn.execute("DELETE FROM temp.changes")
 
-    def page_view(self, time: int, keys: Tuple[int, ...], first_today: int, visit_views: int, duration: int) -> None:
-        """Count one page view in every dimension; the writer's hot path, so it adds only what is not zero."""
-        day, site = time // DAY, keys[0]
-        daily = self._daily
-        for index, code in COUNTED_KEYS:
-            value = keys[index]
-            total = daily.get((day, site, code, value))
-            if total is None:
-                total = daily[day, site, code, value] = no_metrics()
-            total[VIEWS] += 1
-            if first_today:
-                total[VISITORS] += 1
-            if visit_views:
-                total[VISITS] += 1
-                total[BOUNCES] += visit_views == 1
-                total[DURATION] += duration
-        total = self._quarters.setdefault((time // QUARTER, site), [0, 0, 0])
-        total[0] += 1
-        total[1] += first_today
-        total[2] += visit_views > 0
+    def count_rows(self, rows: Sequence[Tuple[Any, ...]]) -> None:
+        """Insert page view rows (``BATCH_COLUMNS``) and count them in every dimension and quarter hour."""
+        conn = self.conn
+        conn.execute("DELETE FROM temp.batch")
+        conn.executemany(insert_sql("temp.batch", BATCH_COLUMNS), rows)
+        conn.execute(f"INSERT INTO pageviews ({', '.join(PAGEVIEW_COLUMNS)}) SELECT {', '.join(PAGEVIEW_COLUMNS)} FROM temp.batch")
+        metrics = ", ".join(RAW_METRICS)
+        conn.execute(
+            f"INSERT INTO temp.changes ({', '.join(CHANGE_COLUMNS)}) "
+            + " UNION ALL ".join(f"SELECT time / {DAY}, site, {code}, {column}, {metrics} FROM temp.batch GROUP BY 1, 2, 4" for code, column in COUNTED_COLUMNS)
+        )
+        conn.execute(
+            f"INSERT INTO quarters SELECT time / {QUARTER}, site, count(*), sum(first_today), sum(visit_views > 0) FROM temp.batch GROUP BY 1, 2 "
+            "ON CONFLICT (quarter, site) DO UPDATE SET views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits"
+        )
 
     def event(self, time: int, site: int, name: int, first_today: int) -> None:
         total = self._daily.setdefault((time // DAY, site, EVENT_NAMES.code, name), no_metrics())
@@ -2328,25 +2328,23 @@ class Tally:
             for metric, amount in changes:
                 total[metric] += amount
 
-    def save(self, conn: sqlite3.Connection) -> None:
+    def save(self) -> None:
         """Add the batch's changes to the daily counts and, added up per UTC month by SQLite, to the
         monthly counts."""
-        columns = ("day", "site", "dim", "value", *Metrics._fields)
-        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS changes ({', '.join(columns)})")
-        conn.execute("DELETE FROM temp.changes")
-        conn.executemany(insert_sql("temp.changes", columns), (key + tuple(total) for key, total in sliced(self._daily.items())))
+        conn = self.conn
+        conn.executemany(insert_sql("temp.changes", CHANGE_COLUMNS), (key + tuple(total) for key, total in sliced(self._daily.items())))
         added = ", ".join(f"{name} = {name} + excluded.{name}" for name in Metrics._fields)
         sums = ", ".join(f"sum({name})" for name in Metrics._fields)
-        conn.execute(f"INSERT INTO daily SELECT * FROM temp.changes WHERE true ON CONFLICT (day, site, dim, value) DO UPDATE SET {added}")
+        conn.execute(f"INSERT INTO daily SELECT day, site, dim, value, {sums} FROM temp.changes GROUP BY day, site, dim, value ON CONFLICT (day, site, dim, value) DO UPDATE SET {added}")
         conn.execute(
             f"INSERT INTO monthly SELECT {MONTH_OF_DAY_SQL} AS m, site, dim, value, {sums} FROM temp.changes GROUP BY m, site, dim, value "
             f"ON CONFLICT (month, site, dim, value) DO UPDATE SET {added}"
         )
-        conn.executemany(
-            "INSERT INTO quarters VALUES (?, ?, ?, ?, ?) ON CONFLICT (quarter, site) DO UPDATE SET "
-            "views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits",
-            [key + tuple(total) for key, total in self._quarters.items()],
-        )
+
+
+CHANGE_COLUMNS = ("day", "site", "dim", "value", *Metrics._fields)
+BATCH_COLUMNS = (*PAGEVIEW_COLUMNS, "time")  # a batch's new page view rows, with the second they count in
+COUNTED_COLUMNS = tuple((dim.code, dim.column) for dim in COUNTED)
 
 
 def sliced(items: Iterable[Any]) -> Iterator[Any]:
