@@ -1027,7 +1027,7 @@ class UserAgent(NamedTuple):
 # AhrefsBot; SemrushBot), a generic word (crawler, spider, fetch, monitor, preview, scan), an info
 # URL or an e-mail address in their UA; HTTP libraries and automation name themselves.
 _BOT = re.compile(  # every branch starts with a literal, so the engine skips ahead quickly
-    r"bot(?:\b|[/_;:-])|crawl|spider|slurp|scrap|archiv|index(?:er|ing)|fetch|preview(?<!developerpreview)|"
+    r"bot(?:\b|[/_;:-])|robots?\b|crawl|spider|slurp|scrap|archiv|index(?:er|ing)|fetch|preview(?<!developerpreview)|capture|screenshot|"
     r"monitor|headless|phantomjs|selenium|webdriver|puppeteer|playwright|lighthouse|pagespeed|ptst/|"
     r"curl/|wget|python|java/|\(java\)|go-http|okhttp|libwww|http[ _-]?client|http_request|axios|node-fetch|"
     r"undici|aiohttp|httpx|ruby\b|perl\b|php/|facebookexternalhit|facebookcatalog|"
@@ -1036,7 +1036,7 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"petalbot|yandex(?!search|browser)[a-z]*/|baiduspider|daum|yeti/|qwantify|applebot|"
     r"chatgpt|claude|anthropic|ccbot|bytespider|google-|googleagent|mediapartners|adsbot|"
     r"apis-google|googleother|google favicon|googleimageproxy|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scan|"
-    r"analy[sz]er|verifier|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|"
+    r"analy[sz]er|verifier|verify|insights|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|-user/|"
     r"agent\b|probe\b|proxy\b|"
     r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.com\b|"
     r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os)))|"
