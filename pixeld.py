@@ -2670,6 +2670,8 @@ def _count_matching(conn: sqlite3.Connection, span: Range, scope: Scope, step: i
     of about ``MATCHED_CHUNK`` page views (planned from the quarter-hour totals), so the strings
     stay small however many rows match."""
     parts, one_site = _reading_plan(conn, span, scope.site_id)
+    if scope.table != "pageviews" and scope.site_id is None:
+        one_site = None  # the quarter-hour totals know the sites of page views, not of events
     site_key = "" if one_site is not None else "site || ':' || "
     moment = f"((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step}"
     wanted = [(dim.name, site_key + dim.column, metric) for dim in COUNTED for metric in RAW_NEEDS[dim.name]]

@@ -200,3 +200,12 @@ def test_a_filtered_report_read_in_chunks_counts_what_the_daily_counts_hold(stor
     for raw in (whole, chunked):
         assert raw.totals == planned.totals and raw.series == planned.series
         assert raw.sections == planned.sections and raw.details == planned.details and raw.entry_pages == planned.entry_pages
+
+
+def test_an_event_filter_over_all_sites_keeps_each_events_site(store):
+    """The quarter-hour totals know the sites of page views only: events of other sites keep their own."""
+    day = utc("2026-11-20T00:00:00")
+    store.write(records=[Record(view(day + 60, "/", site="pages.example"), 1)])
+    store.write(events=[pixeld.Event("signup", view(day + 120, "/", site="one.example")), pixeld.Event("signup", view(day + 180, "/", site="two.example"))])
+    report = query_report(store.conn, Query(Range(day, day + DAY), filters=(("event", "signup"),)))
+    assert sorted(report.sections["pages"]) == [("one.example/", 1), ("two.example/", 1)]
