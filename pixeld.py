@@ -1891,10 +1891,12 @@ PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMB
 EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
-SECTION_METRICS = {"views": (VIEWS,), "visitors": (VIEWS, VISITORS), "events": (VIEWS, VISITORS)}  # what a section shows; the others need every metric
+SECTION_METRICS = {  # the metrics a section's rows show (the headline's totals need all of them)
+    "views": (VIEWS,), "visitors": (VIEWS, VISITORS), "events": (VIEWS, VISITORS),
+    "engagement": (VIEWS, ENGAGED, ENGAGED_VIEWS, SCROLL), "entries": (VISITS, BOUNCES),
+}
 RAW_NEEDS = {  # the metrics each dimension's sections need from raw rows
-    dim.name: tuple(sorted({metric for section in dim.sections for metric in SECTION_METRICS.get(section.columns, range(len(Metrics._fields)))}))
-    for dim in DIMENSIONS + (EVENT_NAMES,)
+    dim.name: tuple(sorted({metric for section in dim.sections for metric in SECTION_METRICS[section.columns]})) for dim in DIMENSIONS + (EVENT_NAMES,)
 }
 STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
 STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL = (PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll"))
@@ -2586,16 +2588,17 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     scope = _scope(conn, query)
     previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
     if scope.filtered:
-        counts, moments = _count_matching(conn, span, scope, series_step(span))
+        counts, moments, totals = _count_matching(conn, span, scope, series_step(span))
     else:
         counts, moments = _count(conn, span, scope, COUNTED), None
+        totals = _total(counts["pages"])
     grain, series = _series(conn, span, query.zone, scope, moments)
     counts.update(_count(conn, span, scope._replace(table="events"), (EVENT_NAMES,)))
     labels = _labeller(conn, counts, multi_site=not query.site)
     return ReportData(
         query=query,
         sites=_sites(conn, span, query.site),
-        totals=_total(counts["pages"]),
+        totals=totals,
         previous=previous,
         filtered=_count_filtered(conn, span, scope.site_id),
         sections=_sections(counts, labels),
@@ -2661,12 +2664,13 @@ MATCHED_CHUNK = 200_000  # page views a filtered report reads in one statement a
 Moments = List[Tuple[int, int, int]]  # (start of a quarter hour or minute, page views, visitors) for the series
 
 
-def _count_matching(conn: sqlite3.Connection, span: Range, scope: Scope, step: int) -> Tuple[Counts, Moments]:
-    """Count the rows that pass the filters, and their series, in one pass over the range.
+def _count_matching(conn: sqlite3.Connection, span: Range, scope: Scope, step: int) -> Tuple[Counts, Moments, Metrics]:
+    """Count the rows that pass the filters, their series and their totals, in one pass over the range.
 
-    For every section and metric, SQLite joins the values of the matching rows into one string
-    (``group_concat``), and Python's Counter counts them: about a third of the time of copying the
-    matches into a temporary table and grouping each section there. The range is read in chunks
+    For every section and the metrics it shows, SQLite joins the values of the matching rows into
+    one string (``group_concat``), and Python's Counter counts them: about a third of the time of
+    copying the matches into a temporary table and grouping each section there. The headline's
+    totals are plain sums in the same statement. The range is read in chunks
     of about ``MATCHED_CHUNK`` page views (planned from the quarter-hour totals), so the strings
     stay small however many rows match."""
     parts, one_site = _reading_plan(conn, span, scope.site_id)
@@ -2676,11 +2680,14 @@ def _count_matching(conn: sqlite3.Connection, span: Range, scope: Scope, step: i
     moment = f"((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step}"
     wanted = [(dim.name, site_key + dim.column, metric) for dim in COUNTED for metric in RAW_NEEDS[dim.name]]
     wanted += [("", moment, VIEWS), ("", moment, VISITORS)]
-    select = ", ".join(_concat_sql(key, *ROW_METRICS[metric]) for _, key, metric in wanted)
+    select = ", ".join([_concat_sql(key, *ROW_METRICS[metric]) for _, key, metric in wanted] + list(RAW_METRICS))
     counts: Counts = {dim.name: {} for dim in COUNTED}
     moments: Dict[int, List[int]] = {}
+    totals = no_metrics()
     for part in parts:
         row = conn.execute(f"SELECT {select} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(part.start), first_id(part.end)) + scope.args).fetchone()
+        for i, value in enumerate(row[len(wanted) :]):
+            totals[i] += value or 0
         for (name, _, metric), text in zip(wanted, row):
             for key, amount in _concat_counts(text, ROW_METRICS[metric][1] != "1").items():
                 if not name:
@@ -2691,7 +2698,7 @@ def _count_matching(conn: sqlite3.Connection, span: Range, scope: Scope, step: i
                 if total is None:
                     total = counts[name][site, value] = no_metrics()
                 total[metric] += amount
-    return counts, [(when, views, visitors) for when, (views, visitors) in moments.items()]
+    return counts, [(when, views, visitors) for when, (views, visitors) in moments.items()], Metrics(*totals)
 
 
 def _concat_sql(key: str, when: str, adds: str) -> str:
