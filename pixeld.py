@@ -2371,7 +2371,7 @@ class Writer:
     """The one thread that writes: request threads hand it hits; it commits a batch at least once a
     second, and as soon as ``BATCH_LIMIT`` hits are waiting. Small batches keep the pixel's latency
     low: the serve loop waits for the interpreter while the writer turns a batch into rows, so a
-    second's worth at once made every hit in that stretch wait (p99 at half load 10 ms; 5 ms now).
+    second's worth at once made every hit in that stretch wait (p99 at half load 10 ms; 3 ms now).
 
     When the database is healthy but the writer falls behind, ``backlogged()`` says so and the
     server stops reading new requests until the queue drains: TCP holds the clients, and no
