@@ -1358,7 +1358,15 @@ def parse_stamp(value: Any) -> Optional[int]:
             when = int((moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp())
     except (ValueError, OverflowError):
         return None
-    return when if 946_684_800 <= when < 4_102_444_800 else None
+    return in_time_range(when)
+
+
+EARLIEST, LATEST = 946_684_800, 4_102_444_800  # 2000-01-01 and 2100-01-01: the times a hit may have
+
+
+def in_time_range(seconds: int) -> Optional[int]:
+    """The time, when it is one a hit may have (visits keep times in 32 bits); else None."""
+    return seconds if EARLIEST <= seconds < LATEST else None
 
 
 def bounded(value: Any, limit: int) -> int:
@@ -1375,7 +1383,7 @@ def parse_export_stamp(text: str) -> Optional[int]:
         seconds = _midnight(text[:10]) + int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19])
     except ValueError:
         return None
-    return seconds if 946_684_800 <= seconds < 4_102_444_800 else None
+    return in_time_range(seconds)
 
 
 @lru_cache(maxsize=1024)
@@ -3724,7 +3732,7 @@ def parse_export_request(params: Dict[str, str], now: float, first_day: Callable
     if fmt not in ("csv", "ndjson"):
         raise ReportError(f"unknown format {fmt!r}: use csv or ndjson")
     everything = not any(params.get(name) for name in ("range", "start", "end"))
-    span = Range(0, 4_102_444_800) if everything else parse_range(params, now, first_day, zone)
+    span = Range(0, LATEST) if everything else parse_range(params, now, first_day, zone)
     return fmt, span, parse_site(params.get("site", ""))
 
 
@@ -3871,7 +3879,7 @@ FLASK_BOTS = {"google", "msn", "yahoo", "ask", "aol", "baidu", "bingbot", "googl
 
 def parse_log_time(value: str) -> Optional[int]:
     try:
-        return int(dt.datetime.strptime(value, "%d/%b/%Y:%H:%M:%S %z").timestamp())
+        return in_time_range(int(dt.datetime.strptime(value, "%d/%b/%Y:%H:%M:%S %z").timestamp()))
     except ValueError:
         return None
 

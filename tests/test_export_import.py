@@ -104,6 +104,8 @@ LOG = [
     '203.0.113.9 - - [27/Nov/2026:11:01:00 +0100] "GET /missing HTTP/2.0" 404 10 "-" "{iphone}"',
     '66.249.66.1 - - [27/Nov/2026:12:00:00 +0000] "GET /blog/post/ HTTP/1.1" 200 5123 "-" "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"',
     'garbage line',
+    '{ip} - - [27/Nov/1900:10:00:00 +0000] "GET /long-ago HTTP/1.1" 200 5 "-" "{chrome}"',  # outside 2000-2100: skipped
+    '{ip} - - [27/Nov/2150:10:00:00 +0000] "GET /far-ahead HTTP/1.1" 200 5 "-" "{chrome}"',
 ]
 
 
@@ -112,7 +114,7 @@ def test_combined_access_log(tmp_path):
     log.write_text("\n".join(line.format(ip=ADDRESS, chrome=CHROME, iphone=IPHONE) for line in LOG) + "\n")
     db = tmp_path / "pixeld.db"
     code, _, err = run_pixeld("import", str(log), "--db", str(db), "--site", "example.org")
-    assert code == 0 and "imported 3 page views" in err and "1 filtered" in err and "1 lines skipped" in err, err
+    assert code == 0 and "imported 3 page views" in err and "1 filtered" in err and "3 lines skipped" in err, err
     views = stored_pageviews(db)
     assert [(v["path"], v["referrer"], v["browser"], v["device"]) for v in views] == [
         ("/blog/post/", "google.com", "Chrome", "desktop"),
