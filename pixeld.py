@@ -1418,11 +1418,11 @@ class Generation:
     __slots__ = ("salt", "day", "keys", "numbers", "counted", "minute", "minute_views", "start", "last", "views", "entry",
                  "page_path", "page_time", "page_row", "next_page", "events", "origin", "heir")
 
-    def __init__(self, day: int) -> None:
+    def __init__(self, day: int, slots: int = KEY_SLOTS) -> None:
         self.salt = secrets.token_bytes(32)
         self.day = day
-        self.keys = array.array("Q", bytes(8 * KEY_SLOTS))  # visitor keys (0: a free slot) ...
-        self.numbers = array.array("I", bytes(4 * KEY_SLOTS))  # ... and the number of each, in the same slot
+        self.keys = array.array("Q", bytes(8 * slots))  # visitor keys (0: a free slot) ...
+        self.numbers = array.array("I", bytes(4 * slots))  # ... and the number of each, in the same slot
         self.counted = bytearray()  # 1 once the visitor's first page view of the day is counted
         self.minute = array.array("I")  # the rate limit's minute, and the visitor's hits in it
         self.minute_views = array.array("H")
@@ -1453,9 +1453,11 @@ class Generation:
 
     def _slot(self, key: int) -> int:
         """Where the key is, or the free slot where it goes (linear probing)."""
-        keys, slot = self.keys, key & (KEY_SLOTS - 1)
+        keys = self.keys
+        mask = len(keys) - 1
+        slot = key & mask
         while keys[slot] and keys[slot] != key:
-            slot = (slot + 1) & (KEY_SLOTS - 1)
+            slot = (slot + 1) & mask
         return slot
 
     def add(self, key: int) -> int:
@@ -1589,7 +1591,7 @@ class Visitors:
     def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None) -> None:
         self.rate_limit = rate_limit
         self.on_new_salt = on_new_salt
-        self._current = Generation(-1)
+        self._current = Generation(-1, slots=1)  # a placeholder: the first hit brings the first real day
         self._previous: Optional[Generation] = None
 
     def admit(self, hit: Accepted) -> Tuple[Union[PageView, Event, Engagement, FilteredHit, None], Optional[VisitStep]]:
@@ -2433,7 +2435,7 @@ class Writer:
                 self._unsaved_drops += 1
             return
         self._pending.append((hit, step) if isinstance(hit, PageView) else hit)
-        if len(self._pending) >= self._batch_size:
+        if len(self._pending) >= self._batch_size and not self._wake.is_set():
             self._wake.set()
 
     def backlogged(self) -> bool:
@@ -2681,9 +2683,7 @@ def _count_matching(conn: sqlite3.Connection, span: Range, scope: Scope, step: i
     totals are plain sums in the same statement. The range is read in chunks
     of about ``MATCHED_CHUNK`` page views (planned from the quarter-hour totals), so the strings
     stay small however many rows match."""
-    parts, one_site = _reading_plan(conn, span, scope.site_id)
-    if scope.table != "pageviews" and scope.site_id is None:
-        one_site = None  # the quarter-hour totals know the sites of page views, not of events
+    parts, one_site = _reading_plan(conn, span, scope)
     site_key = "" if one_site is not None else "site || ':' || "
     moment = f"((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step}"
     wanted = [(dim.name, site_key + dim.column, metric) for dim in COUNTED for metric in RAW_NEEDS[dim.name]]
@@ -2729,9 +2729,11 @@ def _concat_counts(text: Optional[str], weighted: bool) -> Dict[str, int]:
     return sums
 
 
-def _reading_plan(conn: sqlite3.Connection, span: Range, site_id: Optional[int]) -> Tuple[List[Range], Optional[int]]:
+def _reading_plan(conn: sqlite3.Connection, span: Range, scope: Scope) -> Tuple[List[Range], Optional[int]]:
     """Split a range, at UTC midnights, into parts of about ``MATCHED_CHUNK`` page views (from the
-    quarter-hour totals); and say which site all its page views belong to (None when several do)."""
+    quarter-hour totals); and say which site all its rows belong to (None when several may: the
+    quarter-hour totals know the sites of page views, not of events)."""
+    site_id = scope.site_id
     clause, args = _site_clause(site_id)
     parts, start, views, sites = [], span.start, 0, set()
     for day, count, low, high in conn.execute(
@@ -2744,8 +2746,9 @@ def _reading_plan(conn: sqlite3.Connection, span: Range, site_id: Optional[int])
             start, views = day * DAY, 0
         views += count
     parts.append(Range(start, span.end))
-    one_site = site_id if site_id is not None else sites.pop() if len(sites) == 1 else None
-    return parts, one_site
+    if site_id is None and (len(sites) != 1 or scope.table != "pageviews"):
+        return parts, None
+    return parts, site_id if site_id is not None else sites.pop()
 
 
 class Split(NamedTuple):
