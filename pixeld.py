@@ -2597,12 +2597,13 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     span = query.range
     scope = _scope(conn, query)
     previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
+    grain, bounds = series_bounds(span, query.zone)
     if scope.filtered:
-        counts, moments, totals = _count_matching(conn, span, scope, series_step(span))
+        counts, moments, totals = _count_matching(conn, span, bounds, scope)
     else:
         counts, moments = _count(conn, span, scope, COUNTED), None
         totals = _total(counts["pages"])
-    grain, series = _series(conn, span, query.zone, scope, moments)
+    series = _series(conn, span, grain, bounds, scope, moments)
     counts.update(_count(conn, span, scope._replace(table="events"), (EVENT_NAMES,)))
     labels = _labeller(conn, counts, multi_site=not query.site)
     return ReportData(
@@ -2671,81 +2672,101 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
 
 
 MATCHED_CHUNK = 200_000  # page views a filtered report reads in one statement at most, which bounds its memory
-Moments = List[Tuple[int, int, int]]  # (start of a quarter hour or minute, page views, visitors) for the series
+Moments = List[Tuple[int, int, int]]  # (a moment in a series bucket, page views, visitors), counted from raw rows
 
 
-def _count_matching(conn: sqlite3.Connection, span: Range, scope: Scope, step: int) -> Tuple[Counts, Moments, Metrics]:
-    """Count the rows that pass the filters, their series and their totals, in one pass over the range.
+class MatchKey(NamedTuple):
+    """What a filtered report joins for one dimension, one key per matching row (SQL), and how to count the keys."""
 
-    For every section and the metrics it shows, SQLite joins the values of the matching rows into
-    one string (``group_concat``), and Python's Counter counts them: about a third of the time of
-    copying the matches into a temporary table and grouping each section there. The headline's
-    totals are plain sums in the same statement. The range is read in chunks
-    of about ``MATCHED_CHUNK`` page views (planned from the quarter-hour totals), so the strings
-    stay small however many rows match."""
-    parts, one_site = _reading_plan(conn, span, scope)
-    site_key = "" if one_site is not None else "site || ':' || "
-    moment = f"((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step}"
-    wanted = [(dim.name, site_key + dim.column, metric) for dim in COUNTED for metric in RAW_NEEDS[dim.name]]
-    wanted += [("", moment, VIEWS), ("", moment, VISITORS)]
-    select = ", ".join([_concat_sql(key, *ROW_METRICS[metric]) for _, key, metric in wanted] + list(RAW_METRICS))
-    counts: Counts = {dim.name: {} for dim in COUNTED}
-    moments: Dict[int, List[int]] = {}
-    totals = no_metrics()
+    dimension: str
+    sql: str
+    flags: Tuple[int, ...]  # the metric of each low bit of a key, lowest first; every key counts a page view
+    amount: Optional[int] = None  # or: the metric whose amount follows each key (engaged seconds, scroll)
+
+
+def match_keys(dim: Dimension, site_key: str) -> List[MatchKey]:
+    """One key per row with the value id shifted left to make room for a bit per metric the row may
+    count in (a visitor, a visit, a bounce), so that Counter counts each value and all its metrics at
+    once; and a key with its amount per metric that adds more than one."""
+    needs = RAW_NEEDS[dim.name]
+    flags = tuple(metric for metric in needs if metric != VIEWS and ROW_METRICS[metric][1] == "1")
+    packed = " | ".join([f"({dim.column} << {len(flags)})"] + [f"(({ROW_METRICS[metric][0]}) << {bit})" for bit, metric in enumerate(flags)])
+    keys = [MatchKey(dim.name, f"group_concat({site_key}({packed}))", flags)]
+    amounts = [(metric, *ROW_METRICS[metric]) for metric in needs if ROW_METRICS[metric][1] != "1"]
+    return keys + [MatchKey(dim.name, f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", (), metric) for metric, when, adds in amounts]
+
+
+def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], scope: Scope) -> Tuple[Counts, Moments, Metrics]:
+    """Count the rows that pass the filters, their totals and their series, in one pass over the range.
+
+    For every dimension SQLite joins the keys of the matching rows into one string (``group_concat``,
+    see ``match_keys``) and Python's Counter counts them; the totals are plain sums in the same
+    statement. The range is read in parts that end at the series' bucket edges (each part's totals
+    are its share of a bucket) and hold about ``MATCHED_CHUNK`` page views at most, planned from the
+    quarter-hour totals, so the strings stay small."""
+    parts, one_site = _reading_plan(conn, span, bounds, scope)
+    keys = [key for dim in COUNTED for key in match_keys(dim, "" if one_site is not None else "site || ':' || ")]
+    select = ", ".join([key.sql for key in keys] + list(RAW_METRICS))
+    joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
+    moments, totals = [], no_metrics()
     for part in parts:
         row = conn.execute(f"SELECT {select} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(part.start), first_id(part.end)) + scope.args).fetchone()
-        for i, value in enumerate(row[len(wanted) :]):
-            totals[i] += value or 0
-        for (name, _, metric), text in zip(wanted, row):
-            for key, amount in _concat_counts(text, ROW_METRICS[metric][1] != "1").items():
-                if not name:
-                    moments.setdefault(int(key), [0, 0])[metric] += amount
-                    continue
-                site, value = map(int, key.split(":")) if one_site is None else (one_site, int(key))
-                total = counts[name].get((site, value))
-                if total is None:
-                    total = counts[name][site, value] = no_metrics()
+        part_totals = [value or 0 for value in row[len(keys) :]]
+        totals = [total + value for total, value in zip(totals, part_totals)]
+        moments.append((part.start, part_totals[VIEWS], part_totals[VISITORS]))
+        for key, text, found in zip(keys, row, joined):
+            if text and key.amount is None:
+                found.update(text.split(","))
+            elif text:
+                _add_amounts(found, text)
+    counts: Counts = {dim.name: {} for dim in COUNTED}
+    for key, found in zip(keys, joined):
+        _add_joined(counts[key.dimension], key, found, one_site)
+    return counts, moments, Metrics(*totals)
+
+
+def _add_joined(counted: Dict[Tuple[int, int], List[int]], key: MatchKey, found: "Counter[str]", one_site: Optional[int]) -> None:
+    """Add what one kind of key counted (``match_keys``) to its dimension's counts."""
+    for text, amount in found.items():
+        site, number = map(int, text.split(":")) if one_site is None else (one_site, int(text))
+        value = number >> len(key.flags)
+        total = counted.get((site, value))
+        if total is None:
+            total = counted[site, value] = no_metrics()
+        if key.amount is not None:
+            total[key.amount] += amount
+            continue
+        total[VIEWS] += amount
+        for bit, metric in enumerate(key.flags):
+            if number >> bit & 1:
                 total[metric] += amount
-    return counts, [(when, views, visitors) for when, (views, visitors) in moments.items()], Metrics(*totals)
 
 
-def _concat_sql(key: str, when: str, adds: str) -> str:
-    """SQL joining a key (with what the row adds, when that is not 1) for every row that counts in a metric."""
-    if adds != "1":
-        key = f"{key} || ' ' || {adds}"
-    return f"group_concat({key})" if when == "1" else f"group_concat(CASE WHEN {when} THEN {key} END)"
-
-
-def _concat_counts(text: Optional[str], weighted: bool) -> Dict[str, int]:
-    """Count the keys of a ``group_concat``: how often each appears, or the amounts it carries."""
-    if not text:
-        return {}
-    if not weighted:
-        return Counter(text.split(","))
-    sums: Dict[str, int] = {}
+def _add_amounts(sums: "Counter[str]", text: str) -> None:
+    """Add up the amounts a ``group_concat`` of keys and amounts carries, per key."""
     for item in text.split(","):
         key, _, amount = item.rpartition(" ")
         sums[key] = sums.get(key, 0) + int(amount)
-    return sums
 
 
-def _reading_plan(conn: sqlite3.Connection, span: Range, scope: Scope) -> Tuple[List[Range], Optional[int]]:
-    """Split a range, at UTC midnights, into parts of about ``MATCHED_CHUNK`` page views (from the
-    quarter-hour totals); and say which site all its rows belong to (None when several may: the
-    quarter-hour totals know the sites of page views, not of events)."""
+def _reading_plan(conn: sqlite3.Connection, span: Range, bounds: List[int], scope: Scope) -> Tuple[List[Range], Optional[int]]:
+    """Split a range at the series' bucket edges, and at UTC midnights into parts of about
+    ``MATCHED_CHUNK`` page views (from the quarter-hour totals); and say which site all its rows
+    belong to (None when several may: the quarter-hour totals know the sites of page views, not of events)."""
     site_id = scope.site_id
     clause, args = _site_clause(site_id)
-    parts, start, views, sites = [], span.start, 0, set()
+    edges, start, views, sites = set(bounds[1:-1]), span.start, 0, set()
     for day, count, low, high in conn.execute(
         f"SELECT quarter / {DAY // QUARTER} AS day, sum(views), min(site), max(site) FROM quarters WHERE quarter >= ? AND quarter < ?{clause} GROUP BY day",
         (span.start // QUARTER, -(-span.end // QUARTER)) + args,
     ):
         sites.update((low, high))
         if views and views + count > MATCHED_CHUNK and start < day * DAY:
-            parts.append(Range(start, day * DAY))
+            edges.add(day * DAY)
             start, views = day * DAY, 0
         views += count
-    parts.append(Range(start, span.end))
+    points = sorted(edge for edge in edges if span.start < edge < span.end)
+    parts = [Range(first, end) for first, end in zip([span.start] + points, points + [span.end])]
     if site_id is None and (len(sites) != 1 or scope.table != "pageviews"):
         return parts, None
     return parts, site_id if site_id is not None else sites.pop()
@@ -2881,10 +2902,9 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
                 _add(counts, name, site, value, Metrics(views))
 
 
-def _series(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope, moments: Optional[Moments] = None) -> Tuple[str, Moments]:
-    """Page views and visitors per hour, day, week or month of the zone's calendar (a filtered report
-    has counted its ``moments`` already)."""
-    grain, bounds = series_bounds(span, zone)
+def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int], scope: Scope, moments: Optional[Moments] = None) -> Moments:
+    """Page views and visitors per minute, hour, day, week or month of the zone's calendar, between
+    ``bounds`` (a filtered report has counted its ``moments`` already)."""
     rows = {start: [start, 0, 0] for start in bounds[:-1]}
     inner = Range(-(-span.start // QUARTER) * QUARTER, span.end // QUARTER * QUARTER)
     if moments is None and (inner.start >= inner.end or grain == "minute"):
@@ -2898,7 +2918,7 @@ def _series(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope
         row = rows[bounds[bisect.bisect_right(bounds, max(when, span.start)) - 1]]
         row[1] += views
         row[2] += visitors
-    return grain, [(start, views, visitors) for start, views, visitors in rows.values()]
+    return [(start, views, visitors) for start, views, visitors in rows.values()]
 
 
 def _bucket_totals(conn: sqlite3.Connection, bounds: List[int], inner: Range, site_id: Optional[int]) -> Iterable[Tuple[int, int, int]]:
