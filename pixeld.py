@@ -1038,11 +1038,13 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"apis-google|googleother|google favicon|googleimageproxy|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scan|"
     r"analy[sz]er|verifier|verify|insights|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|-user/|"
     r"agent\b|probe\b|proxy\b|"
-    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.com\b|"
+    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.(?:com|net|org)\b(?<=[a-z0-9]\.[a-z]{3})|\.(?:io|co)\b(?<=[a-z0-9]\.[a-z]{2})|"  # a domain name (".NET CLR" is none)
     r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os)))|"
     r"\(khtml, like gecko[,;] (?!safari/)"  # browsers send "(KHTML, like Gecko)" as it is (old Konqueror adds Safari/); tools add their name
 )
-_BOT_WHOLE = re.compile(r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+$|[^/ ]*$|whatsapp/")  # matched at the start
+# Matched at the start: one word, one product and version, a bare Mozilla or its "compatible" comment alone.
+_BOT_WHOLE = re.compile(r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+$|[^/ ]*$|whatsapp/")
+_VERSIONED = re.compile(r"/\d")  # every browser and app names a product with its version ("Gecko/20100101", "Dalvik/2.1.0")
 _ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")
 # A reader's UA names a browser (Mozilla/, Opera/) or a platform; anything else is a tool or a service.
 _PLATFORM = re.compile(r"^(?:mozilla|opera)/|\bios\b|ucweb|android|iphone|ipad|ipod|windows|macintosh|mac os|linux|cros\b|symbian|blackberry|bb10|midp|j2me|"
@@ -1144,7 +1146,7 @@ def is_headless(ua: str) -> bool:
 
 
 def is_bot(lower_ua: str) -> bool:
-    if not lower_ua or not _PLATFORM.search(lower_ua):
+    if not _PLATFORM.search(lower_ua) or not _VERSIONED.search(lower_ua):
         return True
     if "android" in lower_ua:
         lower_ua = _ANDROID_MODEL.sub(r"\1", lower_ua, count=1)

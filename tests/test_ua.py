@@ -146,6 +146,8 @@ READERS = [
      UserAgent("Chrome", "120", "Windows", "desktop")),
     ("MyReader/1.2.3 CFNetwork/1408.0.4 Darwin/22.5.0", UserAgent("", "", "iOS", "phone")),
     ("NetNewsWire/6.1 CFNetwork/1410.0.3 Darwin/22.6.0 (x86_64)", UserAgent("", "", "macOS", "desktop")),
+    ("Mozilla/5.0 (Windows; U; Windows NT 6.1; en-US; rv:1.9.2.13) Gecko/20101203 Firefox/3.6.13 (.NET CLR 3.5.30729)",
+     UserAgent("Firefox", "3", "Windows", "desktop")),  # ".NET" is no domain name
 ]
 OTHER_DEVICES = [  # TVs, boxes, consoles and cars are "other"
     "Mozilla/5.0 (Linux; Android 9; BRAVIA 4K GB ATV3 Build/PTT1.190515.001.S52) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/110.0.5481.65 Mobile Safari/537.36",
@@ -180,6 +182,9 @@ GENERIC_BOTS = [  # no name pixeld knows: the generic signs of a machine
     "Mozilla/5.0 (compatible; MSIE 9.0; Windows NT 6.1; Trident/5.0; SiteInsights)",
     "Mozilla/3.0 (compatible; PageCapture 1.0; Windows)",
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36 ConsentVerify/1.0",
+    "Mozilla/5.0 (reader.example.co; Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",  # a service's domain
+    "Mozilla/5.0 (X11; Linux x86_64) Pages.example.io/2.0 AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Acme (Beta 2; GNU/Linux)",  # a platform but no product with a version
 ]
 
 
