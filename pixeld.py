@@ -3087,14 +3087,20 @@ def _details(counts: Counts, labels: Dict[str, Label]) -> Dict[str, Dict[str, Di
         if section.columns not in ("visitors", "engagement"):
             continue
         rows: Dict[str, Dict[str, Any]] = {}
-        sums: Dict[str, Metrics] = {}
+        sums: Dict[str, List[int]] = {}
         others = [(other.part, labels[other.name]) for other in dim.sections if other.part and other.part != section.part]
-        for (site, value), metrics in sorted(counts[dim.name].items(), key=lambda item: -item[1][VIEWS]):
+        counted = counts[dim.name].items()
+        for (site, value), metrics in sorted(counted, key=lambda item: -item[1][VIEWS]) if others else counted:
             label = labels[name](site, value)
-            sums[label] = Metrics(*(a + b for a, b in zip(sums.get(label, Metrics()), metrics)))
+            total = sums.get(label)
+            if total is None:
+                sums[label] = list(metrics)
+            else:
+                sums[label] = [a + b for a, b in zip(total, metrics)]
             for part, other in others:
                 rows.setdefault(label, {}).setdefault(part, other(site, value))
-        for label, total in sums.items():
+        for label, summed in sums.items():
+            total = Metrics(*summed)
             shown = {"visitors": total.visitors} if section.columns == "visitors" else {"time_on_page": time_on_page(total), "scroll_depth": scroll_depth(total)}
             rows[label] = {**shown, **rows.get(label, {})}
         details[name] = rows
