@@ -202,6 +202,18 @@ def test_a_filtered_report_read_in_chunks_counts_what_the_daily_counts_hold(stor
         assert raw.sections == planned.sections and raw.details == planned.details and raw.entry_pages == planned.entry_pages
 
 
+def test_a_filtered_series_by_the_hour_and_by_the_minute_is_the_unfiltered_one(store):
+    """A filtered report's series is the totals of parts that end at its buckets' edges: by the hour
+    in a zone half an hour off UTC, and by the minute, it equals the series from the counts."""
+    start = utc("2026-09-01T00:00:00")
+    store.write(records=[Record(view(start + i * 97, f"/p{i % 3}", first_today=bool(i % 2)), 1) for i in range(1500)])
+    for span in (Range(start + 600, start + 2 * DAY - 900), Range(start + 3 * 3600 + 7, start + 4 * 3600 + 7)):
+        planned = query_report(store.conn, Query(span, KOLKATA))
+        filtered = query_report(store.conn, Query(span, KOLKATA, filters=(("device", "desktop"),)))
+        assert planned.grain == filtered.grain and len(planned.series) > 20 and sum(row[1] for row in planned.series) == planned.totals.views > 30
+        assert filtered.series == planned.series and filtered.totals == planned.totals
+
+
 def test_an_event_filter_over_all_sites_keeps_each_events_site(store):
     """The quarter-hour totals know the sites of page views only: events of other sites keep their own."""
     day = utc("2026-11-20T00:00:00")
