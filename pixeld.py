@@ -1042,8 +1042,8 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os)))|"
     r"\(khtml, like gecko[,;] (?!safari/)"  # browsers send "(KHTML, like Gecko)" as it is (old Konqueror adds Safari/); tools add their name
 )
-# Matched at the start: one word, one product and version, a bare Mozilla or its "compatible" comment alone.
-_BOT_WHOLE = re.compile(r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+$|[^/ ]*$|whatsapp/")
+# Matched at the start: one product and version alone, a bare Mozilla or its "compatible" comment alone.
+_BOT_WHOLE = re.compile(r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+$|whatsapp/")
 _VERSIONED = re.compile(r"/\d")  # every browser and app names a product with its version ("Gecko/20100101", "Dalvik/2.1.0")
 _ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")
 # A reader's UA names a browser (Mozilla/, Opera/) or a platform; anything else is a tool or a service.
@@ -2352,10 +2352,9 @@ class Tally:
         conn = self.conn
         conn.executemany(insert_sql("temp.changes", CHANGE_COLUMNS), (key + tuple(total) for key, total in sliced(self._daily.items())))
         added = ", ".join(f"{name} = {name} + excluded.{name}" for name in Metrics._fields)
-        sums = ", ".join(f"sum({name})" for name in Metrics._fields)
-        conn.execute(f"INSERT INTO daily SELECT day, site, dim, value, {sums} FROM temp.changes GROUP BY day, site, dim, value ON CONFLICT (day, site, dim, value) DO UPDATE SET {added}")
+        conn.execute(f"INSERT INTO daily SELECT day, site, dim, value, {SUMMED_METRICS} FROM temp.changes GROUP BY day, site, dim, value ON CONFLICT (day, site, dim, value) DO UPDATE SET {added}")
         conn.execute(
-            f"INSERT INTO monthly SELECT {MONTH_OF_DAY_SQL} AS m, site, dim, value, {sums} FROM temp.changes GROUP BY m, site, dim, value "
+            f"INSERT INTO monthly SELECT {MONTH_OF_DAY_SQL} AS m, site, dim, value, {SUMMED_METRICS} FROM temp.changes GROUP BY m, site, dim, value "
             f"ON CONFLICT (month, site, dim, value) DO UPDATE SET {added}"
         )
 
@@ -3530,13 +3529,12 @@ def render_section(
         lines = [f"{title:<{label_width}}{'Count':>10}{'Visitors':>10}"]
         lines += [f"{cut(value, label_width - 2):<{label_width}}{count:>10,}{visitors:>10,}" for value, count, visitors in shown]
     elif columns == "visitors" or (columns == "engagement" and any(row.get("time_on_page") or row.get("scroll_depth") for row in report_details.get(name, {}).values())):
-        label_width, details = width - (28 if columns == "visitors" else 34), report_details.get(name, {})
-        extra = (lambda row: f"{row.get('visitors', 0):>10,}") if columns == "visitors" else (
-            lambda row: f"{format_duration(round(row.get('time_on_page', 0))):>9}{row.get('scroll_depth', 0):>7.0f}%"
-        )
-        lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}" + (f"{'Visitors':>10}" if columns == "visitors" else f"{'Time':>9}{'Scroll':>8}")]
+        details, widths = report_details.get(name, {}), DETAIL_WIDTHS[columns]
+        label_width = width - 18 - sum(widths)
+        aligned = lambda cells: "".join(cell.rjust(cell_width) for cell, cell_width in zip(cells, widths))  # noqa: E731
+        lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}{aligned(DETAIL_HEADERS[columns])}"]
         lines += [
-            f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%{extra(details.get(value, {}))}"
+            f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%{aligned(detail_cells(columns, details.get(value, {})))}"
             for value, views, total in shown
         ]
     else:
@@ -3546,6 +3544,17 @@ def render_section(
     if len(rows) > len(shown):
         lines.append(f"… and {len(rows) - len(shown):,} more")
     return lines if rows else lines + [f"(no {'events' if columns == 'events' else 'campaigns' if name == 'campaigns' else 'page views'})"]
+
+
+DETAIL_HEADERS = {"visitors": ("Visitors",), "engagement": ("Time", "Scroll")}  # what a row's details show, after its views and percent
+DETAIL_WIDTHS = {"visitors": (10,), "engagement": (9, 8)}  # in text
+
+
+def detail_cells(columns: str, row: Dict[str, Any]) -> Tuple[str, ...]:
+    """A row's details as shown (``_details``): its visitors, or its time on page and scroll depth."""
+    if columns == "visitors":
+        return (f"{row.get('visitors', 0):,}",)
+    return (format_duration(round(row.get("time_on_page", 0))), f"{row.get('scroll_depth', 0):.0f}%")
 
 
 def cut(text: str, width: int) -> str:
@@ -3605,7 +3614,8 @@ def report_link(request: ReportRequest, drop: Sequence[str] = (), **changes: str
 
 
 def html_range_links(request: ReportRequest) -> str:
-    current = dict(request.params).get("range", "" if dict(request.params).get("start") or dict(request.params).get("end") else "30d")
+    given = dict(request.params)
+    current = given.get("range", "" if given.get("start") or given.get("end") else "30d")
     links = [
         f'<a href="{report_link(request, drop=("start", "end"), range=name)}"{" aria-current=page" if name == current else ""}>{name}</a>'
         for name in RANGE_LINKS
@@ -3672,20 +3682,20 @@ def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData
     """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
     section = SECTIONS[name][1]
     filter_name = section.filter or SECTIONS["pages"][1].filter  # entry pages filter by path
-    headers = {"entries": ("Visits", "Bounce rate"), "events": ("Count", "Visitors"), "visitors": ("Views", "%", "Visitors"),
-               "engagement": ("Views", "%", "Time", "Scroll")}.get(section.columns, ("Views", "%"))
+    headers = {"entries": ("Visits", "Bounce rate"), "events": ("Count", "Visitors")}.get(section.columns, ("Views", "%", *DETAIL_HEADERS.get(section.columns, ())))
     largest = max((count for _, count, _ in rows), default=0)
     details = report.details.get(name, {})
     body = []
     for value, count, other in rows:
         shown = value or section.empty
         link = report_link(request, **row_filter(filter_name, value or section.empty, report.sites))
-        numbers = {
-            "entries": (f"{count:,}", f"{percent(other, count):.1f}%"), "events": (f"{count:,}", f"{other:,}"),
-            "visitors": (f"{count:,}", f"{percent(count, other):.1f}%", f"{details.get(value, {}).get('visitors', 0):,}"),
-            "engagement": (f"{count:,}", f"{percent(count, other):.1f}%", format_duration(round(details.get(value, {}).get("time_on_page", 0))),
-                           f"{details.get(value, {}).get('scroll_depth', 0):.0f}%"),
-        }.get(section.columns, (f"{count:,}", f"{percent(count, other):.1f}%"))
+        if section.columns == "entries":
+            numbers: Tuple[str, ...] = (f"{count:,}", f"{percent(other, count):.1f}%")
+        elif section.columns == "events":
+            numbers = (f"{count:,}", f"{other:,}")
+        else:
+            numbers = (f"{count:,}", f"{percent(count, other):.1f}%")
+            numbers += detail_cells(section.columns, details.get(value, {})) if section.columns in DETAIL_HEADERS else ()
         body.append(
             f'<tr><td class="l"><span style="width:{100 * count / largest if largest else 0:.1f}%"></span><a href="{link}">{esc(shown)}</a></td>'
             + "".join(f'<td class="n">{cell}</td>' for cell in numbers) + "</tr>"
