@@ -1039,11 +1039,18 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"analy[sz]er|verifier|verify|insights|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|-user/|"
     r"agent\b|probe\b|proxy\b|"
     r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.(?:com|net|org)\b(?<=[a-z0-9]\.[a-z]{3})|\.(?:io|co)\b(?<=[a-z0-9]\.[a-z]{2})|"  # a domain name (".NET CLR" is none)
-    r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os)))|"
-    r"\(khtml, like gecko[,;] (?!safari/)"  # browsers send "(KHTML, like Gecko)" as it is (old Konqueror adds Safari/); tools add their name
+    r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os|blackberry|rim\d)))|"
+    r"windows nt[;)]|"  # Windows names its version ("Windows NT 10.0")
+    r"\(khtml, like gecko(?:[,;] (?!safari/)|\) (?!mobile\b|brave\b)[a-z][\w.-]* (?:chrome|version)/)"  # browsers send "(KHTML, like Gecko)" as
+    # it is (old Konqueror adds Safari/) and follow it with products and versions (old Brave: "Brave Chrome/"); tools add a bare name
 )
-# Matched at the start: one product and version alone, a bare Mozilla or its "compatible" comment alone.
-_BOT_WHOLE = re.compile(r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+$|whatsapp/")
+# Matched at the start: one product and version alone, or with a desktop OS alone ("Tool/1.0 (Linux)"); a bare
+# Mozilla or its "compatible" comment alone. A desktop browser's UA starts with Mozilla/5.0 and its platform
+# ("Windows NT 10.0", "Macintosh", "X11"; old ones "Windows; U"), and names its engine after it.
+_BOT_WHOLE = re.compile(
+    r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+(?:$| \((?:linux|windows|macintosh|x11)\)$| mozilla/5\.0 \((?:windows nt|macintosh|x11))|"
+    r"mozilla/5\.0 (?:\[[a-z-]+\] )?\((?:windows|macintosh|x11)[^)]*\)$|mozilla/5\.0 \((?!windows|macintosh|x11|compatible|ie \d|[a-z];)[^;)]+; (?:[^)]*; )?(?:windows nt \d|macintosh;|x11;)|whatsapp/"
+)
 _VERSIONED = re.compile(r"/\d")  # every browser and app names a product with its version ("Gecko/20100101", "Dalvik/2.1.0")
 _ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")
 # A reader's UA names a browser (Mozilla/, Opera/) or a platform; anything else is a tool or a service.

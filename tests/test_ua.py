@@ -148,6 +148,10 @@ READERS = [
     ("NetNewsWire/6.1 CFNetwork/1410.0.3 Darwin/22.6.0 (x86_64)", UserAgent("", "", "macOS", "desktop")),
     ("Mozilla/5.0 (Windows; U; Windows NT 6.1; en-US; rv:1.9.2.13) Gecko/20101203 Firefox/3.6.13 (.NET CLR 3.5.30729)",
      UserAgent("Firefox", "3", "Windows", "desktop")),  # ".NET" is no domain name
+    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_3) AppleWebKit/537.36 (KHTML, like Gecko) Brave Chrome/80.0.3987.87 Safari/537.36",
+     UserAgent("Brave", "80", "macOS", "desktop")),  # old Brave: its name bare before Chrome/
+    ("HTC_Touch Mozilla/4.0 (compatible; MSIE 6.0; Windows CE; IEMobile 7.11)", UserAgent("Internet Explorer", "6", "Windows", "phone")),  # a phone's model first
+    ("Mozilla/4.0 (compatible; Elaine/2.0; RIM950)", UserAgent("", "", "", "other")),  # an early BlackBerry (RIM) in "compatible"
 ]
 OTHER_DEVICES = [  # TVs, boxes, consoles and cars are "other"
     "Mozilla/5.0 (Linux; Android 9; BRAVIA 4K GB ATV3 Build/PTT1.190515.001.S52) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/110.0.5481.65 Mobile Safari/537.36",
@@ -185,6 +189,13 @@ GENERIC_BOTS = [  # no name pixeld knows: the generic signs of a machine
     "Mozilla/5.0 (reader.example.co; Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",  # a service's domain
     "Mozilla/5.0 (X11; Linux x86_64) Pages.example.io/2.0 AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
     "Acme (Beta 2; GNU/Linux)",  # a platform but no product with a version
+    "AcmeConnector/1.0 (Linux)",  # a product with a desktop OS alone: no browser
+    "Mozilla/5.0 (X11; U; Acme 7.0)",  # a desktop platform and no engine after it
+    "Acme_Daily/1.0 Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",  # desktop browsers start with Mozilla/5.0
+    "Mozilla/5.0 (Acme; Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Firefox/128.0",  # a name before the platform
+    "Mozilla/4.0 (compatible; MSIE 7.0; Windows NT) Acme/1.0",  # Windows without its version
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/602.1 (KHTML, like Gecko) acme Version/10.0 Safari/602.1",  # a bare name after (KHTML, like Gecko)
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) ACME Chrome/131.0.0.0 Safari/537.36",
 ]
 
 
