@@ -2,7 +2,9 @@
 """Measure pixeld's user-agent reducer against two public, labelled yardsticks.
 
 - uap-core's test corpus (``../shared/ua-corpus/uap-core`` by default): browser family, OS,
-  crawlers caught, and mainstream browsers taken for bots;
+  crawlers caught, and mainstream browsers taken for bots. A UA that uap-core's device tests
+  call a Spider counts as a crawler, not as a browser, even where its browser tests give it a
+  browser family (Google Web Preview is "Chrome" there);
 - the ``crawler-user-agents`` package from PyPI (MIT): bot recall on its example ``instances``.
 
 Neither corpus is copied into the project: they are development yardsticks, not test fixtures.
@@ -58,14 +60,19 @@ def main():
     uas, oses, devices = load(directory, "test_ua.yaml"), load(directory, "test_os.yaml"), load(directory, "test_device.yaml")
     classify = pixeld.classify_user_agent
 
-    browser_rows = [(r["user_agent_string"], BROWSERS[r["family"]]) for r in uas if r["family"] in BROWSERS]
+    labelled_spiders = {r["user_agent_string"] for r in devices if r["family"] == "Spider"}  # uap's own label wins over a family it also gives
+    browser_rows = [(r["user_agent_string"], BROWSERS[r["family"]]) for r in uas if r["family"] in BROWSERS and r["user_agent_string"] not in labelled_spiders]
     browser_misses = [(ua, want, classify(ua)) for ua, want in browser_rows if classify(ua).browser != want]
     mainstream_bots = [(ua, want) for ua, want in browser_rows if classify(ua).device == "bot"]
 
-    os_rows = [(r["user_agent_string"], SYSTEMS[r["family"]]) for r in oses if r["family"] in SYSTEMS and is_browser_like(r["user_agent_string"])]
+    os_rows = [
+        (r["user_agent_string"], SYSTEMS[r["family"]])
+        for r in oses
+        if r["family"] in SYSTEMS and is_browser_like(r["user_agent_string"]) and r["user_agent_string"] not in labelled_spiders
+    ]
     os_misses = [(ua, want, classify(ua)) for ua, want in os_rows if classify(ua).os != want]
 
-    spiders = [r["user_agent_string"] for r in devices if r["family"] == "Spider"]
+    spiders = sorted(labelled_spiders)
     spiders += [r["user_agent_string"] for r in uas if any(w in r["family"].lower() for w in CRAWLER_WORDS)]
     spider_misses = [ua for ua in spiders if classify(ua).device != "bot"]
 
