@@ -31,6 +31,7 @@ import io
 import ipaddress
 import itertools
 import json
+import math
 import operator
 import os
 import queue
@@ -2600,8 +2601,16 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     range from raw page views, so the cost grows with days and distinct values, not with
     traffic. The series comes from quarter-hour totals, which makes a day in any time zone
     exact. Filters are conditions on the raw page views, so a filtered report reads the rows
-    of its range, once (``_count_matching``).
+    of its range, once (``_count_matching``). All of it reads one snapshot of the database.
     """
+    conn.execute("BEGIN")
+    try:
+        return _query_report(conn, query)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     span = query.range
     scope = _scope(conn, query)
     previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
@@ -2684,36 +2693,72 @@ Moments = List[Tuple[int, int, int]]  # (a moment in a series bucket, page views
 
 
 class MatchKey(NamedTuple):
-    """What a filtered report joins for one dimension, one key per matching row (SQL), and how to count the keys."""
+    """What a filtered report joins, one key per matching row (SQL), and how to read the keys back."""
 
-    dimension: str
     sql: str
-    flags: Tuple[int, ...]  # the metric of each low bit of a key, lowest first; every key counts a page view
+    values: Tuple[Tuple[str, int, int], ...]  # (dimension, shift, mask) of each value id packed into a key
+    flags: Tuple[int, ...] = ()  # the metric of each low bit of a key, lowest first; every key counts a page view
     amount: Optional[int] = None  # or: the metric whose amount follows each key (engaged seconds, scroll)
 
 
-def match_keys(dim: Dimension, site_key: str) -> List[MatchKey]:
-    """One key per row with the value id shifted left to make room for a bit per metric the row may
-    count in (a visitor, a visit, a bounce), so that Counter counts each value and all its metrics at
-    once; and a key with its amount per metric that adds more than one."""
-    needs = RAW_NEEDS[dim.name]
-    flags = tuple(metric for metric in needs if metric != VIEWS and ROW_METRICS[metric][1] == "1")
-    packed = " | ".join([f"({dim.column} << {len(flags)})"] + [f"(({ROW_METRICS[metric][0]}) << {bit})" for bit, metric in enumerate(flags)])
-    keys = [MatchKey(dim.name, f"group_concat({site_key}({packed}))", flags)]
-    amounts = [(metric, *ROW_METRICS[metric]) for metric in needs if ROW_METRICS[metric][1] != "1"]
-    return keys + [MatchKey(dim.name, f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", (), metric) for metric, when, adds in amounts]
+KEY_BITS = 62  # a packed key is a positive 64-bit integer in SQLite
+KEY_COMBINATIONS = 20_000  # value combinations one packed key may take at most, so that few distinct keys come back
+
+
+def match_keys(conn: sqlite3.Connection, span: Range, site_key: str) -> List[MatchKey]:
+    """Pack the value ids of several dimensions into one integer key per matching row, above a bit for
+    each metric a row may count in (a visitor, a visit, a bounce, an engaged view), so that Counter
+    counts value combinations and their metrics at once. Dimensions share a key while their ids fit in
+    ``KEY_BITS`` and the product of their numbers of values in the range (from the monthly counts)
+    stays under ``KEY_COMBINATIONS``: the more rows a key stands for, the fewer keys SQLite joins and
+    Python counts. Each metric that adds an amount gets a key of its own per dimension."""
+    strings, agents = (conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for table in ("strings", "agents"))
+    width = {dim.name: (agents if dim.column == "agent" else strings).bit_length() for dim in COUNTED}
+    values = dict(conn.execute(
+        "SELECT dim, count(DISTINCT value) FROM monthly WHERE month >= ? AND month < ? GROUP BY dim",
+        (month_of_day(span.start // DAY), month_of_day((span.end - 1) // DAY) + 1),
+    ).fetchall())
+    groups: List[List[Dimension]] = []
+    for dim in COUNTED:
+        group = groups[-1] + [dim] if groups else []
+        fits = sum(width[member.name] for member in group) + len(_flags(group)) <= KEY_BITS
+        if group and fits and math.prod(values.get(member.code, 1) for member in group) <= KEY_COMBINATIONS:
+            groups[-1] = group
+        else:
+            groups.append([dim])
+    keys = []
+    for group in groups:
+        flags = _flags(group)
+        packed = [f"(({ROW_METRICS[metric][0]}) << {bit})" for bit, metric in enumerate(flags)]
+        parts, shift = [], len(flags)
+        for dim in group:
+            packed.append(f"({dim.column} << {shift})")
+            parts.append((dim.name, shift, (1 << width[dim.name]) - 1))
+            shift += width[dim.name]
+        keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts), flags))
+    for dim in COUNTED:
+        for metric in RAW_NEEDS[dim.name]:
+            when, adds = ROW_METRICS[metric]
+            if adds != "1":
+                keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", ((dim.name, 0, -1),), (), metric))
+    return keys
+
+
+def _flags(group: Sequence[Dimension]) -> Tuple[int, ...]:
+    """The metrics a row may count in (each a bit of a packed key) for the dimensions of one key."""
+    return tuple(sorted({metric for dim in group for metric in RAW_NEEDS[dim.name] if metric != VIEWS and ROW_METRICS[metric][1] == "1"}))
 
 
 def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], scope: Scope) -> Tuple[Counts, Moments, Metrics]:
     """Count the rows that pass the filters, their totals and their series, in one pass over the range.
 
-    For every dimension SQLite joins the keys of the matching rows into one string (``group_concat``,
-    see ``match_keys``) and Python's Counter counts them; the totals are plain sums in the same
-    statement. The range is read in parts that end at the series' bucket edges (each part's totals
-    are its share of a bucket) and hold about ``MATCHED_CHUNK`` page views at most, planned from the
-    quarter-hour totals, so the strings stay small."""
+    SQLite joins one packed key per matching row and group of dimensions into a string
+    (``group_concat``, see ``match_keys``) and Python's Counter counts them; the totals are plain
+    sums in the same statement. The range is read in parts that end at the series' bucket edges
+    (each part's totals are its share of a bucket) and hold about ``MATCHED_CHUNK`` page views at
+    most, planned from the quarter-hour totals, so the strings stay small."""
     parts, one_site = _reading_plan(conn, span, bounds, scope)
-    keys = [key for dim in COUNTED for key in match_keys(dim, "" if one_site is not None else "site || ':' || ")]
+    keys = match_keys(conn, span, "" if one_site is not None else "site || ':' || ")
     select = ", ".join([key.sql for key in keys] + list(RAW_METRICS))
     joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
     moments, totals = [], no_metrics()
@@ -2729,25 +2774,27 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
                 _add_amounts(found, text)
     counts: Counts = {dim.name: {} for dim in COUNTED}
     for key, found in zip(keys, joined):
-        _add_joined(counts[key.dimension], key, found, one_site)
+        _add_joined(counts, key, found, one_site)
     return counts, moments, Metrics(*totals)
 
 
-def _add_joined(counted: Dict[Tuple[int, int], List[int]], key: MatchKey, found: "Counter[str]", one_site: Optional[int]) -> None:
-    """Add what one kind of key counted (``match_keys``) to its dimension's counts."""
+def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int]) -> None:
+    """Add what one kind of key counted (``match_keys``) to its dimensions' counts."""
     for text, amount in found.items():
         site, number = map(int, text.split(":")) if one_site is None else (one_site, int(text))
-        value = number >> len(key.flags)
-        total = counted.get((site, value))
-        if total is None:
-            total = counted[site, value] = no_metrics()
-        if key.amount is not None:
-            total[key.amount] += amount
-            continue
-        total[VIEWS] += amount
-        for bit, metric in enumerate(key.flags):
-            if number >> bit & 1:
-                total[metric] += amount
+        for name, shift, mask in key.values:
+            counted = counts[name]
+            value = number >> shift & mask
+            total = counted.get((site, value))
+            if total is None:
+                total = counted[site, value] = no_metrics()
+            if key.amount is not None:
+                total[key.amount] += amount
+                continue
+            total[VIEWS] += amount
+            for bit, metric in enumerate(key.flags):
+                if number >> bit & 1:
+                    total[metric] += amount
 
 
 def _add_amounts(sums: "Counter[str]", text: str) -> None:

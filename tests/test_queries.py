@@ -183,8 +183,9 @@ def test_months_days_and_subtracted_days_agree_with_raw_rows(store):
 
 
 def test_a_filtered_report_read_in_chunks_counts_what_the_daily_counts_hold(store, monkeypatch):
-    """The raw pass of a filtered report (keys joined by SQLite, counted by Python, a few days at a time)
-    agrees with the daily and monthly counts when every row matches, over two sites, with visits and engagement."""
+    """The raw pass of a filtered report (keys joined by SQLite, counted by Python, a few days at a time,
+    with dimensions packed into one key or each in its own) agrees with the daily and monthly counts when
+    every row matches, over two sites, with visits and engagement."""
     start = utc("2026-09-01T00:00:00")
     store.write(records=[
         Record(view(start + i * 7 * 3600 + 13, f"/p{i % 5}", site="example.org" if i % 4 else "other.net", referrer="google.com" if i % 3 else "",
@@ -196,8 +197,14 @@ def test_a_filtered_report_read_in_chunks_counts_what_the_daily_counts_hold(stor
     whole = query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),)))
     monkeypatch.setattr(pixeld, "MATCHED_CHUNK", 7)
     chunked = query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),)))
+    packed = []  # each dimension in a key of its own, and all of them in one key
+    for combinations in (0, 10**12):
+        monkeypatch.setattr(pixeld, "KEY_COMBINATIONS", combinations)
+        keys = pixeld.match_keys(store.conn, span, "")
+        assert len([key for key in keys if key.amount is None]) == (len(pixeld.COUNTED) if combinations == 0 else 1)
+        packed.append(query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),))))
     assert planned.totals.views > 100 and planned.totals.engaged_views > 0 and len(planned.sites) == 2
-    for raw in (whole, chunked):
+    for raw in (whole, chunked, *packed):
         assert raw.totals == planned.totals and raw.series == planned.series
         assert raw.sections == planned.sections and raw.details == planned.details and raw.entry_pages == planned.entry_pages
 
