@@ -18,6 +18,8 @@ import array
 import base64
 import atexit
 import bisect
+import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -2688,6 +2690,8 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
     return Scope(site_id, "".join(" AND " + sql for sql, _ in clauses), tuple(arg for _, args in clauses for arg in args), table)
 
 
+# What a filtered report sums per part in SQL: page views and visitors for the series, and what the pages' keys do not count.
+PART_SUMS = tuple(sorted({VIEWS, VISITORS} | set(range(len(Metrics._fields))) - set(RAW_NEEDS["pages"])))
 MATCHED_CHUNK = 200_000  # page views a filtered report reads in one statement at most, which bounds its memory
 Moments = List[Tuple[int, int, int]]  # (a moment in a series bucket, page views, visitors), counted from raw rows
 
@@ -2705,16 +2709,16 @@ KEY_BITS = 62  # a packed key is a positive 64-bit integer in SQLite
 KEY_COMBINATIONS = 20_000  # value combinations one packed key may take at most, so that few distinct keys come back
 
 
-def match_keys(conn: sqlite3.Connection, span: Range, site_key: str) -> List[MatchKey]:
+def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) -> List[MatchKey]:
     """Pack the value ids of several dimensions into one integer key per matching row, above a bit for
     each metric a row may count in (a visitor, a visit, a bounce, an engaged view), so that Counter
     counts value combinations and their metrics at once. Dimensions share a key while their ids fit in
     ``KEY_BITS`` and the product of their numbers of values in the range (from the monthly counts)
     stays under ``KEY_COMBINATIONS``: the more rows a key stands for, the fewer keys SQLite joins and
     Python counts. Each metric that adds an amount gets a key of its own per dimension."""
-    strings, agents = (conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for table in ("strings", "agents"))
+    strings, agents = (max(conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for conn in conns) for table in ("strings", "agents"))
     width = {dim.name: (agents if dim.column == "agent" else strings).bit_length() for dim in COUNTED}
-    values = dict(conn.execute(
+    values = dict(conns[0].execute(
         "SELECT dim, count(DISTINCT value) FROM monthly WHERE month >= ? AND month < ? GROUP BY dim",
         (month_of_day(span.start // DAY), month_of_day((span.end - 1) // DAY) + 1),
     ).fetchall())
@@ -2753,29 +2757,78 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
     """Count the rows that pass the filters, their totals and their series, in one pass over the range.
 
     SQLite joins one packed key per matching row and group of dimensions into a string
-    (``group_concat``, see ``match_keys``) and Python's Counter counts them; the totals are plain
-    sums in the same statement. The range is read in parts that end at the series' bucket edges
-    (each part's totals are its share of a bucket) and hold about ``MATCHED_CHUNK`` page views at
-    most, planned from the quarter-hour totals, so the strings stay small."""
+    (``group_concat``, see ``match_keys``) and Python's Counter counts them; the totals are the
+    pages' counts, and what those lack (``PART_SUMS``) is summed in the same statement. The range
+    is read in parts that end at the series' bucket edges (each part's page views and visitors are
+    its share of a bucket) and hold about ``MATCHED_CHUNK`` page views at most, planned from the
+    quarter-hour totals, so the strings stay small; two connections read them at once
+    (``readers_for``)."""
     parts, one_site = _reading_plan(conn, span, bounds, scope)
-    keys = match_keys(conn, span, "" if one_site is not None else "site || ':' || ")
-    select = ", ".join([key.sql for key in keys] + list(RAW_METRICS))
-    joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
-    moments, totals = [], no_metrics()
-    for part in parts:
-        row = conn.execute(f"SELECT {select} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(part.start), first_id(part.end)) + scope.args).fetchone()
-        part_totals = [value or 0 for value in row[len(keys) :]]
-        totals = [total + value for total, value in zip(totals, part_totals)]
-        moments.append((part.start, part_totals[VIEWS], part_totals[VISITORS]))
-        for key, text, found in zip(keys, row, joined):
-            if text and key.amount is None:
-                found.update(text.split(","))
-            elif text:
-                _add_amounts(found, text)
+    joined: List["Counter[str]"] = []  # per key: how often each key appeared (or the amounts it carried)
+    moments, sums = [], no_metrics()
+    with readers_for(conn, parts) as conns:
+        keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ")
+        joined = [Counter() for _ in keys]
+        sql = f"SELECT {', '.join([key.sql for key in keys] + [RAW_METRICS[metric] for metric in PART_SUMS])} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
+        for part, row in zip(parts, read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) + scope.args for part in parts])):
+            part_sums = dict(zip(PART_SUMS, (value or 0 for value in row[len(keys) :])))
+            for metric, value in part_sums.items():
+                sums[metric] += value
+            moments.append((part.start, part_sums[VIEWS], part_sums[VISITORS]))
+            for key, text, found in zip(keys, row, joined):
+                if text and key.amount is None:
+                    found.update(text.split(","))
+                elif text:
+                    _add_amounts(found, text)
     counts: Counts = {dim.name: {} for dim in COUNTED}
     for key, found in zip(keys, joined):
         _add_joined(counts, key, found, one_site)
-    return counts, moments, Metrics(*totals)
+    totals = _total(counts["pages"])._replace(**{Metrics._fields[metric]: sums[metric] for metric in PART_SUMS})
+    return counts, moments, totals
+
+
+@contextlib.contextmanager
+def readers_for(conn: sqlite3.Connection, parts: Sequence[Range]) -> Iterator[List[sqlite3.Connection]]:
+    """The connections that read a filtered report's parts: ``conn``, and for two parts or more a
+    second read-only connection to the same file, in a read transaction of its own, so that two
+    cores scan at once. (Its snapshot may be a commit or two newer than ``conn``'s.)"""
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        helper = connect(path, readonly=True) if len(parts) > 1 and path else None
+    except StorageError:  # out of file descriptors, say: one connection reads it all
+        helper = None
+    if helper is None:
+        yield [conn]
+        return
+    try:
+        helper.execute("BEGIN")
+        yield [conn, helper]
+    finally:
+        helper.close()
+
+
+def read_parallel(conns: Sequence[sqlite3.Connection], sql: str, arguments: Sequence[Tuple[Any, ...]]) -> Iterator[Any]:
+    """Run ``sql`` once per set of arguments, each time on whichever connection is free, and yield the
+    first rows in order while the next ones are read: SQLite reads without the GIL while Python counts."""
+    free: "queue.SimpleQueue[sqlite3.Connection]" = queue.SimpleQueue()
+    for conn in conns:
+        free.put(conn)
+
+    def read(args: Tuple[Any, ...]) -> Any:
+        conn = free.get()
+        try:
+            return conn.execute(sql, args).fetchone()
+        finally:
+            free.put(conn)
+
+    with concurrent.futures.ThreadPoolExecutor(len(conns), thread_name_prefix="report-reader") as pool:
+        pending: Deque["concurrent.futures.Future[Any]"] = deque()
+        for args in arguments:
+            pending.append(pool.submit(read, args))
+            if len(pending) > len(conns):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int]) -> None:

@@ -196,11 +196,13 @@ def test_a_filtered_report_read_in_chunks_counts_what_the_daily_counts_hold(stor
     planned = query_report(store.conn, Query(span, BERLIN))
     whole = query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),)))
     monkeypatch.setattr(pixeld, "MATCHED_CHUNK", 7)
+    with pixeld.readers_for(store.conn, [span, span]) as conns:
+        assert len(conns) == 2 and conns[1].in_transaction  # a second connection reads every other part
     chunked = query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),)))
     packed = []  # each dimension in a key of its own, and all of them in one key
     for combinations in (0, 10**12):
         monkeypatch.setattr(pixeld, "KEY_COMBINATIONS", combinations)
-        keys = pixeld.match_keys(store.conn, span, "")
+        keys = pixeld.match_keys([store.conn], span, "")
         assert len([key for key in keys if key.amount is None]) == (len(pixeld.COUNTED) if combinations == 0 else 1)
         packed.append(query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),))))
     assert planned.totals.views > 100 and planned.totals.engaged_views > 0 and len(planned.sites) == 2
@@ -228,3 +230,19 @@ def test_an_event_filter_over_all_sites_keeps_each_events_site(store):
     store.write(events=[pixeld.Event("signup", view(day + 120, "/", site="one.example")), pixeld.Event("signup", view(day + 180, "/", site="two.example"))])
     report = query_report(store.conn, Query(Range(day, day + DAY), filters=(("event", "signup"),)))
     assert sorted(report.sections["pages"]) == [("one.example/", 1), ("two.example/", 1)]
+
+
+def test_a_filtered_report_of_a_database_in_memory_is_read_by_its_one_connection():
+    """A second connection reads half the parts of a filtered report from the same file; a database in
+    memory has no file to open twice, and its one connection reads every part."""
+    store = Store(connect(":memory:"))
+    start = utc("2026-09-01T00:00:00")
+    store.write(records=[Record(view(start + i * 3600, f"/p{i % 3}", first_today=bool(i % 2)), 1) for i in range(24 * 40)])
+    span = Range(start, start + 40 * DAY)
+    parts, _ = pixeld._reading_plan(store.conn, span, pixeld.series_bounds(span, dt.timezone.utc)[1], pixeld._scope(store.conn, Query(span)))
+    assert len(parts) > 1
+    with pixeld.readers_for(store.conn, parts) as conns:
+        assert conns == [store.conn]
+    planned = query_report(store.conn, Query(span))
+    filtered = query_report(store.conn, Query(span, filters=(("device", "desktop"),)))
+    assert filtered.totals == planned.totals and filtered.sections == planned.sections and filtered.series == planned.series
