@@ -2764,11 +2764,10 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
     quarter-hour totals, so the strings stay small; two connections read them at once
     (``readers_for``)."""
     parts, one_site = _reading_plan(conn, span, bounds, scope)
-    joined: List["Counter[str]"] = []  # per key: how often each key appeared (or the amounts it carried)
     moments, sums = [], no_metrics()
     with readers_for(conn, parts) as conns:
         keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ")
-        joined = [Counter() for _ in keys]
+        joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
         sql = f"SELECT {', '.join([key.sql for key in keys] + [RAW_METRICS[metric] for metric in PART_SUMS])} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
         for part, row in zip(parts, read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) + scope.args for part in parts])):
             part_sums = dict(zip(PART_SUMS, (value or 0 for value in row[len(keys) :])))
@@ -2945,20 +2944,30 @@ def _count(conn: sqlite3.Connection, span: Range, scope: Scope, dimensions: Sequ
 
 def _totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
     """The headline numbers alone (for the previous period): sums, without counting per value."""
+    if scope.filtered:
+        return _matching_totals(conn, span, scope)
     site_clause, site_args = _site_clause(scope.site_id)
     metrics, raw_metrics = SUMMED_METRICS, ", ".join(RAW_METRICS)
-    queries = []
-    if scope.filtered:
-        queries.append((f"SELECT {raw_metrics} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}", (first_id(span.start), first_id(span.end)) + scope.args, 1))
-    else:
-        split = split_range(conn, span)
-        queries += [(f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", months + site_args, 1) for months in split.months]
-        queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", (first, end) + site_args, sign) for first, end, sign in split.days]
-        queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args, 1) for r in split.raw]
+    split = split_range(conn, span)
+    queries = [(f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", months + site_args, 1) for months in split.months]
+    queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", (first, end) + site_args, sign) for first, end, sign in split.days]
+    queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args, 1) for r in split.raw]
     sums = no_metrics()
     for sql, args, sign in queries:
         for i, value in enumerate(conn.execute(sql, args).fetchone()):
             sums[i] += sign * (value or 0)
+    return Metrics(*sums)
+
+
+def _matching_totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
+    """The headline numbers alone of the rows that pass the filters (for the previous period), read
+    in parts by two connections at once, as ``_count_matching`` reads its range."""
+    parts, _ = _reading_plan(conn, span, [span.start, span.end], scope)
+    sql = f"SELECT {', '.join(RAW_METRICS)} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
+    sums = no_metrics()
+    with readers_for(conn, parts) as conns:
+        for row in read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) + scope.args for part in parts]):
+            sums = [total + (value or 0) for total, value in zip(sums, row)]
     return Metrics(*sums)
 
 

@@ -195,7 +195,7 @@ def test_a_filtered_report_read_in_chunks_counts_what_the_daily_counts_hold(stor
     span = pixeld.parse_range({"start": "2026-09-03", "end": "2026-10-20"}, time.time(), lambda: None, BERLIN)
     planned = query_report(store.conn, Query(span, BERLIN))
     whole = query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),)))
-    monkeypatch.setattr(pixeld, "MATCHED_CHUNK", 7)
+    monkeypatch.setattr(pixeld, "MATCHED_CHUNK", 3)
     with pixeld.readers_for(store.conn, [span, span]) as conns:
         assert len(conns) == 2 and conns[1].in_transaction  # a second connection reads every other part
     chunked = query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),)))
@@ -205,9 +205,9 @@ def test_a_filtered_report_read_in_chunks_counts_what_the_daily_counts_hold(stor
         keys = pixeld.match_keys([store.conn], span, "")
         assert len([key for key in keys if key.amount is None]) == (len(pixeld.COUNTED) if combinations == 0 else 1)
         packed.append(query_report(store.conn, Query(span, BERLIN, filters=(("device", "desktop"),))))
-    assert planned.totals.views > 100 and planned.totals.engaged_views > 0 and len(planned.sites) == 2
+    assert planned.totals.views > 100 and planned.totals.engaged_views > 0 and len(planned.sites) == 2 and planned.previous.views >= 7
     for raw in (whole, chunked, *packed):
-        assert raw.totals == planned.totals and raw.series == planned.series
+        assert raw.totals == planned.totals and raw.series == planned.series and raw.previous == planned.previous
         assert raw.sections == planned.sections and raw.details == planned.details and raw.entry_pages == planned.entry_pages
 
 
