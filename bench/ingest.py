@@ -11,6 +11,7 @@ as real traffic behind nginx brings (thousands of visitors, not one per User-Age
     python3 bench/ingest.py --paced 6000        # a fixed request rate (wrk's delay()), for latency at part load (--nginx: beside nginx)
     python3 bench/ingest.py --soak 120          # a soak: a new address per hit for 120 s, RSS sampled each second
     python3 bench/ingest.py --nginx             # the same load against nginx's empty_gif, for comparison
+    python3 bench/ingest.py --paced 3000 --reports bench/data/report-1000000.db  # latency while filtered reports run back to back
 
 Each run checks the stored page views against wrk's 2xx answers; the exact check (stdlib clients
 that count every 2xx they get, SIGTERM in the middle of the load) must show them equal.
@@ -29,7 +30,7 @@ import threading
 import time
 from urllib.parse import quote
 
-from common import LANGUAGES, PATH_WEIGHTS, PATHS, REFERRERS, USER_AGENTS, Daemon, free_port
+from common import LANGUAGES, PATH_WEIGHTS, PATHS, REFERRERS, USER_AGENTS, Daemon, free_port, percentile, request
 
 LUA = r"""
 local paths, referrers, agents, screens, languages = {PATHS}, {REFERRERS}, {AGENTS}, {SCREENS}, {LANGUAGES}
@@ -98,17 +99,45 @@ def wrk(directory, url, seconds, connections, close=False, single=False, delay_m
     return rate, int(answered) - int(non_2xx), int(failed), float(p50), float(p99), float(worst)
 
 
-def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags):
+class Reports:
+    """Filtered full-year reports requested back to back while the load runs (the worst an operator can do)."""
+
+    QUERY = "/report?range=365d&path=/blog/*&country=DE"
+
+    def __init__(self, port):
+        self.port, self.times, self.done = port, [], threading.Event()
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def run(self):
+        while not self.done.is_set():
+            started = time.perf_counter()
+            assert request(self.port, self.QUERY)[0] == 200
+            self.times.append((time.perf_counter() - started) * 1000)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return f"; meanwhile {len(self.times)} filtered full-year reports, p50 {percentile(self.times, 0.5):.0f} ms"
+
+
+def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags, seed=None):
+    """Load a fresh daemon, or one on a copy of ``seed`` while it answers filtered reports back to back."""
     db = os.path.join(directory, re.sub(r"\W+", "-", name) + ".db")
+    if seed:
+        shutil.copy(seed, db)
+    before = stored(db) if seed else 0
     daemon = Daemon(db, "--rate-limit", "0", *flags)
+    reports = Reports(daemon.port) if seed else None
     rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms)
+    meanwhile = reports.stop() if reports else ""
     rss = daemon.peak_rss_mb()
     daemon.stop()
-    count = stored(db)
+    count = stored(db) - before
     # wrk stops mid-flight: up to one request per connection was handled but never read by wrk.
     verdict = "none lost" if ok <= count <= ok + connections else "MISMATCH"
     print(f"{name}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
-          f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB", flush=True)
+          f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB{meanwhile}", flush=True)
     return rate
 
 
@@ -216,6 +245,7 @@ def main():
     parser.add_argument("--soak", type=int, default=0, help="seconds of soak with RSS samples")
     parser.add_argument("--soak-rate", type=float, default=8000, help="the soak's request rate")
     parser.add_argument("--nginx", action="store_true", help="also measure nginx's empty_gif with the same load")
+    parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("needs wrk: apt-get install wrk")
@@ -225,7 +255,10 @@ def main():
             soak(directory, args.soak, args.connections, 1000 * args.connections / args.soak_rate)
             return
         if args.paced:
-            run_pixeld(directory, f"paced at {args.paced:,.0f} req/s", args.seconds, args.connections, False, args.single_visitor, 1000 * args.connections / args.paced)
+            delay = 1000 * args.connections / args.paced
+            run_pixeld(directory, f"paced at {args.paced:,.0f} req/s", args.seconds, args.connections, False, args.single_visitor, delay)
+            if args.reports:
+                run_pixeld(directory, f"paced at {args.paced:,.0f} req/s, reports", args.seconds, args.connections, False, args.single_visitor, delay, seed=args.reports)
             if args.nginx and shutil.which("nginx"):  # the floor: what wrk measures on this machine for a server that does nothing
                 run_nginx(directory, args.seconds, args.connections, False, 1000 * args.connections / args.paced)
             return

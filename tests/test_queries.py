@@ -3,7 +3,9 @@ over a real SQLite file written by the real Store."""
 
 import datetime as dt
 import json
+import os
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -246,3 +248,10 @@ def test_a_filtered_report_of_a_database_in_memory_is_read_by_its_one_connection
     planned = query_report(store.conn, Query(span))
     filtered = query_report(store.conn, Query(span, filters=(("device", "desktop"),)))
     assert filtered.totals == planned.totals and filtered.sections == planned.sections and filtered.series == planned.series
+
+
+def test_the_threads_that_scan_for_a_report_yield_the_cpu_to_the_daemon(store):
+    """Report readers run at a lower CPU priority than the thread that started them (Linux keeps one per thread)."""
+    store.conn.create_function("niceness", 0, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+    rows = list(pixeld.read_parallel([store.conn], "SELECT niceness()", [(), ()]))
+    assert rows == [(min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + pixeld.REPORT_NICENESS),)] * 2
