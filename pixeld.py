@@ -2692,7 +2692,7 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
 
 # What a filtered report sums per part in SQL: page views and visitors for the series, and what the pages' keys do not count.
 PART_SUMS = tuple(sorted({VIEWS, VISITORS} | set(range(len(Metrics._fields))) - set(RAW_NEEDS["pages"])))
-REPORT_NICENESS = 10  # how much lower than the daemon's the priority of the threads that scan for a report is
+REPORT_NICENESS = 10  # how much nicer than the daemon the threads that scan for a report are
 MATCHED_CHUNK = 200_000  # page views a filtered report reads in one statement at most, which bounds its memory
 Moments = List[Tuple[int, int, int]]  # (a moment in a series bucket, page views, visitors), counted from raw rows
 
@@ -2832,12 +2832,11 @@ def read_parallel(conns: Sequence[sqlite3.Connection], sql: str, arguments: Sequ
 
 
 def yield_the_cpu() -> None:
-    """Lower this thread's CPU priority (Linux keeps one per thread), so that the serve loop and the
-    writer get a core first while a report scans."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REPORT_NICENESS)
-    except (AttributeError, OSError):  # not on Linux: the report shares the CPU evenly
-        pass
+    """Lower this thread's CPU priority, so that the serve loop and the writer get a core first while a
+    report scans. Only Linux keeps a priority per thread; elsewhere the report shares the CPU evenly."""
+    if sys.platform.startswith("linux"):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + REPORT_NICENESS))
 
 
 def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int]) -> None:
