@@ -2584,8 +2584,7 @@ class Scope(NamedTuple):
     """Which page views count: one site (or all), and SQL conditions on raw rows (empty when unfiltered)."""
 
     site_id: Optional[int]
-    where: str
-    args: Tuple[Any, ...]
+    where: str  # " AND …" with each filter's ids written in
     table: str = "pageviews"  # raw rows to count: pageviews, or events (with event=)
 
     @property
@@ -2659,35 +2658,41 @@ def _total(counted: Dict[Tuple[int, int], List[int]]) -> Metrics:
     return Metrics(*(sum(column) for column in zip(*counted.values()))) if counted else Metrics()
 
 
-def filter_clause(name: str, value: str) -> Tuple[str, Tuple[str, ...]]:
-    """SQL on a raw row for one filter, as its section says it matches."""
+def filter_ids(name: str, value: str) -> Tuple[str, str, Tuple[str, ...]]:
+    """The column one filter tests on a raw row, and SQL for the ids it matches, as its section says it matches."""
     dim, section = FILTERS[name]
     if section.part == "browser":  # a name, or a name and a major version: "Chrome" or "Chrome 131"
-        return "agent IN (SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?)", (value, value)
+        return "agent", "SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?", (value, value)
     if section.part and dim.column == "agent":
-        return f"agent IN (SELECT id FROM agents WHERE {section.part} = ?)", (value,)
+        return "agent", f"SELECT id FROM agents WHERE {section.part} = ?", (value,)
     if section.part == "channel":  # sources are stored as "channel\tsource"
-        return f"{dim.column} IN (SELECT id FROM strings WHERE value >= ? AND value < ?)", (value + FIELD_SEPARATOR, value + FIELD_SEPARATOR + "\U0010ffff")
+        return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value + FIELD_SEPARATOR, value + FIELD_SEPARATOR + "\U0010ffff")
     if section.part == "source":
         values = tuple(FIELD_SEPARATOR.join((channel, value)) for channel in CHANNELS)
-        return f"{dim.column} IN (SELECT id FROM strings WHERE value IN ({', '.join('?' * len(values))}))", values
+        return dim.column, f"SELECT id FROM strings WHERE value IN ({', '.join('?' * len(values))})", values
     if section.match == "prefix" and value.endswith("*"):
-        return f"{dim.column} IN (SELECT id FROM strings WHERE value >= ? AND value < ?)", (value[:-1], value[:-1] + "\U0010ffff")
-    return f"{dim.column} = (SELECT id FROM strings WHERE value = ?)", (value,)
+        return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value[:-1], value[:-1] + "\U0010ffff")
+    return dim.column, "SELECT id FROM strings WHERE value = ?", (value,)
 
 
 def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
-    """Turn the filters into SQL on ``pageviews`` (on ``events`` with ``event=``). SQLite tests the
-    conditions in the order written, so the cheap equalities come before lookups in a set of ids."""
+    """Turn the filters into SQL on ``pageviews`` (on ``events`` with ``event=``). Each filter's ids
+    are looked up once, here, and written into the SQL: the parts of a filtered report would each
+    look them up again. SQLite tests the conditions in the order written, so the cheap equalities
+    come before lookups in a set of ids."""
     site_id = _string_id(conn, query.site) if query.site else None
     if not query.filters:
-        return Scope(site_id, "", ())
-    clauses = [filter_clause(name, value) for name, value in query.filters]
+        return Scope(site_id, "")
+    tests = []
+    for name, value in query.filters:
+        column, sql, args = filter_ids(name, value)
+        ids = sorted(row[0] for row in conn.execute(sql, args))
+        tests.append(f"{column} = {ids[0]}" if len(ids) == 1 else f"{column} IN ({', '.join(map(str, ids))})")
     if site_id is not None:
-        clauses.append(("site = ?", (site_id,)))
-    clauses.sort(key=lambda clause: " IN (" in clause[0])
+        tests.append(f"site = {site_id}")
+    tests.sort(key=lambda test: " IN (" in test)
     table = "events" if any(name == EVENT_NAMES.sections[0].filter for name, _ in query.filters) else "pageviews"
-    return Scope(site_id, "".join(" AND " + sql for sql, _ in clauses), tuple(arg for _, args in clauses for arg in args), table)
+    return Scope(site_id, "".join(" AND " + test for test in tests), table)
 
 
 # What a filtered report sums per part in SQL: page views and visitors for the series, and what the pages' keys do not count.
@@ -2770,7 +2775,7 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
         keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ")
         joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
         sql = f"SELECT {', '.join([key.sql for key in keys] + [RAW_METRICS[metric] for metric in PART_SUMS])} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
-        for part, row in zip(parts, read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) + scope.args for part in parts])):
+        for part, row in zip(parts, read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) for part in parts])):
             part_sums = dict(zip(PART_SUMS, (value or 0 for value in row[len(keys) :])))
             for metric, value in part_sums.items():
                 sums[metric] += value
@@ -2975,7 +2980,7 @@ def _matching_totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Met
     sql = f"SELECT {', '.join(RAW_METRICS)} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
     sums = no_metrics()
     with readers_for(conn, parts) as conns:
-        for row in read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) + scope.args for part in parts]):
+        for row in read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) for part in parts]):
             sums = [total + (value or 0) for total, value in zip(sums, row)]
     return Metrics(*sums)
 
@@ -3006,7 +3011,7 @@ def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, s
 
 
 def _raw_clause(scope: Scope) -> Tuple[str, Tuple[Any, ...]]:
-    return (scope.where, scope.args) if scope.where else _site_clause(scope.site_id)
+    return (scope.where, ()) if scope.where else _site_clause(scope.site_id)
 
 
 def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Counts) -> None:
