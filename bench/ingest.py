@@ -11,6 +11,7 @@ as real traffic behind nginx brings (thousands of visitors, not one per User-Age
     python3 bench/ingest.py --paced 6000        # a fixed request rate (wrk's delay()), for latency at part load (--nginx: beside nginx)
     python3 bench/ingest.py --soak 120          # a soak: a new address per hit for 120 s, RSS sampled each second
     python3 bench/ingest.py --nginx             # the same load against nginx's empty_gif, for comparison
+    python3 bench/ingest.py --nginx --flask     # and against the 2020 Flask design on gunicorn (bench/flask_design.py)
     python3 bench/ingest.py --paced 3000 --reports bench/data/report-1000000.db  # latency while filtered reports run back to back
 
 Each run checks the stored page views against wrk's 2xx answers; the exact check (stdlib clients
@@ -25,12 +26,13 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from urllib.parse import quote
 
-from common import LANGUAGES, PATH_WEIGHTS, PATHS, REFERRERS, USER_AGENTS, Daemon, free_port, percentile, request
+from common import HERE, LANGUAGES, PATH_WEIGHTS, PATHS, REFERRERS, USER_AGENTS, Daemon, free_port, percentile, request
 
 LUA = r"""
 local paths, referrers, agents, screens, languages = {PATHS}, {REFERRERS}, {AGENTS}, {SCREENS}, {LANGUAGES}
@@ -166,6 +168,32 @@ def run_nginx(directory, seconds, connections, close, delay_ms=0.0):
     return rate
 
 
+def run_flask(directory, seconds, connections, close, delay_ms=0.0):
+    """The 2020 Flask design (bench/flask_design.py) on gunicorn with two sync workers, under the same load."""
+    port, db = free_port(), os.path.join(directory, f"flask-{int(close)}-{delay_ms:g}.db")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}", "--chdir", HERE, "flask_design:app"],
+        env=dict(os.environ, FLASK_DESIGN_DB=db), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            try:
+                if request(port, "/pixel.gif?path=/warm&resolution=1x1")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{port}/", seconds, connections, close, delay_ms=delay_ms)
+    finally:
+        proc.terminate()
+        proc.wait()
+    with sqlite3.connect(db) as conn:
+        count = conn.execute("SELECT count(*) FROM data").fetchone()[0] - 1  # less the warm-up hit
+    mode = "paced" if delay_ms else "new connection per request" if close else "keep-alive"
+    print(f"the 2020 Flask design on gunicorn, {mode}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms; "
+          f"2xx {ok:,}, stored {count:,} ({failed} socket errors)", flush=True)
+    return rate
+
+
 def soak(directory, seconds, connections, delay_ms):
     """A new address per hit for a fixed time; RSS sampled every second; every answered hit must be stored."""
     db = os.path.join(directory, "soak.db")
@@ -245,6 +273,7 @@ def main():
     parser.add_argument("--soak", type=int, default=0, help="seconds of soak with RSS samples")
     parser.add_argument("--soak-rate", type=float, default=8000, help="the soak's request rate")
     parser.add_argument("--nginx", action="store_true", help="also measure nginx's empty_gif with the same load")
+    parser.add_argument("--flask", action="store_true", help="also measure the 2020 Flask design on gunicorn (pip install -r bench/requirements.txt)")
     parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -260,7 +289,9 @@ def main():
             if args.reports:
                 run_pixeld(directory, f"paced at {args.paced:,.0f} req/s, reports", args.seconds, args.connections, False, args.single_visitor, delay, seed=args.reports)
             if args.nginx and shutil.which("nginx"):  # the floor: what wrk measures on this machine for a server that does nothing
-                run_nginx(directory, args.seconds, args.connections, False, 1000 * args.connections / args.paced)
+                run_nginx(directory, args.seconds, args.connections, False, delay)
+            if args.flask:
+                run_flask(directory, args.seconds, args.connections, False, delay)
             return
         mode = "one visitor per User-Agent" if args.single_visitor else "a new address per hit"
         keep = run_pixeld(directory, f"pixeld keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor)
@@ -269,6 +300,10 @@ def main():
             nginx_keep = run_nginx(directory, args.seconds, args.connections, False)
             nginx_fresh = run_nginx(directory, args.seconds, args.connections, True)
             print(f"pixeld / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x")
+        if args.flask:
+            flask_keep = run_flask(directory, args.seconds, args.connections, False)
+            flask_fresh = run_flask(directory, args.seconds, args.connections, True)
+            print(f"pixeld / the 2020 Flask design: keep-alive {keep / flask_keep:.0f}x, new connection per request {fresh / flask_fresh:.0f}x")
         exact_check(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
