@@ -1736,7 +1736,7 @@ class Section(NamedTuple):
 class Dimension(NamedTuple):
     """Something stored with every page view and counted per day: the one place that says so.
 
-    The schema's columns, the writer's keys and counts, the filtered-report copy, filters, report
+    The schema's columns, the writer's keys and counts, the filtered report's keys, filters, report
     sections and labels, and export and import fields all derive from ``DIMENSIONS``."""
 
     name: str
