@@ -1047,13 +1047,17 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"\(khtml, like gecko(?:[,;] (?!safari/)|\) (?!mobile\b|brave\b)[a-z][\w.-]* (?:chrome|version)/)"  # browsers send "(KHTML, like Gecko)" as
     # it is (old Konqueror adds Safari/) and follow it with products and versions (old Brave: "Brave Chrome/"); tools add a bare name
 )
-# Matched at the start: one product and version alone, or with a desktop OS alone ("Tool/1.0 (Linux)"); a bare
-# Mozilla or its "compatible" comment alone. A desktop browser's UA starts with Mozilla/5.0 and its platform
-# ("Windows NT 10.0", "Macintosh", "X11"; old ones "Windows; U"), and names its engine after it.
-_BOT_WHOLE = re.compile(
-    r"mozilla/\d\.\d$|mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$|[a-z0-9_.-]+/[0-9.]+(?:$| \((?:linux|windows|macintosh|x11)\)$| mozilla/5\.0 \((?:windows nt|macintosh|x11))|"
-    r"mozilla/5\.0 (?:\[[a-z-]+\] )?\((?:windows|macintosh|x11)[^)]*\)$|mozilla/5\.0 \((?!windows|macintosh|x11|compatible|ie \d|[a-z];)[^;)]+; (?:[^)]*; )?(?:windows nt \d|macintosh;|x11;)|whatsapp/"
-)
+# Matched at the start. A desktop browser's UA starts with Mozilla/5.0 and its platform ("Windows NT 10.0",
+# "Macintosh", "X11"; old ones "Windows; U") and names its engine after it.
+_BOT_WHOLE = re.compile("|".join((
+    r"mozilla/\d\.\d$",  # a bare Mozilla
+    r"mozilla/\d\.\d \(compatible(?:; [^;)]*)?\)$",  # or its "compatible" comment alone
+    r"[a-z0-9_.-]+/[0-9.]+(?:$| \((?:linux|windows|macintosh|x11)\)$)",  # one product and version alone, or with a desktop OS alone
+    r"[a-z0-9_.-]+/[0-9.]+ mozilla/5\.0 \((?:windows nt|macintosh|x11)",  # a name before a desktop browser's Mozilla/5.0
+    r"mozilla/5\.0 (?:\[[a-z-]+\] )?\((?:windows|macintosh|x11)[^)]*\)$",  # a desktop platform and no engine after it
+    r"mozilla/5\.0 \((?!windows|macintosh|x11|compatible|ie \d|[a-z];)[^;)]+; (?:[^)]*; )?(?:windows nt \d|macintosh;|x11;)",  # a name before the platform
+    r"whatsapp/",
+)))
 _VERSIONED = re.compile(r"/\d")  # every browser and app names a product with its version ("Gecko/20100101", "Dalvik/2.1.0")
 _ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")
 # A reader's UA names a browser (Mozilla/, Opera/) or a platform; anything else is a tool or a service.
