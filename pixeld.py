@@ -1055,7 +1055,8 @@ _BOT_WHOLE = re.compile("|".join((
     r"[a-z0-9_.-]+/[0-9.]+(?:$| \((?:linux|windows|macintosh|x11)\)$)",  # one product and version alone, or with a desktop OS alone
     r"[a-z0-9_.-]+/[0-9.]+ mozilla/5\.0 \((?:windows nt|macintosh|x11)",  # a name before a desktop browser's Mozilla/5.0
     r"mozilla/5\.0 (?:\[[a-z-]+\] )?\((?:windows|macintosh|x11)[^)]*\)$",  # a desktop platform and no engine after it
-    r"mozilla/5\.0 \((?!windows|macintosh|x11|compatible|ie \d|[a-z];)[^;)]+; (?:[^)]*; )?(?:windows nt \d|macintosh;|x11;)",  # a name before the platform
+    r"mozilla/5\.0 \((?!windows|macintosh|x11|compatible|ie \d|[a-z];|ubuntu;|smart-tv;)[^;)]+; (?:[^)]*; )?(?:windows nt \d|macintosh;|x11;)",  # a name before
+    # the platform (Ubuntu's old Firefox and Samsung's 2013 TVs put theirs there: "Ubuntu; X11", "SMART-TV; X11")
     r"whatsapp/",
 )))
 _VERSIONED = re.compile(r"/\d")  # every browser and app names a product with its version ("Gecko/20100101", "Dalvik/2.1.0")

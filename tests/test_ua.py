@@ -152,6 +152,7 @@ READERS = [
      UserAgent("Brave", "80", "macOS", "desktop")),  # old Brave: its name bare before Chrome/
     ("HTC_Touch Mozilla/4.0 (compatible; MSIE 6.0; Windows CE; IEMobile 7.11)", UserAgent("Internet Explorer", "6", "Windows", "phone")),  # a phone's model first
     ("Mozilla/4.0 (compatible; Elaine/2.0; RIM950)", UserAgent("", "", "", "other")),  # an early BlackBerry (RIM) in "compatible"
+    ("Mozilla/5.0 (Ubuntu; X11; Linux x86_64; rv:8.0) Gecko/20100101 Firefox/8.0", UserAgent("Firefox", "8", "Linux", "desktop")),  # Ubuntu's, 2011
 ]
 OTHER_DEVICES = [  # TVs, boxes, consoles and cars are "other"
     "Mozilla/5.0 (Linux; Android 9; BRAVIA 4K GB ATV3 Build/PTT1.190515.001.S52) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/110.0.5481.65 Mobile Safari/537.36",
@@ -159,6 +160,7 @@ OTHER_DEVICES = [  # TVs, boxes, consoles and cars are "other"
     "Mozilla/5.0 (Linux; Android 9; AFTMM Build/PS7633.3445N; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/120.0.6099.230 Mobile Safari/537.36",
     "Mozilla/5.0 (PlayStation; PlayStation 5/2.26) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/13.0 Safari/605.1.15",
     "Mozilla/5.0 (X11; GNU/Linux) AppleWebKit/537.36 (KHTML, like Gecko) Chromium/79.0.3945.130 Chrome/79.0.3945.130 Safari/537.36 Tesla/2020.16.2.1-e99c70fff409",
+    "Mozilla/5.0 (SMART-TV; X11; Linux armv7l) AppleWebKit/537.42 (KHTML, like Gecko) Chromium/25.0.1349.2 Chrome/25.0.1349.2 Safari/537.42",
 ]
 TABLETS = [
     "Mozilla/5.0 (Linux; Android 13; SM-X700) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
