@@ -181,6 +181,8 @@ def run_flask(directory, seconds, connections, close, delay_ms=0.0):
                 if request(port, "/pixel.gif?path=/warm&resolution=1x1")[0] == 200:
                     break
             except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit("the Flask design did not start: pip install -r bench/requirements.txt") from None
                 time.sleep(0.05)
         rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{port}/", seconds, connections, close, delay_ms=delay_ms)
     finally:
