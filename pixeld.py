@@ -2779,8 +2779,7 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
     with readers_for(conn, parts) as conns:
         keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ")
         joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
-        sql = f"SELECT {', '.join([key.sql for key in keys] + [RAW_METRICS[metric] for metric in PART_SUMS])} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
-        for part, row in zip(parts, read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) for part in parts])):
+        for part, row in zip(parts, _read_parts(conns, [key.sql for key in keys] + [RAW_METRICS[metric] for metric in PART_SUMS], scope, parts)):
             part_sums = dict(zip(PART_SUMS, (value or 0 for value in row[len(keys) :])))
             for metric, value in part_sums.items():
                 sums[metric] += value
@@ -2815,6 +2814,12 @@ def readers_for(conn: sqlite3.Connection, parts: Sequence[Range]) -> Iterator[Li
         yield [conn, helper]
     finally:
         helper.close()
+
+
+def _read_parts(conns: Sequence[sqlite3.Connection], columns: Sequence[str], scope: Scope, parts: Sequence[Range]) -> Iterator[Any]:
+    """One row of ``columns`` (aggregates) over the rows of each part that pass the filters, in order."""
+    sql = f"SELECT {', '.join(columns)} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
+    return read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) for part in parts])
 
 
 def read_parallel(conns: Sequence[sqlite3.Connection], sql: str, arguments: Sequence[Tuple[Any, ...]]) -> Iterator[Any]:
@@ -2982,10 +2987,9 @@ def _matching_totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Met
     """The headline numbers alone of the rows that pass the filters (for the previous period), read
     in parts by two connections at once, as ``_count_matching`` reads its range."""
     parts, _ = _reading_plan(conn, span, [span.start, span.end], scope)
-    sql = f"SELECT {', '.join(RAW_METRICS)} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
     sums = no_metrics()
     with readers_for(conn, parts) as conns:
-        for row in read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) for part in parts]):
+        for row in _read_parts(conns, RAW_METRICS, scope, parts):
             sums = [total + (value or 0) for total, value in zip(sums, row)]
     return Metrics(*sums)
 
@@ -4550,12 +4554,11 @@ class Request(NamedTuple):
 
 def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Request:
     """The request line and headers (without the blank line) as a WSGI environ, per PEP 3333."""
-    lines = head.split(b"\r\n")
-    if len(lines[0]) > MAX_REQUEST_LINE:
+    text = head.decode("latin-1").split("\r\n")  # latin-1: one character per byte, so lengths are bytes
+    if len(text[0]) > MAX_REQUEST_LINE:
         raise BadRequest("414")
-    if len(lines) - 1 > MAX_HEADERS or len(head) - len(lines[0]) > MAX_HEADER_BYTES:
+    if len(text) - 1 > MAX_HEADERS or len(head) - len(text[0]) > MAX_HEADER_BYTES:
         raise BadRequest("431")
-    text = head.decode("latin-1").split("\r\n")
     parts = text[0].split(" ")
     if len(parts) != 3 or not parts[0].isalpha() or not parts[1]:
         raise BadRequest("400")
