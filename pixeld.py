@@ -23,6 +23,8 @@ import contextlib
 import csv
 import dataclasses
 import datetime as dt
+import email.message
+import email.utils
 import errno
 import gc
 import hashlib
@@ -1910,6 +1912,16 @@ MIGRATIONS: Tuple[Union[str, Callable[[sqlite3.Connection, Callable[[str], None]
     """
     CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll);
     """,
+    # Notes on days (pixeld.py note): a site's, or every site's when site is empty. The same note is kept once.
+    """
+    CREATE TABLE annotations (id INTEGER PRIMARY KEY, date TEXT NOT NULL, site TEXT NOT NULL, text TEXT NOT NULL, UNIQUE (date, site, text));
+    """,
+    # Alerts raised (pixeld.py alert): one per site, direction and local day at most.
+    """
+    CREATE TABLE alerts (
+        site TEXT NOT NULL, direction TEXT NOT NULL, date TEXT NOT NULL, hour INTEGER NOT NULL, views INTEGER NOT NULL, usual REAL NOT NULL,
+        PRIMARY KEY (site, direction, date)) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
@@ -2259,6 +2271,49 @@ class Store:
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
 
 
+MAX_NOTE = 200  # characters of an annotation
+
+
+class Annotation(NamedTuple):
+    """A note on a day of the series (``pixeld.py note``), for one site, or for every site when ``site`` is empty."""
+
+    id: int
+    date: str  # YYYY-MM-DD: a calendar day, whichever time zone a report is shown in
+    site: str
+    text: str
+
+
+def note_date(value: str) -> Optional[str]:
+    """An ISO date between 2000 and 2099, or None."""
+    try:
+        day = dt.date.fromisoformat(value.strip()) if re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", value) else None
+    except ValueError:
+        return None
+    return day.isoformat() if day and 2000 <= day.year < 2100 else None
+
+
+def add_annotation(conn: sqlite3.Connection, date: str, site: str, text: str) -> Tuple[int, bool]:
+    """Keep a note once: the same text on the same day and site is stored once, so a second import adds
+    nothing. Returns its id, and whether it is new. The text is cleaned as a visitor's would be."""
+    text = clean_text(text, MAX_NOTE)
+    added = conn.execute("INSERT OR IGNORE INTO annotations (date, site, text) VALUES (?, ?, ?)", (date, site, text)).rowcount == 1
+    return conn.execute("SELECT id FROM annotations WHERE date = ? AND site = ? AND text = ?", (date, site, text)).fetchone()[0], added
+
+
+def delete_annotation(conn: sqlite3.Connection, note_id: int) -> bool:
+    return conn.execute("DELETE FROM annotations WHERE id = ?", (note_id,)).rowcount == 1
+
+
+def claim_alert(conn: sqlite3.Connection, site: str, direction: str, date: str, hour: int, views: int, usual: float) -> bool:
+    """Remember an alert before it is raised; False when one of this site and direction was raised that day already."""
+    return conn.execute("INSERT OR IGNORE INTO alerts VALUES (?, ?, ?, ?, ?, ?)", (site, direction, date, hour, views, usual)).rowcount == 1
+
+
+def release_alert(conn: sqlite3.Connection, site: str, direction: str, date: str) -> None:
+    """Forget an alert that could not be sent, so that the next run raises it."""
+    conn.execute("DELETE FROM alerts WHERE site = ? AND direction = ? AND date = ?", (site, direction, date))
+
+
 def _grow(targets: Dict[int, List[int]], entries: Entries, seen: Union[VisitStep, Engagement], views: int, duration: int) -> None:
     """Note what a visit should show on its entry row: at least ``views`` page views and ``duration`` seconds.
     Its entry row was written in this batch, or earlier (and the visit's generation knows where)."""
@@ -2583,6 +2638,7 @@ class ReportData(NamedTuple):
     notes: List[str]
     details: Dict[str, Dict[str, Dict[str, Any]]] = {}  # section -> label -> more about its row (a source's visitors and channel)
     visitors_now: Optional[int] = None  # live reports: visitors with a page view in the last five minutes
+    annotations: List[Annotation] = []  # notes on the days the range touches
 
 
 class Scope(NamedTuple):
@@ -2643,6 +2699,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         grain=grain,
         series=series,
         notes=_retention_notes(conn, span, scope),
+        annotations=annotations_in(conn, span, query.zone, query.site),
     )
 
 
@@ -3277,6 +3334,23 @@ def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
     return conn.execute("SELECT min(day) FROM daily").fetchone()[0]
 
 
+def views_per_site(conn: sqlite3.Connection, span: Range) -> Dict[str, int]:
+    """Page views per site (by name) in a range of whole quarter hours, from the quarter-hour totals."""
+    rows = conn.execute(
+        "SELECT s.value, sum(q.views) FROM quarters q JOIN strings s ON s.id = q.site WHERE q.quarter >= ? AND q.quarter < ? GROUP BY q.site",
+        (span.start // QUARTER, span.end // QUARTER),
+    )
+    return dict(rows.fetchall())
+
+
+def annotations_in(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, site: str = "") -> List[Annotation]:
+    """The notes on the days the range touches in its time zone: one site's and those for every site, or all."""
+    first, last = (dt.datetime.fromtimestamp(moment, zone).date().isoformat() for moment in (span.start, span.end - 1))
+    clause, args = (" AND site IN ('', ?)", (site,)) if site else ("", ())
+    rows = conn.execute(f"SELECT id, date, site, text FROM annotations WHERE date >= ? AND date <= ?{clause} ORDER BY date, id", (first, last) + args)
+    return [Annotation(*row) for row in rows]
+
+
 ###############################################################################
 # Report parameters and rendering #############################################
 ###############################################################################
@@ -3527,6 +3601,7 @@ def render_json(report: ReportData, request: ReportRequest) -> str:
             "grain": report.grain,
             "rows": [{"start": iso(start, query.zone), "pageviews": views, "visitors": visitors} for start, views, visitors in report.series],
         },
+        "annotations": [{"id": note.id, "date": note.date, "site": note.site or None, "text": note.text} for note in report.annotations],
         "sections": {},
         "notes": report.notes,
     }
@@ -3554,6 +3629,8 @@ def render_csv(report: ReportData, request: ReportRequest) -> str:
     for start, views, visitors in report.series:
         writer.writerow(["series", iso(start, report.query.zone), views, ""])
         writer.writerow(["series_visitors", iso(start, report.query.zone), visitors, ""])
+    for note in report.annotations:
+        writer.writerow(["annotation", note_label(note, report.query.site), "", ""])
     for name in shown_sections(report, request):
         columns, details = SECTIONS[name][1].columns, report.details.get(name, {})
         for value, count, other in limited(section_rows(report, name), request, text=False):
@@ -3638,10 +3715,29 @@ def render_series(report: ReportData, width: int, ascii: bool) -> List[str]:
     bar_width = width - 16 - 1 - 10 - 10
     largest = max((views for _, views, _ in report.series), default=0)
     lines = [f"{'Page views per ' + report.grain:<{width - 20}}{'Views':>10}{'Visitors':>10}"]
+    marked = annotations_by_bucket(report)
     for start, views, visitors in report.series:
         label = dt.datetime.fromtimestamp(start, zone).strftime(formats[report.grain])
         lines.append(f"{label:<16} {bar(views, largest, bar_width, ascii):<{bar_width}}{views:>10,}{visitors:>10,}")
+        lines += [f"{'':<16} {'*' if ascii else '◆'} {cut(note_label(note, report.query.site), width - 20)}" for note in marked.get(start, ())]
     return lines
+
+
+def annotations_by_bucket(report: ReportData) -> Dict[int, List[Annotation]]:
+    """The notes under the series bucket their day starts in (the first bucket, for a day the range starts within)."""
+    starts = [start for start, _, _ in report.series]
+    marked: Dict[int, List[Annotation]] = {}
+    for note in report.annotations:
+        moment = max(local_midnight(dt.date.fromisoformat(note.date), report.query.zone), report.query.range.start)
+        index = bisect.bisect_right(starts, moment) - 1
+        if index >= 0:
+            marked.setdefault(starts[index], []).append(note)
+    return marked
+
+
+def note_label(note: Annotation, report_site: str) -> str:
+    """A note as shown: its day and text, with its site on a report of every site."""
+    return f"{note.date} {note.site + ': ' if note.site and not report_site else ''}{note.text}"
 
 
 def bar(value: int, largest: int, width: int, ascii: bool) -> str:
@@ -3712,6 +3808,7 @@ h1{font-size:1.3rem;margin:0}h2{font-size:1.05rem;margin:1.6rem 0 .4rem}a{color:
 dl{display:grid;grid-template-columns:repeat(auto-fit,minmax(9rem,1fr));gap:.6rem;margin:1rem 0}dl div{border:1px solid var(--line);border-radius:.4rem;padding:.5rem .7rem}
 dt{color:var(--muted);font-size:.85rem}dd{margin:0;font-size:1.35rem;font-weight:600}dd small{font-size:.8rem;font-weight:400}
 svg{width:100%;height:auto;display:block}svg text{fill:var(--muted);font-size:11px}svg rect.b{fill:var(--chart)}svg line{stroke:var(--line)}
+svg .a line{stroke:var(--accent);stroke-dasharray:3 3}svg .a circle{fill:var(--accent)}.notes{list-style:none;margin:.3rem 0 0;padding:0}
 table{width:100%;border-collapse:collapse;table-layout:fixed}td,th{padding:.25rem .4rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{text-align:right;font-weight:600;color:var(--muted);font-size:.85rem}th:first-child{text-align:left}.n{text-align:right;width:5.6rem;font-variant-numeric:tabular-nums}
 td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
@@ -3803,8 +3900,26 @@ def html_chart(report: ReportData, width: int = 600, height: int = 150) -> str:
     caption = f"Page views per {report.grain}"
     return (
         f'<figure><svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(caption)}"><title>{esc(caption)}</title>'
-        f'{"".join(axis)}{"".join(bars)}</svg><figcaption class="muted">{esc(caption)}</figcaption></figure>'
+        f'{"".join(axis)}{"".join(bars)}{chart_marks(report, left, step, top, height - bottom)}</svg>'
+        f'<figcaption class="muted">{esc(caption)}{html_annotations(report)}</figcaption></figure>'
     )
+
+
+def chart_marks(report: ReportData, left: int, step: float, top: int, floor: int) -> str:
+    """A dashed line with a dot over each bucket that has notes; the notes, escaped, in its <title>."""
+    starts, marks = [start for start, _, _ in report.series], []
+    for start, notes in annotations_by_bucket(report).items():
+        x = left + step * (starts.index(start) + 0.5)
+        marks.append(
+            f'<g class="a"><line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{floor}"/><circle cx="{x:.1f}" cy="{top}" r="4"/>'
+            f"<title>{esc('; '.join(note_label(note, report.query.site) for note in notes))}</title></g>"
+        )
+    return "".join(marks)
+
+
+def html_annotations(report: ReportData) -> str:
+    items = "".join(f"<li>◆ {esc(note_label(note, report.query.site))}</li>" for note in report.annotations)
+    return f'<ul class="notes">{items}</ul>' if items else ""
 
 
 def row_filter(name: str, value: str, sites: List[str]) -> Dict[str, str]:
@@ -3852,7 +3967,7 @@ def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData
 ###############################################################################
 
 EXPORT_FIELDS = (
-    "time", "type", "site", *(field for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
+    "time", "type", "site", *(field for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS, "note",
 )
 IMPORT_BATCH = 20_000
 _COMBINED = re.compile(
@@ -3869,7 +3984,7 @@ def export_lines(conn: sqlite3.Connection, span: Range, site: str, fmt: str) -> 
     clause, args = _site_clause(_string_id(conn, site) if site else None)
     bounds = (first_id(span.start), first_id(span.end)) + args
     tables = [conn.execute(export_sql(table, kind) + clause.replace("site", "t.site") + " ORDER BY t.id", bounds) for table, kind in (("pageviews", "pageview"), ("events", "event"))]
-    rows = heapq.merge(*tables)
+    rows = heapq.merge(*tables, annotation_rows(conn, span, site))
     while True:
         chunk = list(itertools.islice(rows, 1000))
         if not chunk:
@@ -3902,8 +4017,18 @@ def export_sql(table: str, kind: str) -> str:
         else:
             selected.append(f"j{number}.value")
             joins.append(f"JOIN strings j{number} ON j{number}.id = t.{dim.column}")
-    selected += [f"t.{number}" for number in ROW_NUMBERS]
+    selected += [f"t.{number}" for number in ROW_NUMBERS] + ["''"]
     return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
+
+
+def annotation_rows(conn: sqlite3.Connection, span: Range, site: str) -> List[Tuple[Any, ...]]:
+    """Notes as export rows of type ``annotation``, placed at their day's UTC midnight: the site and
+    the note, every other field empty."""
+    rows = []
+    for note in annotations_in(conn, Range(max(span.start, EARLIEST), min(span.end, LATEST)), dt.timezone.utc, site):
+        midnight = local_midnight(dt.date.fromisoformat(note.date), dt.timezone.utc)
+        rows.append((first_id(midnight), "annotation", note.site) + ("",) * (len(EXPORT_FIELDS) - 4) + (note.text,))
+    return rows
 
 
 def parse_export_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> Tuple[str, Range, str]:
@@ -3939,7 +4064,7 @@ class Importer:
         self.progress = progress
         self.memo = Memo()
         self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear)
-        self.imported = self.filtered = self.skipped = 0
+        self.imported = self.filtered = self.skipped = self.notes = 0
         self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
         self._records: List[Record] = []
         self._events: List[Event] = []
@@ -3962,7 +4087,7 @@ class Importer:
         seconds = time.monotonic() - self._started
         self.progress(
             f"imported {self.imported:,} page views and events from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
-            f"{self.filtered:,} filtered, {self.skipped:,} lines skipped"
+            f"{self.filtered:,} filtered, {self.skipped:,} lines skipped" + (f"; {self.notes:,} new annotations" if self.notes else "")
         )
 
     def _read_csv(self, path: str) -> None:
@@ -4017,7 +4142,18 @@ class Importer:
         self._add(read_hit(hit, self.config, self.memo, lambda address: lookup_country(self.geoip, address)), live=True)
 
     def _add_record(self, row: Optional[Dict[str, Any]]) -> None:
-        self._add(read_record(row, self.config, self.memo, self.site) if row else None, live=False)
+        if row and row.get("type") == "annotation":
+            self._add_annotation(row)
+        else:
+            self._add(read_record(row, self.config, self.memo, self.site) if row else None, live=False)
+
+    def _add_annotation(self, row: Dict[str, Any]) -> None:
+        """An export's note: kept once however often it is imported; one for a site that ``--site`` does not accept is skipped."""
+        when, site, text = parse_stamp(row.get("time")), normalise_host(str(row.get("site") or "")), clean_text(str(row.get("note") or ""), MAX_NOTE)
+        if when is None or not text or (site and self.config.sites and not in_domains(site, self.config.sites)):
+            self.skipped += 1
+            return
+        self.notes += add_annotation(self.store.conn, dt.datetime.fromtimestamp(when, dt.timezone.utc).date().isoformat(), site, text)[1]
 
     def _add(self, outcome: Outcome, live: bool) -> None:
         if outcome is None:
@@ -5104,6 +5240,251 @@ def heartbeat(app: App) -> Callable[[], None]:
 
 
 ###############################################################################
+# Digest and alerts ###########################################################
+###############################################################################
+
+DIGEST_RANGES = ("7d", "30d", "month")
+DIGEST_ROWS = 5  # pages and sources a digest lists
+DIGEST_WIDTH = 72
+MAIL_TIMEOUT = 30.0  # seconds a mail server or sendmail has to take a message
+SENDMAIL = "/usr/sbin/sendmail"
+MAIL_STYLE = {  # the digest's HTML is styled inline: mail readers drop style sheets and load nothing from elsewhere
+    "body": "margin:0;padding:16px;background:#ffffff;color:#1d1f21;font:15px/1.45 -apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif",
+    "h1": "font-size:19px;margin:0 0 4px", "h2": "font-size:16px;margin:22px 0 6px", "muted": "color:#5f6368;margin:0",
+    "table": "border-collapse:collapse;width:100%;max-width:36rem", "cell": "padding:4px 8px 4px 0;border-bottom:1px solid #e3e3e3;overflow-wrap:anywhere",
+    "number": "padding:4px 0 4px 8px;border-bottom:1px solid #e3e3e3;text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums",
+}
+
+
+class SendFailed(Exception):
+    """Mail that could not be handed over: one line naming the cause. Nothing is tried again, so nothing is sent twice."""
+
+
+class Mail(NamedTuple):
+    """Where a digest or an alert goes: through a mail server, or to sendmail."""
+
+    to: Tuple[str, ...]
+    sender: str
+    smtp: Optional[Tuple[str, int]] = None
+    security: str = ""  # "", "starttls" or "tls"
+    user: str = ""
+    password: str = ""
+    sendmail: str = ""  # the sendmail program, when it takes the message instead of a server
+
+
+class Digest(NamedTuple):
+    report: ReportData
+    new_sources: List[Tuple[str, int]]  # sources with page views in the period and none before it, most first
+
+
+def digest_range(name: str, now: float, zone: dt.tzinfo) -> Range:
+    """The last complete period: the 7 or 30 days before today, or the last calendar month."""
+    today = dt.datetime.fromtimestamp(now, zone).date()
+    if name == "month":
+        first = (today.replace(day=1) - dt.timedelta(days=1)).replace(day=1)
+        return Range(local_midnight(first, zone), local_midnight(today.replace(day=1), zone))
+    return Range(local_midnight(today - dt.timedelta(days=int(name[:-1])), zone), local_midnight(today, zone))
+
+
+def build_digest(conn: sqlite3.Connection, query: Query) -> Digest:
+    """The period's report, and the sources that sent nobody before it (since the first day with data)."""
+    report = query_report(conn, query)
+    first = first_day_with_data(conn)
+    seen: Set[str] = set()
+    if first is not None and first * DAY < query.range.start:
+        seen = {label for label, _ in query_report(conn, query._replace(range=Range(first * DAY, query.range.start))).sections["sources"]}
+    return Digest(report, [(label, views) for label, views in report.sections["sources"] if label and label not in seen])
+
+
+def digest_lists(digest: Digest) -> List[Tuple[str, List[Tuple[str, int]]]]:
+    """The digest's lists, (title, [(label, page views)]): top pages and sources, new sources, and goals
+    once the report counts them (a ``goals`` section)."""
+    sections = digest.report.sections
+    lists = [
+        ("Top pages", sections["pages"][:DIGEST_ROWS]),
+        ("Top sources", [(label or "(direct)", views) for label, views in sections["sources"][:DIGEST_ROWS]]),
+        ("New sources", digest.new_sources[:DIGEST_ROWS]),
+        ("Goals", sections.get("goals", [])[:DIGEST_ROWS]),
+    ]
+    return [(title, rows) for title, rows in lists if rows or title in ("Top pages", "Top sources")]
+
+
+def digest_subject(digest: Digest) -> str:
+    query = digest.report.query
+    return f"pixeld digest · {query.site or 'all sites'} · {format_range(query.range, query.zone)}"
+
+
+def digest_text(digest: Digest) -> str:
+    report, width = digest.report, DIGEST_WIDTH
+    lines = [digest_subject(digest), "Changes are against the same number of days just before.", ""]
+    lines += [f"{title:<16}{value:>10}  {changed}".rstrip() for title, value, changed in headline_rows(report, ascii=False)]
+    for title, rows in digest_lists(digest):
+        lines += ["", f"{title:<{width - 10}}{'Views':>10}"]
+        lines += [f"{cut(label, width - 12):<{width - 10}}{views:>10,}" for label, views in rows] or ["(none)"]
+    if report.annotations:
+        lines += ["", "Notes", *[f"◆ {note_label(note, report.query.site)}" for note in report.annotations]]
+    return "\n".join(lines) + "\n"
+
+
+def digest_html(digest: Digest) -> str:
+    """The digest as one HTML page styled inline, nothing loaded from elsewhere, every value escaped."""
+    report, style = digest.report, MAIL_STYLE
+    rows = "".join(
+        f'<tr><td style="{style["cell"]}">{esc(title)}</td><td style="{style["number"]}"><b>{esc(value)}</b></td>'
+        f'<td style="{style["number"]};color:#5f6368">{esc(changed)}</td></tr>'
+        for title, value, changed in headline_rows(report, ascii=False)
+    )
+    parts = [
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(digest_subject(digest))}</title></head><body style="{style["body"]}">',
+        f'<h1 style="{style["h1"]}">pixeld digest · {esc(report.query.site or "all sites")}</h1>',
+        f'<p style="{style["muted"]}">{esc(format_range(report.query.range, report.query.zone))}; changes against the same number of days just before</p>',
+        f'<table role="presentation" style="{style["table"]};margin-top:12px">{rows}</table>',
+    ]
+    for title, listed_rows in digest_lists(digest):
+        body = "".join(f'<tr><td style="{style["cell"]}">{esc(label)}</td><td style="{style["number"]}">{views:,}</td></tr>' for label, views in listed_rows)
+        parts.append(f'<h2 style="{style["h2"]}">{esc(title)}</h2><table role="presentation" style="{style["table"]}">{body or "<tr><td>(none)</td></tr>"}</table>')
+    if report.annotations:
+        notes = "".join(f'<li>◆ {esc(note_label(note, report.query.site))}</li>' for note in report.annotations)
+        parts.append(f'<h2 style="{style["h2"]}">Notes</h2><ul style="margin:0;padding-left:0;list-style:none">{notes}</ul>')
+    parts.append(f'<p style="{style["muted"]};margin-top:22px;font-size:12px">pixeld {__version__}</p></body></html>')
+    return "".join(parts) + "\n"
+
+
+def mail_message(subject: str, text: str, html_body: str, mail: Mail, cte: str = "quoted-printable") -> email.message.EmailMessage:
+    """A message of a plain-text part and, if given, an HTML alternative: quoted-printable to send, so that
+    any mail server takes them; 8bit to print, so that a terminal shows them as they are."""
+    message = email.message.EmailMessage()
+    message["Subject"] = subject
+    message["From"] = mail.sender
+    if mail.to:
+        message["To"] = ", ".join(mail.to)
+    message["Date"] = email.utils.formatdate(usegmt=True)
+    message["Message-ID"] = email.utils.make_msgid("pixeld", domain=mail.sender.rpartition("@")[2] or "localhost")
+    message.set_content(text, cte=cte)
+    if html_body:
+        message.add_alternative(html_body, subtype="html", cte=cte)
+    return message
+
+
+def send_mail(message: email.message.EmailMessage, mail: Mail) -> None:
+    """Hand the message over once, to sendmail or a mail server; SendFailed with the cause when that fails."""
+    if mail.sendmail:
+        pipe_to_sendmail(message, mail.sendmail)
+    elif mail.smtp:
+        send_smtp(message, mail)
+
+
+def pipe_to_sendmail(message: email.message.EmailMessage, program: str) -> None:
+    import subprocess
+
+    try:
+        done = subprocess.run([program, "-t", "-i"], input=message.as_bytes(), capture_output=True, timeout=MAIL_TIMEOUT)
+    except OSError as error:
+        raise SendFailed(f"cannot run {program}: {error_reason(error)}") from None
+    except subprocess.TimeoutExpired:
+        raise SendFailed(f"{program} did not finish within {MAIL_TIMEOUT:.0f} s") from None
+    if done.returncode:
+        said = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise SendFailed(f"{program} exited with status {done.returncode}" + (f": {clean_text(said[0], 200)}" if said else ""))
+
+
+def send_smtp(message: email.message.EmailMessage, mail: Mail) -> None:
+    """One SMTP session: TLS from the start or after STARTTLS (certificates checked), a login when a user
+    is set, one message. Once the server has the message, a failing goodbye is not an error."""
+    import smtplib
+    import ssl
+
+    assert mail.smtp is not None
+    host, port = mail.smtp
+    where = format_address(host, port)
+    try:
+        context = ssl.create_default_context()
+        client = smtplib.SMTP_SSL(host, port, timeout=MAIL_TIMEOUT, context=context) if mail.security == "tls" else smtplib.SMTP(host, port, timeout=MAIL_TIMEOUT)
+        try:
+            if mail.security == "starttls":
+                client.starttls(context=context)
+            if mail.user:
+                client.login(mail.user, mail.password)
+            refused = client.send_message(message)
+        finally:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                client.quit()
+    except smtplib.SMTPAuthenticationError as error:
+        raise SendFailed(f"{where} refused the login of {mail.user}: {smtp_reply(error)}") from None
+    except smtplib.SMTPRecipientsRefused as error:
+        raise SendFailed(f"{where} refused every recipient: {', '.join(error.recipients)}") from None
+    except smtplib.SMTPResponseException as error:
+        raise SendFailed(f"{where} answered {smtp_reply(error)}") from None
+    except (smtplib.SMTPException, OSError) as error:
+        raise SendFailed(f"cannot send through {where}: {error_reason(error)}") from None
+    if refused:
+        raise SendFailed(f"{where} took the message but refused {', '.join(refused)}")
+
+
+def smtp_reply(error: Any) -> str:
+    text = error.smtp_error.decode("utf-8", "replace") if isinstance(error.smtp_error, bytes) else str(error.smtp_error)
+    return f"{error.smtp_code} {clean_text(text, 200)}"
+
+
+class Alert(NamedTuple):
+    """A site's page views in the last complete hour, far above or below the same hour's average over the week before."""
+
+    site: str
+    direction: str  # spike or drop
+    hour: int  # the hour's start
+    views: int
+    usual: float  # the same hour's page views, averaged over the 7 days before
+    date: str  # the hour's day in the report's time zone: one alert per site, direction and day
+
+    def line(self, zone: dt.tzinfo, top_source: str) -> str:
+        """One line: the site, how much, and where the page views came from."""
+        start, end = (dt.datetime.fromtimestamp(moment, zone).strftime("%H:%M") for moment in (self.hour, self.hour + 3600))
+        how = f"{self.views / self.usual:.1f}×" if self.usual else "up from none"
+        return (
+            f"{self.direction}: {self.site or NO_HOST} had {self.views:,} page views from {start} to {end} {zone_name(zone)} on {self.date}, "
+            f"{how} the usual {self.usual:,.1f} (that hour's average over the 7 days before); top source: {top_source}"
+        )
+
+
+def last_complete_hour(now: float, zone: dt.tzinfo) -> int:
+    """The start of the last whole hour of the zone's clock (every zone's hours start on a quarter hour)."""
+    offset = int(dt.datetime.fromtimestamp(now, zone).utcoffset().total_seconds())  # type: ignore[union-attr]
+    return int(now) - (int(now) + offset) % 3600 - 3600
+
+
+def same_hour_before(hour: int, zone: dt.tzinfo, days: int = 7) -> List[int]:
+    """The same hour of the clock on each of the days before (across a daylight saving change too)."""
+    local = dt.datetime.fromtimestamp(hour, zone)
+    return [int(dt.datetime.combine(local.date() - dt.timedelta(days=back), local.time(), tzinfo=zone).timestamp()) for back in range(1, days + 1)]
+
+
+def find_alerts(conn: sqlite3.Connection, now: float, zone: dt.tzinfo, spike: float, drop: float, min_views: int, site: str = "") -> List[Alert]:
+    """Sites whose last complete hour had at least ``spike`` times, or at most ``drop`` times, the page
+    views of that hour's average over the 7 days before. A spike needs ``min_views`` page views, a drop
+    an average of ``min_views``: a quiet site's noise raises nothing."""
+    hour = last_complete_hour(now, zone)
+    current = views_per_site(conn, Range(hour, hour + 3600))
+    before = [views_per_site(conn, Range(start, start + 3600)) for start in same_hour_before(hour, zone)]
+    sites = [site] if site else sorted(set(current).union(*before))
+    date = dt.datetime.fromtimestamp(hour, zone).date().isoformat()
+    alerts = []
+    for name in sites:
+        views, usual = current.get(name, 0), sum(counts.get(name, 0) for counts in before) / len(before)
+        if views >= min_views and views >= spike * usual:
+            alerts.append(Alert(name, "spike", hour, views, usual, date))
+        elif usual >= min_views and views <= drop * usual:
+            alerts.append(Alert(name, "drop", hour, views, usual, date))
+    return alerts
+
+
+def top_source(conn: sqlite3.Connection, alert: Alert, zone: dt.tzinfo) -> str:
+    if not alert.views:
+        return "none"
+    sources = query_report(conn, Query(Range(alert.hour, alert.hour + 3600), zone, alert.site)).sections["sources"]
+    return f"{sources[0][0] or '(direct)'} ({sources[0][1]:,})" if sources else "none"
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -5175,6 +5556,7 @@ def build_parser() -> argparse.ArgumentParser:
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
     snippet_cmd.add_argument("--hit-path", metavar="PATH", help="the hit path the daemon serves (serve --hit-path) [$PIXELD_HIT_PATH]")
+    add_digest_commands(commands)
     return parser
 
 
@@ -5492,6 +5874,179 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
     return findings + [("warn" if warned else "ok", f"{url}/whoami: " + "; ".join(lines))]
 
 
+def add_digest_commands(commands: Any) -> None:
+    """The commands that bring the numbers to the operator: notes on the series, the digest, alerts."""
+    note_cmd = commands.add_parser("note", help="note something on a day of the series", description="Note what happened on a day (shown on the series, in the digest, and exported); list or delete notes.")
+    note_cmd.add_argument("date", nargs="?", help="the day, like 2026-12-01")
+    note_cmd.add_argument("text", nargs="?", help="the note, like 'Posted on Hacker News'")
+    note_cmd.add_argument("--site", default="", help="the site it concerns (default: every site)")
+    action = note_cmd.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="list the notes (with --site: that site's and those for every site)")
+    action.add_argument("--delete", metavar="ID", type=int, help="delete the note with this id (see --list)")
+    add_db_option(note_cmd, "created if missing")
+
+    digest_cmd = commands.add_parser("digest", help="write the digest e-mail: the numbers of the last week or month", description="Write a short e-mail with the last complete period's numbers, and send it or print it.")
+    digest_cmd.add_argument("--range", default="7d", choices=DIGEST_RANGES, help="the 7 or 30 days before today, or the last calendar month (default 7d)")
+    alert_cmd = commands.add_parser("alert", help="say when the last hour's page views spiked or dropped", description="Compare the last complete hour's page views with that hour's average over the 7 days before. Exit status 1 when an alert is raised.")
+    alert_cmd.add_argument("--spike", metavar="RATIO", type=float, default=3.0, help="alert at this many times the usual page views or more (default 3)")
+    alert_cmd.add_argument("--drop", metavar="RATIO", type=float, default=0.3, help="alert at this fraction of the usual page views or less (default 0.3)")
+    alert_cmd.add_argument("--min-views", metavar="N", type=int, default=10, help="a spike needs N page views, a drop N usual page views (default 10)")
+    for command, note in ((digest_cmd, "read-only"), (alert_cmd, "it remembers the alerts raised")):
+        add_db_option(command, note)
+        command.add_argument("--site", default="", help="one site (hostname) instead of all")
+        command.add_argument("--tz", default="", help="time zone for days and hours, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
+        command.add_argument("--to", metavar="ADDRESS", action="append", help="send to this address (repeatable); without --smtp or --sendmail the message is printed")
+        command.add_argument("--from", dest="sender", metavar="ADDRESS", help="the sender's address (default pixeld@ this host's name)")
+        command.add_argument("--smtp", metavar="HOST:PORT", help="send through this mail server")
+        security = command.add_mutually_exclusive_group()
+        security.add_argument("--starttls", action="store_true", help="switch to TLS with STARTTLS (port 587)")
+        security.add_argument("--tls", action="store_true", help="speak TLS from the start (port 465)")
+        command.add_argument("--smtp-user", metavar="USER", help="log in as this user; the password comes from a file or a systemd credential")
+        password = command.add_mutually_exclusive_group()
+        password.add_argument("--smtp-password-file", metavar="FILE", help="read the mail server's password from this file")
+        password.add_argument("--smtp-credential", metavar="NAME", help="read it from the systemd credential NAME ($CREDENTIALS_DIRECTORY/NAME, see LoadCredential=)")
+        command.add_argument("--sendmail", metavar="PROGRAM", nargs="?", const=SENDMAIL, help=f"pipe the message to sendmail -t instead (default program {SENDMAIL})")
+
+
+def digest_commands(clock: Callable[[], float]) -> Dict[str, Callable[[argparse.Namespace, Dict[str, str]], Optional[int]]]:
+    return {"note": run_note, "digest": lambda args, environ: run_digest(args, environ, clock), "alert": lambda args, environ: run_alert(args, environ, clock)}
+
+
+def mail_settings(args: argparse.Namespace, environ: Dict[str, str]) -> Optional[Mail]:
+    """Where to send, from the mail options; None to print the message instead."""
+    if not args.smtp and not args.sendmail:
+        if args.smtp_user or args.starttls or args.tls:
+            raise ConfigError("--smtp-user, --starttls and --tls need --smtp HOST:PORT")
+        return None
+    if args.smtp and args.sendmail:
+        raise ConfigError("give either --smtp or --sendmail, not both")
+    if not args.to:
+        raise ConfigError("give the recipient with --to ADDRESS")
+    sender = mail_sender(args)
+    for address in (*args.to, sender):
+        if not re.fullmatch(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+", address):
+            raise ConfigError(f"cannot use the address {address[:60]!r}: use one like you@example.org")
+    if args.sendmail:
+        return Mail(tuple(args.to), sender, sendmail=args.sendmail)
+    host, port = parse_listen(args.smtp)
+    if args.smtp.strip().startswith(":"):
+        raise ConfigError(f"cannot parse --smtp {args.smtp[:60]!r}: use HOST:PORT, like mail.example.org:587")
+    security = "starttls" if args.starttls else "tls" if args.tls else ""
+    password = smtp_password(args, environ) if args.smtp_user else ""
+    if args.smtp_user and not security and not is_loopback_name(host):
+        raise ConfigError("--smtp-user needs --starttls or --tls: the password would cross the network in clear")
+    return Mail(tuple(args.to), sender, (host, port), security, args.smtp_user or "", password)
+
+
+def mail_sender(args: argparse.Namespace) -> str:
+    return args.sender or f"pixeld@{socket.gethostname()}"
+
+
+def smtp_password(args: argparse.Namespace, environ: Dict[str, str]) -> str:
+    """The mail server's password, from a file or a systemd credential: never from the command line, where ps shows it."""
+    if args.smtp_credential:
+        directory = environ.get("CREDENTIALS_DIRECTORY", "")
+        if not directory:
+            raise ConfigError("--smtp-credential needs $CREDENTIALS_DIRECTORY: run it from a unit with LoadCredential=")
+        path = os.path.join(directory, args.smtp_credential)
+    elif args.smtp_password_file:
+        path = args.smtp_password_file
+    else:
+        raise ConfigError("--smtp-user needs --smtp-password-file FILE or --smtp-credential NAME")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            password = handle.read().strip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the mail password from {path}: {error_reason(error)}") from None
+    if not password:
+        raise ConfigError(f"the mail password file {path} is empty")
+    return password
+
+
+def is_loopback_name(host: str) -> bool:
+    address = parse_ip(host)
+    return host == "localhost" or (address is not None and address.is_loopback)
+
+
+def run_note(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    """``pixeld.py note``: add a note to a day, list the notes, or delete one."""
+    db_path = setting(args, "db", environ, DEFAULT_DB)
+    site = parse_domain(args.site, "site") if args.site else ""
+    if args.list:
+        conn = connect(db_path, readonly=True)
+        try:
+            for note in annotations_in(conn, Range(EARLIEST, LATEST), dt.timezone.utc, site):
+                print(f"{note.id:>5}  {note.date}  {note.site or '(every site)'}  {note.text}")
+        finally:
+            conn.close()
+        return
+    date, text = note_date(args.date or ""), clean_text(args.text or "", MAX_NOTE)
+    if args.delete is None and (date is None or not text):
+        raise ConfigError("give a day and a note (note 2026-12-01 'Posted on Hacker News'), or --list, or --delete ID")
+    check_database_path(db_path)
+    conn = connect(db_path, progress=log_line)
+    try:
+        if args.delete is not None:
+            if not delete_annotation(conn, args.delete):
+                raise ConfigError(f"there is no note {args.delete} (see note --list)")
+            print(f"deleted note {args.delete}")
+        else:
+            note_id, added = add_annotation(conn, date or "", site, text)
+            print(f"note {note_id}: {date} {site or '(every site)'}: {text}" + ("" if added else " (noted before)"))
+    finally:
+        conn.close()
+
+
+def run_digest(args: argparse.Namespace, environ: Dict[str, str], clock: Callable[[], float]) -> None:
+    """``pixeld.py digest``: the last period's numbers as an e-mail, sent once or printed."""
+    mail = mail_settings(args, environ)
+    zone, site = command_zone(args, environ), parse_domain(args.site, "site") if args.site else ""
+    conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
+    try:
+        digest = build_digest(conn, Query(digest_range(args.range, clock(), zone), zone, site))
+    except sqlite3.Error as error:
+        raise StorageError(f"cannot read the database: {error}") from None
+    finally:
+        conn.close()
+    parts = (digest_subject(digest), digest_text(digest), digest_html(digest))
+    if mail is None:
+        sys.stdout.write(mail_message(*parts, Mail(tuple(args.to or ()), mail_sender(args)), cte="8bit").as_string())
+        return
+    send_mail(mail_message(*parts, mail), mail)
+    log_line(f"sent the digest to {', '.join(mail.to)}")
+
+
+def run_alert(args: argparse.Namespace, environ: Dict[str, str], clock: Callable[[], float]) -> int:
+    """``pixeld.py alert``: one line per site whose last hour spiked or dropped, printed or sent; exit
+    status 1 when one was raised. Each is remembered before it is raised, and forgotten again when it
+    cannot be sent, so at most one per site, direction and day goes out."""
+    if args.spike <= 1 or not 0 <= args.drop < 1 or args.min_views < 1:
+        raise ConfigError("--spike must be above 1, --drop from 0 to below 1, and --min-views at least 1")
+    mail = mail_settings(args, environ)
+    zone, site = command_zone(args, environ), parse_domain(args.site, "site") if args.site else ""
+    db_path = setting(args, "db", environ, DEFAULT_DB)
+    check_database_path(db_path)
+    conn = connect(db_path, progress=log_line)
+    try:
+        raised = [(alert, alert.line(zone, top_source(conn, alert, zone))) for alert in find_alerts(conn, clock(), zone, args.spike, args.drop, args.min_views, site)
+                  if claim_alert(conn, alert.site, alert.direction, alert.date, alert.hour, alert.views, alert.usual)]
+        if raised and mail is not None:
+            try:
+                send_mail(mail_message(f"pixeld alert: {raised[0][1][:120]}", "\n".join(line for _, line in raised) + "\n", "", mail), mail)
+            except SendFailed:
+                for alert, _ in raised:
+                    release_alert(conn, alert.site, alert.direction, alert.date)
+                raise
+    except sqlite3.Error as error:
+        raise StorageError(f"cannot use the database: {error}") from None
+    finally:
+        conn.close()
+    if mail is None:
+        for _, line in raised:
+            print(line)
+    return 1 if raised else 0
+
+
 def create_app(environ: Optional[Dict[str, str]] = None) -> App:
     """The WSGI app for another server, configured from ``PIXELD_*`` variables like ``serve``:
     ``gunicorn --workers 1 --threads 8 'pixeld:create_app()'``. One process only: visitors and
@@ -5512,11 +6067,12 @@ def log_line(message: str) -> None:
     print(f"pixeld: {message}", file=sys.stderr, flush=True)
 
 
-def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None, clock: Callable[[], float] = time.time) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ) if environ is None else environ
     args = build_parser().parse_args(argv or ["serve"])
     commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
+    commands.update(digest_commands(clock))
     try:
         if args.command in commands:
             return commands[args.command](args, environ) or 0
@@ -5526,7 +6082,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
             config = config_from(args, environ)
             check_database_path(config.db_path)
             serve(config, log_line)
-    except (ConfigError, StorageError, ReportError, ImportFailed) as error:
+    except (ConfigError, StorageError, ReportError, ImportFailed, SendFailed) as error:
         print(f"pixeld: {error}", file=sys.stderr)
         return 2
     return 0
