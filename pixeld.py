@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import datetime as dt
 import email.message
+import email.policy
 import email.utils
 import errno
 import gc
@@ -6010,7 +6011,7 @@ def run_digest(args: argparse.Namespace, environ: Dict[str, str], clock: Callabl
         conn.close()
     parts = (digest_subject(digest), digest_text(digest), digest_html(digest))
     if mail is None:
-        sys.stdout.write(mail_message(*parts, Mail(tuple(args.to or ()), mail_sender(args)), cte="8bit").as_string())
+        sys.stdout.write(mail_message(*parts, Mail(tuple(args.to or ()), mail_sender(args)), cte="8bit").as_bytes(policy=email.policy.default.clone(utf8=True)).decode())
         return
     send_mail(mail_message(*parts, mail), mail)
     log_line(f"sent the digest to {', '.join(mail.to)}")
