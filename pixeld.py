@@ -3720,7 +3720,7 @@ def render_series(report: ReportData, width: int, ascii: bool) -> List[str]:
     for start, views, visitors in report.series:
         label = dt.datetime.fromtimestamp(start, zone).strftime(formats[report.grain])
         lines.append(f"{label:<16} {bar(views, largest, bar_width, ascii):<{bar_width}}{views:>10,}{visitors:>10,}")
-        lines += [f"{'':<16} {'*' if ascii else '◆'} {cut(note_label(note, report.query.site), width - 20)}" for note in marked.get(start, ())]
+        lines += [f"{'':<16} {'*' if ascii else '◆'} {cut(note_label(note, report.query.site), width - 19)}" for note in marked.get(start, ())]
     return lines
 
 
