@@ -5933,9 +5933,9 @@ def mail_settings(args: argparse.Namespace, environ: Dict[str, str]) -> Optional
     if args.smtp.strip().startswith(":"):
         raise ConfigError(f"cannot parse --smtp {args.smtp[:60]!r}: use HOST:PORT, like mail.example.org:587")
     security = "starttls" if args.starttls else "tls" if args.tls else ""
-    password = smtp_password(args, environ) if args.smtp_user else ""
     if args.smtp_user and not security and not is_loopback_name(host):
         raise ConfigError("--smtp-user needs --starttls or --tls: the password would cross the network in clear")
+    password = smtp_password(args, environ) if args.smtp_user else ""
     return Mail(tuple(args.to), sender, (host, port), security, args.smtp_user or "", password)
 
 
