@@ -5440,11 +5440,8 @@ class Alert(NamedTuple):
     def line(self, zone: dt.tzinfo, top_source: str) -> str:
         """One line: the site, how much, and where the page views came from."""
         start, end = (dt.datetime.fromtimestamp(moment, zone).strftime("%H:%M") for moment in (self.hour, self.hour + 3600))
-        how = f"{self.views / self.usual:.1f}×" if self.usual else "up from none"
-        return (
-            f"{self.direction}: {self.site or NO_HOST} had {self.views:,} page views from {start} to {end} {zone_name(zone)} on {self.date}, "
-            f"{how} the usual {self.usual:,.1f} (that hour's average over the 7 days before); top source: {top_source}"
-        )
+        how = f"{self.views / self.usual:.1f}× the usual {self.usual:,.1f} (that hour's average over the 7 days before)" if self.usual else "none in that hour over the 7 days before"
+        return f"{self.direction}: {self.site or NO_HOST} had {self.views:,} page views from {start} to {end} {zone_name(zone)} on {self.date}, {how}; top source: {top_source}"
 
 
 def last_complete_hour(now: float, zone: dt.tzinfo) -> int:
