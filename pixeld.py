@@ -10,7 +10,8 @@ parsing and normalisation; the user-agent reducer; hits (one pipeline for live r
 imports); privacy (salts, visitor keys, visits); storage (the dimension registry, schema and
 migrations, batched inserts and counts); the writer; queries; report parameters and rendering;
 export and import; the snippet; the WSGI app; the server; the service (start-up, signals,
-sd_notify, watchdog); the command line.
+sd_notify, watchdog); the digest and alerts (the e-mail, its sending, the hourly
+comparison); the command line.
 """
 
 import argparse
@@ -5441,7 +5442,7 @@ class Alert(NamedTuple):
         """One line: the site, how much, and where the page views came from."""
         start, end = (dt.datetime.fromtimestamp(moment, zone).strftime("%H:%M") for moment in (self.hour, self.hour + 3600))
         how = f"{self.views / self.usual:.1f}× the usual {self.usual:,.1f} (that hour's average over the 7 days before)" if self.usual else "none in that hour over the 7 days before"
-        return f"{self.direction}: {self.site or NO_HOST} had {self.views:,} page views from {start} to {end} {zone_name(zone)} on {self.date}, {how}; top source: {top_source}"
+        return f"{self.direction}: {self.site} had {self.views:,} page views from {start} to {end} {zone_name(zone)} on {self.date}, {how}; top source: {top_source}"
 
 
 def last_complete_hour(now: float, zone: dt.tzinfo) -> int:
@@ -5463,7 +5464,7 @@ def find_alerts(conn: sqlite3.Connection, now: float, zone: dt.tzinfo, spike: fl
     hour = last_complete_hour(now, zone)
     current = views_per_site(conn, Range(hour, hour + 3600))
     before = [views_per_site(conn, Range(start, start + 3600)) for start in same_hour_before(hour, zone)]
-    sites = [site] if site else sorted(set(current).union(*before))
+    sites = [site] if site else sorted(name for name in set(current).union(*before) if name)  # page views without a host are nobody's
     date = dt.datetime.fromtimestamp(hour, zone).date().isoformat()
     alerts = []
     for name in sites:

@@ -6,6 +6,7 @@ import email
 import email.policy
 import os
 import re
+import shutil
 import ssl
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from aiosmtpd.smtp import AuthResult
 
 import pixeld
 from pixeld import DAY, Config, Memo, Record, Store, connect
-from conftest import free_port, run_pixeld
+from conftest import ROOT, free_port, run_pixeld
 from test_html import HOSTILE, parsed
 
 NOW = 1_796_601_600 + 8 * 3600  # Monday 2026-12-07 08:00 UTC: the 7d digest covers 2026-11-30 to 2026-12-06
@@ -280,3 +281,39 @@ def test_the_default_sendmail_is_the_usual_path():
     args = pixeld.build_parser().parse_args(["digest", "--to", "me@example.org", "--sendmail"])
     assert pixeld.mail_settings(args, {}).sendmail == "/usr/sbin/sendmail"
     assert os.path.basename(pixeld.SENDMAIL) == "sendmail"
+
+
+def readme_units():
+    """The systemd units the README gives for the digest and alerts, by file name."""
+    blocks = re.findall(r"```ini\n# /etc/systemd/system/(\S+)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return {name: f"# /etc/systemd/system/{name}\n{body}" for name, body in blocks}
+
+
+def unit_settings(text):
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_the_readme_units_are_a_weekly_digest_and_an_hourly_alert():
+    units = readme_units()
+    assert set(units) == {"pixeld-digest.service", "pixeld-digest.timer", "pixeld-alert.service", "pixeld-alert.timer"}
+    digest_timer, alert_timer = unit_settings(units["pixeld-digest.timer"]), unit_settings(units["pixeld-alert.timer"])
+    assert digest_timer["OnCalendar"].startswith("Mon ") and digest_timer["Persistent"] == "true"
+    assert alert_timer["OnCalendar"] == "*-*-* *:05:00"
+    for name in ("pixeld-digest.service", "pixeld-alert.service"):
+        service = unit_settings(units[name])
+        assert service["Type"] == "oneshot" and "Restart" not in service  # sent once: never started again after a failure
+        assert service["DynamicUser"] == "yes" and service["User"] == "pixeld" and service["StateDirectory"] == "pixeld"  # pixeld.service's user
+        command = service["ExecStart"].split()
+        assert command[:2] == ["/usr/bin/python3", "/usr/local/bin/pixeld.py"] and "--smtp-credential" in command
+        credential = service["LoadCredential"].split(":", 1)[0]
+        args = pixeld.build_parser().parse_args(command[2:])
+        assert args.smtp_credential == credential and args.starttls and "--smtp-password" not in service["ExecStart"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)")
+def test_systemd_analyze_verify_accepts_the_readme_units(tmp_path):
+    units = readme_units()
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+    done = subprocess.run(["systemd-analyze", "verify", *sorted(str(tmp_path / name) for name in units)], capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (0, "")
