@@ -5344,7 +5344,8 @@ def digest_html(digest: Digest) -> str:
     ]
     for title, listed_rows in digest_lists(digest):
         body = "".join(f'<tr><td style="{style["cell"]}">{esc(label)}</td><td style="{style["number"]}">{views:,}</td></tr>' for label, views in listed_rows)
-        parts.append(f'<h2 style="{style["h2"]}">{esc(title)}</h2><table role="presentation" style="{style["table"]}">{body or "<tr><td>(none)</td></tr>"}</table>')
+        body = body or "<tr><td>(none)</td></tr>"
+        parts.append(f'<h2 style="{style["h2"]}">{esc(title)}</h2><table role="presentation" style="{style["table"]}">{body}</table>')
     if report.annotations:
         notes = "".join(f'<li>◆ {esc(note_label(note, report.query.site))}</li>' for note in report.annotations)
         parts.append(f'<h2 style="{style["h2"]}">Notes</h2><ul style="margin:0;padding-left:0;list-style:none">{notes}</ul>')
@@ -5401,7 +5402,10 @@ def send_smtp(message: email.message.EmailMessage, mail: Mail) -> None:
     where = format_address(host, port)
     try:
         context = ssl.create_default_context()
-        client = smtplib.SMTP_SSL(host, port, timeout=MAIL_TIMEOUT, context=context) if mail.security == "tls" else smtplib.SMTP(host, port, timeout=MAIL_TIMEOUT)
+        if mail.security == "tls":
+            client: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=MAIL_TIMEOUT, context=context)
+        else:
+            client = smtplib.SMTP(host, port, timeout=MAIL_TIMEOUT)
         try:
             if mail.security == "starttls":
                 client.starttls(context=context)
@@ -5441,8 +5445,11 @@ class Alert(NamedTuple):
     def line(self, zone: dt.tzinfo, top_source: str) -> str:
         """One line: the site, how much, and where the page views came from."""
         start, end = (dt.datetime.fromtimestamp(moment, zone).strftime("%H:%M") for moment in (self.hour, self.hour + 3600))
-        how = f"{self.views / self.usual:.1f}× the usual {self.usual:,.1f} (that hour's average over the 7 days before)" if self.usual else "none in that hour over the 7 days before"
-        return f"{self.direction}: {self.site} had {self.views:,} page views from {start} to {end} {zone_name(zone)} on {self.date}, {how}; top source: {top_source}"
+        how = "none in that hour over the 7 days before"
+        if self.usual:
+            how = f"{self.views / self.usual:.1f}× the usual {self.usual:,.1f} (that hour's average over the 7 days before)"
+        when = f"from {start} to {end} {zone_name(zone)} on {self.date}"
+        return f"{self.direction}: {self.site} had {self.views:,} page views {when}, {how}; top source: {top_source}"
 
 
 def last_complete_hour(now: float, zone: dt.tzinfo) -> int:
@@ -5875,7 +5882,9 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
 
 def add_digest_commands(commands: Any) -> None:
     """The commands that bring the numbers to the operator: notes on the series, the digest, alerts."""
-    note_cmd = commands.add_parser("note", help="note something on a day of the series", description="Note what happened on a day (shown on the series, in the digest, and exported); list or delete notes.")
+    note_cmd = commands.add_parser(
+        "note", help="note something on a day of the series", description="Note what happened on a day (shown on the series, in the digest, and exported); list or delete notes."
+    )
     note_cmd.add_argument("date", nargs="?", help="the day, like 2026-12-01")
     note_cmd.add_argument("text", nargs="?", help="the note, like 'Posted on Hacker News'")
     note_cmd.add_argument("--site", default="", help="the site it concerns (default: every site)")
@@ -5884,9 +5893,14 @@ def add_digest_commands(commands: Any) -> None:
     action.add_argument("--delete", metavar="ID", type=int, help="delete the note with this id (see --list)")
     add_db_option(note_cmd, "created if missing")
 
-    digest_cmd = commands.add_parser("digest", help="write the digest e-mail: the numbers of the last week or month", description="Write a short e-mail with the last complete period's numbers, and send it or print it.")
+    digest_cmd = commands.add_parser(
+        "digest", help="write the digest e-mail: the numbers of the last week or month", description="Write a short e-mail with the last complete period's numbers, and send it or print it."
+    )
     digest_cmd.add_argument("--range", default="7d", choices=DIGEST_RANGES, help="the 7 or 30 days before today, or the last calendar month (default 7d)")
-    alert_cmd = commands.add_parser("alert", help="say when the last hour's page views spiked or dropped", description="Compare the last complete hour's page views with that hour's average over the 7 days before. Exit status 1 when an alert is raised.")
+    alert_cmd = commands.add_parser(
+        "alert", help="say when the last hour's page views spiked or dropped",
+        description="Compare the last complete hour's page views with that hour's average over the 7 days before. Exit status 1 when an alert is raised.",
+    )
     alert_cmd.add_argument("--spike", metavar="RATIO", type=float, default=3.0, help="alert at this many times the usual page views or more (default 3)")
     alert_cmd.add_argument("--drop", metavar="RATIO", type=float, default=0.3, help="alert at this fraction of the usual page views or less (default 0.3)")
     alert_cmd.add_argument("--min-views", metavar="N", type=int, default=10, help="a spike needs N page views, a drop N usual page views (default 10)")
@@ -5894,7 +5908,7 @@ def add_digest_commands(commands: Any) -> None:
         add_db_option(command, note)
         command.add_argument("--site", default="", help="one site (hostname) instead of all")
         command.add_argument("--tz", default="", help="time zone for days and hours, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
-        command.add_argument("--to", metavar="ADDRESS", action="append", help="send to this address (repeatable); without --smtp or --sendmail the message is printed")
+        command.add_argument("--to", metavar="ADDRESS", action="append", help="send to this address (repeatable); without --smtp or --sendmail it is printed")
         command.add_argument("--from", dest="sender", metavar="ADDRESS", help="the sender's address (default pixeld@ this host's name)")
         command.add_argument("--smtp", metavar="HOST:PORT", help="send through this mail server")
         security = command.add_mutually_exclusive_group()
@@ -5903,8 +5917,8 @@ def add_digest_commands(commands: Any) -> None:
         command.add_argument("--smtp-user", metavar="USER", help="log in as this user; the password comes from a file or a systemd credential")
         password = command.add_mutually_exclusive_group()
         password.add_argument("--smtp-password-file", metavar="FILE", help="read the mail server's password from this file")
-        password.add_argument("--smtp-credential", metavar="NAME", help="read it from the systemd credential NAME ($CREDENTIALS_DIRECTORY/NAME, see LoadCredential=)")
-        command.add_argument("--sendmail", metavar="PROGRAM", nargs="?", const=SENDMAIL, help=f"pipe the message to sendmail -t instead (default program {SENDMAIL})")
+        password.add_argument("--smtp-credential", metavar="NAME", help="read it from the systemd credential NAME ($CREDENTIALS_DIRECTORY/NAME; LoadCredential=)")
+        command.add_argument("--sendmail", metavar="PROGRAM", nargs="?", const=SENDMAIL, help=f"pipe the message to sendmail -t instead (default {SENDMAIL})")
 
 
 def digest_commands(clock: Callable[[], float]) -> Dict[str, Callable[[argparse.Namespace, Dict[str, str]], Optional[int]]]:
@@ -6009,7 +6023,8 @@ def run_digest(args: argparse.Namespace, environ: Dict[str, str], clock: Callabl
         conn.close()
     parts = (digest_subject(digest), digest_text(digest), digest_html(digest))
     if mail is None:
-        sys.stdout.write(mail_message(*parts, Mail(tuple(args.to or ()), mail_sender(args)), cte="8bit").as_bytes(policy=email.policy.default.clone(utf8=True)).decode())
+        printed = mail_message(*parts, Mail(tuple(args.to or ()), mail_sender(args)), cte="8bit")
+        sys.stdout.write(printed.as_bytes(policy=email.policy.default.clone(utf8=True)).decode())
         return
     send_mail(mail_message(*parts, mail), mail)
     log_line(f"sent the digest to {', '.join(mail.to)}")
@@ -6027,8 +6042,9 @@ def run_alert(args: argparse.Namespace, environ: Dict[str, str], clock: Callable
     check_database_path(db_path)
     conn = connect(db_path, progress=log_line)
     try:
-        raised = [(alert, alert.line(zone, top_source(conn, alert, zone))) for alert in find_alerts(conn, clock(), zone, args.spike, args.drop, args.min_views, site)
-                  if claim_alert(conn, alert.site, alert.direction, alert.date, alert.hour, alert.views, alert.usual)]
+        found = find_alerts(conn, clock(), zone, args.spike, args.drop, args.min_views, site)
+        claimed = [alert for alert in found if claim_alert(conn, alert.site, alert.direction, alert.date, alert.hour, alert.views, alert.usual)]
+        raised = [(alert, alert.line(zone, top_source(conn, alert, zone))) for alert in claimed]
         if raised and mail is not None:
             try:
                 send_mail(mail_message(f"pixeld alert: {raised[0][1][:120]}", "\n".join(line for _, line in raised) + "\n", "", mail), mail)

@@ -2,8 +2,6 @@
 at most one per site, direction and day (remembered in the real database), printed or sent through a
 real SMTP server. The clock is injected into ``pixeld.main``."""
 
-import email
-import email.policy
 
 import pytest
 

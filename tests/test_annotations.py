@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-import pixeld
 from pixeld import DAY, PageView, Record, Store, connect
 from conftest import run_pixeld
 from test_html import HOSTILE, PIXELD_TAGS, parsed
