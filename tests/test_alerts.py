@@ -29,11 +29,11 @@ def db(tmp_path):
     store = Store(connect(str(path)))
     for back in range(1, 8):
         for hour in (HOUR - back * DAY, HOUR + 3600 - back * DAY):
-            store.write(records=views(hour, 10) + views(hour, 10, "steady.org") + views(hour, 20, "drop.net"))
-    store.write(records=views(HOUR, 8) + views(HOUR + 900, 32, referrer="https://news.ycombinator.com/item?id=1") + views(HOUR, 11, "steady.org")
-                + views(HOUR, 2, "drop.net", "https://www.google.com/") + views(HOUR, 9, "new.example"))
+            store.write(pixeld.Batch(records=views(hour, 10) + views(hour, 10, "steady.org") + views(hour, 20, "drop.net")))
+    store.write(pixeld.Batch(records=views(HOUR, 8) + views(HOUR + 900, 32, referrer="https://news.ycombinator.com/item?id=1") + views(HOUR, 11, "steady.org")
+                             + views(HOUR, 2, "drop.net", "https://www.google.com/") + views(HOUR, 9, "new.example")))
     for later, spiked in ((HOUR + 3600, 50), (HOUR + DAY, 60)):  # the next hour, and the same hour the next day
-        store.write(records=views(later, spiked) + views(later, 10, "steady.org") + views(later, 20, "drop.net"))
+        store.write(pixeld.Batch(records=views(later, spiked) + views(later, 10, "steady.org") + views(later, 20, "drop.net")))
     store.conn.close()
     return path
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pixeld import DAY, PageView, Record, Store, connect
+from pixeld import DAY, Batch, PageView, Record, Store, connect
 from conftest import run_pixeld
 from test_html import HOSTILE, PIXELD_TAGS, parsed
 
@@ -25,7 +25,7 @@ def db(tmp_path):
     """Page views on 2026-11-29 to 2026-12-03 for two sites."""
     path = tmp_path / "notes.db"
     store = Store(connect(str(path)))
-    store.write(records=[Record(view(DEC_1 + day * DAY + 3600 * (day + 5), site=site), 1) for day in range(-2, 3) for site in ("example.org", "other.net")])
+    store.write(Batch(records=[Record(view(DEC_1 + day * DAY + 3600 * (day + 5), site=site), 1) for day in range(-2, 3) for site in ("example.org", "other.net")]))
     store.conn.close()
     return path
 

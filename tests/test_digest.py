@@ -37,7 +37,7 @@ def record(at, path="/", referrer="", campaign="", title="", site="example.org")
 def db(tmp_path):
     path = tmp_path / "digest.db"
     store = Store(connect(str(path)))
-    store.write(records=[
+    store.write(pixeld.Batch(records=[
         record(PERIOD - 30 * DAY, referrer="https://old.example/link"),  # seen long before: not new
         record(PERIOD - 3 * DAY, referrer="https://www.google.com/"),
         record(PERIOD - 2 * DAY, "/about"),
@@ -47,7 +47,7 @@ def db(tmp_path):
         record(PERIOD + 3 * DAY, "/", referrer="https://old.example/again"),
         record(PERIOD + 7 * DAY + 60, "/today", referrer="https://today.example/"),  # today: not in the digest
         record(PERIOD + DAY, "/elsewhere", site="other.net"),
-    ])
+    ]))
     store.conn.close()
     return path
 
@@ -153,9 +153,9 @@ def test_one_site_and_goals_when_the_report_counts_them(db, capsys):
     conn = connect(str(db), readonly=True)
     built = pixeld.build_digest(conn, pixeld.Query(pixeld.digest_range("7d", NOW, pixeld.dt.timezone.utc), site="other.net"))
     conn.close()
-    assert [label for label, _ in built.report.sections["pages"]] == ["/elsewhere"]
+    assert [row.value for row in built.report.sections["pages"]] == ["/elsewhere"]
     assert "Goals" not in pixeld.digest_text(built)
-    with_goals = built._replace(report=built.report._replace(sections={**built.report.sections, "goals": [(SCRIPT, 3)]}))
+    with_goals = built._replace(report=built.report._replace(sections={**built.report.sections, "goals": [pixeld.EventRow(SCRIPT, 3, 2)]}))
     assert re.search(r"^Goals +Views\n<script>alert\(1\)</script> +3$", pixeld.digest_text(with_goals), re.M)
     assert "<td" in pixeld.digest_html(with_goals) and "&lt;script&gt;" in pixeld.digest_html(with_goals)
 
