@@ -72,6 +72,31 @@ def require_tool(*names: str, package: str) -> str:
     missing(f"{names[0]} is not installed (apt-get install {package})")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A skip raised by the helpers here is reported at the test that needed the tool, not at this file."""
+    report = (yield).get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and Path(report.longrepr[0]).resolve() == Path(__file__).resolve():
+        path, line, _ = item.reportinfo()
+        report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
+
+
+def write_mmdb(path: Path, countries: Dict[str, str], built: Optional[float] = None) -> Path:
+    """A real MaxMind country database (networks to ISO codes), built at test time; ``built`` sets its build time."""
+    mmdb_writer, netaddr = require_module("mmdb_writer"), require_module("netaddr")
+    writer = mmdb_writer.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"], description="pixeld test")
+    for network, code in countries.items():
+        writer.insert_network(netaddr.IPSet([network]), {"country": {"iso_code": code, "names": {"en": code}}})
+    real = mmdb_writer.time.time
+    if built is not None:
+        mmdb_writer.time.time = lambda: built
+    try:
+        writer.to_db_file(str(path))
+    finally:
+        mmdb_writer.time.time = real
+    return path
+
+
 @pytest.fixture
 def browser():
     """Debian's headless Chromium, driven by Playwright (no browser download); test names resolve to loopback."""
