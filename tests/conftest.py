@@ -136,8 +136,8 @@ def wait_for(check: Callable[[], object], seconds: float = 15.0, proc: Optional[
     deadline = time.monotonic() + seconds
     while True:
         if proc is not None and proc.poll() is not None:
-            output = proc.stdout.read() if proc.stdout else b""
-            raise AssertionError(f"exited with {proc.returncode} while waited for: {output!r}")
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError(f"exited with {proc.returncode}: {output}")
         try:
             if check():
                 return
@@ -189,19 +189,7 @@ class Daemon:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
         )
         self.output = ""
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pixeld exited with {self.proc.returncode}: {self.proc.stdout.read().decode()}")
-            try:
-                if request(self.host, self.port, "/healthz").status == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("pixeld did not become ready")
+        wait_for(lambda: request(self.host, self.port, "/healthz").status == 200, proc=self.proc)
 
     def get(self, target: str, headers: Optional[Dict[str, str]] = None, method: str = "GET") -> Response:
         return request(self.host, self.port, target, headers, method)
@@ -277,10 +265,10 @@ def view(at: int, path: str = "/", **fields: object) -> "pixeld.PageView":
 
 
 def request_for(report: "pixeld.ReportData", fmt: str = "text", limit: Optional[int] = None, section: str = "", ascii: bool = False,
-                **filters: str) -> "pixeld.ReportRequest":
-    """How a report of ``report`` is asked for: the format, and the filters as the page's links carry them."""
-    query = report.query._replace(filters=pixeld.parse_filters(filters)) if filters else report.query
-    return pixeld.ReportRequest(query, fmt, limit, section, ascii, tuple(filters.items()))
+                **params: str) -> "pixeld.ReportRequest":
+    """How ``report`` is asked for: its format, and the query's parameters (filters among them) as the page's links carry them."""
+    query = report.query._replace(filters=pixeld.parse_filters(params))
+    return pixeld.ReportRequest(query, fmt, limit, section, ascii, tuple(params.items()))
 
 
 def report_json(db: Path, *args: str) -> Dict[str, object]:

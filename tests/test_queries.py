@@ -11,7 +11,8 @@ import time
 import pytest
 
 import pixeld
-from pixeld import DAY, PageView, Query, Range, Record, Store, connect, load_zone, query_report
+from pixeld import DAY, Query, Range, Record, Store, connect, load_zone, query_report
+from conftest import view, wait_for
 
 BERLIN = load_zone("Europe/Berlin")
 KOLKATA = load_zone("Asia/Kolkata")
@@ -19,13 +20,6 @@ KOLKATA = load_zone("Asia/Kolkata")
 
 def utc(text):
     return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp())
-
-
-def view(at, path="/", **fields):
-    values = dict(time=at, site="example.org", path=path, title="", referrer="", country="", browser="Chrome", version="131",
-                  os="Windows", device="desktop", screen="1920x1080", language="en", first_today=True)
-    values.update(fields)
-    return PageView(**values)
 
 
 @pytest.fixture
@@ -155,13 +149,6 @@ def count_rows(db):
         return conn.execute("SELECT count(*) FROM pageviews").fetchone()[0]
     finally:
         conn.close()
-
-
-def wait_for(check, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_report_json_has_filters_timezone_and_series_for_the_request(store, mixed):
