@@ -34,16 +34,16 @@ FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.
 
 
 # ---- The tools the tests need -------------------------------------------------------------------------------
-# Every test that needs a package or a program asks for it here. Where it is missing the test is skipped, with
-# the reason in the summary (-ra); under CI (the CI variable set) it fails instead, because CI installs all of
-# them (.ci/run, tests/requirements.txt): a test that CI skips is a test that can never fail.
+# Every test that needs a package or a program asks for it here, in the test or in a fixture. Where it is missing
+# the test is skipped, with the reason in the summary (-ra); under CI (the CI variable set) it fails instead,
+# because CI installs all of them (.ci/run, tests/requirements.txt): a test that CI skips can never fail.
 
 
 def missing(reason: str) -> NoReturn:
-    """Skip the test (or the module, when called at import) for a missing tool; fail it under CI."""
+    """Skip the test for a missing tool; fail it under CI."""
     if os.environ.get("CI"):
         pytest.fail(f"{reason}; CI installs it, so this test must run", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
+    pytest.skip(reason)
 
 
 def require_module(name: str) -> ModuleType:
@@ -51,7 +51,8 @@ def require_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError:
-        missing(f"{name} is not installed (it is in tests/requirements.txt)")
+        pass
+    missing(f"{name} is not installed (it is in tests/requirements.txt)")
 
 
 def require_script(name: str) -> str:
@@ -118,10 +119,13 @@ def browser():
 @pytest.fixture
 def tiny_filesystem() -> Iterator[str]:
     """A 2 MiB tmpfs, so the disk really fills; skipped where mounting is not allowed (it needs root)."""
-    mountpoint = tempfile.mkdtemp(prefix="pixeld-full-")
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountpoint], capture_output=True).returncode:
-        os.rmdir(mountpoint)
+    if os.geteuid() != 0:
         pytest.skip("mounting a tiny tmpfs needs root")
+    mountpoint = tempfile.mkdtemp(prefix="pixeld-full-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountpoint], capture_output=True, text=True)
+    if mounted.returncode:
+        os.rmdir(mountpoint)
+        pytest.skip(f"cannot mount a tiny tmpfs here: {mounted.stderr.strip()}")
     yield mountpoint
     subprocess.run(["umount", "-l", mountpoint], check=False)
     os.rmdir(mountpoint)
