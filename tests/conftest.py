@@ -82,22 +82,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
 
 
-def write_mmdb(path: Path, countries: Dict[str, str], built: Optional[float] = None) -> Path:
-    """A real MaxMind country database (networks to ISO codes), built at test time; ``built`` sets its build time."""
-    mmdb_writer, netaddr = require_module("mmdb_writer"), require_module("netaddr")
-    writer = mmdb_writer.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"], description="pixeld test")
-    for network, code in countries.items():
-        writer.insert_network(netaddr.IPSet([network]), {"country": {"iso_code": code, "names": {"en": code}}})
-    real = mmdb_writer.time.time
-    if built is not None:
-        mmdb_writer.time.time = lambda: built
-    try:
-        writer.to_db_file(str(path))
-    finally:
-        mmdb_writer.time.time = real
-    return path
-
-
 @pytest.fixture
 def browser():
     """Debian's headless Chromium, driven by Playwright (no browser download); test names resolve to loopback."""
@@ -129,6 +113,22 @@ def tiny_filesystem() -> Iterator[str]:
     yield mountpoint
     subprocess.run(["umount", "-l", mountpoint], check=False)
     os.rmdir(mountpoint)
+
+
+def write_mmdb(path: Path, countries: Dict[str, str], built: Optional[float] = None) -> Path:
+    """A real MaxMind country database (networks to ISO codes), built at test time; ``built`` sets its build time."""
+    mmdb_writer, netaddr = require_module("mmdb_writer"), require_module("netaddr")
+    writer = mmdb_writer.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"], description="pixeld test")
+    for network, code in countries.items():
+        writer.insert_network(netaddr.IPSet([network]), {"country": {"iso_code": code, "names": {"en": code}}})
+    real = mmdb_writer.time.time
+    if built is not None:
+        mmdb_writer.time.time = lambda: built
+    try:
+        writer.to_db_file(str(path))
+    finally:
+        mmdb_writer.time.time = real
+    return path
 
 
 # ---- Waiting -------------------------------------------------------------------------------------------------
