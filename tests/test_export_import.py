@@ -167,7 +167,7 @@ def test_export_memory_stays_flat(tmp_path):
         db = tmp_path / f"{rows}.db"
         store = pixeld.Store(pixeld.connect(str(db)))
         start = 1_790_000_000
-        store.write(records=[pixeld.Record(pixeld.PageView(start + i * 7, "example.org", f"/page/{i % 997}", "T", "", "DE", "Chrome", "131", "Windows", "desktop", "", "en")) for i in range(rows)])
+        store.write(pixeld.Batch(records=[pixeld.Record(pixeld.PageView(start + i * 7, "example.org", path=f"/page/{i % 997}", title="T", country="DE", browser="Chrome", version="131", os="Windows", device="desktop", language="en")) for i in range(rows)]))
         store.conn.close()
         sizes[rows] = peak_memory_of_export(db)
     assert sizes[150_000] - sizes[5_000] < 8 * 1024, sizes  # 30 times the rows, under 8 MiB more

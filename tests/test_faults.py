@@ -122,7 +122,7 @@ def test_database_full_by_max_page_count_in_process(tmp_path):
         pages = app.writer.store.conn.execute("PRAGMA page_count").fetchone()[0]
         app.writer.store.conn.execute(f"PRAGMA max_page_count = {pages}")
         for i in range(400):
-            app.writer.submit(pixeld.PageView(1_795_874_400 + i, "example.org", f"/p/{i}", "t" * 300, "", "", "Chrome", "131", "Windows", "desktop", "", "en"))
+            app.writer.submit(pixeld.PageView(1_795_874_400 + i, "example.org", path=f"/p/{i}", title="t" * 300, browser="Chrome", version="131", os="Windows", device="desktop", language="en"))
         wait_for(lambda: "full" in app.writer.status())
         app.writer.store.conn.execute("PRAGMA max_page_count = 1073741823")
         wait_for(lambda: app.writer.status() == "ok")

@@ -99,7 +99,7 @@ def test_dry_run_says_what_a_hit_would_be_and_stores_nothing(start_daemon, tmp_p
     spam.write_text("spammy.example\n")
     daemon = start_daemon("--site", "example.org", "--spam-list", str(spam))
     cases = [
-        ({"path": "/post", "host": "example.org", "referrer": "https://www.google.de/"}, CHROME, "counted as a page view of example.org/post (browser Chrome 131, OS Windows, device desktop, source Google (search)"),
+        ({"path": "/post", "host": "example.org", "referrer": "https://www.google.de/"}, CHROME, "counted as a page view of example.org/post (title (none), channel search, source Google, referrer google.de, campaign (none), country (none), browser Chrome, version 131, os Windows, device desktop"),
         ({"path": "/", "host": "example.org"}, GOOGLEBOT, "filtered: bot (the User-Agent is a crawler"),
         ({"path": "/", "host": "other.net"}, CHROME, "filtered: foreign (the site is not one of --site)"),
         ({"path": "/", "host": "example.org", "referrer": "https://spammy.example/x"}, CHROME, "filtered: spam (the referrer's domain is on the referrer spam list)"),
@@ -122,7 +122,7 @@ def test_check_offline():
     code, out, _ = run_pixeld("check", "--ua", GOOGLEBOT, "--host", "example.org")
     assert code == 0 and out.startswith("filtered: bot")
     code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--path", "/a", "--referrer", "https://t.co/x")
-    assert code == 0 and out.startswith("counted as a page view of example.org/a") and "source X (social)" in out
+    assert code == 0 and out.startswith("counted as a page view of example.org/a") and "channel social, source X," in out
     code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--ip", "198.51.100.4", "--ignore-ip", "198.51.100.0/24")
     assert out.startswith("filtered: ignored")
 

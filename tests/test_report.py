@@ -8,7 +8,7 @@ import pytest
 
 import pixeld
 from pixeld import DAY, Config, Range, ReportData, ReportError, parse_range, render_text
-from conftest import call, request_for, wait_for
+from conftest import call, make_sections, request_for, wait_for
 
 NOW = 1_795_874_400  # 2026-11-28 10:00:00 UTC
 TODAY = 1_795_824_000  # 2026-11-28 00:00:00 UTC
@@ -62,13 +62,12 @@ def test_bad_ranges_get_a_reason(params, reason):
 
 
 def sample_report(pageviews=3, entry_pages=(), **sections):
-    base = {name: [] for name in pixeld.SECTION_TITLES if name not in ("entry_pages", "events")}
-    base.update(sections)
     totals = pixeld.Metrics(views=pageviews, visitors=2, visits=3, bounces=1, duration=250)
     previous = pixeld.Metrics(views=pageviews // 2, visitors=2, visits=4, bounces=0, duration=250)
     series = [(TODAY - (6 - i) * DAY, i, i // 2) for i in range(7)]
     query = pixeld.Query(Range(TODAY - 6 * DAY, TODAY + DAY))
-    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, base, list(entry_pages), [("signup", 3, 2)], "day", series, [])
+    rows = make_sections(totals, entry_pages=list(entry_pages), events=[("signup", 3, 2)], **sections)
+    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, rows, "day", series, [])
 
 
 def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
@@ -102,7 +101,10 @@ def test_json_report_has_the_same_data():
     assert document["pageviews"] == 4
     assert (document["visitors"], document["visits"], document["pages_per_visit"], document["bounce_rate"], document["visit_duration"]) == (2, 3, 1.33, 33.3, 83)
     assert document["filtered"] == {"total": 3, "bot": 2, "spam": 1}
-    assert document["sections"]["pages"] == [{"value": "/", "count": 3, "percent": 75.0}, {"value": "/a", "count": 1, "percent": 25.0}]
+    assert document["sections"]["pages"] == [
+        {"value": "/", "count": 3, "percent": 75.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+        {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+    ]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
     assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
     assert document["previous"]["pageviews"] == 2 and document["change"]["pageviews"] == 100 and document["change"]["bounce_rate"] is None
