@@ -5330,21 +5330,33 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
 
 
 def run_backup(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """SQLite's online backup: a consistent copy while the daemon keeps writing."""
-    if os.path.exists(args.dest):
-        raise ConfigError(f"{args.dest} exists already: name a new file")
+    """SQLite's online backup: a consistent copy while the daemon keeps writing. The copy holds every
+    page view, so it is created 0600 whatever the umask, and never replaces an existing file."""
     source = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
-        target = sqlite3.connect(args.dest)
+        create_private_file(args.dest)
         try:
-            source.backup(target, pages=1024, sleep=0.01)
-        finally:
-            target.close()
-    except sqlite3.Error as error:
-        raise StorageError(f"cannot back up to {args.dest}: {error}") from None
+            target = sqlite3.connect(args.dest)
+            try:
+                source.backup(target, pages=1024, sleep=0.01)
+            finally:
+                target.close()
+        except sqlite3.Error as error:
+            os.remove(args.dest)
+            raise StorageError(f"cannot back up to {args.dest}: {error}") from None
     finally:
         source.close()
     log_line(f"backed up to {args.dest}")
+
+
+def create_private_file(path: str) -> None:
+    """Create an empty file only its owner can read, failing if it exists (no window with wider permissions)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise ConfigError(f"{path} exists already: name a new file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot create {path}: {error.strerror}") from None
 
 
 def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> None:
