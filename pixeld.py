@@ -502,6 +502,9 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
+CAMPAIGN_PARAMS = ("utm_source", "ref", "source", "utm_medium", "utm_campaign")  # what campaign_of reads from a page's address
+
+
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
     """``source / medium / campaign`` from ``utm_*`` (``ref`` or ``source`` for the source), and the source alone."""
     source = clean_text(params.get("utm_source") or params.get("ref") or params.get("source") or "", MAX_CAMPAIGN).lower()
@@ -4009,10 +4012,12 @@ class Importer:
 
     def _add_log_line(self, match: "re.Match[str]", when: int) -> None:
         """A page request in an access log is a hit: its Referer is the page's referrer, its address the visitor's."""
-        page = url_path(match.group("target"))
+        target = split_url(match.group("target"))
+        page = target.path if target else ""
         if match.group("method") != "GET" or not match.group("status").startswith("2") or not page or _ASSET.search(page):
             return
-        params = {"path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
+        campaign = {key: value for key, value in parse_query(target.query).items() if key in CAMPAIGN_PARAMS}  # as the snippet sends them
+        params = {**campaign, "path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
         hit = RawHit(when, params, unescape_log(match.group("agent") or ""), peer=match.group("address"))
         self._add(read_hit(hit, self.config, self.memo, lambda address: lookup_country(self.geoip, address)), live=True)
 
@@ -4066,6 +4071,17 @@ def parse_log_time(value: str) -> Optional[int]:
 
 def unescape_log(value: str) -> str:
     return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
+
+
+SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database"}
+
+
+def require_site(fmt: str, config: Config) -> None:
+    """An access log's lines and a Flask database's rows name no site, so the import needs --site: with
+    none, every page view would have an empty site, and readers' internal navigation would count as
+    referrals from the site itself."""
+    if fmt in SITELESS_FORMATS and not config.sites:
+        raise ImportFailed(f"{SITELESS_FORMATS[fmt]} does not name its site: give the site its pages belong to with --site example.org")
 
 
 def detect_format(path: str, fmt: str = "") -> str:
@@ -5322,6 +5338,7 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     check_database_path(db_path)
     geoip_path = setting(args, "geoip", environ, "")
     config = config_from(args, environ)
+    require_site(fmt, config)
     conn = connect(db_path, progress=log_line)
     try:
         Importer(conn, config, open_geoip(geoip_path) if geoip_path else None, log_line).run(args.file, fmt, args.force)
