@@ -5123,6 +5123,7 @@ def heartbeat(app: App) -> Callable[[], None]:
 # Command line ################################################################
 ###############################################################################
 
+ENV_FILE = "/etc/pixeld.env"  # the service's settings (pixeld.service: EnvironmentFile=)
 ENVIRONMENT = {
     "listen": "PIXELD_LISTEN",
     "db": "PIXELD_DB",
@@ -5152,6 +5153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
     add_db_option(report_cmd, "read-only")
+    add_env_file_option(report_cmd)
     add_range_options(report_cmd)
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
@@ -5162,12 +5164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_cmd = commands.add_parser("export", help="write stored page views as CSV or NDJSON", description="Write the stored page views (they carry no identifiers) to standard output.")
     add_db_option(export_cmd, "read-only")
+    add_env_file_option(export_cmd)
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
     import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, the 2020 Flask tool's database, or a combined access log.")
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
+    add_env_file_option(import_cmd)
     import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
     add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
@@ -5179,14 +5183,17 @@ def build_parser() -> argparse.ArgumentParser:
         check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
     check_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look the country up [$PIXELD_GEOIP]")
     add_filter_options(check_cmd)
+    add_env_file_option(check_cmd)
 
     doctor_cmd = commands.add_parser("doctor", help="check the setup and explain what is wrong", description="Check the database, token, GeoIP file, time zone and state directory, and with --url a running daemon. Exit status 0 when nothing fails.")
     add_serve_options(doctor_cmd)
+    add_env_file_option(doctor_cmd)
     doctor_cmd.add_argument("--url", help="a running daemon to check, as your browser or proxy reaches it: http://127.0.0.1:8000 or https://stats.example.org")
 
     backup_cmd = commands.add_parser("backup", help="copy the database consistently, also while the daemon runs", description="Make a consistent copy of the database with SQLite's online backup, also while the daemon runs.")
     backup_cmd.add_argument("dest", help="the new file; it must not exist yet")
     add_db_option(backup_cmd, "read-only")
+    add_env_file_option(backup_cmd)
 
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
@@ -5230,12 +5237,55 @@ def add_db_option(command: argparse.ArgumentParser, note: str) -> None:
     command.add_argument("--db", metavar="PATH", help=f"SQLite database, {note} (default ./{DEFAULT_DB}) [$PIXELD_DB]")
 
 
+def add_env_file_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--env-file", metavar="PATH",
+        help=f"read PIXELD_* settings from this file, as the service does (default {ENV_FILE} when it exists; '' for none); the environment and flags win",
+    )
+
+
 def add_range_options(command: argparse.ArgumentParser, default: str = "30d") -> None:
     command.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (in --tz)")
     command.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
     command.add_argument("--range", default="", help=f"today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
-    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
+    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, as in --env-file, else UTC)")
     command.add_argument("--site", default="", help="one site (hostname) instead of all")
+
+
+def with_env_file(args: argparse.Namespace, environ: Dict[str, str]) -> Dict[str, str]:
+    """The environment, completed from the service's settings file, so that a command run by hand
+    (``report``, ``check``, ``doctor``...) uses the daemon's time zone, sites and filters. ``serve``
+    gets the file from systemd (``EnvironmentFile=``), and takes no option."""
+    if not hasattr(args, "env_file"):
+        return environ
+    path = ENV_FILE if args.env_file is None else args.env_file
+    if not path or (args.env_file is None and not os.path.exists(path)):
+        return environ
+    try:
+        return {**read_env_file(path), **environ}
+    except ConfigError as error:
+        if args.env_file is not None:
+            raise
+        log_line(f"{error}; going on without the service's settings (--env-file '' reads none)")
+        return environ
+
+
+def read_env_file(path: str) -> Dict[str, str]:
+    """The ``PIXELD_*`` lines of a systemd environment file: ``NAME=value``, ``#`` and ``;`` comments, optional quotes."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error_reason(error)}") from None
+    settings = {}
+    for line in lines:
+        name, equals, value = line.strip().partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if equals and name.strip().startswith("PIXELD_"):
+            settings[name.strip()] = value
+    return settings
 
 
 def setting(args: argparse.Namespace, name: str, environ: Dict[str, str], default: Any = None) -> Any:
@@ -5547,6 +5597,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     args = build_parser().parse_args(argv or ["serve"])
     commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
     try:
+        environ = with_env_file(args, environ)
         if args.command in commands:
             return commands[args.command](args, environ) or 0
         elif args.command == "snippet":

@@ -192,6 +192,28 @@ def test_report_command_reads_the_database_while_the_daemon_runs(start_daemon):
     assert daemon.report("range=today").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today")[1]
 
 
+def test_commands_read_the_service_settings_file(start_daemon, tmp_path):
+    """``report`` by hand uses the daemon's time zone: both read /etc/pixeld.env (here --env-file). Kiritimati
+    is UTC+14, so its today is another day than UTC's, and than Pago Pago's (UTC-11)."""
+    daemon = start_daemon(env={"PIXELD_TIMEZONE": "Pacific/Kiritimati"})
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("# the service's settings\n; also a comment\n\nPIXELD_TIMEZONE='Pacific/Kiritimati'\nOTHER=ignored\nPIXELD_SITES = example.org\n")
+    served = json.loads(daemon.report("range=today&format=json").text)
+    assert served["timezone"] == "Pacific/Kiritimati"
+
+    def today(*args, env=None):
+        code, out, err = run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--format", "json", *args, env=env)
+        assert code == 0, err
+        return {key: json.loads(out)[key] for key in ("timezone", "start", "end")}
+
+    assert today("--env-file", str(env_file)) == {key: served[key] for key in ("timezone", "start", "end")}
+    assert today("--env-file", str(env_file), env={"PIXELD_TIMEZONE": "Pacific/Pago_Pago"})["timezone"] == "Pacific/Pago_Pago"  # the environment wins
+    assert today("--env-file", str(env_file), "--tz", "UTC")["timezone"] == "UTC"  # and a flag wins over both
+    assert today("--env-file", "")["timezone"] == "UTC"  # none read
+    code, out, err = run_pixeld("export", "--db", str(daemon.db), "--env-file", str(tmp_path / "missing.env"))
+    assert (code, out) == (2, "") and err == f"pixeld: cannot read {tmp_path / 'missing.env'}: No such file or directory\n"
+
+
 def test_report_command_errors(tmp_path):
     code, _, err = run_pixeld("report", "--db", str(tmp_path / "missing.db"))
     assert code == 2 and err == f"pixeld: no database at {tmp_path / 'missing.db'}\n"
