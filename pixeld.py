@@ -1354,7 +1354,7 @@ def explain(outcome: Outcome) -> str:
     what = f"the event {outcome.event!r} on" if outcome.event else "a page view of"
     details = [
         f"browser {' '.join(filter(None, (view.browser, view.version))) or '(unknown)'}", f"OS {view.os or '(unknown)'}",
-        f"device {view.device or '(unknown)'}", f"source {view.source or '(direct)'} ({view.channel})",
+        f"device {view.device or '(unknown)'}", f"source {view.source} ({view.channel})" if view.source else "source (direct)",
         f"country {view.country or '(unknown)'}", f"language {view.language or '(unknown)'}", f"screen {view.screen or '(unknown)'}",
     ]
     return f"counted as {what} {view.site or '(no host)'}{view.path} ({', '.join(details)}), unless the visitor is over the rate limit"
@@ -5177,7 +5177,11 @@ def build_parser() -> argparse.ArgumentParser:
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
-    check_cmd = commands.add_parser("check", help="say whether a hit would be counted, and why", description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored.")
+    check_cmd = commands.add_parser(
+        "check", help="say whether a hit would be counted, and why",
+        description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored. "
+                    "Exit status: 0 counted, 1 not counted (filtered or malformed), 2 a bad option or setting.",
+    )
     for name, note in (("ua", "the User-Agent"), ("referrer", "the page's referrer, a full URL"), ("path", "the page's path"), ("host", "the site's hostname"),
                        ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view")):
         check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
@@ -5426,14 +5430,19 @@ def create_private_file(path: str) -> None:
         raise ConfigError(f"cannot create {path}: {error.strerror}") from None
 
 
-def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``."""
+def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> int:
+    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``. Exit status 0 when
+    the hit would count, 1 when it would not (filtered or malformed); a bad option or setting gives 2."""
     config = config_from(args, environ)
     geoip_path = setting(args, "geoip", environ, "")
     geoip = open_geoip(geoip_path) if geoip_path else None
     params = {"path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
     hit = RawHit(int(time.time()), params, args.ua, peer=args.ip)
-    print(explain(read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))))
+    outcome = read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))
+    print(explain(outcome))
+    if not args.ua:
+        log_line("no --ua given: a hit without a User-Agent is a bot's")
+    return 0 if isinstance(outcome, Accepted) else 1
 
 
 Finding = Tuple[str, str]  # (ok, warn or fail; what was found)

@@ -145,13 +145,27 @@ def test_dry_run_says_what_a_hit_would_be_and_stores_nothing(start_daemon, tmp_p
     conn.close()
 
 
-def test_check_offline():
+def test_check_offline(tmp_path):
+    """One line on stdout, and an exit status a script can use: 0 counted, 1 not counted, 2 bad usage."""
     code, out, _ = run_pixeld("check", "--ua", GOOGLEBOT, "--host", "example.org")
-    assert code == 0 and out.startswith("filtered: bot")
+    assert code == 1 and out.startswith("filtered: bot")
     code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--path", "/a", "--referrer", "https://t.co/x")
     assert code == 0 and out.startswith("counted as a page view of example.org/a") and "source X (social)" in out
+    code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--path", "/a")
+    assert code == 0 and "source (direct)," in out and "(direct) (direct)" not in out and out.count("\n") == 1
     code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--ip", "198.51.100.4", "--ignore-ip", "198.51.100.0/24")
-    assert out.startswith("filtered: ignored")
+    assert code == 1 and out.startswith("filtered: ignored")
+    code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--event", "")
+    assert code == 1 and out.startswith("ignored: malformed")
+    code, out, err = run_pixeld("check", "--host", "example.org")
+    assert code == 1 and out.startswith("filtered: bot") and "no --ua given" in err
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("PIXELD_SITES=example.org\n")  # the service's --site, read as the daemon reads it
+    code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "other.net", "--env-file", str(env_file))
+    assert code == 1 and out.startswith("filtered: foreign")
+    for bad in (["--ignore-ip", "not-an-address"], ["--no-such-option"]):
+        code, out, err = run_pixeld("check", "--ua", CHROME, *bad)
+        assert code == 2 and out == "" and err
 
 
 def parse_metrics(text):
