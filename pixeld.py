@@ -4420,7 +4420,7 @@ class App:
         outcomes = Counter({"pageview": 0, "event": 0, **{reason: 0 for reason in FILTER_REASONS if reason != "dropped"}})
         outcomes.update(self.outcomes)
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
-            {"hits_total": ("Hits by outcome: page views, events, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
+            {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
              "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
             gauges,
         ).encode()
@@ -5159,7 +5159,7 @@ def build_parser() -> argparse.ArgumentParser:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
-    report_cmd.add_argument("--ascii", action="store_true", help="bars of # for terminals without Unicode")
+    report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))
 
     export_cmd = commands.add_parser("export", help="write stored page views as CSV or NDJSON", description="Write the stored page views (they carry no identifiers) to standard output.")
@@ -5211,7 +5211,7 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     add_db_option(command, "created on first start")
     command.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
     token = command.add_mutually_exclusive_group()
-    token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
+    token.add_argument("--token", metavar="TOKEN", help="token that /report requires: 'Authorization: Bearer TOKEN', or HTTP Basic with the token as the password (curl -u :TOKEN) [$PIXELD_TOKEN]")
     token.add_argument("--token-file", metavar="PATH", help="read the token from a file, keeping it out of ps [$PIXELD_TOKEN_FILE]")
     command.add_argument(
         "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
@@ -5251,7 +5251,7 @@ def add_env_file_option(command: argparse.ArgumentParser) -> None:
 def add_range_options(command: argparse.ArgumentParser, default: str = "30d") -> None:
     command.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (in --tz)")
     command.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
-    command.add_argument("--range", default="", help=f"today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
+    command.add_argument("--range", default="", help=f"realtime (the last 30 minutes), today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
     command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, as in --env-file, else UTC)")
     command.add_argument("--site", default="", help="one site (hostname) instead of all")
 
@@ -5347,10 +5347,7 @@ def check_database_path(path: str) -> None:
 
 def command_params(args: argparse.Namespace, names: Iterable[str]) -> Dict[str, str]:
     """The report and export flags as the query parameters /report and /export take."""
-    params = {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
-    if getattr(args, "ascii", False):
-        params["ascii"] = "1"
-    return params
+    return {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
 
 
 def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo:
@@ -5359,7 +5356,7 @@ def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo
 
 def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
-    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", *FILTERS)
+    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "ascii", *FILTERS)
     try:
         request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH

@@ -14,10 +14,20 @@ import pixeld
 from conftest import PIXELD, ROOT, free_port, request, run_pixeld, stored_pageviews
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["report"], ["snippet"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["report"], ["export"], ["import"], ["check"], ["doctor"], ["backup"], ["snippet"]])
 def test_help_on_every_command(command):
     code, out, _ = run_pixeld(*command, "--help")
     assert code == 0 and out.startswith("usage: pixeld.py")
+
+
+def test_help_says_what_the_readme_says():
+    """The range realtime, HTTP Basic for the token, check's exit status, and the service's settings file."""
+    helps = {command: " ".join(run_pixeld(command, "--help")[1].split()) for command in ("serve", "report", "export", "check", "doctor")}
+    assert "realtime" in helps["report"] and "realtime" in helps["export"]
+    assert "HTTP Basic with the token as the password" in helps["serve"] and "HTTP Basic with the token as the password" in helps["doctor"]
+    assert "0 counted, 1 not counted" in helps["check"]
+    assert all("--env-file" in helps[command] for command in ("report", "export", "check", "doctor"))
+    assert "--ascii [1]" in helps["report"]
 
 
 def test_version():
@@ -190,6 +200,11 @@ def test_report_command_reads_the_database_while_the_daemon_runs(start_daemon):
     code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "7d", "--format", "json", "--site", "www.example.org")
     assert code == 0 and json.loads(out)["site"] == "example.org" and json.loads(out)["pageviews"] == 1
     assert daemon.report("range=today").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today")[1]
+    ascii_text = daemon.report("range=today&ascii=1").text  # the parameter and the flag of the same name agree
+    assert "#" in ascii_text and "█" not in ascii_text
+    assert ascii_text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii", "1")[1]
+    assert ascii_text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii")[1]
+    assert daemon.report("range=today&ascii=0").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii", "0")[1]
 
 
 def test_commands_read_the_service_settings_file(start_daemon, tmp_path):

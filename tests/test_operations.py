@@ -186,10 +186,19 @@ def test_metrics_in_the_prometheus_format_rise_with_hits(start_daemon):
         daemon.pixel({"path": f"/{n}", "host": "example.org"}, {"X-Forwarded-For": f"198.51.100.{n}"})
     daemon.pixel({"path": "/", "host": "example.org"}, {"User-Agent": GOOGLEBOT})
     daemon.pixel({"event": "signup", "host": "example.org"}, {"X-Forwarded-For": "198.51.100.1"})
+    beacon = {"engagement": "1", "host": "example.org", "engaged": "12", "scroll": "40"}
+    daemon.pixel({**beacon, "path": "/1"}, {"X-Forwarded-For": "198.51.100.1"})  # joins that visitor's page view
+    daemon.pixel({**beacon, "path": "/never-seen"}, {"X-Forwarded-For": "198.51.100.1"})
+    daemon.pixel({"event": "", "host": "example.org"}, {"X-Forwarded-For": "198.51.100.1"})
     time.sleep(1.5)
     after = parse_metrics(daemon.get("/metrics").text)
     assert after["pixeld_hits_total[('outcome', 'pageview')]"] == 3
     assert after["pixeld_hits_total[('outcome', 'bot')]"] == 1 and after["pixeld_hits_total[('outcome', 'event')]"] == 1
+    outcomes = {name: value for name, value in after.items() if name.startswith("pixeld_hits_total") and value}
+    assert outcomes == {  # engagement beacons, joined or unmatched, and malformed hits have outcomes of their own, as the README lists
+        "pixeld_hits_total[('outcome', 'pageview')]": 3, "pixeld_hits_total[('outcome', 'bot')]": 1, "pixeld_hits_total[('outcome', 'event')]": 1,
+        "pixeld_hits_total[('outcome', 'engagement')]": 1, "pixeld_hits_total[('outcome', 'unmatched')]": 1, "pixeld_hits_total[('outcome', 'malformed')]": 1,
+    }
     assert after["pixeld_remembered_visitors[]"] == 3 and after["pixeld_database_size_bytes[]"] > 0
     assert daemon.get("/metrics", {"X-Forwarded-For": "203.0.113.1"}).status == 403
 
