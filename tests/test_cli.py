@@ -229,6 +229,26 @@ def test_commands_read_the_service_settings_file(start_daemon, tmp_path):
     assert (code, out) == (2, "") and err == f"pixeld: cannot read {tmp_path / 'missing.env'}: No such file or directory\n"
 
 
+def test_the_service_settings_file_is_read_by_default(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "p.db"
+    pixeld.connect(str(db)).close()
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("PIXELD_TIMEZONE=Pacific/Kiritimati\n")
+
+    def zone_of_report():
+        assert pixeld.main(["report", "--db", str(db), "--format", "json"], environ={}) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out)["timezone"], captured.err
+
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(env_file))  # /etc/pixeld.env, here
+    assert zone_of_report() == ("Pacific/Kiritimati", "")
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(tmp_path / "missing.env"))  # none: nothing to say
+    assert zone_of_report() == ("UTC", "")
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(tmp_path))  # there, but not readable as a file: said, and the command goes on
+    zone, err = zone_of_report()
+    assert zone == "UTC" and err.startswith(f"pixeld: cannot read {tmp_path}: ") and "going on without the service's settings" in err
+
+
 def test_report_command_errors(tmp_path):
     code, _, err = run_pixeld("report", "--db", str(tmp_path / "missing.db"))
     assert code == 2 and err == f"pixeld: no database at {tmp_path / 'missing.db'}\n"
