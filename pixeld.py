@@ -851,6 +851,9 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
+CAMPAIGN_PARAMS = ("utm_source", "ref", "source", "utm_medium", "utm_campaign")  # what campaign_of reads from a page's address
+
+
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
     """``source / medium / campaign`` from ``utm_*`` (``ref`` or ``source`` for the source), and the source alone."""
     source = clean_text(params.get("utm_source") or params.get("ref") or params.get("source") or "", MAX_CAMPAIGN).lower()
@@ -1664,6 +1667,9 @@ def filter_reason(
     return ""
 
 
+SHOWN_EMPTY = {field.name: dim.sections[0].empty if dim.sections else "(none)" for dim in DIMENSIONS for field in dim.fields}  # as the report shows it
+
+
 def explain(outcome: Outcome) -> str:
     """One line on what a hit would be, for a dry run and ``pixeld.py check``."""
     if outcome is None:
@@ -1672,7 +1678,7 @@ def explain(outcome: Outcome) -> str:
         return f"filtered: {outcome.reason} ({FILTER_REASONS[outcome.reason][1]})"
     view = outcome.view
     what = f"the event {outcome.event!r} on" if outcome.event else "a page view of"
-    details = ", ".join(f"{field.name} {getattr(view, field.name) or '(none)'}" for field in VIEW_FIELDS if field.name != "path")
+    details = ", ".join(f"{name} {getattr(view, name) or empty}" for name, empty in SHOWN_EMPTY.items() if name != "path")
     return f"counted as {what} {view.site or '(no host)'}{view.path} ({details}), unless the visitor is over the rate limit"
 
 
@@ -4129,10 +4135,12 @@ class Importer:
 
     def _add_log_line(self, match: "re.Match[str]", when: int) -> None:
         """A page request in an access log is a hit: its Referer is the page's referrer, its address the visitor's."""
-        page = url_path(match.group("target"))
+        target = split_url(match.group("target"))
+        page = target.path if target else ""
         if match.group("method") != "GET" or not match.group("status").startswith("2") or not page or _ASSET.search(page):
             return
-        params = {"path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
+        campaign = {key: value for key, value in parse_query(target.query).items() if key in CAMPAIGN_PARAMS}  # as the snippet sends them
+        params = {**campaign, "path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
         hit = RawHit(when, params, unescape_log(match.group("agent") or ""), peer=match.group("address"))
         self._add(read_hit(hit, self.config, self.memo, lambda address: lookup_country(self.geoip, address)), live=True)
 
@@ -4179,6 +4187,17 @@ def parse_log_time(value: str) -> Optional[int]:
 
 def unescape_log(value: str) -> str:
     return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
+
+
+SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database"}
+
+
+def require_site(fmt: str, config: Config) -> None:
+    """An access log's lines and a Flask database's rows name no site, so the import needs --site: with
+    none, every page view would have an empty site, and readers' internal navigation would count as
+    referrals from the site itself."""
+    if fmt in SITELESS_FORMATS and not config.sites:
+        raise ImportFailed(f"{SITELESS_FORMATS[fmt]} does not name its site: give the site its pages belong to with --site example.org")
 
 
 def detect_format(path: str, fmt: str = "") -> str:
@@ -4510,7 +4529,7 @@ class App:
         outcomes = Counter({"pageview": 0, "event": 0, **{reason: 0 for reason in FILTER_REASONS if reason != "dropped"}})
         outcomes.update(self.outcomes)
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
-            {"hits_total": ("Hits by outcome: page views, events, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
+            {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
              "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
             gauges,
         ).encode()
@@ -5231,6 +5250,7 @@ def heartbeat(app: App) -> Callable[[], None]:
 # Command line ################################################################
 ###############################################################################
 
+ENV_FILE = "/etc/pixeld.env"  # the service's settings (pixeld.service: EnvironmentFile=)
 ENVIRONMENT = {
     "listen": "PIXELD_LISTEN",
     "db": "PIXELD_DB",
@@ -5260,41 +5280,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
     add_db_option(report_cmd, "read-only")
+    add_env_file_option(report_cmd)
     add_range_options(report_cmd)
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
-    report_cmd.add_argument("--ascii", action="store_true", help="bars of # for terminals without Unicode")
+    report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))
 
     export_cmd = commands.add_parser("export", help="write stored page views as CSV or NDJSON", description="Write the stored page views (they carry no identifiers) to standard output.")
     add_db_option(export_cmd, "read-only")
+    add_env_file_option(export_cmd)
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
     import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, the 2020 Flask tool's database, or a combined access log.")
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
+    add_env_file_option(import_cmd)
     import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
     add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
-    check_cmd = commands.add_parser("check", help="say whether a hit would be counted, and why", description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored.")
+    check_cmd = commands.add_parser(
+        "check", help="say whether a hit would be counted, and why",
+        description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored. "
+                    "Exit status: 0 counted, 1 not counted (filtered or malformed), 2 a bad option or setting.",
+    )
     for name, note in (("ua", "the User-Agent"), ("referrer", "the page's referrer, a full URL"), ("path", "the page's path"), ("host", "the site's hostname"),
                        ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view")):
         check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
     check_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look the country up [$PIXELD_GEOIP]")
     add_filter_options(check_cmd)
+    add_env_file_option(check_cmd)
 
     doctor_cmd = commands.add_parser("doctor", help="check the setup and explain what is wrong", description="Check the database, token, GeoIP file, time zone and state directory, and with --url a running daemon. Exit status 0 when nothing fails.")
     add_serve_options(doctor_cmd)
+    add_env_file_option(doctor_cmd)
     doctor_cmd.add_argument("--url", help="a running daemon to check, as your browser or proxy reaches it: http://127.0.0.1:8000 or https://stats.example.org")
 
     backup_cmd = commands.add_parser("backup", help="copy the database consistently, also while the daemon runs", description="Make a consistent copy of the database with SQLite's online backup, also while the daemon runs.")
     backup_cmd.add_argument("dest", help="the new file; it must not exist yet")
     add_db_option(backup_cmd, "read-only")
+    add_env_file_option(backup_cmd)
 
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
@@ -5308,7 +5338,7 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     add_db_option(command, "created on first start")
     command.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
     token = command.add_mutually_exclusive_group()
-    token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
+    token.add_argument("--token", metavar="TOKEN", help="token that /report requires: 'Authorization: Bearer TOKEN', or HTTP Basic with the token as the password (curl -u :TOKEN) [$PIXELD_TOKEN]")
     token.add_argument("--token-file", metavar="PATH", help="read the token from a file, keeping it out of ps [$PIXELD_TOKEN_FILE]")
     command.add_argument(
         "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
@@ -5338,12 +5368,55 @@ def add_db_option(command: argparse.ArgumentParser, note: str) -> None:
     command.add_argument("--db", metavar="PATH", help=f"SQLite database, {note} (default ./{DEFAULT_DB}) [$PIXELD_DB]")
 
 
+def add_env_file_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--env-file", metavar="PATH",
+        help=f"read PIXELD_* settings from this file, as the service does (default {ENV_FILE} when it exists; '' for none); the environment and flags win",
+    )
+
+
 def add_range_options(command: argparse.ArgumentParser, default: str = "30d") -> None:
     command.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (in --tz)")
     command.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
-    command.add_argument("--range", default="", help=f"today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
-    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
+    command.add_argument("--range", default="", help=f"realtime (the last 30 minutes), today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
+    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, as in --env-file, else UTC)")
     command.add_argument("--site", default="", help="one site (hostname) instead of all")
+
+
+def with_env_file(args: argparse.Namespace, environ: Dict[str, str]) -> Dict[str, str]:
+    """The environment, completed from the service's settings file, so that a command run by hand
+    (``report``, ``check``, ``doctor``...) uses the daemon's time zone, sites and filters. ``serve``
+    gets the file from systemd (``EnvironmentFile=``), and takes no option."""
+    if not hasattr(args, "env_file"):
+        return environ
+    path = ENV_FILE if args.env_file is None else args.env_file
+    if not path or (args.env_file is None and not os.path.exists(path)):
+        return environ
+    try:
+        return {**read_env_file(path), **environ}
+    except ConfigError as error:
+        if args.env_file is not None:
+            raise
+        log_line(f"{error}; going on without the service's settings (--env-file '' reads none)")
+        return environ
+
+
+def read_env_file(path: str) -> Dict[str, str]:
+    """The ``PIXELD_*`` lines of a systemd environment file: ``NAME=value``, ``#`` and ``;`` comments, optional quotes."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error_reason(error)}") from None
+    settings = {}
+    for line in lines:
+        name, equals, value = line.strip().partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if equals and name.strip().startswith("PIXELD_"):
+            settings[name.strip()] = value
+    return settings
 
 
 def setting(args: argparse.Namespace, name: str, environ: Dict[str, str], default: Any = None) -> Any:
@@ -5401,10 +5474,7 @@ def check_database_path(path: str) -> None:
 
 def command_params(args: argparse.Namespace, names: Iterable[str]) -> Dict[str, str]:
     """The report and export flags as the query parameters /report and /export take."""
-    params = {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
-    if getattr(args, "ascii", False):
-        params["ascii"] = "1"
-    return params
+    return {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
 
 
 def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo:
@@ -5413,7 +5483,7 @@ def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo
 
 def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
-    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", *FILTERS)
+    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "ascii", *FILTERS)
     try:
         request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
@@ -5446,6 +5516,7 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     check_database_path(db_path)
     geoip_path = setting(args, "geoip", environ, "")
     config = config_from(args, environ)
+    require_site(fmt, config)
     conn = connect(db_path, progress=log_line)
     try:
         Importer(conn, config, open_geoip(geoip_path) if geoip_path else None, log_line).run(args.file, fmt, args.force)
@@ -5454,31 +5525,48 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
 
 
 def run_backup(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """SQLite's online backup: a consistent copy while the daemon keeps writing."""
-    if os.path.exists(args.dest):
-        raise ConfigError(f"{args.dest} exists already: name a new file")
+    """SQLite's online backup: a consistent copy while the daemon keeps writing. The copy holds every
+    page view, so it is created 0600 whatever the umask, and never replaces an existing file."""
     source = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
-        target = sqlite3.connect(args.dest)
+        create_private_file(args.dest)
         try:
-            source.backup(target, pages=1024, sleep=0.01)
-        finally:
-            target.close()
-    except sqlite3.Error as error:
-        raise StorageError(f"cannot back up to {args.dest}: {error}") from None
+            target = sqlite3.connect(args.dest)
+            try:
+                source.backup(target, pages=1024, sleep=0.01)
+            finally:
+                target.close()
+        except sqlite3.Error as error:
+            os.remove(args.dest)
+            raise StorageError(f"cannot back up to {args.dest}: {error}") from None
     finally:
         source.close()
     log_line(f"backed up to {args.dest}")
 
 
-def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``."""
+def create_private_file(path: str) -> None:
+    """Create an empty file only its owner can read, failing if it exists (no window with wider permissions)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise ConfigError(f"{path} exists already: name a new file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot create {path}: {error.strerror}") from None
+
+
+def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> int:
+    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``. Exit status 0 when
+    the hit would count, 1 when it would not (filtered or malformed); a bad option or setting gives 2."""
     config = config_from(args, environ)
     geoip_path = setting(args, "geoip", environ, "")
     geoip = open_geoip(geoip_path) if geoip_path else None
     params = {"path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
     hit = RawHit(int(time.time()), params, args.ua, peer=args.ip)
-    print(explain(read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))))
+    outcome = read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))
+    print(explain(outcome))
+    if not args.ua:
+        log_line("no --ua given: a hit without a User-Agent is a bot's")
+    return 0 if isinstance(outcome, Accepted) else 1
 
 
 Finding = Tuple[str, str]  # (ok, warn or fail; what was found)
@@ -5642,6 +5730,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     args = build_parser().parse_args(argv or ["serve"])
     commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
     try:
+        environ = with_env_file(args, environ)
         if args.command in commands:
             return commands[args.command](args, environ) or 0
         elif args.command == "snippet":

@@ -1,5 +1,6 @@
 """Report parameters, rendering (text and JSON) and the access rule, through the real WSGI app."""
 
+import base64
 import io
 import json
 import re
@@ -127,6 +128,7 @@ def app(tmp_path):
 def test_report_from_direct_loopback_without_a_token(app):
     made = app()
     assert call(made, "/report").status == 200
+    assert call(made, "/report", AUTHORIZATION="Basic Og==").status == 200  # the README's curl -u ":$TOKEN" with no token set (":")
     assert call(made, "/report", remote="::1").status == 200
     assert call(made, "/report", remote="::ffff:127.0.0.1").status == 200
 
@@ -149,6 +151,8 @@ def test_report_with_a_token_needs_the_token_even_on_loopback(app):
     assert call(made, "/report", AUTHORIZATION="Bearer s3cret-token\u00e9").status == 401
     assert call(made, "/report", remote="203.0.113.5", AUTHORIZATION="Bearer s3cret-token").status == 200
     assert call(made, "/report", X_FORWARDED_FOR="198.51.100.1", AUTHORIZATION="Bearer s3cret-token").status == 200
+    assert call(made, "/report", AUTHORIZATION="Basic Og==").status == 401  # curl -u ":$TOKEN" with TOKEN unset
+    assert call(made, "/report", AUTHORIZATION="Basic " + base64.b64encode(b":s3cret-token").decode()).status == 200  # and with it set
 
 
 @pytest.mark.parametrize(
