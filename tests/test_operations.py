@@ -3,14 +3,10 @@ and the hit endpoint at a second path."""
 
 import os
 import sqlite3
-import subprocess
-import tempfile
 import time
 
-import pytest
-
 import pixeld
-from conftest import CHROME, run_pixeld, stored_pageviews
+from conftest import CHROME, run_pixeld, stored_pageviews, write_mmdb
 
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
@@ -49,25 +45,10 @@ def test_doctor_fails_on_a_corrupt_database_and_a_bad_zone(tmp_path):
     assert code == 1 and level_of(out, "http://127.0.0.1:9/healthz") == "fail"
 
 
-mmdb_writer = pytest.importorskip("mmdb_writer")
-netaddr = pytest.importorskip("netaddr")
-
-
-def build_mmdb(path, built):
-    writer = mmdb_writer.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"], description="pixeld test")
-    writer.insert_network(netaddr.IPSet(["81.2.69.0/24"]), {"country": {"iso_code": "GB", "names": {"en": "GB"}}})
-    real = mmdb_writer.time.time
-    mmdb_writer.time.time = lambda: built
-    try:
-        writer.to_db_file(str(path))
-    finally:
-        mmdb_writer.time.time = real
-
-
 def test_doctor_on_geoip_files(tmp_path):
     fresh, old = tmp_path / "fresh.mmdb", tmp_path / "old.mmdb"
-    build_mmdb(fresh, time.time() - 3 * 86400)
-    build_mmdb(old, time.time() - 90 * 86400)
+    write_mmdb(fresh, {"81.2.69.0/24": "GB"}, built=time.time() - 3 * 86400)
+    write_mmdb(old, {"81.2.69.0/24": "GB"}, built=time.time() - 90 * 86400)
     db = str(tmp_path / "p.db")
     code, out = doctor("--db", db, "--geoip", str(fresh))
     assert code == 0 and level_of(out, "GeoIP") == "ok" and "built" in out
@@ -77,24 +58,16 @@ def test_doctor_on_geoip_files(tmp_path):
     assert code == 1 and level_of(out, "GeoIP") == "fail"
 
 
-def test_doctor_on_a_full_disk():
-    mountpoint = tempfile.mkdtemp(prefix="pixeld-doctor-")
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountpoint], capture_output=True).returncode:
-        os.rmdir(mountpoint)
-        pytest.skip("mounting a tiny tmpfs needs root")
-    try:
-        db = os.path.join(mountpoint, "pixeld.db")
-        pixeld.connect(db).close()
-        with open(os.path.join(mountpoint, "filler"), "wb") as handle:
-            try:
-                handle.write(b"\0" * (4 << 20))
-            except OSError:
-                pass
-        code, out = doctor("--db", db)
-        assert code == 1 and level_of(out, "directory") == "fail" and "free" in out
-    finally:
-        subprocess.run(["umount", "-l", mountpoint], check=False)
-        os.rmdir(mountpoint)
+def test_doctor_on_a_full_disk(tiny_filesystem):
+    db = os.path.join(tiny_filesystem, "pixeld.db")
+    pixeld.connect(db).close()
+    with open(os.path.join(tiny_filesystem, "filler"), "wb") as handle:
+        try:
+            handle.write(b"\0" * (4 << 20))
+        except OSError:
+            pass
+    code, out = doctor("--db", db)
+    assert code == 1 and level_of(out, "directory") == "fail" and "free" in out
 
 
 def whoami(daemon, headers):

@@ -3,10 +3,9 @@
 import ipaddress
 import time
 from pathlib import Path
-from wsgiref.util import setup_testing_defaults
 
 import pixeld
-from conftest import CHROME, stored_pageviews
+from conftest import CHROME, call, stored_pageviews
 
 ADDRESSES = ["198.51.100.213", "203.0.113.177", "2001:db8:dead:beef::1234"]
 CANARY_UAS = [
@@ -81,9 +80,7 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
     """Two readers who differ only by address read the same pages at the same moments, across a
     midnight and a restart. Every stored column except the page must then be identical between
     them: any visitor id, hash or key would tell them apart. Neither salts nor keys reach the disk."""
-    import io
     import sqlite3
-    from wsgiref.util import setup_testing_defaults
 
     import pixeld
 
@@ -94,13 +91,7 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
 
     def visit(app, reader, path):
         for query in (f"path={path}-{reader}&host=example.org", f"engagement=1&path={path}-{reader}&host=example.org&engaged=12.5&scroll=60"):
-            environ = {
-                "PATH_INFO": "/pixel.gif", "QUERY_STRING": query, "REQUEST_METHOD": "GET",
-                "REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": ADDRESSES[reader], "HTTP_USER_AGENT": CANARY_UAS[0],
-            }
-            setup_testing_defaults(environ)
-            environ["wsgi.errors"] = io.StringIO()
-            b"".join(app(environ, lambda status, headers: None))
+            call(app, "/pixel.gif", query, X_FORWARDED_FOR=ADDRESSES[reader], USER_AGENT=CANARY_UAS[0])
         generation = app.visitors._current
         secrets_seen.extend(app.visitors.salts())
         key = generation.key("example.org", ADDRESSES[reader], CANARY_UAS[0])
@@ -143,9 +134,7 @@ def test_no_visitor_input_outlives_the_salt(tmp_path):
     clock = [1_795_910_400 - 3600]  # 2026-11-28 23:00 UTC
 
     def send(query):
-        environ = {"PATH_INFO": "/pixel.gif", "QUERY_STRING": query, "REQUEST_METHOD": "GET", "REMOTE_ADDR": "203.0.113.7", "HTTP_USER_AGENT": CHROME}
-        setup_testing_defaults(environ)
-        assert b"".join(app(environ, lambda status, headers: None)) == pixeld.GIF
+        assert call(app, "/pixel.gif", query, remote="203.0.113.7", USER_AGENT=CHROME).body == pixeld.GIF
 
     app = pixeld.App(pixeld.Config(db_path=str(tmp_path / "memo.db"), flush_interval=0.05), clock=lambda: clock[0], log=lambda message: None)
     try:

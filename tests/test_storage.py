@@ -3,25 +3,15 @@
 import json
 import random
 import sqlite3
-import time
 from collections import Counter
 
 import pytest
 
 import pixeld
-from conftest import section_counts
-from pixeld import DAY, Batch, PageView, FilteredHit, Query, Range, Store, StorageError, Writer, connect, query_report
+from pixeld import DAY, Batch, FilteredHit, Query, Range, Store, StorageError, Writer, connect, query_report
+from conftest import section_counts, view, wait_for
 
 T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
-
-
-def view(at, path="/", site="example.org", **fields):
-    values = dict(
-        time=at, site=site, path=path, title="", referrer="", country="", browser="Chrome", version="131",
-        os="Windows", device="desktop", screen="1920x1080", language="en",
-    )
-    values.update(fields)
-    return PageView(**values)
 
 
 def test_new_database_gets_the_current_schema_in_wal_mode(tmp_path):
@@ -139,10 +129,7 @@ def test_writer_commits_within_a_second_or_so_without_being_closed(tmp_path):
     writer = Writer(connect(path), flush_interval=0.2)
     writer.submit(view(T0))
     reader = connect(path, readonly=True)
-    deadline = time.monotonic() + 5
-    while reader.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 0:
-        assert time.monotonic() < deadline, "the writer did not commit"
-        time.sleep(0.05)
+    wait_for(lambda: reader.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 1, seconds=5)
     writer.close()
 
 
@@ -168,7 +155,7 @@ def test_partial_days_are_counted_exactly_from_page_views(tmp_path):
 
 def test_one_site_or_all_sites(tmp_path):
     store = Store(connect(str(tmp_path / "sites.db")))
-    store.write(Batch(views=[(view(T0, "/", "example.org"), None), (view(T0, "/", "blog.example.org"), None), (view(T0, "/x", "example.org"), None)]))
+    store.write(Batch(views=[(view(T0, "/"), None), (view(T0, "/", site="blog.example.org"), None), (view(T0, "/x"), None)]))
     everything = query_report(store.conn, Query(Range(T0, T0 + DAY)))
     assert everything.sites == ["blog.example.org", "example.org"]
     assert section_counts(everything.sections["pages"]) == {"example.org/": 1, "blog.example.org/": 1, "example.org/x": 1}
@@ -194,15 +181,9 @@ def test_a_failed_batch_is_kept_and_written_later(tmp_path):
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     writer.submit(view(T0))
-    deadline = time.monotonic() + 5
-    while writer.status() == "ok":
-        assert time.monotonic() < deadline, "the writer never noticed the lock"
-        time.sleep(0.02)
+    wait_for(lambda: writer.status() != "ok", seconds=5)  # it noticed the lock
     assert "locked" in writer.error
     blocker.execute("ROLLBACK")
-    deadline = time.monotonic() + 5
-    while writer.status() != "ok":
-        assert time.monotonic() < deadline, "the writer did not recover"
-        time.sleep(0.02)
+    wait_for(lambda: writer.status() == "ok", seconds=5)  # it recovered
     writer.close()
     assert sqlite3.connect(path).execute("SELECT count(*) FROM pageviews").fetchone()[0] == 1
