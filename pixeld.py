@@ -5313,7 +5313,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit status: 0 counted, 1 not counted (filtered or malformed), 2 a bad option or setting.",
     )
     for name, note in (("ua", "the User-Agent"), ("referrer", "the page's referrer, a full URL"), ("path", "the page's path"), ("host", "the site's hostname"),
-                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view")):
+                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view"),
+                       ("accept-language", "the Accept-Language header"), ("query", "more of the pixel's parameters, as the snippet sends them: title=Home&utm_source=x")):
         check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
     check_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look the country up [$PIXELD_GEOIP]")
     add_filter_options(check_cmd)
@@ -5563,8 +5564,8 @@ def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> int:
     config = config_from(args, environ)
     geoip_path = setting(args, "geoip", environ, "")
     geoip = open_geoip(geoip_path) if geoip_path else None
-    params = {"path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
-    hit = RawHit(int(time.time()), params, args.ua, peer=args.ip)
+    params = {**parse_query(args.query), "path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
+    hit = RawHit(int(time.time()), params, args.ua, accept_language=args.accept_language, peer=args.ip)
     outcome = read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))
     print(explain(outcome))
     if not args.ua:

@@ -53,6 +53,17 @@ def headers(reader):
     return {"User-Agent": reader["ua"], "Accept-Language": reader["language"], "X-Forwarded-For": reader["address"]}
 
 
+def dry_run(reader, mmdb, *more):
+    """``pixeld.py check`` for the reader's hit: what it would be, said in one line."""
+    params = page_params(reader)
+    code, out, err = run_pixeld(
+        "check", "--ua", reader["ua"], "--accept-language", reader["language"], "--ip", reader["address"], "--geoip", str(mmdb), "--site", "example.org",
+        "--host", params.pop("host"), "--path", params.pop("path"), "--referrer", params.pop("referrer"), "--query", urlencode(params), *more,
+    )
+    assert code == 0, out + err
+    return out
+
+
 # A combined access log cannot hold what the page sends beside its address (the title, the screen) nor the
 # Accept-Language header: those dimensions come in from logs empty.
 LOG_LACKS = {field.name for field in pixeld.PARAM_FIELDS if field.name != "path"} | {"language"}
@@ -63,14 +74,12 @@ def world(tmp_path_factory):
     """The live database (a real daemon), and the same page views imported from an access log and from the export."""
     tmp = tmp_path_factory.mktemp("datamodel")
     mmdb = write_mmdb(tmp / "countries.mmdb", COUNTRIES)
+    explained = [dry_run(reader, mmdb) for reader in READERS] + [dry_run(READERS[0], mmdb, "--event", "signup")]
     daemon = Daemon(tmp / "live.db", ["--site", "example.org", "--geoip", str(mmdb)])
     try:
-        explained = [daemon.pixel({**page_params(reader), "dry_run": "1"}, headers(reader)).text for reader in READERS]
         for reader in READERS:
             assert daemon.pixel(page_params(reader), headers(reader)).status == 200
-        event = {"event": "signup", "path": page_params(READERS[0])["path"], "host": "example.org"}
-        explained.append(daemon.pixel({**event, "dry_run": "1"}, headers(READERS[0])).text)
-        daemon.pixel(event, headers(READERS[0]))
+        daemon.pixel({"event": "signup", "path": page_params(READERS[0])["path"], "host": "example.org"}, headers(READERS[0]))
         wait_for(lambda: len(stored_pageviews(daemon.db)) == 2)
     finally:
         output = daemon.stop()
