@@ -56,6 +56,7 @@ from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import SplitResult, unquote, urlencode, urlsplit
+from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
 
 __version__ = "0.1.0"
@@ -741,7 +742,9 @@ class Memo:
         return any(text in repr(entry) for table in self._tables.values() for entry in table.items())
 
     def clear(self) -> None:
+        """Forget everything, and the standard library's cache of recently split URLs too (referrers)."""
         self._tables.clear()
+        clear_url_cache()
 
 
 def parse_query(query_string: str, memo: Optional["Memo"] = None) -> Dict[str, str]:
@@ -5310,7 +5313,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Exit status: 0 counted, 1 not counted (filtered or malformed), 2 a bad option or setting.",
     )
     for name, note in (("ua", "the User-Agent"), ("referrer", "the page's referrer, a full URL"), ("path", "the page's path"), ("host", "the site's hostname"),
-                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view")):
+                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view"),
+                       ("accept-language", "the Accept-Language header"), ("query", "more of the pixel's parameters, as the snippet sends them: title=Home&utm_source=x")):
         check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
     check_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look the country up [$PIXELD_GEOIP]")
     add_filter_options(check_cmd)
@@ -5560,8 +5564,8 @@ def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> int:
     config = config_from(args, environ)
     geoip_path = setting(args, "geoip", environ, "")
     geoip = open_geoip(geoip_path) if geoip_path else None
-    params = {"path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
-    hit = RawHit(int(time.time()), params, args.ua, peer=args.ip)
+    params = {**parse_query(args.query), "path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
+    hit = RawHit(int(time.time()), params, args.ua, accept_language=args.accept_language, peer=args.ip)
     outcome = read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))
     print(explain(outcome))
     if not args.ua:
