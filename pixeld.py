@@ -526,10 +526,13 @@ def campaign_referrer(campaign: str) -> str:
 # releases Unlicense): names and hosts only. Webmail services and Android app ids are added by hand.
 # "google.{}" stands for every country domain (google.de, google.co.uk); subdomains match their host.
 SOURCE_TABLE = """
+1&1 Mail|email|email.1und1.de deref-1und1.de deref-1und1-02.de
 1.cz|search|1.cz
 118 700|search|118700.se foretag.118700.se webben.118700.se
 123people|search|123people.com 123people.{}
-360search|search|so.360.cn m.so.com
+126 Mail|email|mail.126.com
+163 Mail|email|mail.163.com
+360search|search|so.360.cn m.so.com so.com
 Abacho|search|abacho.de abacho.com abacho.co.uk se.abacho.com tr.abacho.com abacho.at abacho.fr abacho.es abacho.ch abacho.it
 ABCsøk|search|verden.abcsok.no
 Acoon|search|acoon.de
@@ -543,7 +546,8 @@ AllTheInternet|search|alltheinternet.com
 AllTheWeb|search|alltheweb.com
 AlohaFind|search|alohafind.com
 AltaVista|search|altavista.com search.altavista.com listings.altavista.com altavista.de altavista.fr {}.altavista.com be-nl.altavista.com be-fr.altavista.com
-AOL|search|search.aol.com search.aol.it aolsearch.aol.com aolrecherche.aol.fr aolrecherches.aol.fr aolimages.aol.fr aim.search.aol.com recherche.aol.fr find.web.aol.com recherche.aol.ca aolsearch.aol.co.uk search.aol.co.uk sucheaol.aol.de suche.aol.de o2suche.aol.de suche.aolsvc.de aolbusqueda.aol.com.mx alicesuche.aol.de alicesuchet.aol.de suchet2.aol.de search.hp.my.aol.com.au search.hp.my.aol.de search.hp.my.aol.it search-intl.netscape.com de.aolsearch.com
+AOL|search|search.aol.com search.aol.it aolsearch.aol.com aolrecherche.aol.fr aolrecherches.aol.fr aolimages.aol.fr aim.search.aol.com recherche.aol.fr find.web.aol.com recherche.aol.ca aolsearch.aol.co.uk search.aol.co.uk sucheaol.aol.de suche.aol.de o2suche.aol.de suche.aolsvc.de aolbusqueda.aol.com.mx alicesuche.aol.de alicesuchet.aol.de suchet2.aol.de search.hp.my.aol.com.au search.hp.my.aol.de search.hp.my.aol.it search-intl.netscape.com de.aolsearch.com aolsearch.com search.aol.{}
+AOL Mail|email|mail.aol.com mail.aol.{} com.aol.mobile.aolapp
 Apollo7|search|apollo7.de
 Aport|search|sm.aport.ru
 Arama|search|arama.com
@@ -556,10 +560,11 @@ Austronaut|search|www2.austronaut.at www1.austronaut.at
 Avira SafeSearch|search|search.avira.com search.avira.net safesearch.avira.com
 Babylon|search|search.babylon.com searchassist.babylon.com
 Badoo|social|badoo.com
-Baidu|search|baidu.com www1.baidu.com m.baidu.com baidu.co.th zhidao.baidu.com tieba.baidu.com news.baidu.com
+Baidu|search|baidu.com www1.baidu.com m.baidu.com baidu.co.th zhidao.baidu.com tieba.baidu.com news.baidu.com web.gougou.com
 Baidu AI|ai|yiyan.baidu.com ai.baidu.com
 Bebo|social|bebo.com
 Biglobe|search|cgi.search.biglobe.ne.jp images.search.biglobe.ne.jp
+BigPond|email|webmail.bigpond.com webmail2.bigpond.com basic.messaging.bigpond.com email.telstra.com
 bilibili|social|bilibili.com
 Bing|search|bing.com {}.bing.com global.bing.com msnbc.msn.com dizionario.it.msn.com enciclopedia.it.msn.com cc.bingj.com com.microsoft.bing
 BlackPlanet|social|blackplanet.com
@@ -568,10 +573,12 @@ Blogdigger|search|blogdigger.com
 Blogpulse|search|blogpulse.com
 Bluesky|social|bsky.app skyfeed.app xyz.blueskyweb.app
 Bluewin|search|search.bluewin.ch
+Bluewin Mail|email|email.bluewin.ch rich-v01.bluewin.ch rich-v02.bluewin.ch
 Brave Search|search|search.brave.com
 Buzznet|social|buzznet.com
 Canoe.ca|search|web.canoe.ca
 Centrum|search|search.centrum.cz morfeo.centrum.cz
+Character.AI|ai|character.ai
 Charter|search|charter.net
 Chat+|ai|chatplus.com chat-gpt.org
 ChatGLM|ai|chatglm.cn
@@ -591,12 +598,14 @@ Daemon search|search|daemon-search.com my.daemon-search.com
 DasOertliche|search|dasoertliche.de www2.dasoertliche.de
 DasTelefonbuch|search|www1.dastelefonbuch.de
 Daum|search|search.daum.net
+Daum Mail|email|mail.daum.net mail2.daum.net
 Deepseek|ai|chat.deepseek.com
 Delfi EE|search|otsing.delfi.ee
 Delfi lv|search|smart.delfi.lv
 dir.com|search|fr.dir.com
 DisconnectSearch|search|search.disconnect.me
 Discord|social|discord.com discord.gg discordapp.com com.discord
+Disqus|social|disqus.com disq.us
 dmoz|search|dmoz.org editors.dmoz.org
 Douban|social|douban.com
 Douyin|social|douyin.com
@@ -635,6 +644,7 @@ Francite|search|recherche.francite.com
 Free|search|search.free.fr search1-2.free.fr search1-1.free.fr
 FreeCause|search|search.freecause.com
 Freenet|search|suche.freenet.de
+Freenet Mail|email|webmail.freenet.de
 Freespoke|search|freespoke.com
 Friends Reunited|social|friendsreunited.com
 Friendster|social|friendster.com
@@ -650,7 +660,7 @@ Gigablast|search|gigablast.com
 Gigablast (Directory)|search|dir.gigablast.com
 GitHub|social|github.com
 Gmail|email|mail.google.com inbox.google.com com.google.android.gm
-GMX|email|gmx.net gmx.de gmx.com gmx.at gmx.ch navigator.gmx.net
+GMX|email|gmx.net gmx.de gmx.com gmx.at gmx.ch gmx.{} deref-gmx.{} navigator.gmx.net
 Gnadenmeer|search|gnadenmeer.de
 Gomeo|search|gomeo.com
 goo|search|search.goo.ne.jp ocnsearch.goo.ne.jp
@@ -676,13 +686,16 @@ Icerocket|search|blogs.icerocket.com
 iCloud Mail|email|icloud.com
 ICQ|search|icq.com search.icq.com
 identi.ca|social|identi.ca
+iiNet Mail|email|webmail.iinet.net.au mail.iinet.net.au
 Ilse NL|search|ilse.nl
 iMesh|search|search.imesh.com
 Inbox|search|www2.inbox.com
 info.com|search|info.com
+Infomaniak Mail|email|mail.infomaniak.com
 InfoSpace|search|infospace.com search.kiwee.com searches.vi-view.com search.webssearches.com search.fbdownloader.com searches3.globososo.com wsdsold.infospace.com search.avast.com isearch.babylon.com start.facemoods.com start.funmoods.com search.magentic.com search.searchcompletion.com isearch.glarysoft.com search.chatzum.com home.speedbit.com search.b1.org search.handycafe.com search.v9.com search.iminent.com utorrent.inspsearch.com govome.inspsearch.com
 Instagram|social|instagram.com l.instagram.com com.instagram.android
 Interia|search|google.interia.pl
+IONOS Mail|email|email.ionos.{} mailbusiness.ionos.{}
 Isodelen|search|isodelen.se
 IxQuick|search|ixquick.com eu.ixquick.com ixquick.de us.ixquick.com s1.us.ixquick.com s2.us.ixquick.com s3.us.ixquick.com s4.us.ixquick.com s5.us.ixquick.com s8-eu.ixquick.com s1-eu.ixquick.de s2-eu4.ixquick.com s5-eu4.ixquick.com
 Jasper|ai|app.jasper.ai
@@ -714,6 +727,7 @@ Lookseek|search|search.lookseek.com
 Looksmart|search|looksmart.com
 Lycos|search|search.lycos.com lycos.{}
 maailm.com|search|maailm.com
+mail.com|email|mail.com deref-mail.com
 Mail.ru|search|go.mail.ru
 Mail.ru Mail|email|e.mail.ru touch.mail.ru ru.mail.mailapp
 Mamma|search|mamma.com mamma75.mamma.com
@@ -727,6 +741,7 @@ Meta.ua|search|meta.ua
 MetaCrawler DE|search|s1.metacrawler.de s2.metacrawler.de s3.metacrawler.de
 Metager|search|meta.rrzn.uni-hannover.de metager.de
 Metager2|search|metager2.de
+Microsoft Teams|social|teams.microsoft.com teams.live.com teams.cloud.microsoft com.microsoft.teams
 MissEvan|social|missevan.com
 Mister Wong|search|mister-wong.com mister-wong.de
 Mixi|social|mixi.jp
@@ -745,6 +760,7 @@ Najdi.si|search|najdi.si
 Nasza-klasa.pl|social|nk.pl
 Nate|search|search.nate.com
 Naver|search|search.naver.com
+Naver Mail|email|mail.naver.com
 Needtofind|search|ko.search.need2find.com
 Neti|search|neti.ee
 Netlog|social|netlog.com
@@ -753,12 +769,14 @@ Nifty|search|search.nifty.com search.azby.fmworld.net videosearch.nifty.com
 Nigma|search|nigma.ru
 NotebookLM|ai|notebooklm.google.com
 OceanHero|search|oceanhero.today
-Odnoklassniki|social|odnoklassniki.ru
+Odnoklassniki|social|odnoklassniki.ru ok.ru
 Onet.pl|search|szukaj.onet.pl
 Online.no|search|online.no
-Orange|search|busca.orange.es lemoteur.ke.voila.fr lemoteur.orange.fr
+Optus Mail|email|webmail.optusnet.com.au webmail.optuszoo.com.au
+Orange|search|busca.orange.es lemoteur.ke.voila.fr lemoteur.orange.fr search.orange.co.uk
+Orange Mail|email|messagerie.orange.fr wmail.orange.fr mail01.orange.fr mail02.orange.fr messageriepro3.orange.fr orange.fr/webmail
 Orkut|social|orkut.com
-Outlook.com|email|outlook.live.com outlook.office.com outlook.office365.com mail.live.com com.microsoft.office.outlook
+Outlook.com|email|outlook.live.com outlook.office.com outlook.office365.com outlook.cloud.microsoft outlook.com mail.live.com com.microsoft.office.outlook
 Ozone|social|qzone.qq.com
 Paperball|search|paperball.de
 Peepeth|social|peepeth.com
@@ -771,17 +789,22 @@ Pixelfed|social|pixelfed.social pixelfed.de pxlmo.com metapixl.com pix.toot.wale
 Plaxo|social|plaxo.com
 Plazoo|search|plazoo.com
 PlusNetwork|search|plusnetwork.com
+Pocket|social|getpocket.com
+Poe|ai|poe.com
 Poisk.Ru|search|poisk.ru
 Presearch|search|presearch.com
 PrivacyWall|search|privacywall.org
 Proton Mail|email|mail.proton.me mail.protonmail.com ch.protonmail.android
 qip.ru|search|search.qip.ru
+QQ Mail|email|mail.qq.com exmail.qq.com
 Qualigo|search|qualigo.at qualigo.ch qualigo.de qualigo.nl
 Quendu|search|quendu.com
+Quora|social|quora.com
 Qwant|search|qwant.com lite.qwant.com
 Qwen|ai|chat.qwen.ai
 Rakuten|search|websearch.rakuten.co.jp
 Rambler|search|nova.rambler.ru
+Rambler Mail|email|mail.rambler.ru
 Reddit|social|reddit.com np.reddit.com pay.reddit.com com.reddit.frontpage redd.it
 Renren|social|renren.com
 Riksdelen|search|riksdelen.se
@@ -798,8 +821,10 @@ Searchy|search|searchy.co.uk
 SeeSaa|search|search.seesaa.jp
 Setooz|search|bg.setooz.com da.setooz.com el.setooz.com fa.setooz.com ur.setooz.com {}.setooz.com
 Seznam|search|search.seznam.cz videa.seznam.cz
+Seznam Mail|email|email.seznam.cz
 Sharelook|search|sharelook.fr
 Skynet|search|skynet.be
+Skype|social|web.skype.com
 Skyrock|social|skyrock.com
 Slack|social|slack.com app.slack.com com.slack
 sm.cn|search|m.sm.cn so.m.sm.cn m.sp.sm.cn yz.m.sm.cn quark.sm.cn
@@ -831,6 +856,7 @@ Surf Canyon|search|surfcanyon.com
 Swiggle|search|swiggle.org.uk
 Swisscows|search|swisscows.com
 T-Online|search|suche.t-online.de brisbane.t-online.de navigationshilfe.t-online.de
+T-Online Mail|email|email.t-online.de
 Tagged|social|login.tagged.com
 talimba|search|talimba.com
 TalkTalk|search|talktalk.co.uk
@@ -842,6 +868,8 @@ Teoma|search|teoma.com
 Terra|search|buscador.terra.es buscador.terra.cl buscador.terra.com.br
 Threads|social|threads.net l.threads.net threads.com l.threads.com com.instagram.barcelona
 TikTok|social|tiktok.com
+Tildes|social|tildes.net
+TIM Mail|email|webmail.tim.it
 Tiscali|search|search.tiscali.it search-dyn.tiscali.it hledani.tiscali.cz
 Tixuma|search|tixuma.de
 Toolbarhome|search|toolbarhome.com vshare.toolbarhome.com
@@ -856,7 +884,9 @@ Tumblr|social|tumblr.com t.umblr.com
 TUSK Search|search|tusksearch.com
 Twingly|search|twingly.com
 Twitcast|social|twitcasting.tv
+Ukr.net Mail|email|mail.ukr.net
 uol.com.br|search|busca.uol.com.br
+UPC Mail|email|upcmail.hispeed.ch
 URL.ORGanzier|search|url.org
 V2EX|social|v2ex.com
 Viadeo|social|viadeo.com
@@ -866,12 +896,14 @@ Vindex|search|vindex.nl search.vindex.nl
 Virgilio|search|ricerca.virgilio.it ricercaimmagini.virgilio.it ricercavideo.virgilio.it ricercanews.virgilio.it mobile.virgilio.it
 VK|social|vk.com vkontakte.ru
 vkrugudruzei.ru|social|vkrugudruzei.ru
+Vodafone Mail|email|mail.vodafone.de webmail.vodafone.co.nz
 Voila|search|search.ke.voila.fr
 Volny|search|web.volny.cz
 Vuhuv|search|vuhuv.com
 Walhello|search|walhello.info walhello.com walhello.de walhello.nl
 WAYN|social|wayn.com
 Web.de|search|suche.web.de m.suche.web.de
+Web.de Mail|email|web.de deref-web.de
 Web.nl|search|web.nl
 weborama|search|weborama.fr
 WebSearch|search|websearch.com
@@ -891,12 +923,12 @@ www värav|search|search.www.ee
 X|social|twitter.com t.co x.com mobile.twitter.com com.twitter.android
 Xanga|social|xanga.com
 XING|social|xing.com
-Yahoo!|search|search.yahoo.com malaysia.search.yahoo.com {}.search.yahoo.com cade.yahoo.com espanol.search.yahoo.com qc.search.yahoo.com one.cn.yahoo.com r.search.yahoo.com search.offerbox.com ys.mirostart.com images.search.yahoo.com {}.images.yahoo.com cade.images.yahoo.com espanol.images.yahoo.com qc.images.yahoo.com
-Yahoo! Japan|search|search.yahoo.co.jp jp.hao123.com home.kingsoft.jp jwsearch.jword.jp image.search.yahoo.co.jp video.search.yahoo.co.jp
-Yahoo! Mail|email|mail.yahoo.com mail.yahoo.co.jp com.yahoo.mobile.client.android.mail
+Yahoo!|search|search.yahoo.com malaysia.search.yahoo.com {}.search.yahoo.com cade.yahoo.com espanol.search.yahoo.com qc.search.yahoo.com one.cn.yahoo.com r.search.yahoo.com search.offerbox.com ys.mirostart.com images.search.yahoo.com {}.images.yahoo.com cade.images.yahoo.com espanol.images.yahoo.com qc.images.yahoo.com yahoo.com yahoo.{} espanol.yahoo.com qc.yahoo.com
+Yahoo! Japan|search|search.yahoo.co.jp jp.hao123.com home.kingsoft.jp jwsearch.jword.jp image.search.yahoo.co.jp video.search.yahoo.co.jp yahoo.co.jp
+Yahoo! Mail|email|mail.yahoo.com mail.yahoo.{} com.yahoo.mobile.client.android.mail
 Yam|search|search.yam.com
-Yandex|search|yandex.ru yandex.com yandex.{} clck.yandex.{} m.yandex.{} yabs.yandex.{} images.yandex.ru images.yandex.com images.yandex.{}
-Yandex Mail|email|mail.yandex.ru mail.yandex.com ru.yandex.mail
+Yandex|search|yandex.ru yandex.com yandex.{} clck.yandex.{} m.yandex.{} yabs.yandex.{} images.yandex.ru images.yandex.com images.yandex.{} ya.ru
+Yandex Mail|email|mail.yandex.ru mail.yandex.com mail.yandex.{} ru.yandex.mail
 Yasni|search|yasni.de yasni.com yasni.co.uk yasni.ch yasni.at
 Yatedo|search|yatedo.com yatedo.fr
 Yellowmap|search|yellowmap.de
@@ -910,14 +942,14 @@ ZapMeta|search|zapmeta.com zapmeta.{} {}.zapmeta.com zapmetasearch.{}
 Zhongsou|search|p.zhongsou.com
 Zoek|search|www3.zoek.nl
 Zoeken|search|zoeken.nl
-Zoho Mail|email|mail.zoho.com mail.zoho.eu
+Zoho Mail|email|mail.zoho.com mail.zoho.{}
 Zoohoo|search|zoohoo.cz
 Zoznam|search|zoznam.sk
 Zxuso|search|zxuso.com
 묻지마 검색|search|kwzf.net
 """  # end of SOURCE_TABLE
 CHANNELS = ("search", "social", "email", "ai", "referral", "campaign", "direct")
-_COUNTRY_DOMAIN = re.compile(r"(?:(?:com|co|net|org|gov|edu|ac|or|ne|go|gob|nic)\.)?[a-z]{2}|com|net|org|info|biz")
+_COUNTRY_DOMAIN = re.compile(r"(?:(?:com|co|net|org|gov|edu|ac|or|ne|go|gob|nic)\.)?[a-z]{2}|com|net|org|info|biz|cat")
 
 
 def load_sources(table: str) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, Tuple[str, str]]]:
@@ -942,18 +974,24 @@ def classify_source(referrer: str) -> Tuple[str, str]:
     """(source, channel) of a normalised referrer (``host/path``, or ``name (campaign)``).
 
     A host matches a known source when it is one of its hosts or a subdomain of one
-    (``old.reddit.com``), or its name on a country domain (``google.co.uk``). Look-alikes such as
-    ``google.com.example.net`` are ordinary sites: their source is their host."""
+    (``old.reddit.com``), or its name on a country domain (``google.co.uk``, ``mail.yahoo.fr``), or
+    a host and the first segment of a path listed as such (``orange.fr/webmail``). Look-alikes such
+    as ``google.com.example.net`` are ordinary sites: their source is their host."""
     if not referrer:
         return "", "direct"
     if referrer.endswith(" (campaign)"):
         return referrer[: -len(" (campaign)")], "campaign"
-    host = referrer.split("/", 1)[0]
+    host, _, path = referrer.partition("/")
+    known = SOURCE_HOSTS.get(host + "/" + path.split("/", 1)[0]) if path else None  # a mailer at a path: orange.fr/webmail
+    if known is not None:
+        return known
     labels = host.split(".")
+    countries = [j for j in (len(labels) - 1, len(labels) - 2) if j > 0 and _COUNTRY_DOMAIN.fullmatch(".".join(labels[j:]))]
     for i in range(len(labels)):
         known = SOURCE_HOSTS.get(".".join(labels[i:]))
-        if known is None and i + 1 < len(labels) and _COUNTRY_DOMAIN.fullmatch(".".join(labels[i + 1 :])):
-            known = SOURCE_COUNTRY_HOSTS.get(labels[i])
+        for j in countries:  # the longest name first: mail.yahoo.co.uk is Yahoo! Mail before yahoo.co.uk is Yahoo!
+            if known is None and i < j:
+                known = SOURCE_COUNTRY_HOSTS.get(".".join(labels[i:j]))
         if known is not None:
             return known
     return host, "referral"
