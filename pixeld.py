@@ -1079,7 +1079,9 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"apis-google|googleother|google favicon|googleimageproxy|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scan|"
     r"analy[sz]er|verifier|verify|insights|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|-user/|"
     r"agent\b|probe\b|proxy\b|"
-    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.(?:com|net|org)\b(?<=[a-z0-9]\.[a-z]{3})|\.(?:io|co)\b(?<=[a-z0-9]\.[a-z]{2})|"  # a domain name (".NET CLR" is none)
+    r"silktide|hardenize|securityheaders|dareboost|linktiger|marketgoo|collapsify|sindup|testlocally|; rigor\)|"  # site checkers: a browser's UA and a name
+    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.(?:com|net|org)\b(?<=[a-z0-9]\.[a-z]{3})|"
+    r"\.(?:io|co)\b(?<=[a-z0-9]\.[a-z]{2})(?<! [a-z]{2}\.co)|"  # a domain name (".NET CLR" is none, nor an app's id in reverse, "jp.co.yahoo.android")
     r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os|blackberry|rim\d)))|"
     r"windows nt[;)]|"  # Windows names its version ("Windows NT 10.0")
     r"\(khtml, like gecko(?:[,;] (?!safari/)|\) (?!mobile\b|brave\b)[a-z][\w.-]* (?:chrome|version)/)"  # browsers send "(KHTML, like Gecko)" as
@@ -1100,8 +1102,15 @@ _BOT_WHOLE = re.compile("|".join((
 _VERSIONED = re.compile(r"/\d")  # every browser and app names a product with its version ("Gecko/20100101", "Dalvik/2.1.0")
 _ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")
 # A reader's UA names a browser (Mozilla/, Opera/) or a platform; anything else is a tool or a service.
-_PLATFORM = re.compile(r"^(?:mozilla|opera)/|\bios\b|ucweb|android|iphone|ipad|ipod|windows|macintosh|mac os|linux|cros\b|symbian|blackberry|bb10|midp|j2me|"
-                       r"nokia|kaios|tizen|webos|playstation|xbox|nintendo|roku|smart-?tv|cfnetwork|dalvik|\[fban|instagram")
+_PLATFORM = re.compile(r"^(?:mozilla|opera)/|\bios\b|ucweb|ucbrowser|android|iphone|ipad|ipod|windows|macintosh|mac os|linux|cros\b|symbian|blackberry|bb10|"
+                       r"midp|j2me|up\.browser|maui|teleca|obigo|netfront|nokia|kaios|tizen|webos|playstation|xbox|nintendo|roku|smart-?tv|hbbtv|"
+                       r"cfnetwork|dalvik|\[fban|instagram")
+# Readers whose UA names no product with a version: apps that send an Apple model alone ("iPhone11Pro",
+# "iPodTouch7", "iPhone14,2") and MediaTek's feature-phone browser ("MAUI_WAP_Browser").
+_BARE_READER = re.compile(r"(?:iphone|ipad|ipod)[a-z0-9 ,._]*|maui[a-z0-9 _-]*")
+# Instagram's suffix lists the phone's maker and model ("...; CUBOT; KINGKONG 5 Pro; ..."): no sign of a machine.
+_INSTAGRAM_DEVICE = re.compile(r"(instagram [\d.]+ )(?:android )?\([^)]*\)")
+_SPACED_SLASH = re.compile(r" +/ +(?=\d)")  # "Mozilla / 5.0", "Chrome / 79"
 
 _BROWSERS: Tuple[Tuple[str, Tuple[str, ...], "re.Pattern[str]"], ...] = tuple(  # most specific first
     (name, tuple(keys.split()), re.compile(pattern))  # (name, literals one of which the UA must hold, pattern)
@@ -1144,13 +1153,14 @@ _OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
         ("Windows Phone", r"Windows Phone|Windows Mobile|WPDesktop|ZuneWP"),
-        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d|CriOS/|EdgiOS/|FxiOS/|OPiOS/|FBIOS|FBSN/iOS"),
+        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d|CriOS/|EdgiOS/|FxiOS/|OPiOS/|FBIOS|FBSN/iOS|dv\(iP"),  # UC Browser's compact form: "dv(iPh12,1)"
+        ("ChromeOS", r"Chromebook|Pixelbook"),  # Android apps on a Chromebook name it as their model
         ("Android", r"Android|\bAdr\b|Silk/|\bKF[A-Z]{2,5} Build|OculusBrowser|^JUC ?\(|FB4A|FBAN/EMA|Dalvik/"),
         ("macOS", r"CFNetwork/.*Darwin/.*(?:x86_64|Mac|arm64e?-apple)"),  # an app on a Mac: its Darwin names the machine
         ("iOS", r"CFNetwork/.*Darwin/"),  # Darwin versions are shared by iOS and macOS; apps that say no more are on phones
         ("ChromeOS", r"\bCrOS\b"),
         ("Windows", r"Windows|Win(?:NT|95|98|32|64)\b"),
-        ("macOS", r"Mac OS X|Macintosh|Mac_PowerPC|Darwin/"),
+        ("macOS", r"Mac OS X|Macintosh|Mac_PowerPC|Mac OS/\d|Darwin/"),  # Office for Mac: "Mac OS/11.1"
         ("KaiOS", r"KAIOS|KaiOS"),
         ("Tizen", r"Tizen"),
         ("HarmonyOS", r"HarmonyOS|OpenHarmony"),
@@ -1167,13 +1177,23 @@ _IOS_DEVICE = re.compile(r"iPhone|iPad|iPod")
 # Huawei MatePad/MediaPad, Xiaomi and Redmi Pad, OnePlus OPD, Pixel Tablet); else Android without "Mobile".
 _TABLET = re.compile(
     r"ipad|tablet|kindle|silk/|playbook|nexus (?:7|9|10)\b|sm-[tpx]\d|gt-p\d|sch-i800|tab\b(?<=\btab)|lenovo tb|tb(?<=\btb)-?[0-9x]|"
-    r"matepad|mediapad|pad\b(?<=\bpad)|opd(?<=\bopd)\d|pixel (?:c|tablet)\b|kf(?<=\bkf)[a-z]{2,4}\b"
+    r"matepad|mediapad|pad\b(?<=\bpad)|opd(?<=\bopd)\d|pixel (?:c|tablet)\b|kf(?<=\bkf)[a-z]{2,4}\b|xoom"
 )
-_PHONE = re.compile(r"mobi|iphone|ipod|phone|opera mini|blackberry|bb10|symbian|nokia|kaios|fennec")
+# Phones by their token or their system (feature phones: J2ME, WAP browsers, UC Browser's compact form).
+_PHONE = re.compile(r"mobi|iphone|ipod|phone|opera mini|blackberry|bb10|symbian|nokia|kaios|fennec|midp|cldc|j2me|up\.browser|maui|teleca|obigo|netfront|pr\(ucbrowser")
+# Android without "Mobile": apps and in-app browsers (Dalvik/) on phones name the phone's maker or model (Samsung
+# Galaxy SM-A/G/N/S..., Pixel, Redmi, OPPO, OnePlus and realme CPH/RMX, Motorola, LG, Huawei, Xiaomi, vivo, Sony
+# Xperia, Tecno, Infinix); laptops and Chromebooks that run Android apps name theirs.
+_PHONE_MODEL = re.compile(
+    r"sm-[abefgjmnsw]\d|gt-[is]\d|sgh-|pixel (?:\d|fold)|redmi|poco|cph\d{4}|rmx\d{4}|oneplus|oppo|realme|moto(?:rola)?\b|"
+    r"xt\d{4}|lm-[a-z]\d|huawei|xiaomi|vivo\b|xperia|tecno|infinix"
+)
+_LAPTOP = re.compile(r"chromebook|pixelbook|elitebook|probook|latitude|inspiron|thinkpad|vivobook|zenbook|macbook")
 # Devices that are neither computers, phones nor tablets: TVs and their sticks and boxes, consoles,
 # cars, VR headsets and watches. They are "other".
 _TV = re.compile(
     r"smarttv|smart-tv|smart tv|hbbtv|appletv|apple tv|googletv|google tv|android tv|tv\b(?<=\btv)|crkey|roku|bravia|netcast|web0s|webos.tv|"
+    r"viera|ce-html|nettv|vidaa|aquos|inettvbrowser|brightsign|"
     r"aft(?<=\baft)[a-z]{1,4}\b|playstation|xbox|nintendo|oculus|quest \d|qtcarbrowser|tesla|android automotive|carplay|watch os|wearos|watch\b(?<=\bwatch)"
 )
 
@@ -1185,6 +1205,8 @@ def classify_user_agent(ua: str) -> UserAgent:
     headless browsers, HTTP libraries, an empty UA) or ``other`` (TVs, consoles, unknown).
     """
     ua = ua.strip()[:1024]
+    if " / " in ua:
+        ua = _SPACED_SLASH.sub("/", ua)
     lower = ua.lower()
     if is_bot(lower):
         return UserAgent(bot_name(ua), "", "", "bot")
@@ -1200,9 +1222,11 @@ def is_headless(ua: str) -> bool:
 
 def is_bot(lower_ua: str) -> bool:
     if not _PLATFORM.search(lower_ua) or not _VERSIONED.search(lower_ua):
-        return True
+        return not _BARE_READER.fullmatch(lower_ua)
     if "android" in lower_ua:
         lower_ua = _ANDROID_MODEL.sub(r"\1", lower_ua, count=1)
+    if "instagram " in lower_ua:
+        lower_ua = _INSTAGRAM_DEVICE.sub(r"\1", lower_ua, count=1)
     return bool(_BOT.search(lower_ua) or _BOT_WHOLE.match(lower_ua))
 
 
@@ -1234,10 +1258,12 @@ def os_of(ua: str) -> str:
 def device_of(lower_ua: str, os_name: str) -> str:
     if _TV.search(lower_ua):
         return "other"
-    if _TABLET.search(lower_ua) or (os_name == "Android" and "mobile" not in lower_ua):
+    if _TABLET.search(lower_ua):
         return "tablet"
     if _PHONE.search(lower_ua) or os_name in ("iOS", "Windows Phone", "KaiOS"):
         return "phone"
+    if os_name == "Android":
+        return "desktop" if _LAPTOP.search(lower_ua) else "phone" if _PHONE_MODEL.search(lower_ua) else "tablet"
     if os_name in ("Windows", "macOS", "Linux", "ChromeOS", "FreeBSD", "OpenBSD"):
         return "desktop"
     return "other"
