@@ -1906,6 +1906,56 @@ def add_sources(conn: sqlite3.Connection, progress: Callable[[str], None]) -> No
     conn.execute("DROP TABLE temp.source_of")
 
 
+def resource_referrers(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Migration 5: page views and events whose referrer the sources table now knows (webmail hosts
+    per country, more engines, AI chats) get that source and channel, a week of rows per statement,
+    with progress. The daily and monthly source counts move with them: each referrer's counts leave
+    the source its latest kept page view carried (with none kept, its host as a referral: what an
+    unknown host was) and join the new one. A visitor who came by two such referrers in a day counts
+    twice in the new source. Browser, OS and device cannot be re-derived: the User-Agent is never stored."""
+    latest = dict(conn.execute("SELECT referrer, source FROM (SELECT referrer, source, max(id) FROM pageviews GROUP BY referrer)"))
+    referrers = conn.execute(
+        "SELECT id, value FROM strings WHERE id IN (SELECT referrer FROM pageviews UNION SELECT referrer FROM events "
+        "UNION SELECT value FROM daily WHERE dim = 2 UNION SELECT value FROM monthly WHERE dim = 2)"
+    ).fetchall()
+    known = []  # (referrer, the source its counts were kept under, its source now)
+    for referrer, value in referrers:
+        source, channel = classify_source(value)
+        if channel not in ("referral", "direct", "campaign"):
+            was = latest.get(referrer) or _string_id(conn, FIELD_SEPARATOR.join(("referral", value.split("/", 1)[0])))
+            known.append((referrer, was, _intern(conn, FIELD_SEPARATOR.join((channel, source)))))
+    conn.execute("CREATE TEMP TABLE resourced (referrer INTEGER PRIMARY KEY, was INTEGER NOT NULL, now INTEGER NOT NULL)")
+    conn.executemany("INSERT INTO temp.resourced VALUES (?, ?, ?)", known)
+    for table in ("pageviews", "events"):
+        first, last = conn.execute(f"SELECT min(id), max(id) FROM {table}").fetchone()
+        shown = time.monotonic()
+        for start in range(second_of(first), second_of(last) + 1, 7 * DAY) if first is not None else ():
+            now = f"(SELECT now FROM temp.resourced WHERE referrer = {table}.referrer)"
+            week = (first_id(start), first_id(start + 7 * DAY))
+            conn.execute(f"UPDATE {table} SET source = {now} WHERE id >= ? AND id < ? AND source != coalesce({now}, source)", week)
+            if time.monotonic() - shown >= 1:
+                shown = time.monotonic()
+                progress(f"re-deriving sources in {table}: {100 * (start - second_of(first)) // max(1, second_of(last) - second_of(first)):.0f}%")
+    code, referrer_code, metrics = DIMENSION_NAMED["sources"].code, DIMENSION_NAMED["referrers"].code, Metrics._fields
+    for table, period in (("daily", "day"), ("monthly", "month")):
+        moves = conn.execute(
+            f"SELECT r.{period}, r.site, m.was, m.now, {', '.join(f'sum(r.{name})' for name in metrics)} "
+            f"FROM {table} r JOIN temp.resourced m ON m.referrer = r.value WHERE r.dim = {referrer_code} AND m.was != m.now "
+            f"AND EXISTS (SELECT 1 FROM {table} o WHERE o.{period} = r.{period} AND o.site = r.site AND o.dim = {code} AND o.value = m.was) "
+            f"GROUP BY r.{period}, r.site, m.was, m.now"
+        ).fetchall()
+        key = f"{period} = ? AND site = ? AND dim = {code} AND value = ?"
+        conn.executemany(f"UPDATE {table} SET {', '.join(f'{name} = max(0, {name} - ?)' for name in metrics)} WHERE {key}",
+                         [(*move[4:], *move[:3]) for move in moves])
+        conn.executemany(f"DELETE FROM {table} WHERE {key} AND views = 0", [move[:3] for move in moves])
+        conn.executemany(
+            f"INSERT INTO {table} ({period}, site, dim, value, {', '.join(metrics)}) VALUES (?, ?, {code}, ?, {', '.join('?' * len(metrics))}) "
+            f"ON CONFLICT ({period}, site, dim, value) DO UPDATE SET {', '.join(f'{name} = {name} + excluded.{name}' for name in metrics)}",
+            [(move[0], move[1], move[3], *move[4:]) for move in moves],
+        )
+    conn.execute("DROP TABLE temp.resourced")
+
+
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
     row = conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()
     return row[0] if row else -1
@@ -1974,6 +2024,7 @@ MIGRATIONS: Tuple[Union[str, Callable[[sqlite3.Connection, Callable[[str], None]
     """
     CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll);
     """,
+    resource_referrers,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)

@@ -231,3 +231,66 @@ def test_a_database_from_before_sources_is_migrated(tmp_path):
     assert {row["value"]: row["count"] for row in document["sections"]["channels"]} == {"search": 100, "social": 100, "direct": 100, "campaign": 100}
     code, out, _ = run_pixeld("report", "--db", str(db), "--range", "all", "--source", "X", "--event", "signup", "--format", "json")
     assert json.loads(out)["pageviews"] == 1  # the event's own source was filled in too
+
+
+def make_version_4_database(path, rows):
+    """A database as pixeld made it before the webmail sources (schema version 4): page views, an event and
+    counts whose referrers the table did not know then (a GMX mailer, Poe), and one it knew (Google)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    pixeld.migrate(conn, 0, target=4)
+    store = pixeld.Store(conn)
+    then = {  # referrer: the source the table of the time gave it
+        "deref-gmx.net/mail/client/dereferrer": "referral\tderef-gmx.net", "poe.com/chat": "referral\tpoe.com",
+        "google.de": "search\tGoogle", "blog.example.net/post": "referral\tblog.example.net",
+    }
+    ids = {value: store.intern(value) for value in ("", "example.org", "/", "signup", *then, *then.values())}
+    agent = store.agent(pixeld.UserAgent("Chrome", "131", "Windows", "desktop"))
+    start = 1_790_000_000
+    conn.execute("BEGIN")
+    for i in range(rows):
+        referrer = list(then)[i % len(then)]
+        at = start + i * 60
+        conn.execute(
+            "INSERT INTO pageviews (id, site, path, title, referrer, country, agent, screen, language, first_today, visit_views, duration, campaign, source) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 1, 0, ?, ?)",
+            (pixeld.first_id(at), ids["example.org"], ids["/"], ids[""], ids[referrer], ids[""], agent, ids[""], ids[""], ids[""], ids[then[referrer]]),
+        )
+        day = at // pixeld.DAY
+        for table, column, period in (("daily", "day", day), ("monthly", "month", pixeld.month_of_day(day))):
+            for code, value in ((1, ids["/"]), (2, ids[referrer]), (9, ids[then[referrer]])):
+                conn.execute(f"INSERT INTO {table} ({column}, site, dim, value, views, visitors, visits, bounces, duration) VALUES (?, ?, ?, ?, 1, 1, 1, 1, 0) "
+                             "ON CONFLICT DO UPDATE SET views = views + 1, visitors = visitors + 1, visits = visits + 1, bounces = bounces + 1",
+                             (period, ids["example.org"], code, value))
+    conn.execute(
+        "INSERT INTO events (id, site, path, name, referrer, country, agent, screen, language, first_today, visit_views, duration, campaign, source) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 0, 0, ?, ?)",
+        (pixeld.first_id(start), ids["example.org"], ids["/"], ids["signup"], ids["poe.com/chat"], ids[""], agent, ids[""], ids[""], ids[""], ids["referral\tpoe.com"]),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    return start
+
+
+def test_a_database_from_before_the_webmail_sources_is_re_derived(tmp_path):
+    db = tmp_path / "old.db"
+    start = make_version_4_database(db, 400)
+    conn = pixeld.connect(str(db), progress=lambda message: None)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == pixeld.SCHEMA_VERSION
+    conn.close()
+    end = start + 400 * 60 + pixeld.DAY
+    span = ["--start", str(start - start % pixeld.DAY), "--end", str(end - end % pixeld.DAY), "--format", "json"]
+    code, out, err = run_pixeld("report", "--db", str(db), *span)
+    assert code == 0, err
+    document = json.loads(out)
+    assert {row["value"]: (row["count"], row["channel"]) for row in document["sections"]["sources"]} == {  # from the counts
+        "GMX": (100, "email"), "Poe": (100, "ai"), "Google": (100, "search"), "blog.example.net": (100, "referral"),
+    }
+    assert {row["value"]: row["count"] for row in document["sections"]["channels"]} == {"email": 100, "ai": 100, "search": 100, "referral": 100}
+    _, out, _ = run_pixeld("report", "--db", str(db), "--source", "GMX", "--path", "/", *span)  # from the page views
+    assert json.loads(out)["pageviews"] == 100
+    _, out, _ = run_pixeld("report", "--db", str(db), "--range", "all", "--source", "Poe", "--event", "signup", "--format", "json")
+    assert json.loads(out)["pageviews"] == 1  # the event's own source too
+    raw = sqlite3.connect(db)
+    for gone in ("referral\tderef-gmx.net", "referral\tpoe.com"):
+        assert raw.execute("SELECT count(*) FROM daily WHERE dim = 9 AND value = (SELECT id FROM strings WHERE value = ?)", (gone,)).fetchone()[0] == 0
+        assert raw.execute("SELECT count(*) FROM pageviews WHERE source = (SELECT id FROM strings WHERE value = ?)", (gone,)).fetchone()[0] == 0
