@@ -112,26 +112,35 @@ def start_daemon(tmp_path):
 
 
 def stored_pageviews(db: Path) -> List[Dict[str, object]]:
-    """Every stored page view with its strings resolved, oldest first."""
+    """Every stored page view, oldest first, as its PageView fields (from the registry, as the export
+    reads them), with the time in unix seconds."""
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute(
-            """
-            SELECT p.id, site.value, path.value, title.value, referrer.value, country.value,
-                   a.browser, a.version, a.os, a.device, screen.value, language.value
-            FROM pageviews p
-            JOIN strings site ON site.id = p.site JOIN strings path ON path.id = p.path
-            JOIN strings title ON title.id = p.title JOIN strings referrer ON referrer.id = p.referrer
-            JOIN strings country ON country.id = p.country JOIN agents a ON a.id = p.agent
-            JOIN strings screen ON screen.id = p.screen JOIN strings language ON language.id = p.language
-            ORDER BY p.id
-            """
-        ).fetchall()
+        rows = conn.execute(pixeld.export_sql("pageviews", "pageview") + " ORDER BY t.id", (0, 1 << 62)).fetchall()
     finally:
         conn.close()
-    rows = [(pixeld.second_of(row[0]),) + row[1:] for row in rows]
-    keys = ("time", "site", "path", "title", "referrer", "country", "browser", "version", "os", "device", "screen", "language")
-    return [dict(zip(keys, row)) for row in rows]
+    kept = [name for name in pixeld.PageView._fields if name not in ("time", "first_today")]
+    views = [dict(zip(pixeld.EXPORT_FIELDS, row)) for row in rows]
+    return [{"time": pixeld.second_of(row[0]), **{name: view[name] for name in kept}} for row, view in zip(rows, views)]
+
+
+def section_counts(rows: List[object]) -> Dict[str, int]:
+    """A report section's rows as {value: count}."""
+    return {row.value: row.count for row in rows}
+
+
+def make_sections(totals: "pixeld.Metrics", **given: List[tuple]) -> Dict[str, list]:
+    """Every report section, with sample rows of its kind from tuples: (value, count) for page views,
+    (value, count, visitors[, channel]) for visitors and events, (value, visits, bounces) for entry pages."""
+    sections = {}
+    for name, (_, section) in pixeld.SECTIONS.items():
+        rows = []
+        for value, count, *more in given.get(name, []):
+            second = more[0] if more else 0
+            metrics = pixeld.Metrics(visits=count, bounces=second) if section.row is pixeld.EntryRow else pixeld.Metrics(views=count, visitors=second)
+            rows.append(section.row.make(value, metrics, totals, {"channel": more[1]} if len(more) > 1 else {}))
+        sections[name] = rows
+    return sections
 
 
 def run_pixeld(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 20) -> Tuple[int, str, str]:

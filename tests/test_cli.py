@@ -14,10 +14,20 @@ import pixeld
 from conftest import PIXELD, ROOT, free_port, request, run_pixeld, stored_pageviews
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["report"], ["snippet"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["report"], ["export"], ["import"], ["check"], ["doctor"], ["backup"], ["snippet"]])
 def test_help_on_every_command(command):
     code, out, _ = run_pixeld(*command, "--help")
     assert code == 0 and out.startswith("usage: pixeld.py")
+
+
+def test_help_says_what_the_readme_says():
+    """The range realtime, HTTP Basic for the token, check's exit status, and the service's settings file."""
+    helps = {command: " ".join(run_pixeld(command, "--help")[1].split()) for command in ("serve", "report", "export", "check", "doctor")}
+    assert "realtime" in helps["report"] and "realtime" in helps["export"]
+    assert "HTTP Basic with the token as the password" in helps["serve"] and "HTTP Basic with the token as the password" in helps["doctor"]
+    assert "0 counted, 1 not counted" in helps["check"]
+    assert all("--env-file" in helps[command] for command in ("report", "export", "check", "doctor"))
+    assert "--ascii [1]" in helps["report"]
 
 
 def test_version():
@@ -190,6 +200,53 @@ def test_report_command_reads_the_database_while_the_daemon_runs(start_daemon):
     code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "7d", "--format", "json", "--site", "www.example.org")
     assert code == 0 and json.loads(out)["site"] == "example.org" and json.loads(out)["pageviews"] == 1
     assert daemon.report("range=today").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today")[1]
+    ascii_text = daemon.report("range=today&ascii=1").text  # the parameter and the flag of the same name agree
+    assert "#" in ascii_text and "█" not in ascii_text
+    assert ascii_text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii", "1")[1]
+    assert ascii_text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii")[1]
+    assert daemon.report("range=today&ascii=0").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii", "0")[1]
+
+
+def test_commands_read_the_service_settings_file(start_daemon, tmp_path):
+    """``report`` by hand uses the daemon's time zone: both read /etc/pixeld.env (here --env-file). Kiritimati
+    is UTC+14, so its today is another day than UTC's, and than Pago Pago's (UTC-11)."""
+    daemon = start_daemon(env={"PIXELD_TIMEZONE": "Pacific/Kiritimati"})
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("# the service's settings\n; also a comment\n\nPIXELD_TIMEZONE='Pacific/Kiritimati'\nOTHER=ignored\nPIXELD_SITES = example.org\n")
+    served = json.loads(daemon.report("range=today&format=json").text)
+    assert served["timezone"] == "Pacific/Kiritimati"
+
+    def today(*args, env=None):
+        code, out, err = run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--format", "json", *args, env=env)
+        assert code == 0, err
+        return {key: json.loads(out)[key] for key in ("timezone", "start", "end")}
+
+    assert today("--env-file", str(env_file)) == {key: served[key] for key in ("timezone", "start", "end")}
+    assert today("--env-file", str(env_file), env={"PIXELD_TIMEZONE": "Pacific/Pago_Pago"})["timezone"] == "Pacific/Pago_Pago"  # the environment wins
+    assert today("--env-file", str(env_file), "--tz", "UTC")["timezone"] == "UTC"  # and a flag wins over both
+    assert today("--env-file", "")["timezone"] == "UTC"  # none read
+    code, out, err = run_pixeld("export", "--db", str(daemon.db), "--env-file", str(tmp_path / "missing.env"))
+    assert (code, out) == (2, "") and err == f"pixeld: cannot read {tmp_path / 'missing.env'}: No such file or directory\n"
+
+
+def test_the_service_settings_file_is_read_by_default(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "p.db"
+    pixeld.connect(str(db)).close()
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("PIXELD_TIMEZONE=Pacific/Kiritimati\n")
+
+    def zone_of_report():
+        assert pixeld.main(["report", "--db", str(db), "--format", "json"], environ={}) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out)["timezone"], captured.err
+
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(env_file))  # /etc/pixeld.env, here
+    assert zone_of_report() == ("Pacific/Kiritimati", "")
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(tmp_path / "missing.env"))  # none: nothing to say
+    assert zone_of_report() == ("UTC", "")
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(tmp_path))  # there, but not readable as a file: said, and the command goes on
+    zone, err = zone_of_report()
+    assert zone == "UTC" and err.startswith(f"pixeld: cannot read {tmp_path}: ") and "going on without the service's settings" in err
 
 
 def test_report_command_errors(tmp_path):

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from urllib.parse import urlencode
 
 import pytest
 
@@ -133,7 +134,7 @@ def test_import_errors_are_one_line(tmp_path):
     for args, reason in [
         (["missing.log"], "cannot read"),
         (["bad.csv", "--format", "csv"], "is not a pixeld CSV export"),
-        (["bad.csv", "--format", "flask"], "is not a database of the Flask tool"),
+        (["bad.csv", "--format", "flask", "--site", "example.org"], "is not a database of the Flask tool"),
     ]:
         (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
         code, _, err = run_pixeld("import", str(tmp_path / args[0]), *args[1:], "--db", str(tmp_path / "p.db"))
@@ -168,7 +169,7 @@ def test_export_memory_stays_flat(tmp_path):
         db = tmp_path / f"{rows}.db"
         store = pixeld.Store(pixeld.connect(str(db)))
         start = 1_790_000_000
-        store.write(records=[pixeld.Record(pixeld.PageView(start + i * 7, "example.org", f"/page/{i % 997}", "T", "", "DE", "Chrome", "131", "Windows", "desktop", "", "en")) for i in range(rows)])
+        store.write(pixeld.Batch(records=[pixeld.Record(pixeld.PageView(start + i * 7, "example.org", path=f"/page/{i % 997}", title="T", country="DE", browser="Chrome", version="131", os="Windows", device="desktop", language="en")) for i in range(rows)]))
         store.conn.close()
         sizes[rows] = peak_memory_of_export(db)
     assert sizes[150_000] - sizes[5_000] < 8 * 1024, sizes  # 30 times the rows, under 8 MiB more
@@ -225,6 +226,40 @@ def test_import_refuses_what_it_cannot_read_and_writes_nothing(tmp_path, content
     assert not db.exists()
 
 
+def test_an_access_log_needs_its_site_and_keeps_its_campaigns(tmp_path):
+    log = tmp_path / "access.log"
+    log.write_text("\n".join([
+        f'{ADDRESS} - - [27/Nov/2026:10:00:00 +0000] "GET /post?utm_source=Newsletter&utm_medium=email&utm_campaign=Nov&token=s3cret HTTP/1.1" 200 10 "-" "{CHROME}"',
+        f'{ADDRESS} - - [27/Nov/2026:10:01:00 +0000] "GET /about HTTP/1.1" 200 10 "https://example.org/post?utm_source=Newsletter" "{CHROME}"',
+        f'203.0.113.5 - - [27/Nov/2026:10:02:00 +0000] "GET /?ref=HN&event=signup&host=evil.example&path=/forged HTTP/1.1" 200 10 "-" "{CHROME}"',
+    ]) + "\n")
+    db = tmp_path / "p.db"
+    for fmt in ([], ["--format", "combined"]):  # without a site, internal navigation would become referrals from the site itself
+        code, out, err = run_pixeld("import", str(log), "--db", str(db), *fmt)
+        assert (code, out) == (2, "") and err == "pixeld: an access log does not name its site: give the site its pages belong to with --site example.org\n"
+    assert not db.exists()
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:
+        conn.execute("CREATE TABLE data (id INTEGER PRIMARY KEY, timestamp TEXT, path TEXT, title TEXT, referrer TEXT, country TEXT, device TEXT, width INT, height INT)")
+    conn.close()
+    code, _, err = run_pixeld("import", str(old), "--db", str(db))
+    assert code == 2 and err.startswith("pixeld: a Flask database does not name its site") and err.count("\n") == 1
+
+    code, _, err = run_pixeld("import", str(log), "--db", str(db), env={"PIXELD_SITES": "example.org"})  # serve's setting counts
+    assert code == 0 and "imported 3 page views" in err, err
+    views = stored_pageviews(db)
+    assert [(v["site"], v["path"], v["referrer"]) for v in views] == [
+        ("example.org", "/post", "newsletter (campaign)"), ("example.org", "/about", ""), ("example.org", "/", "hn (campaign)"),
+    ]
+    report = report_json(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
+    assert {r["value"]: r["count"] for r in report["sections"]["campaigns"]} == {"newsletter / email / nov": 1, "hn /  / ": 1}
+    assert [r["value"] for r in report["sections"]["channels"]] == ["campaign", "direct"]
+    assert report["sections"]["events"] == []  # only campaign parameters are read from the logged address
+    for path in tmp_path.iterdir():
+        if path.name.startswith("p.db"):
+            assert b"s3cret" not in path.read_bytes() and b"evil.example" not in path.read_bytes()
+
+
 def test_import_filters_as_serve_does(tmp_path):
     spam = tmp_path / "spam.txt"
     spam.write_text("# ours\nspammy.example\n")
@@ -249,10 +284,12 @@ def test_live_hits_and_the_same_access_log_give_the_same_report(start_daemon, tm
     lines = []
     for ip, ua, pages, referrer in visits:
         for i, page in enumerate(pages):
-            daemon.pixel({"path": page, "host": "example.org", "referrer": referrer if i == 0 else f"https://example.org{pages[i - 1]}"},
+            campaign = {"utm_source": "Newsletter", "utm_medium": "email", "utm_campaign": "Nov"} if ua == IPHONE else {}  # the snippet sends them
+            daemon.pixel({"path": page, "host": "example.org", "referrer": referrer if i == 0 else f"https://example.org{pages[i - 1]}", **campaign},
                          {"User-Agent": ua, "X-Forwarded-For": ip})
             stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time()))
-            lines.append(f'{ip} - - [{stamp}] "GET {page} HTTP/1.1" 200 10 "{referrer if i == 0 else "https://example.org" + pages[i - 1]}" "{ua}"')
+            target = page + ("?" + urlencode(campaign) if campaign else "")  # the page's address, as the access log has it
+            lines.append(f'{ip} - - [{stamp}] "GET {target} HTTP/1.1" 200 10 "{referrer if i == 0 else "https://example.org" + pages[i - 1]}" "{ua}"')
     daemon.stop()
     log = tmp_path / "access.log"
     log.write_text("\n".join(lines) + "\n")
@@ -261,5 +298,6 @@ def test_live_hits_and_the_same_access_log_give_the_same_report(start_daemon, tm
     assert code == 0, err
     live, from_log = report_json(daemon.db, "--range", "today"), report_json(imported, "--range", "today")
     assert live["pageviews"] == 6 and live["visits"] == 3 and live["filtered"] == {"total": 1, "bot": 1}
+    assert [row["value"] for row in live["sections"]["campaigns"]] == ["newsletter / email / nov"]
     for key in ("visitors", "visits", "pageviews", "bounce_rate", "pages_per_visit", "filtered", "sections"):
         assert from_log[key] == live[key], key

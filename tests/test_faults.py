@@ -138,7 +138,7 @@ def test_database_full_by_max_page_count_in_process(tmp_path):
         pages = app.writer.store.conn.execute("PRAGMA page_count").fetchone()[0]
         app.writer.store.conn.execute(f"PRAGMA max_page_count = {pages}")
         for i in range(400):
-            app.writer.submit(pixeld.PageView(1_795_874_400 + i, "example.org", f"/p/{i}", "t" * 300, "", "", "Chrome", "131", "Windows", "desktop", "", "en"))
+            app.writer.submit(pixeld.PageView(1_795_874_400 + i, "example.org", path=f"/p/{i}", title="t" * 300, browser="Chrome", version="131", os="Windows", device="desktop", language="en"))
         wait_for(lambda: "full" in app.writer.status())
         app.writer.store.conn.execute("PRAGMA max_page_count = 1073741823")
         wait_for(lambda: app.writer.status() == "ok")
@@ -187,11 +187,16 @@ def test_backup_while_running_and_restore(start_daemon, tmp_path):
     daemon = start_daemon("--rate-limit", "0")
     stop, answered, threads = under_load(daemon, 1.5)
     copy = tmp_path / "backup.db"
-    code, _, err = run_pixeld("backup", str(copy), "--db", str(daemon.db))  # while writes go on
+    umask = os.umask(0o022)  # the usual umask would make a new file 0644: readable by everyone
+    try:
+        code, _, err = run_pixeld("backup", str(copy), "--db", str(daemon.db))  # while writes go on
+    finally:
+        os.umask(umask)
     stop.set()
     for thread in threads:
         thread.join()
     assert code == 0 and "backed up to" in err
+    assert copy.stat().st_mode & 0o777 == 0o600  # a copy of every page view, readable only by its owner
     conn = sqlite3.connect(copy)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     backed_up = conn.execute("SELECT count(*) FROM pageviews").fetchone()[0]

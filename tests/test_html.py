@@ -13,7 +13,7 @@ import pytest
 
 import pixeld
 from pixeld import Range, ReportData, ReportRequest
-from conftest import CHROME, IPHONE
+from conftest import CHROME, IPHONE, make_sections
 
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "<svg onload=alert(3)>", "javascript:alert(4)"]
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
@@ -21,11 +21,10 @@ NOW = 1_795_870_000
 
 
 def sample(**sections):
-    base = {name: [] for name, (_, section) in pixeld.SECTIONS.items() if section.columns not in ("entries", "events")}
-    base.update(sections)
     query = pixeld.Query(Range(NOW - 7 * 86400, NOW))
     totals, previous = pixeld.Metrics(10, 4, 5, 2, 300), pixeld.Metrics(5, 2, 3, 1, 100)
-    return ReportData(query, ["example.org"], totals, previous, {"bot": 1}, base, [("/", 5, 2)], [("signup", 2, 1)], "day", [(NOW - 86400, 3, 2), (NOW, 7, 2)], [])
+    rows = make_sections(totals, **{"entry_pages": [("/", 5, 2)], "events": [("signup", 2, 1)], **sections})
+    return ReportData(query, ["example.org"], totals, previous, {"bot": 1}, rows, "day", [(NOW - 86400, 3, 2), (NOW, 7, 2)], [])
 
 
 PIXELD_TAGS = {"html", "head", "meta", "link", "title", "style", "body", "header", "h1", "h2", "p", "nav", "a", "b", "dl", "div", "dt", "dd", "small",
@@ -57,8 +56,8 @@ def request_for(report, **params):
 
 def test_every_visitor_value_is_escaped_in_text_attributes_and_links():
     hostile_rows = [(value, 1) for value in HOSTILE]
-    report = sample(pages=hostile_rows, sources=hostile_rows, referrers=hostile_rows, campaigns=hostile_rows)
-    report = report._replace(events=[(value, 1, 1) for value in HOSTILE], details={"sources": {v: {"visitors": 1, "channel": "referral"} for v in HOSTILE}})
+    report = sample(pages=hostile_rows, sources=[(v, 1, 1, "referral") for v in HOSTILE], referrers=hostile_rows, campaigns=hostile_rows,
+                    events=[(value, 1, 1) for value in HOSTILE])
     page = pixeld.render_html(report, request_for(report, path=HOSTILE[1]))
     tags, attributes, text = parsed(page)
     assert tags <= PIXELD_TAGS, tags - PIXELD_TAGS
@@ -74,7 +73,7 @@ def test_every_visitor_value_is_escaped_in_text_attributes_and_links():
 
 
 def test_an_empty_report_and_every_section():
-    report = sample()._replace(totals=pixeld.Metrics(), previous=pixeld.Metrics(), entry_pages=[], events=[], series=[])
+    report = sample(entry_pages=[], events=[])._replace(totals=pixeld.Metrics(), previous=pixeld.Metrics(), series=[])
     page = pixeld.render_html(report, request_for(report))
     for title in pixeld.SECTION_TITLES.values():
         assert f"<h2>{title}</h2>" in page

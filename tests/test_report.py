@@ -1,5 +1,6 @@
 """Report parameters, rendering (text and JSON) and the access rule, through the real WSGI app."""
 
+import base64
 import io
 import json
 import re
@@ -10,6 +11,7 @@ import pytest
 
 import pixeld
 from pixeld import DAY, Config, Range, ReportData, ReportError, parse_range, render_text
+from conftest import make_sections
 
 NOW = 1_795_874_400  # 2026-11-28 10:00:00 UTC
 TODAY = 1_795_824_000  # 2026-11-28 00:00:00 UTC
@@ -63,13 +65,12 @@ def test_bad_ranges_get_a_reason(params, reason):
 
 
 def sample_report(pageviews=3, entry_pages=(), **sections):
-    base = {name: [] for name in pixeld.SECTION_TITLES if name not in ("entry_pages", "events")}
-    base.update(sections)
     totals = pixeld.Metrics(views=pageviews, visitors=2, visits=3, bounces=1, duration=250)
     previous = pixeld.Metrics(views=pageviews // 2, visitors=2, visits=4, bounces=0, duration=250)
     series = [(TODAY - (6 - i) * DAY, i, i // 2) for i in range(7)]
     query = pixeld.Query(Range(TODAY - 6 * DAY, TODAY + DAY))
-    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, base, list(entry_pages), [("signup", 3, 2)], "day", series, [])
+    rows = make_sections(totals, entry_pages=list(entry_pages), events=[("signup", 3, 2)], **sections)
+    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, rows, "day", series, [])
 
 
 def request_for(report, fmt="text", limit=None, section="", ascii=False):
@@ -107,7 +108,10 @@ def test_json_report_has_the_same_data():
     assert document["pageviews"] == 4
     assert (document["visitors"], document["visits"], document["pages_per_visit"], document["bounce_rate"], document["visit_duration"]) == (2, 3, 1.33, 33.3, 83)
     assert document["filtered"] == {"total": 3, "bot": 2, "spam": 1}
-    assert document["sections"]["pages"] == [{"value": "/", "count": 3, "percent": 75.0}, {"value": "/a", "count": 1, "percent": 25.0}]
+    assert document["sections"]["pages"] == [
+        {"value": "/", "count": 3, "percent": 75.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+        {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+    ]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
     assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
     assert document["previous"]["pageviews"] == 2 and document["change"]["pageviews"] == 100 and document["change"]["bounce_rate"] is None
@@ -144,6 +148,7 @@ def call(app, path, query="", method="GET", remote="127.0.0.1", **headers):
 def test_report_from_direct_loopback_without_a_token(app):
     made = app()
     assert call(made, "/report")[0] == 200
+    assert call(made, "/report", AUTHORIZATION="Basic Og==")[0] == 200  # the README's curl -u ":$TOKEN" with no token set (":")
     assert call(made, "/report", remote="::1")[0] == 200
     assert call(made, "/report", remote="::ffff:127.0.0.1")[0] == 200
 
@@ -166,6 +171,8 @@ def test_report_with_a_token_needs_the_token_even_on_loopback(app):
     assert call(made, "/report", AUTHORIZATION="Bearer s3cret-token\u00e9")[0] == 401
     assert call(made, "/report", remote="203.0.113.5", AUTHORIZATION="Bearer s3cret-token")[0] == 200
     assert call(made, "/report", X_FORWARDED_FOR="198.51.100.1", AUTHORIZATION="Bearer s3cret-token")[0] == 200
+    assert call(made, "/report", AUTHORIZATION="Basic Og==")[0] == 401  # curl -u ":$TOKEN" with TOKEN unset
+    assert call(made, "/report", AUTHORIZATION="Basic " + base64.b64encode(b":s3cret-token").decode())[0] == 200  # and with it set
 
 
 @pytest.mark.parametrize(
