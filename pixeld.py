@@ -1393,7 +1393,6 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"apis-google|googleother|google favicon|googleimageproxy|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scan|"
     r"analy[sz]er|verifier|verify|insights|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|-user/|"
     r"agent\b|probe\b|proxy\b|"
-    r"silktide|hardenize|securityheaders|dareboost|linktiger|marketgoo|collapsify|sindup|testlocally|; rigor\)|"  # site checkers: a browser's UA and a name
     r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.(?:com|net|org)\b(?<=[a-z0-9]\.[a-z]{3})|"
     r"\.(?:io|co)\b(?<=[a-z0-9]\.[a-z]{2})(?<! [a-z]{2}\.co)|"  # a domain name (".NET CLR" is none, nor an app's id in reverse, "jp.co.yahoo.android")
     r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os|blackberry|rim\d)))|"

@@ -296,7 +296,6 @@ STILL_BOTS = [  # what the new rules must not let through
     "Mozilla / 5.0 (compatible; AcmeBot / 1.0)",
     ("Mozilla/5.0 (Linux; Android 12; Acme Build/SP1A; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Mobile Safari/537.36 "
      "Instagram 309.1.0.41.113 Android (31/12; 440dpi; 1080x2160; Acme; A1; a1; mt6762; en_US; 541635890) AcmeCrawler/1.0"),
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/95.0.4638.69 Safari/537.36 Silktide",
 ]
 
 
