@@ -56,6 +56,7 @@ from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import SplitResult, unquote, urlencode, urlsplit
+from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
 
 __version__ = "0.1.0"
@@ -741,7 +742,9 @@ class Memo:
         return any(text in repr(entry) for table in self._tables.values() for entry in table.items())
 
     def clear(self) -> None:
+        """Forget everything, and the standard library's cache of recently split URLs too (referrers)."""
         self._tables.clear()
+        clear_url_cache()
 
 
 def parse_query(query_string: str, memo: Optional["Memo"] = None) -> Dict[str, str]:

@@ -1,5 +1,6 @@
 """Storage: schema and migrations, the batched writer, pre-aggregated counts and the queries over them."""
 
+import json
 import random
 import sqlite3
 import time
@@ -44,6 +45,57 @@ def test_an_older_database_is_migrated_and_a_newer_one_refused(tmp_path):
         connect(str(path))
     with pytest.raises(StorageError, match="newer than this pixeld"):
         connect(str(path), readonly=True)
+
+
+def old_database(path, version, rows=3):
+    """A database at an older schema version, with page views and events as that schema held them (every
+    string column names one string, the agent column one agent)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    pixeld.migrate(conn, 0, target=version)
+    string = conn.execute("INSERT INTO strings (value) VALUES ('x')").lastrowid
+    agent = conn.execute("INSERT INTO agents (browser, version, os, device) VALUES ('Chrome', '131', 'Windows', 'desktop')").lastrowid
+    for table in ("pageviews", "events"):
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != "id"]
+        values = [agent if column == "agent" else 1 if column in pixeld.ROW_NUMBERS else string for column in columns]
+        for n in range(rows):
+            conn.execute(f"INSERT INTO {table} (id, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})", (pixeld.first_id(T0 + n), *values))
+    conn.close()
+
+
+@pytest.mark.parametrize("version", range(1, pixeld.SCHEMA_VERSION))
+def test_the_export_keeps_every_row_of_a_database_migrated_from_an_older_schema(tmp_path, version):
+    old_database(tmp_path / "old.db", version)
+    conn = connect(str(tmp_path / "old.db"))  # migrates it
+    exported = [json.loads(line) for chunk in pixeld.export_lines(conn, Range(0, pixeld.LATEST), "", "ndjson") for line in chunk.splitlines()]
+    assert Counter(row["type"] for row in exported) == {"pageview": 3, "event": 3}
+    assert all(row["path"] == "x" and row["browser"] == "Chrome" for row in exported)
+
+
+def test_a_value_whose_id_names_nothing_exports_empty_and_keeps_its_row(tmp_path):
+    """What a column added with a default that is no string id did: the row must not vanish from the export."""
+    old_database(tmp_path / "bad.db", pixeld.SCHEMA_VERSION, rows=2)
+    conn = connect(str(tmp_path / "bad.db"))
+    conn.execute("UPDATE pageviews SET title = 987654, agent = 987654")
+    exported = [json.loads(line) for chunk in pixeld.export_lines(conn, Range(0, pixeld.LATEST), "", "ndjson") for line in chunk.splitlines()]
+    assert [(row["type"], row["title"], row["browser"]) for row in exported if row["type"] == "pageview"] == [("pageview", "", "")] * 2
+
+
+def test_a_new_text_dimension_migrates_older_rows_to_its_empty_value(tmp_path, monkeypatch):
+    """``add_text_dimension``: the column's default is the id of the empty value, and older days count under it."""
+    themes = pixeld.Dimension("themes", 99, "theme", (pixeld.Field("theme", pixeld.clean_label, "theme"),), (pixeld.Section("themes", "Themes", filter="theme"),))
+    monkeypatch.setitem(pixeld.DIMENSION_NAMED, "themes", themes)
+    store = Store(connect(str(tmp_path / "new.db")))
+    store.write(Batch(records=[pixeld.Record(view(T0 + 60 * n), n % 2) for n in range(5)]))
+    conn = store.conn
+    conn.execute("BEGIN")
+    pixeld.add_text_dimension("themes")(conn, lambda message: None)
+    conn.execute("COMMIT")
+    empty = conn.execute("SELECT id FROM strings WHERE value = ''").fetchone()[0]
+    assert {row[0] for row in conn.execute("SELECT theme FROM pageviews UNION ALL SELECT theme FROM events")} <= {empty}
+    assert conn.execute("SELECT count(*) FROM pageviews WHERE theme = ?", (empty,)).fetchone()[0] == 5
+    for table in ("daily", "monthly"):
+        counted = conn.execute(f"SELECT value, sum(views), sum(visits) FROM {table} WHERE dim = 99 GROUP BY value").fetchall()
+        assert counted == [(empty, 5, 2)], table
 
 
 def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
