@@ -2192,7 +2192,7 @@ class Arrival(NamedTuple):
 
     def firsts(self) -> Tuple[str, ...]:
         """Its value in each ``VISIT_FIRSTS`` dimension: sources, referrers, campaigns."""
-        return (FIELD_SEPARATOR.join((self.channel, self.source)), self.referrer, self.campaign)
+        return (self.source, self.referrer, self.campaign)
 
 
 DIRECT = Arrival("", "", "", "direct")
@@ -2268,12 +2268,13 @@ class Visitors:
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
         step, view = observation.step, arrived(view, observation.arrival)
-        reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_path(view.path)]
+        reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_path(view.path)] if self.goals else []
         if step.generation is None:  # a visitor not remembered: each page view counts as a new one
             firsts, first_goals, converted = ALL_VISIT_FIRSTS, reached, int(bool(reached))
-        else:
-            firsts = step.generation.firsts(step.number, observation.arrival)
-            first_goals, converted = step.generation.reach(step.number, reached)
+        else:  # a visit comes one way all along: only its first page view, or the day's, can bring a new one
+            new = step.views == 1 or observation.first_today
+            firsts = step.generation.firsts(step.number, observation.arrival) if new else 0
+            first_goals, converted = step.generation.reach(step.number, reached) if reached else ([], 0)
         if first_goals:
             view = view._replace(goals="\t".join(sorted(self.goals[index].name for index in first_goals)))
         return view.counted(observation.first_today, firsts, converted), step
@@ -2324,7 +2325,7 @@ class Visitors:
         names = generation.events.setdefault(number, set())
         first = name not in names
         names.add(name)
-        converted = generation.reach(number, reached)[1]
+        converted = generation.reach(number, reached)[1] if reached else 0
         return first, generation.current_arrival(number, now) or arrival, converted
 
     def _rotate(self, now: int) -> None:
