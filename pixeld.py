@@ -60,6 +60,7 @@ from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import SplitResult, unquote, urlencode, urlsplit
+from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
 
 __version__ = "0.1.0"
@@ -101,6 +102,26 @@ class ConfigError(Exception):
     """A setting that stops startup: reported as one line on stderr, exit status 2."""
 
 
+class Goal(NamedTuple):
+    """What an operator counts as an outcome: an event by its name, or a page by its path (a trailing
+    ``*`` matches a prefix)."""
+
+    name: str
+    kind: str  # event or path
+    pattern: str
+
+    def reached_by_path(self, path: str) -> bool:
+        if self.kind != "path":
+            return False
+        return path.startswith(self.pattern[:-1]) if self.pattern.endswith("*") else path == self.pattern
+
+    def reached_by_event(self, name: str) -> bool:
+        return self.kind == "event" and name == self.pattern
+
+
+MAX_GOALS = 31  # a visitor's goals of the day are bits of one 32-bit number, beside the bit "converted"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
@@ -120,6 +141,7 @@ class Config:
     flush_interval: float = 1.0
     hit_path: str = DEFAULT_HIT_PATH  # served as well as /pixel.gif (a neutral name that content blockers do not match)
     public_report: bool = False  # anyone may read /report (never /export)
+    goals: Tuple[Goal, ...] = ()
 
 
 def parse_listen(value: str) -> Tuple[str, int]:
@@ -171,6 +193,23 @@ def parse_seconds(value: Any, what: str) -> float:
     if not 0.1 <= seconds <= 3600:
         raise ConfigError(f"{what} must be between 0.1 and 3600 seconds")
     return seconds
+
+
+def parse_goals(values: Iterable[str]) -> Tuple[Goal, ...]:
+    """``NAME=event:signup`` or ``NAME=path:/thanks*``, each once by name."""
+    goals: Dict[str, Goal] = {}
+    for value in values:
+        name, _, definition = value.partition("=")
+        kind, _, pattern = definition.partition(":")
+        name, pattern = " ".join(name.split()), pattern.strip()
+        if not name or len(name) > 64 or "\t" in name or kind not in ("event", "path") or not pattern or (kind == "path" and not pattern.startswith("/")):
+            raise ConfigError(f"cannot parse goal {value[:80]!r}: use NAME=event:signup or NAME=path:/thanks*")
+        if name in goals:
+            raise ConfigError(f"goal {name!r} is defined twice")
+        goals[name] = Goal(name, kind, pattern)
+    if len(goals) > MAX_GOALS:
+        raise ConfigError(f"{len(goals)} goals: pixeld counts at most {MAX_GOALS}")
+    return tuple(goals.values())
 
 
 def parse_hit_path(value: str) -> str:
@@ -359,6 +398,11 @@ def clean_event(value: str) -> str:
     return clean_text(value, MAX_EVENT)
 
 
+def clean_goal_names(value: str) -> str:
+    """The goals a page view reached first (names joined by tabs, as stored), from an import."""
+    return "\t".join(sorted({name for name in (" ".join(part.split())[:64] for part in value.split("\t")[:MAX_GOALS]) if name}))
+
+
 class Metrics(NamedTuple):
     """The numbers counted for every dimension value, per day and month; also a report's headline,
     with the ratios derived from them."""
@@ -371,6 +415,8 @@ class Metrics(NamedTuple):
     engaged: int = 0  # seconds the page was visible, summed over page views
     engaged_views: int = 0  # page views that reported engagement
     scroll: int = 0  # each such page view's deepest scroll, in percent, summed
+    exits: int = 0  # page views that were the last of their visit
+    converted: int = 0  # visitors who reached a goal, daily, summed (counted on the page view or event that reached the first)
 
     @property
     def pages_per_visit(self) -> float:
@@ -395,12 +441,17 @@ class Metrics(NamedTuple):
         """Average deepest scroll, in percent, over the page views that reported engagement."""
         return round(self.scroll / self.engaged_views, 1) if self.engaged_views else 0.0
 
-    def headline(self) -> Dict[str, float]:
-        """The headline numbers, by their JSON names."""
-        return {
+    @property
+    def conversion_rate(self) -> float:
+        return percent(self.converted, self.visitors)
+
+    def headline(self, goals: bool = False) -> Dict[str, float]:
+        """The headline numbers, by their JSON names; the conversion rate when there are goals."""
+        numbers = {
             "visitors": self.visitors, "visits": self.visits, "pageviews": self.views, "pages_per_visit": self.pages_per_visit,
             "bounce_rate": self.bounce_rate, "visit_duration": self.visit_duration, "time_on_page": self.time_on_page, "scroll_depth": self.scroll_depth,
         }
+        return {**numbers, "conversion_rate": self.conversion_rate} if goals else numbers
 
 
 def percent(count: int, total: int) -> float:
@@ -461,6 +512,7 @@ class ViewsRow(NamedTuple):
     percent: float
 
     METRICS = ("views",)
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = (("Views", 10), ("%", 8))  # header and width in text
     OTHERS = False  # whether a row names the other parts of its value (a source's channel)
 
@@ -488,6 +540,7 @@ class VisitorsRow(NamedTuple):
     others: Tuple[Tuple[str, str], ...] = ()
 
     METRICS = ("views", "visitors")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = ViewsRow.COLUMNS + (("Visitors", 10),)
     OTHERS = True
 
@@ -516,6 +569,7 @@ class EngagementRow(NamedTuple):
     scroll_depth: float
 
     METRICS = ("views", "engaged", "engaged_views", "scroll")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = ViewsRow.COLUMNS + (("Time", 9), ("Scroll", 8))
     OTHERS = False
 
@@ -543,6 +597,7 @@ class EntryRow(NamedTuple):
     bounces: int
 
     METRICS = ("visits", "bounces")
+    SHOWN_BY = "visits"  # a value is a row when it has some of this
     COLUMNS = (("Visits", 10), ("Bounce rate", 12))
     OTHERS = False
 
@@ -572,6 +627,7 @@ class EventRow(NamedTuple):
     visitors: int
 
     METRICS = ("views", "visitors")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = (("Count", 10), ("Visitors", 10))
     OTHERS = False
 
@@ -589,7 +645,88 @@ class EventRow(NamedTuple):
         return [["events", self.value, self.count, ""], ["event_visitors", self.value, self.visitors, ""]]
 
 
-Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow]
+class AcquisitionRow(NamedTuple):
+    """Where visits came from: the visitors (daily uniques, summed), their visits and page views, and
+    the other parts of the value (a source's channel). Ranked by visitors, as the peers rank them."""
+
+    value: str
+    count: int  # visitors
+    percent: float  # of all visitors
+    visits: int
+    pageviews: int
+    others: Tuple[Tuple[str, str], ...] = ()
+
+    METRICS = ("views", "visitors", "visits")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
+    COLUMNS = (("Visitors", 10), ("%", 8), ("Visits", 9), ("Views", 9))
+    OTHERS = True
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "AcquisitionRow":
+        return cls(value, sums.visitors, percent(sums.visitors, totals.visitors), sums.visits, sums.views, tuple(others.items()))
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.percent:.1f}%", f"{self.visits:,}", f"{self.pageviews:,}")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "visitors": self.count, "percent": self.percent, "visits": self.visits, "count": self.pageviews, **dict(self.others)}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        details = [("visits", self.visits), ("pageviews", self.pageviews), *self.others]
+        return [[section, self.value, self.count, self.percent], *([f"{section}_{key}", self.value, extra, ""] for key, extra in details)]
+
+
+class ExitRow(NamedTuple):
+    """The visits that ended on a page, and their share of that page's views (its exit rate)."""
+
+    value: str
+    count: int  # exits
+    exit_rate: float
+
+    METRICS = ("views", "exits")
+    SHOWN_BY = "exits"  # a value is a row when it has some of this
+    COLUMNS = (("Exits", 10), ("Rate", 8))
+    OTHERS = False
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "ExitRow":
+        return cls(value, sums.exits, percent(sums.exits, sums.views))
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.exit_rate:.1f}%")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "exit_rate": self.exit_rate}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [[section, self.value, self.count, self.exit_rate]]
+
+
+class GoalRow(NamedTuple):
+    """A goal: the visitors who reached it (daily uniques, summed), how often it was reached, and the
+    visitors who reached it as a share of all visitors."""
+
+    value: str
+    count: int  # visitors who converted
+    completions: int
+    conversion_rate: float
+
+    METRICS = ("views",)  # the report counts its rows from the pages, events and goals it has counted (``_goal_rows``)
+    SHOWN_BY = "views"  # a value is a row when it has some of this
+    COLUMNS = (("Visitors", 10), ("Count", 10), ("Rate", 8))
+    OTHERS = False
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.completions:,}", f"{self.conversion_rate:.1f}%")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "visitors": self.count, "count": self.completions, "conversion_rate": self.conversion_rate}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [[section, self.value, self.count, self.conversion_rate], [f"{section}_completions", self.value, self.completions, ""]]
+
+
+Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow, AcquisitionRow, ExitRow, GoalRow]
 
 
 def text_columns(kind: type, rows: Sequence[Row]) -> Tuple[Tuple[str, int], ...]:
@@ -612,6 +749,7 @@ class Section(NamedTuple):
     row: type = ViewsRow  # the section's kind: what its rows show
     nothing: str = "(no page views)"  # what an empty section says
     lists_empty: bool = True  # whether the empty value is a row (page views without a campaign are not)
+    computed: bool = False  # its rows come from other sections' counts (goals), not from its dimension's
 
 
 class Field(NamedTuple):
@@ -621,6 +759,7 @@ class Field(NamedTuple):
     clean: Optional[Callable[[str], str]] = None  # None: derived by the hit pipeline (the referrer, a source from its referrer)
     param: str = ""  # the pixel's query parameter that carries it as it is
     default: str = ""  # its value when nothing says otherwise
+    by_visitor: bool = False  # the in-memory visitors set it (see Privacy), not the hit: a dry run cannot know it
 
 
 class Dimension(NamedTuple):
@@ -636,21 +775,32 @@ class Dimension(NamedTuple):
     fields: Tuple[Field, ...]  # the PageView fields it holds, which are also its export fields
     sections: Tuple[Section, ...] = ()
     in_events: bool = True  # whether events carry it too
+    visitors: str = "first_today"  # SQL on a raw row: does it count a visitor for its value (a visitor's first of the day, or first from a source)
+    per_visit: bool = False  # a visit's first page view sets it for the whole visit (where the visit came from)
+
+
+VISIT_FIRSTS = ("sources", "referrers", "campaigns")  # the dimensions that count their own visitors: a bit each in a row's ``firsts``
+
+
+ALL_VISIT_FIRSTS = (1 << len(VISIT_FIRSTS)) - 1  # a visitor's first page view of the day is the first of its source, referrer and campaign too
 
 
 DIMENSIONS: Tuple[Dimension, ...] = (
     Dimension("pages", 1, "path", (Field("path", normalise_path, "path"),), (
         Section("pages", "Pages", filter="path", match="prefix", row=EngagementRow), Section("entry_pages", "Entry pages", row=EntryRow),
+        Section("exit_pages", "Exit pages", row=ExitRow),
     )),
     Dimension("titles", 0, "title", (Field("title", normalise_title, "title"),), in_events=False),
     Dimension("sources", 9, "source", (Field("channel", default="direct"), Field("source")), (
-        Section("sources", "Sources", "(direct)", "source", part="source", row=VisitorsRow),
-        Section("channels", "Channels", filter="channel", part="channel"),
-    )),
-    Dimension("referrers", 2, "referrer", (Field("referrer"),), (Section("referrers", "Referrers", "(direct)", "referrer", "prefix"),)),
+        Section("sources", "Sources", "(direct)", "source", part="source", row=AcquisitionRow),
+        Section("channels", "Channels", filter="channel", part="channel", row=AcquisitionRow),
+    ), visitors="(firsts & 1)", per_visit=True),
+    Dimension("referrers", 2, "referrer", (Field("referrer"),), (
+        Section("referrers", "Referrers", "(direct)", "referrer", "prefix", row=AcquisitionRow),
+    ), visitors="(firsts >> 1 & 1)", per_visit=True),
     Dimension("campaigns", 7, "campaign", (Field("campaign", clean_campaign),), (
-        Section("campaigns", "Campaigns", filter="campaign", nothing="(no campaigns)", lists_empty=False),
-    )),
+        Section("campaigns", "Campaigns", filter="campaign", row=AcquisitionRow, nothing="(no campaigns)", lists_empty=False),
+    ), visitors="(firsts >> 2 & 1)", per_visit=True),
     Dimension("countries", 3, "country", (Field("country", clean_country),), (Section("countries", "Countries", "(unknown)", "country", "upper"),)),
     Dimension("agents", 4, "agent", (Field("browser", clean_label), Field("version", clean_version), Field("os", clean_label), Field("device", clean_device)), (
         Section("browsers", "Browsers", "(unknown)", "browser", "agent", "browser"),
@@ -659,6 +809,7 @@ DIMENSIONS: Tuple[Dimension, ...] = (
     )),
     Dimension("screens", 5, "screen", (Field("screen", normalise_screen, "resolution"),), (Section("screens", "Screen sizes", "(unknown)", "screen"),)),
     Dimension("languages", 6, "language", (Field("language", clean_language),), (Section("languages", "Languages", "(unknown)", "language", "lower"),)),
+    Dimension("goals", 12, "goals", (Field("goals", clean_goal_names, by_visitor=True),), (Section("goals", "Goals", row=GoalRow, nothing="(no goals reached)", computed=True),), in_events=False),
 )
 EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
     Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
@@ -678,17 +829,22 @@ RAW_NEEDS = {  # the metrics each dimension's sections need, in Metrics order
 }
 
 
+VISITOR_FLAGS = ("first_today", "firsts", "converted")  # what the in-memory visitors say of a page view (see Privacy)
+
+
 class PageView(collections.namedtuple(
-    "PageView", ("time", "site", *(field.name for field in VIEW_FIELDS), "first_today"), defaults=(*(field.default for field in VIEW_FIELDS), False),
+    "PageView", ("time", "site", *(field.name for field in VIEW_FIELDS), *VISITOR_FLAGS), defaults=(*(field.default for field in VIEW_FIELDS), False, 0, 0),
 )):
     """One page view, normalised: exactly what is stored, and nothing else. Its fields come from
-    ``DIMENSIONS``; ``first_today`` marks the visitor's first page view of this UTC day (see Privacy)."""
+    ``DIMENSIONS``; then what the visitors in memory say of it: ``first_today``, the visitor's first page
+    view of this UTC day; ``firsts``, a bit per ``VISIT_FIRSTS`` dimension whose value this visitor
+    brings for the first time today; ``converted``, the first goal the visitor reached today."""
 
     __slots__ = ()
 
-    def counted(self, first_today: bool) -> "PageView":
-        """This page view with its first-of-the-day flag (on the hot path: faster than ``_replace``)."""
-        return PageView._make(self[:-1] + (first_today,))
+    def counted(self, first_today: bool, firsts: int = 0, converted: int = 0) -> "PageView":
+        """This page view with what the visitors say of it (on the hot path: faster than ``_replace``)."""
+        return PageView._make(self[: -len(VISITOR_FLAGS)] + (first_today, firsts, converted))
 
 
 class Event(NamedTuple):
@@ -745,7 +901,9 @@ class Memo:
         return any(text in repr(entry) for table in self._tables.values() for entry in table.items())
 
     def clear(self) -> None:
+        """Forget everything, and the standard library's cache of recently split URLs too (referrers)."""
         self._tables.clear()
+        clear_url_cache()
 
 
 def parse_query(query_string: str, memo: Optional["Memo"] = None) -> Dict[str, str]:
@@ -855,6 +1013,9 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
+CAMPAIGN_PARAMS = ("utm_source", "ref", "source", "utm_medium", "utm_campaign")  # what campaign_of reads from a page's address
+
+
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
     """``source / medium / campaign`` from ``utm_*`` (``ref`` or ``source`` for the source), and the source alone."""
     source = clean_text(params.get("utm_source") or params.get("ref") or params.get("source") or "", MAX_CAMPAIGN).lower()
@@ -870,13 +1031,17 @@ def campaign_referrer(campaign: str) -> str:
 
 # Referrer sources: "name|channel|hosts". Generated by bench/sources_table.py from Matomo's
 # searchengine-and-social-list (SearchEngines.yml, Socials.yml, AIAssistants.yml; CC0 1.0, earlier
-# releases Unlicense): names and hosts only. Webmail services and Android app ids are added by hand.
-# "google.{}" stands for every country domain (google.de, google.co.uk); subdomains match their host.
+# releases Unlicense): names and hosts only. Webmail services, chat and Android app ids are added by hand.
+# "google.{}" stands for every country domain (google.de, google.co.uk), "mail.yahoo.{}" too
+# (mail.yahoo.fr); "orange.fr/webmail" is a host and the first segment of its path; subdomains match their host.
 SOURCE_TABLE = """
+1&1 Mail|email|email.1und1.de deref-1und1.de deref-1und1-02.de
 1.cz|search|1.cz
 118 700|search|118700.se foretag.118700.se webben.118700.se
 123people|search|123people.com 123people.{}
-360search|search|so.360.cn m.so.com
+126 Mail|email|mail.126.com
+163 Mail|email|mail.163.com
+360search|search|so.360.cn m.so.com so.com
 Abacho|search|abacho.de abacho.com abacho.co.uk se.abacho.com tr.abacho.com abacho.at abacho.fr abacho.es abacho.ch abacho.it
 ABCsøk|search|verden.abcsok.no
 Acoon|search|acoon.de
@@ -890,7 +1055,8 @@ AllTheInternet|search|alltheinternet.com
 AllTheWeb|search|alltheweb.com
 AlohaFind|search|alohafind.com
 AltaVista|search|altavista.com search.altavista.com listings.altavista.com altavista.de altavista.fr {}.altavista.com be-nl.altavista.com be-fr.altavista.com
-AOL|search|search.aol.com search.aol.it aolsearch.aol.com aolrecherche.aol.fr aolrecherches.aol.fr aolimages.aol.fr aim.search.aol.com recherche.aol.fr find.web.aol.com recherche.aol.ca aolsearch.aol.co.uk search.aol.co.uk sucheaol.aol.de suche.aol.de o2suche.aol.de suche.aolsvc.de aolbusqueda.aol.com.mx alicesuche.aol.de alicesuchet.aol.de suchet2.aol.de search.hp.my.aol.com.au search.hp.my.aol.de search.hp.my.aol.it search-intl.netscape.com de.aolsearch.com
+AOL|search|search.aol.com search.aol.it aolsearch.aol.com aolrecherche.aol.fr aolrecherches.aol.fr aolimages.aol.fr aim.search.aol.com recherche.aol.fr find.web.aol.com recherche.aol.ca aolsearch.aol.co.uk search.aol.co.uk sucheaol.aol.de suche.aol.de o2suche.aol.de suche.aolsvc.de aolbusqueda.aol.com.mx alicesuche.aol.de alicesuchet.aol.de suchet2.aol.de search.hp.my.aol.com.au search.hp.my.aol.de search.hp.my.aol.it search-intl.netscape.com de.aolsearch.com aolsearch.com search.aol.{}
+AOL Mail|email|mail.aol.com mail.aol.{} com.aol.mobile.aolapp
 Apollo7|search|apollo7.de
 Aport|search|sm.aport.ru
 Arama|search|arama.com
@@ -903,10 +1069,11 @@ Austronaut|search|www2.austronaut.at www1.austronaut.at
 Avira SafeSearch|search|search.avira.com search.avira.net safesearch.avira.com
 Babylon|search|search.babylon.com searchassist.babylon.com
 Badoo|social|badoo.com
-Baidu|search|baidu.com www1.baidu.com m.baidu.com baidu.co.th zhidao.baidu.com tieba.baidu.com news.baidu.com
+Baidu|search|baidu.com www1.baidu.com m.baidu.com baidu.co.th zhidao.baidu.com tieba.baidu.com news.baidu.com web.gougou.com
 Baidu AI|ai|yiyan.baidu.com ai.baidu.com
 Bebo|social|bebo.com
 Biglobe|search|cgi.search.biglobe.ne.jp images.search.biglobe.ne.jp
+BigPond|email|webmail.bigpond.com webmail2.bigpond.com basic.messaging.bigpond.com email.telstra.com
 bilibili|social|bilibili.com
 Bing|search|bing.com {}.bing.com global.bing.com msnbc.msn.com dizionario.it.msn.com enciclopedia.it.msn.com cc.bingj.com com.microsoft.bing
 BlackPlanet|social|blackplanet.com
@@ -915,10 +1082,12 @@ Blogdigger|search|blogdigger.com
 Blogpulse|search|blogpulse.com
 Bluesky|social|bsky.app skyfeed.app xyz.blueskyweb.app
 Bluewin|search|search.bluewin.ch
+Bluewin Mail|email|email.bluewin.ch rich-v01.bluewin.ch rich-v02.bluewin.ch
 Brave Search|search|search.brave.com
 Buzznet|social|buzznet.com
 Canoe.ca|search|web.canoe.ca
 Centrum|search|search.centrum.cz morfeo.centrum.cz
+Character.AI|ai|character.ai
 Charter|search|charter.net
 Chat+|ai|chatplus.com chat-gpt.org
 ChatGLM|ai|chatglm.cn
@@ -938,12 +1107,14 @@ Daemon search|search|daemon-search.com my.daemon-search.com
 DasOertliche|search|dasoertliche.de www2.dasoertliche.de
 DasTelefonbuch|search|www1.dastelefonbuch.de
 Daum|search|search.daum.net
+Daum Mail|email|mail.daum.net mail2.daum.net
 Deepseek|ai|chat.deepseek.com
 Delfi EE|search|otsing.delfi.ee
 Delfi lv|search|smart.delfi.lv
 dir.com|search|fr.dir.com
 DisconnectSearch|search|search.disconnect.me
 Discord|social|discord.com discord.gg discordapp.com com.discord
+Disqus|social|disqus.com disq.us
 dmoz|search|dmoz.org editors.dmoz.org
 Douban|social|douban.com
 Douyin|social|douyin.com
@@ -982,6 +1153,7 @@ Francite|search|recherche.francite.com
 Free|search|search.free.fr search1-2.free.fr search1-1.free.fr
 FreeCause|search|search.freecause.com
 Freenet|search|suche.freenet.de
+Freenet Mail|email|webmail.freenet.de
 Freespoke|search|freespoke.com
 Friends Reunited|social|friendsreunited.com
 Friendster|social|friendster.com
@@ -997,7 +1169,7 @@ Gigablast|search|gigablast.com
 Gigablast (Directory)|search|dir.gigablast.com
 GitHub|social|github.com
 Gmail|email|mail.google.com inbox.google.com com.google.android.gm
-GMX|email|gmx.net gmx.de gmx.com gmx.at gmx.ch navigator.gmx.net
+GMX|email|gmx.net gmx.de gmx.com gmx.at gmx.ch gmx.{} deref-gmx.{} navigator.gmx.net
 Gnadenmeer|search|gnadenmeer.de
 Gomeo|search|gomeo.com
 goo|search|search.goo.ne.jp ocnsearch.goo.ne.jp
@@ -1023,13 +1195,16 @@ Icerocket|search|blogs.icerocket.com
 iCloud Mail|email|icloud.com
 ICQ|search|icq.com search.icq.com
 identi.ca|social|identi.ca
+iiNet Mail|email|webmail.iinet.net.au mail.iinet.net.au
 Ilse NL|search|ilse.nl
 iMesh|search|search.imesh.com
 Inbox|search|www2.inbox.com
 info.com|search|info.com
+Infomaniak Mail|email|mail.infomaniak.com
 InfoSpace|search|infospace.com search.kiwee.com searches.vi-view.com search.webssearches.com search.fbdownloader.com searches3.globososo.com wsdsold.infospace.com search.avast.com isearch.babylon.com start.facemoods.com start.funmoods.com search.magentic.com search.searchcompletion.com isearch.glarysoft.com search.chatzum.com home.speedbit.com search.b1.org search.handycafe.com search.v9.com search.iminent.com utorrent.inspsearch.com govome.inspsearch.com
 Instagram|social|instagram.com l.instagram.com com.instagram.android
 Interia|search|google.interia.pl
+IONOS Mail|email|email.ionos.{} mailbusiness.ionos.{}
 Isodelen|search|isodelen.se
 IxQuick|search|ixquick.com eu.ixquick.com ixquick.de us.ixquick.com s1.us.ixquick.com s2.us.ixquick.com s3.us.ixquick.com s4.us.ixquick.com s5.us.ixquick.com s8-eu.ixquick.com s1-eu.ixquick.de s2-eu4.ixquick.com s5-eu4.ixquick.com
 Jasper|ai|app.jasper.ai
@@ -1061,6 +1236,7 @@ Lookseek|search|search.lookseek.com
 Looksmart|search|looksmart.com
 Lycos|search|search.lycos.com lycos.{}
 maailm.com|search|maailm.com
+mail.com|email|mail.com deref-mail.com
 Mail.ru|search|go.mail.ru
 Mail.ru Mail|email|e.mail.ru touch.mail.ru ru.mail.mailapp
 Mamma|search|mamma.com mamma75.mamma.com
@@ -1074,6 +1250,7 @@ Meta.ua|search|meta.ua
 MetaCrawler DE|search|s1.metacrawler.de s2.metacrawler.de s3.metacrawler.de
 Metager|search|meta.rrzn.uni-hannover.de metager.de
 Metager2|search|metager2.de
+Microsoft Teams|social|teams.microsoft.com teams.live.com teams.cloud.microsoft com.microsoft.teams
 MissEvan|social|missevan.com
 Mister Wong|search|mister-wong.com mister-wong.de
 Mixi|social|mixi.jp
@@ -1092,6 +1269,7 @@ Najdi.si|search|najdi.si
 Nasza-klasa.pl|social|nk.pl
 Nate|search|search.nate.com
 Naver|search|search.naver.com
+Naver Mail|email|mail.naver.com
 Needtofind|search|ko.search.need2find.com
 Neti|search|neti.ee
 Netlog|social|netlog.com
@@ -1100,12 +1278,14 @@ Nifty|search|search.nifty.com search.azby.fmworld.net videosearch.nifty.com
 Nigma|search|nigma.ru
 NotebookLM|ai|notebooklm.google.com
 OceanHero|search|oceanhero.today
-Odnoklassniki|social|odnoklassniki.ru
+Odnoklassniki|social|odnoklassniki.ru ok.ru
 Onet.pl|search|szukaj.onet.pl
 Online.no|search|online.no
-Orange|search|busca.orange.es lemoteur.ke.voila.fr lemoteur.orange.fr
+Optus Mail|email|webmail.optusnet.com.au webmail.optuszoo.com.au
+Orange|search|busca.orange.es lemoteur.ke.voila.fr lemoteur.orange.fr search.orange.co.uk
+Orange Mail|email|messagerie.orange.fr wmail.orange.fr mail01.orange.fr mail02.orange.fr messageriepro3.orange.fr orange.fr/webmail
 Orkut|social|orkut.com
-Outlook.com|email|outlook.live.com outlook.office.com outlook.office365.com mail.live.com com.microsoft.office.outlook
+Outlook.com|email|outlook.live.com outlook.office.com outlook.office365.com outlook.cloud.microsoft outlook.com mail.live.com com.microsoft.office.outlook
 Ozone|social|qzone.qq.com
 Paperball|search|paperball.de
 Peepeth|social|peepeth.com
@@ -1118,17 +1298,22 @@ Pixelfed|social|pixelfed.social pixelfed.de pxlmo.com metapixl.com pix.toot.wale
 Plaxo|social|plaxo.com
 Plazoo|search|plazoo.com
 PlusNetwork|search|plusnetwork.com
+Pocket|social|getpocket.com
+Poe|ai|poe.com
 Poisk.Ru|search|poisk.ru
 Presearch|search|presearch.com
 PrivacyWall|search|privacywall.org
 Proton Mail|email|mail.proton.me mail.protonmail.com ch.protonmail.android
 qip.ru|search|search.qip.ru
+QQ Mail|email|mail.qq.com exmail.qq.com
 Qualigo|search|qualigo.at qualigo.ch qualigo.de qualigo.nl
 Quendu|search|quendu.com
+Quora|social|quora.com
 Qwant|search|qwant.com lite.qwant.com
 Qwen|ai|chat.qwen.ai
 Rakuten|search|websearch.rakuten.co.jp
 Rambler|search|nova.rambler.ru
+Rambler Mail|email|mail.rambler.ru
 Reddit|social|reddit.com np.reddit.com pay.reddit.com com.reddit.frontpage redd.it
 Renren|social|renren.com
 Riksdelen|search|riksdelen.se
@@ -1145,8 +1330,10 @@ Searchy|search|searchy.co.uk
 SeeSaa|search|search.seesaa.jp
 Setooz|search|bg.setooz.com da.setooz.com el.setooz.com fa.setooz.com ur.setooz.com {}.setooz.com
 Seznam|search|search.seznam.cz videa.seznam.cz
+Seznam Mail|email|email.seznam.cz
 Sharelook|search|sharelook.fr
 Skynet|search|skynet.be
+Skype|social|web.skype.com
 Skyrock|social|skyrock.com
 Slack|social|slack.com app.slack.com com.slack
 sm.cn|search|m.sm.cn so.m.sm.cn m.sp.sm.cn yz.m.sm.cn quark.sm.cn
@@ -1178,6 +1365,7 @@ Surf Canyon|search|surfcanyon.com
 Swiggle|search|swiggle.org.uk
 Swisscows|search|swisscows.com
 T-Online|search|suche.t-online.de brisbane.t-online.de navigationshilfe.t-online.de
+T-Online Mail|email|email.t-online.de
 Tagged|social|login.tagged.com
 talimba|search|talimba.com
 TalkTalk|search|talktalk.co.uk
@@ -1189,6 +1377,8 @@ Teoma|search|teoma.com
 Terra|search|buscador.terra.es buscador.terra.cl buscador.terra.com.br
 Threads|social|threads.net l.threads.net threads.com l.threads.com com.instagram.barcelona
 TikTok|social|tiktok.com
+Tildes|social|tildes.net
+TIM Mail|email|webmail.tim.it
 Tiscali|search|search.tiscali.it search-dyn.tiscali.it hledani.tiscali.cz
 Tixuma|search|tixuma.de
 Toolbarhome|search|toolbarhome.com vshare.toolbarhome.com
@@ -1203,7 +1393,9 @@ Tumblr|social|tumblr.com t.umblr.com
 TUSK Search|search|tusksearch.com
 Twingly|search|twingly.com
 Twitcast|social|twitcasting.tv
+Ukr.net Mail|email|mail.ukr.net
 uol.com.br|search|busca.uol.com.br
+UPC Mail|email|upcmail.hispeed.ch
 URL.ORGanzier|search|url.org
 V2EX|social|v2ex.com
 Viadeo|social|viadeo.com
@@ -1213,12 +1405,14 @@ Vindex|search|vindex.nl search.vindex.nl
 Virgilio|search|ricerca.virgilio.it ricercaimmagini.virgilio.it ricercavideo.virgilio.it ricercanews.virgilio.it mobile.virgilio.it
 VK|social|vk.com vkontakte.ru
 vkrugudruzei.ru|social|vkrugudruzei.ru
+Vodafone Mail|email|mail.vodafone.de webmail.vodafone.co.nz
 Voila|search|search.ke.voila.fr
 Volny|search|web.volny.cz
 Vuhuv|search|vuhuv.com
 Walhello|search|walhello.info walhello.com walhello.de walhello.nl
 WAYN|social|wayn.com
 Web.de|search|suche.web.de m.suche.web.de
+Web.de Mail|email|web.de deref-web.de
 Web.nl|search|web.nl
 weborama|search|weborama.fr
 WebSearch|search|websearch.com
@@ -1238,12 +1432,12 @@ www värav|search|search.www.ee
 X|social|twitter.com t.co x.com mobile.twitter.com com.twitter.android
 Xanga|social|xanga.com
 XING|social|xing.com
-Yahoo!|search|search.yahoo.com malaysia.search.yahoo.com {}.search.yahoo.com cade.yahoo.com espanol.search.yahoo.com qc.search.yahoo.com one.cn.yahoo.com r.search.yahoo.com search.offerbox.com ys.mirostart.com images.search.yahoo.com {}.images.yahoo.com cade.images.yahoo.com espanol.images.yahoo.com qc.images.yahoo.com
-Yahoo! Japan|search|search.yahoo.co.jp jp.hao123.com home.kingsoft.jp jwsearch.jword.jp image.search.yahoo.co.jp video.search.yahoo.co.jp
-Yahoo! Mail|email|mail.yahoo.com mail.yahoo.co.jp com.yahoo.mobile.client.android.mail
+Yahoo!|search|search.yahoo.com malaysia.search.yahoo.com {}.search.yahoo.com cade.yahoo.com espanol.search.yahoo.com qc.search.yahoo.com one.cn.yahoo.com r.search.yahoo.com search.offerbox.com ys.mirostart.com images.search.yahoo.com {}.images.yahoo.com cade.images.yahoo.com espanol.images.yahoo.com qc.images.yahoo.com yahoo.com yahoo.{} espanol.yahoo.com qc.yahoo.com
+Yahoo! Japan|search|search.yahoo.co.jp jp.hao123.com home.kingsoft.jp jwsearch.jword.jp image.search.yahoo.co.jp video.search.yahoo.co.jp yahoo.co.jp
+Yahoo! Mail|email|mail.yahoo.com mail.yahoo.{} com.yahoo.mobile.client.android.mail
 Yam|search|search.yam.com
-Yandex|search|yandex.ru yandex.com yandex.{} clck.yandex.{} m.yandex.{} yabs.yandex.{} images.yandex.ru images.yandex.com images.yandex.{}
-Yandex Mail|email|mail.yandex.ru mail.yandex.com ru.yandex.mail
+Yandex|search|yandex.ru yandex.com yandex.{} clck.yandex.{} m.yandex.{} yabs.yandex.{} images.yandex.ru images.yandex.com images.yandex.{} ya.ru
+Yandex Mail|email|mail.yandex.ru mail.yandex.com mail.yandex.{} ru.yandex.mail
 Yasni|search|yasni.de yasni.com yasni.co.uk yasni.ch yasni.at
 Yatedo|search|yatedo.com yatedo.fr
 Yellowmap|search|yellowmap.de
@@ -1257,14 +1451,14 @@ ZapMeta|search|zapmeta.com zapmeta.{} {}.zapmeta.com zapmetasearch.{}
 Zhongsou|search|p.zhongsou.com
 Zoek|search|www3.zoek.nl
 Zoeken|search|zoeken.nl
-Zoho Mail|email|mail.zoho.com mail.zoho.eu
+Zoho Mail|email|mail.zoho.com mail.zoho.{}
 Zoohoo|search|zoohoo.cz
 Zoznam|search|zoznam.sk
 Zxuso|search|zxuso.com
 묻지마 검색|search|kwzf.net
 """  # end of SOURCE_TABLE
 CHANNELS = ("search", "social", "email", "ai", "referral", "campaign", "direct")
-_COUNTRY_DOMAIN = re.compile(r"(?:(?:com|co|net|org|gov|edu|ac|or|ne|go|gob|nic)\.)?[a-z]{2}|com|net|org|info|biz")
+_COUNTRY_DOMAIN = re.compile(r"(?:(?:com|co|net|org|gov|edu|ac|or|ne|go|gob|nic)\.)?[a-z]{2}|com|net|org|info|biz|cat")
 
 
 def load_sources(table: str) -> Tuple[Dict[str, Tuple[str, str]], Dict[str, Tuple[str, str]]]:
@@ -1289,18 +1483,24 @@ def classify_source(referrer: str) -> Tuple[str, str]:
     """(source, channel) of a normalised referrer (``host/path``, or ``name (campaign)``).
 
     A host matches a known source when it is one of its hosts or a subdomain of one
-    (``old.reddit.com``), or its name on a country domain (``google.co.uk``). Look-alikes such as
-    ``google.com.example.net`` are ordinary sites: their source is their host."""
+    (``old.reddit.com``), or its name on a country domain (``google.co.uk``, ``mail.yahoo.fr``), or
+    a host and the first segment of a path listed as such (``orange.fr/webmail``). Look-alikes such
+    as ``google.com.example.net`` are ordinary sites: their source is their host."""
     if not referrer:
         return "", "direct"
     if referrer.endswith(" (campaign)"):
         return referrer[: -len(" (campaign)")], "campaign"
-    host = referrer.split("/", 1)[0]
+    host, _, path = referrer.partition("/")
+    known = SOURCE_HOSTS.get(host + "/" + path.split("/", 1)[0]) if path else None  # a mailer at a path: orange.fr/webmail
+    if known is not None:
+        return known
     labels = host.split(".")
+    countries = [j for j in (len(labels) - 1, len(labels) - 2) if j > 0 and _COUNTRY_DOMAIN.fullmatch(".".join(labels[j:]))]
     for i in range(len(labels)):
         known = SOURCE_HOSTS.get(".".join(labels[i:]))
-        if known is None and i + 1 < len(labels) and _COUNTRY_DOMAIN.fullmatch(".".join(labels[i + 1 :])):
-            known = SOURCE_COUNTRY_HOSTS.get(labels[i])
+        for j in countries:  # the longest name first: mail.yahoo.co.uk is Yahoo! Mail before yahoo.co.uk is Yahoo!
+            if known is None and i < j:
+                known = SOURCE_COUNTRY_HOSTS.get(".".join(labels[i:j]))
         if known is not None:
             return known
     return host, "referral"
@@ -1356,7 +1556,8 @@ _BOT = re.compile(  # every branch starts with a literal, so the engine skips ah
     r"apis-google|googleother|google favicon|googleimageproxy|ia_archiver|wordpress|validator|checker|linkcheck|link sleuth|scan|"
     r"analy[sz]er|verifier|verify|insights|audit|survey|inspector|synthetic|exporter|retriever|resolver|optimi[sz]er|sitemap|research|-user/|"
     r"agent\b|probe\b|proxy\b|"
-    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.(?:com|net|org)\b(?<=[a-z0-9]\.[a-z]{3})|\.(?:io|co)\b(?<=[a-z0-9]\.[a-z]{2})|"  # a domain name (".NET CLR" is none)
+    r"nutch|heritrix|httrack|zgrab|masscan|nmap|nikto|sqlmap|postman|insomnia|http://|https://|www\.|\.(?:com|net|org)\b(?<=[a-z0-9]\.[a-z]{3})|"
+    r"\.(?:io|co)\b(?<=[a-z0-9]\.[a-z]{2})(?<! [a-z]{2}\.co)|"  # a domain name (".NET CLR" is none, nor an app's id in reverse, "jp.co.yahoo.android")
     r"@[a-z0-9-]+\.[a-z]{2}|\[at\]|\(compatible(?:\)|; (?!msie|konqueror)(?![^)]*(?:linux|windows|android|mac os|blackberry|rim\d)))|"
     r"windows nt[;)]|"  # Windows names its version ("Windows NT 10.0")
     r"\(khtml, like gecko(?:[,;] (?!safari/)|\) (?!mobile\b|brave\b)[a-z][\w.-]* (?:chrome|version)/)"  # browsers send "(KHTML, like Gecko)" as
@@ -1377,8 +1578,15 @@ _BOT_WHOLE = re.compile("|".join((
 _VERSIONED = re.compile(r"/\d")  # every browser and app names a product with its version ("Gecko/20100101", "Dalvik/2.1.0")
 _ANDROID_MODEL = re.compile(r"(android[ \d.]*;(?: [a-z]{2}[-_][a-z]{2,3};)?)[^;)]*")
 # A reader's UA names a browser (Mozilla/, Opera/) or a platform; anything else is a tool or a service.
-_PLATFORM = re.compile(r"^(?:mozilla|opera)/|\bios\b|ucweb|android|iphone|ipad|ipod|windows|macintosh|mac os|linux|cros\b|symbian|blackberry|bb10|midp|j2me|"
-                       r"nokia|kaios|tizen|webos|playstation|xbox|nintendo|roku|smart-?tv|cfnetwork|dalvik|\[fban|instagram")
+_PLATFORM = re.compile(r"^(?:mozilla|opera)/|\bios\b|ucweb|ucbrowser|android|iphone|ipad|ipod|windows|macintosh|mac os|linux|cros\b|symbian|blackberry|bb10|"
+                       r"midp|j2me|up\.browser|maui|teleca|obigo|netfront|nokia|kaios|tizen|webos|playstation|xbox|nintendo|roku|smart-?tv|hbbtv|"
+                       r"cfnetwork|dalvik|\[fban|instagram")
+# Readers whose UA names no product with a version: apps that send an Apple model alone ("iPhone11Pro",
+# "iPodTouch7", "iPhone14,2") and MediaTek's feature-phone browser ("MAUI_WAP_Browser").
+_BARE_READER = re.compile(r"(?:iphone|ipad|ipod)[a-z0-9 ,._]*|maui[a-z0-9 _-]*")
+# Instagram's suffix lists the phone's maker and model ("...; CUBOT; KINGKONG 5 Pro; ..."): no sign of a machine.
+_INSTAGRAM_DEVICE = re.compile(r"(instagram [\d.]+ )(?:android )?\([^)]*\)")
+_SPACED_SLASH = re.compile(r" +/ +(?=\d)")  # "Mozilla / 5.0", "Chrome / 79"
 
 _BROWSERS: Tuple[Tuple[str, Tuple[str, ...], "re.Pattern[str]"], ...] = tuple(  # most specific first
     (name, tuple(keys.split()), re.compile(pattern))  # (name, literals one of which the UA must hold, pattern)
@@ -1421,13 +1629,14 @@ _OS: Tuple[Tuple[str, "re.Pattern[str]"], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
         ("Windows Phone", r"Windows Phone|Windows Mobile|WPDesktop|ZuneWP"),
-        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d|CriOS/|EdgiOS/|FxiOS/|OPiOS/|FBIOS|FBSN/iOS"),
+        ("iOS", r"iPhone|iPad|iPod|\biOS\b|CPU OS \d|CriOS/|EdgiOS/|FxiOS/|OPiOS/|FBIOS|FBSN/iOS|dv\(iP"),  # UC Browser's compact form: "dv(iPh12,1)"
+        ("ChromeOS", r"Chromebook|Pixelbook"),  # Android apps on a Chromebook name it as their model
         ("Android", r"Android|\bAdr\b|Silk/|\bKF[A-Z]{2,5} Build|OculusBrowser|^JUC ?\(|FB4A|FBAN/EMA|Dalvik/"),
         ("macOS", r"CFNetwork/.*Darwin/.*(?:x86_64|Mac|arm64e?-apple)"),  # an app on a Mac: its Darwin names the machine
         ("iOS", r"CFNetwork/.*Darwin/"),  # Darwin versions are shared by iOS and macOS; apps that say no more are on phones
         ("ChromeOS", r"\bCrOS\b"),
         ("Windows", r"Windows|Win(?:NT|95|98|32|64)\b"),
-        ("macOS", r"Mac OS X|Macintosh|Mac_PowerPC|Darwin/"),
+        ("macOS", r"Mac OS X|Macintosh|Mac_PowerPC|Mac OS/\d|Darwin/"),  # Office for Mac: "Mac OS/11.1"
         ("KaiOS", r"KAIOS|KaiOS"),
         ("Tizen", r"Tizen"),
         ("HarmonyOS", r"HarmonyOS|OpenHarmony"),
@@ -1441,16 +1650,29 @@ _HEADLESS = re.compile(r"headless|phantomjs|puppeteer|playwright|selenium|webdri
 _IOS_DEVICE = re.compile(r"iPhone|iPad|iPod")
 # The bot and device patterns match the lower-cased UA: much faster than re.IGNORECASE.
 # Tablets by their well-known model prefixes (Galaxy Tab SM-T/SM-X/SM-P, Lenovo TB-, Kindle Fire KF…,
-# Huawei MatePad/MediaPad, Xiaomi and Redmi Pad, OnePlus OPD, Pixel Tablet); else Android without "Mobile".
+# Huawei MatePad/MediaPad, Xiaomi and Redmi Pad, OnePlus OPD, Pixel Tablet, XOOM), even when the UA says "Mobile";
+# else Android without "Mobile" that names no phone and no laptop.
 _TABLET = re.compile(
     r"ipad|tablet|kindle|silk/|playbook|nexus (?:7|9|10)\b|sm-[tpx]\d|gt-p\d|sch-i800|tab\b(?<=\btab)|lenovo tb|tb(?<=\btb)-?[0-9x]|"
-    r"matepad|mediapad|pad\b(?<=\bpad)|opd(?<=\bopd)\d|pixel (?:c|tablet)\b|kf(?<=\bkf)[a-z]{2,4}\b"
+    r"matepad|mediapad|pad\b(?<=\bpad)|opd(?<=\bopd)\d|pixel (?:c|tablet)\b|kf(?<=\bkf)[a-z]{2,4}\b|xoom"
 )
-_PHONE = re.compile(r"mobi|iphone|ipod|phone|opera mini|blackberry|bb10|symbian|nokia|kaios|fennec")
+# Phones by their token or their system (feature phones: J2ME, WAP browsers, UC Browser's compact form).
+_PHONE = re.compile(
+    r"mobi|iphone|ipod|phone|opera mini|blackberry|bb10|symbian|nokia|kaios|fennec|midp|cldc|j2me|up\.browser|maui|teleca|obigo|netfront|pr\(ucbrowser"
+)
+# Android without "Mobile": apps and in-app browsers (Dalvik/) on phones name the phone's maker or model (Samsung
+# Galaxy SM-A/G/N/S..., Pixel, Redmi, OPPO, OnePlus and realme CPH/RMX, Motorola, LG, Huawei, Xiaomi, vivo, Sony
+# Xperia, Tecno, Infinix); laptops and Chromebooks that run Android apps name theirs.
+_PHONE_MODEL = re.compile(
+    r"sm-[abefgjmnsw]\d|gt-[is]\d|sgh-|pixel (?:\d|fold)|redmi|poco|cph\d{4}|rmx\d{4}|oneplus|oppo|realme|moto(?:rola)?\b|"
+    r"xt\d{4}|lm-[a-z]\d|huawei|xiaomi|vivo\b|xperia|tecno|infinix"
+)
+_LAPTOP = re.compile(r"chromebook|pixelbook|elitebook|probook|latitude|inspiron|thinkpad|vivobook|zenbook|macbook")
 # Devices that are neither computers, phones nor tablets: TVs and their sticks and boxes, consoles,
 # cars, VR headsets and watches. They are "other".
 _TV = re.compile(
     r"smarttv|smart-tv|smart tv|hbbtv|appletv|apple tv|googletv|google tv|android tv|tv\b(?<=\btv)|crkey|roku|bravia|netcast|web0s|webos.tv|"
+    r"viera|ce-html|nettv|vidaa|aquos|inettvbrowser|brightsign|"
     r"aft(?<=\baft)[a-z]{1,4}\b|playstation|xbox|nintendo|oculus|quest \d|qtcarbrowser|tesla|android automotive|carplay|watch os|wearos|watch\b(?<=\bwatch)"
 )
 
@@ -1462,6 +1684,8 @@ def classify_user_agent(ua: str) -> UserAgent:
     headless browsers, HTTP libraries, an empty UA) or ``other`` (TVs, consoles, unknown).
     """
     ua = ua.strip()[:1024]
+    if " / " in ua:
+        ua = _SPACED_SLASH.sub("/", ua)
     lower = ua.lower()
     if is_bot(lower):
         return UserAgent(bot_name(ua), "", "", "bot")
@@ -1477,9 +1701,11 @@ def is_headless(ua: str) -> bool:
 
 def is_bot(lower_ua: str) -> bool:
     if not _PLATFORM.search(lower_ua) or not _VERSIONED.search(lower_ua):
-        return True
+        return not _BARE_READER.fullmatch(lower_ua)
     if "android" in lower_ua:
         lower_ua = _ANDROID_MODEL.sub(r"\1", lower_ua, count=1)
+    if "instagram " in lower_ua:
+        lower_ua = _INSTAGRAM_DEVICE.sub(r"\1", lower_ua, count=1)
     return bool(_BOT.search(lower_ua) or _BOT_WHOLE.match(lower_ua))
 
 
@@ -1511,10 +1737,12 @@ def os_of(ua: str) -> str:
 def device_of(lower_ua: str, os_name: str) -> str:
     if _TV.search(lower_ua):
         return "other"
-    if _TABLET.search(lower_ua) or (os_name == "Android" and "mobile" not in lower_ua):
+    if _TABLET.search(lower_ua):
         return "tablet"
     if _PHONE.search(lower_ua) or os_name in ("iOS", "Windows Phone", "KaiOS"):
         return "phone"
+    if os_name == "Android":
+        return "desktop" if _LAPTOP.search(lower_ua) else "phone" if _PHONE_MODEL.search(lower_ua) else "tablet"
     if os_name in ("Windows", "macOS", "Linux", "ChromeOS", "FreeBSD", "OpenBSD"):
         return "desktop"
     return "other"
@@ -1547,6 +1775,7 @@ class Record(NamedTuple):
     duration: int = 0  # on a visit's entry page view: seconds from its first to its last page view or engagement
     engaged: int = 0  # seconds the page was visible
     scroll: Optional[int] = None  # the deepest scroll in percent; None when the page view reported no engagement
+    exit: int = 0  # 1 on the last page view of its visit (so far)
 
 
 class Accepted(NamedTuple):
@@ -1556,7 +1785,7 @@ class Accepted(NamedTuple):
     event: str  # the event's name; empty for a page view
     address: str  # never stored: only salted into the visitor key
     user_agent: str
-    stored: Tuple[int, int, int, Optional[int]] = (0, 0, 0, None)  # an imported row's visit_views, duration, engaged, scroll
+    stored: Tuple[int, int, int, Optional[int], int] = (0, 0, 0, None, 0)  # an imported row's visit_views, duration, engaged, scroll, exit
     engagement: Optional[Tuple[float, int]] = None  # an engagement beacon's (seconds, scroll percent): not a page view
 
 
@@ -1631,11 +1860,13 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     if when is None:
         return None
     text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
-    site = normalise_host(text("site", default_site))
+    site = memo(normalise_host, text("site", default_site))
     fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
     fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(normalise_referrer, with_scheme(text("referrer", "")), site)
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
-    view = PageView(time=when, site=site, first_today=text("first_today", "") in ("1", "True", "true"), **fields)
+    first_today = text("first_today", "") in ("1", "True", "true")
+    firsts = bounded(row.get("firsts"), ALL_VISIT_FIRSTS) if "firsts" in row else ALL_VISIT_FIRSTS * first_today  # older exports: a day's first
+    view = PageView(time=when, site=site, **fields).counted(first_today, firsts, bounded(row.get("converted"), 1))
     agent = UserAgent(view.browser, view.version, view.os, "bot" if text("device", "") == "bot" else view.device)
     reason = filter_reason(config, site, None, agent, "", view.referrer)
     if reason:
@@ -1645,7 +1876,10 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
         return None
     visit_views = bounded(row.get("visit_views"), 1_000_000)
     scroll = None if text("scroll", "") == "" else bounded(row.get("scroll"), 100)
-    stored = (visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0, scroll)
+    stored = (
+        visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0,
+        scroll, bounded(row.get("exit"), 1),
+    )
     return Accepted(view, event, "", "", stored)  # a duration belongs to a visit's entry; engagement to a page view that reported it
 
 
@@ -1668,6 +1902,9 @@ def filter_reason(
     return ""
 
 
+SHOWN_EMPTY = {field.name: dim.sections[0].empty if dim.sections else "(none)" for dim in DIMENSIONS for field in dim.fields if not field.by_visitor}  # as reports show it
+
+
 def explain(outcome: Outcome) -> str:
     """One line on what a hit would be, for a dry run and ``pixeld.py check``."""
     if outcome is None:
@@ -1676,7 +1913,7 @@ def explain(outcome: Outcome) -> str:
         return f"filtered: {outcome.reason} ({FILTER_REASONS[outcome.reason][1]})"
     view = outcome.view
     what = f"the event {outcome.event!r} on" if outcome.event else "a page view of"
-    details = ", ".join(f"{field.name} {getattr(view, field.name) or '(none)'}" for field in VIEW_FIELDS if field.name != "path")
+    details = ", ".join(f"{name} {getattr(view, name) or empty}" for name, empty in SHOWN_EMPTY.items() if name != "path")
     return f"counted as {what} {view.site or '(no host)'}{view.path} ({details}), unless the visitor is over the rate limit"
 
 
@@ -1756,7 +1993,8 @@ class Generation:
     """
 
     __slots__ = ("salt", "day", "keys", "numbers", "counted", "minute", "minute_views", "start", "last", "views", "entry",
-                 "page_path", "page_time", "page_row", "next_page", "events", "origin", "heir")
+                 "page_path", "page_time", "page_row", "next_page", "events", "origin", "heir", "arrival", "arrivals", "arrival_ids",
+                 "seen", "more_seen", "goals")
 
     def __init__(self, day: int, slots: int = KEY_SLOTS) -> None:
         self.salt = secrets.token_bytes(32)
@@ -1777,6 +2015,12 @@ class Generation:
         self.events: Dict[int, Set[str]] = {}  # the names of the events a visitor sent today (most send none)
         self.origin: Dict[int, Tuple[int, int]] = {}  # a visit carried over from yesterday: yesterday's day and number
         self.heir: Dict[int, Tuple["Generation", int]] = {}  # yesterday's visitors carried into today: where to
+        self.arrival = array.array("I")  # where the current visit came from: an index into ``arrivals`` (0: direct)
+        self.arrivals: List[Arrival] = [DIRECT]  # the day's distinct arrivals, each kept once
+        self.arrival_ids: Dict[Arrival, int] = {DIRECT: 0}
+        self.seen = array.array("I")  # per ``VISIT_FIRSTS`` dimension, a hash of the first value the visitor brought today (0: none)
+        self.more_seen: Dict[int, Set[Tuple[int, int]]] = {}  # the few who come back another way on the same day: (bit, hash)
+        self.goals = array.array("I")  # the goals the visitor reached today: a bit per goal, and CONVERTED once any is reached
 
     def key(self, site: str, address: str, user_agent: str) -> int:
         """A keyed hash of 56 bits, never 0."""
@@ -1810,6 +2054,9 @@ class Generation:
         for column in (self.minute, self.start, self.last, self.views):
             column.append(0)
         self.entry.append(UNWRITTEN)
+        self.arrival.append(0)
+        self.goals.append(0)
+        self.seen.extend(NO_SEEN)
         self.page_path.extend(NO_PAGES)
         self.page_time.extend(NO_PAGES)
         self.page_row.extend(UNWRITTEN_PAGES)
@@ -1820,6 +2067,7 @@ class Generation:
         where it wrote the visit's rows: yesterday passes that on (``heir``)."""
         for column in ("start", "last", "views", "entry", "next_page"):
             getattr(self, column)[number] = getattr(yesterday, column)[old]
+        self.arrival[number] = self.arrival_id(yesterday.arrivals[yesterday.arrival[old]])
         for column in ("page_path", "page_time", "page_row"):
             getattr(self, column)[number * RECENT_PAGES : (number + 1) * RECENT_PAGES] = getattr(yesterday, column)[old * RECENT_PAGES : (old + 1) * RECENT_PAGES]
         self.origin[number] = yesterday.origin.get(old, (yesterday.day, old))
@@ -1830,21 +2078,69 @@ class Generation:
         day, first = self.origin.get(number, (self.day, number))
         return day, first, self.start[number]
 
-    def step(self, number: int, now: int, path: str) -> "VisitStep":
-        """Place a page view in the visitor's visit, beginning a new one after 30 idle minutes. The
-        latest page views stay reachable across visits: a beacon from a tab left open still lands."""
+    def step(self, number: int, now: int, path: str, arrival: "Arrival") -> "VisitStep":
+        """Place a page view in the visitor's visit, beginning a new one after 30 idle minutes: a new
+        visit came the way its first page view says (``arrival``). The latest page views stay reachable
+        across visits: a beacon from a tab left open still lands."""
+        previous = None
         if not self.views[number] or now - self.last[number] > VISIT_TIMEOUT:
             self.start[number] = self.last[number] = now
             self.views[number] = 1
             self.entry[number] = UNWRITTEN
             self.origin.pop(number, None)
+            self.arrival[number] = self.arrival_id(arrival)
         else:
             self.views[number] += 1
             self.last[number] = max(self.last[number], now)
+            before = number * RECENT_PAGES + (self.next_page[number] - 1) % RECENT_PAGES
+            if self.page_time[before] >= self.start[number]:
+                previous = (before, self.page_time[before])
         slot = number * RECENT_PAGES + self.next_page[number]
         self.next_page[number] = (self.next_page[number] + 1) % RECENT_PAGES
         self.page_path[slot], self.page_time[slot], self.page_row[slot] = path_hash(path), now, UNWRITTEN
-        return VisitStep(self, number, self.start[number], self.views[number], self.last[number] - self.start[number], slot, self.visit_key(number))
+        return VisitStep(self, number, self.start[number], self.views[number], self.last[number] - self.start[number], slot, self.visit_key(number), previous)
+
+    def arrival_id(self, arrival: "Arrival") -> int:
+        found = self.arrival_ids.get(arrival)
+        if found is None:
+            found = self.arrival_ids[arrival] = len(self.arrivals)
+            self.arrivals.append(arrival)
+        return found
+
+    def current_arrival(self, number: int, now: int) -> Optional["Arrival"]:
+        """How the visitor's visit came, while it goes on; None when the visitor has no visit now."""
+        if not self.views[number] or now - self.last[number] > VISIT_TIMEOUT:
+            return None
+        return self.arrivals[self.arrival[number]]
+
+    def firsts(self, number: int, arrival: "Arrival") -> int:
+        """A bit per ``VISIT_FIRSTS`` dimension whose value the visitor brings for the first time today."""
+        bits = 0
+        for index, value in enumerate(arrival.firsts()):
+            wanted, slot = (hash(value) & 0x7FFFFFFF) | 1, number * len(VISIT_FIRSTS) + index
+            if not self.seen[slot]:
+                self.seen[slot] = wanted
+            elif self.seen[slot] != wanted:
+                more = self.more_seen.setdefault(number, set())
+                if (index, wanted) in more:
+                    continue
+                more.add((index, wanted))
+            else:
+                continue
+            bits |= 1 << index
+        return bits
+
+    def reach(self, number: int, reached: Iterable[int]) -> Tuple[List[int], int]:
+        """Note the goals (indexes) a page view or event reached: those first reached today, and 1 when
+        they are the visitor's first goal today (a conversion)."""
+        done, first = self.goals[number], []
+        for index in reached:
+            if not done >> index & 1:
+                first.append(index)
+                done |= 1 << index
+        converted = int(bool(first) and not done >> CONVERTED_BIT & 1)
+        self.goals[number] = done | (converted << CONVERTED_BIT)
+        return first, converted
 
     def find_page(self, number: int, path: str) -> int:
         """The slot of the visit's latest page view of this path, or -1."""
@@ -1881,6 +2177,29 @@ class Generation:
 
 
 NO_PAGES = array.array("I", [0] * RECENT_PAGES)
+NO_SEEN = array.array("I", [0] * len(VISIT_FIRSTS))
+CONVERTED_BIT = MAX_GOALS  # in ``Generation.goals``: the visitor reached a goal today
+
+
+class Arrival(NamedTuple):
+    """Where a visit came from, as its first page view says: it is stamped on every page view and
+    event of the visit, so that internal navigation is never counted as direct."""
+
+    referrer: str
+    campaign: str
+    source: str
+    channel: str
+
+    @classmethod
+    def of(cls, view: PageView) -> "Arrival":
+        return cls(view.referrer, view.campaign, view.source, view.channel)
+
+    def firsts(self) -> Tuple[str, ...]:
+        """Its value in each ``VISIT_FIRSTS`` dimension: sources, referrers, campaigns."""
+        return (self.source, self.referrer, self.campaign)
+
+
+DIRECT = Arrival("", "", "", "direct")
 UNWRITTEN_PAGES = array.array("I", [UNWRITTEN] * RECENT_PAGES)
 
 
@@ -1898,6 +2217,7 @@ class VisitStep(NamedTuple):
     duration: int  # seconds from the visit's first page view to this one
     slot: int  # where the generation keeps this page view for engagement to find
     visit: Tuple[int, int, int]  # names the visit in the writer's batch (``Generation.visit_key``)
+    previous: Optional[Tuple[int, int]] = None  # the visit's page view before this one: its slot and time (it is no longer the exit)
 
 
 class Engagement(NamedTuple):
@@ -1916,6 +2236,7 @@ class Engagement(NamedTuple):
 class Observation(NamedTuple):
     first_today: bool
     step: VisitStep
+    arrival: Arrival  # how the page view's visit came
 
 
 class Visitors:
@@ -1928,9 +2249,10 @@ class Visitors:
     holds a lock around ``observe`` and the hand-over to the writer.
     """
 
-    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None, goals: Sequence[Goal] = ()) -> None:
         self.rate_limit = rate_limit
         self.on_new_salt = on_new_salt
+        self.goals = tuple(goals)
         self._current = Generation(-1, slots=1)  # a placeholder: the first hit brings the first real day
         self._previous: Optional[Generation] = None
 
@@ -1941,27 +2263,40 @@ class Visitors:
         if hit.engagement is not None:
             return self.engage(view.time, view.site, hit.address, hit.user_agent, view.path, *hit.engagement), None
         if hit.event:
-            first = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event)
-            if first is None:
+            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, Arrival.of(view))
+            if seen is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
-            return Event(hit.event, view.counted(first)), None
-        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path)
+            first, arrival, converted = seen
+            return Event(hit.event, arrived(view, arrival).counted(first, 0, converted)), None
+        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, Arrival.of(view))
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
-        return view.counted(observation.first_today), observation.step
+        step, view = observation.step, arrived(view, observation.arrival)
+        reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_path(view.path)] if self.goals else []
+        if step.generation is None:  # a visitor not remembered: each page view counts as a new one
+            firsts, first_goals, converted = ALL_VISIT_FIRSTS, reached, int(bool(reached))
+        else:  # a visit comes one way all along: only its first page view, or the day's, can bring a new one
+            new = step.views == 1 or observation.first_today
+            firsts = step.generation.firsts(step.number, observation.arrival) if new else 0
+            first_goals, converted = step.generation.reach(step.number, reached) if reached else ([], 0)
+        if first_goals:
+            view = view._replace(goals="\t".join(sorted(self.goals[index].name for index in first_goals)))
+        return view.counted(observation.first_today, firsts, converted), step
 
-    def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "") -> Optional[Observation]:
-        """Place a page view in its visit; None when the visitor is over the rate limit."""
+    def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "", arrival: Arrival = DIRECT) -> Optional[Observation]:
+        """Place a page view in its visit (a new visit came as ``arrival`` says); None when the visitor is
+        over the rate limit."""
         self._rotate(now)
         generation = self._current
         number = self._find(now, site, address, user_agent)
         if number < 0:
-            return Observation(True, VisitStep(None, -1, now, 1, 0, -1, (-1, -1, now)))
+            return Observation(True, VisitStep(None, -1, now, 1, 0, -1, (-1, -1, now)), arrival)
         if not self._within_rate_limit(generation, number, now):
             return None
         first_today = not generation.counted[number]
         generation.counted[number] = 1
-        return Observation(first_today, generation.step(number, now, path))
+        step = generation.step(number, now, path, arrival)
+        return Observation(first_today, step, generation.arrivals[generation.arrival[number]])
 
     def engage(self, now: int, site: str, address: str, user_agent: str, path: str, seconds: float, scroll: int) -> Optional[Union[Engagement, FilteredHit]]:
         """Join engagement to the visitor's latest page view of that path, in memory; None when there is none."""
@@ -1979,19 +2314,23 @@ class Visitors:
             return None
         return Engagement(generation, number, generation.start[number], slot, generation.page_time[slot], seconds, scroll, generation.visit_key(number))
 
-    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str) -> Optional[bool]:
-        """Whether this is the visitor's first event of this name today; None over the rate limit."""
+    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str, arrival: Arrival = DIRECT) -> Optional[Tuple[bool, Arrival, int]]:
+        """Whether this is the visitor's first event of this name today, how the visit it belongs to came
+        (the event's own ``arrival`` when none goes on), and whether it is the visitor's first goal
+        today; None over the rate limit."""
         self._rotate(now)
         generation = self._current
         number = self._find(now, site, address, user_agent)
+        reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_event(name)]
         if number < 0:
-            return True
+            return True, arrival, int(bool(reached))
         if not self._within_rate_limit(generation, number, now):
             return None
         names = generation.events.setdefault(number, set())
         first = name not in names
         names.add(name)
-        return first
+        converted = generation.reach(number, reached)[1] if reached else 0
+        return first, generation.current_arrival(number, now) or arrival, converted
 
     def _rotate(self, now: int) -> None:
         day = now // DAY
@@ -2036,6 +2375,13 @@ class Visitors:
         return [generation.salt for generation in (self._current, self._previous) if generation is not None]
 
 
+def arrived(view: PageView, arrival: Arrival) -> PageView:
+    """The page view as its visit came: internal navigation takes the visit's referrer, campaign and source."""
+    if arrival == (view.referrer, view.campaign, view.source, view.channel):
+        return view
+    return view._replace(referrer=arrival.referrer, campaign=arrival.campaign, source=arrival.source, channel=arrival.channel)
+
+
 Item = Union[PageView, Record, Event, Engagement, FilteredHit]  # what the writer takes
 
 
@@ -2067,8 +2413,19 @@ EPOCH_DATE = dt.date(1970, 1, 1)
 ROW_METRICS = Metrics(  # what one raw row adds to each metric, in SQL: (when it counts, what it adds)
     views=("1", "1"), visitors=("first_today", "1"), visits=("visit_views > 0", "1"), bounces=("visit_views = 1", "1"),
     duration=("duration", "duration"), engaged=("engaged", "engaged"), engaged_views=("scroll IS NOT NULL", "1"), scroll=("scroll", "scroll"),
+    exits=("exit", "1"), converted=("converted", "1"),
 )
-RAW_METRICS = Metrics(*(f"sum({when})" if adds == "1" else f"coalesce(sum({adds}), 0)" for when, adds in ROW_METRICS))  # SQL over raw rows
+def row_metrics(visitors: str = "first_today") -> Metrics:
+    """What one raw row adds to each metric, with the visitors of a dimension (``Dimension.visitors``)."""
+    return ROW_METRICS._replace(visitors=(visitors, "1"))
+
+
+def raw_metrics(visitors: str = "first_today") -> Metrics:
+    """The metrics in SQL over raw rows, with the visitors of a dimension."""
+    return Metrics(*(f"sum({when})" if adds == "1" else f"coalesce(sum({adds}), 0)" for when, adds in row_metrics(visitors)))
+
+
+RAW_METRICS = raw_metrics()
 SUMMED_METRICS = ", ".join(f"sum({name})" for name in Metrics._fields)  # SQL over daily and monthly counts
 
 
@@ -2108,7 +2465,62 @@ def add_sources(conn: sqlite3.Connection, progress: Callable[[str], None]) -> No
     conn.execute("DROP TABLE temp.source_of")
 
 
+def resource_referrers(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Migration 5: page views and events whose referrer the sources table now knows (webmail hosts
+    per country, more engines, AI chats) get that source and channel, a week of rows per statement,
+    with progress. The daily and monthly source counts move with them: each referrer's counts leave
+    the source its latest kept page view carried (with none kept, its host as a referral: what an
+    unknown host was) and join the new one. A visitor who came by two such referrers in a day counts
+    twice in the new source. Browser, OS and device cannot be re-derived: the User-Agent is never stored."""
+    latest = dict(conn.execute("SELECT referrer, source FROM (SELECT referrer, source, max(id) FROM pageviews GROUP BY referrer)"))
+    referrers = conn.execute(
+        "SELECT id, value FROM strings WHERE id IN (SELECT referrer FROM pageviews UNION SELECT referrer FROM events "
+        "UNION SELECT value FROM daily WHERE dim = 2 UNION SELECT value FROM monthly WHERE dim = 2)"
+    ).fetchall()
+    known = []  # (referrer, the source its counts were kept under, its source now)
+    for referrer, value in referrers:
+        source, channel = classify_source(value)
+        if channel not in ("referral", "direct", "campaign"):
+            was = latest.get(referrer) or _string_id(conn, FIELD_SEPARATOR.join(("referral", value.split("/", 1)[0])))
+            known.append((referrer, was, _intern(conn, FIELD_SEPARATOR.join((channel, source)))))
+    conn.execute("CREATE TEMP TABLE resourced (referrer INTEGER PRIMARY KEY, was INTEGER NOT NULL, now INTEGER NOT NULL)")
+    conn.executemany("INSERT INTO temp.resourced VALUES (?, ?, ?)", known)
+    for table in ("pageviews", "events"):
+        first, last = conn.execute(f"SELECT min(id), max(id) FROM {table}").fetchone()
+        shown = time.monotonic()
+        for start in range(second_of(first), second_of(last) + 1, 7 * DAY) if first is not None else ():
+            now = f"(SELECT now FROM temp.resourced WHERE referrer = {table}.referrer)"
+            week = (first_id(start), first_id(start + 7 * DAY))
+            conn.execute(f"UPDATE {table} SET source = {now} WHERE id >= ? AND id < ? AND source != coalesce({now}, source)", week)
+            if time.monotonic() - shown >= 1:
+                shown = time.monotonic()
+                progress(f"re-deriving sources in {table}: {100 * (start - second_of(first)) // max(1, second_of(last) - second_of(first)):.0f}%")
+    code, referrer_code, metrics = DIMENSION_NAMED["sources"].code, DIMENSION_NAMED["referrers"].code, counted_columns(conn)
+    for table, period in (("daily", "day"), ("monthly", "month")):
+        moves = conn.execute(
+            f"SELECT r.{period}, r.site, m.was, m.now, {', '.join(f'sum(r.{name})' for name in metrics)} "
+            f"FROM {table} r JOIN temp.resourced m ON m.referrer = r.value WHERE r.dim = {referrer_code} AND m.was != m.now "
+            f"AND EXISTS (SELECT 1 FROM {table} o WHERE o.{period} = r.{period} AND o.site = r.site AND o.dim = {code} AND o.value = m.was) "
+            f"GROUP BY r.{period}, r.site, m.was, m.now"
+        ).fetchall()
+        key = f"{period} = ? AND site = ? AND dim = {code} AND value = ?"
+        conn.executemany(f"UPDATE {table} SET {', '.join(f'{name} = max(0, {name} - ?)' for name in metrics)} WHERE {key}",
+                         [(*move[4:], *move[:3]) for move in moves])
+        conn.executemany(f"DELETE FROM {table} WHERE {key} AND views = 0", [move[:3] for move in moves])
+        conn.executemany(
+            f"INSERT INTO {table} ({period}, site, dim, value, {', '.join(metrics)}) VALUES (?, ?, {code}, ?, {', '.join('?' * len(metrics))}) "
+            f"ON CONFLICT ({period}, site, dim, value) DO UPDATE SET {', '.join(f'{name} = {name} + excluded.{name}' for name in metrics)}",
+            [(move[0], move[1], move[3], *move[4:]) for move in moves],
+        )
+    conn.execute("DROP TABLE temp.resourced")
+
+
 Migration = Callable[[sqlite3.Connection, Callable[[str], None]], None]
+
+
+def counted_columns(conn: sqlite3.Connection) -> List[str]:
+    """The metrics the daily and monthly counts hold at this point of the migrations (later ones add more)."""
+    return [row[1] for row in conn.execute("PRAGMA table_info(daily)")][4:]
 
 
 def add_text_dimension(name: str) -> Migration:
@@ -2124,11 +2536,12 @@ def add_text_dimension(name: str) -> Migration:
         empty = _intern(conn, FIELD_SEPARATOR.join("" for _ in dim.fields))
         for table in ("pageviews", "events") if dim.in_events else ("pageviews",):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
-        if dim.code:
+        if dim.code and conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():
             progress(f"counting older days under the new dimension {name}")
             pages = DIMENSION_NAMED["pages"].code
+            sums = ", ".join(f"sum({column})" for column in counted_columns(conn))
             for table, period in (("daily", "day"), ("monthly", "month")):
-                conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, {empty}, {SUMMED_METRICS} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
+                conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, {empty}, {sums} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
 
     return migration
 
@@ -2141,6 +2554,26 @@ def _string_id(conn: sqlite3.Connection, value: str) -> int:
 def _intern(conn: sqlite3.Connection, value: str) -> int:
     conn.execute("INSERT OR IGNORE INTO strings (value) VALUES (?)", (value,))
     return conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()[0]
+
+
+def visits_goals_and_exits(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Migration 6: rows say which visitor counts they open (``firsts``), whether they were the last of
+    their visit (``exit``) and the first goal of the day (``converted``); the counts gain exits and
+    conversions; page views gain the goals they reached. Older rows cannot be placed in visits (no visit
+    is stored), so from today on a visit's source is its first page view's, and ``meta`` says since when."""
+    for table in ("pageviews", "events"):
+        for column in ("firsts", "exit", "converted"):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    for table in ("daily", "monthly"):
+        for column in ("exits", "converted"):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    conn.execute("DROP INDEX monthly_by_value")
+    conn.execute(
+        "CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll, exits, converted)"
+    )
+    add_text_dimension("goals")(conn, progress)
+    if conn.execute("SELECT 1 FROM pageviews LIMIT 1").fetchone():
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('visit_sources_since', ?)", (int(time.time()) // DAY,))
 
 
 MIGRATIONS: Tuple[Union[str, Migration], ...] = (
@@ -2201,6 +2634,8 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """
     CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll);
     """,
+    resource_referrers,
+    visits_goals_and_exits,
     # Notes on days (pixeld.py note): a site's, or every site's when site is empty. The same note is kept once.
     """
     CREATE TABLE annotations (id INTEGER PRIMARY KEY, date TEXT NOT NULL, site TEXT NOT NULL, text TEXT NOT NULL, UNIQUE (date, site, text));
@@ -2213,12 +2648,14 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll")  # what a raw row holds beside its dimensions
+ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll", "firsts", "exit", "converted")  # what a raw row holds beside its dimensions
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
 EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
-STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL = (PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll"))
+STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL, STORED_EXIT = (
+    PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll", "exit")
+)
 KeyGetters = Tuple[Tuple[bool, Callable[[PageView], Any]], ...]  # per stored column: (is it the agent, how to get its value)
 
 
@@ -2396,10 +2833,10 @@ class Store:
         ids = self._ids["pageviews"]
         ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
-        for view, visit_views, duration, engaged, scroll in sliced(records):
+        for view, visit_views, duration, engaged, scroll, exit in sliced(records):
             keys = self._keys(view, PAGEVIEW_KEYS)
             row_id = ids.next(view.time)
-            rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.time))
+            rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.firsts, exit, view.converted, view.time))
             placed.append((row_id, keys))
         tally.count_rows(rows)
         return placed
@@ -2412,8 +2849,8 @@ class Store:
         for name, view in events:
             keys = self._keys(view, EVENT_KEYS)
             name_id = self.intern(name)
-            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None))
-            tally.event(view.time, keys[0], name_id, int(view.first_today))
+            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None, view.firsts, 0, view.converted))
+            tally.event(view.time, keys[0], name_id, int(view.first_today), view.converted)
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
 
     def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence[Engagement], tally: "Tally") -> Callable[[], None]:
@@ -2422,12 +2859,17 @@ class Store:
 
         Memory holds only where each visit's first page view and latest page views were written; what
         they show so far is read back from their rows."""
-        placed = self._insert([Record(view, int(step is not None and step.views == 1)) for view, step in views], tally)
+        placed = self._insert([Record(view, int(step is not None and step.views == 1), exit=1) for view, step in views], tally)
         entries: Entries = {}  # a visit begun in this batch -> its entry row, and the step that wrote it
         targets: Dict[int, List[int]] = {}  # a growing visit's entry row -> [page views, duration, day] it should show
+        followed: List[int] = []  # page views that another of their visit's came after: no longer its exit
         for (view, step), (row_id, _) in sliced(zip(views, placed)):
             if step is None or step.generation is None:
                 continue
+            if step.previous is not None:
+                offset = step.generation.page_row_of(*step.previous)
+                if offset is not None:
+                    followed.append(first_id(step.previous[1]) + offset)
             step.generation.wrote_page(step.slot, view.time, row_id - first_id(view.time))
             if step.views == 1:
                 entries[step.visit] = (row_id, step)
@@ -2435,6 +2877,7 @@ class Store:
                 _grow(targets, entries, step, step.views, step.duration)
         self._engage(engagements, entries, targets, tally)
         self._grow_visits(targets, tally)
+        self._no_longer_exits(followed, tally)
 
         def remember() -> None:
             for row_id, step in sliced(entries.values()):
@@ -2483,6 +2926,17 @@ class Store:
             tally.visit_grew(day, row[STORED_KEYS], -1 if written_views == 1 and views > 1 else 0, duration - written_duration)
         self.conn.executemany("UPDATE pageviews SET visit_views = ?, duration = ? WHERE id = ?", updates)
 
+    def _no_longer_exits(self, row_ids: Sequence[int], tally: "Tally") -> None:
+        """A visit's exit is its last page view: the page views that others followed lose the mark, and their counts an exit."""
+        stored = self._stored(row_ids)
+        updates = []
+        for row_id in row_ids:
+            row = stored.get(row_id)
+            if row is not None and row[STORED_EXIT]:
+                updates.append((row_id,))
+                tally.grew(second_of(row_id) // DAY, row[STORED_KEYS], (("exits", -1),))
+        self.conn.executemany("UPDATE pageviews SET exit = 0 WHERE id = ?", updates)
+
     def _stored(self, row_ids: Iterable[int]) -> Dict[int, Tuple[Any, ...]]:
         """Page view rows by id, as written so far (in this transaction too), in ``PAGEVIEW_COLUMNS`` order."""
         ids, found = list(row_ids), {}
@@ -2527,6 +2981,10 @@ class Store:
             else:
                 keys.append(strings.get(value) or self.intern(value))
         return tuple(keys)
+
+    def note_goals(self, goals: Sequence[Goal], day: int) -> None:
+        """Remember the day each page goal was first counted: its visitors are known from then on."""
+        self.conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", [(f"goal {goal.name}", day) for goal in goals if goal.kind == "path"])
 
     def _tally_filtered(self, hits: Sequence[FilteredHit]) -> None:
         counts: Counter = Counter()
@@ -2675,29 +3133,29 @@ class Tally:
         conn.execute("DELETE FROM temp.batch")
         conn.executemany(insert_sql("temp.batch", BATCH_COLUMNS), rows)
         conn.execute(f"INSERT INTO pageviews ({', '.join(PAGEVIEW_COLUMNS)}) SELECT {', '.join(PAGEVIEW_COLUMNS)} FROM temp.batch")
-        metrics = ", ".join(RAW_METRICS)
         conn.execute(
             f"INSERT INTO temp.changes ({', '.join(CHANGE_COLUMNS)}) "
-            + " UNION ALL ".join(f"SELECT time / {DAY}, site, {code}, {column}, {metrics} FROM temp.batch GROUP BY 1, 2, 4" for code, column in COUNTED_COLUMNS)
+            + " UNION ALL ".join(f"SELECT time / {DAY}, site, {code}, {column}, {metrics} FROM temp.batch GROUP BY 1, 2, 4" for code, column, metrics in COUNTED_COLUMNS)
         )
         conn.execute(
             f"INSERT INTO quarters SELECT time / {QUARTER}, site, count(*), sum(first_today), sum(visit_views > 0) FROM temp.batch GROUP BY 1, 2 "
             "ON CONFLICT (quarter, site) DO UPDATE SET views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits"
         )
 
-    def event(self, time: int, site: int, name: int, first_today: int) -> None:
+    def event(self, time: int, site: int, name: int, first_today: int, converted: int) -> None:
         total = self._daily.setdefault((time // DAY, site, EVENT_NAMES.code, name), Totals())
         total.views += 1
         total.visitors += first_today
+        total.converted += converted
 
     def engagement(self, day: int, keys: Tuple[int, ...], seconds: int, views: int, scroll: int) -> None:
         """A page view's engagement grew: count it on the page view's day."""
-        self._grew(day, keys, (("engaged", seconds), ("engaged_views", views), ("scroll", scroll)))
+        self.grew(day, keys, (("engaged", seconds), ("engaged_views", views), ("scroll", scroll)))
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
-        self._grew(day, keys, (("bounces", bounces), ("duration", duration)))
+        self.grew(day, keys, (("bounces", bounces), ("duration", duration)))
 
-    def _grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[str, int]]) -> None:
+    def grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[str, int]]) -> None:
         """Add changes to some metrics of a page view already counted, in every dimension it counts in."""
         site = keys[0]
         for index, code in COUNTED_KEYS:
@@ -2720,7 +3178,7 @@ class Tally:
 
 CHANGE_COLUMNS = ("day", "site", "dim", "value", *Metrics._fields)
 BATCH_COLUMNS = (*PAGEVIEW_COLUMNS, "time")  # a batch's new page view rows, with the second they count in
-COUNTED_COLUMNS = tuple((dim.code, dim.column) for dim in COUNTED)
+COUNTED_COLUMNS = tuple((dim.code, dim.column, ", ".join(raw_metrics(dim.visitors))) for dim in COUNTED)  # what a batch counts, per dimension
 
 
 def sliced(items: Iterable[Any]) -> Iterator[Any]:
@@ -2760,8 +3218,10 @@ class Writer:
         keep_days: int = 0,
         clock: Callable[[], float] = time.time,
         queue_limit: int = 100_000,
+        goals: Sequence[Goal] = (),
     ) -> None:
         self.store = Store(conn)
+        self.goals = goals
         self.flush_interval = flush_interval
         self.log = log
         self.keep_days = keep_days
@@ -2817,6 +3277,10 @@ class Writer:
         self.store.conn.close()
 
     def _run(self) -> None:
+        try:
+            self.store.note_goals(self.goals, int(self.clock()) // DAY)
+        except sqlite3.Error as error:
+            self._note_error(f"cannot note the goals: {error}")
         closing = False
         while not closing:
             deadline = time.monotonic() + self.flush_interval
@@ -2900,6 +3364,7 @@ class Query(NamedTuple):
     site: str = ""
     filters: Tuple[Tuple[str, str], ...] = ()  # (name, value): path, referrer, country, browser, os, device, language
     now: Optional[int] = None  # for a live report (range=realtime): the moment "visitors now" counts back from
+    goals: Tuple[Goal, ...] = ()  # the operator's goals, for the Goals section and the conversion rate
 
 
 class ReportData(NamedTuple):
@@ -2922,6 +3387,7 @@ class Scope(NamedTuple):
     site_id: Optional[int]
     where: str  # " AND …" with each filter's ids written in
     table: str = "pageviews"  # raw rows to count: pageviews, or events (with event=)
+    visitors: str = "first_today"  # what counts a visitor: with a filter on where visits came from, the first of the day that came that way
 
     @property
     def filtered(self) -> bool:
@@ -2950,7 +3416,8 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
 def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     span = query.range
     scope = _scope(conn, query)
-    previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
+    before = Range(2 * span.start - span.end, span.start)
+    previous = _with_event_conversions(_totals(conn, before, scope), _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
     grain, bounds = series_bounds(span, query.zone)
     if scope.filtered:
         counts, moments, totals = _count_matching(conn, span, bounds, scope)
@@ -2958,21 +3425,29 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         counts, moments = _count(conn, span, scope, COUNTED), None
         totals = _total(counts["pages"])
     series = _series(conn, span, grain, bounds, scope, moments)
-    counts.update(_count(conn, span, scope._replace(table="events"), (EVENT_NAMES,)))
+    counts.update(_count(conn, span, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
+    totals = _with_event_conversions(totals, counts["events"])
     labels = _labeller(conn, counts, multi_site=not query.site)
+    sections = _sections(counts, labels, totals)
+    sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
         sites=_sites(conn, span, query.site),
         totals=totals,
         previous=previous,
         filtered=_count_filtered(conn, span, scope.site_id),
-        sections=_sections(counts, labels, totals),
+        sections=sections,
         visitors_now=None if query.now is None else _visitors_now(conn, query.now, scope),
         grain=grain,
         series=series,
-        notes=_retention_notes(conn, span, scope),
+        notes=_retention_notes(conn, span, scope) + _visit_notes(conn, span, query.goals),
         annotations=annotations_in(conn, span, query.zone, query.site),
     )
+
+
+def _with_event_conversions(totals: Metrics, events: Dict[Tuple[int, int], Totals]) -> Metrics:
+    """The headline's conversions: a visitor's first goal of the day is a page view or an event."""
+    return totals._replace(converted=totals.converted + sum(total.converted for total in events.values()))
 
 
 LIVE_WINDOW = 5 * 60  # "visitors now": a page view in the last five minutes
@@ -3026,7 +3501,9 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
         tests.append(f"site = {site_id}")
     tests.sort(key=lambda test: " IN (" in test)
     table = "events" if any(name == EVENT_NAMES.sections[0].filter for name, _ in query.filters) else "pageviews"
-    return Scope(site_id, "".join(" AND " + test for test in tests), table)
+    arrivals = [FILTERS[name][0] for name, _ in query.filters if FILTERS[name][0].name in VISIT_FIRSTS]
+    visitors = max(arrivals, key=lambda dim: VISIT_FIRSTS.index(dim.name)).visitors if arrivals and table == "pageviews" else "first_today"
+    return Scope(site_id, "".join(" AND " + test for test in tests), table, visitors)
 
 
 # What a filtered report sums per part in SQL: page views and visitors for the series, and what the pages' keys do not count.
@@ -3040,8 +3517,7 @@ class MatchKey(NamedTuple):
     """What a filtered report joins, one key per matching row (SQL), and how to read the keys back."""
 
     sql: str
-    values: Tuple[Tuple[str, int, int], ...]  # (dimension, shift, mask) of each value id packed into a key
-    flags: Tuple[str, ...] = ()  # the metric of each low bit of a key, lowest first; every key counts a page view
+    values: Tuple[Tuple[str, int, int, Tuple[Tuple[int, str], ...]], ...]  # (dimension, shift, mask, its (bit, metric)s) of each value id in a key
     amount: str = ""  # or: the metric whose amount follows each key (engaged seconds, scroll)
 
 
@@ -3049,7 +3525,7 @@ KEY_BITS = 62  # a packed key is a positive 64-bit integer in SQLite
 KEY_COMBINATIONS = 20_000  # value combinations one packed key may take at most, so that few distinct keys come back
 
 
-def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) -> List[MatchKey]:
+def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, counted: Sequence[Dimension] = COUNTED) -> List[MatchKey]:
     """Pack the value ids of several dimensions into one integer key per matching row, above a bit for
     each metric a row may count in (a visitor, a visit, a bounce, an engaged view), so that Counter
     counts value combinations and their metrics at once. Dimensions share a key while their ids fit in
@@ -3057,13 +3533,13 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) 
     stays under ``KEY_COMBINATIONS``: the more rows a key stands for, the fewer keys SQLite joins and
     Python counts. Each metric that adds an amount gets a key of its own per dimension."""
     strings, agents = (max(conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for conn in conns) for table in ("strings", "agents"))
-    width = {dim.name: (agents if dim.column == "agent" else strings).bit_length() for dim in COUNTED}
+    width = {dim.name: (agents if dim.column == "agent" else strings).bit_length() for dim in counted}
     values = dict(conns[0].execute(
         "SELECT dim, count(DISTINCT value) FROM monthly WHERE month >= ? AND month < ? GROUP BY dim",
         (month_of_day(span.start // DAY), month_of_day((span.end - 1) // DAY) + 1),
     ).fetchall())
     groups: List[List[Dimension]] = []
-    for dim in COUNTED:
+    for dim in counted:
         group = groups[-1] + [dim] if groups else []
         fits = sum(width[member.name] for member in group) + len(_flags(group)) <= KEY_BITS
         if group and fits and math.prod(values.get(member.code, 1) for member in group) <= KEY_COMBINATIONS:
@@ -3073,25 +3549,28 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) 
     keys = []
     for group in groups:
         flags = _flags(group)
-        packed = [f"(({getattr(ROW_METRICS, metric)[0]}) << {bit})" for bit, metric in enumerate(flags)]
+        packed = [f"(({when}) << {bit})" for bit, when in enumerate(flags)]
         parts, shift = [], len(flags)
         for dim in group:
             packed.append(f"({dim.column} << {shift})")
-            parts.append((dim.name, shift, (1 << width[dim.name]) - 1))
+            metrics = row_metrics(dim.visitors)
+            bits = tuple((flags.index(getattr(metrics, metric)[0]), metric) for metric in RAW_NEEDS[dim.name] if getattr(metrics, metric)[0] in flags)
+            parts.append((dim.name, shift, (1 << width[dim.name]) - 1, bits))
             shift += width[dim.name]
-        keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts), flags))
-    for dim in COUNTED:
+        keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts)))
+    for dim in counted:
         for metric in RAW_NEEDS[dim.name]:
             when, adds = getattr(ROW_METRICS, metric)
             if adds != "1":
-                keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", ((dim.name, 0, -1),), (), metric))
+                keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", ((dim.name, 0, -1, ()),), metric))
     return keys
 
 
 def _flags(group: Sequence[Dimension]) -> Tuple[str, ...]:
-    """The metrics a row may count in (each a bit of a packed key) for the dimensions of one key."""
-    needed = {metric for dim in group for metric in RAW_NEEDS[dim.name] if metric != "views" and getattr(ROW_METRICS, metric)[1] == "1"}
-    return tuple(name for name in Metrics._fields if name in needed)
+    """The conditions a row may count in (each a bit of a packed key: a visitor, a visit, a bounce, an exit)
+    for the dimensions of one key; each dimension's visitors have their own (``Dimension.visitors``)."""
+    needed = {getattr(row_metrics(dim.visitors), metric) for dim in group for metric in RAW_NEEDS[dim.name] if metric != "views"}
+    return tuple(sorted(when for when, adds in needed if adds == "1"))
 
 
 def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], scope: Scope) -> Tuple[Counts, Moments, Metrics]:
@@ -3107,9 +3586,11 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
     parts, one_site = _reading_plan(conn, span, bounds, scope)
     moments, sums = [], Counter()
     with readers_for(conn, parts) as conns:
-        keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ")
+        counted = COUNTED if scope.table == "pageviews" else tuple(dim for dim in COUNTED if dim.in_events)
+        keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ", counted)
         joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
-        for part, row in zip(parts, _read_parts(conns, [key.sql for key in keys] + [getattr(RAW_METRICS, metric) for metric in PART_SUMS], scope, parts)):
+        sums_sql = [getattr(raw_metrics(scope.visitors), metric) for metric in PART_SUMS]
+        for part, row in zip(parts, _read_parts(conns, [key.sql for key in keys] + sums_sql, scope, parts)):
             part_sums = dict(zip(PART_SUMS, (value or 0 for value in row[len(keys) :])))
             sums.update(part_sums)
             moments.append((part.start, part_sums["views"], part_sums["visitors"]))
@@ -3187,7 +3668,7 @@ def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: 
     """Add what one kind of key counted (``match_keys``) to its dimensions' counts."""
     for text, amount in found.items():
         site, number = map(int, text.split(":")) if one_site is None else (one_site, int(text))
-        for name, shift, mask in key.values:
+        for name, shift, mask, bits in key.values:
             counted = counts[name]
             value = number >> shift & mask
             total = counted.get((site, value))
@@ -3197,7 +3678,7 @@ def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: 
                 total.grow(key.amount, amount)
                 continue
             total.views += amount
-            for bit, metric in enumerate(key.flags):
+            for bit, metric in bits:
                 if number >> bit & 1:
                     total.grow(metric, amount)
 
@@ -3317,7 +3798,7 @@ def _matching_totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Met
     parts, _ = _reading_plan(conn, span, [span.start, span.end], scope)
     sums = Totals()
     with readers_for(conn, parts) as conns:
-        for row in _read_parts(conns, RAW_METRICS, scope, parts):
+        for row in _read_parts(conns, raw_metrics(scope.visitors), scope, parts):
             sums.add(row)
     return sums.frozen()
 
@@ -3356,10 +3837,11 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     clause, args = _raw_clause(scope)
     bounds = (first_id(span.start), first_id(span.end)) + args
     for name in counts:
-        column = DIMENSION_NAMED[name].column
+        dim = DIMENSION_NAMED[name]
+        column = dim.column
         if RAW_NEEDS[name] != ("views",):
             for site, value, *metrics in conn.execute(
-                f"SELECT site, {column}, {', '.join(RAW_METRICS)} "
+                f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
                 bounds,
             ):
@@ -3409,7 +3891,7 @@ def _raw_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope: Scope, 
     for part in raw_parts:
         if part.start < part.end:
             yield from conn.execute(
-                f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step} AS q, count(*), sum(first_today) "
+                f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step} AS q, count(*), sum({scope.visitors}) "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY q",
                 (first_id(part.start), first_id(part.end)) + args,
             )
@@ -3524,7 +4006,7 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
             return page if dim.name == "pages" else string
         return agent_part(section.part) if dim.column == "agent" else string_part(dim, section.part)
 
-    return {name: label(dim, section) for name, (dim, section) in SECTIONS.items()}
+    return {"text": string, **{name: label(dim, section) for name, (dim, section) in SECTIONS.items()}}
 
 
 def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict[str, List[Row]]:
@@ -3533,6 +4015,8 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
     parts of a value (a source's channel) take them from its biggest value."""
     sections: Dict[str, List[Row]] = {}
     for name, (dim, section) in SECTIONS.items():
+        if section.computed:
+            continue
         label, kind = labels[name], section.row
         others = [(other.part, labels[other.name]) for other in dim.sections if kind.OTHERS and other.part and other.part != section.part]
         sums: Dict[str, Totals] = {}
@@ -3545,9 +4029,45 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
                 total = sums[shown] = Totals()
                 parts[shown] = {part: other(site, value) for part, other in others}
             total.add(metrics)
-        rows = [kind.make(shown, total.frozen(), totals, parts[shown]) for shown, total in sums.items() if shown or section.lists_empty]
-        sections[name] = sorted((row for row in rows if row.count), key=lambda row: (-row.count, row.value))
+        rows = [(kind.make(shown, total.frozen(), totals, parts[shown]), total.views) for shown, total in sums.items()
+                if (shown or section.lists_empty) and getattr(total, kind.SHOWN_BY)]
+        sections[name] = [row for row, _ in sorted(rows, key=lambda item: (-item[0].count, -item[1], item[0].value))]
     return sections
+
+
+def _goal_rows(counts: Counts, labels: Dict[str, Label], totals: Metrics, goals: Sequence[Goal]) -> List[Row]:
+    """Each goal's visitors, completions and conversion rate. An event goal is its event's count and
+    visitors; a page goal is the page views of its pages, and the page views that were a visitor's
+    first of the day to reach it (the goals dimension)."""
+    text = labels["text"]
+    rows = []
+    for goal in goals:
+        if goal.kind == "event":
+            reached = [total for (site, value), total in counts["events"].items() if text(site, value) == goal.pattern]
+            completions, visitors = sum(total.views for total in reached), sum(total.visitors for total in reached)
+        else:
+            completions = sum(total.views for (site, value), total in counts["pages"].items() if goal.reached_by_path(text(site, value)))
+            visitors = sum(total.views for (site, value), total in counts["goals"].items() if goal.name in text(site, value).split("\t"))
+        rows.append(GoalRow(goal.name, visitors, completions, percent(visitors, totals.visitors)))
+    return sorted(rows, key=lambda row: (-row.count, -row.completions, row.value))
+
+
+def _visit_notes(conn: sqlite3.Connection, span: Range, goals: Sequence[Goal]) -> List[str]:
+    """Say so when the range reaches back before sources were per visit, or before a page goal was set."""
+    stored = dict(conn.execute("SELECT key, value FROM meta WHERE key = 'visit_sources_since' OR key LIKE 'goal %'"))
+    notes = []
+    since = stored.get("visit_sources_since")
+    if since is not None and span.start < since * DAY:
+        notes.append(f"sources before {iso_date(since)} are each page view's own (visits were not kept then): internal navigation counted as direct")
+    for goal in goals:
+        defined = stored.get(f"goal {goal.name}")
+        if goal.kind == "path" and defined is not None and span.start < defined * DAY:
+            notes.append(f"goal {goal.name} was set on {iso_date(defined)}: its visitors are counted from then on, its completions all along")
+    return notes
+
+
+def iso_date(day: int) -> str:
+    return (EPOCH_DATE + dt.timedelta(days=day)).isoformat()
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -3606,7 +4126,9 @@ class ReportRequest(NamedTuple):
     public: bool = False  # the operator made the report public: the page says so
 
 
-def parse_report_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> ReportRequest:
+def parse_report_request(
+    params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo, goals: Sequence[Goal] = ()
+) -> ReportRequest:
     """Validate every report parameter, or raise ReportError with the reason."""
     fmt = params.get("format") or "text"
     if fmt not in CONTENT_TYPES:
@@ -3620,7 +4142,7 @@ def parse_report_request(params: Dict[str, str], now: float, first_day: Callable
     if section and section not in SECTION_TITLES:
         raise ReportError(f"unknown section {section!r}: use one of {', '.join(SECTION_TITLES)}")
     live = params.get("range") == "realtime"
-    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None)
+    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None, tuple(goals))
     kept = tuple((name, value) for name, value in params.items() if name in LINK_PARAMS)
     return ReportRequest(query, fmt, parse_limit(params.get("limit", "")), section, params.get("ascii", "") not in ("", "0"), kept)
 
@@ -3758,7 +4280,8 @@ def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int =
 
 
 def render_json(report: ReportData, request: ReportRequest) -> str:
-    query, now, before = report.query, report.totals.headline(), report.previous.headline()
+    query = report.query
+    now, before = report.totals.headline(bool(query.goals)), report.previous.headline(bool(query.goals))
     document: Dict[str, Any] = {
         "version": __version__,
         "site": query.site or None,
@@ -3790,7 +4313,7 @@ def render_csv(report: ReportData, request: ReportRequest) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["section", "value", "count", "percent"])
-    for name, number in report.totals.headline().items():
+    for name, number in report.totals.headline(bool(report.query.goals)).items():
         writer.writerow(["totals", name, number, ""])
     for reason, hits in report.filtered.items():
         writer.writerow(["filtered", reason, hits, ""])
@@ -3823,7 +4346,8 @@ def render_text(report: ReportData, request: ReportRequest, width: int = WIDTH) 
 
 def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]:
     """The headline numbers as shown: (title, value, change against the previous period)."""
-    now, before = report.totals.headline(), report.previous.headline()
+    goals = bool(report.query.goals)
+    now, before = report.totals.headline(goals), report.previous.headline(goals)
     shown = {
         "visitors": f"{now['visitors']:,}",
         "visits": f"{now['visits']:,}",
@@ -3835,10 +4359,12 @@ def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]
     if report.totals.engaged_views or report.previous.engaged_views:  # shown once some page view reported engagement
         shown["time_on_page"] = format_duration(round(now["time_on_page"]))
         shown["scroll_depth"] = f"{now['scroll_depth']:.0f}%"
+    if goals:
+        shown["conversion_rate"] = f"{now['conversion_rate']:.1f}%"
     counted = "Events" if any(name == "event" for name, _ in report.query.filters) else "Page views"
     titles = {
         "visitors": "Visitors", "visits": "Visits", "pageviews": counted, "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate",
-        "visit_duration": "Visit duration", "time_on_page": "Time on page", "scroll_depth": "Scroll depth",
+        "visit_duration": "Visit duration", "time_on_page": "Time on page", "scroll_depth": "Scroll depth", "conversion_rate": "Conversion rate",
     }
     return [(titles[name], value, format_change(now[name], before[name], ascii)) for name, value in shown.items()]
 
@@ -4188,7 +4714,7 @@ class Importer:
         self.geoip = geoip
         self.progress = progress
         self.memo = Memo()
-        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear)
+        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
         self.imported = self.filtered = self.skipped = self.notes = 0
         self.batch = Batch()
         self._started = self._reported = time.monotonic()
@@ -4256,10 +4782,12 @@ class Importer:
 
     def _add_log_line(self, match: "re.Match[str]", when: int) -> None:
         """A page request in an access log is a hit: its Referer is the page's referrer, its address the visitor's."""
-        page = url_path(match.group("target"))
+        target = split_url(match.group("target"))
+        page = target.path if target else ""
         if match.group("method") != "GET" or not match.group("status").startswith("2") or not page or _ASSET.search(page):
             return
-        params = {"path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
+        campaign = {key: value for key, value in parse_query(target.query).items() if key in CAMPAIGN_PARAMS}  # as the snippet sends them
+        params = {**campaign, "path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
         hit = RawHit(when, params, unescape_log(match.group("agent") or ""), peer=match.group("address"))
         self._add(read_hit(hit, self.config, self.memo, lambda address: lookup_country(self.geoip, address)), live=True)
 
@@ -4317,6 +4845,17 @@ def parse_log_time(value: str) -> Optional[int]:
 
 def unescape_log(value: str) -> str:
     return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
+
+
+SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database"}
+
+
+def require_site(fmt: str, config: Config) -> None:
+    """An access log's lines and a Flask database's rows name no site, so the import needs --site: with
+    none, every page view would have an empty site, and readers' internal navigation would count as
+    referrals from the site itself."""
+    if fmt in SITELESS_FORMATS and not config.sites:
+        raise ImportFailed(f"{SITELESS_FORMATS[fmt]} does not name its site: give the site its pages belong to with --site example.org")
 
 
 def detect_format(path: str, fmt: str = "") -> str:
@@ -4479,9 +5018,9 @@ class App:
         self.clock = clock
         self.log = log
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
-        self.writer = Writer(connect(config.db_path, progress=log), config.flush_interval, log, config.keep_days, clock, config.queue_limit)
+        self.writer = Writer(connect(config.db_path, progress=log), config.flush_interval, log, config.keep_days, clock, config.queue_limit, config.goals)
         self.memo = Memo()
-        self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear)
+        self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear, goals=config.goals)
         self._visitors_lock = threading.Lock()
         self.closed = False
         self.started = time.monotonic()
@@ -4563,7 +5102,7 @@ class App:
             params = parse_query(environ.get("QUERY_STRING", ""))
             if not params.get("format") and prefers_html(environ.get("HTTP_ACCEPT", "")):
                 params["format"] = "html"
-            request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone)
+            request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone, self.config.goals)
             body, content_type = render_report(conn, request._replace(public=self.config.public_report))
             headers = [("Content-Type", content_type), ("Cache-Control", "no-store"), ("Vary", "Accept")]
             return "200 OK", headers + (PAGE_HEADERS if request.format == "html" else []), body.encode()
@@ -4648,7 +5187,7 @@ class App:
         outcomes = Counter({"pageview": 0, "event": 0, **{reason: 0 for reason in FILTER_REASONS if reason != "dropped"}})
         outcomes.update(self.outcomes)
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
-            {"hits_total": ("Hits by outcome: page views, events, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
+            {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
              "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
             gauges,
         ).encode()
@@ -5422,17 +5961,17 @@ def build_digest(conn: sqlite3.Connection, query: Query) -> Digest:
     return Digest(report, [(row.value, row.count) for row in report.sections["sources"] if row.value and row.value not in seen])
 
 
-def digest_lists(digest: Digest) -> List[Tuple[str, List[Tuple[str, int]]]]:
-    """The digest's lists, (title, [(label, page views)]): top pages and sources, new sources, and goals
-    once the report counts them (a ``goals`` section)."""
+def digest_lists(digest: Digest) -> List[Tuple[str, str, List[Tuple[str, int]]]]:
+    """The digest's lists, (title, what is counted, [(label, count)]): the top pages by page views, the top
+    sources and the new ones by visitors, and the goals (with their conversion rates) when there are any."""
     sections = digest.report.sections
     lists = [
-        ("Top pages", [(row.value, row.count) for row in sections["pages"][:DIGEST_ROWS]]),
-        ("Top sources", [(row.value or "(direct)", row.count) for row in sections["sources"][:DIGEST_ROWS]]),
-        ("New sources", digest.new_sources[:DIGEST_ROWS]),
-        ("Goals", [(row.value, row.count) for row in sections.get("goals", [])[:DIGEST_ROWS]]),
+        ("Top pages", "Views", [(row.value, row.count) for row in sections["pages"][:DIGEST_ROWS]]),
+        ("Top sources", "Visitors", [(row.value or "(direct)", row.count) for row in sections["sources"][:DIGEST_ROWS]]),
+        ("New sources", "Visitors", digest.new_sources[:DIGEST_ROWS]),
+        ("Goals", "Visitors", [(f"{row.value} ({row.conversion_rate:.1f}%)", row.count) for row in sections.get("goals", [])]),  # type: ignore[union-attr]
     ]
-    return [(title, rows) for title, rows in lists if rows or title in ("Top pages", "Top sources")]
+    return [(title, counted, rows) for title, counted, rows in lists if rows or title in ("Top pages", "Top sources")]
 
 
 def digest_subject(digest: Digest) -> str:
@@ -5444,9 +5983,9 @@ def digest_text(digest: Digest) -> str:
     report, width = digest.report, DIGEST_WIDTH
     lines = [digest_subject(digest), "Changes are against the same number of days just before.", ""]
     lines += [f"{title:<16}{value:>10}  {changed}".rstrip() for title, value, changed in headline_rows(report, ascii=False)]
-    for title, rows in digest_lists(digest):
-        lines += ["", f"{title:<{width - 10}}{'Views':>10}"]
-        lines += [f"{cut(label, width - 12):<{width - 10}}{views:>10,}" for label, views in rows] or ["(none)"]
+    for title, counted, rows in digest_lists(digest):
+        lines += ["", f"{title:<{width - 10}}{counted:>10}"]
+        lines += [f"{cut(label, width - 12):<{width - 10}}{count:>10,}" for label, count in rows] or ["(none)"]
     if report.annotations:
         lines += ["", "Notes", *[f"◆ {note_label(note, report.query.site)}" for note in report.annotations]]
     return "\n".join(lines) + "\n"
@@ -5466,10 +6005,11 @@ def digest_html(digest: Digest) -> str:
         f'<p style="{style["muted"]}">{esc(format_range(report.query.range, report.query.zone))}; changes against the same number of days just before</p>',
         f'<table role="presentation" style="{style["table"]};margin-top:12px">{rows}</table>',
     ]
-    for title, listed_rows in digest_lists(digest):
-        body = "".join(f'<tr><td style="{style["cell"]}">{esc(label)}</td><td style="{style["number"]}">{views:,}</td></tr>' for label, views in listed_rows)
+    for title, counted, listed_rows in digest_lists(digest):
+        head = f'<tr><td style="{style["cell"]};color:#5f6368"></td><td style="{style["number"]};color:#5f6368">{esc(counted)}</td></tr>'
+        body = "".join(f'<tr><td style="{style["cell"]}">{esc(label)}</td><td style="{style["number"]}">{count:,}</td></tr>' for label, count in listed_rows)
         body = body or "<tr><td>(none)</td></tr>"
-        parts.append(f'<h2 style="{style["h2"]}">{esc(title)}</h2><table role="presentation" style="{style["table"]}">{body}</table>')
+        parts.append(f'<h2 style="{style["h2"]}">{esc(title)}</h2><table role="presentation" style="{style["table"]}">{head}{body}</table>')
     if report.annotations:
         notes = "".join(f'<li>◆ {esc(note_label(note, report.query.site))}</li>' for note in report.annotations)
         parts.append(f'<h2 style="{style["h2"]}">Notes</h2><ul style="margin:0;padding-left:0;list-style:none">{notes}</ul>')
@@ -5611,13 +6151,15 @@ def top_source(conn: sqlite3.Connection, alert: Alert, zone: dt.tzinfo) -> str:
     if not alert.views:
         return "none"
     sources = query_report(conn, Query(Range(alert.hour, alert.hour + 3600), zone, alert.site)).sections["sources"]
-    return f"{sources[0].value or '(direct)'} ({sources[0].count:,})" if sources else "none"
+    top = max(sources, key=lambda row: row.pageviews, default=None)  # type: ignore[union-attr]
+    return f"{top.value or '(direct)'} ({top.pageviews:,} page views)" if top else "none"
 
 
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
 
+ENV_FILE = "/etc/pixeld.env"  # the service's settings (pixeld.service: EnvironmentFile=)
 ENVIRONMENT = {
     "listen": "PIXELD_LISTEN",
     "db": "PIXELD_DB",
@@ -5635,6 +6177,7 @@ ENVIRONMENT = {
     "queue_limit": "PIXELD_QUEUE_LIMIT",
     "hit_path": "PIXELD_HIT_PATH",
     "public_report": "PIXELD_PUBLIC_REPORT",
+    "goal": "PIXELD_GOALS",
 }
 
 
@@ -5647,41 +6190,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
     add_db_option(report_cmd, "read-only")
+    add_env_file_option(report_cmd)
     add_range_options(report_cmd)
+    add_goal_option(report_cmd)
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
-    report_cmd.add_argument("--ascii", action="store_true", help="bars of # for terminals without Unicode")
+    report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))
 
     export_cmd = commands.add_parser("export", help="write stored page views as CSV or NDJSON", description="Write the stored page views (they carry no identifiers) to standard output.")
     add_db_option(export_cmd, "read-only")
+    add_env_file_option(export_cmd)
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
     import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, the 2020 Flask tool's database, or a combined access log.")
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
+    add_env_file_option(import_cmd)
     import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
     add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
+    add_goal_option(import_cmd)
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
-    check_cmd = commands.add_parser("check", help="say whether a hit would be counted, and why", description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored.")
+    check_cmd = commands.add_parser(
+        "check", help="say whether a hit would be counted, and why",
+        description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored. "
+                    "Exit status: 0 counted, 1 not counted (filtered or malformed), 2 a bad option or setting.",
+    )
     for name, note in (("ua", "the User-Agent"), ("referrer", "the page's referrer, a full URL"), ("path", "the page's path"), ("host", "the site's hostname"),
-                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view")):
+                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view"),
+                       ("accept-language", "the Accept-Language header"), ("query", "more of the pixel's parameters, as the snippet sends them: title=Home&utm_source=x")):
         check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
     check_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look the country up [$PIXELD_GEOIP]")
     add_filter_options(check_cmd)
+    add_env_file_option(check_cmd)
 
     doctor_cmd = commands.add_parser("doctor", help="check the setup and explain what is wrong", description="Check the database, token, GeoIP file, time zone and state directory, and with --url a running daemon. Exit status 0 when nothing fails.")
     add_serve_options(doctor_cmd)
+    add_env_file_option(doctor_cmd)
     doctor_cmd.add_argument("--url", help="a running daemon to check, as your browser or proxy reaches it: http://127.0.0.1:8000 or https://stats.example.org")
 
     backup_cmd = commands.add_parser("backup", help="copy the database consistently, also while the daemon runs", description="Make a consistent copy of the database with SQLite's online backup, also while the daemon runs.")
     backup_cmd.add_argument("dest", help="the new file; it must not exist yet")
     add_db_option(backup_cmd, "read-only")
+    add_env_file_option(backup_cmd)
 
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
@@ -5696,7 +6252,7 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     add_db_option(command, "created on first start")
     command.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
     token = command.add_mutually_exclusive_group()
-    token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
+    token.add_argument("--token", metavar="TOKEN", help="token that /report requires: 'Authorization: Bearer TOKEN', or HTTP Basic with the token as the password (curl -u :TOKEN) [$PIXELD_TOKEN]")
     token.add_argument("--token-file", metavar="PATH", help="read the token from a file, keeping it out of ps [$PIXELD_TOKEN_FILE]")
     command.add_argument(
         "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
@@ -5710,6 +6266,22 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--hit-path", metavar="PATH", help="serve the hit endpoint at this path as well as /pixel.gif, like /hit (see Content blockers) [$PIXELD_HIT_PATH]")
     command.add_argument("--public-report", action="store_true", default=None, help="anyone may read /report (never /export); set to 1 [$PIXELD_PUBLIC_REPORT]")
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
+    add_goal_option(command)
+
+
+def add_goal_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--goal", metavar="NAME=event:NAME|path:/PATH", action="append",
+        help="an outcome to count, an event or a page (a trailing * matches a prefix); repeatable [$PIXELD_GOALS, separated by ;]",
+    )
+
+
+def goals_of(args: argparse.Namespace, environ: Dict[str, str]) -> Tuple[Goal, ...]:
+    """The goals: the flags, else ``PIXELD_GOALS`` (``A=event:x;B=path:/y*``)."""
+    values = getattr(args, "goal", None)
+    if values is None:
+        values = [part for part in environ.get(ENVIRONMENT["goal"], "").split(";") if part.strip()]
+    return parse_goals(values)
 
 
 def add_filter_options(command: argparse.ArgumentParser, site_note: str = "") -> None:
@@ -5726,12 +6298,55 @@ def add_db_option(command: argparse.ArgumentParser, note: str) -> None:
     command.add_argument("--db", metavar="PATH", help=f"SQLite database, {note} (default ./{DEFAULT_DB}) [$PIXELD_DB]")
 
 
+def add_env_file_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--env-file", metavar="PATH",
+        help=f"read PIXELD_* settings from this file, as the service does (default {ENV_FILE} when it exists; '' for none); the environment and flags win",
+    )
+
+
 def add_range_options(command: argparse.ArgumentParser, default: str = "30d") -> None:
     command.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (in --tz)")
     command.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
-    command.add_argument("--range", default="", help=f"today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
-    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
+    command.add_argument("--range", default="", help=f"realtime (the last 30 minutes), today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
+    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, as in --env-file, else UTC)")
     command.add_argument("--site", default="", help="one site (hostname) instead of all")
+
+
+def with_env_file(args: argparse.Namespace, environ: Dict[str, str]) -> Dict[str, str]:
+    """The environment, completed from the service's settings file, so that a command run by hand
+    (``report``, ``check``, ``doctor``...) uses the daemon's time zone, sites and filters. ``serve``
+    gets the file from systemd (``EnvironmentFile=``), and takes no option."""
+    if not hasattr(args, "env_file"):
+        return environ
+    path = ENV_FILE if args.env_file is None else args.env_file
+    if not path or (args.env_file is None and not os.path.exists(path)):
+        return environ
+    try:
+        return {**read_env_file(path), **environ}
+    except ConfigError as error:
+        if args.env_file is not None:
+            raise
+        log_line(f"{error}; going on without the service's settings (--env-file '' reads none)")
+        return environ
+
+
+def read_env_file(path: str) -> Dict[str, str]:
+    """The ``PIXELD_*`` lines of a systemd environment file: ``NAME=value``, ``#`` and ``;`` comments, optional quotes."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error_reason(error)}") from None
+    settings = {}
+    for line in lines:
+        name, equals, value = line.strip().partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if equals and name.strip().startswith("PIXELD_"):
+            settings[name.strip()] = value
+    return settings
 
 
 def setting(args: argparse.Namespace, name: str, environ: Dict[str, str], default: Any = None) -> Any:
@@ -5768,6 +6383,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         queue_limit=parse_count(setting(args, "queue_limit", environ, 100_000), "--queue-limit"),
         hit_path=parse_hit_path(setting(args, "hit_path", environ, DEFAULT_HIT_PATH)),
         public_report=str(setting(args, "public_report", environ, "")).lower() in ("1", "true", "yes", "on"),
+        goals=goals_of(args, environ),
     )
 
 
@@ -5789,10 +6405,7 @@ def check_database_path(path: str) -> None:
 
 def command_params(args: argparse.Namespace, names: Iterable[str]) -> Dict[str, str]:
     """The report and export flags as the query parameters /report and /export take."""
-    params = {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
-    if getattr(args, "ascii", False):
-        params["ascii"] = "1"
-    return params
+    return {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
 
 
 def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo:
@@ -5801,9 +6414,9 @@ def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo
 
 def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
-    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", *FILTERS)
+    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "ascii", *FILTERS)
     try:
-        request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
+        request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ), goals_of(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
         body, _ = render_report(conn, request, max(60, width))
     except sqlite3.Error as error:
@@ -5834,6 +6447,7 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     check_database_path(db_path)
     geoip_path = setting(args, "geoip", environ, "")
     config = config_from(args, environ)
+    require_site(fmt, config)
     conn = connect(db_path, progress=log_line)
     try:
         Importer(conn, config, open_geoip(geoip_path) if geoip_path else None, log_line).run(args.file, fmt, args.force)
@@ -5842,31 +6456,48 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
 
 
 def run_backup(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """SQLite's online backup: a consistent copy while the daemon keeps writing."""
-    if os.path.exists(args.dest):
-        raise ConfigError(f"{args.dest} exists already: name a new file")
+    """SQLite's online backup: a consistent copy while the daemon keeps writing. The copy holds every
+    page view, so it is created 0600 whatever the umask, and never replaces an existing file."""
     source = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
-        target = sqlite3.connect(args.dest)
+        create_private_file(args.dest)
         try:
-            source.backup(target, pages=1024, sleep=0.01)
-        finally:
-            target.close()
-    except sqlite3.Error as error:
-        raise StorageError(f"cannot back up to {args.dest}: {error}") from None
+            target = sqlite3.connect(args.dest)
+            try:
+                source.backup(target, pages=1024, sleep=0.01)
+            finally:
+                target.close()
+        except sqlite3.Error as error:
+            os.remove(args.dest)
+            raise StorageError(f"cannot back up to {args.dest}: {error}") from None
     finally:
         source.close()
     log_line(f"backed up to {args.dest}")
 
 
-def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``."""
+def create_private_file(path: str) -> None:
+    """Create an empty file only its owner can read, failing if it exists (no window with wider permissions)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise ConfigError(f"{path} exists already: name a new file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot create {path}: {error.strerror}") from None
+
+
+def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> int:
+    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``. Exit status 0 when
+    the hit would count, 1 when it would not (filtered or malformed); a bad option or setting gives 2."""
     config = config_from(args, environ)
     geoip_path = setting(args, "geoip", environ, "")
     geoip = open_geoip(geoip_path) if geoip_path else None
-    params = {"path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
-    hit = RawHit(int(time.time()), params, args.ua, peer=args.ip)
-    print(explain(read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))))
+    params = {**parse_query(args.query), "path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
+    hit = RawHit(int(time.time()), params, args.ua, accept_language=args.accept_language, peer=args.ip)
+    outcome = read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))
+    print(explain(outcome))
+    if not args.ua:
+        log_line("no --ua given: a hit without a User-Agent is a bot's")
+    return 0 if isinstance(outcome, Accepted) else 1
 
 
 Finding = Tuple[str, str]  # (ok, warn or fail; what was found)
@@ -6021,6 +6652,7 @@ def add_digest_commands(commands: Any) -> None:
         "digest", help="write the digest e-mail: the numbers of the last week or month", description="Write a short e-mail with the last complete period's numbers, and send it or print it."
     )
     digest_cmd.add_argument("--range", default="7d", choices=DIGEST_RANGES, help="the 7 or 30 days before today, or the last calendar month (default 7d)")
+    add_goal_option(digest_cmd)
     alert_cmd = commands.add_parser(
         "alert", help="say when the last hour's page views spiked or dropped",
         description="Compare the last complete hour's page views with that hour's average over the 7 days before. Exit status 1 when an alert is raised.",
@@ -6140,7 +6772,7 @@ def run_digest(args: argparse.Namespace, environ: Dict[str, str], clock: Callabl
     zone, site = command_zone(args, environ), parse_domain(args.site, "site") if args.site else ""
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
-        digest = build_digest(conn, Query(digest_range(args.range, clock(), zone), zone, site))
+        digest = build_digest(conn, Query(digest_range(args.range, clock(), zone), zone, site, goals=goals_of(args, environ)))
     except sqlite3.Error as error:
         raise StorageError(f"cannot read the database: {error}") from None
     finally:
@@ -6213,6 +6845,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
     commands.update(digest_commands(clock))
     try:
+        environ = with_env_file(args, environ)
         if args.command in commands:
             return commands[args.command](args, environ) or 0
         elif args.command == "snippet":

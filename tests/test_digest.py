@@ -149,15 +149,17 @@ def test_the_digest_reaches_a_real_smtp_server_as_text_and_html(db, smtp_server,
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
 
 
-def test_one_site_and_goals_when_the_report_counts_them(db, capsys):
+def test_one_site_and_the_goals(db, capsys):
     conn = connect(str(db), readonly=True)
     built = pixeld.build_digest(conn, pixeld.Query(pixeld.digest_range("7d", NOW, pixeld.dt.timezone.utc), site="other.net"))
     conn.close()
     assert [row.value for row in built.report.sections["pages"]] == ["/elsewhere"]
-    assert "Goals" not in pixeld.digest_text(built)
-    with_goals = built._replace(report=built.report._replace(sections={**built.report.sections, "goals": [pixeld.EventRow(SCRIPT, 3, 2)]}))
-    assert re.search(r"^Goals +Views\n<script>alert\(1\)</script> +3$", pixeld.digest_text(with_goals), re.M)
-    assert "<td" in pixeld.digest_html(with_goals) and "&lt;script&gt;" in pixeld.digest_html(with_goals)
+    assert "Goals" not in pixeld.digest_text(built)  # none configured
+    code, out, _ = digest(db, "--goal", "Read=path:/post", capsys=capsys)
+    assert code == 0 and re.search(r"^Goals +Visitors\nRead \(\d+\.\d%\) +\d+$", out, re.M)
+    hostile = built._replace(report=built.report._replace(sections={**built.report.sections, "goals": [pixeld.GoalRow(SCRIPT, 3, 4, 42.0)]}))
+    assert re.search(r"^Goals +Visitors\n<script>alert\(1\)</script> \(42\.0%\) +3$", pixeld.digest_text(hostile), re.M)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; (42.0%)</td>" in pixeld.digest_html(hostile) and "<script" not in pixeld.digest_html(hostile)
 
 
 def test_without_a_transport_the_message_is_printed(db, capsys):

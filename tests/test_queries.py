@@ -11,8 +11,8 @@ import time
 import pytest
 
 import pixeld
-from conftest import section_counts
-from pixeld import DAY, PageView, Query, Range, Record, Store, connect, load_zone, query_report
+from pixeld import DAY, Query, Range, Record, Store, connect, load_zone, query_report
+from conftest import section_counts, view, wait_for
 
 BERLIN = load_zone("Europe/Berlin")
 KOLKATA = load_zone("Asia/Kolkata")
@@ -24,13 +24,6 @@ def write(store, **items):
 
 def utc(text):
     return int(dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp())
-
-
-def view(at, path="/", **fields):
-    values = dict(time=at, site="example.org", path=path, title="", referrer="", country="", browser="Chrome", version="131",
-                  os="Windows", device="desktop", screen="1920x1080", language="en", first_today=True)
-    values.update(fields)
-    return PageView(**values)
 
 
 @pytest.fixture
@@ -160,13 +153,6 @@ def count_rows(db):
         return conn.execute("SELECT count(*) FROM pageviews").fetchone()[0]
     finally:
         conn.close()
-
-
-def wait_for(check, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_report_json_has_filters_timezone_and_series_for_the_request(store, mixed):
