@@ -8,7 +8,7 @@ from conftest import PIXELD
 
 SECTIONS = [
     "Configuration", "Data model", "Request parsing", "User-agent reducer", "Hits", "Privacy", "Storage", "Writer", "Queries", "Report",
-    "Export and import", "Snippet", "WSGI app", "Server", "Service", "Command line",
+    "Export and import", "Snippet", "WSGI app", "Server", "Service", "Digest and alerts", "Command line",
 ]
 
 
