@@ -6638,7 +6638,8 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
 def add_digest_commands(commands: Any) -> None:
     """The commands that bring the numbers to the operator: notes on the series, the digest, alerts."""
     note_cmd = commands.add_parser(
-        "note", help="note something on a day of the series", description="Note what happened on a day (shown on the series, in the digest, and exported); list or delete notes."
+        "note", help="note something on a day of the series",
+        description="Note what happened on a day (shown on the series, in the digest, and exported); list or delete notes.",
     )
     note_cmd.add_argument("date", nargs="?", help="the day, like 2026-12-01")
     note_cmd.add_argument("text", nargs="?", help="the note, like 'Posted on Hacker News'")
@@ -6649,7 +6650,8 @@ def add_digest_commands(commands: Any) -> None:
     add_db_option(note_cmd, "created if missing")
 
     digest_cmd = commands.add_parser(
-        "digest", help="write the digest e-mail: the numbers of the last week or month", description="Write a short e-mail with the last complete period's numbers, and send it or print it."
+        "digest", help="write the digest e-mail: the numbers of the last week or month",
+        description="Write a short e-mail with the last complete period's numbers, and send it or print it.",
     )
     digest_cmd.add_argument("--range", default="7d", choices=DIGEST_RANGES, help="the 7 or 30 days before today, or the last calendar month (default 7d)")
     add_goal_option(digest_cmd)
@@ -6673,7 +6675,7 @@ def add_digest_commands(commands: Any) -> None:
         command.add_argument("--smtp-user", metavar="USER", help="log in as this user; the password comes from a file or a systemd credential")
         password = command.add_mutually_exclusive_group()
         password.add_argument("--smtp-password-file", metavar="FILE", help="read the mail server's password from this file")
-        password.add_argument("--smtp-credential", metavar="NAME", help="read it from the systemd credential NAME ($CREDENTIALS_DIRECTORY/NAME; LoadCredential=)")
+        password.add_argument("--smtp-credential", metavar="NAME", help="read it from the systemd credential NAME ($CREDENTIALS_DIRECTORY/NAME)")
         command.add_argument("--sendmail", metavar="PROGRAM", nargs="?", const=SENDMAIL, help=f"pipe the message to sendmail -t instead (default {SENDMAIL})")
 
 

@@ -25,7 +25,8 @@ def db(tmp_path):
     """Page views on 2026-11-29 to 2026-12-03 for two sites."""
     path = tmp_path / "notes.db"
     store = Store(connect(str(path)))
-    store.write(Batch(records=[Record(view(DEC_1 + day * DAY + 3600 * (day + 5), site=site), 1) for day in range(-2, 3) for site in ("example.org", "other.net")]))
+    records = [Record(view(DEC_1 + day * DAY + 3600 * (day + 5), site=site), 1) for day in range(-2, 3) for site in ("example.org", "other.net")]
+    store.write(Batch(records=records))
     store.conn.close()
     return path
 
@@ -126,7 +127,8 @@ def test_export_and_import_carry_notes_once(db, tmp_path):
         else:
             rows = list(csv.DictReader(io.StringIO(exported)))
         notes = [row for row in rows if row["type"] == "annotation"]
-        assert [(row["time"], row["site"], row["note"]) for row in notes] == [("2026-12-01T00:00:00Z", "", NOTE), ("2026-12-02T00:00:00Z", "other.net", "Only other.net")]
+        expected = [("2026-12-01T00:00:00Z", "", NOTE), ("2026-12-02T00:00:00Z", "other.net", "Only other.net")]
+        assert [(row["time"], row["site"], row["note"]) for row in notes] == expected
         assert [row["time"] for row in rows] == sorted(row["time"] for row in rows)  # oldest first, notes among the page views
         path = tmp_path / f"export.{fmt}"
         path.write_text(exported)

@@ -28,7 +28,8 @@ MAIL_TAGS = {"html", "head", "meta", "title", "body", "h1", "h2", "p", "table", 
 
 def record(at, path="/", referrer="", campaign="", title="", site="example.org"):
     """A page view as the import pipeline makes it from an exported row: normalised and classified."""
-    row = {"time": at, "site": site, "path": path, "referrer": referrer, "campaign": campaign, "title": title, "first_today": 1, "visit_views": 1, "duration": 30}
+    row = {"time": at, "site": site, "path": path, "referrer": referrer, "campaign": campaign, "title": title,
+           "first_today": 1, "visit_views": 1, "duration": 30}
     accepted = pixeld.read_record(row, Config(), Memo(), "")
     return Record(accepted.view, *accepted.stored)
 
@@ -209,10 +210,12 @@ def test_an_untrusted_certificate_is_refused(db, smtp_server, certificate, capsy
 
 def test_a_refused_login_is_one_line_and_sends_nothing(db, smtp_server, certificate, tmp_path, monkeypatch, capsys):
     cert, context = certificate
-    inbox, address = smtp_server(tls_context=context, require_starttls=True, authenticator=lambda *args: AuthResult(success=False, handled=False), auth_required=True)
+    refuse = lambda *args: AuthResult(success=False, handled=False)  # noqa: E731
+    inbox, address = smtp_server(tls_context=context, require_starttls=True, authenticator=refuse, auth_required=True)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     (tmp_path / "password").write_text("wrong")
-    code, out, err = digest(db, "--to", "me@example.org", "--smtp", address, "--starttls", "--smtp-user", "pixeld", "--smtp-password-file", str(tmp_path / "password"), capsys=capsys)
+    login = ["--smtp-user", "pixeld", "--smtp-password-file", str(tmp_path / "password")]
+    code, out, err = digest(db, "--to", "me@example.org", "--smtp", address, "--starttls", *login, capsys=capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"pixeld: {address} refused the login of pixeld: 535") and "wrong" not in err
     assert inbox.attempts == 0
