@@ -1224,6 +1224,7 @@ class RawHit(NamedTuple):
     forwarded_for: str = ""
     forwarded: str = ""
     prefetch: bool = False
+    gpc: bool = False  # the browser sent Sec-GPC: 1 (Global Privacy Control)
 
 
 class Accepted(NamedTuple):
@@ -1246,6 +1247,7 @@ FILTER_REASONS = {  # reason: (label in the report, why)
     "foreign": ("foreign site", "the site is not one of --site"),
     "ignored": ("ignored", "the client address is in --ignore-ip"),
     "rate-limited": ("rate-limited", "more page views from this visitor in a minute than --rate-limit"),
+    "gpc": ("objected (GPC)", "the browser sent Sec-GPC: 1, an objection that --honour-gpc honours"),
     "dropped": ("dropped (database unavailable)", "the database could not take writes and the queue was full"),
 }
 
@@ -1256,7 +1258,7 @@ def raw_hit(environ: Dict[str, Any], now: int, memo: Optional[Memo] = None) -> R
         now, parse_query(environ.get("QUERY_STRING", ""), memo), environ.get("HTTP_USER_AGENT", ""),
         environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", ""), environ.get("HTTP_ACCEPT_LANGUAGE", ""),
         environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR", ""), environ.get("HTTP_FORWARDED", ""),
-        is_prefetch(environ),
+        is_prefetch(environ), environ.get("HTTP_SEC_GPC", "").strip() == "1",
     )
 
 
@@ -1270,6 +1272,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     referrer = f"{source} (campaign)" if source else memo(normalise_referrer, params.get("referrer", ""), site)
     agent = memo(classify_user_agent, hit.user_agent)
     reason = filter_reason(config, site, address, agent, hit.user_agent, referrer, hit.prefetch, bool(params.get("bot")))
+    reason = reason or ("gpc" if hit.gpc and config.honour_gpc else "")
     if reason:
         return FilteredHit(hit.time, site if reason != "foreign" else "", reason)
     event = clean_text(params["event"], MAX_EVENT) if "event" in params else ""
@@ -4213,14 +4216,18 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 <script data-pixeld="https://stats.example.org">
 (function (w, d, l, n) {
   var c = d.currentScript, u = c.getAttribute("data-pixeld") + "/pixel.gif?", e = encodeURIComponent, k = "pixeld-ignore",
-    s, last, seen = 0, since = 0, depth = 0, sent = 0;
+    o = "pixeld-optout", s, last, seen = 0, since = 0, depth = 0, sent = 0;
   try { s = w.localStorage; } catch (x) { s = {}; }
-  if (l.hash == "#" + k) {
-    s[k] ? delete s[k] : (s[k] = 1);
-    alert("pixeld: this browser is " + (s[k] ? "no longer counted" : "counted again"));
+  function flag() {
+    var f = l.hash.slice(1);
+    if (f == k || f == o) {
+      s[f] ? delete s[f] : (s[f] = 1);
+      alert("pixeld: this browser is " + (s[f] ? "no longer counted" : "counted again"));
+    }
   }
+  flag();
   function off() {
-    return s[k] || (!c.hasAttribute("data-local") && (l.protocol == "file:" || /^(localhost|127\\.|\\[::1\\]$)/.test(l.hostname)));
+    return s[k] || s[o] || (!c.hasAttribute("data-local") && (l.protocol == "file:" || /^(localhost|127\\.|\\[::1\\]$)/.test(l.hostname)));
   }
   function hit(q, more) {
     return u + q + "&host=" + e(l.hostname) + more + (n.webdriver ? "&bot=1" : "");
@@ -4230,7 +4237,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
     ["utm_source", "utm_medium", "utm_campaign", "ref", "source"].forEach(function (x) { if (p.get(x)) m += "&" + x + "=" + e(p.get(x)); });
     return hit(q, m);
   }
-  function send(x) { n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x); }
+  function send(x) { off() || (n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x)); }
   function tick() {
     var t = Date.now();
     if (since) seen += t - since;
@@ -4252,13 +4259,15 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
     last = l.pathname; seen = depth = sent = 0; tick();
   }
   w.pixeld = function (kind, name) {
-    if (kind == "event" && !off()) send(url("event=" + e(name) + "&path=" + e(l.pathname)));
+    if (kind == "optout") s[o] = 1;
+    if (kind == "event") send(url("event=" + e(name) + "&path=" + e(l.pathname)));
   };
   ["pushState", "replaceState"].forEach(function (f) {
     var o = history[f];
     history[f] = function () { var r = o.apply(this, arguments); setTimeout(view); return r; };
   });
   w.addEventListener("popstate", view);
+  w.addEventListener("hashchange", flag);
   w.addEventListener("scroll", tick);
   w.addEventListener("pagehide", engage);
   d.addEventListener("visibilitychange", function () { d.hidden ? engage() : tick(); });
@@ -5730,6 +5739,7 @@ def run_doctor(args: argparse.Namespace, environ: Dict[str, str]) -> int:
         *doctor_settings(args, environ), *doctor_database(db_path), doctor_directory(db_path), doctor_token(args, environ),
         doctor_geoip(setting(args, "geoip", environ, "")), doctor_zone(setting(args, "timezone", environ, "UTC")),
     ]
+    findings += doctor_consent(args, environ)
     if args.url:
         findings += doctor_daemon(args.url.rstrip("/"), token_of(args, environ))
     for level, message in findings:
@@ -5826,6 +5836,32 @@ def doctor_zone(name: str) -> Finding:
         return "ok", f"time zone: {zone_name(load_zone(name))}"
     except ConfigError as error:
         return "fail", f"time zone: {error}"
+
+
+MAX_RETENTION_DAYS = 760  # 25 months of the shortest kind (CNIL: raw data kept 25 months at most)
+
+
+def doctor_consent(args: argparse.Namespace, environ: Dict[str, str]) -> List[Finding]:
+    """CNIL's conditions for audience measurement without consent, one line each, as far as pixeld
+    can see them from its settings and its code. Informing visitors stays the operator's duty."""
+    try:
+        config = config_from(args, environ)
+    except ConfigError:
+        return [("fail", "consent exemption: cannot be checked until the settings can be used (see above)")]
+    visitors = Generation(0, slots=2)
+    separate = visitors.key("a.example", "192.0.2.1", "UA") != visitors.key("b.example", "192.0.2.1", "UA")
+    days = config.keep_days
+    return [
+        ("ok", "consent, own measurement only: the page views stay in your database on your server; pixeld sends them to nobody"),
+        ("ok", "consent, no cross-site identifier: the visitor key includes the site, its salt changes daily and is never stored")
+        if separate else ("fail", "consent, no cross-site identifier: the same visitor on two sites gets the same key"),
+        ("ok", "consent, geolocation no finer than the city: pixeld keeps the country only" + ("" if config.geoip_path else " (GeoIP is off)")),
+        ("warn", "consent, raw data at most 25 months: page views are kept forever; set --keep-days 760 or less (the counts stay)") if not days
+        else ("warn", f"consent, raw data at most 25 months: --keep-days {days} is longer; use {MAX_RETENTION_DAYS} or less") if days > MAX_RETENTION_DAYS
+        else ("ok", f"consent, raw data at most 25 months: page views are deleted after {days} days; only the per-day counts stay"),
+        ("ok", "consent, visitors can object: the snippet honours #pixeld-optout and pixeld('optout'); link it from your privacy page"
+         + ("; Sec-GPC: 1 is honoured too" if config.honour_gpc else "; --honour-gpc would honour Sec-GPC: 1 too")),
+    ]
 
 
 def doctor_daemon(url: str, token: str) -> List[Finding]:
