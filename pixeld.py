@@ -5638,9 +5638,23 @@ def top_loop(screen: Any, read: Callable[[float], ReportData], interval: float) 
         key = screen.getch()
         if key in (ord("q"), ord("Q")):
             return
-        if key == curses.KEY_RESIZE:
-            curses.update_lines_cols()
+        if key == curses.KEY_RESIZE or terminal_resized(screen):
             draw_top(screen, top_lines(report, error, now, *screen.getmaxyx()))
+
+
+def terminal_resized(screen: Any) -> bool:
+    """Whether the terminal's size changed without curses noticing (its SIGWINCH came while we were
+    reading the database, say); if so, tell curses."""
+    import curses
+
+    try:
+        size = os.get_terminal_size(sys.__stdout__.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    if (size.lines, size.columns) == screen.getmaxyx():
+        return False
+    curses.resizeterm(size.lines, size.columns)
+    return True
 
 
 def draw_top(screen: Any, lines: List[str]) -> None:
@@ -5672,7 +5686,7 @@ def top_lines(report: Optional[ReportData], error: str, now: float, height: int,
     if width >= 60:
         half = (width - 3) // 2
         left, right = top_table("Top pages", pages, half, rows), top_table("Top sources", sources, half, rows, "(direct)")
-        lines += [f"{fit(a, half):<{half}} │ {b}" for a, b in itertools.zip_longest(left, right, fillvalue="")]
+        lines += [f"{pad(a, half)} │ {b}" for a, b in itertools.zip_longest(left, right, fillvalue="")]
     else:
         lines += top_table("Top pages", pages, width, max(1, rows // 2)) + top_table("Top sources", sources, width, max(1, rows // 2), "(direct)")
     if error:
@@ -5698,8 +5712,8 @@ def minute_bars(series: List[Tuple[int, int, int]], width: int, rows: int, zone:
 
 def top_table(title: str, rows: List[Tuple[str, int]], width: int, count: int, empty: str = "(none)") -> List[str]:
     label = max(1, width - 9)
-    lines = [f"{fit(title, label):<{label}}{'Views':>9}"]
-    lines += [f"{fit(terminal_text(value) or empty, label - 1):<{label}}{views:>9,}" for value, views in rows[:count]]
+    lines = [f"{pad(title, label)}{'Views':>9}"]
+    lines += [f"{pad(fit(terminal_text(value) or empty, label - 1), label)}{views:>9,}" for value, views in rows[:count]]
     return lines if rows else lines + ["(no page views)"]
 
 
@@ -5714,6 +5728,12 @@ def terminal_text(value: str) -> str:
 def text_width(text: str) -> int:
     """Columns a text takes in a terminal: wide East Asian characters take two, combining marks none."""
     return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def pad(text: str, width: int) -> str:
+    """The text cut or filled with spaces to exactly ``width`` columns."""
+    text = fit(text, width)
+    return text + " " * (width - text_width(text))
 
 
 def fit(text: str, width: int) -> str:
