@@ -3335,7 +3335,9 @@ def path_views(conn: sqlite3.Connection, path: str, site_id: int, span: Optional
     split = split_range(conn, Range(span.start // DAY * DAY, -(-span.end // DAY) * DAY))
     views = 0
     for first, end in split.months:
-        views += conn.execute(f"SELECT coalesce(sum(views), 0) FROM monthly WHERE {key} AND month >= ? AND month < ?", (code, site_id, value, first, end)).fetchone()[0]
+        views += conn.execute(
+            f"SELECT coalesce(sum(views), 0) FROM monthly WHERE {key} AND month >= ? AND month < ?", (code, site_id, value, first, end)
+        ).fetchone()[0]
     for first, end, sign in split.days:
         days = tuple(range(first, end))
         views += sign * conn.execute(
@@ -5361,12 +5363,14 @@ def add_share_and_top_commands(commands: Any) -> None:
         description="Make a secret link that shows one site's report, read-only, to whoever holds it, without the token. The database keeps only its hash.",
     )
     share_cmd.add_argument("site", nargs="?", help="the site whose report the new link shows, like example.org")
-    share_cmd.add_argument("--url", help="pixeld's public address, as readers reach it (https://stats.example.org); without it, the path to append to it is printed")
+    share_cmd.add_argument("--url", help="pixeld's address as readers reach it (https://stats.example.org); without it, the path to append is printed")
     share_cmd.add_argument("--list", action="store_true", help="list the links (their ids and sites; the secrets are not kept)")
     share_cmd.add_argument("--revoke", metavar="ID", type=int, help="revoke a link: it stops working at once")
     add_db_option(share_cmd, "created if missing")
 
-    top_cmd = commands.add_parser("top", help="a live view in the terminal", description="A full-screen live view: visitors now, page views per minute, top pages and sources. q quits.")
+    top_cmd = commands.add_parser(
+        "top", help="a live view in the terminal", description="A full-screen live view: visitors now, page views per minute, top pages and sources. q quits."
+    )
     add_db_option(top_cmd, "read-only")
     top_cmd.add_argument("--site", default="", help="one site (hostname) instead of all")
     top_cmd.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (default 5)")
@@ -5393,8 +5397,8 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--hit-path", metavar="PATH", help="serve the hit endpoint at this path as well as /pixel.gif, like /hit (see Content blockers) [$PIXELD_HIT_PATH]")
     command.add_argument("--public-report", action="store_true", default=None, help="anyone may read /report (never /export); set to 1 [$PIXELD_PUBLIC_REPORT]")
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
-    command.add_argument("--public-counters", action="store_true", default=None, help="anyone may read one page's views at /counter/PATH.json and .svg; set to 1 [$PIXELD_PUBLIC_COUNTERS]")
-    command.add_argument("--honour-gpc", action="store_true", default=None, help="do not count hits from browsers that send Sec-GPC: 1 (Global Privacy Control); set to 1 [$PIXELD_HONOUR_GPC]")
+    command.add_argument("--public-counters", action="store_true", default=None, help="anyone may read a page's views at /counter/ [$PIXELD_PUBLIC_COUNTERS]")
+    command.add_argument("--honour-gpc", action="store_true", default=None, help="do not count browsers that send Sec-GPC: 1 [$PIXELD_HONOUR_GPC]")
 
 
 def add_filter_options(command: argparse.ArgumentParser, site_note: str = "") -> None:
