@@ -4465,7 +4465,7 @@ class App:
         params = parse_query(environ.get("QUERY_STRING", ""))
         if params.get("site") and normalise_host(params["site"]) != site:
             return plain("403 Forbidden", f"this share link reads the report of {site} only")
-        return self.report_answer({**environ, "QUERY_STRING": urlencode({**params, "site": site})})
+        return self.report_answer({**environ, "QUERY_STRING": urlencode({**params, "site": site})}, public=True)  # the page says who can read it
 
     def counter(self, environ: Environ) -> Answer:
         """``/counter/PATH.json`` or ``.svg`` (``--public-counters``): one path's page views, for anyone,

@@ -42,6 +42,7 @@ def test_a_share_link_reads_one_sites_report_in_every_format_without_the_token(s
     assert page.status == 200 and page.headers["content-type"].startswith("text/html") and "secret-plans" not in page.text
     assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"  # the secret does not leak
     assert 'href="?site=example.org&amp;range=7d"' in page.text  # the page's links stay on the share link
+    assert "anyone with its address can read it" in page.text
     assert daemon.get(path + "?range=7d&site=www.example.org&format=json").status == 200  # the same site, as written elsewhere
 
 
