@@ -15,15 +15,17 @@ sd_notify, watchdog); the command line.
 
 import argparse
 import array
-import base64
 import atexit
+import base64
 import bisect
+import collections
 import concurrent.futures
 import contextlib
 import csv
 import dataclasses
 import datetime as dt
 import errno
+import functools
 import gc
 import hashlib
 import heapq
@@ -54,6 +56,7 @@ from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import SplitResult, unquote, urlencode, urlsplit
+from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
 
 __version__ = "0.1.0"
@@ -234,7 +237,7 @@ def error_reason(error: BaseException) -> str:
 
 
 ###############################################################################
-# Request parsing and normalisation ###########################################
+# Data model: page views, the dimension registry, metrics #####################
 ###############################################################################
 
 MAX_PATH = 2048
@@ -248,98 +251,11 @@ MAX_CAMPAIGN = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]+")  # and bidi overrides
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
+_SCREEN = re.compile(r"\s*(\d{1,6})\s*[,xX]\s*(\d{1,6})\s*")
+DEVICES = ("desktop", "phone", "tablet", "bot", "other")
 
-
-class PageView(NamedTuple):
-    """One page view, normalised: exactly what is stored, and nothing else."""
-
-    time: int
-    site: str
-    path: str
-    title: str
-    referrer: str
-    country: str
-    browser: str
-    version: str
-    os: str
-    device: str
-    screen: str
-    language: str
-    first_today: bool = False  # the visitor's first page view of this UTC day (see Privacy)
-    campaign: str = ""  # "source / medium / campaign" from utm_* parameters
-    source: str = ""  # where the reader came from, by name: Google, Hacker News, a host, a campaign's source
-    channel: str = "direct"  # search, social, email, ai, referral, campaign or direct
-
-    def counted(self, first_today: bool) -> "PageView":
-        """This page view with its first-of-the-day flag (on the hot path: faster than ``_replace``)."""
-        return PageView._make(self[:12] + (first_today,) + self[13:])
-
-
-class Event(NamedTuple):
-    """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
-    ``view.first_today`` means: the visitor's first event of this name today."""
-
-    name: str
-    view: PageView
-
-
-PREFETCH_HEADERS = {"HTTP_SEC_PURPOSE": "prefetch", "HTTP_PURPOSE": "prefetch", "HTTP_X_MOZ": "prefetch", "HTTP_X_PURPOSE": "preview"}
-
-
-class FilteredHit(NamedTuple):
-    """Hits that are not page views, tallied per day and reason."""
-
-    time: int
-    site: str
-    reason: str
-    count: int = 1
-
-
-class Memo:
-    """Bounded in-memory caches for the normalisers that see raw client input (addresses, full
-    User-Agents, referrer URLs): ``memo(function, *args)``. The App owns one and empties it when
-    the visitor salt rotates, so no raw input outlives the salt; nothing here is written anywhere."""
-
-    def __init__(self, limit: int = 4096) -> None:
-        self.limit = limit
-        self._tables: Dict[Callable[..., Any], Dict[Tuple[Any, ...], Any]] = {}
-
-    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
-        table = self._tables.get(function)
-        if table is None:
-            table = self._tables[function] = {}
-        try:
-            return table[args]
-        except KeyError:
-            pass
-        if len(table) >= self.limit:
-            table.clear()
-        value = table[args] = function(*args)
-        return value
-
-    def size(self) -> int:
-        return sum(len(table) for table in self._tables.values())
-
-    def clear(self) -> None:
-        self._tables.clear()
-
-
-def parse_query(query_string: str, memo: Optional["Memo"] = None) -> Dict[str, str]:
-    """Decode a query string leniently: the first value of each of at most 64 keys, invalid UTF-8 replaced.
-    With the App's memo, repeated encoded values (paths, titles, referrers) are decoded once."""
-    params: Dict[str, str] = {}
-    for pair in query_string[: 4 * MAX_PARAM].split("&", 64)[:64]:
-        key, _, value = pair.partition("=")
-        if key:
-            value = memo(decode_component, value) if memo is not None and "%" in value else decode_component(value)
-            params.setdefault(decode_component(key), value[:MAX_PARAM])
-    return params
-
-
-def decode_component(text: str) -> str:
-    if "+" in text:
-        text = text.replace("+", " ")
-    return unquote(text, errors="replace") if "%" in text else text
+# How each stored value is made safe. The hit pipeline calls these through the App's ``Memo``
+# (never through a cache of their own): what a visitor sent must not outlive the salt.
 
 
 def clean_text(value: str, limit: int) -> str:
@@ -350,7 +266,6 @@ def clean_text(value: str, limit: int) -> str:
     return "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
 
 
-@lru_cache(maxsize=4096)
 def normalise_path(value: str) -> str:
     """The URL path only: no scheme, host, query or fragment; percent-decoded once; at most 2,048 characters."""
     if "://" in value[:16]:
@@ -362,12 +277,10 @@ def normalise_path(value: str) -> str:
     return value[:MAX_PATH]
 
 
-@lru_cache(maxsize=4096)
 def normalise_title(value: str) -> str:
     return clean_text(value, MAX_TITLE)
 
 
-@lru_cache(maxsize=4096)
 def normalise_host(value: str) -> str:
     """A lower-case hostname with the port and a leading ``www.`` dropped; empty when invalid."""
     host = value.strip().lower().rstrip(".")
@@ -403,6 +316,457 @@ def url_path(url: str) -> str:
     return parts.path if parts else ""
 
 
+def normalise_screen(value: str) -> str:
+    """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; empty when unknown."""
+    match = _SCREEN.fullmatch(value)
+    if not match:
+        return ""
+    width, height = int(match.group(1)), int(match.group(2))
+    if not (0 < width <= MAX_SCREEN and 0 < height <= MAX_SCREEN):
+        return ""
+    return f"{width}x{height}"
+
+
+def clean_campaign(value: str) -> str:
+    """A stored ``source / medium / campaign`` string, from an import."""
+    parts = [clean_text(part, MAX_CAMPAIGN).lower() for part in value.split(" / ")[:3]]
+    return " / ".join(parts + [""] * (3 - len(parts))) if any(parts) else ""
+
+
+def clean_country(value: str) -> str:
+    value = value.upper()
+    return value if len(value) == 2 and value.isalpha() and value.isascii() else ""
+
+
+def clean_version(value: str) -> str:
+    return value if value.isdigit() and len(value) <= 6 else ""
+
+
+def clean_language(value: str) -> str:
+    return value if _LANGUAGE.fullmatch(value) else ""
+
+
+def clean_label(value: str) -> str:
+    return clean_text(value, 32)
+
+
+def clean_device(value: str) -> str:
+    return value if value in DEVICES and value != "bot" else ""
+
+
+def clean_event(value: str) -> str:
+    return clean_text(value, MAX_EVENT)
+
+
+class Metrics(NamedTuple):
+    """The numbers counted for every dimension value, per day and month; also a report's headline,
+    with the ratios derived from them."""
+
+    views: int = 0
+    visitors: int = 0  # daily unique visitors, summed over the days
+    visits: int = 0
+    bounces: int = 0  # visits with one page view
+    duration: int = 0  # seconds from first page view to last page view or engagement, summed over visits
+    engaged: int = 0  # seconds the page was visible, summed over page views
+    engaged_views: int = 0  # page views that reported engagement
+    scroll: int = 0  # each such page view's deepest scroll, in percent, summed
+
+    @property
+    def pages_per_visit(self) -> float:
+        return round(self.views / self.visits, 2) if self.visits else 0.0
+
+    @property
+    def bounce_rate(self) -> float:
+        return percent(self.bounces, self.visits)
+
+    @property
+    def visit_duration(self) -> int:
+        return round(self.duration / self.visits) if self.visits else 0
+
+    @property
+    def time_on_page(self) -> float:
+        """Average engaged seconds over the page views that reported engagement (not over every page
+        view: a page view without JavaScript, or never shown, says nothing about reading)."""
+        return round(self.engaged / self.engaged_views, 1) if self.engaged_views else 0.0
+
+    @property
+    def scroll_depth(self) -> float:
+        """Average deepest scroll, in percent, over the page views that reported engagement."""
+        return round(self.scroll / self.engaged_views, 1) if self.engaged_views else 0.0
+
+    def headline(self) -> Dict[str, float]:
+        """The headline numbers, by their JSON names."""
+        return {
+            "visitors": self.visitors, "visits": self.visits, "pageviews": self.views, "pages_per_visit": self.pages_per_visit,
+            "bounce_rate": self.bounce_rate, "visit_duration": self.visit_duration, "time_on_page": self.time_on_page, "scroll_depth": self.scroll_depth,
+        }
+
+
+def percent(count: int, total: int) -> float:
+    return round(100.0 * count / total, 1) if total else 0.0
+
+
+def _named_metrics(cls: type) -> type:
+    """Give a list that holds the metrics in ``Metrics`` order a read-write property per metric."""
+    for index, name in enumerate(Metrics._fields):
+        setattr(cls, name, property(operator.itemgetter(index), functools.partial(_set_item, index)))
+    return cls
+
+
+def _set_item(index: int, items: List[int], value: int) -> None:
+    items[index] = value
+
+
+@_named_metrics
+class Totals(list):
+    """Running sums of the metrics while counting, read and written by name (``totals.views += 1``).
+    A list underneath, in ``Metrics`` order, because SQL rows and sums come in that order."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__([0] * len(Metrics._fields))
+
+    def add(self, metrics: Sequence[int], sign: int = 1) -> None:
+        """Add (or take away) a row of metrics in ``Metrics`` order, as SQL selects them."""
+        for index, amount in enumerate(metrics):
+            self[index] += sign * (amount or 0)
+
+    def grow(self, name: str, amount: int) -> None:
+        self[METRIC_INDEX[name]] += amount
+
+    def frozen(self) -> Metrics:
+        return Metrics._make(self)
+
+
+METRIC_INDEX = {name: index for index, name in enumerate(Metrics._fields)}
+
+
+def format_duration(seconds: int) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+# The kinds of report section, one row type each: what a row shows, which metrics it needs, and how
+# it reads as JSON, CSV and table cells. ``count`` ranks the rows and sizes their bars.
+
+
+class ViewsRow(NamedTuple):
+    """A value's page views and their share of all page views."""
+
+    value: str
+    count: int
+    percent: float
+
+    METRICS = ("views",)
+    COLUMNS = (("Views", 10), ("%", 8))  # header and width in text
+    OTHERS = False  # whether a row names the other parts of its value (a source's channel)
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "ViewsRow":
+        return cls(value, sums.views, percent(sums.views, totals.views))
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.percent:.1f}%")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "percent": self.percent}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [[section, self.value, self.count, self.percent]]
+
+
+class VisitorsRow(NamedTuple):
+    """Page views, their share and the visitors, and the other parts of the value (a source's channel)."""
+
+    value: str
+    count: int
+    percent: float
+    visitors: int
+    others: Tuple[Tuple[str, str], ...] = ()
+
+    METRICS = ("views", "visitors")
+    COLUMNS = ViewsRow.COLUMNS + (("Visitors", 10),)
+    OTHERS = True
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "VisitorsRow":
+        return cls(value, sums.views, percent(sums.views, totals.views), sums.visitors, tuple(others.items()))
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.percent:.1f}%", f"{self.visitors:,}")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "percent": self.percent, "visitors": self.visitors, **dict(self.others)}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        details = [("visitors", self.visitors), *self.others]
+        return [[section, self.value, self.count, self.percent], *([f"{section}_{key}", self.value, extra, ""] for key, extra in details)]
+
+
+class EngagementRow(NamedTuple):
+    """Page views, their share, and how they were read: time on page and scroll depth."""
+
+    value: str
+    count: int
+    percent: float
+    time_on_page: float
+    scroll_depth: float
+
+    METRICS = ("views", "engaged", "engaged_views", "scroll")
+    COLUMNS = ViewsRow.COLUMNS + (("Time", 9), ("Scroll", 8))
+    OTHERS = False
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "EngagementRow":
+        return cls(value, sums.views, percent(sums.views, totals.views), sums.time_on_page, sums.scroll_depth)
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.percent:.1f}%", format_duration(round(self.time_on_page)), f"{self.scroll_depth:.0f}%")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "percent": self.percent, "time_on_page": self.time_on_page, "scroll_depth": self.scroll_depth}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [[section, self.value, self.count, self.percent], [f"{section}_time_on_page", self.value, self.time_on_page, ""],
+                [f"{section}_scroll_depth", self.value, self.scroll_depth, ""]]
+
+
+class EntryRow(NamedTuple):
+    """The visits that began on a page, their share of all visits, and how many of them bounced."""
+
+    value: str
+    count: int
+    percent: float
+    bounces: int
+
+    METRICS = ("visits", "bounces")
+    COLUMNS = (("Visits", 10), ("Bounce rate", 12))
+    OTHERS = False
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "EntryRow":
+        return cls(value, sums.visits, percent(sums.visits, totals.visits), sums.bounces)
+
+    @property
+    def bounce_rate(self) -> float:
+        return percent(self.bounces, self.count)
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.bounce_rate:.1f}%")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "visits": self.count, "bounce_rate": self.bounce_rate}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [["entry_pages", self.value, self.count, self.percent], ["entry_bounces", self.value, self.bounces, self.bounce_rate]]
+
+
+class EventRow(NamedTuple):
+    """How often an event was sent, and by how many visitors."""
+
+    value: str
+    count: int
+    visitors: int
+
+    METRICS = ("views", "visitors")
+    COLUMNS = (("Count", 10), ("Visitors", 10))
+    OTHERS = False
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "EventRow":
+        return cls(value, sums.views, sums.visitors)
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.visitors:,}")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "visitors": self.visitors}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [["events", self.value, self.count, ""], ["event_visitors", self.value, self.visitors, ""]]
+
+
+Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow]
+
+
+def text_columns(kind: type, rows: Sequence[Row]) -> Tuple[Tuple[str, int], ...]:
+    """The columns a text report shows for a section's rows: time and scroll only when some page
+    reported engagement, since 80 columns leave no room to spare."""
+    if kind is EngagementRow and not any(row.time_on_page or row.scroll_depth for row in rows):  # type: ignore[union-attr]
+        return ViewsRow.COLUMNS
+    return kind.COLUMNS  # type: ignore[attr-defined, no-any-return]
+
+
+class Section(NamedTuple):
+    """A report section fed by a dimension, and the report parameter that filters on it."""
+
+    name: str  # the section's key in JSON and CSV, and its ``section=`` value
+    title: str
+    empty: str = "(none)"  # how the empty value is shown (and the filter value that matches it)
+    filter: str = ""  # the query parameter that filters on it
+    match: str = "exact"  # exact, prefix (a trailing * matches a prefix), upper or lower (exact, case folded), agent
+    part: str = ""  # for a dimension of several fields: the one the section shows and the filter matches
+    row: type = ViewsRow  # the section's kind: what its rows show
+    nothing: str = "(no page views)"  # what an empty section says
+    lists_empty: bool = True  # whether the empty value is a row (page views without a campaign are not)
+
+
+class Field(NamedTuple):
+    """A value a page view carries, and how an imported (or pixel-sent) value of it is made safe."""
+
+    name: str  # the PageView field, and its column in exports
+    clean: Optional[Callable[[str], str]] = None  # None: derived by the hit pipeline (the referrer, a source from its referrer)
+    param: str = ""  # the pixel's query parameter that carries it as it is
+    default: str = ""  # its value when nothing says otherwise
+
+
+class Dimension(NamedTuple):
+    """Something stored with every page view and counted per day: the one place that says so.
+
+    ``PageView``, the schema's columns, the writer's keys and counts, the filtered report's keys,
+    filters, report sections and labels, the dry run, and export and import fields all derive
+    from ``DIMENSIONS``. Adding one is an entry here and a migration (``add_text_dimension``)."""
+
+    name: str
+    code: int  # persisted in daily.dim and monthly.dim: never change or reuse one; 0 means stored, not counted
+    column: str  # its column in pageviews and events (a string id; the agent's is an agent id)
+    fields: Tuple[Field, ...]  # the PageView fields it holds, which are also its export fields
+    sections: Tuple[Section, ...] = ()
+    in_events: bool = True  # whether events carry it too
+
+
+DIMENSIONS: Tuple[Dimension, ...] = (
+    Dimension("pages", 1, "path", (Field("path", normalise_path, "path"),), (
+        Section("pages", "Pages", filter="path", match="prefix", row=EngagementRow), Section("entry_pages", "Entry pages", row=EntryRow),
+    )),
+    Dimension("titles", 0, "title", (Field("title", normalise_title, "title"),), in_events=False),
+    Dimension("sources", 9, "source", (Field("channel", default="direct"), Field("source")), (
+        Section("sources", "Sources", "(direct)", "source", part="source", row=VisitorsRow),
+        Section("channels", "Channels", filter="channel", part="channel"),
+    )),
+    Dimension("referrers", 2, "referrer", (Field("referrer"),), (Section("referrers", "Referrers", "(direct)", "referrer", "prefix"),)),
+    Dimension("campaigns", 7, "campaign", (Field("campaign", clean_campaign),), (
+        Section("campaigns", "Campaigns", filter="campaign", nothing="(no campaigns)", lists_empty=False),
+    )),
+    Dimension("countries", 3, "country", (Field("country", clean_country),), (Section("countries", "Countries", "(unknown)", "country", "upper"),)),
+    Dimension("agents", 4, "agent", (Field("browser", clean_label), Field("version", clean_version), Field("os", clean_label), Field("device", clean_device)), (
+        Section("browsers", "Browsers", "(unknown)", "browser", "agent", "browser"),
+        Section("operating_systems", "Operating systems", "(unknown)", "os", "agent", "os"),
+        Section("devices", "Devices", "(unknown)", "device", "agent", "device"),
+    )),
+    Dimension("screens", 5, "screen", (Field("screen", normalise_screen, "resolution"),), (Section("screens", "Screen sizes", "(unknown)", "screen"),)),
+    Dimension("languages", 6, "language", (Field("language", clean_language),), (Section("languages", "Languages", "(unknown)", "language", "lower"),)),
+)
+EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
+    Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
+))
+AGENT_FIELDS = tuple(field.name for field in DIMENSIONS[6].fields)  # the agents table's columns
+FIELD_SEPARATOR = "\t"  # a text dimension of several fields stores them in one string: "search\tGoogle"
+COUNTED = tuple(dim for dim in DIMENSIONS if dim.code)
+EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
+DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
+SECTIONS: Dict[str, Tuple[Dimension, Section]] = {section.name: (dim, section) for dim in DIMENSIONS + (EVENT_NAMES,) for section in dim.sections}
+FILTERS: Dict[str, Tuple[Dimension, Section]] = {section.filter: (dim, section) for dim, section in SECTIONS.values() if section.filter}
+VIEW_FIELDS = tuple(field for dim in DIMENSIONS for field in dim.fields)
+FIELD_CLEANERS: Dict[str, Callable[[str], str]] = {field.name: field.clean for field in VIEW_FIELDS if field.clean}  # an imported value's cleaner
+PARAM_FIELDS = tuple(field for field in VIEW_FIELDS if field.param)  # the fields a pixel request sends as they are
+RAW_NEEDS = {  # the metrics each dimension's sections need, in Metrics order
+    dim.name: tuple(name for name in Metrics._fields if any(name in section.row.METRICS for section in dim.sections)) for dim in DIMENSIONS + (EVENT_NAMES,)
+}
+
+
+class PageView(collections.namedtuple(
+    "PageView", ("time", "site", *(field.name for field in VIEW_FIELDS), "first_today"), defaults=(*(field.default for field in VIEW_FIELDS), False),
+)):
+    """One page view, normalised: exactly what is stored, and nothing else. Its fields come from
+    ``DIMENSIONS``; ``first_today`` marks the visitor's first page view of this UTC day (see Privacy)."""
+
+    __slots__ = ()
+
+    def counted(self, first_today: bool) -> "PageView":
+        """This page view with its first-of-the-day flag (on the hot path: faster than ``_replace``)."""
+        return PageView._make(self[:-1] + (first_today,))
+
+
+class Event(NamedTuple):
+    """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
+    ``view.first_today`` means: the visitor's first event of this name today."""
+
+    name: str
+    view: PageView
+
+
+class FilteredHit(NamedTuple):
+    """Hits that are not page views, tallied per day and reason."""
+
+    time: int
+    site: str
+    reason: str
+    count: int = 1
+
+
+###############################################################################
+# Request parsing and normalisation ###########################################
+###############################################################################
+
+PREFETCH_HEADERS = {"HTTP_SEC_PURPOSE": "prefetch", "HTTP_PURPOSE": "prefetch", "HTTP_X_MOZ": "prefetch", "HTTP_X_PURPOSE": "preview"}
+
+
+class Memo:
+    """Bounded in-memory caches for the normalisers that see raw client input (addresses, full
+    User-Agents, referrer URLs): ``memo(function, *args)``. The App owns one and empties it when
+    the visitor salt rotates, so no raw input outlives the salt; nothing here is written anywhere."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._tables: Dict[Callable[..., Any], Dict[Tuple[Any, ...], Any]] = {}
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
+        table = self._tables.get(function)
+        if table is None:
+            table = self._tables[function] = {}
+        try:
+            return table[args]
+        except KeyError:
+            pass
+        if len(table) >= self.limit:
+            table.clear()
+        value = table[args] = function(*args)
+        return value
+
+    def size(self) -> int:
+        return sum(len(table) for table in self._tables.values())
+
+    def holds(self, text: str) -> bool:
+        """Whether any argument or value held contains ``text``: the proof that a secret is gone."""
+        return any(text in repr(entry) for table in self._tables.values() for entry in table.items())
+
+    def clear(self) -> None:
+        """Forget everything, and the standard library's cache of recently split URLs too (referrers)."""
+        self._tables.clear()
+        clear_url_cache()
+
+
+def parse_query(query_string: str, memo: Optional["Memo"] = None) -> Dict[str, str]:
+    """Decode a query string leniently: the first value of each of at most 64 keys, invalid UTF-8 replaced.
+    With the App's memo, repeated encoded values (paths, titles, referrers) are decoded once."""
+    params: Dict[str, str] = {}
+    for pair in query_string[: 4 * MAX_PARAM].split("&", 64)[:64]:
+        key, _, value = pair.partition("=")
+        if key:
+            value = memo(decode_component, value) if memo is not None and "%" in value else decode_component(value)
+            params.setdefault(decode_component(key), value[:MAX_PARAM])
+    return params
+
+
+def decode_component(text: str) -> str:
+    if "+" in text:
+        text = text.replace("+", " ")
+    return unquote(text, errors="replace") if "%" in text else text
+
+
 def normalise_referrer(value: str, site: str) -> str:
     """Host and path of the referring page, ``www.`` folded; empty when direct or internal."""
     parts = split_url(value.strip())
@@ -413,18 +777,6 @@ def normalise_referrer(value: str, site: str) -> str:
         return ""
     path = clean_text(unquote(parts.path, errors="replace"), MAX_REFERRER)
     return (host + path.rstrip("/"))[:MAX_REFERRER]
-
-
-@lru_cache(maxsize=4096)
-def normalise_screen(value: str) -> str:
-    """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; empty when unknown."""
-    match = re.fullmatch(r"\s*(\d{1,6})\s*[,xX]\s*(\d{1,6})\s*", value)
-    if not match:
-        return ""
-    width, height = int(match.group(1)), int(match.group(2))
-    if not (0 < width <= MAX_SCREEN and 0 < height <= MAX_SCREEN):
-        return ""
-    return f"{width}x{height}"
 
 
 def primary_language(accept_language: str) -> str:
@@ -504,17 +856,14 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
+CAMPAIGN_PARAMS = ("utm_source", "ref", "source", "utm_medium", "utm_campaign")  # what campaign_of reads from a page's address
+
+
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
     """``source / medium / campaign`` from ``utm_*`` (``ref`` or ``source`` for the source), and the source alone."""
     source = clean_text(params.get("utm_source") or params.get("ref") or params.get("source") or "", MAX_CAMPAIGN).lower()
     parts = [source] + [clean_text(params.get(name, ""), MAX_CAMPAIGN).lower() for name in ("utm_medium", "utm_campaign")]
     return (" / ".join(parts) if any(parts) else ""), source
-
-
-def clean_campaign(value: str) -> str:
-    """A stored ``source / medium / campaign`` string, from an import."""
-    parts = [clean_text(part, MAX_CAMPAIGN).lower() for part in value.split(" / ")[:3]]
-    return " / ".join(parts + [""] * (3 - len(parts))) if any(parts) else ""
 
 
 def campaign_referrer(campaign: str) -> str:
@@ -961,38 +1310,6 @@ def classify_source(referrer: str) -> Tuple[str, str]:
     return host, "referral"
 
 
-def clean_country(value: str) -> str:
-    value = value.upper()
-    return value if len(value) == 2 and value.isalpha() and value.isascii() else ""
-
-
-def clean_version(value: str) -> str:
-    return value if value.isdigit() and len(value) <= 6 else ""
-
-
-def clean_language(value: str) -> str:
-    return value if _LANGUAGE.fullmatch(value) else ""
-
-
-def clean_label(value: str) -> str:
-    return clean_text(value, 32)
-
-
-DEVICES = ("desktop", "phone", "tablet", "bot", "other")
-
-
-def clean_device(value: str) -> str:
-    return value if value in DEVICES and value != "bot" else ""
-
-
-# How an imported value of each stored field is made safe (the referrer depends on the site and campaign).
-FIELD_CLEANERS: Dict[str, Callable[[str], str]] = {
-    "path": normalise_path, "title": normalise_title, "campaign": clean_campaign, "country": clean_country,
-    "browser": clean_label, "version": clean_version, "os": clean_label, "device": clean_device,
-    "screen": normalise_screen, "language": clean_language,
-}
-
-
 def is_prefetch(environ: Dict[str, Any]) -> bool:
     """Prefetch, prerender and preview requests load the pixel for a page nobody may ever see."""
     return any(word in environ[header].lower() for header, word in PREFETCH_HEADERS.items() if header in environ)
@@ -1227,6 +1544,16 @@ class RawHit(NamedTuple):
     gpc: bool = False  # the browser sent Sec-GPC: 1 (Global Privacy Control)
 
 
+class Record(NamedTuple):
+    """A page view as stored, with its visit numbers: what export writes and import reads."""
+
+    view: PageView
+    visit_views: int = 0  # on a visit's entry page view: the visit's page views; else 0
+    duration: int = 0  # on a visit's entry page view: seconds from its first to its last page view or engagement
+    engaged: int = 0  # seconds the page was visible
+    scroll: Optional[int] = None  # the deepest scroll in percent; None when the page view reported no engagement
+
+
 class Accepted(NamedTuple):
     """A hit that counts: its page view (or event), and what its in-memory visitor key is made of."""
 
@@ -1266,24 +1593,26 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     """Decide what a hit is, for live requests and access logs alike: filtered, malformed (None), or a
     normalised page view, event or engagement beacon."""
     params = hit.params
-    site = normalise_host(params["host"]) if params.get("host") else url_host(hit.page_url)
+    site = memo(normalise_host, params["host"]) if params.get("host") else memo(url_host, hit.page_url)
     address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)  # a new address is the rule: no memo
-    campaign, source = campaign_of(params)
-    referrer = f"{source} (campaign)" if source else memo(normalise_referrer, params.get("referrer", ""), site)
+    campaign, campaign_source = campaign_of(params)
+    referrer = f"{campaign_source} (campaign)" if campaign_source else memo(normalise_referrer, params.get("referrer", ""), site)
     agent = memo(classify_user_agent, hit.user_agent)
     reason = filter_reason(config, site, address, agent, hit.user_agent, referrer, hit.prefetch, bool(params.get("bot")))
     reason = reason or ("gpc" if hit.gpc and config.honour_gpc else "")
     if reason:
         return FilteredHit(hit.time, site if reason != "foreign" else "", reason)
-    event = clean_text(params["event"], MAX_EVENT) if "event" in params else ""
+    event = clean_event(params["event"]) if "event" in params else ""
     engagement = parse_engagement(params) if params.get("engagement") else None
     if ("event" in params and not event) or (params.get("engagement") and engagement is None):
         return None
+    if not params.get("path"):
+        params = {**params, "path": url_path(hit.page_url)}
+    sent = {field.name: memo(field.clean, params.get(field.param, "")) for field in PARAM_FIELDS}
+    source, channel = memo(classify_source, referrer)
     view = PageView(
-        hit.time, site, normalise_path(params.get("path") or url_path(hit.page_url)), normalise_title(params.get("title", "")),
-        referrer, country_of(address), agent.browser, agent.version, agent.os, agent.device,
-        normalise_screen(params.get("resolution", "")), memo(primary_language, hit.accept_language), False, campaign,
-        *memo(classify_source, referrer),
+        time=hit.time, site=site, referrer=referrer, country=country_of(address), browser=agent.browser, version=agent.version, os=agent.os,
+        device=agent.device, language=memo(primary_language, hit.accept_language), campaign=campaign, source=source, channel=channel, **sent,
     )
     return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement)
 
@@ -1318,7 +1647,7 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     reason = filter_reason(config, site, None, agent, "", view.referrer)
     if reason:
         return FilteredHit(when, site if reason != "foreign" else "", reason)
-    event = clean_text(text("event", ""), MAX_EVENT) if text("type", "pageview") == "event" else ""
+    event = clean_event(text("event", "")) if text("type", "pageview") == "event" else ""
     if text("type", "pageview") == "event" and not event:
         return None
     visit_views = bounded(row.get("visit_views"), 1_000_000)
@@ -1346,6 +1675,9 @@ def filter_reason(
     return ""
 
 
+SHOWN_EMPTY = {field.name: dim.sections[0].empty if dim.sections else "(none)" for dim in DIMENSIONS for field in dim.fields}  # as the report shows it
+
+
 def explain(outcome: Outcome) -> str:
     """One line on what a hit would be, for a dry run and ``pixeld.py check``."""
     if outcome is None:
@@ -1354,12 +1686,8 @@ def explain(outcome: Outcome) -> str:
         return f"filtered: {outcome.reason} ({FILTER_REASONS[outcome.reason][1]})"
     view = outcome.view
     what = f"the event {outcome.event!r} on" if outcome.event else "a page view of"
-    details = [
-        f"browser {' '.join(filter(None, (view.browser, view.version))) or '(unknown)'}", f"OS {view.os or '(unknown)'}",
-        f"device {view.device or '(unknown)'}", f"source {view.source or '(direct)'} ({view.channel})",
-        f"country {view.country or '(unknown)'}", f"language {view.language or '(unknown)'}", f"screen {view.screen or '(unknown)'}",
-    ]
-    return f"counted as {what} {view.site or '(no host)'}{view.path} ({', '.join(details)}), unless the visitor is over the rate limit"
+    details = ", ".join(f"{name} {getattr(view, name) or empty}" for name, empty in SHOWN_EMPTY.items() if name != "path")
+    return f"counted as {what} {view.site or '(no host)'}{view.path} ({details}), unless the visitor is over the rate limit"
 
 
 def with_scheme(referrer: str) -> str:
@@ -1718,6 +2046,21 @@ class Visitors:
         return [generation.salt for generation in (self._current, self._previous) if generation is not None]
 
 
+Item = Union[PageView, Record, Event, Engagement, FilteredHit]  # what the writer takes
+
+
+def place(outcome: Outcome, visitors: Optional[Visitors]) -> Tuple[Optional[Item], Optional[VisitStep]]:
+    """What the writer gets for a hit, live or imported: a filtered tally as it is; an accepted hit
+    placed in its visit by the in-memory visitors (``Visitors.admit``); or, without visitors, an
+    exported row that brings its visit's numbers along, as a record or an event. None for a
+    malformed hit, or engagement for no page view seen."""
+    if outcome is None or isinstance(outcome, FilteredHit):
+        return outcome, None
+    if visitors is not None:
+        return visitors.admit(outcome)
+    return (Event(outcome.event, outcome.view) if outcome.event else Record(outcome.view, *outcome.stored)), None
+
+
 ###############################################################################
 # Storage #####################################################################
 ###############################################################################
@@ -1731,84 +2074,12 @@ HOLD_AFTER = 10_000  # hits waiting for a healthy writer past which the server s
 EPOCH_DATE = dt.date(1970, 1, 1)
 
 
-class Section(NamedTuple):
-    """A report section fed by a dimension, and the report parameter that filters on it."""
-
-    name: str  # the section's key in JSON and CSV, and its ``section=`` value
-    title: str
-    empty: str = "(none)"  # how the empty value is shown (and the filter value that matches it)
-    filter: str = ""  # the query parameter that filters on it
-    match: str = "exact"  # exact, prefix (a trailing * matches a prefix), upper or lower (exact, case folded), agent
-    part: str = ""  # for a dimension of several fields: the one the section shows and the filter matches
-    columns: str = "views"  # views (and percent); visitors or engagement (views, percent, and the row's details); entries (visits, bounces); events
-
-
-class Dimension(NamedTuple):
-    """Something stored with every page view and counted per day: the one place that says so.
-
-    The schema's columns, the writer's keys and counts, the filtered report's keys, filters, report
-    sections and labels, and export and import fields all derive from ``DIMENSIONS``."""
-
-    name: str
-    code: int  # persisted in daily.dim and monthly.dim: never change or reuse one; 0 means stored, not counted
-    column: str  # its column in pageviews and events (a string id; the agent's is an agent id)
-    fields: Tuple[str, ...]  # the PageView fields it holds, which are also its export fields
-    sections: Tuple[Section, ...] = ()
-    in_events: bool = True  # whether events carry it too
-
-
-AGENT_FIELDS = ("browser", "version", "os", "device")
-DIMENSIONS: Tuple[Dimension, ...] = (
-    Dimension("pages", 1, "path", ("path",), (
-        Section("pages", "Pages", filter="path", match="prefix", columns="engagement"), Section("entry_pages", "Entry pages", columns="entries"),
-    )),
-    Dimension("titles", 0, "title", ("title",), in_events=False),
-    Dimension("sources", 9, "source", ("channel", "source"), (
-        Section("sources", "Sources", "(direct)", "source", part="source", columns="visitors"),
-        Section("channels", "Channels", filter="channel", part="channel"),
-    )),
-    Dimension("referrers", 2, "referrer", ("referrer",), (Section("referrers", "Referrers", "(direct)", "referrer", "prefix"),)),
-    Dimension("campaigns", 7, "campaign", ("campaign",), (Section("campaigns", "Campaigns", filter="campaign"),)),
-    Dimension("countries", 3, "country", ("country",), (Section("countries", "Countries", "(unknown)", "country", "upper"),)),
-    Dimension("agents", 4, "agent", AGENT_FIELDS, (
-        Section("browsers", "Browsers", "(unknown)", "browser", "agent", "browser"),
-        Section("operating_systems", "Operating systems", "(unknown)", "os", "agent", "os"),
-        Section("devices", "Devices", "(unknown)", "device", "agent", "device"),
-    )),
-    Dimension("screens", 5, "screen", ("screen",), (Section("screens", "Screen sizes", "(unknown)", "screen"),)),
-    Dimension("languages", 6, "language", ("language",), (Section("languages", "Languages", "(unknown)", "language", "lower"),)),
-)
-EVENT_NAMES = Dimension("events", 8, "name", ("event",), (Section("events", "Events", filter="event", columns="events"),))  # the events table only
-FIELD_SEPARATOR = "\t"  # a text dimension of several fields stores them in one string: "search\tGoogle"
-COUNTED = tuple(dim for dim in DIMENSIONS if dim.code)
-SECTIONS: Dict[str, Tuple[Dimension, Section]] = {section.name: (dim, section) for dim in DIMENSIONS + (EVENT_NAMES,) for section in dim.sections}
-FILTERS: Dict[str, Tuple[Dimension, Section]] = {section.filter: (dim, section) for dim, section in SECTIONS.values() if section.filter}
-
-
-class Metrics(NamedTuple):
-    """The numbers counted for every dimension value, per day and month; also a report's headline."""
-
-    views: int = 0
-    visitors: int = 0  # daily unique visitors, summed over the days
-    visits: int = 0
-    bounces: int = 0  # visits with one page view
-    duration: int = 0  # seconds from first page view to last page view or engagement, summed over visits
-    engaged: int = 0  # seconds the page was visible, summed over page views
-    engaged_views: int = 0  # page views that reported engagement
-    scroll: int = 0  # each such page view's deepest scroll, in percent, summed
-
-
-VIEWS, VISITORS, VISITS, BOUNCES, DURATION, ENGAGED, ENGAGED_VIEWS, SCROLL = range(len(Metrics._fields))
 ROW_METRICS = Metrics(  # what one raw row adds to each metric, in SQL: (when it counts, what it adds)
-    ("1", "1"), ("first_today", "1"), ("visit_views > 0", "1"), ("visit_views = 1", "1"),
-    ("duration", "duration"), ("engaged", "engaged"), ("scroll IS NOT NULL", "1"), ("scroll", "scroll"),
+    views=("1", "1"), visitors=("first_today", "1"), visits=("visit_views > 0", "1"), bounces=("visit_views = 1", "1"),
+    duration=("duration", "duration"), engaged=("engaged", "engaged"), engaged_views=("scroll IS NOT NULL", "1"), scroll=("scroll", "scroll"),
 )
 RAW_METRICS = Metrics(*(f"sum({when})" if adds == "1" else f"coalesce(sum({adds}), 0)" for when, adds in ROW_METRICS))  # SQL over raw rows
 SUMMED_METRICS = ", ".join(f"sum({name})" for name in Metrics._fields)  # SQL over daily and monthly counts
-
-
-def no_metrics() -> List[int]:
-    return [0] * len(Metrics._fields)
 
 
 def add_sources(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
@@ -1847,6 +2118,31 @@ def add_sources(conn: sqlite3.Connection, progress: Callable[[str], None]) -> No
     conn.execute("DROP TABLE temp.source_of")
 
 
+Migration = Callable[[sqlite3.Connection, Callable[[str], None]], None]
+
+
+def add_text_dimension(name: str) -> Migration:
+    """The migration that brings a new text dimension (``DIMENSIONS[name]``) into older databases.
+
+    Its column defaults to the id of its empty value, interned here: every older row then shows
+    the empty value, in reports and exports alike (a default that is not a string id would make the
+    row's value nothing at all). Older days count all their page views under the empty value, so
+    the new section adds up to the headline over any range."""
+
+    def migration(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+        dim = DIMENSION_NAMED[name]
+        empty = _intern(conn, FIELD_SEPARATOR.join("" for _ in dim.fields))
+        for table in ("pageviews", "events") if dim.in_events else ("pageviews",):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
+        if dim.code:
+            progress(f"counting older days under the new dimension {name}")
+            pages = DIMENSION_NAMED["pages"].code
+            for table, period in (("daily", "day"), ("monthly", "month")):
+                conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, {empty}, {SUMMED_METRICS} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
+
+    return migration
+
+
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
     row = conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()
     return row[0] if row else -1
@@ -1857,7 +2153,7 @@ def _intern(conn: sqlite3.Connection, value: str) -> int:
     return conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()[0]
 
 
-MIGRATIONS: Tuple[Union[str, Callable[[sqlite3.Connection, Callable[[str], None]], None]], ...] = (
+MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """
     CREATE TABLE strings (id INTEGER PRIMARY KEY, value TEXT NOT NULL UNIQUE);
     CREATE TABLE agents (
@@ -1921,19 +2217,10 @@ MIGRATIONS: Tuple[Union[str, Callable[[sqlite3.Connection, Callable[[str], None]
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
 ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll")  # what a raw row holds beside its dimensions
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
 EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
-DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
-SECTION_METRICS = {  # the metrics a section's rows show (the headline's totals need all of them)
-    "views": (VIEWS,), "visitors": (VIEWS, VISITORS), "events": (VIEWS, VISITORS),
-    "engagement": (VIEWS, ENGAGED, ENGAGED_VIEWS, SCROLL), "entries": (VISITS, BOUNCES),
-}
-RAW_NEEDS = {  # the metrics each dimension's sections need from raw rows
-    dim.name: tuple(sorted({metric for section in dim.sections for metric in SECTION_METRICS[section.columns]})) for dim in DIMENSIONS + (EVENT_NAMES,)
-}
 STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
 STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL = (PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll"))
 KeyGetters = Tuple[Tuple[bool, Callable[[PageView], Any]], ...]  # per stored column: (is it the agent, how to get its value)
@@ -1944,7 +2231,7 @@ def key_getters(dimensions: Sequence[Dimension]) -> KeyGetters:
     joined, as a source's "search\tGoogle"), or the agent's tuple."""
     getters = []
     for dim in dimensions:
-        get = operator.attrgetter(*dim.fields)
+        get = operator.attrgetter(*(field.name for field in dim.fields))
         if len(dim.fields) > 1 and dim.column != "agent":
             get = (lambda fields: lambda view: FIELD_SEPARATOR.join(fields(view)))(get)
         getters.append((dim.column == "agent", get))
@@ -2040,14 +2327,30 @@ def second_of(pageview_id: int) -> int:
     return (pageview_id >> ID_SHIFT) + ID_EPOCH
 
 
-class Record(NamedTuple):
-    """A page view as stored, with its visit numbers: what export writes and import reads."""
+@dataclasses.dataclass
+class Batch:
+    """What one commit writes. The writer and the importer fill it the same way (``add``)."""
 
-    view: PageView
-    visit_views: int = 0  # on a visit's entry page view: the visit's page views; else 0
-    duration: int = 0  # on a visit's entry page view: seconds from its first to its last page view or engagement
-    engaged: int = 0  # seconds the page was visible
-    scroll: Optional[int] = None  # the deepest scroll in percent; None when the page view reported no engagement
+    views: List[Tuple[PageView, Optional[VisitStep]]] = dataclasses.field(default_factory=list)  # live, placed in their visits
+    records: List[Record] = dataclasses.field(default_factory=list)  # imported, with their visits' numbers
+    events: List[Event] = dataclasses.field(default_factory=list)
+    engagements: List[Engagement] = dataclasses.field(default_factory=list)
+    filtered: List[FilteredHit] = dataclasses.field(default_factory=list)
+
+    def add(self, item: Item, step: Optional[VisitStep] = None) -> None:
+        if isinstance(item, PageView):
+            self.views.append((item, step))
+        elif isinstance(item, Record):
+            self.records.append(item)
+        elif isinstance(item, Event):
+            self.events.append(item)
+        elif isinstance(item, Engagement):
+            self.engagements.append(item)
+        else:
+            self.filtered.append(item)
+
+    def __len__(self) -> int:
+        return len(self.views) + len(self.records) + len(self.events) + len(self.engagements) + len(self.filtered)
 
 
 class Store:
@@ -2068,25 +2371,18 @@ class Store:
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
         self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
 
-    def write(
-        self,
-        views: Sequence[Tuple[PageView, Optional[VisitStep]]] = (),
-        filtered: Sequence[FilteredHit] = (),
-        records: Sequence[Record] = (),
-        events: Sequence[Event] = (),
-        engagements: Sequence["Engagement"] = (),
-    ) -> None:
-        """Commit live page views (placed in their visits), filtered hits, imported records, events and
-        engagement at once."""
+    def write(self, batch: Batch) -> None:
+        """Commit a batch at once: live page views (placed in their visits), imported records, events,
+        engagement and filtered hits."""
         self.conn.execute("BEGIN IMMEDIATE")
         for ids in self._ids.values():
             ids.clear()
         try:
             tally = Tally(self.conn)
-            self._insert(records, tally)
-            remember = self._insert_live(views, engagements, tally)
-            self._insert_events(events, tally)
-            self._tally_filtered(filtered)
+            self._insert(batch.records, tally)
+            remember = self._insert_live(batch.views, batch.engagements, tally)
+            self._insert_events(batch.events, tally)
+            self._tally_filtered(batch.filtered)
             tally.save()
             self.conn.execute("COMMIT")
         except BaseException:
@@ -2329,7 +2625,7 @@ class Tally:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self._daily: Dict[Tuple[int, int, int, int], List[int]] = {}
+        self._daily: Dict[Tuple[int, int, int, int], Totals] = {}
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS changes ({', '.join(CHANGE_COLUMNS)})")
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch ({', '.join(BATCH_COLUMNS)})")
         conn.execute("DELETE FROM temp.changes")
@@ -2351,24 +2647,24 @@ class Tally:
         )
 
     def event(self, time: int, site: int, name: int, first_today: int) -> None:
-        total = self._daily.setdefault((time // DAY, site, EVENT_NAMES.code, name), no_metrics())
-        total[VIEWS] += 1
-        total[VISITORS] += first_today
+        total = self._daily.setdefault((time // DAY, site, EVENT_NAMES.code, name), Totals())
+        total.views += 1
+        total.visitors += first_today
 
     def engagement(self, day: int, keys: Tuple[int, ...], seconds: int, views: int, scroll: int) -> None:
         """A page view's engagement grew: count it on the page view's day."""
-        self._grew(day, keys, ((ENGAGED, seconds), (ENGAGED_VIEWS, views), (SCROLL, scroll)))
+        self._grew(day, keys, (("engaged", seconds), ("engaged_views", views), ("scroll", scroll)))
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
-        self._grew(day, keys, ((BOUNCES, bounces), (DURATION, duration)))
+        self._grew(day, keys, (("bounces", bounces), ("duration", duration)))
 
-    def _grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[int, int]]) -> None:
+    def _grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[str, int]]) -> None:
         """Add changes to some metrics of a page view already counted, in every dimension it counts in."""
         site = keys[0]
         for index, code in COUNTED_KEYS:
-            total = self._daily.setdefault((day, site, code, keys[index]), no_metrics())
+            total = self._daily.setdefault((day, site, code, keys[index]), Totals())
             for metric, amount in changes:
-                total[metric] += amount
+                total.grow(metric, amount)
 
     def save(self) -> None:
         """Add the batch's changes to the daily counts and, added up per UTC month by SQLite, to the
@@ -2455,18 +2751,15 @@ class Writer:
         self._pruned_day = -1
         self.last_commit = time.monotonic()
         self.commit_seconds = 0.0  # how long the last commit took
-        self._pending: Deque[Union[Tuple[PageView, Optional[VisitStep]], FilteredHit, Event, Engagement]] = deque()  # handed over, not yet in a batch
+        self._pending: Deque[Tuple[Item, Optional[VisitStep]]] = deque()  # handed over, not yet in a batch
         self._wake = threading.Event()  # set when a batch's worth is pending, or to close
         self._closing = False
         self._batch_size = min(BATCH_LIMIT, max(1, queue_limit // 2))
-        self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
-        self._filtered: List[FilteredHit] = []
-        self._events: List[Event] = []
-        self._engagements: List[Engagement] = []
+        self._batch = Batch()  # being written, and kept until it is
         self._thread = threading.Thread(target=self._run, name="pixeld-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, hit: Union[PageView, FilteredHit, Event, Engagement], step: Optional[VisitStep] = None) -> None:
+    def submit(self, hit: Item, step: Optional[VisitStep] = None) -> None:
         waiting = self.waiting()
         if waiting >= self.queue_limit and (self.error or waiting >= 2 * self.queue_limit):  # a failing database, or no server holding back
             with self._drops_lock:
@@ -2475,7 +2768,7 @@ class Writer:
                 self.dropped += 1
                 self._unsaved_drops += 1
             return
-        self._pending.append((hit, step) if isinstance(hit, PageView) else hit)
+        self._pending.append((hit, step))
         if len(self._pending) >= self._batch_size and not self._wake.is_set():
             self._wake.set()
 
@@ -2485,7 +2778,7 @@ class Writer:
 
     def waiting(self) -> int:
         """Hits accepted but not yet committed."""
-        return len(self._pending) + len(self._views) + len(self._filtered) + len(self._events) + len(self._engagements)
+        return len(self._pending) + len(self._batch)
 
     def status(self) -> str:
         if not self._thread.is_alive():
@@ -2515,28 +2808,22 @@ class Writer:
         if len(self._pending) < self._batch_size:
             self._wake.wait(max(0.0, deadline - time.monotonic()))
         self._wake.clear()
-        closing, pending = self._closing, self._pending
-        while pending and (closing or len(self._views) < self._batch_size):
-            hit = pending.popleft()
-            if isinstance(hit, FilteredHit):
-                self._filtered.append(hit)
-            elif isinstance(hit, Event):
-                self._events.append(hit)
-            elif isinstance(hit, Engagement):
-                self._engagements.append(hit)
-            else:
-                self._views.append(hit)
+        closing, pending, batch = self._closing, self._pending, self._batch
+        while pending and (closing or len(batch.views) < self._batch_size):
+            batch.add(*pending.popleft())
         return closing
 
     def _flush(self, final: bool) -> None:
+        """Write the batch, with the hits dropped since the last one as a tally; a batch that fails stays."""
         with self._drops_lock:
-            drops = self._unsaved_drops
-        tally = [FilteredHit(int(self.clock()), "", "dropped", drops)] if drops else []
+            drops, self._unsaved_drops = self._unsaved_drops, 0
+        if drops:
+            self._batch.add(FilteredHit(int(self.clock()), "", "dropped", drops))
         attempts = 0
-        while self._views or self._filtered or self._events or self._engagements or tally:
+        while self._batch:
             try:
                 started = time.monotonic()
-                self.store.write(self._views, self._filtered + tally, events=self._events, engagements=self._engagements)
+                self.store.write(self._batch)
                 self.last_commit, self.commit_seconds = time.monotonic(), time.monotonic() - started
             except Exception as error:  # a locked or full database, or worse: keep the batch, try again
                 self._note_error(f"cannot write to the database: {error}")
@@ -2545,9 +2832,7 @@ class Writer:
                     return
                 time.sleep(0.5)
             else:
-                self._views, self._filtered, self._events, self._engagements, tally = [], [], [], [], []
-                with self._drops_lock:
-                    self._unsaved_drops -= drops
+                self._batch = Batch()
                 if self.error:
                     self.log("database writable again")
                 self.error = ""
@@ -2600,13 +2885,10 @@ class ReportData(NamedTuple):
     totals: Metrics
     previous: Metrics  # the same length of time just before the range
     filtered: Dict[str, int]
-    sections: Dict[str, List[Tuple[str, int]]]  # (label, page views), ranked
-    entry_pages: List[Tuple[str, int, int]]  # (label, visits, bounces), ranked by visits
-    events: List[Tuple[str, int, int]]  # (name, count, visitors), ranked by count
+    sections: Dict[str, List[Row]]  # every section's rows, of its kind (``Section.row``), ranked by count
     grain: str  # hour, day, week or month
     series: List[Tuple[int, int, int]]  # (bucket start, page views, visitors)
     notes: List[str]
-    details: Dict[str, Dict[str, Dict[str, Any]]] = {}  # section -> label -> more about its row (a source's visitors and channel)
     visitors_now: Optional[int] = None  # live reports: visitors with a page view in the last five minutes
 
 
@@ -2622,7 +2904,7 @@ class Scope(NamedTuple):
         return bool(self.where)
 
 
-Counts = Dict[str, Dict[Tuple[int, int], List[int]]]  # section -> (site id, value id) -> metrics (only page views are used outside pages)
+Counts = Dict[str, Dict[Tuple[int, int], Totals]]  # dimension -> (site id, value id) -> metrics (those its sections need: RAW_NEEDS)
 
 
 def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
@@ -2660,11 +2942,8 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         totals=totals,
         previous=previous,
         filtered=_count_filtered(conn, span, scope.site_id),
-        sections=_sections(counts, labels),
-        details=_details(counts, labels),
+        sections=_sections(counts, labels, totals),
         visitors_now=None if query.now is None else _visitors_now(conn, query.now, scope),
-        entry_pages=_entry_pages(counts["pages"], labels["pages"]),
-        events=_events(counts["events"], labels["events"]),
         grain=grain,
         series=series,
         notes=_retention_notes(conn, span, scope),
@@ -2684,7 +2963,7 @@ def _visitors_now(conn: sqlite3.Connection, now: int, scope: Scope) -> int:
     ).fetchone()[0]
 
 
-def _total(counted: Dict[Tuple[int, int], List[int]]) -> Metrics:
+def _total(counted: Dict[Tuple[int, int], Totals]) -> Metrics:
     return Metrics(*(sum(column) for column in zip(*counted.values()))) if counted else Metrics()
 
 
@@ -2726,7 +3005,7 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
 
 
 # What a filtered report sums per part in SQL: page views and visitors for the series, and what the pages' keys do not count.
-PART_SUMS = tuple(sorted({VIEWS, VISITORS} | set(range(len(Metrics._fields))) - set(RAW_NEEDS["pages"])))
+PART_SUMS = tuple(name for name in Metrics._fields if name in ("views", "visitors") or name not in RAW_NEEDS["pages"])
 REPORT_NICENESS = 10  # how much nicer than the daemon the threads that scan for a report are
 MATCHED_CHUNK = 200_000  # page views a filtered report reads in one statement at most, which bounds its memory
 Moments = List[Tuple[int, int, int]]  # (a moment in a series bucket, page views, visitors), counted from raw rows
@@ -2737,8 +3016,8 @@ class MatchKey(NamedTuple):
 
     sql: str
     values: Tuple[Tuple[str, int, int], ...]  # (dimension, shift, mask) of each value id packed into a key
-    flags: Tuple[int, ...] = ()  # the metric of each low bit of a key, lowest first; every key counts a page view
-    amount: Optional[int] = None  # or: the metric whose amount follows each key (engaged seconds, scroll)
+    flags: Tuple[str, ...] = ()  # the metric of each low bit of a key, lowest first; every key counts a page view
+    amount: str = ""  # or: the metric whose amount follows each key (engaged seconds, scroll)
 
 
 KEY_BITS = 62  # a packed key is a positive 64-bit integer in SQLite
@@ -2769,7 +3048,7 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) 
     keys = []
     for group in groups:
         flags = _flags(group)
-        packed = [f"(({ROW_METRICS[metric][0]}) << {bit})" for bit, metric in enumerate(flags)]
+        packed = [f"(({getattr(ROW_METRICS, metric)[0]}) << {bit})" for bit, metric in enumerate(flags)]
         parts, shift = [], len(flags)
         for dim in group:
             packed.append(f"({dim.column} << {shift})")
@@ -2778,15 +3057,16 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) 
         keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts), flags))
     for dim in COUNTED:
         for metric in RAW_NEEDS[dim.name]:
-            when, adds = ROW_METRICS[metric]
+            when, adds = getattr(ROW_METRICS, metric)
             if adds != "1":
                 keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", ((dim.name, 0, -1),), (), metric))
     return keys
 
 
-def _flags(group: Sequence[Dimension]) -> Tuple[int, ...]:
+def _flags(group: Sequence[Dimension]) -> Tuple[str, ...]:
     """The metrics a row may count in (each a bit of a packed key) for the dimensions of one key."""
-    return tuple(sorted({metric for dim in group for metric in RAW_NEEDS[dim.name] if metric != VIEWS and ROW_METRICS[metric][1] == "1"}))
+    needed = {metric for dim in group for metric in RAW_NEEDS[dim.name] if metric != "views" and getattr(ROW_METRICS, metric)[1] == "1"}
+    return tuple(name for name in Metrics._fields if name in needed)
 
 
 def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], scope: Scope) -> Tuple[Counts, Moments, Metrics]:
@@ -2800,24 +3080,23 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
     quarter-hour totals, so the strings stay small; two connections read them at once
     (``readers_for``)."""
     parts, one_site = _reading_plan(conn, span, bounds, scope)
-    moments, sums = [], no_metrics()
+    moments, sums = [], Counter()
     with readers_for(conn, parts) as conns:
         keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ")
         joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
-        for part, row in zip(parts, _read_parts(conns, [key.sql for key in keys] + [RAW_METRICS[metric] for metric in PART_SUMS], scope, parts)):
+        for part, row in zip(parts, _read_parts(conns, [key.sql for key in keys] + [getattr(RAW_METRICS, metric) for metric in PART_SUMS], scope, parts)):
             part_sums = dict(zip(PART_SUMS, (value or 0 for value in row[len(keys) :])))
-            for metric, value in part_sums.items():
-                sums[metric] += value
-            moments.append((part.start, part_sums[VIEWS], part_sums[VISITORS]))
+            sums.update(part_sums)
+            moments.append((part.start, part_sums["views"], part_sums["visitors"]))
             for key, text, found in zip(keys, row, joined):
-                if text and key.amount is None:
+                if text and not key.amount:
                     found.update(text.split(","))
                 elif text:
                     _add_amounts(found, text)
     counts: Counts = {dim.name: {} for dim in COUNTED}
     for key, found in zip(keys, joined):
         _add_joined(counts, key, found, one_site)
-    totals = _total(counts["pages"])._replace(**{Metrics._fields[metric]: sums[metric] for metric in PART_SUMS})
+    totals = _total(counts["pages"])._replace(**{metric: sums[metric] for metric in PART_SUMS})
     return counts, moments, totals
 
 
@@ -2888,14 +3167,14 @@ def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: 
             value = number >> shift & mask
             total = counted.get((site, value))
             if total is None:
-                total = counted[site, value] = no_metrics()
-            if key.amount is not None:
-                total[key.amount] += amount
+                total = counted[site, value] = Totals()
+            if key.amount:
+                total.grow(key.amount, amount)
                 continue
-            total[VIEWS] += amount
+            total.views += amount
             for bit, metric in enumerate(key.flags):
                 if number >> bit & 1:
-                    total[metric] += amount
+                    total.grow(metric, amount)
 
 
 def _add_amounts(sums: "Counter[str]", text: str) -> None:
@@ -3001,34 +3280,32 @@ def _totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
     queries = [(f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", months + site_args, 1) for months in split.months]
     queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", (first, end) + site_args, sign) for first, end, sign in split.days]
     queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args, 1) for r in split.raw]
-    sums = no_metrics()
+    sums = Totals()
     for sql, args, sign in queries:
-        for i, value in enumerate(conn.execute(sql, args).fetchone()):
-            sums[i] += sign * (value or 0)
-    return Metrics(*sums)
+        sums.add(conn.execute(sql, args).fetchone(), sign)
+    return sums.frozen()
 
 
 def _matching_totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
     """The headline numbers alone of the rows that pass the filters (for the previous period), read
     in parts by two connections at once, as ``_count_matching`` reads its range."""
     parts, _ = _reading_plan(conn, span, [span.start, span.end], scope)
-    sums = no_metrics()
+    sums = Totals()
     with readers_for(conn, parts) as conns:
         for row in _read_parts(conns, RAW_METRICS, scope, parts):
-            sums = [total + (value or 0) for total, value in zip(sums, row)]
-    return Metrics(*sums)
+            sums.add(row)
+    return sums.frozen()
 
 
 def _site_clause(site_id: Optional[int]) -> Tuple[str, Tuple[int, ...]]:
     return ("", ()) if site_id is None else (" AND site = ?", (site_id,))
 
 
-def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int]) -> None:
+def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int], sign: int = 1) -> None:
     total = counts[name].get((site, value))
     if total is None:
-        total = counts[name][site, value] = no_metrics()
-    for i, amount in enumerate(metrics):
-        total[i] += amount
+        total = counts[name][site, value] = Totals()
+    total.add(metrics, sign)
 
 
 def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, site_id: Optional[int], counts: Counts, sign: int = 1) -> None:
@@ -3041,7 +3318,7 @@ def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, s
         f"FROM {table} WHERE {period} >= ? AND {period} < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
         (first, end, *names) + args,
     ):
-        _add(counts, names[dim], site, value, [sign * amount for amount in metrics] if sign < 0 else metrics)
+        _add(counts, names[dim], site, value, metrics, sign)
 
 
 def _raw_clause(scope: Scope) -> Tuple[str, Tuple[Any, ...]]:
@@ -3055,7 +3332,7 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     bounds = (first_id(span.start), first_id(span.end)) + args
     for name in counts:
         column = DIMENSION_NAMED[name].column
-        if RAW_NEEDS[name] != (VIEWS,):
+        if RAW_NEEDS[name] != ("views",):
             for site, value, *metrics in conn.execute(
                 f"SELECT site, {column}, {', '.join(RAW_METRICS)} "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
@@ -3064,7 +3341,7 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
                 _add(counts, name, site, value, metrics)
         else:
             for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {scope.table} WHERE id >= ? AND id < ?{clause}", bounds)).items():
-                _add(counts, name, site, value, Metrics(views))
+                _add(counts, name, site, value, Metrics(views=views))
 
 
 def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int], scope: Scope, moments: Optional[Moments] = None) -> Moments:
@@ -3214,7 +3491,7 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
         return lambda _site, value: getattr(agents.get(value, unknown), part)
 
     def string_part(dim: Dimension, part: str) -> Label:
-        index = dim.fields.index(part)
+        index = [field.name for field in dim.fields].index(part)
         return lambda _site, value: (strings.get(value, "").split(FIELD_SEPARATOR) + [""] * len(dim.fields))[index]
 
     def label(dim: Dimension, section: Section) -> Label:
@@ -3225,68 +3502,27 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
     return {name: label(dim, section) for name, (dim, section) in SECTIONS.items()}
 
 
-def _sections(counts: Counts, labels: Dict[str, Label]) -> Dict[str, List[Tuple[str, int]]]:
-    """Page views per label for each section, most first (page views without a campaign are not listed)."""
-    sections = {}
+def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict[str, List[Row]]:
+    """Every section's rows, of its kind: a label's counts summed over the values that show as it
+    (a browser's versions, a page on several sites), ranked by count. Row kinds that name the other
+    parts of a value (a source's channel) take them from its biggest value."""
+    sections: Dict[str, List[Row]] = {}
     for name, (dim, section) in SECTIONS.items():
-        if section.columns in ("entries", "events"):
-            continue
-        merged: Counter = Counter()
-        label = labels[name]
-        for (site, value), metrics in counts[dim.name].items():
-            merged[label(site, value)] += metrics[VIEWS]
-        if name == "campaigns":
-            merged.pop("", None)
-        sections[name] = sorted(((key, n) for key, n in merged.items() if n), key=lambda item: (-item[1], item[0]))
-    return sections
-
-
-def _details(counts: Counts, labels: Dict[str, Label]) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """For sections that show visitors, each row's visitors, and for a field of a several-field
-    dimension the other fields of its biggest row (a source's channel); for pages, each row's time
-    on page and scroll depth."""
-    details: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    for name, (dim, section) in SECTIONS.items():
-        if section.columns not in ("visitors", "engagement"):
-            continue
-        rows: Dict[str, Dict[str, Any]] = {}
-        sums: Dict[str, List[int]] = {}
-        others = [(other.part, labels[other.name]) for other in dim.sections if other.part and other.part != section.part]
+        label, kind = labels[name], section.row
+        others = [(other.part, labels[other.name]) for other in dim.sections if kind.OTHERS and other.part and other.part != section.part]
+        sums: Dict[str, Totals] = {}
+        parts: Dict[str, Dict[str, str]] = {}
         counted = counts[dim.name].items()
-        for (site, value), metrics in sorted(counted, key=lambda item: -item[1][VIEWS]) if others else counted:
-            label = labels[name](site, value)
-            total = sums.get(label)
+        for (site, value), metrics in sorted(counted, key=lambda item: -item[1].views) if others else counted:
+            shown = label(site, value)
+            total = sums.get(shown)
             if total is None:
-                sums[label] = list(metrics)
-            else:
-                sums[label] = [a + b for a, b in zip(total, metrics)]
-            for part, other in others:
-                rows.setdefault(label, {}).setdefault(part, other(site, value))
-        for label, summed in sums.items():
-            total = Metrics(*summed)
-            shown = {"visitors": total.visitors} if section.columns == "visitors" else {"time_on_page": time_on_page(total), "scroll_depth": scroll_depth(total)}
-            rows[label] = {**shown, **rows.get(label, {})}
-        details[name] = rows
-    return details
-
-
-def _entry_pages(pages: Dict[Tuple[int, int], List[int]], label: Label) -> List[Tuple[str, int, int]]:
-    merged: Dict[str, List[int]] = {}
-    for (site, value), metrics in pages.items():
-        if metrics[VISITS]:
-            total = merged.setdefault(label(site, value), [0, 0])
-            total[0] += metrics[VISITS]
-            total[1] += metrics[BOUNCES]
-    return sorted(((key, visits, bounces) for key, (visits, bounces) in merged.items()), key=lambda row: (-row[1], row[0]))
-
-
-def _events(counted: Dict[Tuple[int, int], List[int]], label: Label) -> List[Tuple[str, int, int]]:
-    merged: Dict[str, List[int]] = {}
-    for (site, value), metrics in counted.items():
-        total = merged.setdefault(label(site, value), [0, 0])
-        total[0] += metrics[VIEWS]
-        total[1] += metrics[VISITORS]
-    return sorted(((name, count, visitors) for name, (count, visitors) in merged.items()), key=lambda row: (-row[1], row[0]))
+                total = sums[shown] = Totals()
+                parts[shown] = {part: other(site, value) for part, other in others}
+            total.add(metrics)
+        rows = [kind.make(shown, total.frozen(), totals, parts[shown]) for shown, total in sums.items() if shown or section.lists_empty]
+        sections[name] = sorted((row for row in rows if row.count), key=lambda row: (-row.count, row.value))
+    return sections
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -3503,52 +3739,9 @@ def iso(seconds: int, zone: dt.tzinfo = dt.timezone.utc) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if zone is dt.timezone.utc else moment.isoformat()
 
 
-def percent(count: int, total: int) -> float:
-    return round(100.0 * count / total, 1) if total else 0.0
-
-
-def pages_per_visit(totals: Metrics) -> float:
-    return round(totals.views / totals.visits, 2) if totals.visits else 0.0
-
-
-def average_duration(totals: Metrics) -> int:
-    return round(totals.duration / totals.visits) if totals.visits else 0
-
-
-def time_on_page(totals: Metrics) -> float:
-    """Average engaged seconds over the page views that reported engagement (not over every page
-    view: a page view without JavaScript, or never shown, says nothing about reading)."""
-    return round(totals.engaged / totals.engaged_views, 1) if totals.engaged_views else 0.0
-
-
-def scroll_depth(totals: Metrics) -> float:
-    """Average deepest scroll, in percent, over the page views that reported engagement."""
-    return round(totals.scroll / totals.engaged_views, 1) if totals.engaged_views else 0.0
-
-
-def headline(totals: Metrics) -> Dict[str, float]:
-    """The headline numbers, by their JSON names."""
-    return {
-        "visitors": totals.visitors,
-        "visits": totals.visits,
-        "pageviews": totals.views,
-        "pages_per_visit": pages_per_visit(totals),
-        "bounce_rate": percent(totals.bounces, totals.visits),
-        "visit_duration": average_duration(totals),
-        "time_on_page": time_on_page(totals),
-        "scroll_depth": scroll_depth(totals),
-    }
-
-
 def change(current: float, previous: float) -> Optional[int]:
     """Percent change against the previous period; None when there was nothing before."""
     return round(100 * (current - previous) / previous) if previous else None
-
-
-def format_duration(seconds: int) -> str:
-    minutes, seconds = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def days_in(span: Range) -> int:
@@ -3564,17 +3757,6 @@ def shown_sections(report: ReportData, request: ReportRequest) -> List[str]:
     return [request.section] if request.section else list(SECTION_TITLES)
 
 
-def section_rows(report: ReportData, name: str) -> List[Tuple[str, int, int]]:
-    """Rows of any section as (label, count, second number): page views and total, visits and bounces,
-    or an event's count and visitors."""
-    columns = SECTIONS[name][1].columns
-    if columns == "entries":
-        return report.entry_pages
-    if columns == "events":
-        return report.events
-    return [(label, views, report.totals.views) for label, views in report.sections[name]]
-
-
 def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int = WIDTH) -> Tuple[str, str]:
     """The report the request asks for: its text and its content type."""
     data = query_report(conn, request.query)
@@ -3583,7 +3765,7 @@ def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int =
 
 
 def render_json(report: ReportData, request: ReportRequest) -> str:
-    query, now, before = report.query, headline(report.totals), headline(report.previous)
+    query, now, before = report.query, report.totals.headline(), report.previous.headline()
     document: Dict[str, Any] = {
         "version": __version__,
         "site": query.site or None,
@@ -3605,14 +3787,7 @@ def render_json(report: ReportData, request: ReportRequest) -> str:
         "notes": report.notes,
     }
     for name in shown_sections(report, request):
-        rows = limited(section_rows(report, name), request, text=False)
-        columns, details = SECTIONS[name][1].columns, report.details.get(name, {})
-        if columns == "entries":
-            document["sections"][name] = [{"value": v, "visits": n, "bounce_rate": percent(b, n)} for v, n, b in rows]
-        elif columns == "events":
-            document["sections"][name] = [{"value": v, "count": n, "visitors": visitors} for v, n, visitors in rows]
-        else:
-            document["sections"][name] = [{"value": v, "count": n, "percent": percent(n, total), **details.get(v, {})} for v, n, total in rows]
+        document["sections"][name] = [row.json() for row in limited(report.sections[name], request, text=False)]
     return json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 
@@ -3621,7 +3796,7 @@ def render_csv(report: ReportData, request: ReportRequest) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["section", "value", "count", "percent"])
-    for name, number in headline(report.totals).items():
+    for name, number in report.totals.headline().items():
         writer.writerow(["totals", name, number, ""])
     for reason, hits in report.filtered.items():
         writer.writerow(["filtered", reason, hits, ""])
@@ -3629,18 +3804,8 @@ def render_csv(report: ReportData, request: ReportRequest) -> str:
         writer.writerow(["series", iso(start, report.query.zone), views, ""])
         writer.writerow(["series_visitors", iso(start, report.query.zone), visitors, ""])
     for name in shown_sections(report, request):
-        columns, details = SECTIONS[name][1].columns, report.details.get(name, {})
-        for value, count, other in limited(section_rows(report, name), request, text=False):
-            if columns == "entries":
-                writer.writerow(["entry_pages", value, count, percent(count, report.totals.visits)])
-                writer.writerow(["entry_bounces", value, other, percent(other, count)])
-            elif columns == "events":
-                writer.writerow(["events", value, count, ""])
-                writer.writerow(["event_visitors", value, other, ""])
-            else:
-                writer.writerow([name, value, count, percent(count, other)])
-                for key, extra in details.get(value, {}).items():
-                    writer.writerow([f"{name}_{key}", value, extra, ""])
+        for row in limited(report.sections[name], request, text=False):
+            writer.writerows(row.csv(name))
     return out.getvalue()
 
 
@@ -3656,13 +3821,13 @@ def render_text(report: ReportData, request: ReportRequest, width: int = WIDTH) 
         lines += ["", *render_headline(report, request.ascii), *[f"Note: {note}" for note in report.notes]]
         lines += ["", *render_series(report, width, request.ascii)]
     for name in shown_sections(report, request):
-        lines += ["", *render_section(name, section_rows(report, name), request, width, report.details)]
+        lines += ["", *render_section(name, report.sections[name], request, width)]
     return "\n".join(lines) + "\n"
 
 
 def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]:
     """The headline numbers as shown: (title, value, change against the previous period)."""
-    now, before = headline(report.totals), headline(report.previous)
+    now, before = report.totals.headline(), report.previous.headline()
     shown = {
         "visitors": f"{now['visitors']:,}",
         "visits": f"{now['visits']:,}",
@@ -3728,46 +3893,19 @@ def bar(value: int, largest: int, width: int, ascii: bool) -> str:
     return "█" * (eighths // 8) + EIGHTHS[eighths % 8].strip()
 
 
-def render_section(
-    name: str, rows: List[Tuple[str, int, int]], request: ReportRequest, width: int, report_details: Dict[str, Dict[str, Dict[str, Any]]]
-) -> List[str]:
-    title, empty, columns = SECTION_TITLES[name], SECTIONS[name][1].empty, SECTIONS[name][1].columns
+def render_section(name: str, rows: List[Row], request: ReportRequest, width: int) -> List[str]:
+    """A section as an aligned table: its value, cut to fit, then its kind's columns."""
+    section = SECTIONS[name][1]
     shown = limited(rows, request, text=True)
-    if columns == "entries":
-        label_width = width - 22
-        lines = [f"{title:<{label_width}}{'Visits':>10}{'Bounce rate':>12}"]
-        lines += [f"{cut(value, label_width - 2):<{label_width}}{visits:>10,}{percent(bounces, visits):>11.1f}%" for value, visits, bounces in shown]
-    elif columns == "events":
-        label_width = width - 20
-        lines = [f"{title:<{label_width}}{'Count':>10}{'Visitors':>10}"]
-        lines += [f"{cut(value, label_width - 2):<{label_width}}{count:>10,}{visitors:>10,}" for value, count, visitors in shown]
-    elif columns == "visitors" or (columns == "engagement" and any(row.get("time_on_page") or row.get("scroll_depth") for row in report_details.get(name, {}).values())):
-        details, widths = report_details.get(name, {}), DETAIL_WIDTHS[columns]
-        label_width = width - 18 - sum(widths)
-        aligned = lambda cells: "".join(cell.rjust(cell_width) for cell, cell_width in zip(cells, widths))  # noqa: E731
-        lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}{aligned(DETAIL_HEADERS[columns])}"]
-        lines += [
-            f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%{aligned(detail_cells(columns, details.get(value, {})))}"
-            for value, views, total in shown
-        ]
-    else:
-        label_width = width - 18
-        lines = [f"{title:<{label_width}}{'Views':>10}{'%':>8}"]
-        lines += [f"{cut(value or empty, label_width - 2):<{label_width}}{views:>10,}{percent(views, total):>7.1f}%" for value, views, total in shown]
+    columns = text_columns(section.row, rows)
+    label_width = width - sum(column_width for _, column_width in columns)
+    lines = [f"{section.title:<{label_width}}" + "".join(header.rjust(column_width) for header, column_width in columns)]
+    for row in shown:
+        cells = "".join(cell.rjust(column_width) for cell, (_, column_width) in zip(row.cells(), columns))
+        lines.append(f"{cut(row.value or section.empty, label_width - 2):<{label_width}}{cells}")
     if len(rows) > len(shown):
         lines.append(f"… and {len(rows) - len(shown):,} more")
-    return lines if rows else lines + [f"(no {'events' if columns == 'events' else 'campaigns' if name == 'campaigns' else 'page views'})"]
-
-
-DETAIL_HEADERS = {"visitors": ("Visitors",), "engagement": ("Time", "Scroll")}  # what a row's details show, after its views and percent
-DETAIL_WIDTHS = {"visitors": (10,), "engagement": (9, 8)}  # in text
-
-
-def detail_cells(columns: str, row: Dict[str, Any]) -> Tuple[str, ...]:
-    """A row's details as shown (``_details``): its visitors, or its time on page and scroll depth."""
-    if columns == "visitors":
-        return (f"{row.get('visitors', 0):,}",)
-    return (format_duration(round(row.get("time_on_page", 0))), f"{row.get('scroll_depth', 0):.0f}%")
+    return lines if rows else lines + [section.nothing]
 
 
 def cut(text: str, width: int) -> str:
@@ -3810,7 +3948,7 @@ def render_html(report: ReportData, request: ReportRequest) -> str:
         html_headline(report), html_chart(report), *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
     ]
     for name in shown_sections(report, request):
-        parts.append(html_section(name, limited(section_rows(report, name), request, text=True), report, request))
+        parts.append(html_section(name, limited(report.sections[name], request, text=True), report, request))
     parts.append(f'<footer><p class="muted">pixeld {__version__} · filtered {sum(report.filtered.values()):,}{esc(filtered_breakdown(report.filtered))}</p></footer></body></html>')
     return "".join(parts) + "\n"
 
@@ -3891,32 +4029,24 @@ def row_filter(name: str, value: str, sites: List[str]) -> Dict[str, str]:
     return {name: value}
 
 
-def html_section(name: str, rows: List[Tuple[str, int, int]], report: ReportData, request: ReportRequest) -> str:
+def html_section(name: str, rows: List[Row], report: ReportData, request: ReportRequest) -> str:
     """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
     section = SECTIONS[name][1]
     filter_name = section.filter or SECTIONS["pages"][1].filter  # entry pages filter by path
-    headers = {"entries": ("Visits", "Bounce rate"), "events": ("Count", "Visitors")}.get(section.columns, ("Views", "%", *DETAIL_HEADERS.get(section.columns, ())))
-    largest = max((count for _, count, _ in rows), default=0)
-    details = report.details.get(name, {})
+    headers = [header for header, _ in section.row.COLUMNS]
+    largest = max((row.count for row in rows), default=0)
     body = []
-    for value, count, other in rows:
-        shown = value or section.empty
-        link = report_link(request, **row_filter(filter_name, value or section.empty, report.sites))
-        if section.columns == "entries":
-            numbers: Tuple[str, ...] = (f"{count:,}", f"{percent(other, count):.1f}%")
-        elif section.columns == "events":
-            numbers = (f"{count:,}", f"{other:,}")
-        else:
-            numbers = (f"{count:,}", f"{percent(count, other):.1f}%")
-            numbers += detail_cells(section.columns, details.get(value, {})) if section.columns in DETAIL_HEADERS else ()
+    for row in rows:
+        shown = row.value or section.empty
+        link = report_link(request, **row_filter(filter_name, shown, report.sites))
         body.append(
-            f'<tr><td class="l"><span style="width:{100 * count / largest if largest else 0:.1f}%"></span><a href="{link}">{esc(shown)}</a></td>'
-            + "".join(f'<td class="n">{cell}</td>' for cell in numbers) + "</tr>"
+            f'<tr><td class="l"><span style="width:{100 * row.count / largest if largest else 0:.1f}%"></span><a href="{link}">{esc(shown)}</a></td>'
+            + "".join(f'<td class="n">{esc(cell)}</td>' for cell in row.cells()) + "</tr>"
         )
     if not body:
-        body.append(f'<tr><td class="l muted" colspan="{len(headers) + 1}">(no {"events" if section.columns == "events" else "page views"})</td></tr>')
-    head = f'<tr><th>{esc(section.title)}</th>{"".join(f"<th class=n>{h}</th>" for h in headers)}</tr>'
-    more = len(section_rows(report, name)) - len(rows)
+        body.append(f'<tr><td class="l muted" colspan="{len(headers) + 1}">{esc(section.nothing)}</td></tr>')
+    head = f'<tr><th>{esc(section.title)}</th>{"".join(f"<th class=n>{esc(header)}</th>" for header in headers)}</tr>'
+    more = len(report.sections[name]) - len(rows)
     footer = f'<p class="muted"><a href="{report_link(request, section=name)}">all {more + len(rows):,}</a></p>' if more > 0 else ""
     return f'<section><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
 
@@ -3945,7 +4075,7 @@ def render_counter_svg(path: str, views: int) -> str:
 ###############################################################################
 
 EXPORT_FIELDS = (
-    "time", "type", "site", *(field for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
+    "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
 )
 IMPORT_BATCH = 20_000
 _COMBINED = re.compile(
@@ -3979,22 +4109,24 @@ def export_lines(conn: sqlite3.Connection, span: Range, site: str, fmt: str) -> 
 
 
 def export_sql(table: str, kind: str) -> str:
-    """SELECT a table's rows in EXPORT_FIELDS order, every dimension resolved to its text; a field the table lacks is empty."""
+    """SELECT a table's rows in EXPORT_FIELDS order, every dimension resolved to its text; a field the
+    table lacks is empty. Left joins: a value whose id names nothing exports empty, and its row stays."""
     columns = PAGEVIEW_COLUMNS if table == "pageviews" else EVENT_COLUMNS
-    selected, joins = ["t.id", f"'{kind}'", "s.value"], ["JOIN strings s ON s.id = t.site"]
+    selected, joins = ["t.id", f"'{kind}'", "coalesce(s.value, '')"], ["LEFT JOIN strings s ON s.id = t.site"]
     for number, dim in enumerate(DIMENSIONS + (EVENT_NAMES,)):
         if dim.column not in columns:
             selected += ["''"] * len(dim.fields)
         elif dim.column == "agent":
-            selected += [f"a.{field}" for field in AGENT_FIELDS]
-            joins.append("JOIN agents a ON a.id = t.agent")
+            selected += [f"coalesce(a.{field}, '')" for field in AGENT_FIELDS]
+            joins.append("LEFT JOIN agents a ON a.id = t.agent")
         elif len(dim.fields) == 2:  # "first\tsecond"
-            value, tab = f"j{number}.value", f"instr(j{number}.value, char(9))"
+            value = f"coalesce(j{number}.value, '')"
+            tab = f"instr({value}, char(9))"
             selected += [f"substr({value}, 1, {tab} - 1)", f"substr({value}, {tab} + 1)"]
-            joins.append(f"JOIN strings j{number} ON j{number}.id = t.{dim.column}")
+            joins.append(f"LEFT JOIN strings j{number} ON j{number}.id = t.{dim.column}")
         else:
-            selected.append(f"j{number}.value")
-            joins.append(f"JOIN strings j{number} ON j{number}.id = t.{dim.column}")
+            selected.append(f"coalesce(j{number}.value, '')")
+            joins.append(f"LEFT JOIN strings j{number} ON j{number}.id = t.{dim.column}")
     selected += [f"t.{number}" for number in ROW_NUMBERS]
     return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
 
@@ -4033,10 +4165,7 @@ class Importer:
         self.memo = Memo()
         self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear)
         self.imported = self.filtered = self.skipped = 0
-        self._views: List[Tuple[PageView, Optional[VisitStep]]] = []
-        self._records: List[Record] = []
-        self._events: List[Event] = []
-        self._hits: List[FilteredHit] = []
+        self.batch = Batch()
         self._started = self._reported = time.monotonic()
 
     def run(self, path: str, fmt: str, force: bool) -> None:
@@ -4102,10 +4231,12 @@ class Importer:
 
     def _add_log_line(self, match: "re.Match[str]", when: int) -> None:
         """A page request in an access log is a hit: its Referer is the page's referrer, its address the visitor's."""
-        page = url_path(match.group("target"))
+        target = split_url(match.group("target"))
+        page = target.path if target else ""
         if match.group("method") != "GET" or not match.group("status").startswith("2") or not page or _ASSET.search(page):
             return
-        params = {"path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
+        campaign = {key: value for key, value in parse_query(target.query).items() if key in CAMPAIGN_PARAMS}  # as the snippet sends them
+        params = {**campaign, "path": page, "referrer": unescape_log(match.group("referrer") or ""), "host": self.site}
         hit = RawHit(when, params, unescape_log(match.group("agent") or ""), peer=match.group("address"))
         self._add(read_hit(hit, self.config, self.memo, lambda address: lookup_country(self.geoip, address)), live=True)
 
@@ -4113,33 +4244,26 @@ class Importer:
         self._add(read_record(row, self.config, self.memo, self.site) if row else None, live=False)
 
     def _add(self, outcome: Outcome, live: bool) -> None:
+        """Batch a row as the daemon batches a hit (``place``): an access log's lines are placed in
+        visits by visitors of the import's own; an export's rows bring their visits along."""
+        item, step = place(outcome, self.visitors if live else None)
         if outcome is None:
             self.skipped += 1
-            return
-        if isinstance(outcome, FilteredHit):
-            self._hits.append(outcome)
+        elif isinstance(outcome, FilteredHit):
             self.filtered += 1
-            return
-        self.imported += 1
-        if live:
-            hit, step = self.visitors.admit(outcome)  # access logs have no engagement
-            if isinstance(hit, PageView):
-                self._views.append((hit, step))
-            elif isinstance(hit, Event):
-                self._events.append(hit)
-        elif outcome.event:
-            self._events.append(Event(outcome.event, outcome.view))
         else:
-            self._records.append(Record(outcome.view, *outcome.stored))
-        if len(self._views) + len(self._records) + len(self._events) >= IMPORT_BATCH:
+            self.imported += 1
+        if item is not None:
+            self.batch.add(item, step)
+        if len(self.batch) >= IMPORT_BATCH:
             self._flush()
 
     def _flush(self) -> None:
         try:
-            self.store.write(self._views, self._hits, self._records, self._events)
+            self.store.write(self.batch)
         except sqlite3.IntegrityError:  # the daemon wrote into the same second meanwhile: ids are recomputed
-            self.store.write(self._views, self._hits, self._records, self._events)
-        self._views, self._records, self._events, self._hits = [], [], [], []
+            self.store.write(self.batch)
+        self.batch = Batch()
         now = time.monotonic()
         if now - self._reported >= 1:
             self._reported = now
@@ -4159,6 +4283,17 @@ def parse_log_time(value: str) -> Optional[int]:
 
 def unescape_log(value: str) -> str:
     return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
+
+
+SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database"}
+
+
+def require_site(fmt: str, config: Config) -> None:
+    """An access log's lines and a Flask database's rows name no site, so the import needs --site: with
+    none, every page view would have an empty site, and readers' internal navigation would count as
+    referrals from the site itself."""
+    if fmt in SITELESS_FORMATS and not config.sites:
+        raise ImportFailed(f"{SITELESS_FORMATS[fmt]} does not name its site: give the site its pages belong to with --site example.org")
 
 
 def detect_format(path: str, fmt: str = "") -> str:
@@ -4386,18 +4521,11 @@ class App:
     def record(self, environ: Environ) -> None:
         """Run the hit through the pipeline; place what counts in its visit and hand it to the writer."""
         outcome = read_hit(raw_hit(environ, int(self.clock()), self.memo), self.config, self.memo, self.country_of)
-        if outcome is None:
-            self.outcomes["malformed"] += 1
-            return
-        if isinstance(outcome, FilteredHit):
-            item: Union[PageView, Event, Engagement, FilteredHit, None] = outcome
-            self.writer.submit(outcome)
-        else:
-            with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
-                item, step = self.visitors.admit(outcome)
-                if item is not None:
-                    self.writer.submit(item, step)
-        self.outcomes[outcome_name(item)] += 1
+        with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
+            item, step = place(outcome, self.visitors)
+            if item is not None:
+                self.writer.submit(item, step)
+        self.outcomes[outcome_name(outcome, item)] += 1
 
     def overloaded(self) -> bool:
         """For the server: stop reading requests until the writer catches up."""
@@ -4570,7 +4698,7 @@ class App:
         outcomes = Counter({"pageview": 0, "event": 0, **{reason: 0 for reason in FILTER_REASONS if reason != "dropped"}})
         outcomes.update(self.outcomes)
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
-            {"hits_total": ("Hits by outcome: page views, events, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
+            {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
              "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
             gauges,
         ).encode()
@@ -4593,8 +4721,11 @@ Read the report with <code>curl http://127.0.0.1:8000/report</code> on this mach
 """
 
 
-def outcome_name(item: Union[PageView, Event, Engagement, FilteredHit, None]) -> str:
-    """What became of a hit, for /metrics: pageview, event, engagement, unmatched (engagement for no page view seen), or a filter reason."""
+def outcome_name(outcome: Outcome, item: Optional[Item]) -> str:
+    """What became of a hit, for /metrics: pageview, event, engagement, a filter reason, malformed, or
+    unmatched (engagement for no page view seen)."""
+    if outcome is None:
+        return "malformed"
     if item is None:
         return "unmatched"
     return item.reason if isinstance(item, FilteredHit) else {PageView: "pageview", Event: "event", Engagement: "engagement"}[type(item)]
@@ -4768,13 +4899,28 @@ def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Re
     return Request(environ, keep_alive)
 
 
-@lru_cache(maxsize=256)
 def environ_key(name: str) -> str:
-    """A header's WSGI environ key (``User-Agent`` is ``HTTP_USER_AGENT``), or empty for a malformed name."""
+    """A header's WSGI environ key (``User-Agent`` is ``HTTP_USER_AGENT``), or empty for a malformed name.
+    The usual headers are looked up; others are converted each time, so no cache keeps what a client sent."""
+    known = KNOWN_HEADERS.get(name)
+    if known is not None:
+        return known
     if not name or name != name.strip() or " " in name:
         return ""
     key = name.upper().replace("-", "_")
     return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
+KNOWN_HEADERS = {
+    name: "HTTP_" + name.upper().replace("-", "_")
+    for spelling in (str.title, str.lower)
+    for name in map(spelling, (
+        "Host", "User-Agent", "Accept", "Accept-Language", "Accept-Encoding", "Referer", "Origin", "Connection", "Cookie", "Authorization",
+        "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP", "Forwarded", "Via", "DNT", "Sec-GPC", "Purpose", "Sec-Purpose",
+        "Sec-Fetch-Dest", "Sec-Fetch-Mode", "Sec-Fetch-Site", "Sec-CH-UA", "Sec-CH-UA-Mobile", "Sec-CH-UA-Platform", "Priority", "Cache-Control", "Pragma",
+    ))
+}
+KNOWN_HEADERS.update({spelling(name): name.upper().replace("-", "_") for spelling in (str.title, str.lower) for name in ("Content-Type", "Content-Length")})
 
 
 INLINE_ENVIRON = {
@@ -5283,6 +5429,7 @@ def heartbeat(app: App) -> Callable[[], None]:
 # Command line ################################################################
 ###############################################################################
 
+ENV_FILE = "/etc/pixeld.env"  # the service's settings (pixeld.service: EnvironmentFile=)
 ENVIRONMENT = {
     "listen": "PIXELD_LISTEN",
     "db": "PIXELD_DB",
@@ -5314,41 +5461,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
     add_db_option(report_cmd, "read-only")
+    add_env_file_option(report_cmd)
     add_range_options(report_cmd)
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
-    report_cmd.add_argument("--ascii", action="store_true", help="bars of # for terminals without Unicode")
+    report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))
 
     export_cmd = commands.add_parser("export", help="write stored page views as CSV or NDJSON", description="Write the stored page views (they carry no identifiers) to standard output.")
     add_db_option(export_cmd, "read-only")
+    add_env_file_option(export_cmd)
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
     import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, the 2020 Flask tool's database, or a combined access log.")
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
+    add_env_file_option(import_cmd)
     import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
     add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
-    check_cmd = commands.add_parser("check", help="say whether a hit would be counted, and why", description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored.")
+    check_cmd = commands.add_parser(
+        "check", help="say whether a hit would be counted, and why",
+        description="Run one hit through the pipeline offline and say whether it would be counted, and why. Nothing is stored. "
+                    "Exit status: 0 counted, 1 not counted (filtered or malformed), 2 a bad option or setting.",
+    )
     for name, note in (("ua", "the User-Agent"), ("referrer", "the page's referrer, a full URL"), ("path", "the page's path"), ("host", "the site's hostname"),
-                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view")):
+                       ("ip", "the client address (for --ignore-ip and the country)"), ("event", "an event's name, to check an event instead of a page view"),
+                       ("accept-language", "the Accept-Language header"), ("query", "more of the pixel's parameters, as the snippet sends them: title=Home&utm_source=x")):
         check_cmd.add_argument(f"--{name}", default=None if name == "event" else "", help=note)
     check_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look the country up [$PIXELD_GEOIP]")
     add_filter_options(check_cmd)
+    add_env_file_option(check_cmd)
 
     doctor_cmd = commands.add_parser("doctor", help="check the setup and explain what is wrong", description="Check the database, token, GeoIP file, time zone and state directory, and with --url a running daemon. Exit status 0 when nothing fails.")
     add_serve_options(doctor_cmd)
+    add_env_file_option(doctor_cmd)
     doctor_cmd.add_argument("--url", help="a running daemon to check, as your browser or proxy reaches it: http://127.0.0.1:8000 or https://stats.example.org")
 
     backup_cmd = commands.add_parser("backup", help="copy the database consistently, also while the daemon runs", description="Make a consistent copy of the database with SQLite's online backup, also while the daemon runs.")
     backup_cmd.add_argument("dest", help="the new file; it must not exist yet")
     add_db_option(backup_cmd, "read-only")
+    add_env_file_option(backup_cmd)
 
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
@@ -5367,14 +5525,16 @@ def add_share_and_top_commands(commands: Any) -> None:
     share_cmd.add_argument("--list", action="store_true", help="list the links (their ids and sites; the secrets are not kept)")
     share_cmd.add_argument("--revoke", metavar="ID", type=int, help="revoke a link: it stops working at once")
     add_db_option(share_cmd, "created if missing")
+    add_env_file_option(share_cmd)
 
     top_cmd = commands.add_parser(
         "top", help="a live view in the terminal", description="A full-screen live view: visitors now, page views per minute, top pages and sources. q quits."
     )
     add_db_option(top_cmd, "read-only")
+    add_env_file_option(top_cmd)
     top_cmd.add_argument("--site", default="", help="one site (hostname) instead of all")
     top_cmd.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (default 5)")
-    top_cmd.add_argument("--tz", default="", help="time zone for the clock and minutes (default $PIXELD_TIMEZONE, else UTC)")
+    top_cmd.add_argument("--tz", default="", help="time zone for the clock and minutes (default $PIXELD_TIMEZONE, as in --env-file, else UTC)")
 
 
 def add_serve_options(command: argparse.ArgumentParser) -> None:
@@ -5383,7 +5543,7 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     add_db_option(command, "created on first start")
     command.add_argument("--geoip", metavar="FILE.mmdb", help="GeoLite2/DB-IP country database; needs the geoip2 package [$PIXELD_GEOIP]")
     token = command.add_mutually_exclusive_group()
-    token.add_argument("--token", metavar="TOKEN", help="token that /report requires as 'Authorization: Bearer TOKEN' [$PIXELD_TOKEN]")
+    token.add_argument("--token", metavar="TOKEN", help="token that /report requires: 'Authorization: Bearer TOKEN', or HTTP Basic with the token as the password (curl -u :TOKEN) [$PIXELD_TOKEN]")
     token.add_argument("--token-file", metavar="PATH", help="read the token from a file, keeping it out of ps [$PIXELD_TOKEN_FILE]")
     command.add_argument(
         "--trusted-proxy", metavar="CIDR", nargs="+", action="extend",
@@ -5415,12 +5575,55 @@ def add_db_option(command: argparse.ArgumentParser, note: str) -> None:
     command.add_argument("--db", metavar="PATH", help=f"SQLite database, {note} (default ./{DEFAULT_DB}) [$PIXELD_DB]")
 
 
+def add_env_file_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--env-file", metavar="PATH",
+        help=f"read PIXELD_* settings from this file, as the service does (default {ENV_FILE} when it exists; '' for none); the environment and flags win",
+    )
+
+
 def add_range_options(command: argparse.ArgumentParser, default: str = "30d") -> None:
     command.add_argument("--start", default="", help="start: unix seconds, 2026-11-01 or 2026-11-01T12:00:00 (in --tz)")
     command.add_argument("--end", default="", help="end, exclusive; a date includes that whole day")
-    command.add_argument("--range", default="", help=f"today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
-    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
+    command.add_argument("--range", default="", help=f"realtime (the last 30 minutes), today, yesterday, Nd (7d, 30d, ...), month, year or all (default {default})")
+    command.add_argument("--tz", default="", help="time zone for days and times, like Europe/Berlin (default $PIXELD_TIMEZONE, as in --env-file, else UTC)")
     command.add_argument("--site", default="", help="one site (hostname) instead of all")
+
+
+def with_env_file(args: argparse.Namespace, environ: Dict[str, str]) -> Dict[str, str]:
+    """The environment, completed from the service's settings file, so that a command run by hand
+    (``report``, ``check``, ``doctor``...) uses the daemon's time zone, sites and filters. ``serve``
+    gets the file from systemd (``EnvironmentFile=``), and takes no option."""
+    if not hasattr(args, "env_file"):
+        return environ
+    path = ENV_FILE if args.env_file is None else args.env_file
+    if not path or (args.env_file is None and not os.path.exists(path)):
+        return environ
+    try:
+        return {**read_env_file(path), **environ}
+    except ConfigError as error:
+        if args.env_file is not None:
+            raise
+        log_line(f"{error}; going on without the service's settings (--env-file '' reads none)")
+        return environ
+
+
+def read_env_file(path: str) -> Dict[str, str]:
+    """The ``PIXELD_*`` lines of a systemd environment file: ``NAME=value``, ``#`` and ``;`` comments, optional quotes."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error_reason(error)}") from None
+    settings = {}
+    for line in lines:
+        name, equals, value = line.strip().partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if equals and name.strip().startswith("PIXELD_"):
+            settings[name.strip()] = value
+    return settings
 
 
 def setting(args: argparse.Namespace, name: str, environ: Dict[str, str], default: Any = None) -> Any:
@@ -5485,10 +5688,7 @@ def check_database_path(path: str) -> None:
 
 def command_params(args: argparse.Namespace, names: Iterable[str]) -> Dict[str, str]:
     """The report and export flags as the query parameters /report and /export take."""
-    params = {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
-    if getattr(args, "ascii", False):
-        params["ascii"] = "1"
-    return params
+    return {name: str(getattr(args, name)) for name in names if getattr(args, name, "")}
 
 
 def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo:
@@ -5497,7 +5697,7 @@ def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo
 
 def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
-    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", *FILTERS)
+    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "ascii", *FILTERS)
     try:
         request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
@@ -5530,6 +5730,7 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     check_database_path(db_path)
     geoip_path = setting(args, "geoip", environ, "")
     config = config_from(args, environ)
+    require_site(fmt, config)
     conn = connect(db_path, progress=log_line)
     try:
         Importer(conn, config, open_geoip(geoip_path) if geoip_path else None, log_line).run(args.file, fmt, args.force)
@@ -5538,31 +5739,48 @@ def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
 
 
 def run_backup(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """SQLite's online backup: a consistent copy while the daemon keeps writing."""
-    if os.path.exists(args.dest):
-        raise ConfigError(f"{args.dest} exists already: name a new file")
+    """SQLite's online backup: a consistent copy while the daemon keeps writing. The copy holds every
+    page view, so it is created 0600 whatever the umask, and never replaces an existing file."""
     source = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
-        target = sqlite3.connect(args.dest)
+        create_private_file(args.dest)
         try:
-            source.backup(target, pages=1024, sleep=0.01)
-        finally:
-            target.close()
-    except sqlite3.Error as error:
-        raise StorageError(f"cannot back up to {args.dest}: {error}") from None
+            target = sqlite3.connect(args.dest)
+            try:
+                source.backup(target, pages=1024, sleep=0.01)
+            finally:
+                target.close()
+        except sqlite3.Error as error:
+            os.remove(args.dest)
+            raise StorageError(f"cannot back up to {args.dest}: {error}") from None
     finally:
         source.close()
     log_line(f"backed up to {args.dest}")
 
 
-def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``."""
+def create_private_file(path: str) -> None:
+    """Create an empty file only its owner can read, failing if it exists (no window with wider permissions)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise ConfigError(f"{path} exists already: name a new file") from None
+    except OSError as error:
+        raise ConfigError(f"cannot create {path}: {error.strerror}") from None
+
+
+def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> int:
+    """``pixeld.py check``: the dry run, offline, with the same filters as ``serve``. Exit status 0 when
+    the hit would count, 1 when it would not (filtered or malformed); a bad option or setting gives 2."""
     config = config_from(args, environ)
     geoip_path = setting(args, "geoip", environ, "")
     geoip = open_geoip(geoip_path) if geoip_path else None
-    params = {"path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
-    hit = RawHit(int(time.time()), params, args.ua, peer=args.ip)
-    print(explain(read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))))
+    params = {**parse_query(args.query), "path": args.path, "host": args.host, "referrer": args.referrer, **({"event": args.event} if args.event is not None else {})}
+    hit = RawHit(int(time.time()), params, args.ua, accept_language=args.accept_language, peer=args.ip)
+    outcome = read_hit(hit, config, Memo(), lambda address: lookup_country(geoip, address))
+    print(explain(outcome))
+    if not args.ua:
+        log_line("no --ua given: a hit without a User-Agent is a bot's")
+    return 0 if isinstance(outcome, Accepted) else 1
 
 
 def run_share(args: argparse.Namespace, environ: Dict[str, str]) -> None:
@@ -5942,6 +6160,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
     commands.update(share=run_share, top=run_top)
     try:
+        environ = with_env_file(args, environ)
         if args.command in commands:
             return commands[args.command](args, environ) or 0
         elif args.command == "snippet":

@@ -53,12 +53,15 @@ def build(path, count):
         for i in range(n):
             entry = rng.random() < 0.45
             agent = agents[which[i]]
+            referrer = pixeld.normalise_referrer(referrers[i], "example.org")
+            source, channel = pixeld.classify_source(referrer)
             view = pixeld.PageView(
-                end - YEAR + (first + i) * YEAR // count, "example.org", pages[i], "A post", pixeld.normalise_referrer(referrers[i], "example.org"),
-                countries[i], agent.browser, agent.version, agent.os, agent.device, screens[which[i]], languages[i % len(languages)], rng.random() < 0.4,
+                end - YEAR + (first + i) * YEAR // count, "example.org", path=pages[i], title="A post", referrer=referrer, source=source, channel=channel,
+                country=countries[i], browser=agent.browser, version=agent.version, os=agent.os, device=agent.device, screen=screens[which[i]],
+                language=languages[i % len(languages)], first_today=rng.random() < 0.4,
             )
             records.append(pixeld.Record(view, rng.choice((1, 1, 2, 3, 5)) if entry else 0, rng.randrange(600) if entry else 0))
-        store.write(records=records)
+        store.write(pixeld.Batch(records=records))
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.conn.close()
     return time.perf_counter() - started

@@ -1,16 +1,24 @@
-"""Shared helpers: the real daemon as a subprocess on a free loopback port, real HTTP, the real database."""
+"""Shared helpers, each defined once: the tools the tests need, the real daemon as a subprocess on a free
+loopback port, real HTTP, the app called in process, the real database, and waiting for them."""
 
 import http.client
+import importlib
+import io
+import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from types import ModuleType
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Tuple
 from urllib.parse import urlencode
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 
@@ -23,6 +31,127 @@ import pixeld  # noqa: E402  (importable once ROOT is on the path)
 CHROME = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1"
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
+
+
+# ---- The tools the tests need -------------------------------------------------------------------------------
+# Every test that needs a package or a program asks for it here, in the test or in a fixture. Where it is missing
+# the test is skipped, with the reason in the summary (-ra); under CI (the CI variable set) it fails instead,
+# because CI installs all of them (.ci/run, tests/requirements.txt): a test that CI skips can never fail.
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the test for a missing tool; fail it under CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI installs it, so this test must run", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str) -> ModuleType:
+    """A package from tests/requirements.txt, imported into the interpreter that runs the tests."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    missing(f"{name} is not installed (it is in tests/requirements.txt)")
+
+
+def require_script(name: str) -> str:
+    """The command a package from tests/requirements.txt installs, next to the interpreter that runs the tests
+    (the venv's bin/, which is not on PATH unless the venv is activated)."""
+    script = Path(sys.executable).parent / name
+    if not script.is_file():
+        missing(f"{name} is not installed next to {sys.executable} (it is in tests/requirements.txt)")
+    return str(script)
+
+
+def require_tool(*names: str, package: str) -> str:
+    """A program from the system (the first of ``names`` found on PATH), which .ci/run installs from ``package``."""
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    missing(f"{names[0]} is not installed (apt-get install {package})")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A skip raised by the helpers here is reported at the test that needed the tool, not at this file."""
+    report = (yield).get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and Path(report.longrepr[0]).resolve() == Path(__file__).resolve():
+        path, line, _ = item.reportinfo()
+        report.longrepr = (str(path), (line or 0) + 1, report.longrepr[2])
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless Chromium, driven by Playwright (no browser download); test names resolve to loopback."""
+    sync_api = require_module("playwright.sync_api")
+    chromium = require_tool("chromium", "chromium-browser", package="chromium")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-blink-features=AutomationControlled",
+                "--host-resolver-rules=MAP site.test 127.0.0.1, MAP other.test 127.0.0.1",
+            ],
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def tiny_filesystem() -> Iterator[str]:
+    """A 2 MiB tmpfs, so the disk really fills; skipped where mounting is not allowed (it needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    mountpoint = tempfile.mkdtemp(prefix="pixeld-full-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountpoint], capture_output=True, text=True)
+    if mounted.returncode:
+        os.rmdir(mountpoint)
+        pytest.skip(f"cannot mount a tiny tmpfs here: {mounted.stderr.strip()}")
+    yield mountpoint
+    subprocess.run(["umount", "-l", mountpoint], check=False)
+    os.rmdir(mountpoint)
+
+
+def write_mmdb(path: Path, countries: Dict[str, str], built: Optional[float] = None) -> Path:
+    """A real MaxMind country database (networks to ISO codes), built at test time; ``built`` sets its build time."""
+    mmdb_writer, netaddr = require_module("mmdb_writer"), require_module("netaddr")
+    writer = mmdb_writer.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"], description="pixeld test")
+    for network, code in countries.items():
+        writer.insert_network(netaddr.IPSet([network]), {"country": {"iso_code": code, "names": {"en": code}}})
+    real = mmdb_writer.time.time
+    if built is not None:
+        mmdb_writer.time.time = lambda: built
+    try:
+        writer.to_db_file(str(path))
+    finally:
+        mmdb_writer.time.time = real
+    return path
+
+
+# ---- Waiting -------------------------------------------------------------------------------------------------
+
+
+def wait_for(check: Callable[[], object], seconds: float = 15.0, proc: Optional[subprocess.Popen] = None) -> None:
+    """Poll ``check`` until it is true. A socket or database that is not ready yet counts as false; the process
+    that should answer (``proc``), if given, must stay alive."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc is not None and proc.poll() is not None:
+            output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError(f"exited with {proc.returncode}: {output}")
+        try:
+            if check():
+                return
+        except (OSError, sqlite3.Error):
+            pass
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# ---- The real daemon over real HTTP --------------------------------------------------------------------------
 
 
 def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
@@ -64,19 +193,7 @@ class Daemon:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env,
         )
         self.output = ""
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pixeld exited with {self.proc.returncode}: {self.proc.stdout.read().decode()}")
-            try:
-                if request(self.host, self.port, "/healthz").status == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("pixeld did not become ready")
+        wait_for(lambda: request(self.host, self.port, "/healthz").status == 200, proc=self.proc)
 
     def get(self, target: str, headers: Optional[Dict[str, str]] = None, method: str = "GET") -> Response:
         return request(self.host, self.port, target, headers, method)
@@ -87,6 +204,12 @@ class Daemon:
 
     def report(self, query: str = "range=all", headers: Optional[Dict[str, str]] = None) -> Response:
         return self.get("/report?" + query, headers)
+
+    def report_json(self, query: str = "range=today") -> Dict[str, object]:
+        """The JSON report over HTTP, from loopback."""
+        answer = self.report(query + "&format=json")
+        assert answer.status == 200, answer.text
+        return json.loads(answer.text)
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         if self.proc.poll() is None:
@@ -111,27 +234,87 @@ def start_daemon(tmp_path):
         daemon.stop()
 
 
+# ---- The app in process, as a WSGI server calls it -------------------------------------------------------------
+
+
+def latin1(text: str) -> str:
+    """What a WSGI server hands over: the bytes on the wire, decoded as latin-1 (PEP 3333)."""
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+def call(app: "pixeld.App", path: str, query: str = "", method: str = "GET", remote: str = "127.0.0.1", **headers: str) -> Response:
+    """One request to the WSGI app. Headers are named as in HTTP (``User-Agent``) or as keywords (``USER_AGENT``)."""
+    environ = {"PATH_INFO": path, "QUERY_STRING": latin1(query), "REQUEST_METHOD": method, "REMOTE_ADDR": remote}
+    environ.update({"HTTP_" + name.upper().replace("-", "_"): latin1(value) for name, value in headers.items()})
+    setup_testing_defaults(environ)
+    environ["wsgi.errors"] = io.StringIO()
+    answer: Dict[str, object] = {}
+
+    def start_response(status: str, response_headers: List[Tuple[str, str]]) -> None:
+        answer.update(status=int(status[:3]), headers={name.lower(): value for name, value in response_headers})
+
+    body = b"".join(app(environ, start_response))
+    return Response(answer["status"], answer["headers"], body)
+
+
+# ---- Values and reports --------------------------------------------------------------------------------------
+
+
+def view(at: int, path: str = "/", **fields: object) -> "pixeld.PageView":
+    """A normalised page view at ``at``: a Chrome desktop visitor's first of the day, unless fields say otherwise."""
+    values = dict(time=at, site="example.org", path=path, title="", referrer="", country="", browser="Chrome", version="131",
+                  os="Windows", device="desktop", screen="1920x1080", language="en", first_today=True)
+    values.update(fields)
+    return pixeld.PageView(**values)
+
+
+def request_for(report: "pixeld.ReportData", fmt: str = "text", limit: Optional[int] = None, section: str = "", ascii: bool = False,
+                **params: str) -> "pixeld.ReportRequest":
+    """How ``report`` is asked for: its format, and the query's parameters (filters among them) as the page's links carry them."""
+    query = report.query._replace(filters=pixeld.parse_filters(params))
+    return pixeld.ReportRequest(query, fmt, limit, section, ascii, tuple(params.items()))
+
+
+def report_json(db: Path, *args: str) -> Dict[str, object]:
+    """``pixeld.py report --format json`` on a database file: today, unless ``args`` give the range."""
+    code, out, err = run_pixeld("report", "--db", str(db), "--format", "json", "--range", "today", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+# ---- The database and the command line -----------------------------------------------------------------------
+
+
 def stored_pageviews(db: Path) -> List[Dict[str, object]]:
-    """Every stored page view with its strings resolved, oldest first."""
+    """Every stored page view, oldest first, as its PageView fields (from the registry, as the export
+    reads them), with the time in unix seconds."""
     conn = sqlite3.connect(db)
     try:
-        rows = conn.execute(
-            """
-            SELECT p.id, site.value, path.value, title.value, referrer.value, country.value,
-                   a.browser, a.version, a.os, a.device, screen.value, language.value
-            FROM pageviews p
-            JOIN strings site ON site.id = p.site JOIN strings path ON path.id = p.path
-            JOIN strings title ON title.id = p.title JOIN strings referrer ON referrer.id = p.referrer
-            JOIN strings country ON country.id = p.country JOIN agents a ON a.id = p.agent
-            JOIN strings screen ON screen.id = p.screen JOIN strings language ON language.id = p.language
-            ORDER BY p.id
-            """
-        ).fetchall()
+        rows = conn.execute(pixeld.export_sql("pageviews", "pageview") + " ORDER BY t.id", (0, 1 << 62)).fetchall()
     finally:
         conn.close()
-    rows = [(pixeld.second_of(row[0]),) + row[1:] for row in rows]
-    keys = ("time", "site", "path", "title", "referrer", "country", "browser", "version", "os", "device", "screen", "language")
-    return [dict(zip(keys, row)) for row in rows]
+    kept = [name for name in pixeld.PageView._fields if name not in ("time", "first_today")]
+    views = [dict(zip(pixeld.EXPORT_FIELDS, row)) for row in rows]
+    return [{"time": pixeld.second_of(row[0]), **{name: view[name] for name in kept}} for row, view in zip(rows, views)]
+
+
+def section_counts(rows: List[object]) -> Dict[str, int]:
+    """A report section's rows as {value: count}."""
+    return {row.value: row.count for row in rows}
+
+
+def make_sections(totals: "pixeld.Metrics", **given: List[tuple]) -> Dict[str, list]:
+    """Every report section, with sample rows of its kind from tuples: (value, count) for page views,
+    (value, count, visitors[, channel]) for visitors and events, (value, visits, bounces) for entry pages."""
+    sections = {}
+    for name, (_, section) in pixeld.SECTIONS.items():
+        rows = []
+        for value, count, *more in given.get(name, []):
+            second = more[0] if more else 0
+            metrics = pixeld.Metrics(visits=count, bounces=second) if section.row is pixeld.EntryRow else pixeld.Metrics(views=count, visitors=second)
+            rows.append(section.row.make(value, metrics, totals, {"channel": more[1]} if len(more) > 1 else {}))
+        sections[name] = rows
+    return sections
 
 
 def run_pixeld(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 20) -> Tuple[int, str, str]:
@@ -139,3 +322,22 @@ def run_pixeld(*args: str, env: Optional[Dict[str, str]] = None, timeout: float 
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, str(PIXELD), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def bad_start(db: Path, *args: str, env: Optional[Dict[str, str]] = None, as_nobody: bool = False) -> str:
+    """``serve`` with a bad setting, on a free port unless ``args`` say: it must exit 2 with exactly one line on
+    stderr. ``as_nobody`` drops root (which ignores file modes) and runs a readable copy of pixeld.py with the
+    system Python, since nobody may not read a checkout in a private home."""
+    cmd = [sys.executable, str(PIXELD), "serve", "--listen", "127.0.0.1:0", "--db", str(db), *args]
+    if as_nobody:
+        copy = os.path.join(os.path.dirname(str(db)), "pixeld.py")
+        shutil.copy(PIXELD, copy)
+        os.chmod(copy, 0o644)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        cmd = [require_tool("setpriv", package="util-linux"), "--reuid=65534", "--regid=65534", "--clear-groups", python, copy, *cmd[2:]]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELD_")}
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=20)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("pixeld: ") and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr

@@ -1,23 +1,35 @@
 """The command line: defaults, flags and environment, one-line errors, the report and snippet commands."""
 
 import json
+import os
 import re
-import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 import pixeld
-from conftest import PIXELD, ROOT, free_port, request, run_pixeld, stored_pageviews
+from conftest import PIXELD, ROOT, bad_start, free_port, request, require_script, run_pixeld, stored_pageviews, wait_for
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["report"], ["snippet"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["report"], ["export"], ["import"], ["check"], ["doctor"], ["backup"], ["snippet"]])
 def test_help_on_every_command(command):
     code, out, _ = run_pixeld(*command, "--help")
     assert code == 0 and out.startswith("usage: pixeld.py")
+
+
+def test_help_says_what_the_readme_says():
+    """The range realtime, HTTP Basic for the token, check's exit status, and the service's settings file."""
+    helps = {command: " ".join(run_pixeld(command, "--help")[1].split()) for command in ("serve", "report", "export", "check", "doctor")}
+    assert "realtime" in helps["report"] and "realtime" in helps["export"]
+    assert "HTTP Basic with the token as the password" in helps["serve"] and "HTTP Basic with the token as the password" in helps["doctor"]
+    assert "0 counted, 1 not counted" in helps["check"]
+    assert all("--env-file" in helps[command] for command in ("report", "export", "check", "doctor"))
+    assert "--ascii [1]" in helps["report"]
 
 
 def test_version():
@@ -26,53 +38,22 @@ def test_version():
 
 
 def test_no_arguments_serves_on_the_embedded_defaults(tmp_path):
-    if not can_bind(8000):
-        pytest.skip("port 8000 is taken on this machine")
-    proc = subprocess.Popen([sys.executable, str(PIXELD)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    """No flags and no settings: serve on 127.0.0.1:8000, into ./pixeld.db. The real daemon is given a free port
+    through the environment, so that the test does not need port 8000 (the quick start's daemon may hold it)."""
+    config = pixeld.config_from(pixeld.build_parser().parse_args(["serve"]), {})
+    assert (config.host, config.port, config.db_path) == ("127.0.0.1", 8000, "pixeld.db")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELD_")}
+    env["PIXELD_LISTEN"] = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, str(PIXELD)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(lambda: request("127.0.0.1", 8000, "/healthz").status == 200, proc)
-        request("127.0.0.1", 8000, "/pixel.gif?path=/default", {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"})
+        wait_for(lambda: request("127.0.0.1", port, "/healthz").status == 200, proc=proc)
+        request("127.0.0.1", port, "/pixel.gif?path=/default", {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"})
     finally:
         proc.terminate()
         out = proc.communicate(timeout=20)[0].decode()
-    assert "listening on http://127.0.0.1:8000" in out
+    assert f"listening on http://127.0.0.1:{port}" in out
     assert [v["path"] for v in stored_pageviews(tmp_path / "pixeld.db")] == ["/default"]
-
-
-def can_bind(port):
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_for(check, proc, seconds=15.0):
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def bad_start(tmp_path, *args, env=None):
-    """Start serve with a bad setting: it must exit 2 with exactly one line on stderr."""
-    args = list(args)
-    if "--db" not in args:
-        args += ["--db", str(tmp_path / "p.db")]
-    code, out, err = run_pixeld("serve", *args, env=env)
-    assert code == 2, (out, err)
-    assert err.count("\n") == 1 and err.startswith("pixeld: ") and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize(
@@ -80,7 +61,7 @@ def bad_start(tmp_path, *args, env=None):
     [("nonsense", "cannot parse listen address"), ("127.0.0.1:99999", "out of range"), ("[::1:80", "cannot parse listen address"), ("no.such.host.invalid:80", "cannot listen on")],
 )
 def test_bad_listen_addresses(tmp_path, listen, reason):
-    assert reason in bad_start(tmp_path, "--listen", listen)
+    assert reason in bad_start(tmp_path / "p.db", "--listen", listen)
 
 
 def test_port_in_use(tmp_path):
@@ -88,51 +69,41 @@ def test_port_in_use(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        err = bad_start(tmp_path, "--listen", f"127.0.0.1:{port}")
+        err = bad_start(tmp_path / "p.db", "--listen", f"127.0.0.1:{port}")
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
 
 
 def test_database_problems(tmp_path):
     not_sqlite = tmp_path / "notes.db"
     not_sqlite.write_text("plain text, not SQLite\n" * 200)
-    assert "cannot use database" in bad_start(tmp_path, "--db", str(not_sqlite))
+    assert "cannot use database" in bad_start(not_sqlite)
     assert not_sqlite.read_text().startswith("plain text")  # and it was left alone
 
-    assert "does not exist" in bad_start(tmp_path, "--db", str(tmp_path / "no" / "such" / "dir.db"))
+    assert "does not exist" in bad_start(tmp_path / "no" / "such" / "dir.db")
 
     newer = tmp_path / "newer.db"
     conn = sqlite3.connect(newer)
     conn.execute(f"PRAGMA user_version = {pixeld.SCHEMA_VERSION + 5}")
     conn.close()
-    assert "newer than this pixeld" in bad_start(tmp_path, "--db", str(newer))
+    assert "newer than this pixeld" in bad_start(newer)
 
 
 def test_unwritable_database_directory():
-    import os
-    import tempfile
-
     # Root ignores file modes, so the daemon runs as nobody when the tests run as root.
-    if os.geteuid() == 0 and shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv to drop root")
     with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
         os.chmod(scratch, 0o755)
-        shutil.copy(PIXELD, scratch)
         readonly = os.path.join(scratch, "ro")
         os.mkdir(readonly, 0o555)
         os.chmod(readonly, 0o555)
-        cmd = [sys.executable, os.path.join(scratch, "pixeld.py"), "serve", "--listen", "127.0.0.1:0", "--db", os.path.join(readonly, "p.db")]
-        if os.geteuid() == 0:
-            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=scratch)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not writable" in proc.stderr, proc.stderr
+        assert "not writable" in bad_start(Path(readonly) / "p.db", as_nobody=os.geteuid() == 0)
 
 
 def test_token_settings(tmp_path):
-    assert "cannot read token file" in bad_start(tmp_path, "--token-file", str(tmp_path / "missing"))
+    assert "cannot read token file" in bad_start(tmp_path / "p.db", "--token-file", str(tmp_path / "missing"))
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    assert "is empty" in bad_start(tmp_path, "--token-file", str(empty))
-    assert "cannot parse trusted proxy" in bad_start(tmp_path, "--trusted-proxy", "10.0.0.0/8", "not-a-network")
+    assert "is empty" in bad_start(tmp_path / "p.db", "--token-file", str(empty))
+    assert "cannot parse trusted proxy" in bad_start(tmp_path / "p.db", "--trusted-proxy", "10.0.0.0/8", "not-a-network")
     code, _, err = run_pixeld("serve", "--token", "a", "--token-file", "b")
     assert code == 2 and "not allowed with" in err
 
@@ -161,7 +132,7 @@ def test_environment_alone_sets_listen_and_db(tmp_path):
         env={"PATH": "/usr/bin:/bin", "PIXELD_LISTEN": f"127.0.0.1:{port}", "PIXELD_DB": str(db)},
     )
     try:
-        wait_for(lambda: request("127.0.0.1", port, "/healthz").status == 200, proc)
+        wait_for(lambda: request("127.0.0.1", port, "/healthz").status == 200, proc=proc)
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
@@ -184,12 +155,59 @@ def test_ipv6_listen(start_daemon):
 def test_report_command_reads_the_database_while_the_daemon_runs(start_daemon):
     daemon = start_daemon()
     daemon.pixel({"path": "/live", "host": "example.org"})
-    wait_for(lambda: len(stored_pageviews(daemon.db)) == 1, daemon.proc)
+    wait_for(lambda: len(stored_pageviews(daemon.db)) == 1, proc=daemon.proc)
     code, out, _ = run_pixeld("report", "--db", str(daemon.db))
     assert code == 0 and "/live" in out and re.search(r"^Page views +1 ", out, re.M)
     code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "7d", "--format", "json", "--site", "www.example.org")
     assert code == 0 and json.loads(out)["site"] == "example.org" and json.loads(out)["pageviews"] == 1
     assert daemon.report("range=today").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today")[1]
+    ascii_text = daemon.report("range=today&ascii=1").text  # the parameter and the flag of the same name agree
+    assert "#" in ascii_text and "█" not in ascii_text
+    assert ascii_text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii", "1")[1]
+    assert ascii_text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii")[1]
+    assert daemon.report("range=today&ascii=0").text == run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--ascii", "0")[1]
+
+
+def test_commands_read_the_service_settings_file(start_daemon, tmp_path):
+    """``report`` by hand uses the daemon's time zone: both read /etc/pixeld.env (here --env-file). Kiritimati
+    is UTC+14, so its today is another day than UTC's, and than Pago Pago's (UTC-11)."""
+    daemon = start_daemon(env={"PIXELD_TIMEZONE": "Pacific/Kiritimati"})
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("# the service's settings\n; also a comment\n\nPIXELD_TIMEZONE='Pacific/Kiritimati'\nOTHER=ignored\nPIXELD_SITES = example.org\n")
+    served = json.loads(daemon.report("range=today&format=json").text)
+    assert served["timezone"] == "Pacific/Kiritimati"
+
+    def today(*args, env=None):
+        code, out, err = run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--format", "json", *args, env=env)
+        assert code == 0, err
+        return {key: json.loads(out)[key] for key in ("timezone", "start", "end")}
+
+    assert today("--env-file", str(env_file)) == {key: served[key] for key in ("timezone", "start", "end")}
+    assert today("--env-file", str(env_file), env={"PIXELD_TIMEZONE": "Pacific/Pago_Pago"})["timezone"] == "Pacific/Pago_Pago"  # the environment wins
+    assert today("--env-file", str(env_file), "--tz", "UTC")["timezone"] == "UTC"  # and a flag wins over both
+    assert today("--env-file", "")["timezone"] == "UTC"  # none read
+    code, out, err = run_pixeld("export", "--db", str(daemon.db), "--env-file", str(tmp_path / "missing.env"))
+    assert (code, out) == (2, "") and err == f"pixeld: cannot read {tmp_path / 'missing.env'}: No such file or directory\n"
+
+
+def test_the_service_settings_file_is_read_by_default(tmp_path, monkeypatch, capsys):
+    db = tmp_path / "p.db"
+    pixeld.connect(str(db)).close()
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("PIXELD_TIMEZONE=Pacific/Kiritimati\n")
+
+    def zone_of_report():
+        assert pixeld.main(["report", "--db", str(db), "--format", "json"], environ={}) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out)["timezone"], captured.err
+
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(env_file))  # /etc/pixeld.env, here
+    assert zone_of_report() == ("Pacific/Kiritimati", "")
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(tmp_path / "missing.env"))  # none: nothing to say
+    assert zone_of_report() == ("UTC", "")
+    monkeypatch.setattr(pixeld, "ENV_FILE", str(tmp_path))  # there, but not readable as a file: said, and the command goes on
+    zone, err = zone_of_report()
+    assert zone == "UTC" and err.startswith(f"pixeld: cannot read {tmp_path}: ") and "going on without the service's settings" in err
 
 
 def test_report_command_errors(tmp_path):
@@ -208,21 +226,18 @@ def test_snippet_command_and_snippet_html_agree():
 
 
 def test_python_39_is_enough():
-    vermin = shutil.which("vermin")
-    if vermin is None:
-        pytest.skip("vermin is not installed (it is in tests/requirements.txt)")
+    vermin = require_script("vermin")
     proc = subprocess.run([vermin, "--target=3.9-", "--violations", "--no-tips", "--eval-annotations", str(PIXELD)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_report_flags_and_terminal_width(start_daemon):
-    import os
     import pty
 
     daemon = start_daemon()
     daemon.pixel({"path": "/blog/one", "host": "example.org", "title": "x" * 200})
     daemon.pixel({"path": "/about", "host": "example.org"}, {"User-Agent": CHROME_UA_ANDROID})
-    wait_for(lambda: len(stored_pageviews(daemon.db)) == 2, daemon.proc)
+    wait_for(lambda: len(stored_pageviews(daemon.db)) == 2, proc=daemon.proc)
     code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "7d", "--path", "/blog/*", "--format", "json")
     assert code == 0 and json.loads(out)["pageviews"] == 1 and json.loads(out)["filters"] == {"path": "/blog/*"}
     code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--device", "phone", "--tz", "Europe/Berlin", "--ascii", "--section", "devices")

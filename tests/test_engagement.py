@@ -1,15 +1,14 @@
 """Time on page and scroll depth: engagement beacons over HTTP (joined in memory to the visitor's page
 view, filtered like page views, malformed ones ignored) and from the real snippet in Chromium."""
 
-import json
 import sqlite3
 import time
 
 import pytest
 
 import pixeld
-from conftest import CHROME, IPHONE, run_pixeld
-from test_snippet import CHROMIUM, DESKTOP_CHROME, Site, browser, playwright_api, wait_for  # noqa: F401  (the browser fixture)
+from conftest import CHROME, IPHONE, report_json, run_pixeld, wait_for
+from test_snippet import DESKTOP_CHROME, Site
 
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
@@ -19,12 +18,6 @@ def engage(daemon, path, engaged, scroll, ip="198.51.100.1", ua=CHROME, **extra)
     answer = daemon.pixel(query, {"User-Agent": ua, "X-Forwarded-For": ip})
     assert answer.status == 200 and answer.body == pixeld.GIF
     return answer
-
-
-def report(db, *args):
-    code, out, err = run_pixeld("report", "--db", str(db), "--range", "today", "--format", "json", *args)
-    assert code == 0, err
-    return json.loads(out)
 
 
 def rows(db):
@@ -47,12 +40,12 @@ def test_engagement_is_joined_to_the_page_view_and_counted_once(start_daemon):
     output = daemon.stop()
     assert "Traceback" not in output
     assert rows(daemon.db) == [("/post", 1800, 100, 1, 1800), ("/other", 12, 50, 1, 12)]
-    document = report(daemon.db)
+    document = report_json(daemon.db)
     assert document["pageviews"] == 2 and document["time_on_page"] == 906.0 and document["scroll_depth"] == 75.0
     assert document["visit_duration"] == 906  # a one-page visit lasts as long as it was read
     pages = {row["value"]: (row["time_on_page"], row["scroll_depth"]) for row in document["sections"]["pages"]}
     assert pages == {"/post": (1800.0, 100.0), "/other": (12.0, 50.0)}
-    assert report(daemon.db, "--path", "/other")["time_on_page"] == 12.0  # filtered reports count raw rows
+    assert report_json(daemon.db, "--path", "/other")["time_on_page"] == 12.0  # filtered reports count raw rows
     text = run_pixeld("report", "--db", str(daemon.db), "--range", "today")[1]
     assert "Time on page" in text and "Scroll depth" in text and "30m 00s" in text
 
@@ -83,7 +76,7 @@ def test_engagement_without_a_page_view_from_a_bot_or_for_another_path_is_droppe
     daemon.pixel({"engagement": "1", "path": "/post", "host": "other.net", "engaged": "30", "scroll": "80"}, {"X-Forwarded-For": "198.51.100.1"})
     daemon.stop()
     assert rows(daemon.db) == [("/post", 0, None, 1, 0)]
-    document = report(daemon.db)
+    document = report_json(daemon.db)
     assert document["pageviews"] == 1 and document["time_on_page"] == 0.0
     assert document["filtered"] == {"total": 3, "bot": 1, "headless": 1, "foreign": 1}
 
@@ -95,7 +88,7 @@ def test_an_engagement_is_not_a_page_view_and_a_rate_limited_one_is_dropped(star
     engage(daemon, "/post", "4", "90")  # the third hit this minute
     daemon.stop()
     assert rows(daemon.db) == [("/post", 4, 20, 1, 4)]
-    assert report(daemon.db)["filtered"] == {"total": 1, "rate-limited": 1}
+    assert report_json(daemon.db)["filtered"] == {"total": 1, "rate-limited": 1}
 
 
 def test_export_and_import_carry_engagement(start_daemon, tmp_path):
@@ -109,7 +102,7 @@ def test_export_and_import_carry_engagement(start_daemon, tmp_path):
         exported.write_text(run_pixeld("export", "--db", str(daemon.db), "--format", fmt)[1])
         copy = tmp_path / f"copy-{fmt}.db"
         assert run_pixeld("import", str(exported), "--db", str(copy))[0] == 0
-        assert report(copy) == report(daemon.db)
+        assert report_json(copy) == report_json(daemon.db)
         assert rows(copy) == rows(daemon.db) == [("/post", 42, 66, 1, 42), ("/quick", 0, None, 1, 0)]
 
 
@@ -130,10 +123,9 @@ def reading(start_daemon, browser):
 
 
 def page_rows(daemon):
-    return {row["value"]: row for row in json.loads(daemon.report("range=today&format=json").text)["sections"]["pages"]}
+    return {row["value"]: row for row in daemon.report_json()["sections"]["pages"]}
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
 def test_reading_half_a_long_page_for_two_seconds(reading):
     daemon, site, context = reading
     page = context.new_page()
@@ -146,7 +138,6 @@ def test_reading_half_a_long_page_for_two_seconds(reading):
     assert row["time_on_page"] >= 1.5 and 40 <= row["scroll_depth"] <= 70, row
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
 def test_a_single_page_app_sends_the_previous_pages_engagement_first(reading):
     daemon, site, context = reading
     page = context.new_page()
@@ -167,7 +158,6 @@ HIDDEN = """Object.defineProperty(Document.prototype, "visibilityState", {get: (
 Object.defineProperty(Document.prototype, "hidden", {get: () => true});"""
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
 def test_a_background_tab_never_shown_reports_no_engaged_time(reading):
     """Headless Chromium shows every page, so the page's Page Visibility API is made to say what a
     background tab's does ("hidden") before the snippet runs."""

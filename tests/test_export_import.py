@@ -6,11 +6,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from urllib.parse import urlencode
 
 import pytest
 
 import pixeld
-from conftest import CHROME, FIREFOX, IPHONE, PIXELD, run_pixeld, stored_pageviews
+from conftest import CHROME, FIREFOX, IPHONE, PIXELD, report_json, run_pixeld, stored_pageviews
 
 ADDRESS = "198.51.100.77"
 
@@ -29,10 +30,9 @@ def live_db(start_daemon):
     return daemon.db
 
 
-def report_json(db, *args):
-    code, out, err = run_pixeld("report", "--db", str(db), "--range", "all", "--format", "json", *args)
-    assert code == 0, err
-    document = json.loads(out)
+def whole_report(db, *args):
+    """The JSON report of all the time in the database, without what depends on the moment it was asked for."""
+    document = report_json(db, "--range", "all", *args)
     return {key: value for key, value in document.items() if key not in ("start", "end", "previous", "change")}
 
 
@@ -52,8 +52,8 @@ def test_round_trip_gives_the_same_report(live_db, tmp_path, fmt):
     copy = tmp_path / "copy.db"
     code, _, err = run_pixeld("import", str(path), "--db", str(copy))
     assert code == 0 and "imported 6 page views" in err and "rows/s" in err
-    assert report_json(copy) == report_json(live_db)
-    assert report_json(copy)["visits"] == 3 and report_json(copy)["bounce_rate"] == 33.3
+    assert whole_report(copy) == whole_report(live_db)
+    assert whole_report(copy)["visits"] == 3 and whole_report(copy)["bounce_rate"] == 33.3
 
 
 def test_the_same_file_is_refused_unless_forced(live_db, tmp_path):
@@ -64,7 +64,7 @@ def test_the_same_file_is_refused_unless_forced(live_db, tmp_path):
     code, _, err = run_pixeld("import", str(path), "--db", str(copy))
     assert code == 2 and "was imported on" in err and "--force" in err and err.count("\n") == 1
     assert run_pixeld("import", str(path), "--db", str(copy), "--force")[0] == 0
-    assert report_json(copy)["pageviews"] == 12
+    assert whole_report(copy)["pageviews"] == 12
 
 
 def test_flask_tool_database(tmp_path):
@@ -86,7 +86,7 @@ def test_flask_tool_database(tmp_path):
     db = tmp_path / "pixeld.db"
     code, _, err = run_pixeld("import", str(old), "--db", str(db), "--site", "blog.example.org")
     assert code == 0 and "imported 3 page views" in err and "1 filtered" in err and "1 lines skipped" in err, err
-    report = report_json(db, "--range", "", "--start", "2020-08-01", "--end", "2020-08-31")
+    report = whole_report(db, "--range", "", "--start", "2020-08-01", "--end", "2020-08-31")
     assert {r["value"]: r["count"] for r in report["sections"]["pages"]} == {"/post/hello": 2, "/": 1}
     assert {r["value"] for r in report["sections"]["browsers"]} == {"Chrome 84", "Firefox 79", "Safari 13"}
     assert {r["value"] for r in report["sections"]["countries"]} == {"US", "DE", ""}
@@ -121,7 +121,7 @@ def test_combined_access_log(tmp_path):
         ("/", "", "Safari", "phone"),  # 11:00 +0100 is 10:00 UTC: rows sort by time
         ("/about.html", "", "Chrome", "desktop"),
     ]
-    report = report_json(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
+    report = whole_report(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
     assert (report["visitors"], report["visits"], report["pageviews"], report["bounce_rate"]) == (2, 2, 3, 50.0)
     assert report["filtered"] == {"total": 1, "bot": 1}
     for path in tmp_path.iterdir():
@@ -133,7 +133,7 @@ def test_import_errors_are_one_line(tmp_path):
     for args, reason in [
         (["missing.log"], "cannot read"),
         (["bad.csv", "--format", "csv"], "is not a pixeld CSV export"),
-        (["bad.csv", "--format", "flask"], "is not a database of the Flask tool"),
+        (["bad.csv", "--format", "flask", "--site", "example.org"], "is not a database of the Flask tool"),
     ]:
         (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
         code, _, err = run_pixeld("import", str(tmp_path / args[0]), *args[1:], "--db", str(tmp_path / "p.db"))
@@ -168,7 +168,7 @@ def test_export_memory_stays_flat(tmp_path):
         db = tmp_path / f"{rows}.db"
         store = pixeld.Store(pixeld.connect(str(db)))
         start = 1_790_000_000
-        store.write(records=[pixeld.Record(pixeld.PageView(start + i * 7, "example.org", f"/page/{i % 997}", "T", "", "DE", "Chrome", "131", "Windows", "desktop", "", "en")) for i in range(rows)])
+        store.write(pixeld.Batch(records=[pixeld.Record(pixeld.PageView(start + i * 7, "example.org", path=f"/page/{i % 997}", title="T", country="DE", browser="Chrome", version="131", os="Windows", device="desktop", language="en")) for i in range(rows)]))
         store.conn.close()
         sizes[rows] = peak_memory_of_export(db)
     assert sizes[150_000] - sizes[5_000] < 8 * 1024, sizes  # 30 times the rows, under 8 MiB more
@@ -199,7 +199,7 @@ def test_round_trip_carries_campaigns_events_and_visits(rich_db, tmp_path, fmt):
     copy = tmp_path / "copy.db"
     code, _, err = run_pixeld("import", str(path), "--db", str(copy))
     assert code == 0, err
-    before, after = report_json(rich_db), report_json(copy)
+    before, after = whole_report(rich_db), whole_report(copy)
     assert {r["value"]: r["count"] for r in before["sections"]["campaigns"]} == {"newsletter / email / nov": 2}
     assert {r["value"]: r["count"] for r in before["sections"]["events"]} == {"signup": 3, "download": 1}
     assert before["visits"] == 3 and before["pageviews"] == 6
@@ -209,7 +209,7 @@ def test_round_trip_carries_campaigns_events_and_visits(rich_db, tmp_path, fmt):
     for name in before["sections"]:
         assert after["sections"][name] == before["sections"][name], name
     for args in (["--event", "signup"], ["--campaign", "newsletter / email / nov"], ["--referrer", "newsletter (campaign)"]):
-        assert report_json(copy, *args) == report_json(rich_db, *args), args
+        assert whole_report(copy, *args) == whole_report(rich_db, *args), args
 
 
 @pytest.mark.parametrize(
@@ -225,6 +225,40 @@ def test_import_refuses_what_it_cannot_read_and_writes_nothing(tmp_path, content
     assert not db.exists()
 
 
+def test_an_access_log_needs_its_site_and_keeps_its_campaigns(tmp_path):
+    log = tmp_path / "access.log"
+    log.write_text("\n".join([
+        f'{ADDRESS} - - [27/Nov/2026:10:00:00 +0000] "GET /post?utm_source=Newsletter&utm_medium=email&utm_campaign=Nov&token=s3cret HTTP/1.1" 200 10 "-" "{CHROME}"',
+        f'{ADDRESS} - - [27/Nov/2026:10:01:00 +0000] "GET /about HTTP/1.1" 200 10 "https://example.org/post?utm_source=Newsletter" "{CHROME}"',
+        f'203.0.113.5 - - [27/Nov/2026:10:02:00 +0000] "GET /?ref=HN&event=signup&host=evil.example&path=/forged HTTP/1.1" 200 10 "-" "{CHROME}"',
+    ]) + "\n")
+    db = tmp_path / "p.db"
+    for fmt in ([], ["--format", "combined"]):  # without a site, internal navigation would become referrals from the site itself
+        code, out, err = run_pixeld("import", str(log), "--db", str(db), *fmt)
+        assert (code, out) == (2, "") and err == "pixeld: an access log does not name its site: give the site its pages belong to with --site example.org\n"
+    assert not db.exists()
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:
+        conn.execute("CREATE TABLE data (id INTEGER PRIMARY KEY, timestamp TEXT, path TEXT, title TEXT, referrer TEXT, country TEXT, device TEXT, width INT, height INT)")
+    conn.close()
+    code, _, err = run_pixeld("import", str(old), "--db", str(db))
+    assert code == 2 and err.startswith("pixeld: a Flask database does not name its site") and err.count("\n") == 1
+
+    code, _, err = run_pixeld("import", str(log), "--db", str(db), env={"PIXELD_SITES": "example.org"})  # serve's setting counts
+    assert code == 0 and "imported 3 page views" in err, err
+    views = stored_pageviews(db)
+    assert [(v["site"], v["path"], v["referrer"]) for v in views] == [
+        ("example.org", "/post", "newsletter (campaign)"), ("example.org", "/about", ""), ("example.org", "/", "hn (campaign)"),
+    ]
+    report = report_json(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
+    assert {r["value"]: r["count"] for r in report["sections"]["campaigns"]} == {"newsletter / email / nov": 1, "hn /  / ": 1}
+    assert [r["value"] for r in report["sections"]["channels"]] == ["campaign", "direct"]
+    assert report["sections"]["events"] == []  # only campaign parameters are read from the logged address
+    for path in tmp_path.iterdir():
+        if path.name.startswith("p.db"):
+            assert b"s3cret" not in path.read_bytes() and b"evil.example" not in path.read_bytes()
+
+
 def test_import_filters_as_serve_does(tmp_path):
     spam = tmp_path / "spam.txt"
     spam.write_text("# ours\nspammy.example\n")
@@ -237,7 +271,7 @@ def test_import_filters_as_serve_does(tmp_path):
     db = tmp_path / "p.db"
     code, _, err = run_pixeld("import", str(log), "--db", str(db), "--site", "example.org", "--spam-list", str(spam), "--ignore-ip", "198.51.100.0/24")
     assert code == 0 and "imported 1 page views" in err, err
-    report = report_json(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
+    report = whole_report(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
     assert [r["value"] for r in report["sections"]["pages"]] == ["/c"]
     assert report["filtered"] == {"total": 2, "ignored": 1, "spam": 1}
 
@@ -249,17 +283,20 @@ def test_live_hits_and_the_same_access_log_give_the_same_report(start_daemon, tm
     lines = []
     for ip, ua, pages, referrer in visits:
         for i, page in enumerate(pages):
-            daemon.pixel({"path": page, "host": "example.org", "referrer": referrer if i == 0 else f"https://example.org{pages[i - 1]}"},
+            campaign = {"utm_source": "Newsletter", "utm_medium": "email", "utm_campaign": "Nov"} if ua == IPHONE else {}  # the snippet sends them
+            daemon.pixel({"path": page, "host": "example.org", "referrer": referrer if i == 0 else f"https://example.org{pages[i - 1]}", **campaign},
                          {"User-Agent": ua, "X-Forwarded-For": ip})
             stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time()))
-            lines.append(f'{ip} - - [{stamp}] "GET {page} HTTP/1.1" 200 10 "{referrer if i == 0 else "https://example.org" + pages[i - 1]}" "{ua}"')
+            target = page + ("?" + urlencode(campaign) if campaign else "")  # the page's address, as the access log has it
+            lines.append(f'{ip} - - [{stamp}] "GET {target} HTTP/1.1" 200 10 "{referrer if i == 0 else "https://example.org" + pages[i - 1]}" "{ua}"')
     daemon.stop()
     log = tmp_path / "access.log"
     log.write_text("\n".join(lines) + "\n")
     imported = tmp_path / "imported.db"
     code, _, err = run_pixeld("import", str(log), "--db", str(imported), "--site", "example.org")
     assert code == 0, err
-    live, from_log = report_json(daemon.db, "--range", "today"), report_json(imported, "--range", "today")
+    live, from_log = whole_report(daemon.db, "--range", "today"), whole_report(imported, "--range", "today")
     assert live["pageviews"] == 6 and live["visits"] == 3 and live["filtered"] == {"total": 1, "bot": 1}
+    assert [row["value"] for row in live["sections"]["campaigns"]] == ["newsletter / email / nov"]
     for key in ("visitors", "visits", "pageviews", "bounce_rate", "pages_per_visit", "filtered", "sections"):
         assert from_log[key] == live[key], key

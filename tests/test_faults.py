@@ -5,17 +5,13 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import pixeld
-from conftest import PIXELD, run_pixeld, stored_pageviews
+from conftest import bad_start, run_pixeld, stored_pageviews, wait_for
 
 
 def load(daemon, stop, answered, worker):
@@ -95,18 +91,6 @@ def test_a_locked_database_queues_hits_up_to_the_bound_and_counts_the_rest(start
     assert "dropping hits" in output and "database writable again" in output and "Traceback" not in output
 
 
-@pytest.fixture
-def tiny_filesystem():
-    """A 2 MiB tmpfs, so the disk really fills; skipped where mounting is not allowed."""
-    mountpoint = tempfile.mkdtemp(prefix="pixeld-full-")
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountpoint], capture_output=True).returncode:
-        os.rmdir(mountpoint)
-        pytest.skip("mounting a tiny tmpfs needs root")
-    yield mountpoint
-    subprocess.run(["umount", "-l", mountpoint], check=False)
-    os.rmdir(mountpoint)
-
-
 def test_a_full_disk_degrades_and_recovers_by_itself(start_daemon, tiny_filesystem):
     db = os.path.join(tiny_filesystem, "pixeld.db")
     daemon = start_daemon("--rate-limit", "0", db=Path(db))
@@ -138,26 +122,13 @@ def test_database_full_by_max_page_count_in_process(tmp_path):
         pages = app.writer.store.conn.execute("PRAGMA page_count").fetchone()[0]
         app.writer.store.conn.execute(f"PRAGMA max_page_count = {pages}")
         for i in range(400):
-            app.writer.submit(pixeld.PageView(1_795_874_400 + i, "example.org", f"/p/{i}", "t" * 300, "", "", "Chrome", "131", "Windows", "desktop", "", "en"))
+            app.writer.submit(pixeld.PageView(1_795_874_400 + i, "example.org", path=f"/p/{i}", title="t" * 300, browser="Chrome", version="131", os="Windows", device="desktop", language="en"))
         wait_for(lambda: "full" in app.writer.status())
         app.writer.store.conn.execute("PRAGMA max_page_count = 1073741823")
         wait_for(lambda: app.writer.status() == "ok")
     finally:
         app.close()
     assert len(stored_pageviews(tmp_path / "cap.db")) == 400
-
-
-def bad_start(db, as_nobody=False):
-    cmd = [sys.executable, str(PIXELD), "serve", "--listen", "127.0.0.1:0", "--db", str(db)]
-    if as_nobody:  # nobody may not read a checkout in a private home: it runs a readable copy, with the system Python
-        copy = os.path.join(os.path.dirname(str(db)), "pixeld.py")
-        shutil.copy(PIXELD, copy)
-        os.chmod(copy, 0o644)
-        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, copy] + cmd[2:]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
-    return proc.stderr
 
 
 def test_corrupt_database_at_start(tmp_path):
@@ -170,8 +141,6 @@ def test_corrupt_database_at_start(tmp_path):
 
 
 def test_read_only_database_at_start():
-    if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv")
     with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
         os.chmod(scratch, 0o755)
         db = os.path.join(scratch, "ro.db")
@@ -187,11 +156,16 @@ def test_backup_while_running_and_restore(start_daemon, tmp_path):
     daemon = start_daemon("--rate-limit", "0")
     stop, answered, threads = under_load(daemon, 1.5)
     copy = tmp_path / "backup.db"
-    code, _, err = run_pixeld("backup", str(copy), "--db", str(daemon.db))  # while writes go on
+    umask = os.umask(0o022)  # the usual umask would make a new file 0644: readable by everyone
+    try:
+        code, _, err = run_pixeld("backup", str(copy), "--db", str(daemon.db))  # while writes go on
+    finally:
+        os.umask(umask)
     stop.set()
     for thread in threads:
         thread.join()
     assert code == 0 and "backed up to" in err
+    assert copy.stat().st_mode & 0o777 == 0o600  # a copy of every page view, readable only by its owner
     conn = sqlite3.connect(copy)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     backed_up = conn.execute("SELECT count(*) FROM pageviews").fetchone()[0]
@@ -204,18 +178,6 @@ def test_backup_while_running_and_restore(start_daemon, tmp_path):
     shutil.copy(copy, restored)
     again = start_daemon(db=restored)
     assert json.loads(again.report("range=all&format=json").text)["pageviews"] == backed_up
-
-
-def wait_for(check, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if check():
-                return
-        except (OSError, sqlite3.Error):
-            pass
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_a_writer_that_falls_behind_pushes_back_and_loses_nothing(start_daemon):

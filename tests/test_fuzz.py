@@ -1,16 +1,14 @@
 """Property-based tests: whatever a client sends, the pixel answers the GIF, the report answers 200 or
 400 (never 5xx), and every stored value stays inside its normalised domain."""
 
-import io
 import re
 from urllib.parse import quote
-from wsgiref.util import setup_testing_defaults
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pixeld
-from conftest import stored_pageviews
+from conftest import FIREFOX, call, stored_pageviews
 
 KEYS = st.sampled_from(["path", "title", "referrer", "resolution", "host", "bot", "x", "", "path[]", "%"])
 ANY_TEXT = st.text(min_size=0, max_size=300)
@@ -22,35 +20,20 @@ ADDRESSES = st.one_of(st.ip_addresses().map(str), ANY_TEXT, st.just("unknown"), 
 HEADERS = st.fixed_dictionaries(
     {},
     optional={
-        "HTTP_USER_AGENT": st.one_of(ANY_TEXT, st.sampled_from([
+        "User-Agent": st.one_of(ANY_TEXT, st.sampled_from([
             "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
             "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
         ])),
-        "HTTP_REFERER": URLISH,
-        "HTTP_ORIGIN": URLISH,
-        "HTTP_X_FORWARDED_FOR": st.lists(ADDRESSES, max_size=4).map(", ".join),
-        "HTTP_FORWARDED": st.lists(ADDRESSES, max_size=3).map(lambda xs: ", ".join(f"for={x}" for x in xs)),
-        "HTTP_ACCEPT_LANGUAGE": st.one_of(ANY_TEXT, st.sampled_from(["de-DE,de;q=0.9", "*", "en;q=abc", "zh-Hant-TW;q=1.0"])),
-        "HTTP_HOST": ANY_TEXT,
-        "HTTP_SEC_PURPOSE": st.sampled_from(["", "prefetch", "prefetch;prerender"]),
+        "Referer": URLISH,
+        "Origin": URLISH,
+        "X-Forwarded-For": st.lists(ADDRESSES, max_size=4).map(", ".join),
+        "Forwarded": st.lists(ADDRESSES, max_size=3).map(lambda xs: ", ".join(f"for={x}" for x in xs)),
+        "Accept-Language": st.one_of(ANY_TEXT, st.sampled_from(["de-DE,de;q=0.9", "*", "en;q=abc", "zh-Hant-TW;q=1.0"])),
+        "Host": ANY_TEXT,
+        "Sec-Purpose": st.sampled_from(["", "prefetch", "prefetch;prerender"]),
     },
 )
 REMOTE = st.one_of(st.just("127.0.0.1"), st.ip_addresses().map(str), st.just("garbage"))
-
-
-def latin1(text: str) -> str:
-    """What a WSGI server hands over: the bytes on the wire, decoded as latin-1 (PEP 3333)."""
-    return text.encode("utf-8", "surrogatepass").decode("latin-1")
-
-
-def call(app, path, query, remote, headers):
-    environ = {"PATH_INFO": path, "QUERY_STRING": latin1(query), "REQUEST_METHOD": "GET", "REMOTE_ADDR": remote}
-    environ.update({key: latin1(value) for key, value in headers.items()})
-    setup_testing_defaults(environ)
-    environ["wsgi.errors"] = io.StringIO()
-    answer = {}
-    body = b"".join(app(environ, lambda status, response_headers: answer.update(status=status)))
-    return int(answer["status"][:3]), body
 
 
 NOW = 1_795_874_400
@@ -63,8 +46,8 @@ def test_pixel_never_fails_and_stores_only_clean_values(tmp_path):
     @settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
     @given(query=QUERY, headers=HEADERS, remote=REMOTE)
     def pixel(query, headers, remote):
-        status, body = call(app, "/pixel.gif", query, remote, headers)
-        assert status == 200 and body == pixeld.GIF
+        answer = call(app, "/pixel.gif", query, remote=remote, **headers)
+        assert answer.status == 200 and answer.body == pixeld.GIF
 
     try:
         pixel()
@@ -104,15 +87,15 @@ REPORT_VALUES = st.one_of(
 def test_report_answers_200_or_400_for_any_parameters(tmp_path):
     app = pixeld.App(pixeld.Config(db_path=str(tmp_path / "r.db"), flush_interval=0.05), clock=lambda: NOW, log=lambda message: None)
     for i in range(30):
-        call(app, "/pixel.gif", f"path=/p{i % 4}&host=example.org&resolution=1920,1080", "127.0.0.1", {"HTTP_USER_AGENT": "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"})
+        call(app, "/pixel.gif", f"path=/p{i % 4}&host=example.org&resolution=1920,1080", **{"User-Agent": FIREFOX})
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
     @given(pairs=st.lists(st.tuples(REPORT_KEYS, REPORT_VALUES.map(lambda s: quote(s, safe=""))), max_size=6))
     def report(pairs):
-        status, body = call(app, "/report", "&".join(f"{k}={v}" for k, v in pairs), "127.0.0.1", {})
-        assert status in (200, 400), (status, body[:200])
-        if status == 400:
-            assert body.count(b"\n") == 1
+        answer = call(app, "/report", "&".join(f"{k}={v}" for k, v in pairs))
+        assert answer.status in (200, 400), (answer.status, answer.body[:200])
+        if answer.status == 400:
+            assert answer.body.count(b"\n") == 1
 
     try:
         report()

@@ -4,25 +4,20 @@ import json
 
 import pytest
 
-from conftest import run_pixeld, stored_pageviews
-
-geoip2 = pytest.importorskip("geoip2", reason="geoip2 is optional; install the dev requirements to test it")
-mmdb_writer = pytest.importorskip("mmdb_writer", reason="mmdb-writer builds the test database; install the dev requirements")
-netaddr = pytest.importorskip("netaddr")
+from conftest import require_module, run_pixeld, stored_pageviews, write_mmdb
 
 NETWORKS = {"81.2.69.0/24": "GB", "89.160.20.0/24": "SE", "2001:218::/32": "JP"}
 
 
+@pytest.fixture(autouse=True)
+def geoip2():
+    """pixeld's optional GeoIP package, which tests/requirements.txt installs."""
+    return require_module("geoip2")
+
+
 @pytest.fixture
 def country_db(tmp_path):
-    writer = mmdb_writer.MMDBWriter(
-        ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"], description="pixeld test"
-    )
-    for network, code in NETWORKS.items():
-        writer.insert_network(netaddr.IPSet([network]), {"country": {"iso_code": code, "names": {"en": code}}})
-    path = tmp_path / "countries.mmdb"
-    writer.to_db_file(str(path))
-    return path
+    return write_mmdb(tmp_path / "countries.mmdb", NETWORKS)
 
 
 def test_countries_land_in_the_report(start_daemon, country_db):

@@ -1,19 +1,15 @@
 """The report in a browser: content negotiation, the HTML renderer (escaping, empty report, every section
 and range), Basic auth, the public option, the live view, and real Chromium through Playwright."""
 
-import json
 import re
-import shutil
 import struct
 import time
 import zlib
 from urllib.parse import parse_qs, urlsplit
 
-import pytest
-
 import pixeld
-from pixeld import Range, ReportData, ReportRequest
-from conftest import CHROME, IPHONE
+from pixeld import Range, ReportData
+from conftest import CHROME, IPHONE, make_sections, request_for, wait_for
 
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "<svg onload=alert(3)>", "javascript:alert(4)"]
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
@@ -21,11 +17,10 @@ NOW = 1_795_870_000
 
 
 def sample(**sections):
-    base = {name: [] for name, (_, section) in pixeld.SECTIONS.items() if section.columns not in ("entries", "events")}
-    base.update(sections)
     query = pixeld.Query(Range(NOW - 7 * 86400, NOW))
     totals, previous = pixeld.Metrics(10, 4, 5, 2, 300), pixeld.Metrics(5, 2, 3, 1, 100)
-    return ReportData(query, ["example.org"], totals, previous, {"bot": 1}, base, [("/", 5, 2)], [("signup", 2, 1)], "day", [(NOW - 86400, 3, 2), (NOW, 7, 2)], [])
+    rows = make_sections(totals, **{"entry_pages": [("/", 5, 2)], "events": [("signup", 2, 1)], **sections})
+    return ReportData(query, ["example.org"], totals, previous, {"bot": 1}, rows, "day", [(NOW - 86400, 3, 2), (NOW, 7, 2)], [])
 
 
 PIXELD_TAGS = {"html", "head", "meta", "link", "title", "style", "body", "header", "h1", "h2", "p", "nav", "a", "b", "dl", "div", "dt", "dd", "small",
@@ -51,15 +46,11 @@ def parsed(page):
     return found[0], found[1], "".join(found[2])
 
 
-def request_for(report, **params):
-    return ReportRequest(report.query._replace(filters=pixeld.parse_filters(params)), "html", None, "", False, tuple(params.items()))
-
-
 def test_every_visitor_value_is_escaped_in_text_attributes_and_links():
     hostile_rows = [(value, 1) for value in HOSTILE]
-    report = sample(pages=hostile_rows, sources=hostile_rows, referrers=hostile_rows, campaigns=hostile_rows)
-    report = report._replace(events=[(value, 1, 1) for value in HOSTILE], details={"sources": {v: {"visitors": 1, "channel": "referral"} for v in HOSTILE}})
-    page = pixeld.render_html(report, request_for(report, path=HOSTILE[1]))
+    report = sample(pages=hostile_rows, sources=[(v, 1, 1, "referral") for v in HOSTILE], referrers=hostile_rows, campaigns=hostile_rows,
+                    events=[(value, 1, 1) for value in HOSTILE])
+    page = pixeld.render_html(report, request_for(report, "html", path=HOSTILE[1]))
     tags, attributes, text = parsed(page)
     assert tags <= PIXELD_TAGS, tags - PIXELD_TAGS
     assert page.count("<svg") == 1  # the chart, and nothing a visitor sent
@@ -74,8 +65,8 @@ def test_every_visitor_value_is_escaped_in_text_attributes_and_links():
 
 
 def test_an_empty_report_and_every_section():
-    report = sample()._replace(totals=pixeld.Metrics(), previous=pixeld.Metrics(), entry_pages=[], events=[], series=[])
-    page = pixeld.render_html(report, request_for(report))
+    report = sample(entry_pages=[], events=[])._replace(totals=pixeld.Metrics(), previous=pixeld.Metrics(), series=[])
+    page = pixeld.render_html(report, request_for(report, "html"))
     for title in pixeld.SECTION_TITLES.values():
         assert f"<h2>{title}</h2>" in page
     assert "(no page views)" in page and "(no events)" in page and page.endswith("</html>\n")
@@ -83,7 +74,7 @@ def test_an_empty_report_and_every_section():
 
 def test_every_range_link_and_filter_removal():
     report = sample(pages=[("/a", 3)])
-    request = request_for(report, range="7d", country="DE", path="/a")
+    request = request_for(report, "html", range="7d", country="DE", path="/a")
     page = pixeld.render_html(report._replace(query=request.query), request)
     for name in pixeld.RANGE_LINKS:
         assert f">{name}</a>" in page
@@ -132,21 +123,14 @@ def test_the_live_view(start_daemon):
     daemon = start_daemon()
     for n, path in enumerate(["/a", "/a", "/b"]):
         daemon.pixel({"path": path, "host": "example.org", "referrer": "https://news.ycombinator.com/item"}, {"X-Forwarded-For": f"198.51.100.{n}"})
-    deadline = time.monotonic() + 10
-    while json.loads(daemon.report("range=realtime&format=json").text)["pageviews"] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    document = json.loads(daemon.report("range=realtime&format=json").text)
+    wait_for(lambda: daemon.report_json("range=realtime")["pageviews"] == 3)
+    document = daemon.report_json("range=realtime")
     assert document["visitors_now"] == 3 and document["series"]["grain"] == "minute" and len(document["series"]["rows"]) == 30
     assert document["sections"]["sources"][0]["value"] == "Hacker News"
     assert "Visitors now" in daemon.report("range=realtime").text
     page = daemon.report("range=realtime&format=html").text
     assert '<meta http-equiv="refresh" content="30">' in page and "Visitors now" in page
     assert '<meta http-equiv="refresh"' not in daemon.report("range=today&format=html").text
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (it is in tests/requirements.txt)")
 
 
 def png_colours(path):
@@ -161,8 +145,7 @@ def png_colours(path):
     return len(set(zlib.decompress(b"".join(chunks))))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-def test_the_page_in_chromium_hostile_values_links_and_a_phone(start_daemon, tmp_path):
+def test_the_page_in_chromium_hostile_values_links_and_a_phone(start_daemon, browser, tmp_path):
     daemon = start_daemon("--token", "s3cret", "--rate-limit", "0")
     for n, value in enumerate(HOSTILE):
         headers = {"User-Agent": IPHONE if n % 2 else CHROME, "X-Forwarded-For": f"198.51.100.{n}"}
@@ -172,51 +155,45 @@ def test_the_page_in_chromium_hostile_values_links_and_a_phone(start_daemon, tmp
     daemon.stop()
     daemon = start_daemon("--token", "s3cret", db=daemon.db)
     base = f"http://127.0.0.1:{daemon.port}/report?range=today"
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                                                                    "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        try:
-            for viewport in ({"width": 1280, "height": 900}, {"width": 360, "height": 740}):
-                context = browser.new_context(http_credentials={"username": "", "password": "s3cret"}, viewport=viewport)
-                page = context.new_page()
-                dialogs, errors, requests = [], [], []
-                page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-                page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-                page.on("pageerror", lambda error: errors.append(str(error)))
-                page.on("request", lambda request: requests.append(request.url))
-                page.goto(base)
-                page.wait_for_load_state("load")
-                time.sleep(0.3)
-                assert dialogs == [] and errors == [], (dialogs, errors)
-                assert {url.split("?")[0] for url in requests} == {base.split("?")[0]}, requests
-                assert page.evaluate("document.querySelectorAll('script, img, iframe, object, embed, foreignObject').length") == 0
-                assert page.evaluate("document.querySelectorAll('svg').length") == 1
-                assert page.evaluate("[...document.querySelectorAll('*')].filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length") == 0
-                assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), page.evaluate("document.documentElement.scrollWidth")
-                body = page.inner_text("body")
-                assert HOSTILE[0] in body and HOSTILE[1] in body
-                shot = tmp_path / f"report-{viewport['width']}.png"
-                page.screenshot(path=str(shot), full_page=True)
-                assert png_colours(shot) > 20
-                context.close()
-            context = browser.new_context(http_credentials={"username": "me", "password": "s3cret"})
-            page = context.new_page()
-            page.goto(base)
-            page.click("section:has(h2:text('Pages')) a:text('/')")
-            assert parse_qs(urlsplit(page.url).query)["path"] == ["/"]
-            assert "Filters: path = /" in page.inner_text("header")
-            page.click("header a[title=remove]")
-            assert "path" not in parse_qs(urlsplit(page.url).query)
-            page.click("nav a:text('7d')")
-            assert parse_qs(urlsplit(page.url).query)["range"] == ["7d"]
-            context.close()
-        finally:
-            browser.close()
+    for viewport in ({"width": 1280, "height": 900}, {"width": 360, "height": 740}):
+        context = browser.new_context(http_credentials={"username": "", "password": "s3cret"}, viewport=viewport)
+        page = context.new_page()
+        dialogs, errors, requests = [], [], []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(base)
+        page.wait_for_load_state("load")
+        time.sleep(0.3)
+        assert dialogs == [] and errors == [], (dialogs, errors)
+        assert {url.split("?")[0] for url in requests} == {base.split("?")[0]}, requests
+        assert page.evaluate("document.querySelectorAll('script, img, iframe, object, embed, foreignObject').length") == 0
+        assert page.evaluate("document.querySelectorAll('svg').length") == 1
+        assert page.evaluate("[...document.querySelectorAll('*')].filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length") == 0
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), page.evaluate("document.documentElement.scrollWidth")
+        body = page.inner_text("body")
+        assert HOSTILE[0] in body and HOSTILE[1] in body
+        shot = tmp_path / f"report-{viewport['width']}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert png_colours(shot) > 20
+        context.close()
+    context = browser.new_context(http_credentials={"username": "me", "password": "s3cret"})
+    page = context.new_page()
+    page.goto(base)
+    page.click("section:has(h2:text('Pages')) a:text('/')")
+    assert parse_qs(urlsplit(page.url).query)["path"] == ["/"]
+    assert "Filters: path = /" in page.inner_text("header")
+    page.click("header a[title=remove]")
+    assert "path" not in parse_qs(urlsplit(page.url).query)
+    page.click("nav a:text('7d')")
+    assert parse_qs(urlsplit(page.url).query)["range"] == ["7d"]
+    context.close()
 
 
 def test_a_page_of_an_all_sites_report_links_to_its_site_and_path():
     report = sample(pages=[("example.org/about", 2), ("blog.example.net/", 1)])._replace(sites=["blog.example.net", "example.org"])
-    page = pixeld.render_html(report, request_for(report, range="7d"))
+    page = pixeld.render_html(report, request_for(report, "html", range="7d"))
     links = {text: parse_qs(urlsplit(href.replace("&amp;", "&")).query) for href, text in re.findall(r'<a href="([^"]*)"[^>]*>([^<]*)</a>', page)}
     assert links["example.org/about"] == {"range": ["7d"], "site": ["example.org"], "path": ["/about"]}
     assert links["blog.example.net/"] == {"range": ["7d"], "site": ["blog.example.net"], "path": ["/"]}

@@ -3,14 +3,10 @@ and the hit endpoint at a second path."""
 
 import os
 import sqlite3
-import subprocess
-import tempfile
 import time
 
-import pytest
-
 import pixeld
-from conftest import CHROME, run_pixeld, stored_pageviews
+from conftest import CHROME, run_pixeld, stored_pageviews, write_mmdb
 
 GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
 
@@ -49,25 +45,10 @@ def test_doctor_fails_on_a_corrupt_database_and_a_bad_zone(tmp_path):
     assert code == 1 and level_of(out, "http://127.0.0.1:9/healthz") == "fail"
 
 
-mmdb_writer = pytest.importorskip("mmdb_writer")
-netaddr = pytest.importorskip("netaddr")
-
-
-def build_mmdb(path, built):
-    writer = mmdb_writer.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"], description="pixeld test")
-    writer.insert_network(netaddr.IPSet(["81.2.69.0/24"]), {"country": {"iso_code": "GB", "names": {"en": "GB"}}})
-    real = mmdb_writer.time.time
-    mmdb_writer.time.time = lambda: built
-    try:
-        writer.to_db_file(str(path))
-    finally:
-        mmdb_writer.time.time = real
-
-
 def test_doctor_on_geoip_files(tmp_path):
     fresh, old = tmp_path / "fresh.mmdb", tmp_path / "old.mmdb"
-    build_mmdb(fresh, time.time() - 3 * 86400)
-    build_mmdb(old, time.time() - 90 * 86400)
+    write_mmdb(fresh, {"81.2.69.0/24": "GB"}, built=time.time() - 3 * 86400)
+    write_mmdb(old, {"81.2.69.0/24": "GB"}, built=time.time() - 90 * 86400)
     db = str(tmp_path / "p.db")
     code, out = doctor("--db", db, "--geoip", str(fresh))
     assert code == 0 and level_of(out, "GeoIP") == "ok" and "built" in out
@@ -77,24 +58,16 @@ def test_doctor_on_geoip_files(tmp_path):
     assert code == 1 and level_of(out, "GeoIP") == "fail"
 
 
-def test_doctor_on_a_full_disk():
-    mountpoint = tempfile.mkdtemp(prefix="pixeld-doctor-")
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", mountpoint], capture_output=True).returncode:
-        os.rmdir(mountpoint)
-        pytest.skip("mounting a tiny tmpfs needs root")
-    try:
-        db = os.path.join(mountpoint, "pixeld.db")
-        pixeld.connect(db).close()
-        with open(os.path.join(mountpoint, "filler"), "wb") as handle:
-            try:
-                handle.write(b"\0" * (4 << 20))
-            except OSError:
-                pass
-        code, out = doctor("--db", db)
-        assert code == 1 and level_of(out, "directory") == "fail" and "free" in out
-    finally:
-        subprocess.run(["umount", "-l", mountpoint], check=False)
-        os.rmdir(mountpoint)
+def test_doctor_on_a_full_disk(tiny_filesystem):
+    db = os.path.join(tiny_filesystem, "pixeld.db")
+    pixeld.connect(db).close()
+    with open(os.path.join(tiny_filesystem, "filler"), "wb") as handle:
+        try:
+            handle.write(b"\0" * (4 << 20))
+        except OSError:
+            pass
+    code, out = doctor("--db", db)
+    assert code == 1 and level_of(out, "directory") == "fail" and "free" in out
 
 
 def whoami(daemon, headers):
@@ -126,7 +99,7 @@ def test_dry_run_says_what_a_hit_would_be_and_stores_nothing(start_daemon, tmp_p
     spam.write_text("spammy.example\n")
     daemon = start_daemon("--site", "example.org", "--spam-list", str(spam))
     cases = [
-        ({"path": "/post", "host": "example.org", "referrer": "https://www.google.de/"}, CHROME, "counted as a page view of example.org/post (browser Chrome 131, OS Windows, device desktop, source Google (search)"),
+        ({"path": "/post", "host": "example.org", "referrer": "https://www.google.de/"}, CHROME, "counted as a page view of example.org/post (title (none), channel search, source Google, referrer google.de, campaign (none), country (unknown), browser Chrome, version 131, os Windows, device desktop"),
         ({"path": "/", "host": "example.org"}, GOOGLEBOT, "filtered: bot (the User-Agent is a crawler"),
         ({"path": "/", "host": "other.net"}, CHROME, "filtered: foreign (the site is not one of --site)"),
         ({"path": "/", "host": "example.org", "referrer": "https://spammy.example/x"}, CHROME, "filtered: spam (the referrer's domain is on the referrer spam list)"),
@@ -145,13 +118,27 @@ def test_dry_run_says_what_a_hit_would_be_and_stores_nothing(start_daemon, tmp_p
     conn.close()
 
 
-def test_check_offline():
+def test_check_offline(tmp_path):
+    """One line on stdout, and an exit status a script can use: 0 counted, 1 not counted, 2 bad usage."""
     code, out, _ = run_pixeld("check", "--ua", GOOGLEBOT, "--host", "example.org")
-    assert code == 0 and out.startswith("filtered: bot")
+    assert code == 1 and out.startswith("filtered: bot")
     code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--path", "/a", "--referrer", "https://t.co/x")
-    assert code == 0 and out.startswith("counted as a page view of example.org/a") and "source X (social)" in out
+    assert code == 0 and out.startswith("counted as a page view of example.org/a") and "channel social, source X," in out
+    code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--path", "/a")
+    assert code == 0 and "source (direct)," in out and "(direct) (direct)" not in out and out.count("\n") == 1
     code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--ip", "198.51.100.4", "--ignore-ip", "198.51.100.0/24")
-    assert out.startswith("filtered: ignored")
+    assert code == 1 and out.startswith("filtered: ignored")
+    code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "example.org", "--event", "")
+    assert code == 1 and out.startswith("ignored: malformed")
+    code, out, err = run_pixeld("check", "--host", "example.org")
+    assert code == 1 and out.startswith("filtered: bot") and "no --ua given" in err
+    env_file = tmp_path / "pixeld.env"
+    env_file.write_text("PIXELD_SITES=example.org\n")  # the service's --site, read as the daemon reads it
+    code, out, _ = run_pixeld("check", "--ua", CHROME, "--host", "other.net", "--env-file", str(env_file))
+    assert code == 1 and out.startswith("filtered: foreign")
+    for bad in (["--ignore-ip", "not-an-address"], ["--no-such-option"]):
+        code, out, err = run_pixeld("check", "--ua", CHROME, *bad)
+        assert code == 2 and out == "" and err
 
 
 def parse_metrics(text):
@@ -172,10 +159,19 @@ def test_metrics_in_the_prometheus_format_rise_with_hits(start_daemon):
         daemon.pixel({"path": f"/{n}", "host": "example.org"}, {"X-Forwarded-For": f"198.51.100.{n}"})
     daemon.pixel({"path": "/", "host": "example.org"}, {"User-Agent": GOOGLEBOT})
     daemon.pixel({"event": "signup", "host": "example.org"}, {"X-Forwarded-For": "198.51.100.1"})
+    beacon = {"engagement": "1", "host": "example.org", "engaged": "12", "scroll": "40"}
+    daemon.pixel({**beacon, "path": "/1"}, {"X-Forwarded-For": "198.51.100.1"})  # joins that visitor's page view
+    daemon.pixel({**beacon, "path": "/never-seen"}, {"X-Forwarded-For": "198.51.100.1"})
+    daemon.pixel({"event": "", "host": "example.org"}, {"X-Forwarded-For": "198.51.100.1"})
     time.sleep(1.5)
     after = parse_metrics(daemon.get("/metrics").text)
     assert after["pixeld_hits_total[('outcome', 'pageview')]"] == 3
     assert after["pixeld_hits_total[('outcome', 'bot')]"] == 1 and after["pixeld_hits_total[('outcome', 'event')]"] == 1
+    outcomes = {name: value for name, value in after.items() if name.startswith("pixeld_hits_total") and value}
+    assert outcomes == {  # engagement beacons, joined or unmatched, and malformed hits have outcomes of their own, as the README lists
+        "pixeld_hits_total[('outcome', 'pageview')]": 3, "pixeld_hits_total[('outcome', 'bot')]": 1, "pixeld_hits_total[('outcome', 'event')]": 1,
+        "pixeld_hits_total[('outcome', 'engagement')]": 1, "pixeld_hits_total[('outcome', 'unmatched')]": 1, "pixeld_hits_total[('outcome', 'malformed')]": 1,
+    }
     assert after["pixeld_remembered_visitors[]"] == 3 and after["pixeld_database_size_bytes[]"] > 0
     assert daemon.get("/metrics", {"X-Forwarded-For": "203.0.113.1"}).status == 403
 

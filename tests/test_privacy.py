@@ -4,7 +4,8 @@ import ipaddress
 import time
 from pathlib import Path
 
-from conftest import stored_pageviews
+import pixeld
+from conftest import CHROME, call, stored_pageviews
 
 ADDRESSES = ["198.51.100.213", "203.0.113.177", "2001:db8:dead:beef::1234"]
 CANARY_UAS = [
@@ -79,9 +80,7 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
     """Two readers who differ only by address read the same pages at the same moments, across a
     midnight and a restart. Every stored column except the page must then be identical between
     them: any visitor id, hash or key would tell them apart. Neither salts nor keys reach the disk."""
-    import io
     import sqlite3
-    from wsgiref.util import setup_testing_defaults
 
     import pixeld
 
@@ -92,13 +91,7 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
 
     def visit(app, reader, path):
         for query in (f"path={path}-{reader}&host=example.org", f"engagement=1&path={path}-{reader}&host=example.org&engaged=12.5&scroll=60"):
-            environ = {
-                "PATH_INFO": "/pixel.gif", "QUERY_STRING": query, "REQUEST_METHOD": "GET",
-                "REMOTE_ADDR": "127.0.0.1", "HTTP_X_FORWARDED_FOR": ADDRESSES[reader], "HTTP_USER_AGENT": CANARY_UAS[0],
-            }
-            setup_testing_defaults(environ)
-            environ["wsgi.errors"] = io.StringIO()
-            b"".join(app(environ, lambda status, headers: None))
+            call(app, "/pixel.gif", query, X_FORWARDED_FOR=ADDRESSES[reader], USER_AGENT=CANARY_UAS[0])
         generation = app.visitors._current
         secrets_seen.extend(app.visitors.salts())
         key = generation.key("example.org", ADDRESSES[reader], CANARY_UAS[0])
@@ -133,3 +126,26 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
             assert secret not in blob and secret.hex().encode() not in blob
     for blob in blobs:
         assert leaks(blob) == []
+
+
+def test_no_visitor_input_outlives_the_salt(tmp_path):
+    """A path with a secret query string and a distinctive referrer sit in the App's Memo while the salt
+    lives, and nowhere once it rotates: the Memo is the only cache of what visitors send."""
+    clock = [1_795_910_400 - 3600]  # 2026-11-28 23:00 UTC
+
+    def send(query):
+        assert call(app, "/pixel.gif", query, remote="203.0.113.7", USER_AGENT=CHROME).body == pixeld.GIF
+
+    app = pixeld.App(pixeld.Config(db_path=str(tmp_path / "memo.db"), flush_interval=0.05), clock=lambda: clock[0], log=lambda message: None)
+    try:
+        send("path=%2F&host=example.org")  # the first hit brings the first salt
+        send("path=%2Fa%3Ftoken%3Ds3cret&host=example.org&referrer=https%3A%2F%2Fdistinctive-referrer.example%2Fx%3Fq%3D1")
+        assert app.memo.holds("s3cret") and app.memo.holds("distinctive-referrer")  # held while the salt lives
+        clock[0] += 2 * 3600  # past 00:00 UTC: the next hit brings a new salt
+        send("path=%2Fb&host=example.org")
+        assert not app.memo.holds("s3cret") and not app.memo.holds("distinctive-referrer")
+    finally:
+        app.close()
+    cached = {name for name, value in vars(pixeld).items() if hasattr(value, "cache_info") and value.__module__ == "pixeld"}
+    assert cached == {"month_of_day", "_midnight", "_http_date"}  # numbers and dates only: no normaliser keeps a cache of its own
+    assert not hasattr(pixeld.urlsplit, "cache_info") or pixeld.urlsplit.cache_info().currsize == 0  # nor the standard library's URL splitter

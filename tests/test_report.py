@@ -1,15 +1,15 @@
 """Report parameters, rendering (text and JSON) and the access rule, through the real WSGI app."""
 
+import base64
 import io
 import json
 import re
-import time
-from wsgiref.util import setup_testing_defaults
 
 import pytest
 
 import pixeld
 from pixeld import DAY, Config, Range, ReportData, ReportError, parse_range, render_text
+from conftest import call, make_sections, request_for, wait_for
 
 NOW = 1_795_874_400  # 2026-11-28 10:00:00 UTC
 TODAY = 1_795_824_000  # 2026-11-28 00:00:00 UTC
@@ -63,17 +63,12 @@ def test_bad_ranges_get_a_reason(params, reason):
 
 
 def sample_report(pageviews=3, entry_pages=(), **sections):
-    base = {name: [] for name in pixeld.SECTION_TITLES if name not in ("entry_pages", "events")}
-    base.update(sections)
     totals = pixeld.Metrics(views=pageviews, visitors=2, visits=3, bounces=1, duration=250)
     previous = pixeld.Metrics(views=pageviews // 2, visitors=2, visits=4, bounces=0, duration=250)
     series = [(TODAY - (6 - i) * DAY, i, i // 2) for i in range(7)]
     query = pixeld.Query(Range(TODAY - 6 * DAY, TODAY + DAY))
-    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, base, list(entry_pages), [("signup", 3, 2)], "day", series, [])
-
-
-def request_for(report, fmt="text", limit=None, section="", ascii=False):
-    return pixeld.ReportRequest(report.query, fmt, limit, section, ascii)
+    rows = make_sections(totals, entry_pages=list(entry_pages), events=[("signup", 3, 2)], **sections)
+    return ReportData(query, ["example.org"], totals, previous, {"bot": 2, "spam": 1}, rows, "day", series, [])
 
 
 def test_text_report_is_aligned_in_80_columns_and_cuts_long_values():
@@ -107,7 +102,10 @@ def test_json_report_has_the_same_data():
     assert document["pageviews"] == 4
     assert (document["visitors"], document["visits"], document["pages_per_visit"], document["bounce_rate"], document["visit_duration"]) == (2, 3, 1.33, 33.3, 83)
     assert document["filtered"] == {"total": 3, "bot": 2, "spam": 1}
-    assert document["sections"]["pages"] == [{"value": "/", "count": 3, "percent": 75.0}, {"value": "/a", "count": 1, "percent": 25.0}]
+    assert document["sections"]["pages"] == [
+        {"value": "/", "count": 3, "percent": 75.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+        {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+    ]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
     assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
     assert document["previous"]["pageviews"] == 2 and document["change"]["pageviews"] == 100 and document["change"]["bounce_rate"] is None
@@ -127,45 +125,34 @@ def app(tmp_path):
         made.close()
 
 
-def call(app, path, query="", method="GET", remote="127.0.0.1", **headers):
-    environ = {"PATH_INFO": path, "QUERY_STRING": query, "REQUEST_METHOD": method, "REMOTE_ADDR": remote}
-    environ.update({"HTTP_" + name.upper(): value for name, value in headers.items()})
-    setup_testing_defaults(environ)
-    environ["wsgi.errors"] = io.StringIO()
-    answer = {}
-
-    def start_response(status, response_headers):
-        answer["status"], answer["headers"] = status, dict(response_headers)
-
-    body = b"".join(app(environ, start_response))
-    return int(answer["status"][:3]), answer["headers"], body.decode(errors="replace")
-
-
 def test_report_from_direct_loopback_without_a_token(app):
     made = app()
-    assert call(made, "/report")[0] == 200
-    assert call(made, "/report", remote="::1")[0] == 200
-    assert call(made, "/report", remote="::ffff:127.0.0.1")[0] == 200
+    assert call(made, "/report").status == 200
+    assert call(made, "/report", AUTHORIZATION="Basic Og==").status == 200  # the README's curl -u ":$TOKEN" with no token set (":")
+    assert call(made, "/report", remote="::1").status == 200
+    assert call(made, "/report", remote="::ffff:127.0.0.1").status == 200
 
 
 @pytest.mark.parametrize("header", ["X_FORWARDED_FOR", "FORWARDED", "X_REAL_IP"])
 def test_report_through_a_proxy_is_refused_without_a_token(app, header):
-    status, _, body = call(app(), "/report", **{header: "for=203.0.113.5" if header == "FORWARDED" else "203.0.113.5"})
-    assert status == 403 and "--token" in body and body.count("\n") == 1
+    answer = call(app(), "/report", **{header: "for=203.0.113.5" if header == "FORWARDED" else "203.0.113.5"})
+    assert answer.status == 403 and "--token" in answer.text and answer.text.count("\n") == 1
 
 
 def test_report_from_elsewhere_is_refused_without_a_token(app):
-    status, _, body = call(app(), "/report", remote="203.0.113.5")
-    assert status == 403 and "--token" in body
+    answer = call(app(), "/report", remote="203.0.113.5")
+    assert answer.status == 403 and "--token" in answer.text
 
 
 def test_report_with_a_token_needs_the_token_even_on_loopback(app):
     made = app(token="s3cret-token")
-    assert call(made, "/report")[0] == 401
-    assert call(made, "/report", AUTHORIZATION="Bearer wrong")[0] == 401
-    assert call(made, "/report", AUTHORIZATION="Bearer s3cret-token\u00e9")[0] == 401
-    assert call(made, "/report", remote="203.0.113.5", AUTHORIZATION="Bearer s3cret-token")[0] == 200
-    assert call(made, "/report", X_FORWARDED_FOR="198.51.100.1", AUTHORIZATION="Bearer s3cret-token")[0] == 200
+    assert call(made, "/report").status == 401
+    assert call(made, "/report", AUTHORIZATION="Bearer wrong").status == 401
+    assert call(made, "/report", AUTHORIZATION="Bearer s3cret-token\u00e9").status == 401
+    assert call(made, "/report", remote="203.0.113.5", AUTHORIZATION="Bearer s3cret-token").status == 200
+    assert call(made, "/report", X_FORWARDED_FOR="198.51.100.1", AUTHORIZATION="Bearer s3cret-token").status == 200
+    assert call(made, "/report", AUTHORIZATION="Basic Og==").status == 401  # curl -u ":$TOKEN" with TOKEN unset
+    assert call(made, "/report", AUTHORIZATION="Basic " + base64.b64encode(b":s3cret-token").decode()).status == 200  # and with it set
 
 
 @pytest.mark.parametrize(
@@ -173,27 +160,28 @@ def test_report_with_a_token_needs_the_token_even_on_loopback(app):
     [("start=soon", "cannot parse time"), ("format=xml", "unknown format"), ("range=fortnight", "unknown range"), ("site=%00", "cannot parse site")],
 )
 def test_bad_report_parameters_get_400_with_one_line(app, query, reason):
-    status, headers, body = call(app(), "/report", query)
-    assert status == 400 and reason in body and body.count("\n") == 1
-    assert headers["Content-Type"].startswith("text/plain")
+    answer = call(app(), "/report", query)
+    assert answer.status == 400 and reason in answer.text and answer.text.count("\n") == 1
+    assert answer.headers["content-type"].startswith("text/plain")
 
 
 def test_report_formats(app):
     made = app()
-    status, headers, body = call(made, "/report", "format=json&range=7d")
-    assert status == 200 and headers["Content-Type"] == "application/json" and json.loads(body)["pageviews"] == 0
-    status, headers, body = call(made, "/report", "range=today")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain") and "2026-11-28 UTC (1 day)" in body
+    answer = call(made, "/report", "format=json&range=7d")
+    assert answer.status == 200 and answer.headers["content-type"] == "application/json" and json.loads(answer.text)["pageviews"] == 0
+    answer = call(made, "/report", "range=today")
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/plain") and "2026-11-28 UTC (1 day)" in answer.text
 
 
 def test_healthz_index_and_unknown_routes(app):
     made = app()
-    assert call(made, "/healthz")[:3:2] == (200, "ok\n")
-    status, headers, body = call(made, "/")
-    assert status == 200 and '<script data-local data-pixeld="">' in body and headers["Content-Type"].startswith("text/html")
-    assert call(made, "/nope")[0] == 404
-    status, headers, _ = call(made, "/report", method="POST")
-    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    answer = call(made, "/healthz")
+    assert (answer.status, answer.text) == (200, "ok\n")
+    answer = call(made, "/")
+    assert answer.status == 200 and '<script data-local data-pixeld="">' in answer.text and answer.headers["content-type"].startswith("text/html")
+    assert call(made, "/nope").status == 404
+    answer = call(made, "/report", method="POST")
+    assert answer.status == 405 and answer.headers["allow"] == "GET, HEAD"
 
 
 @pytest.fixture
@@ -203,17 +191,13 @@ def busy_app(app):
     for i in range(12):
         path = f"/p{i:02d}" if i else "/"
         environ_hit(made, path, "203.0.113.%d" % (i + 1), when=NOW - (DAY if i == 11 else 0))
-    deadline = time.monotonic() + 10
-    while json.loads(call(made, "/report", "range=2d&format=json")[2])["pageviews"] < 12:  # the writer commits within a second
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: json.loads(call(made, "/report", "range=2d&format=json").text)["pageviews"] == 12)  # the writer commits within a second
     return made
 
 
 def environ_hit(app, path, ip, when):
     app.clock = lambda: when
-    status, headers, body = call(app, "/pixel.gif", f"path={path}&host=example.org", USER_AGENT=CHROME_UA, X_FORWARDED_FOR=ip)
-    assert status == 200
+    assert call(app, "/pixel.gif", f"path={path}&host=example.org", USER_AGENT=CHROME_UA, X_FORWARDED_FOR=ip).status == 200
     app.clock = lambda: NOW
 
 
@@ -221,35 +205,36 @@ CHROME_UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML
 
 
 def test_limit_and_section(busy_app):
-    text = call(busy_app, "/report", "range=today")[2]
+    text = call(busy_app, "/report", "range=today").text
     assert "… and 1 more" in text  # 11 pages today, 10 shown
-    text = call(busy_app, "/report", "range=today&limit=3")[2]
+    text = call(busy_app, "/report", "range=today&limit=3").text
     assert "… and 8 more" in text
-    status, _, text = call(busy_app, "/report", "range=today&section=pages")
-    assert status == 200 and "Referrers" not in text and "Visitors" not in text and "… and" not in text
+    answer = call(busy_app, "/report", "range=today&section=pages")
+    text = answer.text
+    assert answer.status == 200 and "Referrers" not in text and "Visitors" not in text and "… and" not in text
     assert sum(1 for line in text.splitlines() if line.startswith("/")) == 11
-    document = json.loads(call(busy_app, "/report", "range=today&format=json&section=entry_pages&limit=2")[2])
+    document = json.loads(call(busy_app, "/report", "range=today&format=json&section=entry_pages&limit=2").text)
     assert list(document["sections"]) == ["entry_pages"] and len(document["sections"]["entry_pages"]) == 2
-    assert call(busy_app, "/report", "section=nope")[0] == 400
-    assert call(busy_app, "/report", "limit=0")[0] == 400 and call(busy_app, "/report", "limit=ten")[0] == 400
+    assert call(busy_app, "/report", "section=nope").status == 400
+    assert call(busy_app, "/report", "limit=0").status == 400 and call(busy_app, "/report", "limit=ten").status == 400
 
 
 def test_time_zone_parameter(busy_app):
-    status, _, text = call(busy_app, "/report", "range=today&tz=Asia/Tokyo")
-    assert status == 200 and "2026-11-28 Asia/Tokyo (1 day)" in text
-    status, _, text = call(busy_app, "/report", "tz=Mars/Olympus_Mons")
-    assert status == 400 and "unknown time zone" in text and text.count("\n") == 1
+    answer = call(busy_app, "/report", "range=today&tz=Asia/Tokyo")
+    assert answer.status == 200 and "2026-11-28 Asia/Tokyo (1 day)" in answer.text
+    answer = call(busy_app, "/report", "tz=Mars/Olympus_Mons")
+    assert answer.status == 400 and "unknown time zone" in answer.text and answer.text.count("\n") == 1
 
 
 def test_serve_timezone_sets_the_default(app):
     made = app(zone=pixeld.load_zone("America/New_York"))
-    text = call(made, "/report", "range=today")[2]
+    text = call(made, "/report", "range=today").text
     assert "2026-11-28 America/New_York (1 day)" in text
 
 
 def test_ascii_bars_and_changes(busy_app):
-    unicode_text = call(busy_app, "/report", "range=2d")[2]
-    ascii_text = call(busy_app, "/report", "range=2d&ascii=1")[2]
+    unicode_text = call(busy_app, "/report", "range=2d").text
+    ascii_text = call(busy_app, "/report", "range=2d&ascii=1").text
     assert "█" in unicode_text and "▲" in unicode_text or "new" in unicode_text
     assert "#" in ascii_text and not any(ch in ascii_text for ch in "█▏▎▍▌▋▊▉▲▼")
 
@@ -257,9 +242,9 @@ def test_ascii_bars_and_changes(busy_app):
 def test_csv_is_long_form(busy_app):
     import csv as csv_module
 
-    status, headers, body = call(busy_app, "/report", "range=7d&format=csv&path=/p0*")
-    assert status == 200 and headers["Content-Type"].startswith("text/csv")
-    rows = list(csv_module.reader(io.StringIO(body)))
+    answer = call(busy_app, "/report", "range=7d&format=csv&path=/p0*")
+    assert answer.status == 200 and answer.headers["content-type"].startswith("text/csv")
+    rows = list(csv_module.reader(io.StringIO(answer.text)))
     assert rows[0] == ["section", "value", "count", "percent"]
     sections = {row[0] for row in rows[1:]}
     assert {"totals", "series", "series_visitors", "pages", "entry_pages", "entry_bounces", "countries"} <= sections
@@ -270,8 +255,9 @@ def test_csv_is_long_form(busy_app):
 
 @pytest.mark.parametrize("fmt", ["text", "json", "csv"])
 def test_filters_with_every_format(busy_app, fmt):
-    status, _, body = call(busy_app, "/report", f"range=today&format={fmt}&path=/p1*&browser=Chrome%20131&country=(unknown)&device=desktop")
-    assert status == 200
+    answer = call(busy_app, "/report", f"range=today&format={fmt}&path=/p1*&browser=Chrome%20131&country=(unknown)&device=desktop")
+    body = answer.text
+    assert answer.status == 200
     if fmt == "text":
         assert "Filters: path=/p1*, country=(none), browser=Chrome 131, device=desktop" in body
         assert re.search(r"^Page views +1 ", body, re.M)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import pixeld
-from conftest import CHROME, PIXELD, free_port, request, stored_pageviews
+from conftest import CHROME, PIXELD, free_port, request, stored_pageviews, wait_for
 
 
 def raw(port, data, read=True, timeout=5.0):
@@ -149,7 +149,7 @@ def test_idle_and_trickling_attack_while_a_reader_keeps_reading(tmp_path, fd_lim
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=limit,
     )
     try:
-        wait_until(lambda: request("127.0.0.1", port, "/healthz").status == 200)
+        wait_for(lambda: request("127.0.0.1", port, "/healthz").status == 200)
         baseline = open_descriptors(proc.pid)
 
         def normal_reader():
@@ -162,7 +162,7 @@ def test_idle_and_trickling_attack_while_a_reader_keeps_reading(tmp_path, fd_lim
 
         answered = run_attack(port, 1100, 100, seconds=6, normal=normal_reader)
         assert answered == 60
-        wait_until(lambda: open_descriptors(proc.pid) <= baseline + 2, seconds=10)  # every attack socket let go
+        wait_for(lambda: open_descriptors(proc.pid) <= baseline + 2, seconds=10)  # every attack socket let go
         assert request("127.0.0.1", port, "/healthz").text == "ok\n"
         assert request("127.0.0.1", port, "/pixel.gif?path=/after&host=example.org", {"User-Agent": CHROME}).status == 200
     finally:
@@ -185,7 +185,7 @@ def test_out_of_file_descriptors_the_accept_loop_survives(tmp_path):
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (20, 20)),
     )
     try:
-        wait_until(lambda: request("127.0.0.1", port, "/healthz").status == 200)
+        wait_for(lambda: request("127.0.0.1", port, "/healthz").status == 200)
         cpu_before = cpu_seconds(proc.pid)
         hogs = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
         time.sleep(1.0)
@@ -204,15 +204,3 @@ def test_out_of_file_descriptors_the_accept_loop_survives(tmp_path):
 def cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_until(check, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

@@ -11,21 +11,23 @@ import time
 import pytest
 
 import pixeld
-from conftest import ROOT
+from conftest import ROOT, require_tool, wait_for
 
 UNIT = ROOT / "pixeld.service"
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (apt-get install systemd)")
 
 
-@needs_systemd_analyze
-def test_systemd_analyze_verify_is_silent():
-    proc = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True)
+@pytest.fixture
+def systemd_analyze():
+    return require_tool("systemd-analyze", package="systemd")
+
+
+def test_systemd_analyze_verify_is_silent(systemd_analyze):
+    proc = subprocess.run([systemd_analyze, "verify", str(UNIT)], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == ""
 
 
-@needs_systemd_analyze
-def test_exposure_score_is_at_most_one():
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", str(UNIT)], capture_output=True, text=True)
+def test_exposure_score_is_at_most_one(systemd_analyze):
+    proc = subprocess.run([systemd_analyze, "security", "--offline=true", str(UNIT)], capture_output=True, text=True)
     match = re.search(r"Overall exposure level for pixeld\.service: (\d+\.\d)", proc.stdout)
     assert match, proc.stdout + proc.stderr
     assert float(match.group(1)) <= 1.0
@@ -107,7 +109,6 @@ def test_the_token_from_a_file_appears_neither_in_ps_nor_in_the_log(start_daemon
 
 
 ROOT_CACHE = os.environ.get("PIXELD_TEST_ROOT", "/var/cache/pixeld-test/root")
-NSPAWN_MISSING = next((tool for tool in ("debootstrap", "systemd-nspawn", "nsenter") if shutil.which(tool) is None), None)
 
 
 def debian_root():
@@ -142,7 +143,7 @@ class Container:
             found = subprocess.run(["pgrep", "-P", str(self.proc.pid), "-x", "systemd"], capture_output=True, text=True).stdout.split()
             self.leader = found[0] if found else None
             time.sleep(0.1)
-        self.wait(lambda: self.run("systemctl is-system-running", check=False).stdout.strip() in ("running", "degraded"))
+        wait_for(lambda: self.run("systemctl is-system-running", check=False).stdout.strip() in ("running", "degraded"), seconds=60)
 
     def run(self, command, check=True):
         proc = subprocess.run(["nsenter", "-t", self.leader, "-m", "-u", "-i", "-n", "-p", "sh", "-c", command], capture_output=True, text=True, timeout=60)
@@ -158,12 +159,6 @@ class Container:
         )
         return self.run(f'python3 -c "{script}"').stdout
 
-    def wait(self, check, seconds=60.0):
-        deadline = time.monotonic() + seconds
-        while not check():
-            assert time.monotonic() < deadline, "timed out in the container"
-            time.sleep(0.2)
-
     def poweroff(self):
         self.run("systemctl poweroff", check=False)
         try:
@@ -173,10 +168,12 @@ class Container:
             self.proc.wait()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="booting a container needs root")
-@pytest.mark.skipif(NSPAWN_MISSING is not None, reason=f"{NSPAWN_MISSING} is not installed (apt-get install debootstrap systemd-container)")
 def test_a_real_systemd_boot():
     """Install pixeld in a booted Debian exactly as the README says, and watch systemd run it."""
+    if os.geteuid() != 0:
+        pytest.skip("booting a container needs root")
+    for tool, package in (("debootstrap", "debootstrap"), ("systemd-nspawn", "systemd-container"), ("nsenter", "util-linux")):
+        require_tool(tool, package=package)
     container = Container(debian_root(), str(ROOT))
     try:
         # The README's install steps.
@@ -186,7 +183,7 @@ def test_a_real_systemd_boot():
 
         for i in range(5):
             assert container.http(f"/pixel.gif?path=/boot/{i}&host=example.org").startswith("200")
-        container.wait(lambda: "Page views               5" in container.http("/report?range=today"))
+        wait_for(lambda: "Page views               5" in container.http("/report?range=today"), seconds=60)
 
         owner, mode = container.run("stat -c '%u %a' /var/lib/pixeld/pixeld.db").stdout.split()
         main_pid = container.run("systemctl show -p MainPID --value pixeld").stdout.strip()
@@ -199,7 +196,7 @@ def test_a_real_systemd_boot():
         container.run("systemctl daemon-reload && systemctl restart pixeld")
         frozen = container.run("systemctl show -p MainPID --value pixeld").stdout.strip()
         container.run(f"kill -STOP {frozen}")
-        container.wait(lambda: container.run("systemctl show -p MainPID --value pixeld").stdout.strip() not in (frozen, "0")
+        wait_for(lambda: container.run("systemctl show -p MainPID --value pixeld").stdout.strip() not in (frozen, "0")
                        and container.run("systemctl is-active pixeld", check=False).stdout.strip() == "active", seconds=40)
         assert int(container.run("systemctl show -p NRestarts --value pixeld").stdout) >= 1
 

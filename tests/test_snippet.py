@@ -1,20 +1,13 @@
 """snippet.html in a real browser: Debian's headless Chromium, driven by Playwright, against the real
 daemon, with a test site served under names that do not look like loopback (site.test, other.test)."""
 
-import json
-import shutil
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import pixeld
-from conftest import free_port, stored_pageviews
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (it is in tests/requirements.txt)")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+from conftest import free_port, stored_pageviews, wait_for
 
 DESKTOP_CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
@@ -57,21 +50,6 @@ class Site:
 
 
 @pytest.fixture
-def browser():
-    with playwright_api.sync_playwright() as p:
-        launched = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-blink-features=AutomationControlled",
-                "--host-resolver-rules=MAP site.test 127.0.0.1, MAP other.test 127.0.0.1",
-            ],
-        )
-        yield launched
-        launched.close()
-
-
-@pytest.fixture
 def setup(start_daemon, browser):
     daemon = start_daemon("--rate-limit", "0")
     site = Site(f"http://127.0.0.1:{daemon.port}")
@@ -81,24 +59,13 @@ def setup(start_daemon, browser):
     site.server.shutdown()
 
 
-def report(daemon, query="range=today"):
-    return json.loads(daemon.report(query + "&format=json").text)
-
-
-def wait_for(check, seconds=15.0):
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting for the daemon to record it"
-        time.sleep(0.1)
-
-
 def test_a_page_view_with_javascript(setup):
     daemon, site, context = setup
     page = context.new_page()
     page.goto(site.url("/start", host="other.test"))
     with page.expect_request(lambda request: "/pixel.gif" in request.url):
         page.click("#go")
-    wait_for(lambda: report(daemon)["pageviews"] == 1)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 1)
     daemon.stop()
     [view] = stored_pageviews(daemon.db)
     assert (view["site"], view["path"], view["title"], view["referrer"], view["screen"]) == ("site.test", "/post", "A post", "other.test", "1234x987")
@@ -112,7 +79,7 @@ def test_a_page_view_with_javascript_off_comes_from_the_noscript_image(start_dae
     page = context.new_page()
     with page.expect_request(lambda request: "/pixel.gif" in request.url):
         page.goto(site.url("/post?utm_source=x"))
-    wait_for(lambda: report(daemon)["pageviews"] == 1)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 1)
     context.close()
     daemon.stop()
     [view] = stored_pageviews(daemon.db)
@@ -123,11 +90,11 @@ def test_single_page_app_navigation(setup):
     daemon, site, context = setup
     page = context.new_page()
     page.goto(site.url("/spa"))
-    wait_for(lambda: report(daemon)["pageviews"] == 1)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 1)
     page.click("#next")
-    wait_for(lambda: report(daemon)["pageviews"] == 2)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 2)
     page.go_back()  # popstate back to /spa: a page view again
-    wait_for(lambda: report(daemon)["pageviews"] == 3)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 3)
     daemon.stop()
     assert [(v["path"], v["referrer"]) for v in stored_pageviews(daemon.db)] == [("/spa", ""), ("/spa/next", ""), ("/spa", "")]
 
@@ -140,11 +107,11 @@ def test_events_from_data_attributes_the_api_and_outbound_links(setup):
     page.evaluate("pixeld('event', 'from-the-api')")
     page.click("#out")  # navigates away: the beacon still goes
     page.wait_for_url("**/landing")
-    wait_for(lambda: len(report(daemon)["sections"]["events"]) == 3)
-    events = {row["value"]: (row["count"], row["visitors"]) for row in report(daemon)["sections"]["events"]}
+    wait_for(lambda: len(daemon.report_json()["sections"]["events"]) == 3)
+    events = {row["value"]: (row["count"], row["visitors"]) for row in daemon.report_json()["sections"]["events"]}
     assert events == {"signup": (1, 1), "from-the-api": (1, 1), "outbound:other.test": (1, 1)}
-    assert report(daemon)["pageviews"] == 1  # events are not page views
-    signups = report(daemon, "range=today&event=signup")
+    assert daemon.report_json()["pageviews"] == 1  # events are not page views
+    signups = daemon.report_json("range=today&event=signup")
     assert signups["pageviews"] == 1 and signups["sections"]["pages"][0]["value"] == "/events"
 
 
@@ -152,8 +119,8 @@ def test_campaign_links(setup):
     daemon, site, context = setup
     page = context.new_page()
     page.goto(site.url("/post?utm_source=Newsletter&utm_medium=email&utm_campaign=launch&secret=1"))
-    wait_for(lambda: report(daemon)["pageviews"] == 1)
-    data = report(daemon)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 1)
+    data = daemon.report_json()
     assert data["sections"]["campaigns"] == [{"value": "newsletter / email / launch", "count": 1, "percent": 100.0}]
     assert data["sections"]["referrers"][0]["value"] == "newsletter (campaign)"
     daemon.stop()
@@ -172,11 +139,11 @@ def test_opting_yourself_out_with_the_hash(setup):
     page.goto(site.url("/spa"))
     page.click("#next")
     page.wait_for_timeout(1000)
-    assert sent == [] and report(daemon)["pageviews"] == 0
+    assert sent == [] and daemon.report_json()["pageviews"] == 0
     page.goto(site.url("/post#pixeld-ignore"))  # the same hash again: counted again
     assert messages[-1] == "pixeld: this browser is counted again"
     page.reload()
-    wait_for(lambda: report(daemon)["pageviews"] == 1)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 1)
 
 
 def test_a_visitor_objects_from_the_privacy_page_or_the_api(setup):
@@ -225,7 +192,7 @@ def test_nothing_is_sent_from_localhost(setup):
         page.evaluate("pixeld('event', 'local')")
     page.wait_for_timeout(1000)
     assert sent == []
-    assert report(daemon)["pageviews"] == 0 and report(daemon)["sections"]["events"] == []
+    assert daemon.report_json()["pageviews"] == 0 and daemon.report_json()["sections"]["events"] == []
 
 
 def test_an_automated_browser_is_flagged(start_daemon, browser):
@@ -236,8 +203,8 @@ def test_an_automated_browser_is_flagged(start_daemon, browser):
     page.add_init_script("Object.defineProperty(navigator, 'webdriver', {get: () => true})")
     with page.expect_request(lambda request: "/pixel.gif" in request.url and "bot=1" in request.url):
         page.goto(site.url("/post"))
-    wait_for(lambda: report(daemon)["filtered"].get("headless") == 1)
-    assert report(daemon)["pageviews"] == 0
+    wait_for(lambda: daemon.report_json()["filtered"].get("headless") == 1)
+    assert daemon.report_json()["pageviews"] == 0
     context.close()
 
 

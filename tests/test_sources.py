@@ -77,12 +77,6 @@ def test_the_table_is_compact_and_every_line_well_formed():
     assert {line.split("|")[1] for line in lines} <= set(pixeld.CHANNELS)
 
 
-def report(daemon, query):
-    answer = daemon.report(query + "&format=json")
-    assert answer.status == 200, answer.text
-    return json.loads(answer.text)
-
-
 def test_sources_and_channels_end_to_end(start_daemon):
     daemon = start_daemon()
     hits = [
@@ -97,7 +91,7 @@ def test_sources_and_channels_end_to_end(start_daemon):
     daemon.pixel({"path": "/again", "host": "example.org", "referrer": "https://www.google.com/"}, {"X-Forwarded-For": "198.51.100.1"})
     daemon.stop()  # every hit is committed
     daemon = start_daemon(db=daemon.db)
-    document = report(daemon, "range=all")
+    document = daemon.report_json("range=all")
     sources = {row["value"]: (row["count"], row["visitors"], row["channel"]) for row in document["sections"]["sources"]}
     assert sources == {
         "Google": (4, 3, "search"), "X": (2, 2, "social"), "Gmail": (1, 1, "email"), "blog.example.net": (1, 1, "referral"),
@@ -106,11 +100,11 @@ def test_sources_and_channels_end_to_end(start_daemon):
     assert {row["value"]: row["count"] for row in document["sections"]["channels"]} == {
         "search": 4, "social": 2, "email": 1, "referral": 1, "direct": 1, "campaign": 1,
     }
-    drill = report(daemon, "range=all&source=Google&section=referrers")
+    drill = daemon.report_json("range=all&source=Google&section=referrers")
     assert {row["value"]: row["count"] for row in drill["sections"]["referrers"]} == {"google.com": 2, "google.de": 1, "google.co.uk/search": 1}
-    social = report(daemon, "range=all&channel=social")
+    social = daemon.report_json("range=all&channel=social")
     assert social["pageviews"] == 2 and [row["value"] for row in social["sections"]["sources"]] == ["X"]
-    assert report(daemon, "range=all&source=(direct)")["pageviews"] == 1
+    assert daemon.report_json("range=all&source=(direct)")["pageviews"] == 1
     text = daemon.report("range=all").text
     assert text.index("Sources") < text.index("Referrers") and "Channels" in text
     google_line = next(line for line in text.splitlines() if line.startswith("Google "))

@@ -1,25 +1,17 @@
 """Storage: schema and migrations, the batched writer, pre-aggregated counts and the queries over them."""
 
+import json
 import random
 import sqlite3
-import time
 from collections import Counter
 
 import pytest
 
 import pixeld
-from pixeld import DAY, PageView, FilteredHit, Query, Range, Store, StorageError, Writer, connect, query_report
+from pixeld import DAY, Batch, FilteredHit, Query, Range, Store, StorageError, Writer, connect, query_report
+from conftest import section_counts, view, wait_for
 
 T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
-
-
-def view(at, path="/", site="example.org", **fields):
-    values = dict(
-        time=at, site=site, path=path, title="", referrer="", country="", browser="Chrome", version="131",
-        os="Windows", device="desktop", screen="1920x1080", language="en",
-    )
-    values.update(fields)
-    return PageView(**values)
 
 
 def test_new_database_gets_the_current_schema_in_wal_mode(tmp_path):
@@ -43,6 +35,57 @@ def test_an_older_database_is_migrated_and_a_newer_one_refused(tmp_path):
         connect(str(path))
     with pytest.raises(StorageError, match="newer than this pixeld"):
         connect(str(path), readonly=True)
+
+
+def old_database(path, version, rows=3):
+    """A database at an older schema version, with page views and events as that schema held them (every
+    string column names one string, the agent column one agent)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    pixeld.migrate(conn, 0, target=version)
+    string = conn.execute("INSERT INTO strings (value) VALUES ('x')").lastrowid
+    agent = conn.execute("INSERT INTO agents (browser, version, os, device) VALUES ('Chrome', '131', 'Windows', 'desktop')").lastrowid
+    for table in ("pageviews", "events"):
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != "id"]
+        values = [agent if column == "agent" else 1 if column in pixeld.ROW_NUMBERS else string for column in columns]
+        for n in range(rows):
+            conn.execute(f"INSERT INTO {table} (id, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})", (pixeld.first_id(T0 + n), *values))
+    conn.close()
+
+
+@pytest.mark.parametrize("version", range(1, pixeld.SCHEMA_VERSION))
+def test_the_export_keeps_every_row_of_a_database_migrated_from_an_older_schema(tmp_path, version):
+    old_database(tmp_path / "old.db", version)
+    conn = connect(str(tmp_path / "old.db"))  # migrates it
+    exported = [json.loads(line) for chunk in pixeld.export_lines(conn, Range(0, pixeld.LATEST), "", "ndjson") for line in chunk.splitlines()]
+    assert Counter(row["type"] for row in exported) == {"pageview": 3, "event": 3}
+    assert all(row["path"] == "x" and row["browser"] == "Chrome" for row in exported)
+
+
+def test_a_value_whose_id_names_nothing_exports_empty_and_keeps_its_row(tmp_path):
+    """What a column added with a default that is no string id did: the row must not vanish from the export."""
+    old_database(tmp_path / "bad.db", pixeld.SCHEMA_VERSION, rows=2)
+    conn = connect(str(tmp_path / "bad.db"))
+    conn.execute("UPDATE pageviews SET title = 987654, agent = 987654")
+    exported = [json.loads(line) for chunk in pixeld.export_lines(conn, Range(0, pixeld.LATEST), "", "ndjson") for line in chunk.splitlines()]
+    assert [(row["type"], row["title"], row["browser"]) for row in exported if row["type"] == "pageview"] == [("pageview", "", "")] * 2
+
+
+def test_a_new_text_dimension_migrates_older_rows_to_its_empty_value(tmp_path, monkeypatch):
+    """``add_text_dimension``: the column's default is the id of the empty value, and older days count under it."""
+    themes = pixeld.Dimension("themes", 99, "theme", (pixeld.Field("theme", pixeld.clean_label, "theme"),), (pixeld.Section("themes", "Themes", filter="theme"),))
+    monkeypatch.setitem(pixeld.DIMENSION_NAMED, "themes", themes)
+    store = Store(connect(str(tmp_path / "new.db")))
+    store.write(Batch(records=[pixeld.Record(view(T0 + 60 * n), n % 2) for n in range(5)]))
+    conn = store.conn
+    conn.execute("BEGIN")
+    pixeld.add_text_dimension("themes")(conn, lambda message: None)
+    conn.execute("COMMIT")
+    empty = conn.execute("SELECT id FROM strings WHERE value = ''").fetchone()[0]
+    assert {row[0] for row in conn.execute("SELECT theme FROM pageviews UNION ALL SELECT theme FROM events")} <= {empty}
+    assert conn.execute("SELECT count(*) FROM pageviews WHERE theme = ?", (empty,)).fetchone()[0] == 5
+    for table in ("daily", "monthly"):
+        counted = conn.execute(f"SELECT value, sum(views), sum(visits) FROM {table} WHERE dim = 99 GROUP BY value").fetchall()
+        assert counted == [(empty, 5, 2)], table
 
 
 def test_a_file_that_is_not_sqlite_is_refused(tmp_path):
@@ -76,8 +119,8 @@ def test_writer_stores_everything_on_close_and_keeps_counts_in_step(tmp_path):
         assert conn.execute("SELECT sum(views) FROM daily WHERE dim = ?", (dim.code,)).fetchone()[0] == 500
     report = query_report(conn, Query(Range(T0, T0 + 3 * DAY)))
     assert report.totals.views == 500
-    assert dict(report.sections["pages"]) == Counter(v.path for v in views)
-    assert dict(report.sections["countries"]) == Counter(v.country for v in views)
+    assert section_counts(report.sections["pages"]) == Counter(v.path for v in views)
+    assert section_counts(report.sections["countries"]) == Counter(v.country for v in views)
     assert report.filtered == {"bot": 1}
 
 
@@ -86,17 +129,14 @@ def test_writer_commits_within_a_second_or_so_without_being_closed(tmp_path):
     writer = Writer(connect(path), flush_interval=0.2)
     writer.submit(view(T0))
     reader = connect(path, readonly=True)
-    deadline = time.monotonic() + 5
-    while reader.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 0:
-        assert time.monotonic() < deadline, "the writer did not commit"
-        time.sleep(0.05)
+    wait_for(lambda: reader.execute("SELECT count(*) FROM pageviews").fetchone()[0] == 1, seconds=5)
     writer.close()
 
 
 def test_ids_sort_by_time_and_stay_unique_within_a_second(tmp_path):
     store = Store(connect(str(tmp_path / "ids.db")))
-    store.write([(view(T0 + 5), None)] * 3 + [(view(T0 + 1), None)] * 2 + [(view(T0 + 5), None)], [])  # back to a second seen
-    store.write([(view(T0 + 5), None)] * 2, [])  # the same second again, in a later batch
+    store.write(Batch(views=[(view(T0 + 5), None)] * 3 + [(view(T0 + 1), None)] * 2 + [(view(T0 + 5), None)]))  # back to a second seen
+    store.write(Batch(views=[(view(T0 + 5), None)] * 2))  # the same second again, in a later batch
     ids = [row[0] for row in store.conn.execute("SELECT id FROM pageviews")]
     assert len(set(ids)) == 8
     assert sorted(pixeld.second_of(i) for i in ids) == [T0 + 1] * 2 + [T0 + 5] * 6
@@ -105,29 +145,29 @@ def test_ids_sort_by_time_and_stay_unique_within_a_second(tmp_path):
 def test_partial_days_are_counted_exactly_from_page_views(tmp_path):
     store = Store(connect(str(tmp_path / "edges.db")))
     times = [T0 + h * 3600 for h in range(0, 72, 3)]  # every 3 hours for 3 days
-    store.write([(view(t, path=f"/h{(t - T0) // 3600}"), None) for t in times], [])
+    store.write(Batch(views=[(view(t, path=f"/h{(t - T0) // 3600}"), None) for t in times]))
     for start, end in [(T0 + 7 * 3600, T0 + 50 * 3600), (T0 + 3600, T0 + 2 * 3600), (T0, T0 + 2 * DAY), (T0 + 12 * 3600, T0 + 3 * DAY)]:
         report = query_report(store.conn, Query(Range(start, end)))
         expected = [t for t in times if start <= t < end]
         assert report.totals.views == len(expected), (start, end)
-        assert {label for label, _ in report.sections["pages"]} == {f"/h{(t - T0) // 3600}" for t in expected}
+        assert {row.value for row in report.sections["pages"]} == {f"/h{(t - T0) // 3600}" for t in expected}
 
 
 def test_one_site_or_all_sites(tmp_path):
     store = Store(connect(str(tmp_path / "sites.db")))
-    store.write([(view(T0, "/", "example.org"), None), (view(T0, "/", "blog.example.org"), None), (view(T0, "/x", "example.org"), None)], [])
+    store.write(Batch(views=[(view(T0, "/"), None), (view(T0, "/", site="blog.example.org"), None), (view(T0, "/x"), None)]))
     everything = query_report(store.conn, Query(Range(T0, T0 + DAY)))
     assert everything.sites == ["blog.example.org", "example.org"]
-    assert dict(everything.sections["pages"]) == {"example.org/": 1, "blog.example.org/": 1, "example.org/x": 1}
+    assert section_counts(everything.sections["pages"]) == {"example.org/": 1, "blog.example.org/": 1, "example.org/x": 1}
     one = query_report(store.conn, Query(Range(T0, T0 + DAY), site="example.org"))
-    assert one.totals.views == 2 and dict(one.sections["pages"]) == {"/": 1, "/x": 1}
+    assert one.totals.views == 2 and section_counts(one.sections["pages"]) == {"/": 1, "/x": 1}
 
 
 def test_a_second_with_more_ids_than_it_holds_spills_into_the_next(tmp_path):
     store = Store(connect(str(tmp_path / "spill.db")))
     per_second = 1 << pixeld.ID_SHIFT
-    store.write([(view(T0), None)] * (per_second + 10) + [(view(T0 + 1), None)] * 5, [])
-    store.write([(view(T0 + 1), None)] * 5, [])
+    store.write(Batch(views=[(view(T0), None)] * (per_second + 10) + [(view(T0 + 1), None)] * 5))
+    store.write(Batch(views=[(view(T0 + 1), None)] * 5))
     ids = [row[0] for row in store.conn.execute("SELECT id FROM pageviews ORDER BY id")]
     assert len(ids) == len(set(ids)) == per_second + 20
     assert query_report(store.conn, Query(Range(T0, T0 + DAY))).totals.views == per_second + 20
@@ -141,15 +181,9 @@ def test_a_failed_batch_is_kept_and_written_later(tmp_path):
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     writer.submit(view(T0))
-    deadline = time.monotonic() + 5
-    while writer.status() == "ok":
-        assert time.monotonic() < deadline, "the writer never noticed the lock"
-        time.sleep(0.02)
+    wait_for(lambda: writer.status() != "ok", seconds=5)  # it noticed the lock
     assert "locked" in writer.error
     blocker.execute("ROLLBACK")
-    deadline = time.monotonic() + 5
-    while writer.status() != "ok":
-        assert time.monotonic() < deadline, "the writer did not recover"
-        time.sleep(0.02)
+    wait_for(lambda: writer.status() == "ok", seconds=5)  # it recovered
     writer.close()
     assert sqlite3.connect(path).execute("SELECT count(*) FROM pageviews").fetchone()[0] == 1

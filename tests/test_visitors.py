@@ -1,15 +1,11 @@
 """Privacy section: salted visitor keys in memory, visits, daily uniques and rate limits; then the
 whole app with an injected clock: visitors, visits, bounces and durations in the report."""
 
-import io
-import json
-from wsgiref.util import setup_testing_defaults
-
 import pytest
 
 import pixeld
 from pixeld import DAY, VISIT_TIMEOUT, Config, Visitors
-from conftest import CHROME, FIREFOX, IPHONE
+from conftest import CHROME, FIREFOX, IPHONE, call, report_json
 
 MIDNIGHT = 1_795_824_000  # 2026-11-28 00:00:00 UTC
 
@@ -81,20 +77,12 @@ class Clock:
 
 def hit(app, path, ip, ua=CHROME, **params):
     query = "&".join(f"{k}={v}" for k, v in {"path": path, "host": "example.org", **params}.items())
-    environ = {"PATH_INFO": "/pixel.gif", "QUERY_STRING": query, "REQUEST_METHOD": "GET", "REMOTE_ADDR": ip, "HTTP_USER_AGENT": ua}
-    setup_testing_defaults(environ)
-    environ["wsgi.errors"] = io.StringIO()
-    body = b"".join(app(environ, lambda status, headers: None))
-    assert body == pixeld.GIF
+    assert call(app, "/pixel.gif", query, remote=ip, USER_AGENT=ua).body == pixeld.GIF
 
 
-def report(db, start, end):
-    conn = pixeld.connect(str(db), readonly=True)
-    query = pixeld.Query(pixeld.Range(start, end))
-    try:
-        return json.loads(pixeld.render_json(pixeld.query_report(conn, query), pixeld.ReportRequest(query, "json", None, "", False)))
-    finally:
-        conn.close()
+def between(start, end):
+    """The report flags for the time from start to end, in unix seconds."""
+    return ("--range", "", "--start", str(start), "--end", str(end))
 
 
 def make_app(db, clock):
@@ -113,7 +101,7 @@ def test_visitors_visits_bounces_and_durations_in_the_report(tmp_path):
         clock.now = MIDNIGHT + 9 * 3600 + offset
         hit(app, path, ip, ua)
     app.close()
-    data = report(db, MIDNIGHT, MIDNIGHT + DAY)
+    data = report_json(db, *between(MIDNIGHT, MIDNIGHT + DAY))
     assert (data["visitors"], data["visits"], data["pageviews"]) == (3, 4, 6)
     assert data["bounce_rate"] == 75.0  # Bob and both of Carol's visits
     assert data["pages_per_visit"] == 1.5 and data["visit_duration"] == 60  # 240 s over 4 visits
@@ -122,7 +110,7 @@ def test_visitors_visits_bounces_and_durations_in_the_report(tmp_path):
         {"value": "/a", "visits": 1, "bounce_rate": 100.0},
     ]
     # The same numbers from raw page views, for a range that is not whole days.
-    partial = report(db, MIDNIGHT + 3600, MIDNIGHT + 23 * 3600)
+    partial = report_json(db, *between(MIDNIGHT + 3600, MIDNIGHT + 23 * 3600))
     for key in ("visitors", "visits", "pageviews", "bounce_rate", "pages_per_visit", "visit_duration", "sections"):
         assert partial[key] == data[key], key
 
@@ -134,7 +122,7 @@ def test_midnight_and_restart(tmp_path):
     clock.now = MIDNIGHT + 120
     hit(app, "/after-midnight", "203.0.113.7")
     app.close()
-    yesterday, today = report(db, MIDNIGHT - DAY, MIDNIGHT), report(db, MIDNIGHT, MIDNIGHT + DAY)
+    yesterday, today = report_json(db, *between(MIDNIGHT - DAY, MIDNIGHT)), report_json(db, *between(MIDNIGHT, MIDNIGHT + DAY))
     assert (yesterday["visitors"], yesterday["visits"], yesterday["visit_duration"]) == (1, 1, 240)
     assert (today["visitors"], today["visits"], today["pageviews"]) == (1, 0, 1)  # one visit, begun yesterday
     assert yesterday["bounce_rate"] == 0.0
@@ -143,7 +131,7 @@ def test_midnight_and_restart(tmp_path):
     clock.now = MIDNIGHT + 180
     hit(app, "/after-restart", "203.0.113.7")
     app.close()
-    today = report(db, MIDNIGHT, MIDNIGHT + DAY)
+    today = report_json(db, *between(MIDNIGHT, MIDNIGHT + DAY))
     assert (today["visitors"], today["visits"], today["pageviews"]) == (2, 1, 2)
 
 
@@ -186,7 +174,7 @@ def test_engagement_across_midnight_lands_on_its_page_view(tmp_path, second_page
     conn = pixeld.connect(str(db), readonly=True)
     rows = conn.execute("SELECT visit_views, duration, engaged, scroll FROM pageviews ORDER BY id").fetchall()
     assert rows[0] == ((2 if second_page else 1), 42, 42, 70)  # the visit lasts until the end of its engagement
-    yesterday = report(db, MIDNIGHT - DAY, MIDNIGHT)
+    yesterday = report_json(db, *between(MIDNIGHT - DAY, MIDNIGHT))
     assert yesterday["time_on_page"] == 42 and yesterday["scroll_depth"] == 70
 
 
