@@ -5932,10 +5932,10 @@ def minute_bars(series: List[Tuple[int, int, int]], width: int, rows: int, zone:
     return lines
 
 
-def top_table(title: str, rows: List[Tuple[str, int]], width: int, count: int, empty: str = "(none)") -> List[str]:
+def top_table(title: str, rows: Sequence[Row], width: int, count: int, empty: str = "(none)") -> List[str]:
     label = max(1, width - 9)
     lines = [f"{pad(title, label)}{'Views':>9}"]
-    lines += [f"{pad(fit(terminal_text(value) or empty, label - 1), label)}{views:>9,}" for value, views in rows[:count]]
+    lines += [f"{pad(fit(terminal_text(row.value) or empty, label - 1), label)}{row.count:>9,}" for row in rows[:count]]
     return lines if rows else lines + ["(no page views)"]
 
 

@@ -152,7 +152,7 @@ def test_a_visitor_objects_from_the_privacy_page_or_the_api(setup):
     messages, sent = [], []
     page.on("dialog", lambda dialog: (messages.append(dialog.message), dialog.accept()))
     page.goto(site.url("/privacy"))
-    wait_for(lambda: report(daemon)["pageviews"] == 1)  # the privacy page itself, before the click
+    wait_for(lambda: daemon.report_json()["pageviews"] == 1)  # the privacy page itself, before the click
     page.on("request", lambda request: sent.append(request.url) if "/pixel.gif" in request.url else None)
     with page.expect_event("dialog"):  # Playwright delivers the dialog while we wait in its API, not in time.sleep
         page.click("#optout")  # a link on the same page: no reload
@@ -163,22 +163,22 @@ def test_a_visitor_objects_from_the_privacy_page_or_the_api(setup):
     page.evaluate("pixeld('event', 'from-the-api')")
     page.goto(site.url("/landing"))  # leaving /events: no engagement beacon either
     page.wait_for_timeout(1000)
-    assert sent == [] and report(daemon)["pageviews"] == 1 and report(daemon)["sections"]["events"] == []
+    assert sent == [] and daemon.report_json()["pageviews"] == 1 and daemon.report_json()["sections"]["events"] == []
     page.goto(site.url("/privacy"))
     with page.expect_event("dialog"):
         page.click("#optout")  # the same link again: counted again
     assert messages[-1] == "pixeld: this browser is counted again"
     page.goto(site.url("/post"))
-    wait_for(lambda: report(daemon)["pageviews"] == 2)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 2)
 
     api = context.browser.new_context(user_agent=DESKTOP_CHROME).new_page()  # a site's own button calls pixeld('optout')
     api.goto(site.url("/spa"))
-    wait_for(lambda: report(daemon)["pageviews"] == 3)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 3)
     api.evaluate("pixeld('optout')")
     api.click("#next")
     api.goto(site.url("/post"))
     api.wait_for_timeout(1000)
-    assert report(daemon)["pageviews"] == 3
+    assert daemon.report_json()["pageviews"] == 3
     api.context.close()
 
 

@@ -2,7 +2,6 @@
 the screen, resizes the window, and quits with q."""
 
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -11,21 +10,19 @@ import time
 import pytest
 
 import pixeld
-from conftest import CHROME, FIREFOX, IPHONE, PIXELD
-
-TMUX = shutil.which("tmux")
-pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
+from conftest import CHROME, FIREFOX, IPHONE, PIXELD, require_tool
 
 
 class Terminal:
     """A tmux server of our own (its own socket, no user config) with one window running a command."""
 
     def __init__(self, command, width=100, height=30):
+        self.program = require_tool("tmux", package="tmux")
         self.socket = f"pixeld-test-{os.getpid()}-{time.monotonic_ns()}"
         self.tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height), command)
 
     def tmux(self, *args):
-        return subprocess.run([TMUX, "-L", self.socket, "-f", "/dev/null", *args], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([self.program, "-L", self.socket, "-f", "/dev/null", *args], capture_output=True, text=True, check=True).stdout
 
     def screen(self):
         return self.tmux("capture-pane", "-p", "-t", "top")
@@ -40,7 +37,7 @@ class Terminal:
             time.sleep(0.1)
 
     def close(self):
-        subprocess.run([TMUX, "-L", self.socket, "kill-server"], capture_output=True)
+        subprocess.run([self.program, "-L", self.socket, "kill-server"], capture_output=True)
 
 
 @pytest.fixture
