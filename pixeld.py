@@ -3546,16 +3546,16 @@ def shared_site(conn: sqlite3.Connection, secret: str) -> Optional[str]:
     return row[0] if row is not None and hmac.compare_digest(row[1], wanted) else None
 
 
-def counted_site(conn: sqlite3.Connection, site: str) -> int:
+def counted_site(conn: sqlite3.Connection, site: str) -> Optional[int]:
     """The id of the site a counter counts: the one named, else the only site with page views (-1
-    when there is none); several sites and none named is a ReportError."""
+    when there is none); None when several sites have page views and none is named."""
     if site:
         return _string_id(conn, site)
     code = DIMENSION_NAMED["pages"].code
     low = conn.execute("SELECT min(site) FROM monthly WHERE dim = ?", (code,)).fetchone()[0]
     high = conn.execute("SELECT max(site) FROM monthly WHERE dim = ?", (code,)).fetchone()[0]
     if low != high:
-        raise ReportError("pixeld counts several sites: name one with site=example.org")
+        return None
     return -1 if low is None else low
 
 
@@ -4613,7 +4613,10 @@ class App:
                 if params["range"] == "realtime":
                     raise ReportError("a counter counts whole days: use today, yesterday, Nd (7d, 30d, ...), month, year or all")
                 span = named_range(params["range"], self.clock(), lambda: first_day_with_data(conn), self.config.zone)
-            views = path_views(conn, path, counted_site(conn, parse_site(params.get("site", ""))), span)
+            site_id = counted_site(conn, parse_site(params.get("site", "")))
+            if site_id is None:
+                raise ReportError("pixeld counts several sites: name one with site=example.org")
+            views = path_views(conn, path, site_id, span)
         except ReportError as error:
             status, headers, body = plain("400 Bad Request", str(error))
             return status, headers + [("Access-Control-Allow-Origin", "*")], body
