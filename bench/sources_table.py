@@ -6,8 +6,12 @@
 DIR holds SearchEngines.yml, Socials.yml and AIAssistants.yml from
 https://github.com/matomo-org/searchengine-and-social-list (CC0 1.0; earlier releases Unlicense).
 Only facts come over: each source's name and its hosts. Needs PyYAML (bench only; pixeld.py
-reads no file at run time). Webmail services, a few social sites and the Android app ids that
-the lists lack are added by hand below.
+reads no file at run time). Webmail services, chat, a few social sites and the Android app ids
+that the lists lack are added by hand below, from the providers' own host names; so are the
+engines only Matomo's older releases carry (the Yahoo! portal, web.gougou.com) and bare domains
+the search filter below drops (ya.ru, so.com). Snowplow's referers.yml (GPL v3) confirmed some
+webmail hosts; nothing is generated from it. "mail.yahoo.{}" is a name on any country domain;
+"orange.fr/webmail" a host and the first segment of its path.
 """
 
 import argparse
@@ -30,15 +34,46 @@ MERGE_PREFIXES = ("Google ", "Bing ", "Yandex ", "Yahoo! Images", "Yahoo! Direct
 DROP = {"Google%2B", "Crawler", "mozbot", "Facebook", "MySpace", "FriendFeed", "Digg", "ChatGPT", "Perplexity", "You", "Google syndicated search"}
 HAND = """
 Gmail|email|mail.google.com inbox.google.com com.google.android.gm
-Outlook.com|email|outlook.live.com outlook.office.com outlook.office365.com mail.live.com com.microsoft.office.outlook
-Yahoo! Mail|email|mail.yahoo.com mail.yahoo.co.jp com.yahoo.mobile.client.android.mail
+Outlook.com|email|outlook.live.com outlook.office.com outlook.office365.com outlook.cloud.microsoft outlook.com mail.live.com com.microsoft.office.outlook
+Yahoo! Mail|email|mail.yahoo.com mail.yahoo.{} com.yahoo.mobile.client.android.mail
+AOL Mail|email|mail.aol.com mail.aol.{} com.aol.mobile.aolapp
 Proton Mail|email|mail.proton.me mail.protonmail.com ch.protonmail.android
 iCloud Mail|email|icloud.com
 Fastmail|email|app.fastmail.com fastmail.com com.fastmail.app
-Zoho Mail|email|mail.zoho.com mail.zoho.eu
-GMX|email|gmx.net gmx.de gmx.com gmx.at gmx.ch navigator.gmx.net
-Yandex Mail|email|mail.yandex.ru mail.yandex.com ru.yandex.mail
+Zoho Mail|email|mail.zoho.com mail.zoho.{}
+GMX|email|gmx.net gmx.de gmx.com gmx.at gmx.ch gmx.{} deref-gmx.{} navigator.gmx.net
+mail.com|email|mail.com deref-mail.com
+Web.de Mail|email|web.de deref-web.de
+1&1 Mail|email|email.1und1.de deref-1und1.de deref-1und1-02.de
+IONOS Mail|email|email.ionos.{} mailbusiness.ionos.{}
+T-Online Mail|email|email.t-online.de
+Orange Mail|email|messagerie.orange.fr wmail.orange.fr mail01.orange.fr mail02.orange.fr messageriepro3.orange.fr orange.fr/webmail
+Bluewin Mail|email|email.bluewin.ch rich-v01.bluewin.ch rich-v02.bluewin.ch
+TIM Mail|email|webmail.tim.it
+UPC Mail|email|upcmail.hispeed.ch
+Vodafone Mail|email|mail.vodafone.de webmail.vodafone.co.nz
+Infomaniak Mail|email|mail.infomaniak.com
+Freenet Mail|email|webmail.freenet.de
+Seznam Mail|email|email.seznam.cz
+QQ Mail|email|mail.qq.com exmail.qq.com
+126 Mail|email|mail.126.com
+163 Mail|email|mail.163.com
+Naver Mail|email|mail.naver.com
+Daum Mail|email|mail.daum.net mail2.daum.net
+Yandex Mail|email|mail.yandex.ru mail.yandex.com mail.yandex.{} ru.yandex.mail
 Mail.ru Mail|email|e.mail.ru touch.mail.ru ru.mail.mailapp
+Rambler Mail|email|mail.rambler.ru
+Ukr.net Mail|email|mail.ukr.net
+BigPond|email|webmail.bigpond.com webmail2.bigpond.com basic.messaging.bigpond.com email.telstra.com
+iiNet Mail|email|webmail.iinet.net.au mail.iinet.net.au
+Optus Mail|email|webmail.optusnet.com.au webmail.optuszoo.com.au
+Microsoft Teams|social|teams.microsoft.com teams.live.com teams.cloud.microsoft com.microsoft.teams
+Skype|social|web.skype.com
+Odnoklassniki|social|ok.ru odnoklassniki.ru
+Quora|social|quora.com
+Disqus|social|disqus.com disq.us
+Pocket|social|getpocket.com
+Tildes|social|tildes.net
 Facebook|social|facebook.com fb.com fb.me m.facebook.com l.facebook.com lm.facebook.com com.facebook.katana com.facebook.lite
 Messenger|social|messenger.com com.facebook.orca
 Hacker News|social|news.ycombinator.com hckrnws.com
@@ -59,11 +94,20 @@ Lemmy|social|lemmy.world lemmy.ml
 Substack|social|substack.com
 Medium|social|medium.com
 Google|search|com.google.android.googlequicksearchbox com.google.android.apps.searchlite
+Yandex|search|ya.ru
+AOL|search|aolsearch.com search.aol.{}
+Yahoo!|search|yahoo.com yahoo.{} espanol.yahoo.com qc.yahoo.com
+Yahoo! Japan|search|yahoo.co.jp
+Baidu|search|web.gougou.com
+360search|search|so.com
+Orange|search|search.orange.co.uk
 Bing|search|com.microsoft.bing
 DuckDuckGo|search|com.duckduckgo.mobile.android
 ChatGPT|ai|chatgpt.com chat.openai.com com.openai.chatgpt
 Perplexity|ai|perplexity.ai ai.perplexity.android
 You.com|ai|you.com
+Poe|ai|poe.com
+Character.AI|ai|character.ai
 """
 CHANNELS = {"SearchEngines.yml": "search", "Socials.yml": "social", "AIAssistants.yml": "ai"}
 

@@ -317,7 +317,15 @@ def make_sections(totals: "pixeld.Metrics", **given: List[tuple]) -> Dict[str, l
     return sections
 
 
+# The commands that read the service's settings file (/etc/pixeld.env) unless told otherwise. The tests tell them
+# otherwise, as they leave out the PIXELD_* environment: a machine's own pixeld settings must not change a test.
+READS_SETTINGS_FILE = ("report", "export", "import", "check", "doctor", "backup", "share", "top")
+
+
 def run_pixeld(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 20) -> Tuple[int, str, str]:
+    """``pixeld.py`` with these arguments, without the machine's settings (unless a test gives ``--env-file``)."""
+    if args and args[0] in READS_SETTINGS_FILE and not any(arg.startswith("--env-file") for arg in args):
+        args = (args[0], "--env-file", "", *args[1:])
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELD_")}
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, str(PIXELD), *args], capture_output=True, text=True, env=full_env, timeout=timeout)

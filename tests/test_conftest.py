@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, require_module, require_script, require_tool
+from conftest import READS_SETTINGS_FILE, ROOT, require_module, require_script, require_tool, run_pixeld
 
 NEEDS = '''
 import pytest
@@ -86,3 +86,12 @@ def test_ci_runs_the_readmes_test_command_with_ci_set():
     [command] = [line for line in readme if line.endswith("/python -m pytest")]
     assert command in ci
     assert 'export CI="${CI:-true}"' in ci and ci.index('export CI="${CI:-true}"') < ci.index(command)
+
+
+def test_the_commands_the_tests_run_read_no_settings_file():
+    """run_pixeld gives every command that takes --env-file none, so /etc/pixeld.env (the quick start's service's,
+    say) changes no test. The list of those commands is pixeld's own."""
+    listed = run_pixeld("--help")[1].split("COMMAND\n", 1)[1].split("\n\n")[0]
+    commands = [line.split()[0] for line in listed.splitlines()]
+    assert {"serve", "report", "snippet"} <= set(commands)
+    assert tuple(command for command in commands if "--env-file" in run_pixeld(command, "--help")[1]) == READS_SETTINGS_FILE

@@ -7,6 +7,7 @@ and HTML, and in the export. Then the README's recipe for a new dimension, follo
 import csv
 import io
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -216,8 +217,9 @@ def test_a_dimension_added_by_the_readme_recipe_is_stored_counted_filtered_and_e
     wait_for(lambda: len(stored_pageviews(db)) == 1)
     old.stop()
     patched, port = with_recipe(tmp_path), free_port()
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PIXELD_")}  # not the machine's settings
     daemon = subprocess.Popen([sys.executable, str(patched), "serve", "--listen", f"127.0.0.1:{port}", "--db", str(db)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: request("127.0.0.1", port, "/healthz").status == 200, proc=daemon)
         request("127.0.0.1", port, "/pixel.gif?path=/after&host=example.org&theme=dark", {"User-Agent": CHROME})
@@ -227,7 +229,7 @@ def test_a_dimension_added_by_the_readme_recipe_is_stored_counted_filtered_and_e
         assert "Traceback" not in daemon.communicate(timeout=30)[0].decode()
 
     def run(*args):
-        done = subprocess.run([sys.executable, str(patched), *args, "--db", str(db)], capture_output=True, text=True, timeout=30)
+        done = subprocess.run([sys.executable, str(patched), *args, "--db", str(db), "--env-file", ""], capture_output=True, text=True, timeout=30, env=env)
         assert done.returncode == 0, done.stderr
         return done.stdout
 

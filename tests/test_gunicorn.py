@@ -12,9 +12,9 @@ def test_pixel_and_report_under_gunicorn(tmp_path):
     require_module("gunicorn")  # run by the interpreter that runs the tests: the venv's bin/ need not be on PATH
     port, db = free_port(), tmp_path / "gunicorn.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELD_")}
-    env.update(PIXELD_DB=str(db), PYTHONPATH=str(ROOT))
+    env.update(PIXELD_DB=str(db))  # as the README runs it: --chdir names the folder of pixeld.py, from anywhere
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4", "pixeld:create_app()"],
+        [sys.executable, "-m", "gunicorn", "--chdir", str(ROOT), "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4", "pixeld:create_app()"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
     )
     try:

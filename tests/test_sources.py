@@ -48,6 +48,45 @@ from conftest import CHROME, FIREFOX, IPHONE, run_pixeld
     ("com.google.android.googlequicksearchbox", ("Google", "search")),
     ("com.reddit.frontpage", ("Reddit", "social")),
     ("org.telegram.messenger", ("Telegram", "social")),
+    # Webmail: one source per provider, in the email channel, with its hosts in every country and product.
+    ("email.ionos.de/appsuite", ("IONOS Mail", "email")),
+    ("email.ionos.co.uk", ("IONOS Mail", "email")),
+    ("mailbusiness.ionos.fr", ("IONOS Mail", "email")),
+    ("deref-gmx.net/mail/client/dereferrer", ("GMX", "email")),
+    ("deref-gmx.fr", ("GMX", "email")),
+    ("3c-lxa.gmx.net/mail", ("GMX", "email")),
+    ("lightmailer.gmx.es", ("GMX", "email")),
+    ("deref-web.de/mail/client", ("Web.de Mail", "email")),
+    ("suche.web.de/web", ("Web.de", "search")),  # the portal's search stays a search
+    ("messagerie.orange.fr", ("Orange Mail", "email")),
+    ("orange.fr/webmail/inbox", ("Orange Mail", "email")),  # a mailer at a path of the portal
+    ("orange.fr/actu", ("orange.fr", "referral")),
+    ("email.bluewin.ch", ("Bluewin Mail", "email")),
+    ("email.t-online.de/em", ("T-Online Mail", "email")),
+    ("webmail.tim.it", ("TIM Mail", "email")),
+    ("upcmail.hispeed.ch", ("UPC Mail", "email")),
+    ("mail.vodafone.de", ("Vodafone Mail", "email")),
+    ("mail.infomaniak.com", ("Infomaniak Mail", "email")),
+    ("mail.yahoo.net", ("Yahoo! Mail", "email")),
+    ("fr.mail.yahoo.com", ("Yahoo! Mail", "email")),
+    ("mail.yahoo.co.uk/d/folders/1", ("Yahoo! Mail", "email")),  # a name on a country domain, before yahoo.co.uk
+    ("mail.aol.com", ("AOL Mail", "email")),
+    ("wx.mail.qq.com", ("QQ Mail", "email")),
+    ("mail.yandex.kz", ("Yandex Mail", "email")),
+    # Search engines: Yandex's short domain, AOL's regional hosts, the Yahoo! portal of Matomo's older list.
+    ("ya.ru", ("Yandex", "search")),
+    ("aolsearch.com", ("AOL", "search")),
+    ("uk.aolsearch.com/search", ("AOL", "search")),
+    ("search.aol.fr", ("AOL", "search")),
+    ("de.yahoo.com", ("Yahoo!", "search")),
+    ("yahoo.co.jp", ("Yahoo! Japan", "search")),
+    ("google.cat", ("Google", "search")),
+    # AI assistants and chat.
+    ("poe.com/chat", ("Poe", "ai")),
+    ("character.ai", ("Character.AI", "ai")),
+    ("beta.character.ai/chat", ("Character.AI", "ai")),
+    ("teams.microsoft.com/l/message", ("Microsoft Teams", "social")),
+    ("teams.live.com", ("Microsoft Teams", "social")),
     ("blog.example.net/post", ("blog.example.net", "referral")),
     ("google.com.example.net", ("google.com.example.net", "referral")),
     ("t.co.example.org/x", ("t.co.example.org", "referral")),
@@ -55,6 +94,13 @@ from conftest import CHROME, FIREFOX, IPHONE, run_pixeld
     ("google.example.com", ("google.example.com", "referral")),
     ("reddit.com.evil.io", ("reddit.com.evil.io", "referral")),
     ("203.0.113.5/x", ("203.0.113.5", "referral")),
+    ("email.ionos.de.example.net", ("email.ionos.de.example.net", "referral")),  # look-alikes of the new kinds of names
+    ("mail.yahoo.com.example.org/x", ("mail.yahoo.com.example.org", "referral")),
+    ("deref-gmx.example.com", ("deref-gmx.example.com", "referral")),
+    ("poe.com.example.io", ("poe.com.example.io", "referral")),
+    ("mycharacter.ai", ("mycharacter.ai", "referral")),
+    ("example.org/webmail", ("example.org", "referral")),
+    ("ionos.de", ("ionos.de", "referral")),  # the host's home page is no mailer
     ("newsletter (campaign)", ("newsletter", "campaign")),
     ("google (campaign)", ("google", "campaign")),
     ("", ("", "direct")),
@@ -179,3 +225,66 @@ def test_a_database_from_before_sources_is_migrated(tmp_path):
     assert {row["value"]: row["count"] for row in document["sections"]["channels"]} == {"search": 100, "social": 100, "direct": 100, "campaign": 100}
     code, out, _ = run_pixeld("report", "--db", str(db), "--range", "all", "--source", "X", "--event", "signup", "--format", "json")
     assert json.loads(out)["pageviews"] == 1  # the event's own source was filled in too
+
+
+def make_version_4_database(path, rows):
+    """A database as pixeld made it before the webmail sources (schema version 4): page views, an event and
+    counts whose referrers the table did not know then (a GMX mailer, Poe), and one it knew (Google)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    pixeld.migrate(conn, 0, target=4)
+    store = pixeld.Store(conn)
+    then = {  # referrer: the source the table of the time gave it
+        "deref-gmx.net/mail/client/dereferrer": "referral\tderef-gmx.net", "poe.com/chat": "referral\tpoe.com",
+        "google.de": "search\tGoogle", "blog.example.net/post": "referral\tblog.example.net",
+    }
+    ids = {value: store.intern(value) for value in ("", "example.org", "/", "signup", *then, *then.values())}
+    agent = store.agent(pixeld.UserAgent("Chrome", "131", "Windows", "desktop"))
+    start = 1_790_000_000
+    conn.execute("BEGIN")
+    for i in range(rows):
+        referrer = list(then)[i % len(then)]
+        at = start + i * 60
+        conn.execute(
+            "INSERT INTO pageviews (id, site, path, title, referrer, country, agent, screen, language, first_today, visit_views, duration, campaign, source) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 1, 0, ?, ?)",
+            (pixeld.first_id(at), ids["example.org"], ids["/"], ids[""], ids[referrer], ids[""], agent, ids[""], ids[""], ids[""], ids[then[referrer]]),
+        )
+        day = at // pixeld.DAY
+        for table, column, period in (("daily", "day", day), ("monthly", "month", pixeld.month_of_day(day))):
+            for code, value in ((1, ids["/"]), (2, ids[referrer]), (9, ids[then[referrer]])):
+                conn.execute(f"INSERT INTO {table} ({column}, site, dim, value, views, visitors, visits, bounces, duration) VALUES (?, ?, ?, ?, 1, 1, 1, 1, 0) "
+                             "ON CONFLICT DO UPDATE SET views = views + 1, visitors = visitors + 1, visits = visits + 1, bounces = bounces + 1",
+                             (period, ids["example.org"], code, value))
+    conn.execute(
+        "INSERT INTO events (id, site, path, name, referrer, country, agent, screen, language, first_today, visit_views, duration, campaign, source) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 0, 0, ?, ?)",
+        (pixeld.first_id(start), ids["example.org"], ids["/"], ids["signup"], ids["poe.com/chat"], ids[""], agent, ids[""], ids[""], ids[""], ids["referral\tpoe.com"]),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    return start
+
+
+def test_a_database_from_before_the_webmail_sources_is_re_derived(tmp_path):
+    db = tmp_path / "old.db"
+    start = make_version_4_database(db, 400)
+    conn = pixeld.connect(str(db), progress=lambda message: None)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == pixeld.SCHEMA_VERSION
+    conn.close()
+    end = start + 400 * 60 + pixeld.DAY
+    span = ["--start", str(start - start % pixeld.DAY), "--end", str(end - end % pixeld.DAY), "--format", "json"]
+    code, out, err = run_pixeld("report", "--db", str(db), *span)
+    assert code == 0, err
+    document = json.loads(out)
+    assert {row["value"]: (row["count"], row["channel"]) for row in document["sections"]["sources"]} == {  # from the counts
+        "GMX": (100, "email"), "Poe": (100, "ai"), "Google": (100, "search"), "blog.example.net": (100, "referral"),
+    }
+    assert {row["value"]: row["count"] for row in document["sections"]["channels"]} == {"email": 100, "ai": 100, "search": 100, "referral": 100}
+    _, out, _ = run_pixeld("report", "--db", str(db), "--source", "GMX", "--path", "/", *span)  # from the page views
+    assert json.loads(out)["pageviews"] == 100
+    _, out, _ = run_pixeld("report", "--db", str(db), "--range", "all", "--source", "Poe", "--event", "signup", "--format", "json")
+    assert json.loads(out)["pageviews"] == 1  # the event's own source too
+    raw = sqlite3.connect(db)
+    for gone in ("referral\tderef-gmx.net", "referral\tpoe.com"):
+        assert raw.execute("SELECT count(*) FROM daily WHERE dim = 9 AND value = (SELECT id FROM strings WHERE value = ?)", (gone,)).fetchone()[0] == 0
+        assert raw.execute("SELECT count(*) FROM pageviews WHERE source = (SELECT id FROM strings WHERE value = ?)", (gone,)).fetchone()[0] == 0

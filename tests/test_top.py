@@ -64,7 +64,7 @@ def test_top_shows_the_last_30_minutes_follows_new_hits_survives_resizes_and_qui
         conn.execute("UPDATE strings SET value = ? WHERE value = '/evil'", ("/evil\x1b]0;pwned\x07\x1b[2J\x9b31m\u202e",))
     conn.close()
     exit_file = tmp_path / "exit"
-    term = terminal(f"env LANG=C.UTF-8 {sys.executable} {PIXELD} top --db {daemon.db} --interval 0.5; echo $? > {exit_file}")
+    term = terminal(f"env LANG=C.UTF-8 {sys.executable} {PIXELD} top --env-file '' --db {daemon.db} --interval 0.5; echo $? > {exit_file}")
     screen = term.wait_for(lambda text: "Top pages" in text)
     assert "Visitors now 4 " in screen and "last 30 minutes: 5 page views" in screen
     assert "/blog/first-post" in screen and "/about" in screen and "/日本語/<b>" in screen and "Hacker News" in screen and "(direct)" in screen
@@ -98,10 +98,10 @@ def test_top_shows_the_last_30_minutes_follows_new_hits_survives_resizes_and_qui
 
 def test_top_on_an_empty_database_and_without_one(terminal, tmp_path, start_daemon):
     daemon = start_daemon()
-    term = terminal(f"env LANG=C.UTF-8 {sys.executable} {PIXELD} top --db {daemon.db} --site example.org")
+    term = terminal(f"env LANG=C.UTF-8 {sys.executable} {PIXELD} top --env-file '' --db {daemon.db} --site example.org")
     screen = term.wait_for(lambda text: "Top pages" in text)
     assert "pixeld top · example.org" in screen and "Visitors now 0 " in screen and "(no page views)" in screen
-    result = subprocess.run([sys.executable, str(PIXELD), "top", "--db", str(tmp_path / "missing.db")], capture_output=True, text=True, timeout=20)
+    result = subprocess.run([sys.executable, str(PIXELD), "top", "--env-file", "", "--db", str(tmp_path / "missing.db")], capture_output=True, text=True, timeout=20)
     assert result.returncode == 2 and result.stderr.startswith("pixeld: no database at")
 
 

@@ -224,3 +224,91 @@ def test_tablets_by_model_and_by_the_missing_mobile_token(ua):
 @pytest.mark.parametrize("ua", GENERIC_BOTS)
 def test_generic_bot_markers(ua):
     assert classify_user_agent(ua).device == "bot"
+
+
+# Real clients that were taken for bots or for the wrong device, one kind per line of the issue; each
+# written here from the vendor's documented format (model names invented or generic).
+REAL_TRAFFIC = [
+    # Office for Mac names macOS as "Mac OS/<version>".
+    ("Microsoft Office/16.0 (Macintosh; Mac OS/11.1; Microsoft Word 16.44)", UserAgent("", "", "macOS", "desktop")),
+    ("Microsoft-MacOutlook/16.81.0 (Mac OS/13.6; Build/16.81.0)", UserAgent("", "", "macOS", "desktop")),
+    # Android on laptops and Chromebooks: no "Mobile" and a laptop's model.
+    ("Mozilla/5.0 (Linux; Android 11; HP EliteBook x360 1040 G8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+     UserAgent("Chrome", "120", "Android", "desktop")),
+    ("Mozilla/5.0 (Linux; Android 9; Latitude 5400) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/118.0.0.0 Safari/537.36",
+     UserAgent("Chrome", "118", "Android", "desktop")),
+    ("Mozilla/5.0 (Linux; Android 11; Inspiron 14 5410) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/118.0.0.0 Safari/537.36",
+     UserAgent("Chrome", "118", "Android", "desktop")),
+    ("Mozilla/5.0 (Linux; Android 11; Acme Chromebook 14 Build/RP1A.201005.004; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Safari/537.36",
+     UserAgent("Chrome", "119", "ChromeOS", "desktop")),
+    # Apps on phones send no "Mobile": the phone's model says phone; a tablet's model says tablet even with "Mobile".
+    ("Dalvik/2.1.0 (Linux; U; Android 13; SM-S911B Build/TP1A.220624.014)", UserAgent("", "", "Android", "phone")),
+    ("Dalvik/2.1.0 (Linux; U; Android 14; Pixel 8 Build/AP1A.240305.019)", UserAgent("", "", "Android", "phone")),
+    ("Mozilla/5.0 (Linux; Android 12; SM-G998B Build/SP1A.210812.016; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Safari/537.36 AcmeNews/5.2",
+     UserAgent("Chrome", "119", "Android", "phone")),
+    ("Dalvik/2.1.0 (Linux; U; Android 13; SM-X700 Build/TP1A.220624.014)", UserAgent("", "", "Android", "tablet")),
+    ("Mozilla/5.0 (Linux; Android 12; Lenovo TB-X606F) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/119.0.0.0 Mobile Safari/537.36",
+     UserAgent("Chrome", "119", "Android", "tablet")),
+    # UC Browser's compact form.
+    ("dv(iPh12,1);pr(UCBrowser/13.4.0.1306);ov(15_4);ss(414x896);bt(UC);pm(0);bv(0);nm(0);im(0);nt(2);", UserAgent("UC Browser", "13", "iOS", "phone")),
+    ("pf(Linux);la(en-US);re(AppleWebKit/534.31 (KHTML, like Gecko));dv(Acme A100 Build/JDQ39);pr(UCBrowser/9.1.0.297);ov(Android 4.2.2);ss(480*762);",
+     UserAgent("UC Browser", "9", "Android", "phone")),
+    # Yahoo! JAPAN's app names itself in reverse-domain form: no domain name of a robot.
+    (("Mozilla/5.0 (Linux; Android 13; Acme-1 Build/TP1A; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Mobile Safari/537.36 "
+      "YJApp-ANDROID jp.co.yahoo.android.yjtop/4.12.0"), UserAgent("Chrome", "119", "Android", "phone")),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148 YJApp-IOS jp.co.yahoo.ipn.appli/4.40.1",
+     UserAgent("Safari", "", "iOS", "phone")),
+    # Feature phones and WAP browsers.
+    ("ACME-X100/1.0 Profile/MIDP-2.0 Configuration/CLDC-1.1 UP.Browser/6.2.3.3.c.1.101 (GUI) MMP/2.0", UserAgent("", "", "", "phone")),
+    ("MAUI_WAP_Browser", UserAgent("", "", "", "phone")),
+    ("Acme-C3/1.0 MAUI-Browser/1.0 Profile/MIDP-2.0 Configuration/CLDC-1.1", UserAgent("", "", "", "phone")),
+    ("ACME-GD510/V100 Teleca/3.1.1 Profile/MIDP-2.1 Configuration/CLDC-1.1", UserAgent("", "", "", "phone")),
+    ("Acme-C5/1.0 Obigo/Q05A Profile/MIDP-2.0 Configuration/CLDC-1.1", UserAgent("", "", "", "phone")),
+    ("Opera/9.80 (J2ME/MIDP; Opera Mini/4.5.40312/191.283; U; en) Presto/2.12.423 Version/12.16", UserAgent("Opera Mini", "4", "", "phone")),
+    ("Opera/9.80 (Android; Opera Mini/7.6.40077/28.2555; U; en) Presto/2.8.119 Version/11.10", UserAgent("Opera Mini", "7", "Android", "phone")),
+    # Apps that send an Apple model as their whole UA.
+    ("iPhone11Pro", UserAgent("", "", "iOS", "phone")),
+    ("iPodTouch7", UserAgent("", "", "iOS", "phone")),
+    ("iPhone14,2", UserAgent("", "", "iOS", "phone")),
+    ("iPad8,1", UserAgent("", "", "iOS", "tablet")),
+    # Odd spacing around the slashes.
+    ("Mozilla / 5.0 (Windows NT 10.0; Win64; x64) AppleWebKit / 537.36 (KHTML, like Gecko) Chrome / 79.0.3945.130 Safari / 537.36",
+     UserAgent("Chrome", "79", "Windows", "desktop")),
+    # A maker whose name holds "bot", inside Instagram's suffix.
+    (("Mozilla/5.0 (Linux; Android 11; CUBOT KINGKONG 5 Pro Build/RP1A.200720.011; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 "
+      "Mobile Safari/537.36 Instagram 309.1.0.41.113 Android (30/11; 440dpi; 1080x2160; CUBOT; KINGKONG 5 Pro; KINGKONG_5_Pro; mt6762; en_US; 541635890)"),
+     UserAgent("Instagram", "309", "Android", "phone")),
+]
+OTHER_DEVICES_TOO = [  # TVs, set-top boxes and consoles, not bots
+    "Mozilla/5.0 (Linux; Android 9; AFTKA Build/PS7633; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/120.0.6099.230 Safari/537.36",
+    "HbbTV/1.5.1 (+DRM; Acme; AcmeTV; 1.0; 1.0; ) CE-HTML/1.0",
+    "HbbTV/1.2.1 (;Panasonic;VIERA 2013;3.672;4101-0003 0002-0000;)",
+    "Mozilla/5.0 (X11; FreeBSD; U; Viera; de-DE) AppleWebKit/537.11 (KHTML, like Gecko) Viera/3.10.14 Chrome/23.0.1271.97 Safari/537.11",
+    "Mozilla/5.0 (PlayStation 4 11.00) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox Series X) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Edg/120.0.0.0",
+    "Mozilla/5.0 (Nintendo Switch; WifiWebAuthApplet) AppleWebKit/606.4 (KHTML, like Gecko) NF/6.0.1.15.4 NintendoBrowser/5.1.0.20393",
+]
+STILL_BOTS = [  # what the new rules must not let through
+    "Mozilla/5.0 (compatible; AcmeBot/1.0; +https://bot.example.co)",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 (+http://acme.example.jp)",
+    "Acme-Fetcher/2.0 (iPhone)",  # a platform word does not make a tool a reader
+    "iPhone-Scanner 2.0",
+    "Mozilla / 5.0 (compatible; AcmeBot / 1.0)",
+    ("Mozilla/5.0 (Linux; Android 12; Acme Build/SP1A; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Mobile Safari/537.36 "
+     "Instagram 309.1.0.41.113 Android (31/12; 440dpi; 1080x2160; Acme; A1; a1; mt6762; en_US; 541635890) AcmeCrawler/1.0"),
+]
+
+
+@pytest.mark.parametrize("ua, expected", REAL_TRAFFIC)
+def test_real_traffic_of_apps_laptops_and_old_phones(ua, expected):
+    assert classify_user_agent(ua) == expected
+
+
+@pytest.mark.parametrize("ua", OTHER_DEVICES_TOO)
+def test_tvs_set_top_boxes_and_consoles_are_other_not_bots(ua):
+    assert classify_user_agent(ua).device == "other"
+
+
+@pytest.mark.parametrize("ua", STILL_BOTS)
+def test_the_new_reader_rules_let_no_bot_through(ua):
+    assert classify_user_agent(ua).device == "bot"
