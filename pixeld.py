@@ -5637,6 +5637,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_share_and_top_commands(commands: Any) -> None:
+    """``share`` (read-only links to one site's report) and ``top`` (the live view)."""
     share_cmd = commands.add_parser(
         "share", help="make, list or revoke read-only links to one site's report",
         description="Make a secret link that shows one site's report, read-only, to whoever holds it, without the token. The database keeps only its hash.",
