@@ -3664,6 +3664,11 @@ def shared_site(conn: sqlite3.Connection, secret: str) -> Optional[str]:
     return row[0] if row is not None and hmac.compare_digest(row[1], wanted) else None
 
 
+def list_shares(conn: sqlite3.Connection) -> List[Tuple[int, str, int]]:
+    """(id, site, created) of every share link."""
+    return conn.execute("SELECT id, site, created FROM shares ORDER BY id").fetchall()
+
+
 def counted_site(conn: sqlite3.Connection, site: str) -> Optional[int]:
     """The id of the site a counter counts: the one named, else the only site with page views (-1
     when there is none); None when several sites have page views and none is named."""
@@ -3698,11 +3703,6 @@ def path_views(conn: sqlite3.Connection, path: str, site_id: int, span: Optional
             f"SELECT coalesce(sum(views), 0) FROM daily WHERE {key} AND day IN ({', '.join('?' * len(days))})", (code, site_id, value) + days
         ).fetchone()[0]
     return views
-
-
-def list_shares(conn: sqlite3.Connection) -> List[Tuple[int, str, int]]:
-    """(id, site, created) of every share link."""
-    return conn.execute("SELECT id, site, created FROM shares ORDER BY id").fetchall()
 
 
 ###############################################################################
