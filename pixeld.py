@@ -5501,6 +5501,7 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
         f"database {os.path.abspath(config.db_path)}, GeoIP {'on' if config.geoip_path else 'off'}, "
         f"trusted proxies {', '.join(map(str, config.trusted_proxies)) or 'none'}, "
         f"report {'public' if config.public_report else 'by token' if config.token else 'from loopback only'}"
+        + (", view counters public" if config.public_counters else "") + (", Sec-GPC honoured" if config.honour_gpc else "")
     )
     notify(f"READY=1\nSTATUS=listening on {format_address(*server.address)}")
     server.serve(stopping, heartbeat(app))

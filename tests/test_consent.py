@@ -49,7 +49,7 @@ def test_sec_gpc_is_an_objection_with_honour_gpc(start_daemon):
     assert data["pageviews"] == 2 and data["filtered"]["gpc"] == 2 and data["sections"]["events"] == []
     assert "objected (GPC) 2" in daemon.report("range=today").text
     assert 'outcome="gpc"} 2' in daemon.get("/metrics").text
-    daemon.stop()
+    assert "Sec-GPC honoured" in daemon.stop()
     assert [view["path"] for view in stored_pageviews(daemon.db)] == ["/counted", "/counted"]
 
 

@@ -33,7 +33,7 @@ def test_a_counter_shows_one_paths_views_in_json_and_svg(start_daemon):
     daemon = start_daemon("--public-counters", "--token", "s3cret")
     for path in ("/post", "/post", "/post/", "/", "/other", *HOSTILE):
         daemon.pixel({"host": "example.org", "path": path})
-    daemon.stop()
+    assert "report by token, view counters public" in daemon.stop()
     daemon = start_daemon("--public-counters", "--token", "s3cret")
     answer = counter(daemon, "/post")
     assert answer.status == 200 and json.loads(answer.text) == {"path": "/post", "views": 2}
