@@ -98,6 +98,26 @@ class ConfigError(Exception):
     """A setting that stops startup: reported as one line on stderr, exit status 2."""
 
 
+class Goal(NamedTuple):
+    """What an operator counts as an outcome: an event by its name, or a page by its path (a trailing
+    ``*`` matches a prefix)."""
+
+    name: str
+    kind: str  # event or path
+    pattern: str
+
+    def reached_by_path(self, path: str) -> bool:
+        if self.kind != "path":
+            return False
+        return path.startswith(self.pattern[:-1]) if self.pattern.endswith("*") else path == self.pattern
+
+    def reached_by_event(self, name: str) -> bool:
+        return self.kind == "event" and name == self.pattern
+
+
+MAX_GOALS = 31  # a visitor's goals of the day are bits of one 32-bit number, beside the bit "converted"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
@@ -119,6 +139,7 @@ class Config:
     public_report: bool = False  # anyone may read /report (never /export)
     public_counters: bool = False  # anyone may read one path's views at /counter/PATH.json and .svg
     honour_gpc: bool = False  # a hit with Sec-GPC: 1 is an objection: filtered, not stored
+    goals: Tuple[Goal, ...] = ()
 
 
 def parse_listen(value: str) -> Tuple[str, int]:
@@ -170,6 +191,23 @@ def parse_seconds(value: Any, what: str) -> float:
     if not 0.1 <= seconds <= 3600:
         raise ConfigError(f"{what} must be between 0.1 and 3600 seconds")
     return seconds
+
+
+def parse_goals(values: Iterable[str]) -> Tuple[Goal, ...]:
+    """``NAME=event:signup`` or ``NAME=path:/thanks*``, each once by name."""
+    goals: Dict[str, Goal] = {}
+    for value in values:
+        name, _, definition = value.partition("=")
+        kind, _, pattern = definition.partition(":")
+        name, pattern = " ".join(name.split()), pattern.strip()
+        if not name or len(name) > 64 or "\t" in name or kind not in ("event", "path") or not pattern or (kind == "path" and not pattern.startswith("/")):
+            raise ConfigError(f"cannot parse goal {value[:80]!r}: use NAME=event:signup or NAME=path:/thanks*")
+        if name in goals:
+            raise ConfigError(f"goal {name!r} is defined twice")
+        goals[name] = Goal(name, kind, pattern)
+    if len(goals) > MAX_GOALS:
+        raise ConfigError(f"{len(goals)} goals: pixeld counts at most {MAX_GOALS}")
+    return tuple(goals.values())
 
 
 def parse_hit_path(value: str) -> str:
@@ -358,6 +396,11 @@ def clean_event(value: str) -> str:
     return clean_text(value, MAX_EVENT)
 
 
+def clean_goal_names(value: str) -> str:
+    """The goals a page view reached first (names joined by tabs, as stored), from an import."""
+    return "\t".join(sorted({name for name in (" ".join(part.split())[:64] for part in value.split("\t")[:MAX_GOALS]) if name}))
+
+
 class Metrics(NamedTuple):
     """The numbers counted for every dimension value, per day and month; also a report's headline,
     with the ratios derived from them."""
@@ -370,6 +413,8 @@ class Metrics(NamedTuple):
     engaged: int = 0  # seconds the page was visible, summed over page views
     engaged_views: int = 0  # page views that reported engagement
     scroll: int = 0  # each such page view's deepest scroll, in percent, summed
+    exits: int = 0  # page views that were the last of their visit
+    converted: int = 0  # visitors who reached a goal, daily, summed (counted on the page view or event that reached the first)
 
     @property
     def pages_per_visit(self) -> float:
@@ -394,12 +439,17 @@ class Metrics(NamedTuple):
         """Average deepest scroll, in percent, over the page views that reported engagement."""
         return round(self.scroll / self.engaged_views, 1) if self.engaged_views else 0.0
 
-    def headline(self) -> Dict[str, float]:
-        """The headline numbers, by their JSON names."""
-        return {
+    @property
+    def conversion_rate(self) -> float:
+        return percent(self.converted, self.visitors)
+
+    def headline(self, goals: bool = False) -> Dict[str, float]:
+        """The headline numbers, by their JSON names; the conversion rate when there are goals."""
+        numbers = {
             "visitors": self.visitors, "visits": self.visits, "pageviews": self.views, "pages_per_visit": self.pages_per_visit,
             "bounce_rate": self.bounce_rate, "visit_duration": self.visit_duration, "time_on_page": self.time_on_page, "scroll_depth": self.scroll_depth,
         }
+        return {**numbers, "conversion_rate": self.conversion_rate} if goals else numbers
 
 
 def percent(count: int, total: int) -> float:
@@ -460,6 +510,7 @@ class ViewsRow(NamedTuple):
     percent: float
 
     METRICS = ("views",)
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = (("Views", 10), ("%", 8))  # header and width in text
     OTHERS = False  # whether a row names the other parts of its value (a source's channel)
 
@@ -487,6 +538,7 @@ class VisitorsRow(NamedTuple):
     others: Tuple[Tuple[str, str], ...] = ()
 
     METRICS = ("views", "visitors")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = ViewsRow.COLUMNS + (("Visitors", 10),)
     OTHERS = True
 
@@ -515,6 +567,7 @@ class EngagementRow(NamedTuple):
     scroll_depth: float
 
     METRICS = ("views", "engaged", "engaged_views", "scroll")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = ViewsRow.COLUMNS + (("Time", 9), ("Scroll", 8))
     OTHERS = False
 
@@ -542,6 +595,7 @@ class EntryRow(NamedTuple):
     bounces: int
 
     METRICS = ("visits", "bounces")
+    SHOWN_BY = "visits"  # a value is a row when it has some of this
     COLUMNS = (("Visits", 10), ("Bounce rate", 12))
     OTHERS = False
 
@@ -571,6 +625,7 @@ class EventRow(NamedTuple):
     visitors: int
 
     METRICS = ("views", "visitors")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
     COLUMNS = (("Count", 10), ("Visitors", 10))
     OTHERS = False
 
@@ -588,7 +643,88 @@ class EventRow(NamedTuple):
         return [["events", self.value, self.count, ""], ["event_visitors", self.value, self.visitors, ""]]
 
 
-Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow]
+class AcquisitionRow(NamedTuple):
+    """Where visits came from: the visitors (daily uniques, summed), their visits and page views, and
+    the other parts of the value (a source's channel). Ranked by visitors, as the peers rank them."""
+
+    value: str
+    count: int  # visitors
+    percent: float  # of all visitors
+    visits: int
+    pageviews: int
+    others: Tuple[Tuple[str, str], ...] = ()
+
+    METRICS = ("views", "visitors", "visits")
+    SHOWN_BY = "views"  # a value is a row when it has some of this
+    COLUMNS = (("Visitors", 10), ("%", 8), ("Visits", 9), ("Views", 9))
+    OTHERS = True
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "AcquisitionRow":
+        return cls(value, sums.visitors, percent(sums.visitors, totals.visitors), sums.visits, sums.views, tuple(others.items()))
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.percent:.1f}%", f"{self.visits:,}", f"{self.pageviews:,}")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "visitors": self.count, "percent": self.percent, "visits": self.visits, "count": self.pageviews, **dict(self.others)}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        details = [("visits", self.visits), ("pageviews", self.pageviews), *self.others]
+        return [[section, self.value, self.count, self.percent], *([f"{section}_{key}", self.value, extra, ""] for key, extra in details)]
+
+
+class ExitRow(NamedTuple):
+    """The visits that ended on a page, and their share of that page's views (its exit rate)."""
+
+    value: str
+    count: int  # exits
+    exit_rate: float
+
+    METRICS = ("views", "exits")
+    SHOWN_BY = "exits"  # a value is a row when it has some of this
+    COLUMNS = (("Exits", 10), ("Rate", 8))
+    OTHERS = False
+
+    @classmethod
+    def make(cls, value: str, sums: Metrics, totals: Metrics, others: Dict[str, str]) -> "ExitRow":
+        return cls(value, sums.exits, percent(sums.exits, sums.views))
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.exit_rate:.1f}%")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "exit_rate": self.exit_rate}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [[section, self.value, self.count, self.exit_rate]]
+
+
+class GoalRow(NamedTuple):
+    """A goal: the visitors who reached it (daily uniques, summed), how often it was reached, and the
+    visitors who reached it as a share of all visitors."""
+
+    value: str
+    count: int  # visitors who converted
+    completions: int
+    conversion_rate: float
+
+    METRICS = ("views",)  # the report counts its rows from the pages, events and goals it has counted (``_goal_rows``)
+    SHOWN_BY = "views"  # a value is a row when it has some of this
+    COLUMNS = (("Visitors", 10), ("Count", 10), ("Rate", 8))
+    OTHERS = False
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.completions:,}", f"{self.conversion_rate:.1f}%")
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "visitors": self.count, "count": self.completions, "conversion_rate": self.conversion_rate}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        return [[section, self.value, self.count, self.conversion_rate], [f"{section}_completions", self.value, self.completions, ""]]
+
+
+Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow, AcquisitionRow, ExitRow, GoalRow]
 
 
 def text_columns(kind: type, rows: Sequence[Row]) -> Tuple[Tuple[str, int], ...]:
@@ -611,6 +747,7 @@ class Section(NamedTuple):
     row: type = ViewsRow  # the section's kind: what its rows show
     nothing: str = "(no page views)"  # what an empty section says
     lists_empty: bool = True  # whether the empty value is a row (page views without a campaign are not)
+    computed: bool = False  # its rows come from other sections' counts (goals), not from its dimension's
 
 
 class Field(NamedTuple):
@@ -620,6 +757,7 @@ class Field(NamedTuple):
     clean: Optional[Callable[[str], str]] = None  # None: derived by the hit pipeline (the referrer, a source from its referrer)
     param: str = ""  # the pixel's query parameter that carries it as it is
     default: str = ""  # its value when nothing says otherwise
+    by_visitor: bool = False  # the in-memory visitors set it (see Privacy), not the hit: a dry run cannot know it
 
 
 class Dimension(NamedTuple):
@@ -635,21 +773,32 @@ class Dimension(NamedTuple):
     fields: Tuple[Field, ...]  # the PageView fields it holds, which are also its export fields
     sections: Tuple[Section, ...] = ()
     in_events: bool = True  # whether events carry it too
+    visitors: str = "first_today"  # SQL on a raw row: does it count a visitor for its value (a visitor's first of the day, or first from a source)
+    per_visit: bool = False  # a visit's first page view sets it for the whole visit (where the visit came from)
+
+
+VISIT_FIRSTS = ("sources", "referrers", "campaigns")  # the dimensions that count their own visitors: a bit each in a row's ``firsts``
+
+
+ALL_VISIT_FIRSTS = (1 << len(VISIT_FIRSTS)) - 1  # a visitor's first page view of the day is the first of its source, referrer and campaign too
 
 
 DIMENSIONS: Tuple[Dimension, ...] = (
     Dimension("pages", 1, "path", (Field("path", normalise_path, "path"),), (
         Section("pages", "Pages", filter="path", match="prefix", row=EngagementRow), Section("entry_pages", "Entry pages", row=EntryRow),
+        Section("exit_pages", "Exit pages", row=ExitRow),
     )),
     Dimension("titles", 0, "title", (Field("title", normalise_title, "title"),), in_events=False),
     Dimension("sources", 9, "source", (Field("channel", default="direct"), Field("source")), (
-        Section("sources", "Sources", "(direct)", "source", part="source", row=VisitorsRow),
-        Section("channels", "Channels", filter="channel", part="channel"),
-    )),
-    Dimension("referrers", 2, "referrer", (Field("referrer"),), (Section("referrers", "Referrers", "(direct)", "referrer", "prefix"),)),
+        Section("sources", "Sources", "(direct)", "source", part="source", row=AcquisitionRow),
+        Section("channels", "Channels", filter="channel", part="channel", row=AcquisitionRow),
+    ), visitors="(firsts & 1)", per_visit=True),
+    Dimension("referrers", 2, "referrer", (Field("referrer"),), (
+        Section("referrers", "Referrers", "(direct)", "referrer", "prefix", row=AcquisitionRow),
+    ), visitors="(firsts >> 1 & 1)", per_visit=True),
     Dimension("campaigns", 7, "campaign", (Field("campaign", clean_campaign),), (
-        Section("campaigns", "Campaigns", filter="campaign", nothing="(no campaigns)", lists_empty=False),
-    )),
+        Section("campaigns", "Campaigns", filter="campaign", row=AcquisitionRow, nothing="(no campaigns)", lists_empty=False),
+    ), visitors="(firsts >> 2 & 1)", per_visit=True),
     Dimension("countries", 3, "country", (Field("country", clean_country),), (Section("countries", "Countries", "(unknown)", "country", "upper"),)),
     Dimension("agents", 4, "agent", (Field("browser", clean_label), Field("version", clean_version), Field("os", clean_label), Field("device", clean_device)), (
         Section("browsers", "Browsers", "(unknown)", "browser", "agent", "browser"),
@@ -658,6 +807,7 @@ DIMENSIONS: Tuple[Dimension, ...] = (
     )),
     Dimension("screens", 5, "screen", (Field("screen", normalise_screen, "resolution"),), (Section("screens", "Screen sizes", "(unknown)", "screen"),)),
     Dimension("languages", 6, "language", (Field("language", clean_language),), (Section("languages", "Languages", "(unknown)", "language", "lower"),)),
+    Dimension("goals", 12, "goals", (Field("goals", clean_goal_names, by_visitor=True),), (Section("goals", "Goals", row=GoalRow, nothing="(no goals reached)", computed=True),), in_events=False),
 )
 EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
     Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
@@ -677,17 +827,22 @@ RAW_NEEDS = {  # the metrics each dimension's sections need, in Metrics order
 }
 
 
+VISITOR_FLAGS = ("first_today", "firsts", "converted")  # what the in-memory visitors say of a page view (see Privacy)
+
+
 class PageView(collections.namedtuple(
-    "PageView", ("time", "site", *(field.name for field in VIEW_FIELDS), "first_today"), defaults=(*(field.default for field in VIEW_FIELDS), False),
+    "PageView", ("time", "site", *(field.name for field in VIEW_FIELDS), *VISITOR_FLAGS), defaults=(*(field.default for field in VIEW_FIELDS), False, 0, 0),
 )):
     """One page view, normalised: exactly what is stored, and nothing else. Its fields come from
-    ``DIMENSIONS``; ``first_today`` marks the visitor's first page view of this UTC day (see Privacy)."""
+    ``DIMENSIONS``; then what the visitors in memory say of it: ``first_today``, the visitor's first page
+    view of this UTC day; ``firsts``, a bit per ``VISIT_FIRSTS`` dimension whose value this visitor
+    brings for the first time today; ``converted``, the first goal the visitor reached today."""
 
     __slots__ = ()
 
-    def counted(self, first_today: bool) -> "PageView":
-        """This page view with its first-of-the-day flag (on the hot path: faster than ``_replace``)."""
-        return PageView._make(self[:-1] + (first_today,))
+    def counted(self, first_today: bool, firsts: int = 0, converted: int = 0) -> "PageView":
+        """This page view with what the visitors say of it (on the hot path: faster than ``_replace``)."""
+        return PageView._make(self[: -len(VISITOR_FLAGS)] + (first_today, firsts, converted))
 
 
 class Event(NamedTuple):
@@ -1619,6 +1774,7 @@ class Record(NamedTuple):
     duration: int = 0  # on a visit's entry page view: seconds from its first to its last page view or engagement
     engaged: int = 0  # seconds the page was visible
     scroll: Optional[int] = None  # the deepest scroll in percent; None when the page view reported no engagement
+    exit: int = 0  # 1 on the last page view of its visit (so far)
 
 
 class Accepted(NamedTuple):
@@ -1628,7 +1784,7 @@ class Accepted(NamedTuple):
     event: str  # the event's name; empty for a page view
     address: str  # never stored: only salted into the visitor key
     user_agent: str
-    stored: Tuple[int, int, int, Optional[int]] = (0, 0, 0, None)  # an imported row's visit_views, duration, engaged, scroll
+    stored: Tuple[int, int, int, Optional[int], int] = (0, 0, 0, None, 0)  # an imported row's visit_views, duration, engaged, scroll, exit
     engagement: Optional[Tuple[float, int]] = None  # an engagement beacon's (seconds, scroll percent): not a page view
 
 
@@ -1705,11 +1861,13 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     if when is None:
         return None
     text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
-    site = normalise_host(text("site", default_site))
+    site = memo(normalise_host, text("site", default_site))
     fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
     fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(normalise_referrer, with_scheme(text("referrer", "")), site)
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
-    view = PageView(time=when, site=site, first_today=text("first_today", "") in ("1", "True", "true"), **fields)
+    first_today = text("first_today", "") in ("1", "True", "true")
+    firsts = bounded(row.get("firsts"), ALL_VISIT_FIRSTS) if "firsts" in row else ALL_VISIT_FIRSTS * first_today  # older exports: a day's first
+    view = PageView(time=when, site=site, **fields).counted(first_today, firsts, bounded(row.get("converted"), 1))
     agent = UserAgent(view.browser, view.version, view.os, "bot" if text("device", "") == "bot" else view.device)
     reason = filter_reason(config, site, None, agent, "", view.referrer)
     if reason:
@@ -1719,7 +1877,10 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
         return None
     visit_views = bounded(row.get("visit_views"), 1_000_000)
     scroll = None if text("scroll", "") == "" else bounded(row.get("scroll"), 100)
-    stored = (visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0, scroll)
+    stored = (
+        visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0,
+        scroll, bounded(row.get("exit"), 1),
+    )
     return Accepted(view, event, "", "", stored)  # a duration belongs to a visit's entry; engagement to a page view that reported it
 
 
@@ -1742,7 +1903,7 @@ def filter_reason(
     return ""
 
 
-SHOWN_EMPTY = {field.name: dim.sections[0].empty if dim.sections else "(none)" for dim in DIMENSIONS for field in dim.fields}  # as the report shows it
+SHOWN_EMPTY = {field.name: dim.sections[0].empty if dim.sections else "(none)" for dim in DIMENSIONS for field in dim.fields if not field.by_visitor}  # as reports show it
 
 
 def explain(outcome: Outcome) -> str:
@@ -1833,7 +1994,8 @@ class Generation:
     """
 
     __slots__ = ("salt", "day", "keys", "numbers", "counted", "minute", "minute_views", "start", "last", "views", "entry",
-                 "page_path", "page_time", "page_row", "next_page", "events", "origin", "heir")
+                 "page_path", "page_time", "page_row", "next_page", "events", "origin", "heir", "arrival", "arrivals", "arrival_ids",
+                 "seen", "more_seen", "goals")
 
     def __init__(self, day: int, slots: int = KEY_SLOTS) -> None:
         self.salt = secrets.token_bytes(32)
@@ -1854,6 +2016,12 @@ class Generation:
         self.events: Dict[int, Set[str]] = {}  # the names of the events a visitor sent today (most send none)
         self.origin: Dict[int, Tuple[int, int]] = {}  # a visit carried over from yesterday: yesterday's day and number
         self.heir: Dict[int, Tuple["Generation", int]] = {}  # yesterday's visitors carried into today: where to
+        self.arrival = array.array("I")  # where the current visit came from: an index into ``arrivals`` (0: direct)
+        self.arrivals: List[Arrival] = [DIRECT]  # the day's distinct arrivals, each kept once
+        self.arrival_ids: Dict[Arrival, int] = {DIRECT: 0}
+        self.seen = array.array("I")  # per ``VISIT_FIRSTS`` dimension, a hash of the first value the visitor brought today (0: none)
+        self.more_seen: Dict[int, Set[Tuple[int, int]]] = {}  # the few who come back another way on the same day: (bit, hash)
+        self.goals = array.array("I")  # the goals the visitor reached today: a bit per goal, and CONVERTED once any is reached
 
     def key(self, site: str, address: str, user_agent: str) -> int:
         """A keyed hash of 56 bits, never 0."""
@@ -1887,6 +2055,9 @@ class Generation:
         for column in (self.minute, self.start, self.last, self.views):
             column.append(0)
         self.entry.append(UNWRITTEN)
+        self.arrival.append(0)
+        self.goals.append(0)
+        self.seen.extend(NO_SEEN)
         self.page_path.extend(NO_PAGES)
         self.page_time.extend(NO_PAGES)
         self.page_row.extend(UNWRITTEN_PAGES)
@@ -1897,6 +2068,7 @@ class Generation:
         where it wrote the visit's rows: yesterday passes that on (``heir``)."""
         for column in ("start", "last", "views", "entry", "next_page"):
             getattr(self, column)[number] = getattr(yesterday, column)[old]
+        self.arrival[number] = self.arrival_id(yesterday.arrivals[yesterday.arrival[old]])
         for column in ("page_path", "page_time", "page_row"):
             getattr(self, column)[number * RECENT_PAGES : (number + 1) * RECENT_PAGES] = getattr(yesterday, column)[old * RECENT_PAGES : (old + 1) * RECENT_PAGES]
         self.origin[number] = yesterday.origin.get(old, (yesterday.day, old))
@@ -1907,21 +2079,69 @@ class Generation:
         day, first = self.origin.get(number, (self.day, number))
         return day, first, self.start[number]
 
-    def step(self, number: int, now: int, path: str) -> "VisitStep":
-        """Place a page view in the visitor's visit, beginning a new one after 30 idle minutes. The
-        latest page views stay reachable across visits: a beacon from a tab left open still lands."""
+    def step(self, number: int, now: int, path: str, arrival: "Arrival") -> "VisitStep":
+        """Place a page view in the visitor's visit, beginning a new one after 30 idle minutes: a new
+        visit came the way its first page view says (``arrival``). The latest page views stay reachable
+        across visits: a beacon from a tab left open still lands."""
+        previous = None
         if not self.views[number] or now - self.last[number] > VISIT_TIMEOUT:
             self.start[number] = self.last[number] = now
             self.views[number] = 1
             self.entry[number] = UNWRITTEN
             self.origin.pop(number, None)
+            self.arrival[number] = self.arrival_id(arrival)
         else:
             self.views[number] += 1
             self.last[number] = max(self.last[number], now)
+            before = number * RECENT_PAGES + (self.next_page[number] - 1) % RECENT_PAGES
+            if self.page_time[before] >= self.start[number]:
+                previous = (before, self.page_time[before])
         slot = number * RECENT_PAGES + self.next_page[number]
         self.next_page[number] = (self.next_page[number] + 1) % RECENT_PAGES
         self.page_path[slot], self.page_time[slot], self.page_row[slot] = path_hash(path), now, UNWRITTEN
-        return VisitStep(self, number, self.start[number], self.views[number], self.last[number] - self.start[number], slot, self.visit_key(number))
+        return VisitStep(self, number, self.start[number], self.views[number], self.last[number] - self.start[number], slot, self.visit_key(number), previous)
+
+    def arrival_id(self, arrival: "Arrival") -> int:
+        found = self.arrival_ids.get(arrival)
+        if found is None:
+            found = self.arrival_ids[arrival] = len(self.arrivals)
+            self.arrivals.append(arrival)
+        return found
+
+    def current_arrival(self, number: int, now: int) -> Optional["Arrival"]:
+        """How the visitor's visit came, while it goes on; None when the visitor has no visit now."""
+        if not self.views[number] or now - self.last[number] > VISIT_TIMEOUT:
+            return None
+        return self.arrivals[self.arrival[number]]
+
+    def firsts(self, number: int, arrival: "Arrival") -> int:
+        """A bit per ``VISIT_FIRSTS`` dimension whose value the visitor brings for the first time today."""
+        bits = 0
+        for index, value in enumerate(arrival.firsts()):
+            wanted, slot = (hash(value) & 0x7FFFFFFF) | 1, number * len(VISIT_FIRSTS) + index
+            if not self.seen[slot]:
+                self.seen[slot] = wanted
+            elif self.seen[slot] != wanted:
+                more = self.more_seen.setdefault(number, set())
+                if (index, wanted) in more:
+                    continue
+                more.add((index, wanted))
+            else:
+                continue
+            bits |= 1 << index
+        return bits
+
+    def reach(self, number: int, reached: Iterable[int]) -> Tuple[List[int], int]:
+        """Note the goals (indexes) a page view or event reached: those first reached today, and 1 when
+        they are the visitor's first goal today (a conversion)."""
+        done, first = self.goals[number], []
+        for index in reached:
+            if not done >> index & 1:
+                first.append(index)
+                done |= 1 << index
+        converted = int(bool(first) and not done >> CONVERTED_BIT & 1)
+        self.goals[number] = done | (converted << CONVERTED_BIT)
+        return first, converted
 
     def find_page(self, number: int, path: str) -> int:
         """The slot of the visit's latest page view of this path, or -1."""
@@ -1958,6 +2178,29 @@ class Generation:
 
 
 NO_PAGES = array.array("I", [0] * RECENT_PAGES)
+NO_SEEN = array.array("I", [0] * len(VISIT_FIRSTS))
+CONVERTED_BIT = MAX_GOALS  # in ``Generation.goals``: the visitor reached a goal today
+
+
+class Arrival(NamedTuple):
+    """Where a visit came from, as its first page view says: it is stamped on every page view and
+    event of the visit, so that internal navigation is never counted as direct."""
+
+    referrer: str
+    campaign: str
+    source: str
+    channel: str
+
+    @classmethod
+    def of(cls, view: PageView) -> "Arrival":
+        return cls(view.referrer, view.campaign, view.source, view.channel)
+
+    def firsts(self) -> Tuple[str, ...]:
+        """Its value in each ``VISIT_FIRSTS`` dimension: sources, referrers, campaigns."""
+        return (self.source, self.referrer, self.campaign)
+
+
+DIRECT = Arrival("", "", "", "direct")
 UNWRITTEN_PAGES = array.array("I", [UNWRITTEN] * RECENT_PAGES)
 
 
@@ -1975,6 +2218,7 @@ class VisitStep(NamedTuple):
     duration: int  # seconds from the visit's first page view to this one
     slot: int  # where the generation keeps this page view for engagement to find
     visit: Tuple[int, int, int]  # names the visit in the writer's batch (``Generation.visit_key``)
+    previous: Optional[Tuple[int, int]] = None  # the visit's page view before this one: its slot and time (it is no longer the exit)
 
 
 class Engagement(NamedTuple):
@@ -1993,6 +2237,7 @@ class Engagement(NamedTuple):
 class Observation(NamedTuple):
     first_today: bool
     step: VisitStep
+    arrival: Arrival  # how the page view's visit came
 
 
 class Visitors:
@@ -2005,9 +2250,10 @@ class Visitors:
     holds a lock around ``observe`` and the hand-over to the writer.
     """
 
-    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None, goals: Sequence[Goal] = ()) -> None:
         self.rate_limit = rate_limit
         self.on_new_salt = on_new_salt
+        self.goals = tuple(goals)
         self._current = Generation(-1, slots=1)  # a placeholder: the first hit brings the first real day
         self._previous: Optional[Generation] = None
 
@@ -2018,27 +2264,40 @@ class Visitors:
         if hit.engagement is not None:
             return self.engage(view.time, view.site, hit.address, hit.user_agent, view.path, *hit.engagement), None
         if hit.event:
-            first = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event)
-            if first is None:
+            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, Arrival.of(view))
+            if seen is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
-            return Event(hit.event, view.counted(first)), None
-        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path)
+            first, arrival, converted = seen
+            return Event(hit.event, arrived(view, arrival).counted(first, 0, converted)), None
+        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, Arrival.of(view))
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
-        return view.counted(observation.first_today), observation.step
+        step, view = observation.step, arrived(view, observation.arrival)
+        reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_path(view.path)] if self.goals else []
+        if step.generation is None:  # a visitor not remembered: each page view counts as a new one
+            firsts, first_goals, converted = ALL_VISIT_FIRSTS, reached, int(bool(reached))
+        else:  # a visit comes one way all along: only its first page view, or the day's, can bring a new one
+            new = step.views == 1 or observation.first_today
+            firsts = step.generation.firsts(step.number, observation.arrival) if new else 0
+            first_goals, converted = step.generation.reach(step.number, reached) if reached else ([], 0)
+        if first_goals:
+            view = view._replace(goals="\t".join(sorted(self.goals[index].name for index in first_goals)))
+        return view.counted(observation.first_today, firsts, converted), step
 
-    def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "") -> Optional[Observation]:
-        """Place a page view in its visit; None when the visitor is over the rate limit."""
+    def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "", arrival: Arrival = DIRECT) -> Optional[Observation]:
+        """Place a page view in its visit (a new visit came as ``arrival`` says); None when the visitor is
+        over the rate limit."""
         self._rotate(now)
         generation = self._current
         number = self._find(now, site, address, user_agent)
         if number < 0:
-            return Observation(True, VisitStep(None, -1, now, 1, 0, -1, (-1, -1, now)))
+            return Observation(True, VisitStep(None, -1, now, 1, 0, -1, (-1, -1, now)), arrival)
         if not self._within_rate_limit(generation, number, now):
             return None
         first_today = not generation.counted[number]
         generation.counted[number] = 1
-        return Observation(first_today, generation.step(number, now, path))
+        step = generation.step(number, now, path, arrival)
+        return Observation(first_today, step, generation.arrivals[generation.arrival[number]])
 
     def engage(self, now: int, site: str, address: str, user_agent: str, path: str, seconds: float, scroll: int) -> Optional[Union[Engagement, FilteredHit]]:
         """Join engagement to the visitor's latest page view of that path, in memory; None when there is none."""
@@ -2056,19 +2315,23 @@ class Visitors:
             return None
         return Engagement(generation, number, generation.start[number], slot, generation.page_time[slot], seconds, scroll, generation.visit_key(number))
 
-    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str) -> Optional[bool]:
-        """Whether this is the visitor's first event of this name today; None over the rate limit."""
+    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str, arrival: Arrival = DIRECT) -> Optional[Tuple[bool, Arrival, int]]:
+        """Whether this is the visitor's first event of this name today, how the visit it belongs to came
+        (the event's own ``arrival`` when none goes on), and whether it is the visitor's first goal
+        today; None over the rate limit."""
         self._rotate(now)
         generation = self._current
         number = self._find(now, site, address, user_agent)
+        reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_event(name)]
         if number < 0:
-            return True
+            return True, arrival, int(bool(reached))
         if not self._within_rate_limit(generation, number, now):
             return None
         names = generation.events.setdefault(number, set())
         first = name not in names
         names.add(name)
-        return first
+        converted = generation.reach(number, reached)[1] if reached else 0
+        return first, generation.current_arrival(number, now) or arrival, converted
 
     def _rotate(self, now: int) -> None:
         day = now // DAY
@@ -2113,6 +2376,13 @@ class Visitors:
         return [generation.salt for generation in (self._current, self._previous) if generation is not None]
 
 
+def arrived(view: PageView, arrival: Arrival) -> PageView:
+    """The page view as its visit came: internal navigation takes the visit's referrer, campaign and source."""
+    if arrival == (view.referrer, view.campaign, view.source, view.channel):
+        return view
+    return view._replace(referrer=arrival.referrer, campaign=arrival.campaign, source=arrival.source, channel=arrival.channel)
+
+
 Item = Union[PageView, Record, Event, Engagement, FilteredHit]  # what the writer takes
 
 
@@ -2144,8 +2414,19 @@ EPOCH_DATE = dt.date(1970, 1, 1)
 ROW_METRICS = Metrics(  # what one raw row adds to each metric, in SQL: (when it counts, what it adds)
     views=("1", "1"), visitors=("first_today", "1"), visits=("visit_views > 0", "1"), bounces=("visit_views = 1", "1"),
     duration=("duration", "duration"), engaged=("engaged", "engaged"), engaged_views=("scroll IS NOT NULL", "1"), scroll=("scroll", "scroll"),
+    exits=("exit", "1"), converted=("converted", "1"),
 )
-RAW_METRICS = Metrics(*(f"sum({when})" if adds == "1" else f"coalesce(sum({adds}), 0)" for when, adds in ROW_METRICS))  # SQL over raw rows
+def row_metrics(visitors: str = "first_today") -> Metrics:
+    """What one raw row adds to each metric, with the visitors of a dimension (``Dimension.visitors``)."""
+    return ROW_METRICS._replace(visitors=(visitors, "1"))
+
+
+def raw_metrics(visitors: str = "first_today") -> Metrics:
+    """The metrics in SQL over raw rows, with the visitors of a dimension."""
+    return Metrics(*(f"sum({when})" if adds == "1" else f"coalesce(sum({adds}), 0)" for when, adds in row_metrics(visitors)))
+
+
+RAW_METRICS = raw_metrics()
 SUMMED_METRICS = ", ".join(f"sum({name})" for name in Metrics._fields)  # SQL over daily and monthly counts
 
 
@@ -2215,7 +2496,7 @@ def resource_referrers(conn: sqlite3.Connection, progress: Callable[[str], None]
             if time.monotonic() - shown >= 1:
                 shown = time.monotonic()
                 progress(f"re-deriving sources in {table}: {100 * (start - second_of(first)) // max(1, second_of(last) - second_of(first)):.0f}%")
-    code, referrer_code, metrics = DIMENSION_NAMED["sources"].code, DIMENSION_NAMED["referrers"].code, Metrics._fields
+    code, referrer_code, metrics = DIMENSION_NAMED["sources"].code, DIMENSION_NAMED["referrers"].code, counted_columns(conn)
     for table, period in (("daily", "day"), ("monthly", "month")):
         moves = conn.execute(
             f"SELECT r.{period}, r.site, m.was, m.now, {', '.join(f'sum(r.{name})' for name in metrics)} "
@@ -2238,6 +2519,11 @@ def resource_referrers(conn: sqlite3.Connection, progress: Callable[[str], None]
 Migration = Callable[[sqlite3.Connection, Callable[[str], None]], None]
 
 
+def counted_columns(conn: sqlite3.Connection) -> List[str]:
+    """The metrics the daily and monthly counts hold at this point of the migrations (later ones add more)."""
+    return [row[1] for row in conn.execute("PRAGMA table_info(daily)")][4:]
+
+
 def add_text_dimension(name: str) -> Migration:
     """The migration that brings a new text dimension (``DIMENSIONS[name]``) into older databases.
 
@@ -2251,11 +2537,12 @@ def add_text_dimension(name: str) -> Migration:
         empty = _intern(conn, FIELD_SEPARATOR.join("" for _ in dim.fields))
         for table in ("pageviews", "events") if dim.in_events else ("pageviews",):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
-        if dim.code:
+        if dim.code and conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():
             progress(f"counting older days under the new dimension {name}")
             pages = DIMENSION_NAMED["pages"].code
+            sums = ", ".join(f"sum({column})" for column in counted_columns(conn))
             for table, period in (("daily", "day"), ("monthly", "month")):
-                conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, {empty}, {SUMMED_METRICS} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
+                conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, {empty}, {sums} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
 
     return migration
 
@@ -2268,6 +2555,26 @@ def _string_id(conn: sqlite3.Connection, value: str) -> int:
 def _intern(conn: sqlite3.Connection, value: str) -> int:
     conn.execute("INSERT OR IGNORE INTO strings (value) VALUES (?)", (value,))
     return conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()[0]
+
+
+def visits_goals_and_exits(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Migration 6: rows say which visitor counts they open (``firsts``), whether they were the last of
+    their visit (``exit``) and the first goal of the day (``converted``); the counts gain exits and
+    conversions; page views gain the goals they reached. Older rows cannot be placed in visits (no visit
+    is stored), so from today on a visit's source is its first page view's, and ``meta`` says since when."""
+    for table in ("pageviews", "events"):
+        for column in ("firsts", "exit", "converted"):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    for table in ("daily", "monthly"):
+        for column in ("exits", "converted"):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    conn.execute("DROP INDEX monthly_by_value")
+    conn.execute(
+        "CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll, exits, converted)"
+    )
+    add_text_dimension("goals")(conn, progress)
+    if conn.execute("SELECT 1 FROM pageviews LIMIT 1").fetchone():
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('visit_sources_since', ?)", (int(time.time()) // DAY,))
 
 
 MIGRATIONS: Tuple[Union[str, Migration], ...] = (
@@ -2329,18 +2636,21 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll);
     """,
     resource_referrers,
+    visits_goals_and_exits,
     # Share links: one site's report, read-only, for whoever holds the secret; only its hash is kept.
     """
     CREATE TABLE shares (id INTEGER PRIMARY KEY, site TEXT NOT NULL, hash BLOB NOT NULL UNIQUE, created INTEGER NOT NULL);
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll")  # what a raw row holds beside its dimensions
+ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll", "firsts", "exit", "converted")  # what a raw row holds beside its dimensions
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
 EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
-STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL = (PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll"))
+STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL, STORED_EXIT = (
+    PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll", "exit")
+)
 KeyGetters = Tuple[Tuple[bool, Callable[[PageView], Any]], ...]  # per stored column: (is it the agent, how to get its value)
 
 
@@ -2518,10 +2828,10 @@ class Store:
         ids = self._ids["pageviews"]
         ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
-        for view, visit_views, duration, engaged, scroll in sliced(records):
+        for view, visit_views, duration, engaged, scroll, exit in sliced(records):
             keys = self._keys(view, PAGEVIEW_KEYS)
             row_id = ids.next(view.time)
-            rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.time))
+            rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.firsts, exit, view.converted, view.time))
             placed.append((row_id, keys))
         tally.count_rows(rows)
         return placed
@@ -2534,8 +2844,8 @@ class Store:
         for name, view in events:
             keys = self._keys(view, EVENT_KEYS)
             name_id = self.intern(name)
-            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None))
-            tally.event(view.time, keys[0], name_id, int(view.first_today))
+            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None, view.firsts, 0, view.converted))
+            tally.event(view.time, keys[0], name_id, int(view.first_today), view.converted)
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
 
     def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence[Engagement], tally: "Tally") -> Callable[[], None]:
@@ -2544,12 +2854,17 @@ class Store:
 
         Memory holds only where each visit's first page view and latest page views were written; what
         they show so far is read back from their rows."""
-        placed = self._insert([Record(view, int(step is not None and step.views == 1)) for view, step in views], tally)
+        placed = self._insert([Record(view, int(step is not None and step.views == 1), exit=1) for view, step in views], tally)
         entries: Entries = {}  # a visit begun in this batch -> its entry row, and the step that wrote it
         targets: Dict[int, List[int]] = {}  # a growing visit's entry row -> [page views, duration, day] it should show
+        followed: List[int] = []  # page views that another of their visit's came after: no longer its exit
         for (view, step), (row_id, _) in sliced(zip(views, placed)):
             if step is None or step.generation is None:
                 continue
+            if step.previous is not None:
+                offset = step.generation.page_row_of(*step.previous)
+                if offset is not None:
+                    followed.append(first_id(step.previous[1]) + offset)
             step.generation.wrote_page(step.slot, view.time, row_id - first_id(view.time))
             if step.views == 1:
                 entries[step.visit] = (row_id, step)
@@ -2557,6 +2872,7 @@ class Store:
                 _grow(targets, entries, step, step.views, step.duration)
         self._engage(engagements, entries, targets, tally)
         self._grow_visits(targets, tally)
+        self._no_longer_exits(followed, tally)
 
         def remember() -> None:
             for row_id, step in sliced(entries.values()):
@@ -2605,6 +2921,17 @@ class Store:
             tally.visit_grew(day, row[STORED_KEYS], -1 if written_views == 1 and views > 1 else 0, duration - written_duration)
         self.conn.executemany("UPDATE pageviews SET visit_views = ?, duration = ? WHERE id = ?", updates)
 
+    def _no_longer_exits(self, row_ids: Sequence[int], tally: "Tally") -> None:
+        """A visit's exit is its last page view: the page views that others followed lose the mark, and their counts an exit."""
+        stored = self._stored(row_ids)
+        updates = []
+        for row_id in row_ids:
+            row = stored.get(row_id)
+            if row is not None and row[STORED_EXIT]:
+                updates.append((row_id,))
+                tally.grew(second_of(row_id) // DAY, row[STORED_KEYS], (("exits", -1),))
+        self.conn.executemany("UPDATE pageviews SET exit = 0 WHERE id = ?", updates)
+
     def _stored(self, row_ids: Iterable[int]) -> Dict[int, Tuple[Any, ...]]:
         """Page view rows by id, as written so far (in this transaction too), in ``PAGEVIEW_COLUMNS`` order."""
         ids, found = list(row_ids), {}
@@ -2649,6 +2976,10 @@ class Store:
             else:
                 keys.append(strings.get(value) or self.intern(value))
         return tuple(keys)
+
+    def note_goals(self, goals: Sequence[Goal], day: int) -> None:
+        """Remember the day each page goal was first counted: its visitors are known from then on."""
+        self.conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", [(f"goal {goal.name}", day) for goal in goals if goal.kind == "path"])
 
     def _tally_filtered(self, hits: Sequence[FilteredHit]) -> None:
         counts: Counter = Counter()
@@ -2754,29 +3085,29 @@ class Tally:
         conn.execute("DELETE FROM temp.batch")
         conn.executemany(insert_sql("temp.batch", BATCH_COLUMNS), rows)
         conn.execute(f"INSERT INTO pageviews ({', '.join(PAGEVIEW_COLUMNS)}) SELECT {', '.join(PAGEVIEW_COLUMNS)} FROM temp.batch")
-        metrics = ", ".join(RAW_METRICS)
         conn.execute(
             f"INSERT INTO temp.changes ({', '.join(CHANGE_COLUMNS)}) "
-            + " UNION ALL ".join(f"SELECT time / {DAY}, site, {code}, {column}, {metrics} FROM temp.batch GROUP BY 1, 2, 4" for code, column in COUNTED_COLUMNS)
+            + " UNION ALL ".join(f"SELECT time / {DAY}, site, {code}, {column}, {metrics} FROM temp.batch GROUP BY 1, 2, 4" for code, column, metrics in COUNTED_COLUMNS)
         )
         conn.execute(
             f"INSERT INTO quarters SELECT time / {QUARTER}, site, count(*), sum(first_today), sum(visit_views > 0) FROM temp.batch GROUP BY 1, 2 "
             "ON CONFLICT (quarter, site) DO UPDATE SET views = views + excluded.views, visitors = visitors + excluded.visitors, visits = visits + excluded.visits"
         )
 
-    def event(self, time: int, site: int, name: int, first_today: int) -> None:
+    def event(self, time: int, site: int, name: int, first_today: int, converted: int) -> None:
         total = self._daily.setdefault((time // DAY, site, EVENT_NAMES.code, name), Totals())
         total.views += 1
         total.visitors += first_today
+        total.converted += converted
 
     def engagement(self, day: int, keys: Tuple[int, ...], seconds: int, views: int, scroll: int) -> None:
         """A page view's engagement grew: count it on the page view's day."""
-        self._grew(day, keys, (("engaged", seconds), ("engaged_views", views), ("scroll", scroll)))
+        self.grew(day, keys, (("engaged", seconds), ("engaged_views", views), ("scroll", scroll)))
 
     def visit_grew(self, day: int, keys: Tuple[int, ...], bounces: int, duration: int) -> None:
-        self._grew(day, keys, (("bounces", bounces), ("duration", duration)))
+        self.grew(day, keys, (("bounces", bounces), ("duration", duration)))
 
-    def _grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[str, int]]) -> None:
+    def grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[str, int]]) -> None:
         """Add changes to some metrics of a page view already counted, in every dimension it counts in."""
         site = keys[0]
         for index, code in COUNTED_KEYS:
@@ -2799,7 +3130,7 @@ class Tally:
 
 CHANGE_COLUMNS = ("day", "site", "dim", "value", *Metrics._fields)
 BATCH_COLUMNS = (*PAGEVIEW_COLUMNS, "time")  # a batch's new page view rows, with the second they count in
-COUNTED_COLUMNS = tuple((dim.code, dim.column) for dim in COUNTED)
+COUNTED_COLUMNS = tuple((dim.code, dim.column, ", ".join(raw_metrics(dim.visitors))) for dim in COUNTED)  # what a batch counts, per dimension
 
 
 def sliced(items: Iterable[Any]) -> Iterator[Any]:
@@ -2855,8 +3186,10 @@ class Writer:
         keep_days: int = 0,
         clock: Callable[[], float] = time.time,
         queue_limit: int = 100_000,
+        goals: Sequence[Goal] = (),
     ) -> None:
         self.store = Store(conn)
+        self.goals = goals
         self.flush_interval = flush_interval
         self.log = log
         self.keep_days = keep_days
@@ -2912,6 +3245,10 @@ class Writer:
         self.store.conn.close()
 
     def _run(self) -> None:
+        try:
+            self.store.note_goals(self.goals, int(self.clock()) // DAY)
+        except sqlite3.Error as error:
+            self._note_error(f"cannot note the goals: {error}")
         closing = False
         while not closing:
             deadline = time.monotonic() + self.flush_interval
@@ -2995,6 +3332,7 @@ class Query(NamedTuple):
     site: str = ""
     filters: Tuple[Tuple[str, str], ...] = ()  # (name, value): path, referrer, country, browser, os, device, language
     now: Optional[int] = None  # for a live report (range=realtime): the moment "visitors now" counts back from
+    goals: Tuple[Goal, ...] = ()  # the operator's goals, for the Goals section and the conversion rate
 
 
 class ReportData(NamedTuple):
@@ -3016,6 +3354,7 @@ class Scope(NamedTuple):
     site_id: Optional[int]
     where: str  # " AND …" with each filter's ids written in
     table: str = "pageviews"  # raw rows to count: pageviews, or events (with event=)
+    visitors: str = "first_today"  # what counts a visitor: with a filter on where visits came from, the first of the day that came that way
 
     @property
     def filtered(self) -> bool:
@@ -3044,7 +3383,8 @@ def query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
 def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     span = query.range
     scope = _scope(conn, query)
-    previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
+    before = Range(2 * span.start - span.end, span.start)
+    previous = _with_event_conversions(_totals(conn, before, scope), _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
     grain, bounds = series_bounds(span, query.zone)
     if scope.filtered:
         counts, moments, totals = _count_matching(conn, span, bounds, scope)
@@ -3052,20 +3392,28 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         counts, moments = _count(conn, span, scope, COUNTED), None
         totals = _total(counts["pages"])
     series = _series(conn, span, grain, bounds, scope, moments)
-    counts.update(_count(conn, span, scope._replace(table="events"), (EVENT_NAMES,)))
+    counts.update(_count(conn, span, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
+    totals = _with_event_conversions(totals, counts["events"])
     labels = _labeller(conn, counts, multi_site=not query.site)
+    sections = _sections(counts, labels, totals)
+    sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
         sites=_sites(conn, span, query.site),
         totals=totals,
         previous=previous,
         filtered=_count_filtered(conn, span, scope.site_id),
-        sections=_sections(counts, labels, totals),
+        sections=sections,
         visitors_now=None if query.now is None else _visitors_now(conn, query.now, scope),
         grain=grain,
         series=series,
-        notes=_retention_notes(conn, span, scope),
+        notes=_retention_notes(conn, span, scope) + _visit_notes(conn, span, query.goals),
     )
+
+
+def _with_event_conversions(totals: Metrics, events: Dict[Tuple[int, int], Totals]) -> Metrics:
+    """The headline's conversions: a visitor's first goal of the day is a page view or an event."""
+    return totals._replace(converted=totals.converted + sum(total.converted for total in events.values()))
 
 
 LIVE_WINDOW = 5 * 60  # "visitors now": a page view in the last five minutes
@@ -3119,7 +3467,9 @@ def _scope(conn: sqlite3.Connection, query: Query) -> Scope:
         tests.append(f"site = {site_id}")
     tests.sort(key=lambda test: " IN (" in test)
     table = "events" if any(name == EVENT_NAMES.sections[0].filter for name, _ in query.filters) else "pageviews"
-    return Scope(site_id, "".join(" AND " + test for test in tests), table)
+    arrivals = [FILTERS[name][0] for name, _ in query.filters if FILTERS[name][0].name in VISIT_FIRSTS]
+    visitors = max(arrivals, key=lambda dim: VISIT_FIRSTS.index(dim.name)).visitors if arrivals and table == "pageviews" else "first_today"
+    return Scope(site_id, "".join(" AND " + test for test in tests), table, visitors)
 
 
 # What a filtered report sums per part in SQL: page views and visitors for the series, and what the pages' keys do not count.
@@ -3133,8 +3483,7 @@ class MatchKey(NamedTuple):
     """What a filtered report joins, one key per matching row (SQL), and how to read the keys back."""
 
     sql: str
-    values: Tuple[Tuple[str, int, int], ...]  # (dimension, shift, mask) of each value id packed into a key
-    flags: Tuple[str, ...] = ()  # the metric of each low bit of a key, lowest first; every key counts a page view
+    values: Tuple[Tuple[str, int, int, Tuple[Tuple[int, str], ...]], ...]  # (dimension, shift, mask, its (bit, metric)s) of each value id in a key
     amount: str = ""  # or: the metric whose amount follows each key (engaged seconds, scroll)
 
 
@@ -3142,7 +3491,7 @@ KEY_BITS = 62  # a packed key is a positive 64-bit integer in SQLite
 KEY_COMBINATIONS = 20_000  # value combinations one packed key may take at most, so that few distinct keys come back
 
 
-def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) -> List[MatchKey]:
+def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, counted: Sequence[Dimension] = COUNTED) -> List[MatchKey]:
     """Pack the value ids of several dimensions into one integer key per matching row, above a bit for
     each metric a row may count in (a visitor, a visit, a bounce, an engaged view), so that Counter
     counts value combinations and their metrics at once. Dimensions share a key while their ids fit in
@@ -3150,13 +3499,13 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) 
     stays under ``KEY_COMBINATIONS``: the more rows a key stands for, the fewer keys SQLite joins and
     Python counts. Each metric that adds an amount gets a key of its own per dimension."""
     strings, agents = (max(conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for conn in conns) for table in ("strings", "agents"))
-    width = {dim.name: (agents if dim.column == "agent" else strings).bit_length() for dim in COUNTED}
+    width = {dim.name: (agents if dim.column == "agent" else strings).bit_length() for dim in counted}
     values = dict(conns[0].execute(
         "SELECT dim, count(DISTINCT value) FROM monthly WHERE month >= ? AND month < ? GROUP BY dim",
         (month_of_day(span.start // DAY), month_of_day((span.end - 1) // DAY) + 1),
     ).fetchall())
     groups: List[List[Dimension]] = []
-    for dim in COUNTED:
+    for dim in counted:
         group = groups[-1] + [dim] if groups else []
         fits = sum(width[member.name] for member in group) + len(_flags(group)) <= KEY_BITS
         if group and fits and math.prod(values.get(member.code, 1) for member in group) <= KEY_COMBINATIONS:
@@ -3166,25 +3515,28 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str) 
     keys = []
     for group in groups:
         flags = _flags(group)
-        packed = [f"(({getattr(ROW_METRICS, metric)[0]}) << {bit})" for bit, metric in enumerate(flags)]
+        packed = [f"(({when}) << {bit})" for bit, when in enumerate(flags)]
         parts, shift = [], len(flags)
         for dim in group:
             packed.append(f"({dim.column} << {shift})")
-            parts.append((dim.name, shift, (1 << width[dim.name]) - 1))
+            metrics = row_metrics(dim.visitors)
+            bits = tuple((flags.index(getattr(metrics, metric)[0]), metric) for metric in RAW_NEEDS[dim.name] if getattr(metrics, metric)[0] in flags)
+            parts.append((dim.name, shift, (1 << width[dim.name]) - 1, bits))
             shift += width[dim.name]
-        keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts), flags))
-    for dim in COUNTED:
+        keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts)))
+    for dim in counted:
         for metric in RAW_NEEDS[dim.name]:
             when, adds = getattr(ROW_METRICS, metric)
             if adds != "1":
-                keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", ((dim.name, 0, -1),), (), metric))
+                keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", ((dim.name, 0, -1, ()),), metric))
     return keys
 
 
 def _flags(group: Sequence[Dimension]) -> Tuple[str, ...]:
-    """The metrics a row may count in (each a bit of a packed key) for the dimensions of one key."""
-    needed = {metric for dim in group for metric in RAW_NEEDS[dim.name] if metric != "views" and getattr(ROW_METRICS, metric)[1] == "1"}
-    return tuple(name for name in Metrics._fields if name in needed)
+    """The conditions a row may count in (each a bit of a packed key: a visitor, a visit, a bounce, an exit)
+    for the dimensions of one key; each dimension's visitors have their own (``Dimension.visitors``)."""
+    needed = {getattr(row_metrics(dim.visitors), metric) for dim in group for metric in RAW_NEEDS[dim.name] if metric != "views"}
+    return tuple(sorted(when for when, adds in needed if adds == "1"))
 
 
 def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], scope: Scope) -> Tuple[Counts, Moments, Metrics]:
@@ -3200,9 +3552,11 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
     parts, one_site = _reading_plan(conn, span, bounds, scope)
     moments, sums = [], Counter()
     with readers_for(conn, parts) as conns:
-        keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ")
+        counted = COUNTED if scope.table == "pageviews" else tuple(dim for dim in COUNTED if dim.in_events)
+        keys = match_keys(conns, span, "" if one_site is not None else "site || ':' || ", counted)
         joined: List["Counter[str]"] = [Counter() for _ in keys]  # per key: how often each key appeared (or the amounts it carried)
-        for part, row in zip(parts, _read_parts(conns, [key.sql for key in keys] + [getattr(RAW_METRICS, metric) for metric in PART_SUMS], scope, parts)):
+        sums_sql = [getattr(raw_metrics(scope.visitors), metric) for metric in PART_SUMS]
+        for part, row in zip(parts, _read_parts(conns, [key.sql for key in keys] + sums_sql, scope, parts)):
             part_sums = dict(zip(PART_SUMS, (value or 0 for value in row[len(keys) :])))
             sums.update(part_sums)
             moments.append((part.start, part_sums["views"], part_sums["visitors"]))
@@ -3280,7 +3634,7 @@ def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: 
     """Add what one kind of key counted (``match_keys``) to its dimensions' counts."""
     for text, amount in found.items():
         site, number = map(int, text.split(":")) if one_site is None else (one_site, int(text))
-        for name, shift, mask in key.values:
+        for name, shift, mask, bits in key.values:
             counted = counts[name]
             value = number >> shift & mask
             total = counted.get((site, value))
@@ -3290,7 +3644,7 @@ def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: 
                 total.grow(key.amount, amount)
                 continue
             total.views += amount
-            for bit, metric in enumerate(key.flags):
+            for bit, metric in bits:
                 if number >> bit & 1:
                     total.grow(metric, amount)
 
@@ -3410,7 +3764,7 @@ def _matching_totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Met
     parts, _ = _reading_plan(conn, span, [span.start, span.end], scope)
     sums = Totals()
     with readers_for(conn, parts) as conns:
-        for row in _read_parts(conns, RAW_METRICS, scope, parts):
+        for row in _read_parts(conns, raw_metrics(scope.visitors), scope, parts):
             sums.add(row)
     return sums.frozen()
 
@@ -3449,10 +3803,11 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     clause, args = _raw_clause(scope)
     bounds = (first_id(span.start), first_id(span.end)) + args
     for name in counts:
-        column = DIMENSION_NAMED[name].column
+        dim = DIMENSION_NAMED[name]
+        column = dim.column
         if RAW_NEEDS[name] != ("views",):
             for site, value, *metrics in conn.execute(
-                f"SELECT site, {column}, {', '.join(RAW_METRICS)} "
+                f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
                 bounds,
             ):
@@ -3502,7 +3857,7 @@ def _raw_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope: Scope, 
     for part in raw_parts:
         if part.start < part.end:
             yield from conn.execute(
-                f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step} AS q, count(*), sum(first_today) "
+                f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step} AS q, count(*), sum({scope.visitors}) "
                 f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY q",
                 (first_id(part.start), first_id(part.end)) + args,
             )
@@ -3617,7 +3972,7 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
             return page if dim.name == "pages" else string
         return agent_part(section.part) if dim.column == "agent" else string_part(dim, section.part)
 
-    return {name: label(dim, section) for name, (dim, section) in SECTIONS.items()}
+    return {"text": string, **{name: label(dim, section) for name, (dim, section) in SECTIONS.items()}}
 
 
 def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict[str, List[Row]]:
@@ -3626,6 +3981,8 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
     parts of a value (a source's channel) take them from its biggest value."""
     sections: Dict[str, List[Row]] = {}
     for name, (dim, section) in SECTIONS.items():
+        if section.computed:
+            continue
         label, kind = labels[name], section.row
         others = [(other.part, labels[other.name]) for other in dim.sections if kind.OTHERS and other.part and other.part != section.part]
         sums: Dict[str, Totals] = {}
@@ -3638,9 +3995,45 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
                 total = sums[shown] = Totals()
                 parts[shown] = {part: other(site, value) for part, other in others}
             total.add(metrics)
-        rows = [kind.make(shown, total.frozen(), totals, parts[shown]) for shown, total in sums.items() if shown or section.lists_empty]
-        sections[name] = sorted((row for row in rows if row.count), key=lambda row: (-row.count, row.value))
+        rows = [(kind.make(shown, total.frozen(), totals, parts[shown]), total.views) for shown, total in sums.items()
+                if (shown or section.lists_empty) and getattr(total, kind.SHOWN_BY)]
+        sections[name] = [row for row, _ in sorted(rows, key=lambda item: (-item[0].count, -item[1], item[0].value))]
     return sections
+
+
+def _goal_rows(counts: Counts, labels: Dict[str, Label], totals: Metrics, goals: Sequence[Goal]) -> List[Row]:
+    """Each goal's visitors, completions and conversion rate. An event goal is its event's count and
+    visitors; a page goal is the page views of its pages, and the page views that were a visitor's
+    first of the day to reach it (the goals dimension)."""
+    text = labels["text"]
+    rows = []
+    for goal in goals:
+        if goal.kind == "event":
+            reached = [total for (site, value), total in counts["events"].items() if text(site, value) == goal.pattern]
+            completions, visitors = sum(total.views for total in reached), sum(total.visitors for total in reached)
+        else:
+            completions = sum(total.views for (site, value), total in counts["pages"].items() if goal.reached_by_path(text(site, value)))
+            visitors = sum(total.views for (site, value), total in counts["goals"].items() if goal.name in text(site, value).split("\t"))
+        rows.append(GoalRow(goal.name, visitors, completions, percent(visitors, totals.visitors)))
+    return sorted(rows, key=lambda row: (-row.count, -row.completions, row.value))
+
+
+def _visit_notes(conn: sqlite3.Connection, span: Range, goals: Sequence[Goal]) -> List[str]:
+    """Say so when the range reaches back before sources were per visit, or before a page goal was set."""
+    stored = dict(conn.execute("SELECT key, value FROM meta WHERE key = 'visit_sources_since' OR key LIKE 'goal %'"))
+    notes = []
+    since = stored.get("visit_sources_since")
+    if since is not None and span.start < since * DAY:
+        notes.append(f"sources before {iso_date(since)} are each page view's own (visits were not kept then): internal navigation counted as direct")
+    for goal in goals:
+        defined = stored.get(f"goal {goal.name}")
+        if goal.kind == "path" and defined is not None and span.start < defined * DAY:
+            notes.append(f"goal {goal.name} was set on {iso_date(defined)}: its visitors are counted from then on, its completions all along")
+    return notes
+
+
+def iso_date(day: int) -> str:
+    return (EPOCH_DATE + dt.timedelta(days=day)).isoformat()
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -3731,7 +4124,9 @@ class ReportRequest(NamedTuple):
     public: bool = False  # the operator made the report public: the page says so
 
 
-def parse_report_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> ReportRequest:
+def parse_report_request(
+    params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo, goals: Sequence[Goal] = ()
+) -> ReportRequest:
     """Validate every report parameter, or raise ReportError with the reason."""
     fmt = params.get("format") or "text"
     if fmt not in CONTENT_TYPES:
@@ -3745,7 +4140,7 @@ def parse_report_request(params: Dict[str, str], now: float, first_day: Callable
     if section and section not in SECTION_TITLES:
         raise ReportError(f"unknown section {section!r}: use one of {', '.join(SECTION_TITLES)}")
     live = params.get("range") == "realtime"
-    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None)
+    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None, tuple(goals))
     kept = tuple((name, value) for name, value in params.items() if name in LINK_PARAMS)
     return ReportRequest(query, fmt, parse_limit(params.get("limit", "")), section, params.get("ascii", "") not in ("", "0"), kept)
 
@@ -3883,7 +4278,8 @@ def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int =
 
 
 def render_json(report: ReportData, request: ReportRequest) -> str:
-    query, now, before = report.query, report.totals.headline(), report.previous.headline()
+    query = report.query
+    now, before = report.totals.headline(bool(query.goals)), report.previous.headline(bool(query.goals))
     document: Dict[str, Any] = {
         "version": __version__,
         "site": query.site or None,
@@ -3914,7 +4310,7 @@ def render_csv(report: ReportData, request: ReportRequest) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["section", "value", "count", "percent"])
-    for name, number in report.totals.headline().items():
+    for name, number in report.totals.headline(bool(report.query.goals)).items():
         writer.writerow(["totals", name, number, ""])
     for reason, hits in report.filtered.items():
         writer.writerow(["filtered", reason, hits, ""])
@@ -3945,7 +4341,8 @@ def render_text(report: ReportData, request: ReportRequest, width: int = WIDTH) 
 
 def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]:
     """The headline numbers as shown: (title, value, change against the previous period)."""
-    now, before = report.totals.headline(), report.previous.headline()
+    goals = bool(report.query.goals)
+    now, before = report.totals.headline(goals), report.previous.headline(goals)
     shown = {
         "visitors": f"{now['visitors']:,}",
         "visits": f"{now['visits']:,}",
@@ -3957,10 +4354,12 @@ def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]
     if report.totals.engaged_views or report.previous.engaged_views:  # shown once some page view reported engagement
         shown["time_on_page"] = format_duration(round(now["time_on_page"]))
         shown["scroll_depth"] = f"{now['scroll_depth']:.0f}%"
+    if goals:
+        shown["conversion_rate"] = f"{now['conversion_rate']:.1f}%"
     counted = "Events" if any(name == "event" for name, _ in report.query.filters) else "Page views"
     titles = {
         "visitors": "Visitors", "visits": "Visits", "pageviews": counted, "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate",
-        "visit_duration": "Visit duration", "time_on_page": "Time on page", "scroll_depth": "Scroll depth",
+        "visit_duration": "Visit duration", "time_on_page": "Time on page", "scroll_depth": "Scroll depth", "conversion_rate": "Conversion rate",
     }
     return [(titles[name], value, format_change(now[name], before[name], ascii)) for name, value in shown.items()]
 
@@ -4281,7 +4680,7 @@ class Importer:
         self.geoip = geoip
         self.progress = progress
         self.memo = Memo()
-        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear)
+        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
         self.imported = self.filtered = self.skipped = 0
         self.batch = Batch()
         self._started = self._reported = time.monotonic()
@@ -4580,9 +4979,9 @@ class App:
         self.clock = clock
         self.log = log
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
-        self.writer = Writer(connect(config.db_path, progress=log), config.flush_interval, log, config.keep_days, clock, config.queue_limit)
+        self.writer = Writer(connect(config.db_path, progress=log), config.flush_interval, log, config.keep_days, clock, config.queue_limit, config.goals)
         self.memo = Memo()
-        self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear)
+        self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear, goals=config.goals)
         self._visitors_lock = threading.Lock()
         self.closed = False
         self.started = time.monotonic()
@@ -4669,7 +5068,7 @@ class App:
             params = parse_query(environ.get("QUERY_STRING", ""))
             if not params.get("format") and prefers_html(environ.get("HTTP_ACCEPT", "")):
                 params["format"] = "html"
-            request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone)
+            request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone, self.config.goals)
             body, content_type = render_report(conn, request._replace(public=public))
             headers = [("Content-Type", content_type), ("Cache-Control", "no-store"), ("Vary", "Accept")]
             return "200 OK", headers + (PAGE_HEADERS if request.format == "html" else []), body.encode()
@@ -5571,6 +5970,7 @@ ENVIRONMENT = {
     "public_report": "PIXELD_PUBLIC_REPORT",
     "public_counters": "PIXELD_PUBLIC_COUNTERS",
     "honour_gpc": "PIXELD_HONOUR_GPC",
+    "goal": "PIXELD_GOALS",
 }
 
 
@@ -5585,6 +5985,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_option(report_cmd, "read-only")
     add_env_file_option(report_cmd)
     add_range_options(report_cmd)
+    add_goal_option(report_cmd)
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
@@ -5604,6 +6005,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_env_file_option(import_cmd)
     import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
     add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
+    add_goal_option(import_cmd)
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
     import_cmd.add_argument("--force", action="store_true", help="import a file again that was imported before")
 
@@ -5682,6 +6084,22 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
     command.add_argument("--public-counters", action="store_true", default=None, help="anyone may read a page's views at /counter/ [$PIXELD_PUBLIC_COUNTERS]")
     command.add_argument("--honour-gpc", action="store_true", default=None, help="do not count browsers that send Sec-GPC: 1 [$PIXELD_HONOUR_GPC]")
+    add_goal_option(command)
+
+
+def add_goal_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--goal", metavar="NAME=event:NAME|path:/PATH", action="append",
+        help="an outcome to count, an event or a page (a trailing * matches a prefix); repeatable [$PIXELD_GOALS, separated by ;]",
+    )
+
+
+def goals_of(args: argparse.Namespace, environ: Dict[str, str]) -> Tuple[Goal, ...]:
+    """The goals: the flags, else ``PIXELD_GOALS`` (``A=event:x;B=path:/y*``)."""
+    values = getattr(args, "goal", None)
+    if values is None:
+        values = [part for part in environ.get(ENVIRONMENT["goal"], "").split(";") if part.strip()]
+    return parse_goals(values)
 
 
 def add_filter_options(command: argparse.ArgumentParser, site_note: str = "") -> None:
@@ -5785,6 +6203,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         public_report=switched_on(setting(args, "public_report", environ, "")),
         public_counters=switched_on(setting(args, "public_counters", environ, "")),
         honour_gpc=switched_on(setting(args, "honour_gpc", environ, "")),
+        goals=goals_of(args, environ),
     )
 
 
@@ -5822,7 +6241,7 @@ def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "ascii", *FILTERS)
     try:
-        request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
+        request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ), goals_of(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
         body, _ = render_report(conn, request, max(60, width))
     except sqlite3.Error as error:

@@ -293,7 +293,7 @@ def stored_pageviews(db: Path) -> List[Dict[str, object]]:
         rows = conn.execute(pixeld.export_sql("pageviews", "pageview") + " ORDER BY t.id", (0, 1 << 62)).fetchall()
     finally:
         conn.close()
-    kept = [name for name in pixeld.PageView._fields if name not in ("time", "first_today")]
+    kept = ["site", *(field.name for field in pixeld.VIEW_FIELDS)]
     views = [dict(zip(pixeld.EXPORT_FIELDS, row)) for row in rows]
     return [{"time": pixeld.second_of(row[0]), **{name: view[name] for name in kept}} for row, view in zip(rows, views)]
 

@@ -119,7 +119,7 @@ def test_combined_access_log(tmp_path):
     assert [(v["path"], v["referrer"], v["browser"], v["device"]) for v in views] == [
         ("/blog/post/", "google.com", "Chrome", "desktop"),
         ("/", "", "Safari", "phone"),  # 11:00 +0100 is 10:00 UTC: rows sort by time
-        ("/about.html", "", "Chrome", "desktop"),
+        ("/about.html", "google.com", "Chrome", "desktop"),  # the visit came from Google
     ]
     report = whole_report(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
     assert (report["visitors"], report["visits"], report["pageviews"], report["bounce_rate"]) == (2, 2, 3, 50.0)
@@ -200,7 +200,7 @@ def test_round_trip_carries_campaigns_events_and_visits(rich_db, tmp_path, fmt):
     code, _, err = run_pixeld("import", str(path), "--db", str(copy))
     assert code == 0, err
     before, after = whole_report(rich_db), whole_report(copy)
-    assert {r["value"]: r["count"] for r in before["sections"]["campaigns"]} == {"newsletter / email / nov": 2}
+    assert {r["value"]: (r["visitors"], r["count"]) for r in before["sections"]["campaigns"]} == {"newsletter / email / nov": (2, 4)}  # each visit's two page views
     assert {r["value"]: r["count"] for r in before["sections"]["events"]} == {"signup": 3, "download": 1}
     assert before["visits"] == 3 and before["pageviews"] == 6
     for key in before:
@@ -248,11 +248,11 @@ def test_an_access_log_needs_its_site_and_keeps_its_campaigns(tmp_path):
     assert code == 0 and "imported 3 page views" in err, err
     views = stored_pageviews(db)
     assert [(v["site"], v["path"], v["referrer"]) for v in views] == [
-        ("example.org", "/post", "newsletter (campaign)"), ("example.org", "/about", ""), ("example.org", "/", "hn (campaign)"),
+        ("example.org", "/post", "newsletter (campaign)"), ("example.org", "/about", "newsletter (campaign)"), ("example.org", "/", "hn (campaign)"),
     ]
     report = report_json(db, "--range", "", "--start", "2026-11-27", "--end", "2026-11-27")
-    assert {r["value"]: r["count"] for r in report["sections"]["campaigns"]} == {"newsletter / email / nov": 1, "hn /  / ": 1}
-    assert [r["value"] for r in report["sections"]["channels"]] == ["campaign", "direct"]
+    assert {r["value"]: (r["visitors"], r["count"]) for r in report["sections"]["campaigns"]} == {"newsletter / email / nov": (1, 2), "hn /  / ": (1, 1)}
+    assert [r["value"] for r in report["sections"]["channels"]] == ["campaign"]  # /about continued the newsletter's visit
     assert report["sections"]["events"] == []  # only campaign parameters are read from the logged address
     for path in tmp_path.iterdir():
         if path.name.startswith("p.db"):

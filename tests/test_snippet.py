@@ -121,7 +121,7 @@ def test_campaign_links(setup):
     page.goto(site.url("/post?utm_source=Newsletter&utm_medium=email&utm_campaign=launch&secret=1"))
     wait_for(lambda: daemon.report_json()["pageviews"] == 1)
     data = daemon.report_json()
-    assert data["sections"]["campaigns"] == [{"value": "newsletter / email / launch", "count": 1, "percent": 100.0}]
+    assert data["sections"]["campaigns"] == [{"value": "newsletter / email / launch", "visitors": 1, "percent": 100.0, "visits": 1, "count": 1}]
     assert data["sections"]["referrers"][0]["value"] == "newsletter (campaign)"
     daemon.stop()
     assert stored_pageviews(daemon.db)[0]["path"] == "/post"  # never a query string
