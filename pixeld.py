@@ -141,6 +141,8 @@ class Config:
     flush_interval: float = 1.0
     hit_path: str = DEFAULT_HIT_PATH  # served as well as /pixel.gif (a neutral name that content blockers do not match)
     public_report: bool = False  # anyone may read /report (never /export)
+    public_counters: bool = False  # anyone may read one path's views at /counter/PATH.json and .svg
+    honour_gpc: bool = False  # a hit with Sec-GPC: 1 is an objection: filtered, not stored
     goals: Tuple[Goal, ...] = ()
 
 
@@ -1765,6 +1767,7 @@ class RawHit(NamedTuple):
     forwarded_for: str = ""
     forwarded: str = ""
     prefetch: bool = False
+    gpc: bool = False  # the browser sent Sec-GPC: 1 (Global Privacy Control)
 
 
 class Record(NamedTuple):
@@ -1798,6 +1801,7 @@ FILTER_REASONS = {  # reason: (label in the report, why)
     "foreign": ("foreign site", "the site is not one of --site"),
     "ignored": ("ignored", "the client address is in --ignore-ip"),
     "rate-limited": ("rate-limited", "more page views from this visitor in a minute than --rate-limit"),
+    "gpc": ("objected (GPC)", "the browser sent Sec-GPC: 1, an objection that --honour-gpc honours"),
     "dropped": ("dropped (database unavailable)", "the database could not take writes and the queue was full"),
 }
 
@@ -1808,7 +1812,7 @@ def raw_hit(environ: Dict[str, Any], now: int, memo: Optional[Memo] = None) -> R
         now, parse_query(environ.get("QUERY_STRING", ""), memo), environ.get("HTTP_USER_AGENT", ""),
         environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", ""), environ.get("HTTP_ACCEPT_LANGUAGE", ""),
         environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR", ""), environ.get("HTTP_FORWARDED", ""),
-        is_prefetch(environ),
+        is_prefetch(environ), environ.get("HTTP_SEC_GPC", "").strip() == "1",
     )
 
 
@@ -1822,6 +1826,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     referrer = f"{campaign_source} (campaign)" if campaign_source else memo(normalise_referrer, params.get("referrer", ""), site)
     agent = memo(classify_user_agent, hit.user_agent)
     reason = filter_reason(config, site, address, agent, hit.user_agent, referrer, hit.prefetch, bool(params.get("bot")))
+    reason = reason or ("gpc" if hit.gpc and config.honour_gpc else "")
     if reason:
         return FilteredHit(hit.time, site if reason != "foreign" else "", reason)
     event = clean_event(params["event"]) if "event" in params else ""
@@ -2636,6 +2641,10 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """,
     resource_referrers,
     visits_goals_and_exits,
+    # Share links: one site's report, read-only, for whoever holds the secret; only its hash is kept.
+    """
+    CREATE TABLE shares (id INTEGER PRIMARY KEY, site TEXT NOT NULL, hash BLOB NOT NULL UNIQUE, created INTEGER NOT NULL);
+    """,
     # Notes on days (pixeld.py note): a site's, or every site's when site is empty. The same note is kept once.
     """
     CREATE TABLE annotations (id INTEGER PRIMARY KEY, date TEXT NOT NULL, site TEXT NOT NULL, text TEXT NOT NULL, UNIQUE (date, site, text));
@@ -3188,6 +3197,22 @@ def sliced(items: Iterable[Any]) -> Iterator[Any]:
         if number % SLICE == 0:
             time.sleep(0)
         yield item
+
+
+def share_hash(secret: str) -> bytes:
+    """What the database keeps of a share link's secret: its SHA-256 (the secret has 192 random bits, so no salt is needed)."""
+    return hashlib.sha256(secret.encode("utf-8", "replace")).digest()
+
+
+def add_share(conn: sqlite3.Connection, site: str, now: int) -> Tuple[int, str]:
+    """A new share link for one site: its id and its secret, which is shown once and never stored."""
+    secret = secrets.token_urlsafe(24)
+    cursor = conn.execute("INSERT INTO shares (site, hash, created) VALUES (?, ?, ?)", (site, share_hash(secret), now))
+    return cursor.lastrowid or 0, secret
+
+
+def revoke_share(conn: sqlite3.Connection, share_id: int) -> bool:
+    return conn.execute("DELETE FROM shares WHERE id = ?", (share_id,)).rowcount > 0
 
 
 ###############################################################################
@@ -4100,6 +4125,55 @@ def annotations_in(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, site:
     return [Annotation(*row) for row in rows]
 
 
+def shared_site(conn: sqlite3.Connection, secret: str) -> Optional[str]:
+    """The site a share link's secret opens, or None: found by the secret's hash, which is then
+    compared in constant time."""
+    wanted = share_hash(secret)
+    row = conn.execute("SELECT site, hash FROM shares WHERE hash = ?", (wanted,)).fetchone()
+    return row[0] if row is not None and hmac.compare_digest(row[1], wanted) else None
+
+
+def list_shares(conn: sqlite3.Connection) -> List[Tuple[int, str, int]]:
+    """(id, site, created) of every share link."""
+    return conn.execute("SELECT id, site, created FROM shares ORDER BY id").fetchall()
+
+
+def counted_site(conn: sqlite3.Connection, site: str) -> Optional[int]:
+    """The id of the site a counter counts: the one named, else the only site with page views (-1
+    when there is none); None when several sites have page views and none is named."""
+    if site:
+        return _string_id(conn, site)
+    code = DIMENSION_NAMED["pages"].code
+    low = conn.execute("SELECT min(site) FROM monthly WHERE dim = ?", (code,)).fetchone()[0]
+    high = conn.execute("SELECT max(site) FROM monthly WHERE dim = ?", (code,)).fetchone()[0]
+    if low != high:
+        return None
+    return -1 if low is None else low
+
+
+def path_views(conn: sqlite3.Connection, path: str, site_id: int, span: Optional[Range] = None) -> int:
+    """Page views of one path on one site, over all time or the whole UTC days ``span`` touches, from
+    the monthly and daily counts alone: index look-ups, never a scan of page views."""
+    value, code = _string_id(conn, path), DIMENSION_NAMED["pages"].code
+    if value < 0 or site_id < 0:
+        return 0
+    key = "dim = ? AND site = ? AND value = ?"
+    if span is None:
+        return conn.execute(f"SELECT coalesce(sum(views), 0) FROM monthly WHERE {key}", (code, site_id, value)).fetchone()[0]
+    split = split_range(conn, Range(span.start // DAY * DAY, -(-span.end // DAY) * DAY))
+    views = 0
+    for first, end in split.months:
+        views += conn.execute(
+            f"SELECT coalesce(sum(views), 0) FROM monthly WHERE {key} AND month >= ? AND month < ?", (code, site_id, value, first, end)
+        ).fetchone()[0]
+    for first, end, sign in split.days:
+        days = tuple(range(first, end))
+        views += sign * conn.execute(
+            f"SELECT coalesce(sum(views), 0) FROM daily WHERE {key} AND day IN ({', '.join('?' * len(days))})", (code, site_id, value) + days
+        ).fetchone()[0]
+    return views
+
+
 ###############################################################################
 # Report parameters and rendering #############################################
 ###############################################################################
@@ -4611,6 +4685,25 @@ def html_section(name: str, rows: List[Row], report: ReportData, request: Report
     return f'<section><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
 
 
+def render_counter_json(path: str, views: int) -> str:
+    """``{"path": ..., "views": N}``, with <, > and & escaped too, so no page can mistake it for markup."""
+    text = json.dumps({"path": path, "views": views})
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") + "\n"
+
+
+def render_counter_svg(path: str, views: int) -> str:
+    """A small badge, "views | 1,234", sized to its text; the path only in its escaped <title>."""
+    value = f"{views:,}"
+    left, right = 44, 12 + 7 * len(value)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + right}" height="20" role="img" aria-label="views: {value}">'
+        f"<title>{esc(path)}: {value} views</title>"
+        f'<rect width="{left}" height="20" fill="#555"/><rect x="{left}" width="{right}" height="20" fill="#1a56db"/>'
+        f'<g fill="#fff" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11" text-anchor="middle">'
+        f'<text x="{left / 2:g}" y="14">views</text><text x="{left + right / 2:g}" y="14">{value}</text></g></svg>\n'
+    )
+
+
 ###############################################################################
 # Export and import ###########################################################
 ###############################################################################
@@ -4915,14 +5008,18 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 <script data-pixeld="https://stats.example.org">
 (function (w, d, l, n) {
   var c = d.currentScript, u = c.getAttribute("data-pixeld") + "/pixel.gif?", e = encodeURIComponent, k = "pixeld-ignore",
-    s, last, seen = 0, since = 0, depth = 0, sent = 0;
+    o = "pixeld-optout", s, last, seen = 0, since = 0, depth = 0, sent = 0;
   try { s = w.localStorage; } catch (x) { s = {}; }
-  if (l.hash == "#" + k) {
-    s[k] ? delete s[k] : (s[k] = 1);
-    alert("pixeld: this browser is " + (s[k] ? "no longer counted" : "counted again"));
+  function flag() {
+    var f = l.hash.slice(1);
+    if (f == k || f == o) {
+      s[f] ? delete s[f] : (s[f] = 1);
+      alert("pixeld: this browser is " + (s[f] ? "no longer counted" : "counted again"));
+    }
   }
+  flag();
   function off() {
-    return s[k] || (!c.hasAttribute("data-local") && (l.protocol == "file:" || /^(localhost|127\\.|\\[::1\\]$)/.test(l.hostname)));
+    return s[k] || s[o] || (!c.hasAttribute("data-local") && (l.protocol == "file:" || /^(localhost|127\\.|\\[::1\\]$)/.test(l.hostname)));
   }
   function hit(q, more) {
     return u + q + "&host=" + e(l.hostname) + more + (n.webdriver ? "&bot=1" : "");
@@ -4932,7 +5029,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
     ["utm_source", "utm_medium", "utm_campaign", "ref", "source"].forEach(function (x) { if (p.get(x)) m += "&" + x + "=" + e(p.get(x)); });
     return hit(q, m);
   }
-  function send(x) { n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x); }
+  function send(x) { off() || (n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x)); }
   function tick() {
     var t = Date.now();
     if (since) seen += t - since;
@@ -4954,13 +5051,15 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
     last = l.pathname; seen = depth = sent = 0; tick();
   }
   w.pixeld = function (kind, name) {
-    if (kind == "event" && !off()) send(url("event=" + e(name) + "&path=" + e(l.pathname)));
+    if (kind == "optout") s[o] = 1;
+    if (kind == "event") send(url("event=" + e(name) + "&path=" + e(l.pathname)));
   };
   ["pushState", "replaceState"].forEach(function (f) {
     var o = history[f];
     history[f] = function () { var r = o.apply(this, arguments); setTimeout(view); return r; };
   });
   w.addEventListener("popstate", view);
+  w.addEventListener("hashchange", flag);
   w.addEventListener("scroll", tick);
   w.addEventListener("pagehide", engage);
   d.addEventListener("visibilitychange", function () { d.hidden ? engage() : tick(); });
@@ -5047,7 +5146,8 @@ class App:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> List[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
-        route = self.routes.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        route = self.routes.get(path) or self.route_by_prefix(path)
         if route is None:
             status, headers, body = plain("404 Not Found", "not found")
         elif method not in ("GET", "HEAD") and not (method == "POST" and route == self.pixel):  # sendBeacon POSTs
@@ -5094,6 +5194,10 @@ class App:
         denied = None if self.config.public_report else self.deny_report(environ)
         if denied:
             return denied
+        return self.report_answer(environ, public=self.config.public_report)
+
+    def report_answer(self, environ: Environ, public: bool = False) -> Answer:
+        """The report a request asks for, once it may see it (``report``, ``shared``)."""
         try:
             conn = self.reader()
         except StorageError as error:
@@ -5103,7 +5207,7 @@ class App:
             if not params.get("format") and prefers_html(environ.get("HTTP_ACCEPT", "")):
                 params["format"] = "html"
             request = parse_report_request(params, self.clock(), lambda: first_day_with_data(conn), self.config.zone, self.config.goals)
-            body, content_type = render_report(conn, request._replace(public=self.config.public_report))
+            body, content_type = render_report(conn, request._replace(public=public))
             headers = [("Content-Type", content_type), ("Cache-Control", "no-store"), ("Vary", "Accept")]
             return "200 OK", headers + (PAGE_HEADERS if request.format == "html" else []), body.encode()
         except ReportError as error:
@@ -5112,6 +5216,71 @@ class App:
             conn.close()
             self._readers.conn = None
             return plain("503 Service Unavailable", f"cannot read the database: {error}")
+
+    def route_by_prefix(self, path: str) -> Optional[Callable[[Environ], Answer]]:
+        """The routes that carry a value in their path: a share link's secret, a counter's page."""
+        if path.startswith("/share/"):
+            return self.shared
+        if path.startswith("/counter/") and self.config.public_counters:
+            return self.counter
+        return None
+
+    def shared(self, environ: Environ) -> Answer:
+        """A share link: ``/share/SECRET`` is one site's report, read-only, in every format, without the
+        token (also through the proxy). Anything else under it (``/export``, ``/metrics``, ``/whoami``,
+        a hit or a dry run) and any other site are refused. The secret is looked up by its hash on
+        every request, so a new or revoked link counts at once."""
+        secret, _, rest = environ["PATH_INFO"][len("/share/"):].partition("/")
+        try:
+            conn = self.reader()
+        except StorageError as error:
+            return plain("503 Service Unavailable", str(error))
+        try:
+            site = shared_site(conn, secret)
+        except sqlite3.Error as error:
+            conn.close()
+            self._readers.conn = None
+            return plain("503 Service Unavailable", f"cannot read the database: {error}")
+        if site is None:
+            return plain("404 Not Found", "no such share link: it may have been revoked")
+        if rest not in ("", "report"):
+            return plain("403 Forbidden", "a share link reads one site's report, nothing else")
+        params = parse_query(environ.get("QUERY_STRING", ""))
+        if params.get("site") and normalise_host(params["site"]) != site:
+            return plain("403 Forbidden", f"this share link reads the report of {site} only")
+        return self.report_answer({**environ, "QUERY_STRING": urlencode({**params, "site": site})}, public=True)  # the page says who can read it
+
+    def counter(self, environ: Environ) -> Answer:
+        """``/counter/PATH.json`` or ``.svg`` (``--public-counters``): one path's page views, for anyone,
+        from any origin, over all time or ``range=``; ``site=`` where pixeld counts several sites."""
+        stem, dot, kind = environ["PATH_INFO"][len("/counter"):].rpartition(".")
+        if not dot or kind not in COUNTER_TYPES:
+            return plain("404 Not Found", "use /counter/PATH.json or /counter/PATH.svg")
+        path = normalise_path(stem.encode("latin-1", "replace").decode("utf-8", "replace") or "/")  # PATH_INFO holds the bytes as latin-1
+        params = parse_query(environ.get("QUERY_STRING", ""))
+        try:
+            conn = self.reader()
+        except StorageError as error:
+            return plain("503 Service Unavailable", str(error))
+        try:
+            span = None
+            if params.get("range", "all") != "all":
+                if params["range"] == "realtime":
+                    raise ReportError("a counter counts whole days: use today, yesterday, Nd (7d, 30d, ...), month, year or all")
+                span = named_range(params["range"], self.clock(), lambda: first_day_with_data(conn), self.config.zone)
+            site_id = counted_site(conn, parse_site(params.get("site", "")))
+            if site_id is None:
+                raise ReportError("pixeld counts several sites: name one with site=example.org")
+            views = path_views(conn, path, site_id, span)
+        except ReportError as error:
+            status, headers, body = plain("400 Bad Request", str(error))
+            return status, headers + [("Access-Control-Allow-Origin", "*")], body
+        except sqlite3.Error as error:
+            conn.close()
+            self._readers.conn = None
+            return plain("503 Service Unavailable", f"cannot read the database: {error}")
+        body = render_counter_svg(path, views) if kind == "svg" else render_counter_json(path, views)
+        return "200 OK", [("Content-Type", COUNTER_TYPES[kind]), *COUNTER_HEADERS], body.encode()
 
     def reader(self) -> sqlite3.Connection:
         """This thread's read-only connection for reports, kept open so SQLite's page cache stays
@@ -5224,6 +5393,16 @@ PAGE_HEADERS = [  # the HTML report loads nothing, runs nothing and leaks no add
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
+]
+
+
+COUNTER_TYPES = {"json": "application/json", "svg": "image/svg+xml"}
+COUNTER_HEADERS = [  # a counter is public, cacheable, readable from any origin (GET only: other methods get 405) and runs nothing
+    ("Cache-Control", "max-age=300"),
+    ("Access-Control-Allow-Origin", "*"),
+    ("Cross-Origin-Resource-Policy", "cross-origin"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
 ]
 
 
@@ -5859,6 +6038,7 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
         f"database {os.path.abspath(config.db_path)}, GeoIP {'on' if config.geoip_path else 'off'}, "
         f"trusted proxies {', '.join(map(str, config.trusted_proxies)) or 'none'}, "
         f"report {'public' if config.public_report else 'by token' if config.token else 'from loopback only'}"
+        + (", view counters public" if config.public_counters else "") + (", Sec-GPC honoured" if config.honour_gpc else "")
     )
     notify(f"READY=1\nSTATUS=listening on {format_address(*server.address)}")
     server.serve(stopping, heartbeat(app))
@@ -6177,6 +6357,8 @@ ENVIRONMENT = {
     "queue_limit": "PIXELD_QUEUE_LIMIT",
     "hit_path": "PIXELD_HIT_PATH",
     "public_report": "PIXELD_PUBLIC_REPORT",
+    "public_counters": "PIXELD_PUBLIC_COUNTERS",
+    "honour_gpc": "PIXELD_HONOUR_GPC",
     "goal": "PIXELD_GOALS",
 }
 
@@ -6242,8 +6424,32 @@ def build_parser() -> argparse.ArgumentParser:
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
     snippet_cmd.add_argument("--hit-path", metavar="PATH", help="the hit path the daemon serves (serve --hit-path) [$PIXELD_HIT_PATH]")
+    add_share_and_top_commands(commands)
     add_digest_commands(commands)
     return parser
+
+
+def add_share_and_top_commands(commands: Any) -> None:
+    """``share`` (read-only links to one site's report) and ``top`` (the live view)."""
+    share_cmd = commands.add_parser(
+        "share", help="make, list or revoke read-only links to one site's report",
+        description="Make a secret link that shows one site's report, read-only, to whoever holds it, without the token. The database keeps only its hash.",
+    )
+    share_cmd.add_argument("site", nargs="?", help="the site whose report the new link shows, like example.org")
+    share_cmd.add_argument("--url", help="pixeld's address as readers reach it (https://stats.example.org); without it, the path to append is printed")
+    share_cmd.add_argument("--list", action="store_true", help="list the links (their ids and sites; the secrets are not kept)")
+    share_cmd.add_argument("--revoke", metavar="ID", type=int, help="revoke a link: it stops working at once")
+    add_db_option(share_cmd, "created if missing")
+    add_env_file_option(share_cmd)
+
+    top_cmd = commands.add_parser(
+        "top", help="a live view in the terminal", description="A full-screen live view: visitors now, page views per minute, top pages and sources. q quits."
+    )
+    add_db_option(top_cmd, "read-only")
+    add_env_file_option(top_cmd)
+    top_cmd.add_argument("--site", default="", help="one site (hostname) instead of all")
+    top_cmd.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (default 5)")
+    top_cmd.add_argument("--tz", default="", help="time zone for the clock and minutes (default $PIXELD_TIMEZONE, as in --env-file, else UTC)")
 
 
 def add_serve_options(command: argparse.ArgumentParser) -> None:
@@ -6266,6 +6472,8 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--hit-path", metavar="PATH", help="serve the hit endpoint at this path as well as /pixel.gif, like /hit (see Content blockers) [$PIXELD_HIT_PATH]")
     command.add_argument("--public-report", action="store_true", default=None, help="anyone may read /report (never /export); set to 1 [$PIXELD_PUBLIC_REPORT]")
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
+    command.add_argument("--public-counters", action="store_true", default=None, help="anyone may read a page's views at /counter/ [$PIXELD_PUBLIC_COUNTERS]")
+    command.add_argument("--honour-gpc", action="store_true", default=None, help="do not count browsers that send Sec-GPC: 1 [$PIXELD_HONOUR_GPC]")
     add_goal_option(command)
 
 
@@ -6382,9 +6590,16 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         request_timeout=parse_seconds(setting(args, "request_timeout", environ, 10), "--request-timeout"),
         queue_limit=parse_count(setting(args, "queue_limit", environ, 100_000), "--queue-limit"),
         hit_path=parse_hit_path(setting(args, "hit_path", environ, DEFAULT_HIT_PATH)),
-        public_report=str(setting(args, "public_report", environ, "")).lower() in ("1", "true", "yes", "on"),
+        public_report=switched_on(setting(args, "public_report", environ, "")),
+        public_counters=switched_on(setting(args, "public_counters", environ, "")),
+        honour_gpc=switched_on(setting(args, "honour_gpc", environ, "")),
         goals=goals_of(args, environ),
     )
+
+
+def switched_on(value: Any) -> bool:
+    """A switch from a flag (True) or the environment (1, true, yes, on)."""
+    return str(value).lower() in ("1", "true", "yes", "on")
 
 
 def listed(args: argparse.Namespace, name: str, environ: Dict[str, str]) -> Optional[List[str]]:
@@ -6500,6 +6715,194 @@ def run_check(args: argparse.Namespace, environ: Dict[str, str]) -> int:
     return 0 if isinstance(outcome, Accepted) else 1
 
 
+def run_share(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    """``pixeld.py share``: make a link (printed once), list them, or revoke one."""
+    if sum((bool(args.site), args.list, args.revoke is not None)) != 1:
+        raise ConfigError("name a site (pixeld.py share example.org), or give --list or --revoke ID")
+    if args.url and not re.fullmatch(r"https?://[^/?#\s]+(/[^?#\s]*)?", args.url):
+        raise ConfigError(f"cannot use --url {args.url[:60]!r}: give pixeld's address, like https://stats.example.org")
+    db_path = setting(args, "db", environ, DEFAULT_DB)
+    check_database_path(db_path)
+    conn = connect(db_path, progress=log_line)
+    try:
+        if args.list:
+            shares = list_shares(conn)
+            for share_id, site, created in shares:
+                print(f"{share_id:>5}  {site}  made {dt.datetime.fromtimestamp(created, dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+            if not shares:
+                print("no share links")
+        elif args.revoke is not None:
+            if not revoke_share(conn, args.revoke):
+                raise ConfigError(f"there is no share link {args.revoke}: see pixeld.py share --list")
+            log_line(f"share link {args.revoke} revoked; it stops working at once")
+        else:
+            site = parse_domain(args.site, "site")
+            share_id, secret = add_share(conn, site, int(time.time()))
+            print(f"{(args.url or '').rstrip('/')}/share/{secret}")
+            log_line(f"share link {share_id} reads the report of {site}, read-only; it is shown once; revoke it with pixeld.py share --revoke {share_id}")
+            if not args.url:
+                log_line("append the path above to pixeld's public address (or give --url https://stats.example.org)")
+    except sqlite3.Error as error:
+        raise StorageError(f"cannot use the database: {error}") from None
+    finally:
+        conn.close()
+
+
+TOP_LEVELS = " ▁▂▃▄▅▆▇█"  # a bar's top in eighths of a row
+
+
+def run_top(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    """``pixeld.py top``: the live view, full screen, read straight from the database like ``report``."""
+    import curses
+    import locale
+
+    if not 0.5 <= args.interval <= 3600:
+        raise ConfigError("--interval must be between 0.5 and 3600 seconds")
+    site, zone = parse_site(args.site), command_zone(args, environ)
+    conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
+    locale.setlocale(locale.LC_ALL, "")  # curses draws UTF-8 only with the user's locale
+    try:
+        curses.wrapper(lambda screen: top_loop(screen, lambda now: live_report(conn, site, zone, now), args.interval))
+    finally:
+        conn.close()
+
+
+def live_report(conn: sqlite3.Connection, site: str, zone: dt.tzinfo, now: float) -> ReportData:
+    """The last 30 minutes, per minute, with visitors now: the report's ``range=realtime``."""
+    return query_report(conn, Query(named_range("realtime", now, lambda: None, zone), zone, site, (), int(now)))
+
+
+def top_loop(screen: Any, read: Callable[[float], ReportData], interval: float) -> None:
+    """Read every ``interval`` seconds and draw; redraw at once when the terminal is resized; q quits."""
+    import curses
+
+    with contextlib.suppress(curses.error):
+        curses.curs_set(0)
+    screen.timeout(250)
+    report: Optional[ReportData] = None
+    error, read_at, now = "", -math.inf, time.time()
+    while True:
+        if time.monotonic() - read_at >= interval:
+            read_at, now = time.monotonic(), time.time()
+            try:
+                report, error = read(now), ""
+            except (sqlite3.Error, StorageError) as failure:
+                error = f"cannot read the database: {failure}"
+            draw_top(screen, top_lines(report, error, now, *screen.getmaxyx()))
+        key = screen.getch()
+        if key in (ord("q"), ord("Q")):
+            return
+        if key == curses.KEY_RESIZE or terminal_resized(screen):
+            draw_top(screen, top_lines(report, error, now, *screen.getmaxyx()))
+
+
+def terminal_resized(screen: Any) -> bool:
+    """Whether the terminal's size changed without curses noticing (its SIGWINCH came while we were
+    reading the database, say); if so, tell curses."""
+    import curses
+
+    try:
+        size = os.get_terminal_size(sys.__stdout__.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    if (size.lines, size.columns) == screen.getmaxyx():
+        return False
+    curses.resizeterm(size.lines, size.columns)
+    return True
+
+
+def draw_top(screen: Any, lines: List[str]) -> None:
+    """Paint the lines; a terminal too small for them shows what fits (curses refuses the last cell)."""
+    import curses
+
+    screen.erase()
+    height, width = screen.getmaxyx()
+    for row, line in enumerate(lines[:height]):
+        with contextlib.suppress(curses.error):
+            screen.addstr(row, 0, fit(line, width - 1 if row == height - 1 else width))
+    screen.refresh()
+
+
+def top_lines(report: Optional[ReportData], error: str, now: float, height: int, width: int) -> List[str]:
+    """The live view as lines of text for a terminal of this size: a heading, visitors now, page views
+    per minute as bars, then the top pages and sources side by side (one above the other when narrow).
+    Every visitor-sent value passes ``terminal_text``."""
+    if report is None:
+        return [error or "pixeld top: reading the database…"]
+    query = report.query
+    clock = dt.datetime.fromtimestamp(now, query.zone).strftime("%H:%M:%S")
+    title = f"pixeld top · {terminal_text(query.site) or 'all sites'} · {clock} {zone_name(query.zone)}"
+    lines = [f"{title}{'q quits':>{max(1, width - text_width(title))}}"]
+    lines.append(f"Visitors now {report.visitors_now or 0:,} · last 30 minutes: {report.totals.views:,} page views, {report.totals.visitors:,} visitors")
+    lines += ["", *minute_bars(report.series, width, max(1, min(8, (height - 10) // 2)), query.zone), ""]
+    rows = max(0, height - len(lines) - 2)
+    pages, sources = (report.sections.get(name, []) for name in ("pages", "sources"))
+    if width >= 60:
+        half = (width - 3) // 2
+        left, right = top_table("Top pages", pages, half, rows), top_table("Top sources", sources, half, rows, "(direct)")
+        lines += [f"{pad(a, half)} │ {b}" for a, b in itertools.zip_longest(left, right, fillvalue="")]
+    else:
+        lines += top_table("Top pages", pages, width, max(1, rows // 2)) + top_table("Top sources", sources, width, max(1, rows // 2), "(direct)")
+    if error:
+        lines = lines[: max(1, height - 1)] + [error]
+    return lines
+
+
+def minute_bars(series: List[Tuple[int, int, int]], width: int, rows: int, zone: dt.tzinfo) -> List[str]:
+    """Page views per minute as vertical bars, ``rows`` high, a minute per column (or several columns
+    per minute when the terminal is wide); the newest minutes when it is too narrow for all."""
+    cell = max(1, min(3, (width - 1) // max(1, len(series))))
+    shown = series[-max(1, width // cell):]
+    largest = max((views for _, views, _ in shown), default=0)
+    heights = [round(8 * rows * views / largest) if largest else 0 for _, views, _ in shown]
+    lines = [f"Page views per minute, last {len(shown)} minutes (most: {largest:,})"]
+    for row in range(rows - 1, -1, -1):
+        lines.append("".join(TOP_LEVELS[min(8, max(0, eighths - 8 * row))] * cell for eighths in heights).rstrip() or " ")
+    if shown:
+        first, last = (dt.datetime.fromtimestamp(start, zone).strftime("%H:%M") for start in (shown[0][0], shown[-1][0]))
+        lines.append(f"{first}{last:>{max(1, cell * len(shown) - 5)}}")
+    return lines
+
+
+def top_table(title: str, rows: Sequence[Row], width: int, count: int, empty: str = "(none)") -> List[str]:
+    label = max(1, width - 9)
+    lines = [f"{pad(title, label)}{'Views':>9}"]
+    lines += [f"{pad(fit(terminal_text(row.value) or empty, label - 1), label)}{row.count:>9,}" for row in rows[:count]]
+    return lines if rows else lines + ["(no page views)"]
+
+
+def terminal_text(value: str) -> str:
+    """A visitor-sent value made safe for a terminal: no control characters, escape sequences, format
+    characters (bidi overrides, zero widths) or unassigned code points; tabs and breaks become spaces."""
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(" " if ch in "\t\n\r" else ch for ch in value if ch in "\t\n\r" or not unicodedata.category(ch).startswith("C"))
+
+
+def text_width(text: str) -> int:
+    """Columns a text takes in a terminal: wide East Asian characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def pad(text: str, width: int) -> str:
+    """The text cut or filled with spaces to exactly ``width`` columns."""
+    text = fit(text, width)
+    return text + " " * (width - text_width(text))
+
+
+def fit(text: str, width: int) -> str:
+    """The text cut to ``width`` columns, with … where it was cut."""
+    if text_width(text) <= width:
+        return text
+    kept, used = [], 0
+    for ch in text:
+        used += text_width(ch)
+        if used > width - 1:
+            break
+        kept.append(ch)
+    return "".join(kept) + "…" if width > 0 else ""
+
+
 Finding = Tuple[str, str]  # (ok, warn or fail; what was found)
 
 
@@ -6510,6 +6913,7 @@ def run_doctor(args: argparse.Namespace, environ: Dict[str, str]) -> int:
         *doctor_settings(args, environ), *doctor_database(db_path), doctor_directory(db_path), doctor_token(args, environ),
         doctor_geoip(setting(args, "geoip", environ, "")), doctor_zone(setting(args, "timezone", environ, "UTC")),
     ]
+    findings += doctor_consent(args, environ)
     if args.url:
         findings += doctor_daemon(args.url.rstrip("/"), token_of(args, environ))
     for level, message in findings:
@@ -6606,6 +7010,32 @@ def doctor_zone(name: str) -> Finding:
         return "ok", f"time zone: {zone_name(load_zone(name))}"
     except ConfigError as error:
         return "fail", f"time zone: {error}"
+
+
+MAX_RETENTION_DAYS = 760  # 25 months of the shortest kind (CNIL: raw data kept 25 months at most)
+
+
+def doctor_consent(args: argparse.Namespace, environ: Dict[str, str]) -> List[Finding]:
+    """CNIL's conditions for audience measurement without consent, one line each, as far as pixeld
+    can see them from its settings and its code. Informing visitors stays the operator's duty."""
+    try:
+        config = config_from(args, environ)
+    except ConfigError:
+        return [("fail", "consent exemption: cannot be checked until the settings can be used (see above)")]
+    visitors = Generation(0, slots=2)
+    separate = visitors.key("a.example", "192.0.2.1", "UA") != visitors.key("b.example", "192.0.2.1", "UA")
+    days = config.keep_days
+    return [
+        ("ok", "consent, own measurement only: the page views stay in your database on your server; pixeld sends them to nobody"),
+        ("ok", "consent, no cross-site identifier: the visitor key includes the site, its salt changes daily and is never stored")
+        if separate else ("fail", "consent, no cross-site identifier: the same visitor on two sites gets the same key"),
+        ("ok", "consent, geolocation no finer than the city: pixeld keeps the country only" + ("" if config.geoip_path else " (GeoIP is off)")),
+        ("warn", "consent, raw data at most 25 months: page views are kept forever; set --keep-days 760 or less (the counts stay)") if not days
+        else ("warn", f"consent, raw data at most 25 months: --keep-days {days} is longer; use {MAX_RETENTION_DAYS} or less") if days > MAX_RETENTION_DAYS
+        else ("ok", f"consent, raw data at most 25 months: page views are deleted after {days} days; only the per-day counts stay"),
+        ("ok", "consent, visitors can object: the snippet honours #pixeld-optout and pixeld('optout'); link it from your privacy page"
+         + ("; Sec-GPC: 1 is honoured too" if config.honour_gpc else "; --honour-gpc would honour Sec-GPC: 1 too")),
+    ]
 
 
 def doctor_daemon(url: str, token: str) -> List[Finding]:
@@ -6845,6 +7275,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
     environ = dict(os.environ) if environ is None else environ
     args = build_parser().parse_args(argv or ["serve"])
     commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
+    commands.update(share=run_share, top=run_top)
     commands.update(digest_commands(clock))
     try:
         environ = with_env_file(args, environ)

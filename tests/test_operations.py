@@ -24,7 +24,7 @@ def level_of(out, topic):
 def test_doctor_on_a_healthy_setup(start_daemon, tmp_path):
     daemon = start_daemon("--token", "s3cret")
     daemon.pixel({"path": "/", "host": "example.org"})
-    code, out = doctor("--db", str(daemon.db), "--token", "s3cret", "--url", f"http://127.0.0.1:{daemon.port}")
+    code, out = doctor("--db", str(daemon.db), "--token", "s3cret", "--keep-days", "395", "--url", f"http://127.0.0.1:{daemon.port}")
     assert code == 0, out
     for topic in ("settings", "database", "directory", "token", "GeoIP", "time zone", f"http://127.0.0.1:{daemon.port}/healthz", f"http://127.0.0.1:{daemon.port}/whoami"):
         assert level_of(out, topic) == "ok", (topic, out)

@@ -26,6 +26,7 @@ class Site:
             "/spa": f'<title>App</title><button id="next" onclick="history.pushState({{}}, \'\', \'/spa/next\'); document.title = \'Next\'">next</button>{snippet}',
             "/events": f'<title>Events</title><button data-pixeld-event="signup">Sign up</button><a id="out" href="{other}/landing">away</a>{outbound}',
             "/landing": "<title>Landing</title>",
+            "/privacy": f'<title>Privacy</title><a id="optout" href="#pixeld-optout">Do not count my visits</a>{snippet}',
         }
         site = self
 
@@ -145,6 +146,42 @@ def test_opting_yourself_out_with_the_hash(setup):
     wait_for(lambda: daemon.report_json()["pageviews"] == 1)
 
 
+def test_a_visitor_objects_from_the_privacy_page_or_the_api(setup):
+    daemon, site, context = setup
+    page = context.new_page()
+    messages, sent = [], []
+    page.on("dialog", lambda dialog: (messages.append(dialog.message), dialog.accept()))
+    page.goto(site.url("/privacy"))
+    wait_for(lambda: daemon.report_json()["pageviews"] == 1)  # the privacy page itself, before the click
+    page.on("request", lambda request: sent.append(request.url) if "/pixel.gif" in request.url else None)
+    with page.expect_event("dialog"):  # Playwright delivers the dialog while we wait in its API, not in time.sleep
+        page.click("#optout")  # a link on the same page: no reload
+    assert messages == ["pixeld: this browser is no longer counted"]
+    page.goto(site.url("/post"))
+    page.goto(site.url("/events"))
+    page.click("text=Sign up")
+    page.evaluate("pixeld('event', 'from-the-api')")
+    page.goto(site.url("/landing"))  # leaving /events: no engagement beacon either
+    page.wait_for_timeout(1000)
+    assert sent == [] and daemon.report_json()["pageviews"] == 1 and daemon.report_json()["sections"]["events"] == []
+    page.goto(site.url("/privacy"))
+    with page.expect_event("dialog"):
+        page.click("#optout")  # the same link again: counted again
+    assert messages[-1] == "pixeld: this browser is counted again"
+    page.goto(site.url("/post"))
+    wait_for(lambda: daemon.report_json()["pageviews"] == 2)
+
+    api = context.browser.new_context(user_agent=DESKTOP_CHROME).new_page()  # a site's own button calls pixeld('optout')
+    api.goto(site.url("/spa"))
+    wait_for(lambda: daemon.report_json()["pageviews"] == 3)
+    api.evaluate("pixeld('optout')")
+    api.click("#next")
+    api.goto(site.url("/post"))
+    api.wait_for_timeout(1000)
+    assert daemon.report_json()["pageviews"] == 3
+    api.context.close()
+
+
 def test_nothing_is_sent_from_localhost(setup):
     daemon, site, context = setup
     page = context.new_page()
@@ -175,5 +212,5 @@ def test_the_snippet_stays_small():
     import re
 
     script = re.search(r"<script[^>]*>(.*?)</script>", pixeld.snippet(), re.S).group(1)
-    assert len(script.encode()) <= 2816  # with reading time and scroll depth; the README states the size
+    assert len(script.encode()) <= 3072  # with reading time, scroll depth and the visitor's opt-out; the README states the size
     assert "cookie" not in script.lower()
