@@ -7092,8 +7092,10 @@ def add_digest_commands(commands: Any) -> None:
     alert_cmd.add_argument("--spike", metavar="RATIO", type=float, default=3.0, help="alert at this many times the usual page views or more (default 3)")
     alert_cmd.add_argument("--drop", metavar="RATIO", type=float, default=0.3, help="alert at this fraction of the usual page views or less (default 0.3)")
     alert_cmd.add_argument("--min-views", metavar="N", type=int, default=10, help="a spike needs N page views, a drop N usual page views (default 10)")
+    add_env_file_option(note_cmd)
     for command, note in ((digest_cmd, "read-only"), (alert_cmd, "it remembers the alerts raised")):
         add_db_option(command, note)
+        add_env_file_option(command)
         command.add_argument("--site", default="", help="one site (hostname) instead of all")
         command.add_argument("--tz", default="", help="time zone for days and hours, like Europe/Berlin (default $PIXELD_TIMEZONE, else UTC)")
         command.add_argument("--to", metavar="ADDRESS", action="append", help="send to this address (repeatable); without --smtp or --sendmail it is printed")
