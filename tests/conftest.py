@@ -319,7 +319,7 @@ def make_sections(totals: "pixeld.Metrics", **given: List[tuple]) -> Dict[str, l
 
 # The commands that read the service's settings file (/etc/pixeld.env) unless told otherwise. The tests tell them
 # otherwise, as they leave out the PIXELD_* environment: a machine's own pixeld settings must not change a test.
-READS_SETTINGS_FILE = ("report", "export", "import", "check", "doctor", "backup", "share", "top")
+READS_SETTINGS_FILE = ("report", "export", "import", "check", "doctor", "backup", "share", "top", "note", "digest", "alert")
 
 
 def run_pixeld(*args: str, env: Optional[Dict[str, str]] = None, timeout: float = 20) -> Tuple[int, str, str]:
