@@ -55,7 +55,7 @@ import zoneinfo
 from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
-from urllib.parse import SplitResult, unquote, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
 
@@ -244,8 +244,12 @@ MAX_REFERRER = 1024
 MAX_HOST = 253
 MAX_SCREEN = 100_000
 MAX_PARAM = 8192
-MAX_EVENT = 64
+MAX_EVENT = 200  # room for "download:/a/path/file.pdf"
 MAX_CAMPAIGN = 100
+MAX_PROPS = 10  # event properties an event keeps at most
+MAX_PROP_NAME = 64
+MAX_PROP_VALUE = 200
+NOT_FOUND_EVENT = "404"  # the event a site's 404 page sends (pixeld('404'), and Plausible's): the Not found section reads it
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]+")  # and bidi overrides
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
@@ -354,6 +358,51 @@ def clean_device(value: str) -> str:
 
 def clean_event(value: str) -> str:
     return clean_text(value, MAX_EVENT)
+
+
+Properties = Tuple[Tuple[str, str], ...]  # an event's properties: (name, value) pairs, sorted by name
+_EMAIL = re.compile(r"[^\s@]+@[^\s@]+\.[^\s@]+")
+_PHONE = re.compile(r"\+?[\d\s().\-/]+")
+_DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){8,}")  # nine digits or more, perhaps grouped: a card, an account, an IBAN's digits
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def looks_personal(value: str) -> bool:
+    """Whether a property value looks like an e-mail address, a phone number (seven digits or more, in
+    nothing but digits, spaces and punctuation) or a long run of digits: such a value is never stored."""
+    if _EMAIL.search(value) or _DIGIT_RUN.search(value):
+        return True
+    return bool(_PHONE.fullmatch(value)) and sum(ch.isdigit() for ch in value) >= 7 and not _ISO_DATE.fullmatch(value.strip())
+
+
+def clean_properties(pairs: Iterable[Tuple[str, str]]) -> Tuple[Properties, int]:
+    """The properties an event keeps, and how many values were dropped as personal. Names up to 64
+    characters and values up to 200, cleaned as any visitor text; empty ones are skipped; the first
+    name wins; at most 10, in the order sent, then sorted by name."""
+    kept: Dict[str, str] = {}
+    dropped = 0
+    for raw_name, raw_value in pairs:
+        name, value = clean_text(raw_name, MAX_PROP_NAME), clean_text(raw_value, MAX_PROP_VALUE)
+        if not name or not value or name in kept:
+            continue
+        if looks_personal(value):
+            dropped += 1
+        elif len(kept) < MAX_PROPS:
+            kept[name] = value
+    return tuple(sorted(kept.items())), dropped
+
+
+def properties_text(props: Properties) -> str:
+    """The stored (and exported) form of properties: ``name=value`` pairs, percent-encoded, joined by ``&``."""
+    return urlencode(props, quote_via=quote)
+
+
+def read_properties(text: str) -> Tuple[Properties, int]:
+    """Properties from their stored or exported form (``format=pdf&lang=en``), cleaned again."""
+    try:
+        return clean_properties(parse_qsl(text, max_num_fields=4 * MAX_PROPS) if text else ())
+    except ValueError:  # more fields than any event keeps
+        return (), 0
 
 
 class Metrics(NamedTuple):
@@ -586,7 +635,63 @@ class EventRow(NamedTuple):
         return [["events", self.value, self.count, ""], ["event_visitors", self.value, self.visitors, ""]]
 
 
-Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow]
+class PropertyRow(NamedTuple):
+    """One value of one event property: how often the event carried it, and by how many visitors."""
+
+    value: str  # as shown: "format: pdf"
+    count: int
+    visitors: int
+    property: str
+    property_value: str
+
+    METRICS = ()  # read from raw event rows, not from counted metrics
+    COLUMNS = EventRow.COLUMNS
+    OTHERS = False
+
+    @classmethod
+    def of(cls, name: str, value: str, count: int, visitors: int) -> "PropertyRow":
+        return cls(f"{name}: {value}", count, visitors, name, value)
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.visitors:,}")
+
+    def json(self) -> Dict[str, Any]:
+        return {"property": self.property, "value": self.property_value, "count": self.count, "visitors": self.visitors}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        """The fourth column names the property."""
+        return [[section, self.property_value, self.count, self.property], [f"{section}_visitors", self.property_value, self.visitors, self.property]]
+
+
+class NotFoundRow(NamedTuple):
+    """A missing page readers asked for, how often, and the sources that sent them there, most first."""
+
+    value: str
+    count: int
+    sources: Tuple[Tuple[str, int], ...]  # (referrer as shown, count)
+
+    METRICS = ()
+    COLUMNS = (("Count", 10), ("Top source", 26))
+    OTHERS = False
+
+    def cells(self) -> Tuple[str, ...]:
+        top = f"{self.sources[0][0]} ({self.sources[0][1]:,})" if self.sources else ""
+        more = f" +{len(self.sources) - 1}" if len(self.sources) > 1 else ""
+        return (f"{self.count:,}", cut(top, 24 - len(more)) + more)
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "sources": [{"value": source, "count": count} for source, count in self.sources]}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        """One line for the path, then one per source: the fourth column names the source."""
+        return [[section, self.value, self.count, ""], *([f"{section}_source", self.value, count, source] for source, count in self.sources)]
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow, PropertyRow, NotFoundRow]
 
 
 def text_columns(kind: type, rows: Sequence[Row]) -> Tuple[Tuple[str, int], ...]:
@@ -609,6 +714,7 @@ class Section(NamedTuple):
     row: type = ViewsRow  # the section's kind: what its rows show
     nothing: str = "(no page views)"  # what an empty section says
     lists_empty: bool = True  # whether the empty value is a row (page views without a campaign are not)
+    link: str = ""  # the filter a row's link adds when the section has none of its own (entry pages link to their path)
 
 
 class Field(NamedTuple):
@@ -637,7 +743,7 @@ class Dimension(NamedTuple):
 
 DIMENSIONS: Tuple[Dimension, ...] = (
     Dimension("pages", 1, "path", (Field("path", normalise_path, "path"),), (
-        Section("pages", "Pages", filter="path", match="prefix", row=EngagementRow), Section("entry_pages", "Entry pages", row=EntryRow),
+        Section("pages", "Pages", filter="path", match="prefix", row=EngagementRow), Section("entry_pages", "Entry pages", row=EntryRow, link="path"),
     )),
     Dimension("titles", 0, "title", (Field("title", normalise_title, "title"),), in_events=False),
     Dimension("sources", 9, "source", (Field("channel", default="direct"), Field("source")), (
@@ -660,12 +766,17 @@ DIMENSIONS: Tuple[Dimension, ...] = (
 EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
     Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
 ))
+EVENT_DETAILS = (  # sections read from raw event rows, not counted per value
+    Section("properties", "Properties", row=PropertyRow, nothing="(no properties: they are listed for one event, as event=download)"),
+    Section("not_found", "Not found", "(direct)", link="path", row=NotFoundRow, nothing="(no pages not found)"),
+)
 AGENT_FIELDS = tuple(field.name for field in DIMENSIONS[6].fields)  # the agents table's columns
 FIELD_SEPARATOR = "\t"  # a text dimension of several fields stores them in one string: "search\tGoogle"
 COUNTED = tuple(dim for dim in DIMENSIONS if dim.code)
 EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
 DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
-SECTIONS: Dict[str, Tuple[Dimension, Section]] = {section.name: (dim, section) for dim in DIMENSIONS + (EVENT_NAMES,) for section in dim.sections}
+COUNTED_SECTIONS: Dict[str, Tuple[Dimension, Section]] = {section.name: (dim, section) for dim in DIMENSIONS + (EVENT_NAMES,) for section in dim.sections}
+SECTIONS = {**COUNTED_SECTIONS, **{section.name: (EVENT_NAMES, section) for section in EVENT_DETAILS}}  # every section, in report order
 FILTERS: Dict[str, Tuple[Dimension, Section]] = {section.filter: (dim, section) for dim, section in SECTIONS.values() if section.filter}
 VIEW_FIELDS = tuple(field for dim in DIMENSIONS for field in dim.fields)
 FIELD_CLEANERS: Dict[str, Callable[[str], str]] = {field.name: field.clean for field in VIEW_FIELDS if field.clean}  # an imported value's cleaner
@@ -689,11 +800,14 @@ class PageView(collections.namedtuple(
 
 
 class Event(NamedTuple):
-    """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
-    ``view.first_today`` means: the visitor's first event of this name today."""
+    """A custom event (``pixeld('event', 'signup', {plan: 'pro'})``), with the page view context it
+    happened in. ``view.first_today`` means: the visitor's first event of this name today; bit ``i``
+    of ``props_first``: the visitor's first event of this name with property ``i`` at this value today."""
 
     name: str
     view: PageView
+    props: Properties = ()
+    props_first: int = 0
 
 
 class FilteredHit(NamedTuple):
@@ -1560,6 +1674,9 @@ class Accepted(NamedTuple):
     user_agent: str
     stored: Tuple[int, int, int, Optional[int]] = (0, 0, 0, None)  # an imported row's visit_views, duration, engaged, scroll
     engagement: Optional[Tuple[float, int]] = None  # an engagement beacon's (seconds, scroll percent): not a page view
+    props: Properties = ()  # an event's properties
+    props_first: int = 0  # an imported event's first-of-the-day bits per property (see Event)
+    dropped_props: int = 0  # property values dropped because they look personal (counted in /metrics)
 
 
 Outcome = Union[Accepted, FilteredHit, None]  # None: malformed, ignored without a trace
@@ -1601,6 +1718,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     engagement = parse_engagement(params) if params.get("engagement") else None
     if ("event" in params and not event) or (params.get("engagement") and engagement is None):
         return None
+    props, dropped = clean_properties((name[5:], value) for name, value in params.items() if name.startswith("prop_")) if event else ((), 0)
     if not params.get("path"):
         params = {**params, "path": url_path(hit.page_url)}
     sent = {field.name: memo(field.clean, params.get(field.param, "")) for field in PARAM_FIELDS}
@@ -1609,7 +1727,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
         time=hit.time, site=site, referrer=referrer, country=country_of(address), browser=agent.browser, version=agent.version, os=agent.os,
         device=agent.device, language=memo(primary_language, hit.accept_language), campaign=campaign, source=source, channel=channel, **sent,
     )
-    return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement)
+    return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement, props=props, dropped_props=dropped)
 
 
 MAX_ENGAGED = 30 * 60  # engaged seconds counted per page view at most
@@ -1648,7 +1766,9 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     visit_views = bounded(row.get("visit_views"), 1_000_000)
     scroll = None if text("scroll", "") == "" else bounded(row.get("scroll"), 100)
     stored = (visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0, scroll)
-    return Accepted(view, event, "", "", stored)  # a duration belongs to a visit's entry; engagement to a page view that reported it
+    props, dropped = read_properties(text("props", "")) if event else ((), 0)
+    props_first = bounded(row.get("props_first"), (1 << MAX_PROPS) - 1)
+    return Accepted(view, event, "", "", stored, props=props, props_first=props_first, dropped_props=dropped)  # a duration belongs to a visit's entry; engagement to a page view that reported it
 
 
 def filter_reason(
@@ -1680,9 +1800,17 @@ def explain(outcome: Outcome) -> str:
     if isinstance(outcome, FilteredHit):
         return f"filtered: {outcome.reason} ({FILTER_REASONS[outcome.reason][1]})"
     view = outcome.view
-    what = f"the event {outcome.event!r} on" if outcome.event else "a page view of"
+    what = f"the event {outcome.event!r}{explain_properties(outcome)} on" if outcome.event else "a page view of"
+    if outcome.event == NOT_FOUND_EVENT:
+        what = "a page not found (the event '404'; the Not found section lists it with its referrer):"
     details = ", ".join(f"{name} {getattr(view, name) or empty}" for name, empty in SHOWN_EMPTY.items() if name != "path")
     return f"counted as {what} {view.site or '(no host)'}{view.path} ({details}), unless the visitor is over the rate limit"
+
+
+def explain_properties(hit: Accepted) -> str:
+    kept = ", ".join(f"{name}={value!r}" for name, value in hit.props)
+    dropped = f"{hit.dropped_props} property value(s) dropped: they look like an e-mail address, a phone number or an account" if hit.dropped_props else ""
+    return f" ({'; '.join(filter(None, (f'properties {kept}' if kept else '', dropped)))})" if kept or dropped else ""
 
 
 def with_scheme(referrer: str) -> str:
@@ -1779,7 +1907,7 @@ class Generation:
         self.page_time = array.array("I")
         self.page_row = array.array("I")
         self.next_page = bytearray()  # the slot the visitor's next page view takes
-        self.events: Dict[int, Set[str]] = {}  # the names of the events a visitor sent today (most send none)
+        self.events: Dict[int, Set[str]] = {}  # the names of the events a visitor sent today (most send none), and "name\tproperty\tvalue"
         self.origin: Dict[int, Tuple[int, int]] = {}  # a visit carried over from yesterday: yesterday's day and number
         self.heir: Dict[int, Tuple["Generation", int]] = {}  # yesterday's visitors carried into today: where to
 
@@ -1946,10 +2074,10 @@ class Visitors:
         if hit.engagement is not None:
             return self.engage(view.time, view.site, hit.address, hit.user_agent, view.path, *hit.engagement), None
         if hit.event:
-            first = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event)
-            if first is None:
+            firsts = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, hit.props)
+            if firsts is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
-            return Event(hit.event, view.counted(first)), None
+            return Event(hit.event, view.counted(firsts[0]), hit.props, firsts[1]), None
         observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path)
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
@@ -1984,19 +2112,27 @@ class Visitors:
             return None
         return Engagement(generation, number, generation.start[number], slot, generation.page_time[slot], seconds, scroll, generation.visit_key(number))
 
-    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str) -> Optional[bool]:
-        """Whether this is the visitor's first event of this name today; None over the rate limit."""
+    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str, props: Properties = ()) -> Optional[Tuple[bool, int]]:
+        """Whether this is the visitor's first event of this name today, and a bit per property that is
+        set when it is the visitor's first event of this name with that property value today; None
+        over the rate limit. Names and values seen are held per salt, in memory only, as the key is."""
         self._rotate(now)
         generation = self._current
         number = self._find(now, site, address, user_agent)
         if number < 0:
-            return True
+            return True, (1 << len(props)) - 1
         if not self._within_rate_limit(generation, number, now):
             return None
-        names = generation.events.setdefault(number, set())
-        first = name not in names
-        names.add(name)
-        return first
+        seen = generation.events.setdefault(number, set())
+        first = name not in seen
+        seen.add(name)
+        bits = 0
+        for index, pair in enumerate(props):
+            key = FIELD_SEPARATOR.join((name, *pair))  # a tab never survives cleaning, so this is no event name
+            if key not in seen:
+                seen.add(key)
+                bits |= 1 << index
+        return first, bits
 
     def _rotate(self, now: int) -> None:
         day = now // DAY
@@ -2053,7 +2189,9 @@ def place(outcome: Outcome, visitors: Optional[Visitors]) -> Tuple[Optional[Item
         return outcome, None
     if visitors is not None:
         return visitors.admit(outcome)
-    return (Event(outcome.event, outcome.view) if outcome.event else Record(outcome.view, *outcome.stored)), None
+    if outcome.event:
+        return Event(outcome.event, outcome.view, outcome.props, outcome.props_first & ((1 << len(outcome.props)) - 1)), None
+    return Record(outcome.view, *outcome.stored), None
 
 
 ###############################################################################
@@ -2138,6 +2276,14 @@ def add_text_dimension(name: str) -> Migration:
     return migration
 
 
+def add_event_properties(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Events get their properties (a string id, the empty string's for older rows) and a bit per
+    property that marks a visitor's first event with that value on the day."""
+    empty = _intern(conn, "")
+    conn.execute(f"ALTER TABLE events ADD COLUMN props INTEGER NOT NULL DEFAULT {empty}")
+    conn.execute("ALTER TABLE events ADD COLUMN props_first INTEGER NOT NULL DEFAULT 0")
+
+
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
     row = conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()
     return row[0] if row else -1
@@ -2206,11 +2352,13 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """
     CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll);
     """,
+    add_event_properties,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll")  # what a raw row holds beside its dimensions
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
-EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
+EVENT_EXTRAS = ("props", "props_first")  # what an event row holds beside a page view's columns: its properties
+EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS, *EVENT_EXTRAS)
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
 STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL = (PAGEVIEW_COLUMNS.index(name) for name in ("visit_views", "duration", "engaged", "scroll"))
@@ -2404,10 +2552,10 @@ class Store:
         if events:
             ids.load(min(e.view.time for e in events), max(e.view.time for e in events))
         rows = []
-        for name, view in events:
+        for name, view, props, props_first in events:
             keys = self._keys(view, EVENT_KEYS)
             name_id = self.intern(name)
-            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None))
+            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None, self.intern(properties_text(props)), props_first))
             tally.event(view.time, keys[0], name_id, int(view.first_today))
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
 
@@ -2917,7 +3065,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         totals=totals,
         previous=previous,
         filtered=_count_filtered(conn, span, scope.site_id),
-        sections=_sections(counts, labels, totals),
+        sections={**_sections(counts, labels, totals), **_event_details(conn, span, scope)},
         visitors_now=None if query.now is None else _visitors_now(conn, query.now, scope),
         grain=grain,
         series=series,
@@ -3474,7 +3622,7 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
             return page if dim.name == "pages" else string
         return agent_part(section.part) if dim.column == "agent" else string_part(dim, section.part)
 
-    return {name: label(dim, section) for name, (dim, section) in SECTIONS.items()}
+    return {name: label(dim, section) for name, (dim, section) in COUNTED_SECTIONS.items()}
 
 
 def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict[str, List[Row]]:
@@ -3482,7 +3630,7 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
     (a browser's versions, a page on several sites), ranked by count. Row kinds that name the other
     parts of a value (a source's channel) take them from its biggest value."""
     sections: Dict[str, List[Row]] = {}
-    for name, (dim, section) in SECTIONS.items():
+    for name, (dim, section) in COUNTED_SECTIONS.items():
         label, kind = labels[name], section.row
         others = [(other.part, labels[other.name]) for other in dim.sections if kind.OTHERS and other.part and other.part != section.part]
         sums: Dict[str, Totals] = {}
@@ -3498,6 +3646,52 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
         rows = [kind.make(shown, total.frozen(), totals, parts[shown]) for shown, total in sums.items() if shown or section.lists_empty]
         sections[name] = sorted((row for row in rows if row.count), key=lambda row: (-row.count, row.value))
     return sections
+
+
+def _event_details(conn: sqlite3.Connection, span: Range, scope: Scope) -> Dict[str, List[Row]]:
+    """The sections read from raw event rows (``EVENT_DETAILS``): the properties of the event the report
+    is filtered on, and the pages not found. Events are few beside page views, so they are read as
+    stored, with the report's filters."""
+    clause, args = _raw_clause(scope)
+    bounds = (first_id(span.start), first_id(span.end)) + args
+    return {
+        "properties": _properties(conn, bounds, clause) if scope.table == "events" else [],
+        "not_found": _not_found(conn, bounds, clause, many_sites=scope.site_id is None),
+    }
+
+
+def _properties(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str) -> List[Row]:
+    """Each property's values: the events that carried it, and their visitors (daily uniques, summed,
+    from each row's first-of-the-day bit for that property)."""
+    counts: Dict[Tuple[str, str], List[int]] = {}
+    no_props = _string_id(conn, "")
+    for text, bits, events in conn.execute(
+        f"SELECT s.value, e.props_first, count(*) FROM events e JOIN strings s ON s.id = e.props "
+        f"WHERE e.id >= ? AND e.id < ? AND e.props != {no_props}{clause.replace(' site', ' e.site')} GROUP BY e.props, e.props_first",
+        bounds,
+    ):
+        for index, pair in enumerate(read_properties(text)[0]):
+            total = counts.setdefault(pair, [0, 0])
+            total[0] += events
+            total[1] += events if bits >> index & 1 else 0
+    rows = [PropertyRow.of(name, value, count, visitors) for (name, value), (count, visitors) in counts.items()]
+    return sorted(rows, key=lambda row: (row.property, -row.count, row.property_value))
+
+
+def _not_found(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, many_sites: bool) -> List[Row]:
+    """The paths of the ``404`` events, with the referrers that led there, most first."""
+    name = _string_id(conn, NOT_FOUND_EVENT)
+    found = conn.execute(
+        f"SELECT site, path, referrer, count(*) FROM events WHERE id >= ? AND id < ? AND name = {name}{clause} GROUP BY site, path, referrer", bounds,
+    ).fetchall()
+    strings = _strings_by_id(conn, {value for row in found for value in row[:3]})
+    several = many_sites and len({row[0] for row in found}) > 1
+    paths: Dict[str, Counter] = {}
+    for site, path, referrer, count in found:
+        shown = (strings.get(site) or NO_HOST) + strings.get(path, "") if several else strings.get(path, "")
+        paths.setdefault(shown, Counter())[strings.get(referrer, "") or "(direct)"] += count
+    rows = [NotFoundRow(path, sum(sources.values()), tuple(sorted(sources.items(), key=lambda item: (-item[1], item[0])))) for path, sources in paths.items()]
+    return sorted(rows, key=lambda row: (-row.count, row.value))
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -3834,10 +4028,6 @@ def render_section(name: str, rows: List[Row], request: ReportRequest, width: in
     return lines if rows else lines + [section.nothing]
 
 
-def cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", *FILTERS)  # what the page's links carry over
 RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
 PAGE_STYLE = """
@@ -3958,15 +4148,15 @@ def row_filter(name: str, value: str, sites: List[str]) -> Dict[str, str]:
 def html_section(name: str, rows: List[Row], report: ReportData, request: ReportRequest) -> str:
     """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
     section = SECTIONS[name][1]
-    filter_name = section.filter or SECTIONS["pages"][1].filter  # entry pages filter by path
+    filter_name = section.filter or section.link  # entry pages and pages not found link to their path; properties to nothing
     headers = [header for header, _ in section.row.COLUMNS]
     largest = max((row.count for row in rows), default=0)
     body = []
     for row in rows:
         shown = row.value or section.empty
-        link = report_link(request, **row_filter(filter_name, shown, report.sites))
+        label = f'<a href="{report_link(request, **row_filter(filter_name, shown, report.sites))}">{esc(shown)}</a>' if filter_name else f"<b>{esc(shown)}</b>"
         body.append(
-            f'<tr><td class="l"><span style="width:{100 * row.count / largest if largest else 0:.1f}%"></span><a href="{link}">{esc(shown)}</a></td>'
+            f'<tr><td class="l"><span style="width:{100 * row.count / largest if largest else 0:.1f}%"></span>{label}</td>'
             + "".join(f'<td class="n">{esc(cell)}</td>' for cell in row.cells()) + "</tr>"
         )
     if not body:
@@ -3982,7 +4172,7 @@ def html_section(name: str, rows: List[Row], report: ReportData, request: Report
 ###############################################################################
 
 EXPORT_FIELDS = (
-    "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
+    "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS, *EVENT_EXTRAS,
 )
 IMPORT_BATCH = 20_000
 _COMBINED = re.compile(
@@ -4035,6 +4225,11 @@ def export_sql(table: str, kind: str) -> str:
             selected.append(f"coalesce(j{number}.value, '')")
             joins.append(f"LEFT JOIN strings j{number} ON j{number}.id = t.{dim.column}")
     selected += [f"t.{number}" for number in ROW_NUMBERS]
+    if table == "events":  # properties as stored: format=pdf&lang=en
+        selected += ["coalesce(p.value, '')", "t.props_first"]
+        joins.append("LEFT JOIN strings p ON p.id = t.props")
+    else:
+        selected += ["''", "0"]
     return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
 
 
@@ -4260,7 +4455,8 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 <script data-pixeld="https://stats.example.org">
 (function (w, d, l, n) {
   var c = d.currentScript, u = c.getAttribute("data-pixeld") + "/pixel.gif?", e = encodeURIComponent, k = "pixeld-ignore",
-    s, last, seen = 0, since = 0, depth = 0, sent = 0;
+    s, last, seen = 0, since = 0, depth = 0, sent = 0, f = c.getAttribute("data-downloads"), files = f != null && new RegExp("\\\\.(" +
+    (f || "pdf,zip,gz,7z,rar,epub,mp3,mp4,dmg,pkg,exe,msi,deb,apk,iso,docx,xlsx,pptx,csv").replace(/\\W+/g, "|") + ")$", "i");
   try { s = w.localStorage; } catch (x) { s = {}; }
   if (l.hash == "#" + k) {
     s[k] ? delete s[k] : (s[k] = 1);
@@ -4298,8 +4494,10 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
       "&resolution=" + screen.width + "," + screen.height);
     last = l.pathname; seen = depth = sent = 0; tick();
   }
-  w.pixeld = function (kind, name) {
-    if (kind == "event" && !off()) send(url("event=" + e(name) + "&path=" + e(l.pathname)));
+  w.pixeld = function (kind, name, p) {
+    var q = kind == "404" ? "&referrer=" + e(d.referrer) : "", x;
+    for (x in p) q += "&prop_" + e(x) + "=" + e(p[x]);
+    if ((kind == "event" || kind == "404") && !off()) send(url("event=" + e(name || kind) + "&path=" + e(l.pathname) + q));
   };
   ["pushState", "replaceState"].forEach(function (f) {
     var o = history[f];
@@ -4310,10 +4508,15 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
   w.addEventListener("pagehide", engage);
   d.addEventListener("visibilitychange", function () { d.hidden ? engage() : tick(); });
   d.addEventListener("click", function (v) {
-    var a = v.target.closest("[data-pixeld-event],a[href]"), x = a && a.getAttribute("data-pixeld-event");
-    if (x || (a && c.hasAttribute("data-outbound") && a.hostname && a.hostname != l.hostname)) w.pixeld("event", x || "outbound:" + a.hostname);
+    var a = v.target.closest("[data-pixeld-event],a[href]"), x = a && a.getAttribute("data-pixeld-event"), p = {};
+    if (x) [].forEach.call(a.attributes, function (t) { if (!t.name.indexOf("data-pixeld-prop-")) p[t.name.slice(17)] = t.value; });
+    else if (a && files && files.test(a.pathname)) x = "download:" + (a.hostname == l.hostname ? "" : a.hostname) + a.pathname;
+    else if (a && c.hasAttribute("data-outbound") && a.hostname && a.hostname != l.hostname) x = "outbound:" + a.hostname;
+    x && w.pixeld("event", x, p);
   }, true);
-  d.prerendering ? d.addEventListener("prerenderingchange", view, { once: true }) : view();
+  if (c.hasAttribute("data-forms")) d.addEventListener("submit", function () { w.pixeld("event", "form:" + l.pathname); }, true);
+  function start() { view(); if (c.hasAttribute("data-404")) w.pixeld("404"); }
+  d.prerendering ? d.addEventListener("prerenderingchange", start, { once: true }) : start();
 })(window, document, location, navigator);
 </script>
 <noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
@@ -4371,6 +4574,7 @@ class App:
         self.started = time.monotonic()
         self._readers = threading.local()
         self.outcomes: Counter = Counter()  # hits since start, by outcome: pageview, event, malformed, or a filter reason
+        self.dropped_props = 0  # event property values dropped since start because they look personal
         self.open_connections: Optional[Callable[[], int]] = None  # set by the server that runs the app, if it knows
         self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path)
         self.routes: Dict[str, Callable[[Environ], Answer]] = {
@@ -4426,6 +4630,8 @@ class App:
             if item is not None:
                 self.writer.submit(item, step)
         self.outcomes[outcome_name(outcome, item)] += 1
+        if isinstance(outcome, Accepted):
+            self.dropped_props += outcome.dropped_props
 
     def overloaded(self) -> bool:
         """For the server: stop reading requests until the writer catches up."""
@@ -4533,7 +4739,8 @@ class App:
         outcomes.update(self.outcomes)
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
             {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
-             "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
+             "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped),
+             "dropped_event_properties_total": ("Event property values dropped because they look like an e-mail address, a phone number or an account.", self.dropped_props)},
             gauges,
         ).encode()
 
