@@ -362,7 +362,7 @@ def clean_event(value: str) -> str:
 
 Properties = Tuple[Tuple[str, str], ...]  # an event's properties: (name, value) pairs, sorted by name
 _EMAIL = re.compile(r"[^\s@]+@[^\s@]+\.[^\s@]+")
-_PHONE = re.compile(r"\+?[\d\s().\-/]+")
+_PHONE_NUMBER = re.compile(r"\+?[\d\s().\-/]+")
 _DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){8,}")  # nine digits or more, perhaps grouped: a card, an account, an IBAN's digits
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -372,7 +372,7 @@ def looks_personal(value: str) -> bool:
     nothing but digits, spaces and punctuation) or a long run of digits: such a value is never stored."""
     if _EMAIL.search(value) or _DIGIT_RUN.search(value):
         return True
-    return bool(_PHONE.fullmatch(value)) and sum(ch.isdigit() for ch in value) >= 7 and not _ISO_DATE.fullmatch(value.strip())
+    return bool(_PHONE_NUMBER.fullmatch(value)) and sum(ch.isdigit() for ch in value) >= 7 and not _ISO_DATE.fullmatch(value.strip())
 
 
 def clean_properties(pairs: Iterable[Tuple[str, str]]) -> Tuple[Properties, int]:
@@ -671,13 +671,13 @@ class NotFoundRow(NamedTuple):
     sources: Tuple[Tuple[str, int], ...]  # (referrer as shown, count)
 
     METRICS = ()
-    COLUMNS = (("Count", 10), ("Top source", 26))
+    COLUMNS = (("Count", 8), ("Top source", 34))
     OTHERS = False
 
     def cells(self) -> Tuple[str, ...]:
         top = f"{self.sources[0][0]} ({self.sources[0][1]:,})" if self.sources else ""
         more = f" +{len(self.sources) - 1}" if len(self.sources) > 1 else ""
-        return (f"{self.count:,}", cut(top, 24 - len(more)) + more)
+        return (f"{self.count:,}", cut(top, 32 - len(more)) + more)
 
     def json(self) -> Dict[str, Any]:
         return {"value": self.value, "count": self.count, "sources": [{"value": source, "count": count} for source, count in self.sources]}
@@ -715,6 +715,7 @@ class Section(NamedTuple):
     nothing: str = "(no page views)"  # what an empty section says
     lists_empty: bool = True  # whether the empty value is a row (page views without a campaign are not)
     link: str = ""  # the filter a row's link adds when the section has none of its own (entry pages link to their path)
+    needs: str = ""  # the filter without which the section is not shown (properties belong to one event)
 
 
 class Field(NamedTuple):
@@ -767,7 +768,7 @@ EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  
     Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
 ))
 EVENT_DETAILS = (  # sections read from raw event rows, not counted per value
-    Section("properties", "Properties", row=PropertyRow, nothing="(no properties: they are listed for one event, as event=download)"),
+    Section("properties", "Properties", row=PropertyRow, nothing="(no properties)", needs="event"),
     Section("not_found", "Not found", "(direct)", link="path", row=NotFoundRow, nothing="(no pages not found)"),
 )
 AGENT_FIELDS = tuple(field.name for field in DIMENSIONS[6].fields)  # the agents table's columns
@@ -1768,7 +1769,8 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     stored = (visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0, scroll)
     props, dropped = read_properties(text("props", "")) if event else ((), 0)
     props_first = bounded(row.get("props_first"), (1 << MAX_PROPS) - 1)
-    return Accepted(view, event, "", "", stored, props=props, props_first=props_first, dropped_props=dropped)  # a duration belongs to a visit's entry; engagement to a page view that reported it
+    # a duration belongs to a visit's entry; engagement to a page view that reported it
+    return Accepted(view, event, "", "", stored, props=props, props_first=props_first, dropped_props=dropped)
 
 
 def filter_reason(
@@ -3874,7 +3876,10 @@ def limited(rows: List[Any], request: ReportRequest, text: bool) -> List[Any]:
 
 
 def shown_sections(report: ReportData, request: ReportRequest) -> List[str]:
-    return [request.section] if request.section else list(SECTION_TITLES)
+    if request.section:
+        return [request.section]
+    filtered = {name for name, _ in report.query.filters}
+    return [name for name, (_, section) in SECTIONS.items() if not section.needs or section.needs in filtered]
 
 
 def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int = WIDTH) -> Tuple[str, str]:
