@@ -4747,7 +4747,8 @@ class App:
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
             {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
              "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped),
-             "dropped_event_properties_total": ("Event property values dropped because they look like an e-mail address, a phone number or an account.", self.dropped_props)},
+             "dropped_event_properties_total": ("Event property values dropped: they looked like an e-mail address, a phone number or an account.",
+                                                self.dropped_props)},
             gauges,
         ).encode()
 

@@ -218,7 +218,8 @@ def events_named(daemon, query="range=today"):
 def test_event_properties_from_the_api_and_data_attributes(setup):
     daemon, site, context = setup
     snippet = pixeld.snippet(f"http://127.0.0.1:{daemon.port}")
-    site.pages["/props"] = f'<title>Props</title><button id="dl" data-pixeld-event="download" data-pixeld-prop-format="pdf" data-pixeld-prop-Chapter="2">PDF</button>{snippet}'
+    button = '<button id="dl" data-pixeld-event="download" data-pixeld-prop-format="pdf" data-pixeld-prop-Chapter="2">PDF</button>'
+    site.pages["/props"] = f"<title>Props</title>{button}{snippet}"
     page = context.new_page()
     sent = pixel_requests(page, daemon)
     page.goto(site.url("/props"))
