@@ -3679,7 +3679,7 @@ def _properties(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str) 
             total[0] += events
             total[1] += events if bits >> index & 1 else 0
     rows = [PropertyRow.of(name, value, count, visitors) for (name, value), (count, visitors) in counts.items()]
-    return sorted(rows, key=lambda row: (row.property, -row.count, row.property_value))
+    return sorted(rows, key=lambda row: (-row.count, row.property, row.property_value))
 
 
 def _not_found(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, many_sites: bool) -> List[Row]:
