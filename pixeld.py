@@ -4049,7 +4049,7 @@ dt{color:var(--muted);font-size:.85rem}dd{margin:0;font-size:1.35rem;font-weight
 svg{width:100%;height:auto;display:block}svg text{fill:var(--muted);font-size:11px}svg rect.b{fill:var(--chart)}svg line{stroke:var(--line)}
 table{width:100%;border-collapse:collapse;table-layout:fixed}td,th{padding:.25rem .4rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{text-align:right;font-weight:600;color:var(--muted);font-size:.85rem}th:first-child{text-align:left}.n{text-align:right;width:5.6rem;font-variant-numeric:tabular-nums}
-td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
+td.n{overflow-wrap:anywhere}td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
 @media (max-width:30rem){.n{width:3.9rem}body{padding:.6rem}}
 @media print{nav,.filters a{display:none}body{max-width:none;color:#000;background:#fff}a{color:#000}td.l span{background:#ddd;-webkit-print-color-adjust:exact;print-color-adjust:exact}}
 """
@@ -4152,6 +4152,12 @@ def row_filter(name: str, value: str, sites: List[str]) -> Dict[str, str]:
     return {name: value}
 
 
+def html_header(header: str, width: int) -> str:
+    """A number column's header; a column wider than a number in text (a source's name) is wider here too, within a third of the screen."""
+    wide = f' style="width:min({width * 0.5:.0f}rem,33vw)"' if width > 12 else ""
+    return f"<th class=n{wide}>{esc(header)}</th>"
+
+
 def html_section(name: str, rows: List[Row], report: ReportData, request: ReportRequest) -> str:
     """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
     section = SECTIONS[name][1]
@@ -4168,7 +4174,7 @@ def html_section(name: str, rows: List[Row], report: ReportData, request: Report
         )
     if not body:
         body.append(f'<tr><td class="l muted" colspan="{len(headers) + 1}">{esc(section.nothing)}</td></tr>')
-    head = f'<tr><th>{esc(section.title)}</th>{"".join(f"<th class=n>{esc(header)}</th>" for header in headers)}</tr>'
+    head = f'<tr><th>{esc(section.title)}</th>{"".join(html_header(header, width) for header, width in section.row.COLUMNS)}</tr>'
     more = len(report.sections[name]) - len(rows)
     footer = f'<p class="muted"><a href="{report_link(request, section=name)}">all {more + len(rows):,}</a></p>' if more > 0 else ""
     return f'<section><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
