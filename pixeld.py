@@ -3671,7 +3671,7 @@ def _properties(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str) 
     no_props = _string_id(conn, "")
     for text, bits, events in conn.execute(
         f"SELECT s.value, e.props_first, count(*) FROM events e JOIN strings s ON s.id = e.props "
-        f"WHERE e.id >= ? AND e.id < ? AND e.props != {no_props}{clause.replace(' site', ' e.site')} GROUP BY e.props, e.props_first",
+        f"WHERE e.id >= ? AND e.id < ? AND e.props != {no_props}{clause} GROUP BY e.props, e.props_first",
         bounds,
     ):
         for index, pair in enumerate(read_properties(text)[0]):
