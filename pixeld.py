@@ -59,7 +59,7 @@ import zoneinfo
 from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
-from urllib.parse import SplitResult, unquote, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
 
@@ -288,8 +288,12 @@ MAX_REFERRER = 1024
 MAX_HOST = 253
 MAX_SCREEN = 100_000
 MAX_PARAM = 8192
-MAX_EVENT = 64
+MAX_EVENT = 200  # room for "download:/a/path/file.pdf"
 MAX_CAMPAIGN = 100
+MAX_PROPS = 10  # event properties an event keeps at most
+MAX_PROP_NAME = 64
+MAX_PROP_VALUE = 200
+NOT_FOUND_EVENT = "404"  # the event a site's 404 page sends (pixeld('404'), and Plausible's): the Not found section reads it
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]+")  # and bidi overrides
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
@@ -403,6 +407,51 @@ def clean_event(value: str) -> str:
 def clean_goal_names(value: str) -> str:
     """The goals a page view reached first (names joined by tabs, as stored), from an import."""
     return "\t".join(sorted({name for name in (" ".join(part.split())[:64] for part in value.split("\t")[:MAX_GOALS]) if name}))
+
+
+Properties = Tuple[Tuple[str, str], ...]  # an event's properties: (name, value) pairs, sorted by name
+_EMAIL = re.compile(r"[^\s@]+@[^\s@]+\.[^\s@]+")
+_PHONE_NUMBER = re.compile(r"\+?[\d\s().\-/]+")
+_DIGIT_RUN = re.compile(r"\d(?:[ -]?\d){8,}")  # nine digits or more, perhaps grouped: a card, an account, an IBAN's digits
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def looks_personal(value: str) -> bool:
+    """Whether a property value looks like an e-mail address, a phone number (seven digits or more, in
+    nothing but digits, spaces and punctuation) or a long run of digits: such a value is never stored."""
+    if _EMAIL.search(value) or _DIGIT_RUN.search(value):
+        return True
+    return bool(_PHONE_NUMBER.fullmatch(value)) and sum(ch.isdigit() for ch in value) >= 7 and not _ISO_DATE.fullmatch(value.strip())
+
+
+def clean_properties(pairs: Iterable[Tuple[str, str]]) -> Tuple[Properties, int]:
+    """The properties an event keeps, and how many values were dropped as personal. Names up to 64
+    characters and values up to 200, cleaned as any visitor text; empty ones are skipped; the first
+    name wins; at most 10, in the order sent, then sorted by name."""
+    kept: Dict[str, str] = {}
+    dropped = 0
+    for raw_name, raw_value in pairs:
+        name, value = clean_text(raw_name, MAX_PROP_NAME), clean_text(raw_value, MAX_PROP_VALUE)
+        if not name or not value or name in kept:
+            continue
+        if looks_personal(value):
+            dropped += 1
+        elif len(kept) < MAX_PROPS:
+            kept[name] = value
+    return tuple(sorted(kept.items())), dropped
+
+
+def properties_text(props: Properties) -> str:
+    """The stored (and exported) form of properties: ``name=value`` pairs, percent-encoded, joined by ``&``."""
+    return urlencode(props, quote_via=quote)
+
+
+def read_properties(text: str) -> Tuple[Properties, int]:
+    """Properties from their stored or exported form (``format=pdf&lang=en``), cleaned again."""
+    try:
+        return clean_properties(parse_qsl(text, max_num_fields=4 * MAX_PROPS) if text else ())
+    except ValueError:  # more fields than any event keeps
+        return (), 0
 
 
 class Metrics(NamedTuple):
@@ -728,7 +777,63 @@ class GoalRow(NamedTuple):
         return [[section, self.value, self.count, self.conversion_rate], [f"{section}_completions", self.value, self.completions, ""]]
 
 
-Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow, AcquisitionRow, ExitRow, GoalRow]
+class PropertyRow(NamedTuple):
+    """One value of one event property: how often the event carried it, and by how many visitors."""
+
+    value: str  # as shown: "format: pdf"
+    count: int
+    visitors: int
+    property: str
+    property_value: str
+
+    METRICS = ()  # read from raw event rows, not from counted metrics
+    COLUMNS = EventRow.COLUMNS
+    OTHERS = False
+
+    @classmethod
+    def of(cls, name: str, value: str, count: int, visitors: int) -> "PropertyRow":
+        return cls(f"{name}: {value}", count, visitors, name, value)
+
+    def cells(self) -> Tuple[str, ...]:
+        return (f"{self.count:,}", f"{self.visitors:,}")
+
+    def json(self) -> Dict[str, Any]:
+        return {"property": self.property, "value": self.property_value, "count": self.count, "visitors": self.visitors}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        """The fourth column names the property."""
+        return [[section, self.property_value, self.count, self.property], [f"{section}_visitors", self.property_value, self.visitors, self.property]]
+
+
+class NotFoundRow(NamedTuple):
+    """A missing page readers asked for, how often, and the sources that sent them there, most first."""
+
+    value: str
+    count: int
+    sources: Tuple[Tuple[str, int], ...]  # (referrer as shown, count)
+
+    METRICS = ()
+    COLUMNS = (("Count", 8), ("Top source", 34))
+    OTHERS = False
+
+    def cells(self) -> Tuple[str, ...]:
+        top = f"{self.sources[0][0]} ({self.sources[0][1]:,})" if self.sources else ""
+        more = f" +{len(self.sources) - 1}" if len(self.sources) > 1 else ""
+        return (f"{self.count:,}", cut(top, 32 - len(more)) + more)
+
+    def json(self) -> Dict[str, Any]:
+        return {"value": self.value, "count": self.count, "sources": [{"value": source, "count": count} for source, count in self.sources]}
+
+    def csv(self, section: str) -> List[List[Any]]:
+        """One line for the path, then one per source: the fourth column names the source."""
+        return [[section, self.value, self.count, ""], *([f"{section}_source", self.value, count, source] for source, count in self.sources)]
+
+
+def cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow, AcquisitionRow, ExitRow, GoalRow, PropertyRow, NotFoundRow]
 
 
 def text_columns(kind: type, rows: Sequence[Row]) -> Tuple[Tuple[str, int], ...]:
@@ -752,6 +857,8 @@ class Section(NamedTuple):
     nothing: str = "(no page views)"  # what an empty section says
     lists_empty: bool = True  # whether the empty value is a row (page views without a campaign are not)
     computed: bool = False  # its rows come from other sections' counts (goals), not from its dimension's
+    link: str = ""  # the filter a row's link adds when the section has none of its own (entry pages link to their path)
+    needs: str = ""  # the filter without which the section is not shown (properties belong to one event)
 
 
 class Field(NamedTuple):
@@ -789,8 +896,8 @@ ALL_VISIT_FIRSTS = (1 << len(VISIT_FIRSTS)) - 1  # a visitor's first page view o
 
 DIMENSIONS: Tuple[Dimension, ...] = (
     Dimension("pages", 1, "path", (Field("path", normalise_path, "path"),), (
-        Section("pages", "Pages", filter="path", match="prefix", row=EngagementRow), Section("entry_pages", "Entry pages", row=EntryRow),
-        Section("exit_pages", "Exit pages", row=ExitRow),
+        Section("pages", "Pages", filter="path", match="prefix", row=EngagementRow), Section("entry_pages", "Entry pages", row=EntryRow, link="path"),
+        Section("exit_pages", "Exit pages", row=ExitRow, link="path"),
     )),
     Dimension("titles", 0, "title", (Field("title", normalise_title, "title"),), in_events=False),
     Dimension("sources", 9, "source", (Field("channel", default="direct"), Field("source")), (
@@ -816,12 +923,17 @@ DIMENSIONS: Tuple[Dimension, ...] = (
 EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
     Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
 ))
+EVENT_DETAILS = (  # sections read from raw event rows, not counted per value
+    Section("properties", "Properties", row=PropertyRow, nothing="(no properties)", needs="event"),
+    Section("not_found", "Not found", "(direct)", link="path", row=NotFoundRow, nothing="(no pages not found)"),
+)
 AGENT_FIELDS = tuple(field.name for field in DIMENSIONS[6].fields)  # the agents table's columns
 FIELD_SEPARATOR = "\t"  # a text dimension of several fields stores them in one string: "search\tGoogle"
 COUNTED = tuple(dim for dim in DIMENSIONS if dim.code)
 EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
 DIMENSION_NAMED = {dim.name: dim for dim in DIMENSIONS + (EVENT_NAMES,)}
-SECTIONS: Dict[str, Tuple[Dimension, Section]] = {section.name: (dim, section) for dim in DIMENSIONS + (EVENT_NAMES,) for section in dim.sections}
+COUNTED_SECTIONS: Dict[str, Tuple[Dimension, Section]] = {section.name: (dim, section) for dim in DIMENSIONS + (EVENT_NAMES,) for section in dim.sections}
+SECTIONS = {**COUNTED_SECTIONS, **{section.name: (EVENT_NAMES, section) for section in EVENT_DETAILS}}  # every section, in report order
 FILTERS: Dict[str, Tuple[Dimension, Section]] = {section.filter: (dim, section) for dim, section in SECTIONS.values() if section.filter}
 VIEW_FIELDS = tuple(field for dim in DIMENSIONS for field in dim.fields)
 FIELD_CLEANERS: Dict[str, Callable[[str], str]] = {field.name: field.clean for field in VIEW_FIELDS if field.clean}  # an imported value's cleaner
@@ -850,11 +962,14 @@ class PageView(collections.namedtuple(
 
 
 class Event(NamedTuple):
-    """A custom event (``pixeld('event', 'signup')``), with the page view context it happened in.
-    ``view.first_today`` means: the visitor's first event of this name today."""
+    """A custom event (``pixeld('event', 'signup', {plan: 'pro'})``), with the page view context it
+    happened in. ``view.first_today`` means: the visitor's first event of this name today; bit ``i``
+    of ``props_first``: the visitor's first event of this name with property ``i`` at this value today."""
 
     name: str
     view: PageView
+    props: Properties = ()
+    props_first: int = 0
 
 
 class FilteredHit(NamedTuple):
@@ -1790,6 +1905,9 @@ class Accepted(NamedTuple):
     user_agent: str
     stored: Tuple[int, int, int, Optional[int], int] = (0, 0, 0, None, 0)  # an imported row's visit_views, duration, engaged, scroll, exit
     engagement: Optional[Tuple[float, int]] = None  # an engagement beacon's (seconds, scroll percent): not a page view
+    props: Properties = ()  # an event's properties
+    props_first: int = 0  # an imported event's first-of-the-day bits per property (see Event)
+    dropped_props: int = 0  # property values dropped because they look personal (counted in /metrics)
 
 
 Outcome = Union[Accepted, FilteredHit, None]  # None: malformed, ignored without a trace
@@ -1833,6 +1951,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     engagement = parse_engagement(params) if params.get("engagement") else None
     if ("event" in params and not event) or (params.get("engagement") and engagement is None):
         return None
+    props, dropped = clean_properties((name[5:], value) for name, value in params.items() if name.startswith("prop_")) if event else ((), 0)
     if not params.get("path"):
         params = {**params, "path": url_path(hit.page_url)}
     sent = {field.name: memo(field.clean, params.get(field.param, "")) for field in PARAM_FIELDS}
@@ -1841,7 +1960,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
         time=hit.time, site=site, referrer=referrer, country=country_of(address), browser=agent.browser, version=agent.version, os=agent.os,
         device=agent.device, language=memo(primary_language, hit.accept_language), campaign=campaign, source=source, channel=channel, **sent,
     )
-    return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement)
+    return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement, props=props, dropped_props=dropped)
 
 
 MAX_ENGAGED = 30 * 60  # engaged seconds counted per page view at most
@@ -1885,7 +2004,10 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
         visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0,
         scroll, bounded(row.get("exit"), 1),
     )
-    return Accepted(view, event, "", "", stored)  # a duration belongs to a visit's entry; engagement to a page view that reported it
+    props, dropped = read_properties(text("props", "")) if event else ((), 0)
+    props_first = bounded(row.get("props_first"), (1 << MAX_PROPS) - 1)
+    # a duration belongs to a visit's entry; engagement to a page view that reported it
+    return Accepted(view, event, "", "", stored, props=props, props_first=props_first, dropped_props=dropped)
 
 
 def filter_reason(
@@ -1917,9 +2039,17 @@ def explain(outcome: Outcome) -> str:
     if isinstance(outcome, FilteredHit):
         return f"filtered: {outcome.reason} ({FILTER_REASONS[outcome.reason][1]})"
     view = outcome.view
-    what = f"the event {outcome.event!r} on" if outcome.event else "a page view of"
+    what = f"the event {outcome.event!r}{explain_properties(outcome)} on" if outcome.event else "a page view of"
+    if outcome.event == NOT_FOUND_EVENT:
+        what = "a page not found (the event '404'; the Not found section lists it with its referrer):"
     details = ", ".join(f"{name} {getattr(view, name) or empty}" for name, empty in SHOWN_EMPTY.items() if name != "path")
     return f"counted as {what} {view.site or '(no host)'}{view.path} ({details}), unless the visitor is over the rate limit"
+
+
+def explain_properties(hit: Accepted) -> str:
+    kept = ", ".join(f"{name}={value!r}" for name, value in hit.props)
+    dropped = f"{hit.dropped_props} property value(s) dropped: they look like an e-mail address, a phone number or an account" if hit.dropped_props else ""
+    return f" ({'; '.join(filter(None, (f'properties {kept}' if kept else '', dropped)))})" if kept or dropped else ""
 
 
 def with_scheme(referrer: str) -> str:
@@ -2017,7 +2147,7 @@ class Generation:
         self.page_time = array.array("I")
         self.page_row = array.array("I")
         self.next_page = bytearray()  # the slot the visitor's next page view takes
-        self.events: Dict[int, Set[str]] = {}  # the names of the events a visitor sent today (most send none)
+        self.events: Dict[int, Set[str]] = {}  # the names of the events a visitor sent today (most send none), and "name\tproperty\tvalue"
         self.origin: Dict[int, Tuple[int, int]] = {}  # a visit carried over from yesterday: yesterday's day and number
         self.heir: Dict[int, Tuple["Generation", int]] = {}  # yesterday's visitors carried into today: where to
         self.arrival = array.array("I")  # where the current visit came from: an index into ``arrivals`` (0: direct)
@@ -2268,11 +2398,13 @@ class Visitors:
         if hit.engagement is not None:
             return self.engage(view.time, view.site, hit.address, hit.user_agent, view.path, *hit.engagement), None
         if hit.event:
-            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, Arrival.of(view))
+            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, Arrival.of(view), hit.props)
             if seen is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
-            first, arrival, converted = seen
-            return Event(hit.event, arrived(view, arrival).counted(first, 0, converted)), None
+            first, props_first, arrival, converted = seen
+            if hit.event != NOT_FOUND_EVENT:  # a missing page keeps the link that led to it: its sources are what to fix
+                view = arrived(view, arrival)
+            return Event(hit.event, view.counted(first, 0, converted), hit.props, props_first), None
         observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, Arrival.of(view))
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
@@ -2319,23 +2451,33 @@ class Visitors:
             return None
         return Engagement(generation, number, generation.start[number], slot, generation.page_time[slot], seconds, scroll, generation.visit_key(number))
 
-    def observe_event(self, now: int, site: str, address: str, user_agent: str, name: str, arrival: Arrival = DIRECT) -> Optional[Tuple[bool, Arrival, int]]:
-        """Whether this is the visitor's first event of this name today, how the visit it belongs to came
-        (the event's own ``arrival`` when none goes on), and whether it is the visitor's first goal
-        today; None over the rate limit."""
+    def observe_event(
+        self, now: int, site: str, address: str, user_agent: str, name: str, arrival: Arrival = DIRECT, props: Properties = ()
+    ) -> Optional[Tuple[bool, int, Arrival, int]]:
+        """Whether this is the visitor's first event of this name today; a bit per property that is set
+        when it is the visitor's first event of this name with that property value today; how the visit
+        it belongs to came (the event's own ``arrival`` when none goes on); and whether it is the
+        visitor's first goal today. None over the rate limit. Names and values seen are held per salt,
+        in memory only, as the key is."""
         self._rotate(now)
         generation = self._current
         number = self._find(now, site, address, user_agent)
         reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_event(name)]
         if number < 0:
-            return True, arrival, int(bool(reached))
+            return True, (1 << len(props)) - 1, arrival, int(bool(reached))
         if not self._within_rate_limit(generation, number, now):
             return None
-        names = generation.events.setdefault(number, set())
-        first = name not in names
-        names.add(name)
+        seen = generation.events.setdefault(number, set())
+        first = name not in seen
+        seen.add(name)
+        bits = 0
+        for index, pair in enumerate(props):
+            key = FIELD_SEPARATOR.join((name, *pair))  # a tab never survives cleaning, so this is no event name
+            if key not in seen:
+                seen.add(key)
+                bits |= 1 << index
         converted = generation.reach(number, reached)[1] if reached else 0
-        return first, generation.current_arrival(number, now) or arrival, converted
+        return first, bits, generation.current_arrival(number, now) or arrival, converted
 
     def _rotate(self, now: int) -> None:
         day = now // DAY
@@ -2399,7 +2541,9 @@ def place(outcome: Outcome, visitors: Optional[Visitors]) -> Tuple[Optional[Item
         return outcome, None
     if visitors is not None:
         return visitors.admit(outcome)
-    return (Event(outcome.event, outcome.view) if outcome.event else Record(outcome.view, *outcome.stored)), None
+    if outcome.event:
+        return Event(outcome.event, outcome.view, outcome.props, outcome.props_first & ((1 << len(outcome.props)) - 1)), None
+    return Record(outcome.view, *outcome.stored), None
 
 
 ###############################################################################
@@ -2551,6 +2695,16 @@ def add_text_dimension(name: str) -> Migration:
     return migration
 
 
+def add_event_properties(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Events get their properties (a string id, the empty string's for older rows) and a bit per
+    property that marks a visitor's first event with that value on the day; and an index by name,
+    so that the pages not found (and a report on one event) read that event's rows only."""
+    empty = _intern(conn, "")
+    conn.execute(f"ALTER TABLE events ADD COLUMN props INTEGER NOT NULL DEFAULT {empty}")
+    conn.execute("ALTER TABLE events ADD COLUMN props_first INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX events_by_name ON events (name)")  # one event's rows (404s, event=) without reading every event
+
+
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
     row = conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()
     return row[0] if row else -1
@@ -2655,11 +2809,13 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
         site TEXT NOT NULL, direction TEXT NOT NULL, date TEXT NOT NULL, hour INTEGER NOT NULL, views INTEGER NOT NULL, usual REAL NOT NULL,
         PRIMARY KEY (site, direction, date)) WITHOUT ROWID;
     """,
+    add_event_properties,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll", "firsts", "exit", "converted")  # what a raw row holds beside its dimensions
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
-EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
+EVENT_EXTRAS = ("props", "props_first")  # what an event row holds beside a page view's columns: its properties
+EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS, *EVENT_EXTRAS)
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
 STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL, STORED_EXIT = (
@@ -2855,10 +3011,11 @@ class Store:
         if events:
             ids.load(min(e.view.time for e in events), max(e.view.time for e in events))
         rows = []
-        for name, view in events:
+        for name, view, props, props_first in events:
             keys = self._keys(view, EVENT_KEYS)
             name_id = self.intern(name)
-            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None, view.firsts, 0, view.converted))
+            rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None, view.firsts, 0, view.converted,
+                         self.intern(properties_text(props)), props_first))
             tally.event(view.time, keys[0], name_id, int(view.first_today), view.converted)
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
 
@@ -3453,7 +3610,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     counts.update(_count(conn, span, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
     totals = _with_event_conversions(totals, counts["events"])
     labels = _labeller(conn, counts, multi_site=not query.site)
-    sections = _sections(counts, labels, totals)
+    sections = {**_sections(counts, labels, totals), **_event_details(conn, span, scope)}
     sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
@@ -4031,7 +4188,7 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
             return page if dim.name == "pages" else string
         return agent_part(section.part) if dim.column == "agent" else string_part(dim, section.part)
 
-    return {"text": string, **{name: label(dim, section) for name, (dim, section) in SECTIONS.items()}}
+    return {"text": string, **{name: label(dim, section) for name, (dim, section) in COUNTED_SECTIONS.items()}}
 
 
 def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict[str, List[Row]]:
@@ -4039,7 +4196,7 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
     (a browser's versions, a page on several sites), ranked by count. Row kinds that name the other
     parts of a value (a source's channel) take them from its biggest value."""
     sections: Dict[str, List[Row]] = {}
-    for name, (dim, section) in SECTIONS.items():
+    for name, (dim, section) in COUNTED_SECTIONS.items():
         if section.computed:
             continue
         label, kind = labels[name], section.row
@@ -4093,6 +4250,50 @@ def _visit_notes(conn: sqlite3.Connection, span: Range, goals: Sequence[Goal]) -
 
 def iso_date(day: int) -> str:
     return (EPOCH_DATE + dt.timedelta(days=day)).isoformat()
+def _event_details(conn: sqlite3.Connection, span: Range, scope: Scope) -> Dict[str, List[Row]]:
+    """The sections read from raw event rows (``EVENT_DETAILS``): the properties of the event the report
+    is filtered on, and the pages not found. Events are few beside page views, so they are read as
+    stored, with the report's filters."""
+    clause, args = _raw_clause(scope)
+    bounds = (first_id(span.start), first_id(span.end)) + args
+    return {
+        "properties": _properties(conn, bounds, clause) if scope.table == "events" else [],
+        "not_found": _not_found(conn, bounds, clause, many_sites=scope.site_id is None),
+    }
+
+
+def _properties(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str) -> List[Row]:
+    """Each property's values: the events that carried it, and their visitors (daily uniques, summed,
+    from each row's first-of-the-day bit for that property)."""
+    counts: Dict[Tuple[str, str], List[int]] = {}
+    no_props = _string_id(conn, "")
+    for text, bits, events in conn.execute(
+        f"SELECT s.value, e.props_first, count(*) FROM events e JOIN strings s ON s.id = e.props "
+        f"WHERE e.id >= ? AND e.id < ? AND e.props != {no_props}{clause} GROUP BY e.props, e.props_first",
+        bounds,
+    ):
+        for index, pair in enumerate(read_properties(text)[0]):
+            total = counts.setdefault(pair, [0, 0])
+            total[0] += events
+            total[1] += events if bits >> index & 1 else 0
+    rows = [PropertyRow.of(name, value, count, visitors) for (name, value), (count, visitors) in counts.items()]
+    return sorted(rows, key=lambda row: (-row.count, row.property, row.property_value))
+
+
+def _not_found(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, many_sites: bool) -> List[Row]:
+    """The paths of the ``404`` events, with the referrers that led there, most first."""
+    name = _string_id(conn, NOT_FOUND_EVENT)
+    found = conn.execute(
+        f"SELECT site, path, referrer, count(*) FROM events WHERE id >= ? AND id < ? AND name = {name}{clause} GROUP BY site, path, referrer", bounds,
+    ).fetchall()
+    strings = _strings_by_id(conn, {value for row in found for value in row[:3]})
+    several = many_sites and len({row[0] for row in found}) > 1
+    paths: Dict[str, Counter] = {}
+    for site, path, referrer, count in found:
+        shown = (strings.get(site) or NO_HOST) + strings.get(path, "") if several else strings.get(path, "")
+        paths.setdefault(shown, Counter())[strings.get(referrer, "") or "(direct)"] += count
+    rows = [NotFoundRow(path, sum(sources.values()), tuple(sorted(sources.items(), key=lambda item: (-item[1], item[0])))) for path, sources in paths.items()]
+    return sorted(rows, key=lambda row: (-row.count, row.value))
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -4343,7 +4544,10 @@ def limited(rows: List[Any], request: ReportRequest, text: bool) -> List[Any]:
 
 
 def shown_sections(report: ReportData, request: ReportRequest) -> List[str]:
-    return [request.section] if request.section else list(SECTION_TITLES)
+    if request.section:
+        return [request.section]
+    filtered = {name for name, _ in report.query.filters}
+    return [name for name, (_, section) in SECTIONS.items() if not section.needs or section.needs in filtered]
 
 
 def render_report(conn: sqlite3.Connection, request: ReportRequest, width: int = WIDTH) -> Tuple[str, str]:
@@ -4523,10 +4727,6 @@ def render_section(name: str, rows: List[Row], request: ReportRequest, width: in
     return lines if rows else lines + [section.nothing]
 
 
-def cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", *FILTERS)  # what the page's links carry over
 RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
 PAGE_STYLE = """
@@ -4542,7 +4742,7 @@ svg{width:100%;height:auto;display:block}svg text{fill:var(--muted);font-size:11
 svg .a line{stroke:var(--accent);stroke-dasharray:3 3}svg .a circle{fill:var(--accent)}.notes{list-style:none;margin:.3rem 0 0;padding:0}
 table{width:100%;border-collapse:collapse;table-layout:fixed}td,th{padding:.25rem .4rem;border-bottom:1px solid var(--line);vertical-align:top}
 th{text-align:right;font-weight:600;color:var(--muted);font-size:.85rem}th:first-child{text-align:left}.n{text-align:right;width:5.6rem;font-variant-numeric:tabular-nums}
-td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
+td.n{overflow-wrap:anywhere}td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
 @media (max-width:30rem){.n{width:3.9rem}body{padding:.6rem}}
 @media print{nav,.filters a{display:none}body{max-width:none;color:#000;background:#fff}a{color:#000}td.l span{background:#ddd;-webkit-print-color-adjust:exact;print-color-adjust:exact}}
 """
@@ -4663,23 +4863,29 @@ def row_filter(name: str, value: str, sites: List[str]) -> Dict[str, str]:
     return {name: value}
 
 
+def html_header(header: str, width: int) -> str:
+    """A number column's header; a column wider than a number in text (a source's name) is wider here too, within a third of the screen."""
+    wide = f' style="width:min({width * 0.5:.0f}rem,33vw)"' if width > 12 else ""
+    return f"<th class=n{wide}>{esc(header)}</th>"
+
+
 def html_section(name: str, rows: List[Row], report: ReportData, request: ReportRequest) -> str:
     """A section as a table: each row a link that adds the section's filter, with a bar for its share."""
     section = SECTIONS[name][1]
-    filter_name = section.filter or SECTIONS["pages"][1].filter  # entry pages filter by path
+    filter_name = section.filter or section.link  # entry pages and pages not found link to their path; properties to nothing
     headers = [header for header, _ in section.row.COLUMNS]
     largest = max((row.count for row in rows), default=0)
     body = []
     for row in rows:
         shown = row.value or section.empty
-        link = report_link(request, **row_filter(filter_name, shown, report.sites))
+        label = f'<a href="{report_link(request, **row_filter(filter_name, shown, report.sites))}">{esc(shown)}</a>' if filter_name else f"<b>{esc(shown)}</b>"
         body.append(
-            f'<tr><td class="l"><span style="width:{100 * row.count / largest if largest else 0:.1f}%"></span><a href="{link}">{esc(shown)}</a></td>'
+            f'<tr><td class="l"><span style="width:{100 * row.count / largest if largest else 0:.1f}%"></span>{label}</td>'
             + "".join(f'<td class="n">{esc(cell)}</td>' for cell in row.cells()) + "</tr>"
         )
     if not body:
         body.append(f'<tr><td class="l muted" colspan="{len(headers) + 1}">{esc(section.nothing)}</td></tr>')
-    head = f'<tr><th>{esc(section.title)}</th>{"".join(f"<th class=n>{esc(header)}</th>" for header in headers)}</tr>'
+    head = f'<tr><th>{esc(section.title)}</th>{"".join(html_header(header, width) for header, width in section.row.COLUMNS)}</tr>'
     more = len(report.sections[name]) - len(rows)
     footer = f'<p class="muted"><a href="{report_link(request, section=name)}">all {more + len(rows):,}</a></p>' if more > 0 else ""
     return f'<section><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
@@ -4709,7 +4915,7 @@ def render_counter_svg(path: str, views: int) -> str:
 ###############################################################################
 
 EXPORT_FIELDS = (
-    "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS, "note",
+    "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS, *EVENT_EXTRAS, "note",
 )
 IMPORT_BATCH = 20_000
 _COMBINED = re.compile(
@@ -4761,7 +4967,13 @@ def export_sql(table: str, kind: str) -> str:
         else:
             selected.append(f"coalesce(j{number}.value, '')")
             joins.append(f"LEFT JOIN strings j{number} ON j{number}.id = t.{dim.column}")
-    selected += [f"t.{number}" for number in ROW_NUMBERS] + ["''"]
+    selected += [f"t.{number}" for number in ROW_NUMBERS]
+    if table == "events":  # properties as stored: format=pdf&lang=en
+        selected += ["coalesce(p.value, '')", "t.props_first"]
+        joins.append("LEFT JOIN strings p ON p.id = t.props")
+    else:
+        selected += ["''", "0"]
+    selected.append("''")  # a note: annotations only
     return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
 
 
@@ -5008,7 +5220,8 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 <script data-pixeld="https://stats.example.org">
 (function (w, d, l, n) {
   var c = d.currentScript, u = c.getAttribute("data-pixeld") + "/pixel.gif?", e = encodeURIComponent, k = "pixeld-ignore",
-    o = "pixeld-optout", s, last, seen = 0, since = 0, depth = 0, sent = 0;
+    o = "pixeld-optout", s, last, seen = 0, since = 0, depth = 0, sent = 0, f = c.getAttribute("data-downloads"), files = f != null && new RegExp("\\\\.(" +
+    (f || "pdf,zip,gz,7z,rar,epub,mp3,mp4,dmg,pkg,exe,msi,deb,apk,iso,docx,xlsx,pptx,csv").replace(/\\W+/g, "|") + ")$", "i");
   try { s = w.localStorage; } catch (x) { s = {}; }
   function flag() {
     var f = l.hash.slice(1);
@@ -5050,9 +5263,11 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
       "&resolution=" + screen.width + "," + screen.height);
     last = l.pathname; seen = depth = sent = 0; tick();
   }
-  w.pixeld = function (kind, name) {
+  w.pixeld = function (kind, name, p) {
+    var q = kind == "404" ? "&referrer=" + e(d.referrer) : "", x;
+    for (x in p) q += "&prop_" + e(x) + "=" + e(p[x]);
     if (kind == "optout") s[o] = 1;
-    if (kind == "event") send(url("event=" + e(name) + "&path=" + e(l.pathname)));
+    if (kind == "event" || kind == "404") send(url("event=" + e(name || kind) + "&path=" + e(l.pathname) + q));
   };
   ["pushState", "replaceState"].forEach(function (f) {
     var o = history[f];
@@ -5064,10 +5279,15 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
   w.addEventListener("pagehide", engage);
   d.addEventListener("visibilitychange", function () { d.hidden ? engage() : tick(); });
   d.addEventListener("click", function (v) {
-    var a = v.target.closest("[data-pixeld-event],a[href]"), x = a && a.getAttribute("data-pixeld-event");
-    if (x || (a && c.hasAttribute("data-outbound") && a.hostname && a.hostname != l.hostname)) w.pixeld("event", x || "outbound:" + a.hostname);
+    var a = v.target.closest("[data-pixeld-event],a[href]"), x = a && a.getAttribute("data-pixeld-event"), p = {};
+    if (x) [].forEach.call(a.attributes, function (t) { if (!t.name.indexOf("data-pixeld-prop-")) p[t.name.slice(17)] = t.value; });
+    else if (a && files && files.test(a.pathname)) x = "download:" + (a.hostname == l.hostname ? "" : a.hostname) + a.pathname;
+    else if (a && c.hasAttribute("data-outbound") && a.hostname && a.hostname != l.hostname) x = "outbound:" + a.hostname;
+    x && w.pixeld("event", x, p);
   }, true);
-  d.prerendering ? d.addEventListener("prerenderingchange", view, { once: true }) : view();
+  if (c.hasAttribute("data-forms")) d.addEventListener("submit", function () { w.pixeld("event", "form:" + l.pathname); }, true);
+  function start() { view(); if (c.hasAttribute("data-404")) w.pixeld("404"); }
+  d.prerendering ? d.addEventListener("prerenderingchange", start, { once: true }) : start();
 })(window, document, location, navigator);
 </script>
 <noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
@@ -5125,6 +5345,7 @@ class App:
         self.started = time.monotonic()
         self._readers = threading.local()
         self.outcomes: Counter = Counter()  # hits since start, by outcome: pageview, event, malformed, or a filter reason
+        self.dropped_props = 0  # event property values dropped since start because they look personal
         self.open_connections: Optional[Callable[[], int]] = None  # set by the server that runs the app, if it knows
         self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path)
         self.routes: Dict[str, Callable[[Environ], Answer]] = {
@@ -5181,6 +5402,8 @@ class App:
             if item is not None:
                 self.writer.submit(item, step)
         self.outcomes[outcome_name(outcome, item)] += 1
+        if isinstance(outcome, Accepted):
+            self.dropped_props += outcome.dropped_props
 
     def overloaded(self) -> bool:
         """For the server: stop reading requests until the writer catches up."""
@@ -5357,7 +5580,9 @@ class App:
         outcomes.update(self.outcomes)
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
             {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
-             "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
+             "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped),
+             "dropped_event_properties_total": ("Event property values dropped: they looked like an e-mail address, a phone number or an account.",
+                                                self.dropped_props)},
             gauges,
         ).encode()
 

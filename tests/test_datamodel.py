@@ -139,9 +139,9 @@ def test_live_log_and_export_store_the_same_value(world, dim):
         }, name
 
 
-@pytest.mark.parametrize("section_name", list(pixeld.SECTIONS))
+@pytest.mark.parametrize("section_name", list(pixeld.COUNTED_SECTIONS))
 def test_every_section_shows_the_value_alike_and_its_filter_selects_it(world, section_name):
-    dim, section = pixeld.SECTIONS[section_name]
+    dim, section = pixeld.COUNTED_SECTIONS[section_name]
     wanted = reader_with(world, dim)
     value = row_value(dim, section, wanted)
     for name, db in databases(world, dim).items():
@@ -154,9 +154,9 @@ def test_every_section_shows_the_value_alike_and_its_filter_selects_it(world, se
             assert filtered["filters"] == {section.filter: value.lower() if section.match == "lower" else value}
 
 
-@pytest.mark.parametrize("section_name", list(pixeld.SECTIONS))
+@pytest.mark.parametrize("section_name", list(pixeld.COUNTED_SECTIONS))
 def test_every_section_is_in_text_csv_and_html(world, section_name):
-    dim, section = pixeld.SECTIONS[section_name]
+    dim, section = pixeld.COUNTED_SECTIONS[section_name]
     value = row_value(dim, section, reader_with(world, dim))
     db = world["tmp"] / "live.db"
     text = report(db, "--section", section_name)

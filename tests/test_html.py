@@ -66,10 +66,12 @@ def test_every_visitor_value_is_escaped_in_text_attributes_and_links():
 
 def test_an_empty_report_and_every_section():
     report = sample(entry_pages=[], events=[])._replace(totals=pixeld.Metrics(), previous=pixeld.Metrics(), series=[])
-    page = pixeld.render_html(report, request_for(report, "html"))
+    request = request_for(report, "html", event="signup")  # the Properties section belongs to one event
+    page = pixeld.render_html(report._replace(query=request.query), request)
     for title in pixeld.SECTION_TITLES.values():
         assert f"<h2>{title}</h2>" in page
-    assert "(no page views)" in page and "(no events)" in page and page.endswith("</html>\n")
+    assert "(no page views)" in page and "(no events)" in page and "(no properties)" in page and page.endswith("</html>\n")
+    assert "<h2>Properties</h2>" not in pixeld.render_html(report, request_for(report, "html"))
 
 
 def test_every_range_link_and_filter_removal():

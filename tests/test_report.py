@@ -107,7 +107,7 @@ def test_json_report_has_the_same_data():
         {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": 0.0, "scroll_depth": 0.0},
     ]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
-    assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
+    assert set(document["sections"]) == set(pixeld.SECTION_TITLES) - {"properties"}  # shown with event= only
     assert document["previous"]["pageviews"] == 2 and document["change"]["pageviews"] == 100 and document["change"]["bounce_rate"] is None
     assert document["series"]["grain"] == "day" and document["series"]["rows"][6] == {"start": "2026-11-28T00:00:00Z", "pageviews": 6, "visitors": 3}
 

@@ -1,6 +1,7 @@
 """snippet.html in a real browser: Debian's headless Chromium, driven by Playwright, against the real
 daemon, with a test site served under names that do not look like loopback (site.test, other.test)."""
 
+import queue
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -28,16 +29,23 @@ class Site:
             "/landing": "<title>Landing</title>",
             "/privacy": f'<title>Privacy</title><a id="optout" href="#pixeld-optout">Do not count my visits</a>{snippet}',
         }
+        self.missing = {"/missing"}  # pages served with 404 Not Found
+        self.posted = []  # the bodies of form submissions, so a test can see the form was sent with its values
         site = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                body = site.pages.get(self.path.split("?")[0].split("#")[0], "").encode()
-                self.send_response(200 if body else 404)
+                path = self.path.split("?")[0].split("#")[0]
+                body = site.pages.get(path, "").encode()
+                self.send_response(404 if not body or path in site.missing else 200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self):
+                site.posted.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                self.do_GET()
 
             def log_message(self, *args):
                 pass
@@ -212,5 +220,133 @@ def test_the_snippet_stays_small():
     import re
 
     script = re.search(r"<script[^>]*>(.*?)</script>", pixeld.snippet(), re.S).group(1)
-    assert len(script.encode()) <= 3072  # with reading time, scroll depth and the visitor's opt-out; the README states the size
+    assert len(script.encode()) <= 4096  # reading time, scroll depth, the opt-out, properties, downloads, forms and 404s; the README states the size
     assert "cookie" not in script.lower()
+
+
+# ---- Event properties, downloads, forms and pages not found --------------------------------------------------
+
+SECRET = "s3cret-Value-4711"
+KEEP_ON_PAGE = "<script>document.addEventListener('click', function (v) { v.preventDefault(); });</script>"  # after the snippet: it still sees the click
+
+
+def with_options(snippet, options):
+    return snippet.replace("<script data-pixeld=", f"<script {options} data-pixeld=")
+
+
+def pixel_requests(page, daemon):
+    """Every request the page sends to pixeld, collected in a queue as the browser sends it."""
+    sent = queue.Queue()
+    page.on("request", lambda request: sent.put(request) if f":{daemon.port}/" in request.url else None)
+    return sent
+
+
+def drained(sent):
+    found = []
+    while not sent.empty():
+        found.append(sent.get())
+    return found
+
+
+def events_named(daemon, query="range=today"):
+    return {row["value"]: row["count"] for row in daemon.report_json(query)["sections"]["events"]}
+
+
+def test_event_properties_from_the_api_and_data_attributes(setup):
+    daemon, site, context = setup
+    snippet = pixeld.snippet(f"http://127.0.0.1:{daemon.port}")
+    button = '<button id="dl" data-pixeld-event="download" data-pixeld-prop-format="pdf" data-pixeld-prop-Chapter="2">PDF</button>'
+    site.pages["/props"] = f"<title>Props</title>{button}{snippet}"
+    page = context.new_page()
+    sent = pixel_requests(page, daemon)
+    page.goto(site.url("/props"))
+    page.click("#dl")
+    page.evaluate("pixeld('event', 'download', {format: 'epub', email: 'reader@example.org'})")
+    wait_for(lambda: events_named(daemon).get("download") == 2)
+    urls = [request.url for request in drained(sent)]
+    assert any("prop_format=pdf" in url and "prop_chapter=2" in url for url in urls), urls  # attribute names are lower case in HTML
+    document = daemon.report_json("range=today&event=download")
+    found = {(row["property"], row["value"]): (row["count"], row["visitors"]) for row in document["sections"]["properties"]}
+    assert found == {("format", "pdf"): (1, 1), ("format", "epub"): (1, 1), ("chapter", "2"): (1, 1)}
+    assert "pixeld_dropped_event_properties_total 1" in daemon.get("/metrics").text
+
+
+def test_downloads_are_counted_when_opted_in(setup):
+    daemon, site, context = setup
+    snippet = pixeld.snippet(f"http://127.0.0.1:{daemon.port}")
+    links = (f'<a id="pdf" href="/files/book.pdf">book</a><a id="zip" href="http://other.test:{site.port}/pub/code.ZIP?v=2">code</a>'
+             '<a id="page" href="/about.html">about</a><a id="txt" href="/notes.txt">notes</a>')
+    site.pages["/files"] = f"<title>Files</title>{links}{with_options(snippet, 'data-downloads')}{KEEP_ON_PAGE}"
+    own_list = with_options(snippet, 'data-downloads="txt, md"')
+    site.pages["/own-list"] = f"<title>Own list</title>{links}{own_list}{KEEP_ON_PAGE}"
+    site.pages["/off"] = f"<title>Off</title>{links}{snippet}{KEEP_ON_PAGE}"
+    page = context.new_page()
+    for path in ("/off", "/files", "/own-list"):
+        page.goto(site.url(path))
+        for link in ("#pdf", "#zip", "#page", "#txt"):
+            page.click(link)
+    wait_for(lambda: sum(events_named(daemon).values()) == 3 and daemon.report_json()["pageviews"] == 3)
+    page.wait_for_timeout(500)
+    assert events_named(daemon) == {"download:/files/book.pdf": 1, "download:other.test/pub/code.ZIP": 1, "download:/notes.txt": 1}
+    on_page = daemon.report_json("range=today&event=download:/files/book.pdf")["sections"]["pages"]
+    assert on_page == [{"value": "/files", "count": 1, "percent": 100.0, "time_on_page": 0.0, "scroll_depth": 0.0}]
+
+
+def test_form_submissions_are_counted_and_no_field_value_is_ever_sent(setup):
+    daemon, site, context = setup
+    snippet = with_options(pixeld.snippet(f"http://127.0.0.1:{daemon.port}"), "data-forms")
+    site.pages["/contact"] = (
+        '<title>Contact</title><form method="post" action="/thanks"><input name="email" type="email"><input name="name">'
+        f'<input type="hidden" name="token" value="{SECRET}-hidden"><input type="password" name="pw"><textarea name="note"></textarea>'
+        f'<select name="choice"><option>{SECRET}-option</option></select><button id="send">Send</button></form>{snippet}'
+    )
+    site.pages["/search"] = f'<title>Search</title><form method="get" action="/results"><input name="q"><button id="find">Find</button></form>{snippet}'
+    site.pages["/thanks"] = f"<title>Thanks</title>{snippet}"
+    site.pages["/results"] = f"<title>Results</title>{snippet}"
+    page = context.new_page()
+    sent = pixel_requests(page, daemon)
+    page.goto(site.url("/contact"))
+    page.fill("input[name=email]", f"{SECRET}@example.org")
+    page.fill("input[name=name]", SECRET)
+    page.fill("input[name=pw]", SECRET + "-pw")
+    page.fill("textarea", SECRET + "-note")
+    page.click("#send")
+    page.wait_for_url("**/thanks")
+    page.goto(site.url("/search"))
+    page.fill("input[name=q]", SECRET + "-query")
+    page.click("#find")
+    page.wait_for_url("**/results?q=*")
+    wait_for(lambda: events_named(daemon) == {"form:/contact": 1, "form:/search": 1} and daemon.report_json()["pageviews"] == 4)
+    page.wait_for_timeout(500)
+    assert SECRET in site.posted[0] and f"{SECRET}-hidden" in site.posted[0]  # the form did carry the values, to the site
+    requests = drained(sent)
+    assert len(requests) >= 6
+    for request in requests:
+        seen = request.url + str(request.post_data or "") + " ".join(f"{name}: {value}" for name, value in request.all_headers().items())
+        assert SECRET not in seen and SECRET.lower() not in seen.lower(), seen
+    output = daemon.stop()
+    wal = daemon.db.parent / (daemon.db.name + "-wal")
+    stored = daemon.db.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    assert SECRET.encode() not in stored and SECRET not in output
+    assert [view["path"] for view in stored_pageviews(daemon.db)] == ["/contact", "/thanks", "/search", "/results"]
+
+
+def test_pages_not_found_from_data_404_and_the_api(setup):
+    daemon, site, context = setup
+    snippet = pixeld.snippet(f"http://127.0.0.1:{daemon.port}")
+    site.pages["/start"] += f'<a id="broken" href="http://site.test:{site.port}/missing">a broken link</a>'
+    site.pages["/missing"] = f"<title>Not found</title><p>Sorry</p>{with_options(snippet, 'data-404')}"
+    site.pages["/app"] = f"<title>App</title>{snippet}"
+    page = context.new_page()
+    page.goto(site.url("/start", host="other.test"))
+    page.click("#broken")
+    wait_for(lambda: daemon.report_json()["sections"]["not_found"])
+    page.goto(site.url("/app"))
+    page.evaluate("history.pushState({}, '', '/app/no-such-thing'); pixeld('404')")
+    wait_for(lambda: len(daemon.report_json()["sections"]["not_found"]) == 2)
+    document = daemon.report_json()
+    assert document["sections"]["not_found"] == [
+        {"value": "/app/no-such-thing", "count": 1, "sources": [{"value": "(direct)", "count": 1}]},
+        {"value": "/missing", "count": 1, "sources": [{"value": "other.test", "count": 1}]},
+    ]
+    assert document["pageviews"] == 3  # the page not found is a page view too
