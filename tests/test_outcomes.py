@@ -172,3 +172,23 @@ def test_exits_are_each_visits_last_page_view_and_add_up_to_visits(tmp_path):
         assert conn.execute("SELECT sum(exits) FROM daily WHERE dim = 1").fetchone() == (4,)
     finally:
         app.close()
+
+
+def test_a_page_not_found_keeps_the_link_that_led_to_it_within_a_visit(tmp_path):
+    """Within a visit from Hacker News, a broken link on the site itself is the site's to fix: the
+    missing page's source is that internal link (direct), not the visit's source."""
+    clock = Clock(NINE)
+    app = make_app(tmp_path / "missing.db", clock)
+    try:
+        hit(app, clock, NINE, "203.0.113.1", path="/post", referrer=HN)
+        hit(app, clock, NINE + 30, "203.0.113.1", path="/gone", referrer="https://example.org/post")
+        hit(app, clock, NINE + 31, "203.0.113.1", event="404", path="/gone", referrer="https://example.org/post")
+        hit(app, clock, NINE + 40, "203.0.113.2", ua=FIREFOX, path="/old", referrer=HN)
+        hit(app, clock, NINE + 41, "203.0.113.2", ua=FIREFOX, event="404", path="/old", referrer=HN)
+        settle(app)
+        document = report(app)
+        assert rows(document, "sources", "count") == {"Hacker News": (3,)}  # the page views belong to their visits
+        missing = {row["value"]: [source["value"] for source in row["sources"]] for row in document["sections"]["not_found"]}
+        assert missing == {"/gone": ["(direct)"], "/old": ["news.ycombinator.com/item"]}
+    finally:
+        app.close()
