@@ -27,6 +27,7 @@ import datetime as dt
 import errno
 import functools
 import gc
+import gzip
 import hashlib
 import heapq
 import hmac
@@ -51,10 +52,11 @@ import sys
 import threading
 import time
 import unicodedata
+import zlib
 import zoneinfo
 from collections import Counter, deque
 from functools import lru_cache
-from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import IO, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import SplitResult, unquote, urlencode, urlsplit
 from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
@@ -287,7 +289,7 @@ MAX_CAMPAIGN = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]+")  # and bidi overrides
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
-_SCREEN = re.compile(r"\s*(\d{1,6})\s*[,xX]\s*(\d{1,6})\s*")
+_SCREEN = re.compile(r"\s*(\d{1,6})\s*(?:[,xX]\s*(\d{1,6})\s*)?")
 DEVICES = ("desktop", "phone", "tablet", "bot", "other")
 
 # How each stored value is made safe. The hit pipeline calls these through the App's ``Memo``
@@ -353,14 +355,15 @@ def url_path(url: str) -> str:
 
 
 def normalise_screen(value: str) -> str:
-    """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; empty when unknown."""
+    """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; a width alone (``W``, as GoatCounter
+    keeps screens) as ``"W"``; empty when unknown."""
     match = _SCREEN.fullmatch(value)
     if not match:
         return ""
-    width, height = int(match.group(1)), int(match.group(2))
-    if not (0 < width <= MAX_SCREEN and 0 < height <= MAX_SCREEN):
+    width, height = int(match.group(1)), int(match.group(2) or -1)
+    if not (0 < width <= MAX_SCREEN and (0 < height <= MAX_SCREEN or match.group(2) is None)):
         return ""
-    return f"{width}x{height}"
+    return f"{width}x{height}" if match.group(2) else str(width)
 
 
 def clean_campaign(value: str) -> str:
@@ -1019,6 +1022,16 @@ def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
     return (" / ".join(parts) if any(parts) else ""), source
 
 
+_NAMED_REFERRER = re.compile(r"([^/]{1,64}) \((search|social|email|ai|referral)\)")  # never a host and path: a name has no "/"
+
+
+def named_referrer(value: str) -> str:
+    """A referrer that names its source and channel instead of a page, as an import found it:
+    ``Email (email)`` for GoatCounter's mailers grouped as one; empty for any other value."""
+    match = _NAMED_REFERRER.fullmatch(value.strip())
+    return f"{clean_text(match.group(1), MAX_CAMPAIGN)} ({match.group(2)})" if match and clean_text(match.group(1), MAX_CAMPAIGN) else ""
+
+
 def campaign_referrer(campaign: str) -> str:
     """A campaign's source stands in the referrer's place: ``newsletter (campaign)``."""
     source = campaign.split(" / ", 1)[0]
@@ -1476,7 +1489,7 @@ SOURCE_HOSTS, SOURCE_COUNTRY_HOSTS = load_sources(SOURCE_TABLE)
 
 
 def classify_source(referrer: str) -> Tuple[str, str]:
-    """(source, channel) of a normalised referrer (``host/path``, or ``name (campaign)``).
+    """(source, channel) of a normalised referrer (``host/path``, ``name (campaign)``, or an import's ``name (channel)``).
 
     A host matches a known source when it is one of its hosts or a subdomain of one
     (``old.reddit.com``), or its name on a country domain (``google.co.uk``, ``mail.yahoo.fr``), or
@@ -1486,6 +1499,9 @@ def classify_source(referrer: str) -> Tuple[str, str]:
         return "", "direct"
     if referrer.endswith(" (campaign)"):
         return referrer[: -len(" (campaign)")], "campaign"
+    if referrer.endswith(")") and _NAMED_REFERRER.fullmatch(referrer):
+        name, channel = _NAMED_REFERRER.fullmatch(referrer).groups()  # type: ignore[union-attr]
+        return name, channel
     host, _, path = referrer.partition("/")
     known = SOURCE_HOSTS.get(host + "/" + path.split("/", 1)[0]) if path else None  # a mailer at a path: orange.fr/webmail
     if known is not None:
@@ -1858,7 +1874,8 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
     site = memo(normalise_host, text("site", default_site))
     fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
-    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(normalise_referrer, with_scheme(text("referrer", "")), site)
+    referrer = text("referrer", "")
+    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(named_referrer, referrer) or memo(normalise_referrer, with_scheme(referrer), site)
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
     first_today = text("first_today", "") in ("1", "True", "true")
     firsts = bounded(row.get("firsts"), ALL_VISIT_FIRSTS) if "firsts" in row else ALL_VISIT_FIRSTS * first_today  # older exports: a day's first
@@ -4502,6 +4519,7 @@ EXPORT_FIELDS = (
     "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
 )
 IMPORT_BATCH = 20_000
+IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter")
 _COMBINED = re.compile(
     r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
     r'(?P<status>\d{3}) \S+(?: "(?P<referrer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
@@ -4598,7 +4616,9 @@ class Importer:
         if seen and not force:
             when = dt.datetime.fromtimestamp(seen[0], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
-        readers = {"csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined}
+        readers = {
+            "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined, "goatcounter": self._read_goatcounter,
+        }
         readers[fmt](path)
         self._flush()
         self.store.conn.execute(
@@ -4612,14 +4632,27 @@ class Importer:
         )
 
     def _read_csv(self, path: str) -> None:
-        with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        with open_text(path) as handle:
             reader = csv.reader(handle)
             header = next(reader, [])
             for row in reader:
                 self._add_record(dict(zip(header, row)))
 
+    def _read_goatcounter(self, path: str) -> None:
+        """GoatCounter's CSV export, version 2 (its ``tpl/help/export.md``), plain or gzipped. Its
+        ``Session`` names the visitor: it keys the import's own visitors, in memory, and is dropped."""
+        with open_text(path) as handle:
+            reader = csv.reader(handle)
+            header = goatcounter_header(next(reader, []))
+            for row in reader:
+                if not row:
+                    continue  # GoatCounter allows blank lines
+                fields = dict(zip(header, row)) if len(row) == len(header) else None
+                record = goatcounter_record(fields, self.memo) if fields else None
+                self._add_visitor_row(record, fields["session"] if fields else "")
+
     def _read_ndjson(self, path: str) -> None:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open_text(path) as handle:
             for line in handle:
                 try:
                     row = json.loads(line)
@@ -4644,7 +4677,7 @@ class Importer:
             raise ImportFailed(f"{path} is not a database of the Flask tool: {error}") from None
 
     def _read_combined(self, path: str) -> None:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open_text(path) as handle:
             for line in handle:
                 match = _COMBINED.match(line)
                 when = parse_log_time(match.group("time")) if match else None
@@ -4666,6 +4699,15 @@ class Importer:
 
     def _add_record(self, row: Optional[Dict[str, Any]]) -> None:
         self._add(read_record(row, self.config, self.memo, self.site) if row else None, live=False)
+
+    def _add_visitor_row(self, row: Optional[Dict[str, Any]], visitor: str) -> None:
+        """A foreign row that names its visitor (a session id): read as an export's row is, then placed
+        in visits by the import's own visitors, the id standing where a live hit's address stands (in
+        memory only). A row without one is a visitor of its own."""
+        outcome = read_record(row, self.config, self.memo, self.site) if row else None
+        if isinstance(outcome, Accepted):
+            outcome = outcome._replace(address=visitor or f"row {self.imported}")
+        self._add(outcome, live=True)
 
     def _add(self, outcome: Outcome, live: bool) -> None:
         """Batch a row as the daemon batches a hit (``place``): an access log's lines are placed in
@@ -4694,6 +4736,86 @@ class Importer:
             self.progress(f"{self.imported:,} rows, {self.imported / (now - self._started):,.0f} rows/s")
 
 
+def open_text(path: str) -> IO[str]:
+    """A text file, decompressed when it is gzipped (GoatCounter writes ``.csv.gz``)."""
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+GOATCOUNTER_COLUMNS = ("path", "title", "event", "useragent", "browser", "system", "session", "bot", "referrer", "referrerscheme", "screensize", "location", "firstvisit", "date")
+GOATCOUNTER_GROUPS = {  # the names GoatCounter gives the referrers it groups (scheme g), as referrers pixeld can place
+    "hacker news": "news.ycombinator.com", "google": "google.com", "baidu": "baidu.com", "telegram messenger": "org.telegram.messenger",
+    "slack chat": "com.slack", "email": "Email (email)", "rss": "RSS (referral)",
+}
+DESKTOP_SYSTEMS = frozenset(("Windows", "macOS", "Linux", "ChromeOS", "FreeBSD", "OpenBSD"))
+FOREIGN_NAMES = {  # browser and system names as GoatCounter and Umami write them, as pixeld's reducer names them
+    "chrome os": "ChromeOS", "chromeos": "ChromeOS", "mac os x": "macOS", "mac os": "macOS", "os x": "macOS", "macos": "macOS", "android os": "Android",
+    "ios": "iOS", "windows": "Windows", "linux": "Linux", "msie": "Internet Explorer", "ie": "Internet Explorer", "samsung": "Samsung Internet",
+    "samsung browser": "Samsung Internet", "samsungbrowser": "Samsung Internet", "yandexbrowser": "Yandex", "yandex browser": "Yandex",
+    "edge-chromium": "Edge", "edge-ios": "Edge", "crios": "Chrome", "chromium-webview": "Chrome", "chrome mobile": "Chrome", "fxios": "Firefox",
+    "firefox mobile": "Firefox", "mobile safari": "Safari", "ios-webview": "Safari", "opera-mini": "Opera Mini",
+}
+
+
+def goatcounter_header(header: List[str]) -> List[str]:
+    """The column names of a version 2 header, folded (``Referrer scheme`` is ``referrerscheme``): its
+    own test data writes ``2Path,Title,...``, its help page ``2,Path,Title,...``."""
+    names = header[1:] if header[:1] == ["2"] else [header[0][1:], *header[1:]] if header else []
+    return [re.sub(r"[\s_-]", "", name).lower() for name in names]
+
+
+def goatcounter_record(fields: Dict[str, str], memo: Memo) -> Dict[str, str]:
+    """A GoatCounter row as pixeld's export names its fields, for ``read_record``. An event is named
+    by its path; ``Bot`` other than 0 makes it a filtered hit; a referrer of every scheme (an address,
+    a group's name, a campaign, an app) gets its source and channel; ``US-TX`` is US."""
+    event = fields.get("event", "").strip().lower() in ("1", "true", "t")
+    browser, version = foreign_name(fields.get("browser", ""))
+    system = foreign_name(fields.get("system", ""))[0]
+    agent = memo(classify_user_agent, fields["useragent"]) if fields.get("useragent") else None  # only old exports kept it; it is not stored
+    bot = fields.get("bot", "0").strip() not in ("", "0") or (agent is not None and agent.device == "bot")
+    device = "bot" if bot else agent.device if agent is not None else "desktop" if system in DESKTOP_SYSTEMS else ""
+    referrer, campaign = goatcounter_referrer(fields.get("referrer", ""), fields.get("referrerscheme", ""))
+    location = fields.get("location", "")
+    path = fields.get("path", "")
+    return {
+        "time": fields.get("date", ""), "type": "event" if event else "pageview", "path": "" if event else path, "event": path if event else "",
+        "title": fields.get("title", ""), "referrer": referrer, "campaign": campaign, "country": location[:2] if location[2:3] in ("", "-") else "",
+        "browser": browser, "version": version, "os": system, "device": device, "screen": goatcounter_screen(fields.get("screensize", "")),
+    }
+
+
+def goatcounter_referrer(referrer: str, scheme: str) -> Tuple[str, str]:
+    """(referrer, campaign) of a GoatCounter referrer and its scheme: ``h`` an address without its
+    scheme, ``g`` a group's name, ``c`` a campaign's source, ``o`` anything else (an Android app's id)."""
+    referrer = referrer.strip()
+    if not referrer:
+        return "", ""
+    if scheme == "c":
+        return "", referrer
+    if scheme == "g" and ("." not in referrer or " " in referrer):
+        return GOATCOUNTER_GROUPS.get(referrer.lower()) or f"{referrer} (referral)", ""
+    return referrer, ""
+
+
+def goatcounter_screen(value: str) -> str:
+    """``1280,768,1`` (width, height, scale) as ``1280,768``; GoatCounter now keeps widths alone (``1280,0,1``): ``1280``."""
+    width, _, rest = value.partition(",")
+    height = rest.split(",", 1)[0].strip()
+    return f"{width},{height}" if height not in ("", "0") else width
+
+
+def foreign_name(value: str) -> Tuple[str, str]:
+    """A browser's or system's name and major version as another tool writes them (``Chrome 86``,
+    ``Safari 14.0``, ``Windows 7``, ``Mac OS``), named as pixeld's reducer names them."""
+    name, _, version = value.strip().rpartition(" ")
+    if not name or not version[:1].isdigit():
+        name, version = value.strip(), ""
+    return FOREIGN_NAMES.get(name.lower(), name), version.split(".", 1)[0]
+
+
 FLASK_BROWSERS = {"chrome": "Chrome", "firefox": "Firefox", "safari": "Safari", "edge": "Edge", "msie": "Internet Explorer", "opera": "Opera", "samsungbrowser": "Samsung Internet", "yandex": "Yandex"}
 FLASK_BOTS = {"google", "msn", "yahoo", "ask", "aol", "baidu", "bingbot", "googlebot", "yandexbot"}
 
@@ -4709,7 +4831,7 @@ def unescape_log(value: str) -> str:
     return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
 
 
-SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database"}
+SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database", "goatcounter": "a GoatCounter export"}
 
 
 def require_site(fmt: str, config: Config) -> None:
@@ -4726,12 +4848,18 @@ def detect_format(path: str, fmt: str = "") -> str:
     try:
         with open(path, "rb") as handle:
             head = handle.read(65536)
-    except OSError as error:
+        if head.startswith(b"\x1f\x8b"):
+            with gzip.open(path, "rb") as handle:
+                head = handle.read(65536)
+    except (OSError, EOFError, zlib.error) as error:
         raise ImportFailed(f"cannot read {path}: {error_reason(error)}") from None
     if not head.strip():
         raise ImportFailed(f"{path} is empty: nothing to import")
+    first_line = head.split(b"\n", 1)[0].strip()
     if head.startswith(b"SQLite format 3\x00"):
         detected = "flask"
+    elif re.match(rb"\d+,?Path,", first_line):
+        detected = "goatcounter"
     elif head.lstrip().startswith(b"{"):
         detected = "ndjson"
     elif head.startswith(b"time,") or b",path," in head.split(b"\n", 1)[0]:
@@ -4742,11 +4870,23 @@ def detect_format(path: str, fmt: str = "") -> str:
     lines = head.decode("utf-8", "replace").splitlines()[:100]
     if fmt == "csv" and not {"time", "path"} <= set(next(csv.reader(lines[:1]), [])):
         raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
+    if fmt == "goatcounter":
+        check_goatcounter_header(path, next(csv.reader(lines[:1]), []))
     if fmt == "ndjson" and not any(_is_export_object(line) for line in lines):
         raise ImportFailed(f"{path} is not a pixeld NDJSON export (no line is an object with a time)")
     if fmt == "combined" and not any(_COMBINED.match(line) for line in lines):
         raise ImportFailed(f"{path} is not a file pixeld can import: neither an export, a Flask database nor a combined access log")
     return fmt
+
+
+def check_goatcounter_header(path: str, header: List[str]) -> None:
+    """Refuse a GoatCounter export of another version, or one without the columns a hit needs."""
+    version = re.match(r"\d*", header[0] if header else "").group()  # type: ignore[union-attr]
+    if version != "2":
+        raise ImportFailed(f"{path} is a GoatCounter export of version {version or 'unknown'}: pixeld reads version 2 (export it again from GoatCounter)")
+    missing = [name for name in ("path", "event", "session", "date") if name not in goatcounter_header(header)]
+    if missing:
+        raise ImportFailed(f"{path} is not a GoatCounter export: its header lacks {', '.join(missing)}")
 
 
 def _is_export_object(line: str) -> bool:
@@ -5817,11 +5957,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
-    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, the 2020 Flask tool's database, or a combined access log.")
+    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, GoatCounter's CSV export, the 2020 Flask tool's database, or a combined access log.")
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
     add_env_file_option(import_cmd)
-    import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
+    import_cmd.add_argument("--format", default="", choices=IMPORT_FORMATS, help="the file's kind (default: detected)")
     add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
     add_goal_option(import_cmd)
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")
