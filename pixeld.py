@@ -4519,7 +4519,7 @@ EXPORT_FIELDS = (
     "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
 )
 IMPORT_BATCH = 20_000
-IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter")
+IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter", "umami")
 _COMBINED = re.compile(
     r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
     r'(?P<status>\d{3}) \S+(?: "(?P<referrer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
@@ -4618,6 +4618,7 @@ class Importer:
             raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
         readers = {
             "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined, "goatcounter": self._read_goatcounter,
+            "umami": self._read_umami,
         }
         readers[fmt](path)
         self._flush()
@@ -4650,6 +4651,22 @@ class Importer:
                 fields = dict(zip(header, row)) if len(row) == len(header) else None
                 record = goatcounter_record(fields, self.memo) if fields else None
                 self._add_visitor_row(record, fields["session"] if fields else "")
+
+    def _read_umami(self, path: str) -> None:
+        """Umami's ``website_event`` rows joined with their ``session`` (Umami Cloud's data export, or
+        ``psql \\copy``), read by column name: where both tables name a column, the event's comes
+        first. ``session_id`` keys the import's own visitors, in memory, and is dropped; visits follow
+        pixeld's 30-minute rule, so that they compare with pixeld's own (Umami's ``visit_id`` is not needed)."""
+        with open_text(path) as handle:
+            reader = csv.reader(handle)
+            header = [name.strip().lower() for name in next(reader, [])]
+            columns = {name: header.index(name) for name in reversed(header)}
+            for row in reader:
+                if not row:
+                    continue
+                fields = {name: row[index] for name, index in columns.items()} if len(row) == len(header) else None
+                record = umami_record(fields) if fields else None
+                self._add_visitor_row(record, fields["session_id"] if fields else "")
 
     def _read_ndjson(self, path: str) -> None:
         with open_text(path) as handle:
@@ -4760,6 +4777,41 @@ FOREIGN_NAMES = {  # browser and system names as GoatCounter and Umami write the
 }
 
 
+UMAMI_BROWSERS = {  # Umami's browser ids (its BROWSERS), as pixeld's reducer names them; bots are filtered
+    "ios": "Safari", "ios-webview": "Safari", "crios": "Chrome", "fxios": "Firefox", "edge-chromium": "Edge", "edge-ios": "Edge", "chromium-webview": "Chrome",
+    "samsung": "Samsung Internet", "yandexbrowser": "Yandex", "opera-mini": "Opera Mini", "ie": "Internet Explorer", "miui": "Mi Browser", "bb10": "BlackBerry",
+}
+UMAMI_BOTS = frozenset(("searchbot", "curl", "phantomjs"))
+UMAMI_DEVICES = {"desktop": "desktop", "laptop": "desktop", "mobile": "phone", "tablet": "tablet"}
+UMAMI_REQUIRED = ("created_at", "url_path", "session_id")
+
+
+def umami_record(fields: Dict[str, str]) -> Optional[Dict[str, str]]:
+    """An Umami event row as pixeld's export names its fields, for ``read_record``: event type 1 is a
+    page view, 2 a custom event named ``event_name``; other types (links, pixels, web vitals) are not
+    page views (None)."""
+    kind = fields.get("event_type", "1").strip() or "1"
+    if kind not in ("1", "2"):
+        return None
+    when = fields["created_at"].strip()
+    if re.search(r"[+-]\d\d$", when):  # PostgreSQL's "+00"
+        when += ":00"
+    utm = [fields.get(name, "") for name in ("utm_source", "utm_medium", "utm_campaign")]
+    if not any(utm) and fields.get("url_query"):
+        campaign = campaign_of(parse_query(fields["url_query"]))[0]
+    else:
+        campaign = " / ".join(utm) if any(utm) else ""
+    domain = fields.get("referrer_domain", "").strip()
+    browser = fields.get("browser", "").strip().lower()
+    return {
+        "time": when, "site": fields.get("hostname", ""), "type": "event" if kind == "2" else "pageview", "event": fields.get("event_name", "") if kind == "2" else "",
+        "path": fields["url_path"], "title": fields.get("page_title", ""), "referrer": f"{domain}{fields.get('referrer_path', '')}" if domain else "",
+        "campaign": campaign, "country": fields.get("country", ""), "browser": UMAMI_BROWSERS.get(browser, browser.title()), "os": foreign_name(fields.get("os", ""))[0],
+        "device": "bot" if browser in UMAMI_BOTS else UMAMI_DEVICES.get(fields.get("device", "").strip().lower(), ""), "screen": fields.get("screen", ""),
+        "language": fields.get("language", "").split("-", 1)[0].strip().lower(),
+    }
+
+
 def goatcounter_header(header: List[str]) -> List[str]:
     """The column names of a version 2 header, folded (``Referrer scheme`` is ``referrerscheme``): its
     own test data writes ``2Path,Title,...``, its help page ``2,Path,Title,...``."""
@@ -4860,6 +4912,8 @@ def detect_format(path: str, fmt: str = "") -> str:
         detected = "flask"
     elif re.match(rb"\d+,?Path,", first_line):
         detected = "goatcounter"
+    elif b"url_path" in first_line and b"session_id" in first_line:
+        detected = "umami"
     elif head.lstrip().startswith(b"{"):
         detected = "ndjson"
     elif head.startswith(b"time,") or b",path," in head.split(b"\n", 1)[0]:
@@ -4872,6 +4926,8 @@ def detect_format(path: str, fmt: str = "") -> str:
         raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
     if fmt == "goatcounter":
         check_goatcounter_header(path, next(csv.reader(lines[:1]), []))
+    if fmt == "umami" and not set(UMAMI_REQUIRED) <= {name.strip().lower() for name in next(csv.reader(lines[:1]), [])}:
+        raise ImportFailed(f"{path} is not Umami's events joined with their sessions (it needs at least the columns {', '.join(UMAMI_REQUIRED)})")
     if fmt == "ndjson" and not any(_is_export_object(line) for line in lines):
         raise ImportFailed(f"{path} is not a pixeld NDJSON export (no line is an object with a time)")
     if fmt == "combined" and not any(_COMBINED.match(line) for line in lines):
@@ -5957,7 +6013,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
-    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, GoatCounter's CSV export, the 2020 Flask tool's database, or a combined access log.")
+    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, GoatCounter's CSV export, Umami's events, the 2020 Flask tool's database, or a combined access log.")
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
     add_env_file_option(import_cmd)
