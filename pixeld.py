@@ -52,6 +52,7 @@ import sys
 import threading
 import time
 import unicodedata
+import zipfile
 import zlib
 import zoneinfo
 from collections import Counter, deque
@@ -2649,8 +2650,18 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """,
     resource_referrers,
     visits_goals_and_exits,
+    # Another tool's daily aggregates (Plausible's CSV export): per day, site, report section and the value it shows there.
+    # ``section`` '' holds the day's headline numbers; ``detail`` the other part a value names (a source's channel).
+    """
+    CREATE TABLE imported (
+        day INTEGER NOT NULL, site INTEGER NOT NULL, section TEXT NOT NULL, value TEXT NOT NULL, detail TEXT NOT NULL,
+        views INTEGER NOT NULL, visitors INTEGER NOT NULL, visits INTEGER NOT NULL, bounces INTEGER NOT NULL, duration INTEGER NOT NULL,
+        engaged INTEGER NOT NULL, engaged_views INTEGER NOT NULL, scroll INTEGER NOT NULL, exits INTEGER NOT NULL, converted INTEGER NOT NULL,
+        PRIMARY KEY (day, site, section, value)) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+IMPORTED_COLUMNS = ("day", "site", "section", "value", "detail", *Metrics._fields)
 ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll", "firsts", "exit", "converted")  # what a raw row holds beside its dimensions
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
 EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS)
@@ -2828,6 +2839,27 @@ class Store:
                 self.conn.execute("ROLLBACK")
             raise
         remember()
+
+    def replace_imported(self, site: str, days: "Aggregates") -> Tuple[int, int]:
+        """Write another tool's daily aggregates for a site in one transaction, replacing what an earlier
+        import wrote for the same days (so importing again counts nothing twice). Days on which pixeld
+        has page views of its own are left out: they would count twice. Returns (days written, left out)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            site_id = self.intern(site)
+            own = {day for (day,) in self.conn.execute("SELECT DISTINCT day FROM daily WHERE site = ? AND dim = 1 AND views > 0", (site_id,))}
+            kept = {day: values for day, values in days.items() if day not in own}
+            self.conn.executemany("DELETE FROM imported WHERE day = ? AND site = ?", [(day, site_id) for day in kept])
+            self.conn.executemany(insert_sql("imported", IMPORTED_COLUMNS), (
+                (day, site_id, section, value, detail, *totals) for day, values in kept.items() for (section, value), (detail, totals) in values.items()
+            ))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._strings.clear()
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return len(kept), len(days) - len(kept)
 
     def _insert(self, records: Sequence[Record], tally: "Tally") -> List[Tuple[int, Tuple[int, ...]]]:
         """Insert page view rows and count them (``Tally.count_rows``); return each row's id and interned keys."""
@@ -3019,6 +3051,7 @@ class Store:
 
 
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
+Aggregates = Dict[int, Dict[Tuple[str, str], Tuple[str, Totals]]]  # day -> (section, value) -> (detail, metrics): another tool's daily counts
 
 
 def _grow(targets: Dict[int, List[int]], entries: Entries, seen: Union[VisitStep, Engagement], views: int, duration: int) -> None:
@@ -3378,16 +3411,18 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     before = Range(2 * span.start - span.end, span.start)
     previous = _with_event_conversions(_totals(conn, before, scope), _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
     grain, bounds = series_bounds(span, query.zone)
+    imported = _imported(conn, span, query.zone, scope)
     if scope.filtered:
         counts, moments, totals = _count_matching(conn, span, bounds, scope)
     else:
         counts, moments = _count(conn, span, scope, COUNTED), None
         totals = _total(counts["pages"])
-    series = _series(conn, span, grain, bounds, scope, moments)
+        previous = _plus(previous, _imported(conn, before, query.zone, scope).totals)
+    series = _with_imported_days(_series(conn, span, grain, bounds, scope, moments), bounds, imported, query.zone)
     counts.update(_count(conn, span, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
-    totals = _with_event_conversions(totals, counts["events"])
+    totals = _plus(_with_event_conversions(totals, counts["events"]), imported.totals)
     labels = _labeller(conn, counts, multi_site=not query.site)
-    sections = _sections(counts, labels, totals)
+    sections = _sections(counts, labels, totals, imported.sections)
     sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
@@ -3399,8 +3434,94 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         visitors_now=None if query.now is None else _visitors_now(conn, query.now, scope),
         grain=grain,
         series=series,
-        notes=_retention_notes(conn, span, scope) + _visit_notes(conn, span, query.goals),
+        notes=_retention_notes(conn, span, scope) + _visit_notes(conn, span, query.goals) + _imported_notes(conn, span, query.zone, scope, imported),
     )
+
+
+# The report sections that imported daily aggregates (Plausible's export) feed; a report names the others.
+IMPORTED_SECTIONS = ("pages", "entry_pages", "exit_pages", "sources", "channels", "referrers", "campaigns", "countries", "browsers", "operating_systems", "devices", "events")
+
+
+class Imported(NamedTuple):
+    """Another tool's daily aggregates (``Store.replace_imported``) on the whole days of a report's range."""
+
+    days: List[int]
+    totals: Metrics  # the headline numbers
+    by_day: Dict[int, Tuple[int, int]]  # page views and visitors per day, for the series
+    sections: Dict[str, Dict[str, Tuple[str, Totals]]]  # section -> value shown -> (detail, metrics)
+
+
+def _imported(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope) -> Imported:
+    """The imported daily aggregates a report adds to its own: an imported day counts when the range
+    holds that whole calendar day in the report's time zone. A filtered report adds none: the
+    aggregates cannot be filtered."""
+    if scope.filtered:
+        return Imported([], Metrics(), {}, {})
+    clause, args = _site_clause(scope.site_id)
+    days = [day for (day,) in conn.execute(
+        f"SELECT DISTINCT day FROM imported WHERE day >= ? AND day <= ?{clause}", (span.start // DAY - 1, span.end // DAY + 1) + args,
+    ) if span.start <= _local_day_start(day, zone) and _local_day_start(day + 1, zone) <= span.end]
+    totals, by_day, sections = Totals(), {}, {}
+    for first in range(0, len(days), 500):
+        chunk = days[first : first + 500]
+        marks = ",".join("?" * len(chunk))
+        by_day.update((day, (views, visitors)) for day, views, visitors in conn.execute(
+            f"SELECT day, sum(views), sum(visitors) FROM imported WHERE section = '' AND day IN ({marks}){clause} GROUP BY day", (*chunk, *args),
+        ))
+        for section, value, detail, *metrics in conn.execute(
+            f"SELECT section, value, min(detail), {SUMMED_METRICS} FROM imported WHERE day IN ({marks}){clause} GROUP BY section, value",
+            (*chunk, *args),
+        ):
+            if not section:
+                totals.add(metrics)
+                continue
+            _, total = sections.setdefault(section, {}).setdefault(value, (detail, Totals()))
+            total.add(metrics)
+    return Imported(days, totals.frozen(), by_day, sections)
+
+
+def _local_day_start(day: int, zone: dt.tzinfo) -> int:
+    """Where a calendar day (days since 1970-01-01) begins in a time zone."""
+    return local_midnight(EPOCH_DATE + dt.timedelta(days=day), zone)
+
+
+def _plus(metrics: Metrics, more: Metrics) -> Metrics:
+    return Metrics(*(a + b for a, b in zip(metrics, more)))
+
+
+def _with_imported_days(series: "Moments", bounds: List[int], imported: Imported, zone: dt.tzinfo) -> "Moments":
+    """The series with each imported day's page views and visitors in the bucket where the day begins."""
+    rows = [list(row) for row in series]
+    for day, (views, visitors) in imported.by_day.items():
+        row = rows[bisect.bisect_right(bounds, _local_day_start(day, zone)) - 1]
+        row[1] += views
+        row[2] += visitors
+    return [(start, views, visitors) for start, views, visitors in rows]
+
+
+def _imported_notes(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope, imported: Imported) -> List[str]:
+    """Say which days include imported aggregates, and what leaves them out: a filter, or a section the export does not carry."""
+    if scope.filtered:
+        unfiltered = _imported(conn, span, zone, scope._replace(where=""))
+        if unfiltered.days:
+            return [f"imported daily aggregates ({_day_spans(unfiltered.days)}) are not included: a filtered report counts pixeld's own page views only"]
+        return []
+    if not imported.days:
+        return []
+    missing = [SECTIONS[name][1].title for name in SECTIONS if name not in IMPORTED_SECTIONS]
+    return [f"includes imported daily aggregates for {_day_spans(imported.days)}; not in {', '.join(missing)}, nor in time on page and scroll depth, "
+            "which the export does not carry"]
+
+
+def _day_spans(days: Sequence[int]) -> str:
+    """``2024-01-01 to 2024-03-31, 2024-05-02`` for a list of day numbers."""
+    spans: List[List[int]] = []
+    for day in sorted(days):
+        if spans and spans[-1][1] == day - 1:
+            spans[-1][1] = day
+        else:
+            spans.append([day, day])
+    return ", ".join(iso_date(first) if first == last else f"{iso_date(first)} to {iso_date(last)}" for first, last in spans)
 
 
 def _with_event_conversions(totals: Metrics, events: Dict[Tuple[int, int], Totals]) -> Metrics:
@@ -3926,8 +4047,9 @@ def _sites(conn: sqlite3.Connection, span: Range, site: str) -> List[str]:
     if site:
         return [site]
     rows = conn.execute(
-        "SELECT value FROM strings WHERE id IN (SELECT DISTINCT site FROM quarters WHERE quarter >= ? AND quarter < ?) ORDER BY value",
-        (span.start // QUARTER, -(-span.end // QUARTER)),
+        "SELECT value FROM strings WHERE id IN (SELECT DISTINCT site FROM quarters WHERE quarter >= ? AND quarter < ? "
+        "UNION SELECT DISTINCT site FROM imported WHERE day >= ? AND day < ?) ORDER BY value",
+        (span.start // QUARTER, -(-span.end // QUARTER), span.start // DAY, -(-span.end // DAY)),
     )
     return [value or NO_HOST for (value,) in rows]
 
@@ -3967,10 +4089,11 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
     return {"text": string, **{name: label(dim, section) for name, (dim, section) in SECTIONS.items()}}
 
 
-def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict[str, List[Row]]:
+def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics, imported: Optional[Dict[str, Dict[str, Tuple[str, Totals]]]] = None) -> Dict[str, List[Row]]:
     """Every section's rows, of its kind: a label's counts summed over the values that show as it
-    (a browser's versions, a page on several sites), ranked by count. Row kinds that name the other
-    parts of a value (a source's channel) take them from its biggest value."""
+    (a browser's versions, a page on several sites), with the imported daily counts shown as it,
+    ranked by count. Row kinds that name the other parts of a value (a source's channel) take them
+    from its biggest value, or else from the import."""
     sections: Dict[str, List[Row]] = {}
     for name, (dim, section) in SECTIONS.items():
         if section.computed:
@@ -3987,6 +4110,9 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
                 total = sums[shown] = Totals()
                 parts[shown] = {part: other(site, value) for part, other in others}
             total.add(metrics)
+        for shown, (detail, metrics) in (imported or {}).get(name, {}).items():
+            sums.setdefault(shown, Totals()).add(metrics)
+            parts.setdefault(shown, {part: detail for part, _ in others})
         rows = [(kind.make(shown, total.frozen(), totals, parts[shown]), total.views) for shown, total in sums.items()
                 if (shown or section.lists_empty) and getattr(total, kind.SHOWN_BY)]
         sections[name] = [row for row, _ in sorted(rows, key=lambda item: (-item[0].count, -item[1], item[0].value))]
@@ -4038,7 +4164,7 @@ def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, st
 
 
 def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
-    return conn.execute("SELECT min(day) FROM daily").fetchone()[0]
+    return conn.execute("SELECT min(day) FROM (SELECT min(day) AS day FROM daily UNION ALL SELECT min(day) FROM imported)").fetchone()[0]
 
 
 ###############################################################################
@@ -4519,7 +4645,7 @@ EXPORT_FIELDS = (
     "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
 )
 IMPORT_BATCH = 20_000
-IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter", "umami")
+IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter", "umami", "plausible")
 _COMBINED = re.compile(
     r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
     r'(?P<status>\d{3}) \S+(?: "(?P<referrer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
@@ -4607,6 +4733,7 @@ class Importer:
         self.memo = Memo()
         self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
         self.imported = self.filtered = self.skipped = 0
+        self.unit = "page views and events"
         self.batch = Batch()
         self._started = self._reported = time.monotonic()
 
@@ -4618,7 +4745,7 @@ class Importer:
             raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
         readers = {
             "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined, "goatcounter": self._read_goatcounter,
-            "umami": self._read_umami,
+            "umami": self._read_umami, "plausible": self._read_plausible,
         }
         readers[fmt](path)
         self._flush()
@@ -4628,7 +4755,7 @@ class Importer:
         )
         seconds = time.monotonic() - self._started
         self.progress(
-            f"imported {self.imported:,} page views and events from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
+            f"imported {self.imported:,} {self.unit} from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
             f"{self.filtered:,} filtered, {self.skipped:,} lines skipped"
         )
 
@@ -4667,6 +4794,18 @@ class Importer:
                 fields = {name: row[index] for name, index in columns.items()} if len(row) == len(header) else None
                 record = umami_record(fields) if fields else None
                 self._add_visitor_row(record, fields["session_id"] if fields else "")
+
+    def _read_plausible(self, path: str) -> None:
+        """Plausible's CSV export: a zip of daily aggregates per report section, not page views. They are
+        read whole, checked, and stored as imported daily counts (``Store.replace_imported``) that the
+        report adds to its own; nothing is written until every file has been read."""
+        aggregates, site, skipped = read_plausible(path, self.site)
+        if self.config.sites and not in_domains(site, self.config.sites):
+            raise ImportFailed(f"{path} holds the site {site!r}, which is not one of --site")
+        written, left_out = self.store.replace_imported(site, aggregates)
+        self.imported, self.skipped, self.unit = sum(len(values) for day, values in aggregates.items()), skipped, "daily counts"
+        self.progress(f"{site}: daily aggregates for {written:,} days imported" + (
+            f"; {left_out:,} days left out, on which pixeld counted page views of its own" if left_out else ""))
 
     def _read_ndjson(self, path: str) -> None:
         with open_text(path) as handle:
@@ -4812,6 +4951,152 @@ def umami_record(fields: Dict[str, str]) -> Optional[Dict[str, str]]:
     }
 
 
+PLAUSIBLE_TABLES = ("visitors", "sources", "pages", "entry_pages", "exit_pages", "custom_events", "locations", "devices", "browsers", "operating_systems")
+_PLAUSIBLE_MEMBER = re.compile(rf"(?:imported_)?({'|'.join(PLAUSIBLE_TABLES)})(?:_\d{{8}}_\d{{8}})?\.csv")
+MAX_ZIP_MEMBERS = 64
+MAX_ZIP_BYTES = 4 << 30  # all of a zip's files, uncompressed, at most
+MAX_ZIP_RATIO = 200  # a file that unpacks to more than 200 times its packed size (past a megabyte) is a zip bomb, not a CSV
+PLAUSIBLE_DEVICES = {"desktop": "desktop", "laptop": "desktop", "mobile": "phone", "tablet": "tablet"}
+PLAUSIBLE_NAMES = {"microsoft edge": "Edge", "samsung browser": "Samsung Internet", "mac": "macOS", "gnu/linux": "Linux", "ubuntu": "Linux"}
+PLAUSIBLE_NOT_EVENTS = frozenset(("pageview", "engagement"))
+
+
+def plausible_members(path: str) -> Dict[str, zipfile.ZipInfo]:
+    """The CSV files of Plausible's export zip by table, checked before any is read: every name is
+    one of its tables (no folder, no ``..``, nothing else), once; none is encrypted; sizes are bounded.
+    Nothing is ever extracted to disk."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+        raise ImportFailed(f"{path} is not a readable zip file: {error}") from None
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise ImportFailed(f"{path} holds {len(infos):,} files: Plausible's export holds {len(PLAUSIBLE_TABLES)}")
+    members: Dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        match = _PLAUSIBLE_MEMBER.fullmatch(info.filename)
+        if match is None or match.group(1) in members:
+            raise ImportFailed(f"{path} holds a file named {info.filename[:100]!r}, which is not one of Plausible's tables: refused")
+        if info.flag_bits & 1:
+            raise ImportFailed(f"{path} is encrypted: export it again from Plausible")
+        if info.file_size > 1 << 20 and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
+            raise ImportFailed(f"{path} unpacks {info.filename} to {info.file_size:,} bytes from {info.compress_size:,}: refused as a zip bomb")
+        members[match.group(1)] = info
+    if sum(info.file_size for info in members.values()) > MAX_ZIP_BYTES:
+        raise ImportFailed(f"{path} unpacks to more than {MAX_ZIP_BYTES >> 30} GiB: refused")
+    if "visitors" not in members:
+        raise ImportFailed(f"{path} is not Plausible's CSV export: it has no imported_visitors file")
+    return members
+
+
+def read_plausible(path: str, site: str) -> Tuple["Aggregates", str, int]:
+    """Every file of Plausible's export, as daily counts per report section: (the counts, the site, rows
+    skipped). The site is ``site`` or, without one, the host its pages name most. Each value is made safe
+    as a live hit's is; a row with a bad date is skipped; a bad number counts as 0; no number is invented."""
+    members = plausible_members(path)
+    tables: Dict[str, List[Dict[str, str]]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for table, info in members.items():
+                with archive.open(info) as member:
+                    reader = csv.reader(io.TextIOWrapper(member, encoding="utf-8", errors="replace", newline=""))
+                    header = [name.strip().lower() for name in next(reader, [])]
+                    tables[table] = [dict(zip(header, row)) for row in reader if len(row) == len(header)]
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, csv.Error, RuntimeError) as error:
+        raise ImportFailed(f"cannot read {path}: {error}") from None
+    if not site:
+        hosts = Counter(normalise_host(row.get("hostname", "")) for row in tables.get("pages", []))
+        hosts.pop("", None)
+        if not hosts:
+            raise ImportFailed(f"{path} does not name its site: give it with --site example.org")
+        site = hosts.most_common(1)[0][0]
+    aggregates: Aggregates = {}
+    skipped = 0
+    views_of: Dict[Tuple[int, str], int] = {}
+    for table in PLAUSIBLE_TABLES:
+        for row in tables.get(table, []):
+            day = plausible_day(row.get("date", ""))
+            if day is None:
+                skipped += 1
+                continue
+            for section, value, detail, metrics in plausible_counts(table, row, site):
+                if section == "pages":
+                    views_of[day, value] = views_of.get((day, value), 0) + metrics.get("views", 0)
+                if section == "exit_pages":
+                    metrics = {**metrics, "views": views_of.get((day, value), 0)}  # an exit rate is exits over the page's views
+                _, total = aggregates.setdefault(day, {}).setdefault((section, value), (detail, Totals()))
+                for name, amount in metrics.items():
+                    total.grow(name, amount)
+    return aggregates, site, skipped
+
+
+def plausible_day(text: str) -> Optional[int]:
+    """A day number from ``2024-01-31``, between 2000 and 2100; None for anything else."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+        return None
+    try:
+        seconds = in_time_range(_midnight(text.strip()))
+    except ValueError:
+        return None
+    return None if seconds is None else seconds // DAY
+
+
+def plausible_counts(table: str, row: Dict[str, str], site: str) -> List[Tuple[str, str, str, Dict[str, int]]]:
+    """What a row of one of Plausible's tables adds, as (section, value, detail, metrics): section '' is
+    the day's headline numbers."""
+    number = {name: bounded(row.get(column), 1 << 40) for name, column in (
+        ("views", "pageviews"), ("visitors", "visitors"), ("visits", "visits"), ("bounces", "bounces"), ("duration", "visit_duration"),
+    )}
+    session = {name: number[name] for name in ("views", "visitors", "visits", "bounces", "duration")}
+    if table == "visitors":
+        return [("", "", "", session)]
+    if table == "pages":
+        return [("pages", normalise_path(row.get("page", "")), "", {"views": number["views"], "visitors": number["visitors"]})]
+    if table == "entry_pages":
+        entrances = bounded(row.get("entrances"), 1 << 40)
+        return [("entry_pages", normalise_path(row.get("entry_page", "")), "", {"visits": entrances, "bounces": number["bounces"], "duration": number["duration"]})]
+    if table == "exit_pages":
+        return [("exit_pages", normalise_path(row.get("exit_page", "")), "", {"exits": bounded(row.get("exits"), 1 << 40)})]
+    if table == "custom_events":
+        name = clean_event(row.get("name", ""))
+        return [] if not name or name in PLAUSIBLE_NOT_EVENTS else [("events", name, "", {"views": bounded(row.get("events"), 1 << 40), "visitors": number["visitors"]})]
+    if table == "sources":
+        source, channel, referrer, campaign = plausible_source(row, site)
+        counts = [("sources", source, channel, session), ("channels", channel, "", session), ("referrers", referrer, "", session)]
+        return counts + ([("campaigns", campaign, "", session)] if campaign else [])
+    if table == "locations":
+        return [("countries", clean_country(row.get("country", "")), "", session)]
+    if table == "devices":
+        return [("devices", PLAUSIBLE_DEVICES.get(row.get("device", "").strip().lower(), ""), "", session)]
+    if table == "browsers":
+        name, _ = foreign_name(PLAUSIBLE_NAMES.get(row.get("browser", "").strip().lower(), row.get("browser", "")))
+        version = clean_version(row.get("browser_version", "").split(".", 1)[0])
+        return [("browsers", " ".join(filter(None, (clean_label(name), version))), "", session)]
+    if table == "operating_systems":
+        name, _ = foreign_name(PLAUSIBLE_NAMES.get(row.get("operating_system", "").strip().lower(), row.get("operating_system", "")))
+        return [("operating_systems", clean_label(name), "", session)]
+    return []
+
+
+SOURCE_NAMES = {name.lower(): (name, channel) for name, channel in {*SOURCE_HOSTS.values(), *SOURCE_COUNTRY_HOSTS.values()}}
+
+
+def plausible_source(row: Dict[str, str], site: str) -> Tuple[str, str, str, str]:
+    """(source, channel, referrer, campaign) of a row of Plausible's sources, as pixeld places a visit:
+    by its campaign, else its referrer, else the source's name (a known one gets its channel)."""
+    utm = [clean_text(row.get(name, ""), MAX_CAMPAIGN) for name in ("utm_source", "utm_medium", "utm_campaign")]
+    if any(utm):
+        campaign = clean_campaign(" / ".join([utm[0] or row.get("source", ""), *utm[1:]]))
+        referrer = campaign_referrer(campaign)
+    else:
+        campaign, referrer = "", normalise_referrer(with_scheme(row.get("referrer", "").strip()), site)
+    name = clean_text(row.get("source", ""), MAX_CAMPAIGN)
+    if not referrer and name and name.lower() != "direct / none":
+        known = SOURCE_NAMES.get(name.lower())
+        referrer = named_referrer(f"{known[0]} ({known[1]})" if known else f"{name} (referral)")
+    return (*classify_source(referrer), referrer, campaign)
+
+
 def goatcounter_header(header: List[str]) -> List[str]:
     """The column names of a version 2 header, folded (``Referrer scheme`` is ``referrerscheme``): its
     own test data writes ``2Path,Title,...``, its help page ``2,Path,Title,...``."""
@@ -4910,6 +5195,8 @@ def detect_format(path: str, fmt: str = "") -> str:
     first_line = head.split(b"\n", 1)[0].strip()
     if head.startswith(b"SQLite format 3\x00"):
         detected = "flask"
+    elif head.startswith(b"PK\x03\x04"):
+        detected = "plausible"
     elif re.match(rb"\d+,?Path,", first_line):
         detected = "goatcounter"
     elif b"url_path" in first_line and b"session_id" in first_line:
@@ -4921,6 +5208,9 @@ def detect_format(path: str, fmt: str = "") -> str:
     else:
         detected = "combined"
     fmt = fmt or detected
+    if fmt == "plausible":
+        plausible_members(path)
+        return fmt
     lines = head.decode("utf-8", "replace").splitlines()[:100]
     if fmt == "csv" and not {"time", "path"} <= set(next(csv.reader(lines[:1]), [])):
         raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
@@ -6013,7 +6303,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
-    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, GoatCounter's CSV export, Umami's events, the 2020 Flask tool's database, or a combined access log.")
+    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, GoatCounter's CSV export, Umami's events, Plausible's CSV export (daily aggregates), the 2020 Flask tool's database, or a combined access log.")
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
     add_env_file_option(import_cmd)
