@@ -3438,8 +3438,11 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     )
 
 
+ImportedSections = Dict[str, Dict[str, Tuple[str, Totals]]]  # section -> value shown -> (detail, metrics)
 # The report sections that imported daily aggregates (Plausible's export) feed; a report names the others.
-IMPORTED_SECTIONS = ("pages", "entry_pages", "exit_pages", "sources", "channels", "referrers", "campaigns", "countries", "browsers", "operating_systems", "devices", "events")
+IMPORTED_SECTIONS = (
+    "pages", "entry_pages", "exit_pages", "sources", "channels", "referrers", "campaigns", "countries", "browsers", "operating_systems", "devices", "events",
+)
 
 
 class Imported(NamedTuple):
@@ -3448,7 +3451,7 @@ class Imported(NamedTuple):
     days: List[int]
     totals: Metrics  # the headline numbers
     by_day: Dict[int, Tuple[int, int]]  # page views and visitors per day, for the series
-    sections: Dict[str, Dict[str, Tuple[str, Totals]]]  # section -> value shown -> (detail, metrics)
+    sections: "ImportedSections"
 
 
 def _imported(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope) -> Imported:
@@ -4089,7 +4092,7 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
     return {"text": string, **{name: label(dim, section) for name, (dim, section) in SECTIONS.items()}}
 
 
-def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics, imported: Optional[Dict[str, Dict[str, Tuple[str, Totals]]]] = None) -> Dict[str, List[Row]]:
+def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics, imported: Optional["ImportedSections"] = None) -> Dict[str, List[Row]]:
     """Every section's rows, of its kind: a label's counts summed over the values that show as it
     (a browser's versions, a page on several sites), with the imported daily counts shown as it,
     ranked by count. Row kinds that name the other parts of a value (a source's channel) take them
@@ -4744,8 +4747,8 @@ class Importer:
             when = dt.datetime.fromtimestamp(seen[0], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
         readers = {
-            "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined, "goatcounter": self._read_goatcounter,
-            "umami": self._read_umami, "plausible": self._read_plausible,
+            "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined,
+            "goatcounter": self._read_goatcounter, "umami": self._read_umami, "plausible": self._read_plausible,
         }
         readers[fmt](path)
         self._flush()
@@ -4901,7 +4904,6 @@ def open_text(path: str) -> IO[str]:
     return open(path, encoding="utf-8", errors="replace", newline="")
 
 
-GOATCOUNTER_COLUMNS = ("path", "title", "event", "useragent", "browser", "system", "session", "bot", "referrer", "referrerscheme", "screensize", "location", "firstvisit", "date")
 GOATCOUNTER_GROUPS = {  # the names GoatCounter gives the referrers it groups (scheme g), as referrers pixeld can place
     "hacker news": "news.ycombinator.com", "google": "google.com", "baidu": "baidu.com", "telegram messenger": "org.telegram.messenger",
     "slack chat": "com.slack", "email": "Email (email)", "rss": "RSS (referral)",
@@ -4943,9 +4945,11 @@ def umami_record(fields: Dict[str, str]) -> Optional[Dict[str, str]]:
     domain = fields.get("referrer_domain", "").strip()
     browser = fields.get("browser", "").strip().lower()
     return {
-        "time": when, "site": fields.get("hostname", ""), "type": "event" if kind == "2" else "pageview", "event": fields.get("event_name", "") if kind == "2" else "",
+        "time": when, "site": fields.get("hostname", ""), "type": "event" if kind == "2" else "pageview",
+        "event": fields.get("event_name", "") if kind == "2" else "",
         "path": fields["url_path"], "title": fields.get("page_title", ""), "referrer": f"{domain}{fields.get('referrer_path', '')}" if domain else "",
-        "campaign": campaign, "country": fields.get("country", ""), "browser": UMAMI_BROWSERS.get(browser, browser.title()), "os": foreign_name(fields.get("os", ""))[0],
+        "campaign": campaign, "country": fields.get("country", ""), "browser": UMAMI_BROWSERS.get(browser, browser.title()),
+        "os": foreign_name(fields.get("os", ""))[0],
         "device": "bot" if browser in UMAMI_BOTS else UMAMI_DEVICES.get(fields.get("device", "").strip().lower(), ""), "screen": fields.get("screen", ""),
         "language": fields.get("language", "").split("-", 1)[0].strip().lower(),
     }
@@ -5053,13 +5057,14 @@ def plausible_counts(table: str, row: Dict[str, str], site: str) -> List[Tuple[s
     if table == "pages":
         return [("pages", normalise_path(row.get("page", "")), "", {"views": number["views"], "visitors": number["visitors"]})]
     if table == "entry_pages":
-        entrances = bounded(row.get("entrances"), 1 << 40)
-        return [("entry_pages", normalise_path(row.get("entry_page", "")), "", {"visits": entrances, "bounces": number["bounces"], "duration": number["duration"]})]
+        entry = {"visits": bounded(row.get("entrances"), 1 << 40), "bounces": number["bounces"], "duration": number["duration"]}
+        return [("entry_pages", normalise_path(row.get("entry_page", "")), "", entry)]
     if table == "exit_pages":
         return [("exit_pages", normalise_path(row.get("exit_page", "")), "", {"exits": bounded(row.get("exits"), 1 << 40)})]
     if table == "custom_events":
         name = clean_event(row.get("name", ""))
-        return [] if not name or name in PLAUSIBLE_NOT_EVENTS else [("events", name, "", {"views": bounded(row.get("events"), 1 << 40), "visitors": number["visitors"]})]
+        events = {"views": bounded(row.get("events"), 1 << 40), "visitors": number["visitors"]}
+        return [] if not name or name in PLAUSIBLE_NOT_EVENTS else [("events", name, "", events)]
     if table == "sources":
         source, channel, referrer, campaign = plausible_source(row, site)
         counts = [("sources", source, channel, session), ("channels", channel, "", session), ("referrers", referrer, "", session)]
@@ -5186,8 +5191,7 @@ def detect_format(path: str, fmt: str = "") -> str:
         with open(path, "rb") as handle:
             head = handle.read(65536)
         if head.startswith(b"\x1f\x8b"):
-            with gzip.open(path, "rb") as handle:
-                head = handle.read(65536)
+            head = check_gzip(path)
     except (OSError, EOFError, zlib.error) as error:
         raise ImportFailed(f"cannot read {path}: {error_reason(error)}") from None
     if not head.strip():
@@ -5223,6 +5227,16 @@ def detect_format(path: str, fmt: str = "") -> str:
     if fmt == "combined" and not any(_COMBINED.match(line) for line in lines):
         raise ImportFailed(f"{path} is not a file pixeld can import: neither an export, a Flask database nor a combined access log")
     return fmt
+
+
+def check_gzip(path: str) -> bytes:
+    """A gzipped file's first 64 KiB, once the whole file has been read through (its checksum too), so
+    that a file cut short or damaged is refused before anything is written."""
+    with gzip.open(path, "rb") as handle:
+        head = handle.read(65536)
+        while handle.read(1 << 20):
+            pass
+    return head
 
 
 def check_goatcounter_header(path: str, header: List[str]) -> None:
@@ -6303,7 +6317,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
-    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, GoatCounter's CSV export, Umami's events, Plausible's CSV export (daily aggregates), the 2020 Flask tool's database, or a combined access log.")
+    import_cmd = commands.add_parser(
+        "import", help="bring page views in from a file",
+        description="Import page views: pixeld's own export, GoatCounter's CSV export, Umami's events, Plausible's CSV export (daily aggregates), "
+                    "the 2020 Flask tool's database, or a combined access log.",
+    )
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
     add_env_file_option(import_cmd)

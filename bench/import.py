@@ -24,7 +24,8 @@ BROWSERS = [("Chrome 131", "Windows 10", "1920,0,1", 30), ("Safari 18.1", "iOS 1
 REFERRERS = [("", "", 60), ("www.reddit.com/r/programming", "h", 8), ("news.ycombinator.com", "h", 6), ("Hacker News", "g", 4), ("Email", "g", 3),
              ("newsletter", "c", 3), ("com.google.android.gm", "o", 2), ("google.com", "h", 10), ("blog.example.net/a-post", "h", 4)]
 LOCATIONS = ["US-TX", "US-CA", "DE-BE", "GB", "FR-IDF", "IN", "NL", "BR", "JP", ""]
-HEADER = ["2Path", "Title", "Event", "UserAgent", "Browser", "System", "Session", "Bot", "Referrer", "Referrer scheme", "Screen size", "Location", "FirstVisit", "Date"]
+HEADER = ["2Path", "Title", "Event", "UserAgent", "Browser", "System", "Session", "Bot", "Referrer", "Referrer scheme", "Screen size", "Location",
+          "FirstVisit", "Date"]
 
 
 def write_export(path, rows, seed=7):
@@ -55,7 +56,8 @@ def write_export(path, rows, seed=7):
                 stamp = dt.datetime.fromtimestamp(moment + view * 40, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
                 writer.writerow([
                     "click-" + page.rsplit("/", 1)[-1] if event else page, "" if event else f"Title of {page}", "1" if event else "0", "",
-                    browser, system, session, bot, referrer if view == 0 else "", scheme if view == 0 else "", screen, location, "1" if view == 0 else "0", stamp,
+                    browser, system, session, bot, referrer if view == 0 else "", scheme if view == 0 else "", screen, location,
+                    "1" if view == 0 else "0", stamp,
                 ])
                 written += 1
     return written
