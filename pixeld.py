@@ -2013,8 +2013,8 @@ class Generation:
     def __init__(self, day: int, slots: int = KEY_SLOTS) -> None:
         self.salt = secrets.token_bytes(32)
         self.day = day
-        self.keys = array.array("Q", bytes(8 * slots))  # visitor keys (0: a free slot) ...
-        self.numbers = array.array("I", bytes(4 * slots))  # ... and the number of each, in the same slot
+        self.keys = array.array("Q", [0]) * slots  # visitor keys (0: a free slot) ...
+        self.numbers = array.array("I", [0]) * slots  # ... and the number of each, in the same slot
         self.counted = bytearray()  # 1 once the visitor's first page view of the day is counted
         self.minute = array.array("I")  # the rate limit's minute, and the visitor's hits in it
         self.minute_views = array.array("H")
@@ -2812,8 +2812,9 @@ class Store:
     them, because the rolled-back transaction may have created rows the cache still names.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, shares_cpu: bool = True) -> None:
         self.conn = conn
+        self._sliced: Callable[[Iterable[Any]], Iterator[Any]] = sliced if shares_cpu else iter  # an import serves no pixel: it need not yield
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
         self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
@@ -2825,7 +2826,7 @@ class Store:
         for ids in self._ids.values():
             ids.clear()
         try:
-            tally = Tally(self.conn)
+            tally = Tally(self.conn, self._sliced)
             self._insert(batch.records, tally)
             remember = self._insert_live(batch.views, batch.engagements, tally)
             self._insert_events(batch.events, tally)
@@ -2868,7 +2869,7 @@ class Store:
         ids = self._ids["pageviews"]
         ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
-        for view, visit_views, duration, engaged, scroll, exit in sliced(records):
+        for view, visit_views, duration, engaged, scroll, exit in self._sliced(records):
             keys = self._keys(view, PAGEVIEW_KEYS)
             row_id = ids.next(view.time)
             rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.firsts, exit, view.converted, view.time))
@@ -2898,7 +2899,7 @@ class Store:
         entries: Entries = {}  # a visit begun in this batch -> its entry row, and the step that wrote it
         targets: Dict[int, List[int]] = {}  # a growing visit's entry row -> [page views, duration, day] it should show
         followed: List[int] = []  # page views that another of their visit's came after: no longer its exit
-        for (view, step), (row_id, _) in sliced(zip(views, placed)):
+        for (view, step), (row_id, _) in self._sliced(zip(views, placed)):
             if step is None or step.generation is None:
                 continue
             if step.previous is not None:
@@ -2915,7 +2916,7 @@ class Store:
         self._no_longer_exits(followed, tally)
 
         def remember() -> None:
-            for row_id, step in sliced(entries.values()):
+            for row_id, step in self._sliced(entries.values()):
                 step.generation.wrote_entry(step.number, step.start, row_id - first_id(step.start))  # type: ignore[union-attr]
 
         return remember
@@ -2949,7 +2950,7 @@ class Store:
         """Bring each growing visit's entry row, and its day's counts, up to the visit's page views and duration."""
         stored = self._stored(targets)
         updates = []
-        for row_id, (views, duration, day) in sliced(targets.items()):
+        for row_id, (views, duration, day) in self._sliced(targets.items()):
             row = stored.get(row_id)
             if row is None or not row[STORED_VISIT_VIEWS]:  # deleted meanwhile, or not an entry row
                 continue
@@ -3113,8 +3114,9 @@ class Tally:
     Python then does little per row, and leaves the interpreter to the serve loop. Changes to page
     views counted earlier (a visit that grew, engagement) and events are added up here."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, slices: Callable[[Iterable[Any]], Iterator[Any]]) -> None:
         self.conn = conn
+        self._sliced = slices
         self._daily: Dict[Tuple[int, int, int, int], Totals] = {}
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS changes ({', '.join(CHANGE_COLUMNS)})")
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch ({', '.join(BATCH_COLUMNS)})")
@@ -3150,9 +3152,11 @@ class Tally:
 
     def grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[str, int]]) -> None:
         """Add changes to some metrics of a page view already counted, in every dimension it counts in."""
-        site = keys[0]
+        site, daily = keys[0], self._daily
         for index, code in COUNTED_KEYS:
-            total = self._daily.setdefault((day, site, code, keys[index]), Totals())
+            total = daily.get((day, site, code, keys[index]))
+            if total is None:
+                total = daily[day, site, code, keys[index]] = Totals()
             for metric, amount in changes:
                 total.grow(metric, amount)
 
@@ -3160,7 +3164,7 @@ class Tally:
         """Add the batch's changes to the daily counts and, added up per UTC month by SQLite, to the
         monthly counts."""
         conn = self.conn
-        conn.executemany(insert_sql("temp.changes", CHANGE_COLUMNS), (key + tuple(total) for key, total in sliced(self._daily.items())))
+        conn.executemany(insert_sql("temp.changes", CHANGE_COLUMNS), (key + tuple(total) for key, total in self._sliced(self._daily.items())))
         added = ", ".join(f"{name} = {name} + excluded.{name}" for name in Metrics._fields)
         conn.execute(f"INSERT INTO daily SELECT day, site, dim, value, {SUMMED_METRICS} FROM temp.changes GROUP BY day, site, dim, value ON CONFLICT (day, site, dim, value) DO UPDATE SET {added}")
         conn.execute(
@@ -4648,6 +4652,8 @@ EXPORT_FIELDS = (
     "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS,
 )
 IMPORT_BATCH = 20_000
+MISSING: Any = object()  # a cache's answer for what it does not hold
+MAX_OUTCOMES = 1 << 16  # distinct row contents an import remembers the reading of (no visitor, no time: see ``_add_visitor_row``)
 IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter", "umami", "plausible")
 _COMBINED = re.compile(
     r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
@@ -4728,12 +4734,13 @@ class Importer:
     """
 
     def __init__(self, conn: sqlite3.Connection, config: Config, geoip: Any, progress: Callable[[str], None]) -> None:
-        self.store = Store(conn)
+        self.store = Store(conn, shares_cpu=False)
         self.config = config
         self.site = config.sites[0] if config.sites else ""
         self.geoip = geoip
         self.progress = progress
         self.memo = Memo()
+        self.outcomes: Dict[Tuple[str, ...], Outcome] = {}  # what a foreign row's content reads as, whatever its time and visitor
         self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
         self.imported = self.filtered = self.skipped = 0
         self.unit = "page views and events"
@@ -4775,12 +4782,15 @@ class Importer:
         with open_text(path) as handle:
             reader = csv.reader(handle)
             header = goatcounter_header(next(reader, []))
+            session, date = header.index("session"), header.index("date")
+            content = operator.itemgetter(*(i for i, name in enumerate(header) if name not in ("session", "date", "firstvisit")))
             for row in reader:
                 if not row:
                     continue  # GoatCounter allows blank lines
-                fields = dict(zip(header, row)) if len(row) == len(header) else None
-                record = goatcounter_record(fields, self.memo) if fields else None
-                self._add_visitor_row(record, fields["session"] if fields else "")
+                if len(row) != len(header):
+                    self._add(None, live=True)
+                    continue
+                self._add_visitor_row(content(row), row[date], lambda row=row: goatcounter_record(dict(zip(header, row)), self.memo), row[session])
 
     def _read_umami(self, path: str) -> None:
         """Umami's ``website_event`` rows joined with their ``session`` (Umami Cloud's data export, or
@@ -4791,12 +4801,16 @@ class Importer:
             reader = csv.reader(handle)
             header = [name.strip().lower() for name in next(reader, [])]
             columns = {name: header.index(name) for name in reversed(header)}
+            unique = sorted(columns.values())
+            content = operator.itemgetter(*(index for index in unique if header[index] not in ("session_id", "visit_id", "created_at", "event_id")))
             for row in reader:
                 if not row:
                     continue
-                fields = {name: row[index] for name, index in columns.items()} if len(row) == len(header) else None
-                record = umami_record(fields) if fields else None
-                self._add_visitor_row(record, fields["session_id"] if fields else "")
+                if len(row) != len(header):
+                    self._add(None, live=True)
+                    continue
+                fields = {name: row[index] for name, index in columns.items()}
+                self._add_visitor_row(content(row), umami_time(fields["created_at"]), lambda fields=fields: umami_record(fields), fields["session_id"])
 
     def _read_plausible(self, path: str) -> None:
         """Plausible's CSV export: a zip of daily aggregates per report section, not page views. They are
@@ -4859,13 +4873,24 @@ class Importer:
     def _add_record(self, row: Optional[Dict[str, Any]]) -> None:
         self._add(read_record(row, self.config, self.memo, self.site) if row else None, live=False)
 
-    def _add_visitor_row(self, row: Optional[Dict[str, Any]], visitor: str) -> None:
-        """A foreign row that names its visitor (a session id): read as an export's row is, then placed
-        in visits by the import's own visitors, the id standing where a live hit's address stands (in
-        memory only). A row without one is a visitor of its own."""
-        outcome = read_record(row, self.config, self.memo, self.site) if row else None
+    def _add_visitor_row(self, content: Tuple[str, ...], when: str, record: Callable[[], Optional[Dict[str, Any]]], visitor: str) -> None:
+        """A foreign row that names its visitor (a session id): read as an export's row is (``record``
+        makes it one; ``read_record`` reads it), then placed in visits by the import's own visitors, the
+        id standing where a live hit's address stands (in memory only). A row without one is a visitor
+        of its own. What a row reads as depends on its content alone, not on its time or visitor: rows
+        that repeat a page, referrer and agent are read once."""
+        second = parse_stamp(when)
+        outcome = self.outcomes.get(content, MISSING) if second is not None else None
+        if outcome is MISSING:
+            row = record()
+            outcome = read_record(row, self.config, self.memo, self.site) if row else None
+            if len(self.outcomes) >= MAX_OUTCOMES:
+                self.outcomes.clear()
+            self.outcomes[content] = outcome
         if isinstance(outcome, Accepted):
-            outcome = outcome._replace(address=visitor or f"row {self.imported}")
+            outcome = outcome._replace(view=PageView._make((second, *outcome.view[1:])), address=visitor or f"row {self.imported}")
+        elif isinstance(outcome, FilteredHit):
+            outcome = outcome._replace(time=second)
         self._add(outcome, live=True)
 
     def _add(self, outcome: Outcome, live: bool) -> None:
@@ -4927,6 +4952,12 @@ UMAMI_DEVICES = {"desktop": "desktop", "laptop": "desktop", "mobile": "phone", "
 UMAMI_REQUIRED = ("created_at", "url_path", "session_id")
 
 
+def umami_time(text: str) -> str:
+    """``created_at`` as ISO 8601: PostgreSQL writes the offset ``+00``."""
+    text = text.strip()
+    return text + ":00" if re.search(r"[+-]\d\d$", text) else text
+
+
 def umami_record(fields: Dict[str, str]) -> Optional[Dict[str, str]]:
     """An Umami event row as pixeld's export names its fields, for ``read_record``: event type 1 is a
     page view, 2 a custom event named ``event_name``; other types (links, pixels, web vitals) are not
@@ -4934,9 +4965,6 @@ def umami_record(fields: Dict[str, str]) -> Optional[Dict[str, str]]:
     kind = fields.get("event_type", "1").strip() or "1"
     if kind not in ("1", "2"):
         return None
-    when = fields["created_at"].strip()
-    if re.search(r"[+-]\d\d$", when):  # PostgreSQL's "+00"
-        when += ":00"
     utm = [fields.get(name, "") for name in ("utm_source", "utm_medium", "utm_campaign")]
     if not any(utm) and fields.get("url_query"):
         campaign = campaign_of(parse_query(fields["url_query"]))[0]
@@ -4945,7 +4973,7 @@ def umami_record(fields: Dict[str, str]) -> Optional[Dict[str, str]]:
     domain = fields.get("referrer_domain", "").strip()
     browser = fields.get("browser", "").strip().lower()
     return {
-        "time": when, "site": fields.get("hostname", ""), "type": "event" if kind == "2" else "pageview",
+        "time": umami_time(fields["created_at"]), "site": fields.get("hostname", ""), "type": "event" if kind == "2" else "pageview",
         "event": fields.get("event_name", "") if kind == "2" else "",
         "path": fields["url_path"], "title": fields.get("page_title", ""), "referrer": f"{domain}{fields.get('referrer_path', '')}" if domain else "",
         "campaign": campaign, "country": fields.get("country", ""), "browser": UMAMI_BROWSERS.get(browser, browser.title()),
