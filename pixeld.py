@@ -31,6 +31,7 @@ import email.utils
 import errno
 import functools
 import gc
+import gzip
 import hashlib
 import heapq
 import hmac
@@ -55,10 +56,12 @@ import sys
 import threading
 import time
 import unicodedata
+import zipfile
+import zlib
 import zoneinfo
 from collections import Counter, deque
 from functools import lru_cache
-from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import IO, Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlencode, urlsplit
 from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
@@ -297,7 +300,7 @@ NOT_FOUND_EVENT = "404"  # the event a site's 404 page sends (pixeld('404'), and
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029\u2066-\u2069\ufeff]+")  # and bidi overrides
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
-_SCREEN = re.compile(r"\s*(\d{1,6})\s*[,xX]\s*(\d{1,6})\s*")
+_SCREEN = re.compile(r"\s*(\d{1,6})\s*(?:[,xX]\s*(\d{1,6})\s*)?")
 DEVICES = ("desktop", "phone", "tablet", "bot", "other")
 
 # How each stored value is made safe. The hit pipeline calls these through the App's ``Memo``
@@ -363,14 +366,15 @@ def url_path(url: str) -> str:
 
 
 def normalise_screen(value: str) -> str:
-    """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; empty when unknown."""
+    """``W,H`` (or ``WxH``) as ``"WxH"`` with both in 1..100,000; a width alone (``W``, as GoatCounter
+    keeps screens) as ``"W"``; empty when unknown."""
     match = _SCREEN.fullmatch(value)
     if not match:
         return ""
-    width, height = int(match.group(1)), int(match.group(2))
-    if not (0 < width <= MAX_SCREEN and 0 < height <= MAX_SCREEN):
+    width, height = int(match.group(1)), int(match.group(2) or -1)
+    if not (0 < width <= MAX_SCREEN and (0 < height <= MAX_SCREEN or match.group(2) is None)):
         return ""
-    return f"{width}x{height}"
+    return f"{width}x{height}" if match.group(2) else str(width)
 
 
 def clean_campaign(value: str) -> str:
@@ -1140,6 +1144,16 @@ def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
     return (" / ".join(parts) if any(parts) else ""), source
 
 
+_NAMED_REFERRER = re.compile(r"([^/]{1,64}) \((search|social|email|ai|referral)\)")  # never a host and path: a name has no "/"
+
+
+def named_referrer(value: str) -> str:
+    """A referrer that names its source and channel instead of a page, as an import found it:
+    ``Email (email)`` for GoatCounter's mailers grouped as one; empty for any other value."""
+    match = _NAMED_REFERRER.fullmatch(value.strip())
+    return f"{clean_text(match.group(1), MAX_CAMPAIGN)} ({match.group(2)})" if match and clean_text(match.group(1), MAX_CAMPAIGN) else ""
+
+
 def campaign_referrer(campaign: str) -> str:
     """A campaign's source stands in the referrer's place: ``newsletter (campaign)``."""
     source = campaign.split(" / ", 1)[0]
@@ -1597,7 +1611,7 @@ SOURCE_HOSTS, SOURCE_COUNTRY_HOSTS = load_sources(SOURCE_TABLE)
 
 
 def classify_source(referrer: str) -> Tuple[str, str]:
-    """(source, channel) of a normalised referrer (``host/path``, or ``name (campaign)``).
+    """(source, channel) of a normalised referrer (``host/path``, ``name (campaign)``, or an import's ``name (channel)``).
 
     A host matches a known source when it is one of its hosts or a subdomain of one
     (``old.reddit.com``), or its name on a country domain (``google.co.uk``, ``mail.yahoo.fr``), or
@@ -1607,6 +1621,9 @@ def classify_source(referrer: str) -> Tuple[str, str]:
         return "", "direct"
     if referrer.endswith(" (campaign)"):
         return referrer[: -len(" (campaign)")], "campaign"
+    if referrer.endswith(")") and _NAMED_REFERRER.fullmatch(referrer):
+        name, channel = _NAMED_REFERRER.fullmatch(referrer).groups()  # type: ignore[union-attr]
+        return name, channel
     host, _, path = referrer.partition("/")
     known = SOURCE_HOSTS.get(host + "/" + path.split("/", 1)[0]) if path else None  # a mailer at a path: orange.fr/webmail
     if known is not None:
@@ -1986,7 +2003,8 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
     site = memo(normalise_host, text("site", default_site))
     fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
-    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(normalise_referrer, with_scheme(text("referrer", "")), site)
+    referrer = text("referrer", "")
+    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(named_referrer, referrer) or memo(normalise_referrer, with_scheme(referrer), site)
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
     first_today = text("first_today", "") in ("1", "True", "true")
     firsts = bounded(row.get("firsts"), ALL_VISIT_FIRSTS) if "firsts" in row else ALL_VISIT_FIRSTS * first_today  # older exports: a day's first
@@ -2134,8 +2152,8 @@ class Generation:
     def __init__(self, day: int, slots: int = KEY_SLOTS) -> None:
         self.salt = secrets.token_bytes(32)
         self.day = day
-        self.keys = array.array("Q", bytes(8 * slots))  # visitor keys (0: a free slot) ...
-        self.numbers = array.array("I", bytes(4 * slots))  # ... and the number of each, in the same slot
+        self.keys = array.array("Q", [0]) * slots  # visitor keys (0: a free slot) ...
+        self.numbers = array.array("I", [0]) * slots  # ... and the number of each, in the same slot
         self.counted = bytearray()  # 1 once the visitor's first page view of the day is counted
         self.minute = array.array("I")  # the rate limit's minute, and the visitor's hits in it
         self.minute_views = array.array("H")
@@ -2810,8 +2828,18 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
         PRIMARY KEY (site, direction, date)) WITHOUT ROWID;
     """,
     add_event_properties,
+    # Another tool's daily aggregates (Plausible's CSV export): per day, site, report section and the value it shows there.
+    # ``section`` '' holds the day's headline numbers; ``detail`` the other part a value names (a source's channel).
+    """
+    CREATE TABLE imported (
+        day INTEGER NOT NULL, site INTEGER NOT NULL, section TEXT NOT NULL, value TEXT NOT NULL, detail TEXT NOT NULL,
+        views INTEGER NOT NULL, visitors INTEGER NOT NULL, visits INTEGER NOT NULL, bounces INTEGER NOT NULL, duration INTEGER NOT NULL,
+        engaged INTEGER NOT NULL, engaged_views INTEGER NOT NULL, scroll INTEGER NOT NULL, exits INTEGER NOT NULL, converted INTEGER NOT NULL,
+        PRIMARY KEY (day, site, section, value)) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+IMPORTED_COLUMNS = ("day", "site", "section", "value", "detail", *Metrics._fields)
 ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll", "firsts", "exit", "converted")  # what a raw row holds beside its dimensions
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
 EVENT_EXTRAS = ("props", "props_first")  # what an event row holds beside a page view's columns: its properties
@@ -2963,8 +2991,9 @@ class Store:
     them, because the rolled-back transaction may have created rows the cache still names.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, shares_cpu: bool = True) -> None:
         self.conn = conn
+        self._sliced: Callable[[Iterable[Any]], Iterator[Any]] = sliced if shares_cpu else iter  # an import serves no pixel: it need not yield
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
         self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
@@ -2976,7 +3005,7 @@ class Store:
         for ids in self._ids.values():
             ids.clear()
         try:
-            tally = Tally(self.conn)
+            tally = Tally(self.conn, self._sliced)
             self._insert(batch.records, tally)
             remember = self._insert_live(batch.views, batch.engagements, tally)
             self._insert_events(batch.events, tally)
@@ -2991,6 +3020,27 @@ class Store:
             raise
         remember()
 
+    def replace_imported(self, site: str, days: "Aggregates") -> Tuple[int, int]:
+        """Write another tool's daily aggregates for a site in one transaction, replacing what an earlier
+        import wrote for the same days (so importing again counts nothing twice). Days on which pixeld
+        has page views of its own are left out: they would count twice. Returns (days written, left out)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            site_id = self.intern(site)
+            own = {day for (day,) in self.conn.execute("SELECT DISTINCT day FROM daily WHERE site = ? AND dim = 1 AND views > 0", (site_id,))}
+            kept = {day: values for day, values in days.items() if day not in own}
+            self.conn.executemany("DELETE FROM imported WHERE day = ? AND site = ?", [(day, site_id) for day in kept])
+            self.conn.executemany(insert_sql("imported", IMPORTED_COLUMNS), (
+                (day, site_id, section, value, detail, *totals) for day, values in kept.items() for (section, value), (detail, totals) in values.items()
+            ))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._strings.clear()
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        return len(kept), len(days) - len(kept)
+
     def _insert(self, records: Sequence[Record], tally: "Tally") -> List[Tuple[int, Tuple[int, ...]]]:
         """Insert page view rows and count them (``Tally.count_rows``); return each row's id and interned keys."""
         if not records:
@@ -2998,7 +3048,7 @@ class Store:
         ids = self._ids["pageviews"]
         ids.load(min(r.view.time for r in records), max(r.view.time for r in records))
         rows, placed = [], []
-        for view, visit_views, duration, engaged, scroll, exit in sliced(records):
+        for view, visit_views, duration, engaged, scroll, exit in self._sliced(records):
             keys = self._keys(view, PAGEVIEW_KEYS)
             row_id = ids.next(view.time)
             rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.firsts, exit, view.converted, view.time))
@@ -3029,7 +3079,7 @@ class Store:
         entries: Entries = {}  # a visit begun in this batch -> its entry row, and the step that wrote it
         targets: Dict[int, List[int]] = {}  # a growing visit's entry row -> [page views, duration, day] it should show
         followed: List[int] = []  # page views that another of their visit's came after: no longer its exit
-        for (view, step), (row_id, _) in sliced(zip(views, placed)):
+        for (view, step), (row_id, _) in self._sliced(zip(views, placed)):
             if step is None or step.generation is None:
                 continue
             if step.previous is not None:
@@ -3046,7 +3096,7 @@ class Store:
         self._no_longer_exits(followed, tally)
 
         def remember() -> None:
-            for row_id, step in sliced(entries.values()):
+            for row_id, step in self._sliced(entries.values()):
                 step.generation.wrote_entry(step.number, step.start, row_id - first_id(step.start))  # type: ignore[union-attr]
 
         return remember
@@ -3080,7 +3130,7 @@ class Store:
         """Bring each growing visit's entry row, and its day's counts, up to the visit's page views and duration."""
         stored = self._stored(targets)
         updates = []
-        for row_id, (views, duration, day) in sliced(targets.items()):
+        for row_id, (views, duration, day) in self._sliced(targets.items()):
             row = stored.get(row_id)
             if row is None or not row[STORED_VISIT_VIEWS]:  # deleted meanwhile, or not an entry row
                 continue
@@ -3182,6 +3232,7 @@ class Store:
 
 
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
+Aggregates = Dict[int, Dict[Tuple[str, str], Tuple[str, Totals]]]  # day -> (section, value) -> (detail, metrics): another tool's daily counts
 
 
 MAX_NOTE = 200  # characters of an annotation
@@ -3286,8 +3337,9 @@ class Tally:
     Python then does little per row, and leaves the interpreter to the serve loop. Changes to page
     views counted earlier (a visit that grew, engagement) and events are added up here."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, slices: Callable[[Iterable[Any]], Iterator[Any]]) -> None:
         self.conn = conn
+        self._sliced = slices
         self._daily: Dict[Tuple[int, int, int, int], Totals] = {}
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS changes ({', '.join(CHANGE_COLUMNS)})")
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch ({', '.join(BATCH_COLUMNS)})")
@@ -3323,9 +3375,11 @@ class Tally:
 
     def grew(self, day: int, keys: Tuple[int, ...], changes: Sequence[Tuple[str, int]]) -> None:
         """Add changes to some metrics of a page view already counted, in every dimension it counts in."""
-        site = keys[0]
+        site, daily = keys[0], self._daily
         for index, code in COUNTED_KEYS:
-            total = self._daily.setdefault((day, site, code, keys[index]), Totals())
+            total = daily.get((day, site, code, keys[index]))
+            if total is None:
+                total = daily[day, site, code, keys[index]] = Totals()
             for metric, amount in changes:
                 total.grow(metric, amount)
 
@@ -3333,7 +3387,7 @@ class Tally:
         """Add the batch's changes to the daily counts and, added up per UTC month by SQLite, to the
         monthly counts."""
         conn = self.conn
-        conn.executemany(insert_sql("temp.changes", CHANGE_COLUMNS), (key + tuple(total) for key, total in sliced(self._daily.items())))
+        conn.executemany(insert_sql("temp.changes", CHANGE_COLUMNS), (key + tuple(total) for key, total in self._sliced(self._daily.items())))
         added = ", ".join(f"{name} = {name} + excluded.{name}" for name in Metrics._fields)
         conn.execute(f"INSERT INTO daily SELECT day, site, dim, value, {SUMMED_METRICS} FROM temp.changes GROUP BY day, site, dim, value ON CONFLICT (day, site, dim, value) DO UPDATE SET {added}")
         conn.execute(
@@ -3601,16 +3655,18 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     before = Range(2 * span.start - span.end, span.start)
     previous = _with_event_conversions(_totals(conn, before, scope), _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
     grain, bounds = series_bounds(span, query.zone)
+    imported = _imported(conn, span, query.zone, scope)
     if scope.filtered:
         counts, moments, totals = _count_matching(conn, span, bounds, scope)
     else:
         counts, moments = _count(conn, span, scope, COUNTED), None
         totals = _total(counts["pages"])
-    series = _series(conn, span, grain, bounds, scope, moments)
+        previous = _plus(previous, _imported(conn, before, query.zone, scope).totals)
+    series = _with_imported_days(_series(conn, span, grain, bounds, scope, moments), bounds, imported, query.zone)
     counts.update(_count(conn, span, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
-    totals = _with_event_conversions(totals, counts["events"])
+    totals = _plus(_with_event_conversions(totals, counts["events"]), imported.totals)
     labels = _labeller(conn, counts, multi_site=not query.site)
-    sections = {**_sections(counts, labels, totals), **_event_details(conn, span, scope)}
+    sections = {**_sections(counts, labels, totals, imported.sections), **_event_details(conn, span, scope)}
     sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
@@ -3622,9 +3678,98 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
         visitors_now=None if query.now is None else _visitors_now(conn, query.now, scope),
         grain=grain,
         series=series,
-        notes=_retention_notes(conn, span, scope) + _visit_notes(conn, span, query.goals),
+        notes=_retention_notes(conn, span, scope) + _visit_notes(conn, span, query.goals) + _imported_notes(conn, span, query.zone, scope, imported),
         annotations=annotations_in(conn, span, query.zone, query.site),
     )
+
+
+ImportedSections = Dict[str, Dict[str, Tuple[str, Totals]]]  # section -> value shown -> (detail, metrics)
+# The report sections that imported daily aggregates (Plausible's export) feed; a report names the others.
+IMPORTED_SECTIONS = (
+    "pages", "entry_pages", "exit_pages", "sources", "channels", "referrers", "campaigns", "countries", "browsers", "operating_systems", "devices", "events",
+)
+
+
+class Imported(NamedTuple):
+    """Another tool's daily aggregates (``Store.replace_imported``) on the whole days of a report's range."""
+
+    days: List[int]
+    totals: Metrics  # the headline numbers
+    by_day: Dict[int, Tuple[int, int]]  # page views and visitors per day, for the series
+    sections: "ImportedSections"
+
+
+def _imported(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope) -> Imported:
+    """The imported daily aggregates a report adds to its own: an imported day counts when the range
+    holds that whole calendar day in the report's time zone. A filtered report adds none: the
+    aggregates cannot be filtered."""
+    if scope.filtered:
+        return Imported([], Metrics(), {}, {})
+    clause, args = _site_clause(scope.site_id)
+    days = [day for (day,) in conn.execute(
+        f"SELECT DISTINCT day FROM imported WHERE day >= ? AND day <= ?{clause}", (span.start // DAY - 1, span.end // DAY + 1) + args,
+    ) if span.start <= _local_day_start(day, zone) and _local_day_start(day + 1, zone) <= span.end]
+    totals, by_day, sections = Totals(), {}, {}
+    for first in range(0, len(days), 500):
+        chunk = days[first : first + 500]
+        marks = ",".join("?" * len(chunk))
+        by_day.update((day, (views, visitors)) for day, views, visitors in conn.execute(
+            f"SELECT day, sum(views), sum(visitors) FROM imported WHERE section = '' AND day IN ({marks}){clause} GROUP BY day", (*chunk, *args),
+        ))
+        for section, value, detail, *metrics in conn.execute(
+            f"SELECT section, value, min(detail), {SUMMED_METRICS} FROM imported WHERE day IN ({marks}){clause} GROUP BY section, value",
+            (*chunk, *args),
+        ):
+            if not section:
+                totals.add(metrics)
+                continue
+            _, total = sections.setdefault(section, {}).setdefault(value, (detail, Totals()))
+            total.add(metrics)
+    return Imported(days, totals.frozen(), by_day, sections)
+
+
+def _local_day_start(day: int, zone: dt.tzinfo) -> int:
+    """Where a calendar day (days since 1970-01-01) begins in a time zone."""
+    return local_midnight(EPOCH_DATE + dt.timedelta(days=day), zone)
+
+
+def _plus(metrics: Metrics, more: Metrics) -> Metrics:
+    return Metrics(*(a + b for a, b in zip(metrics, more)))
+
+
+def _with_imported_days(series: "Moments", bounds: List[int], imported: Imported, zone: dt.tzinfo) -> "Moments":
+    """The series with each imported day's page views and visitors in the bucket where the day begins."""
+    rows = [list(row) for row in series]
+    for day, (views, visitors) in imported.by_day.items():
+        row = rows[bisect.bisect_right(bounds, _local_day_start(day, zone)) - 1]
+        row[1] += views
+        row[2] += visitors
+    return [(start, views, visitors) for start, views, visitors in rows]
+
+
+def _imported_notes(conn: sqlite3.Connection, span: Range, zone: dt.tzinfo, scope: Scope, imported: Imported) -> List[str]:
+    """Say which days include imported aggregates, and what leaves them out: a filter, or a section the export does not carry."""
+    if scope.filtered:
+        unfiltered = _imported(conn, span, zone, scope._replace(where=""))
+        if unfiltered.days:
+            return [f"imported daily aggregates ({_day_spans(unfiltered.days)}) are not included: a filtered report counts pixeld's own page views only"]
+        return []
+    if not imported.days:
+        return []
+    missing = [SECTIONS[name][1].title for name in SECTIONS if name not in IMPORTED_SECTIONS]
+    return [f"includes imported daily aggregates for {_day_spans(imported.days)}; not in {', '.join(missing)}, nor in time on page and scroll depth, "
+            "which the export does not carry"]
+
+
+def _day_spans(days: Sequence[int]) -> str:
+    """``2024-01-01 to 2024-03-31, 2024-05-02`` for a list of day numbers."""
+    spans: List[List[int]] = []
+    for day in sorted(days):
+        if spans and spans[-1][1] == day - 1:
+            spans[-1][1] = day
+        else:
+            spans.append([day, day])
+    return ", ".join(iso_date(first) if first == last else f"{iso_date(first)} to {iso_date(last)}" for first, last in spans)
 
 
 def _with_event_conversions(totals: Metrics, events: Dict[Tuple[int, int], Totals]) -> Metrics:
@@ -4150,8 +4295,9 @@ def _sites(conn: sqlite3.Connection, span: Range, site: str) -> List[str]:
     if site:
         return [site]
     rows = conn.execute(
-        "SELECT value FROM strings WHERE id IN (SELECT DISTINCT site FROM quarters WHERE quarter >= ? AND quarter < ?) ORDER BY value",
-        (span.start // QUARTER, -(-span.end // QUARTER)),
+        "SELECT value FROM strings WHERE id IN (SELECT DISTINCT site FROM quarters WHERE quarter >= ? AND quarter < ? "
+        "UNION SELECT DISTINCT site FROM imported WHERE day >= ? AND day < ?) ORDER BY value",
+        (span.start // QUARTER, -(-span.end // QUARTER), span.start // DAY, -(-span.end // DAY)),
     )
     return [value or NO_HOST for (value,) in rows]
 
@@ -4191,10 +4337,11 @@ def _labeller(conn: sqlite3.Connection, counts: Counts, multi_site: bool) -> Dic
     return {"text": string, **{name: label(dim, section) for name, (dim, section) in COUNTED_SECTIONS.items()}}
 
 
-def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict[str, List[Row]]:
+def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics, imported: Optional["ImportedSections"] = None) -> Dict[str, List[Row]]:
     """Every section's rows, of its kind: a label's counts summed over the values that show as it
-    (a browser's versions, a page on several sites), ranked by count. Row kinds that name the other
-    parts of a value (a source's channel) take them from its biggest value."""
+    (a browser's versions, a page on several sites), with the imported daily counts shown as it,
+    ranked by count. Row kinds that name the other parts of a value (a source's channel) take them
+    from its biggest value, or else from the import."""
     sections: Dict[str, List[Row]] = {}
     for name, (dim, section) in COUNTED_SECTIONS.items():
         if section.computed:
@@ -4211,6 +4358,9 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics) -> Dict
                 total = sums[shown] = Totals()
                 parts[shown] = {part: other(site, value) for part, other in others}
             total.add(metrics)
+        for shown, (detail, metrics) in (imported or {}).get(name, {}).items():
+            sums.setdefault(shown, Totals()).add(metrics)
+            parts.setdefault(shown, {part: detail for part, _ in others})
         rows = [(kind.make(shown, total.frozen(), totals, parts[shown]), total.views) for shown, total in sums.items()
                 if (shown or section.lists_empty) and getattr(total, kind.SHOWN_BY)]
         sections[name] = [row for row, _ in sorted(rows, key=lambda item: (-item[0].count, -item[1], item[0].value))]
@@ -4306,7 +4456,7 @@ def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, st
 
 
 def first_day_with_data(conn: sqlite3.Connection) -> Optional[int]:
-    return conn.execute("SELECT min(day) FROM daily").fetchone()[0]
+    return conn.execute("SELECT min(day) FROM (SELECT min(day) AS day FROM daily UNION ALL SELECT min(day) FROM imported)").fetchone()[0]
 
 
 def views_per_site(conn: sqlite3.Connection, span: Range) -> Dict[str, int]:
@@ -4918,6 +5068,9 @@ EXPORT_FIELDS = (
     "time", "type", "site", *(field.name for dim in DIMENSIONS + (EVENT_NAMES,) for field in dim.fields), *ROW_NUMBERS, *EVENT_EXTRAS, "note",
 )
 IMPORT_BATCH = 20_000
+MISSING: Any = object()  # a cache's answer for what it does not hold
+MAX_OUTCOMES = 1 << 16  # distinct row contents an import remembers the reading of (no visitor, no time: see ``_add_visitor_row``)
+IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter", "umami", "plausible")
 _COMBINED = re.compile(
     r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
     r'(?P<status>\d{3}) \S+(?: "(?P<referrer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?'
@@ -5013,14 +5166,16 @@ class Importer:
     """
 
     def __init__(self, conn: sqlite3.Connection, config: Config, geoip: Any, progress: Callable[[str], None]) -> None:
-        self.store = Store(conn)
+        self.store = Store(conn, shares_cpu=False)
         self.config = config
         self.site = config.sites[0] if config.sites else ""
         self.geoip = geoip
         self.progress = progress
         self.memo = Memo()
+        self.outcomes: Dict[Tuple[str, ...], Outcome] = {}  # what a foreign row's content reads as, whatever its time and visitor
         self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
         self.imported = self.filtered = self.skipped = self.notes = 0
+        self.unit = "page views and events"
         self.batch = Batch()
         self._started = self._reported = time.monotonic()
 
@@ -5030,7 +5185,10 @@ class Importer:
         if seen and not force:
             when = dt.datetime.fromtimestamp(seen[0], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
-        readers = {"csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined}
+        readers = {
+            "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined,
+            "goatcounter": self._read_goatcounter, "umami": self._read_umami, "plausible": self._read_plausible,
+        }
         readers[fmt](path)
         self._flush()
         self.store.conn.execute(
@@ -5039,19 +5197,67 @@ class Importer:
         )
         seconds = time.monotonic() - self._started
         self.progress(
-            f"imported {self.imported:,} page views and events from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
+            f"imported {self.imported:,} {self.unit} from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
             f"{self.filtered:,} filtered, {self.skipped:,} lines skipped" + (f"; {self.notes:,} new annotations" if self.notes else "")
         )
 
     def _read_csv(self, path: str) -> None:
-        with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        with open_text(path) as handle:
             reader = csv.reader(handle)
             header = next(reader, [])
             for row in reader:
                 self._add_record(dict(zip(header, row)))
 
+    def _read_goatcounter(self, path: str) -> None:
+        """GoatCounter's CSV export, version 2 (its ``tpl/help/export.md``), plain or gzipped. Its
+        ``Session`` names the visitor: it keys the import's own visitors, in memory, and is dropped."""
+        with open_text(path) as handle:
+            reader = csv.reader(handle)
+            header = goatcounter_header(next(reader, []))
+            session, date = header.index("session"), header.index("date")
+            content = operator.itemgetter(*(i for i, name in enumerate(header) if name not in ("session", "date", "firstvisit")))
+            for row in reader:
+                if not row:
+                    continue  # GoatCounter allows blank lines
+                if len(row) != len(header):
+                    self._add(None, live=True)
+                    continue
+                self._add_visitor_row(content(row), row[date], lambda row=row: goatcounter_record(dict(zip(header, row)), self.memo), row[session])
+
+    def _read_umami(self, path: str) -> None:
+        """Umami's ``website_event`` rows joined with their ``session`` (Umami Cloud's data export, or
+        ``psql \\copy``), read by column name: where both tables name a column, the event's comes
+        first. ``session_id`` keys the import's own visitors, in memory, and is dropped; visits follow
+        pixeld's 30-minute rule, so that they compare with pixeld's own (Umami's ``visit_id`` is not needed)."""
+        with open_text(path) as handle:
+            reader = csv.reader(handle)
+            header = [name.strip().lower() for name in next(reader, [])]
+            columns = {name: header.index(name) for name in reversed(header)}
+            unique = sorted(columns.values())
+            content = operator.itemgetter(*(index for index in unique if header[index] not in ("session_id", "visit_id", "created_at", "event_id")))
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    self._add(None, live=True)
+                    continue
+                fields = {name: row[index] for name, index in columns.items()}
+                self._add_visitor_row(content(row), umami_time(fields["created_at"]), lambda fields=fields: umami_record(fields), fields["session_id"])
+
+    def _read_plausible(self, path: str) -> None:
+        """Plausible's CSV export: a zip of daily aggregates per report section, not page views. They are
+        read whole, checked, and stored as imported daily counts (``Store.replace_imported``) that the
+        report adds to its own; nothing is written until every file has been read."""
+        aggregates, site, skipped = read_plausible(path, self.site)
+        if self.config.sites and not in_domains(site, self.config.sites):
+            raise ImportFailed(f"{path} holds the site {site!r}, which is not one of --site")
+        written, left_out = self.store.replace_imported(site, aggregates)
+        self.imported, self.skipped, self.unit = sum(len(values) for day, values in aggregates.items()), skipped, "daily counts"
+        self.progress(f"{site}: daily aggregates for {written:,} days imported" + (
+            f"; {left_out:,} days left out, on which pixeld counted page views of its own" if left_out else ""))
+
     def _read_ndjson(self, path: str) -> None:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open_text(path) as handle:
             for line in handle:
                 try:
                     row = json.loads(line)
@@ -5076,7 +5282,7 @@ class Importer:
             raise ImportFailed(f"{path} is not a database of the Flask tool: {error}") from None
 
     def _read_combined(self, path: str) -> None:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open_text(path) as handle:
             for line in handle:
                 match = _COMBINED.match(line)
                 when = parse_log_time(match.group("time")) if match else None
@@ -5110,6 +5316,26 @@ class Importer:
             return
         self.notes += add_annotation(self.store.conn, dt.datetime.fromtimestamp(when, dt.timezone.utc).date().isoformat(), site, text)[1]
 
+    def _add_visitor_row(self, content: Tuple[str, ...], when: str, record: Callable[[], Optional[Dict[str, Any]]], visitor: str) -> None:
+        """A foreign row that names its visitor (a session id): read as an export's row is (``record``
+        makes it one; ``read_record`` reads it), then placed in visits by the import's own visitors, the
+        id standing where a live hit's address stands (in memory only). A row without one is a visitor
+        of its own. What a row reads as depends on its content alone, not on its time or visitor: rows
+        that repeat a page, referrer and agent are read once."""
+        second = parse_stamp(when)
+        outcome = self.outcomes.get(content, MISSING) if second is not None else None
+        if outcome is MISSING:
+            row = record()
+            outcome = read_record(row, self.config, self.memo, self.site) if row else None
+            if len(self.outcomes) >= MAX_OUTCOMES:
+                self.outcomes.clear()
+            self.outcomes[content] = outcome
+        if isinstance(outcome, Accepted):
+            outcome = outcome._replace(view=PageView._make((second, *outcome.view[1:])), address=visitor or f"row {self.imported}")
+        elif isinstance(outcome, FilteredHit):
+            outcome = outcome._replace(time=second)
+        self._add(outcome, live=True)
+
     def _add(self, outcome: Outcome, live: bool) -> None:
         """Batch a row as the daemon batches a hit (``place``): an access log's lines are placed in
         visits by visitors of the import's own; an export's rows bring their visits along."""
@@ -5137,6 +5363,272 @@ class Importer:
             self.progress(f"{self.imported:,} rows, {self.imported / (now - self._started):,.0f} rows/s")
 
 
+def open_text(path: str) -> IO[str]:
+    """A text file, decompressed when it is gzipped (GoatCounter writes ``.csv.gz``)."""
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+GOATCOUNTER_GROUPS = {  # the names GoatCounter gives the referrers it groups (scheme g), as referrers pixeld can place
+    "hacker news": "news.ycombinator.com", "google": "google.com", "baidu": "baidu.com", "telegram messenger": "org.telegram.messenger",
+    "slack chat": "com.slack", "email": "Email (email)", "rss": "RSS (referral)",
+}
+DESKTOP_SYSTEMS = frozenset(("Windows", "macOS", "Linux", "ChromeOS", "FreeBSD", "OpenBSD"))
+FOREIGN_NAMES = {  # browser and system names as GoatCounter and Umami write them, as pixeld's reducer names them
+    "chrome os": "ChromeOS", "chromeos": "ChromeOS", "mac os x": "macOS", "mac os": "macOS", "os x": "macOS", "macos": "macOS", "android os": "Android",
+    "ios": "iOS", "windows": "Windows", "linux": "Linux", "msie": "Internet Explorer", "ie": "Internet Explorer", "samsung": "Samsung Internet",
+    "samsung browser": "Samsung Internet", "samsungbrowser": "Samsung Internet", "yandexbrowser": "Yandex", "yandex browser": "Yandex",
+    "edge-chromium": "Edge", "edge-ios": "Edge", "crios": "Chrome", "chromium-webview": "Chrome", "chrome mobile": "Chrome", "fxios": "Firefox",
+    "firefox mobile": "Firefox", "mobile safari": "Safari", "ios-webview": "Safari", "opera-mini": "Opera Mini",
+}
+
+
+UMAMI_BROWSERS = {  # Umami's browser ids (its BROWSERS), as pixeld's reducer names them; bots are filtered
+    "ios": "Safari", "ios-webview": "Safari", "crios": "Chrome", "fxios": "Firefox", "edge-chromium": "Edge", "edge-ios": "Edge", "chromium-webview": "Chrome",
+    "samsung": "Samsung Internet", "yandexbrowser": "Yandex", "opera-mini": "Opera Mini", "ie": "Internet Explorer", "miui": "Mi Browser", "bb10": "BlackBerry",
+}
+UMAMI_BOTS = frozenset(("searchbot", "curl", "phantomjs"))
+UMAMI_DEVICES = {"desktop": "desktop", "laptop": "desktop", "mobile": "phone", "tablet": "tablet"}
+UMAMI_REQUIRED = ("created_at", "url_path", "session_id")
+
+
+def umami_time(text: str) -> str:
+    """``created_at`` as ISO 8601: PostgreSQL writes the offset ``+00``."""
+    text = text.strip()
+    return text + ":00" if re.search(r"[+-]\d\d$", text) else text
+
+
+def umami_record(fields: Dict[str, str]) -> Optional[Dict[str, str]]:
+    """An Umami event row as pixeld's export names its fields, for ``read_record``: event type 1 is a
+    page view, 2 a custom event named ``event_name``; other types (links, pixels, web vitals) are not
+    page views (None)."""
+    kind = fields.get("event_type", "1").strip() or "1"
+    if kind not in ("1", "2"):
+        return None
+    utm = [fields.get(name, "") for name in ("utm_source", "utm_medium", "utm_campaign")]
+    if not any(utm) and fields.get("url_query"):
+        campaign = campaign_of(parse_query(fields["url_query"]))[0]
+    else:
+        campaign = " / ".join(utm) if any(utm) else ""
+    domain = fields.get("referrer_domain", "").strip()
+    browser = fields.get("browser", "").strip().lower()
+    return {
+        "time": umami_time(fields["created_at"]), "site": fields.get("hostname", ""), "type": "event" if kind == "2" else "pageview",
+        "event": fields.get("event_name", "") if kind == "2" else "",
+        "path": fields["url_path"], "title": fields.get("page_title", ""), "referrer": f"{domain}{fields.get('referrer_path', '')}" if domain else "",
+        "campaign": campaign, "country": fields.get("country", ""), "browser": UMAMI_BROWSERS.get(browser, browser.title()),
+        "os": foreign_name(fields.get("os", ""))[0],
+        "device": "bot" if browser in UMAMI_BOTS else UMAMI_DEVICES.get(fields.get("device", "").strip().lower(), ""), "screen": fields.get("screen", ""),
+        "language": fields.get("language", "").split("-", 1)[0].strip().lower(),
+    }
+
+
+PLAUSIBLE_TABLES = ("visitors", "sources", "pages", "entry_pages", "exit_pages", "custom_events", "locations", "devices", "browsers", "operating_systems")
+_PLAUSIBLE_MEMBER = re.compile(rf"(?:imported_)?({'|'.join(PLAUSIBLE_TABLES)})(?:_\d{{8}}_\d{{8}})?\.csv")
+MAX_ZIP_MEMBERS = 64
+MAX_ZIP_BYTES = 4 << 30  # all of a zip's files, uncompressed, at most
+MAX_ZIP_RATIO = 200  # a file that unpacks to more than 200 times its packed size (past a megabyte) is a zip bomb, not a CSV
+PLAUSIBLE_DEVICES = {"desktop": "desktop", "laptop": "desktop", "mobile": "phone", "tablet": "tablet"}
+PLAUSIBLE_NAMES = {"microsoft edge": "Edge", "samsung browser": "Samsung Internet", "mac": "macOS", "gnu/linux": "Linux", "ubuntu": "Linux"}
+PLAUSIBLE_NOT_EVENTS = frozenset(("pageview", "engagement"))
+
+
+def plausible_members(path: str) -> Dict[str, zipfile.ZipInfo]:
+    """The CSV files of Plausible's export zip by table, checked before any is read: every name is
+    one of its tables (no folder, no ``..``, nothing else), once; none is encrypted; sizes are bounded.
+    Nothing is ever extracted to disk."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
+        raise ImportFailed(f"{path} is not a readable zip file: {error}") from None
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise ImportFailed(f"{path} holds {len(infos):,} files: Plausible's export holds {len(PLAUSIBLE_TABLES)}")
+    members: Dict[str, zipfile.ZipInfo] = {}
+    for info in infos:
+        match = _PLAUSIBLE_MEMBER.fullmatch(info.filename)
+        if match is None or match.group(1) in members:
+            raise ImportFailed(f"{path} holds a file named {info.filename[:100]!r}, which is not one of Plausible's tables: refused")
+        if info.flag_bits & 1:
+            raise ImportFailed(f"{path} is encrypted: export it again from Plausible")
+        if info.file_size > 1 << 20 and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
+            raise ImportFailed(f"{path} unpacks {info.filename} to {info.file_size:,} bytes from {info.compress_size:,}: refused as a zip bomb")
+        members[match.group(1)] = info
+    if sum(info.file_size for info in members.values()) > MAX_ZIP_BYTES:
+        raise ImportFailed(f"{path} unpacks to more than {MAX_ZIP_BYTES >> 30} GiB: refused")
+    if "visitors" not in members:
+        raise ImportFailed(f"{path} is not Plausible's CSV export: it has no imported_visitors file")
+    return members
+
+
+def read_plausible(path: str, site: str) -> Tuple["Aggregates", str, int]:
+    """Every file of Plausible's export, as daily counts per report section: (the counts, the site, rows
+    skipped). The site is ``site`` or, without one, the host its pages name most. Each value is made safe
+    as a live hit's is; a row with a bad date is skipped; a bad number counts as 0; no number is invented."""
+    members = plausible_members(path)
+    tables: Dict[str, List[Dict[str, str]]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for table, info in members.items():
+                with archive.open(info) as member:
+                    reader = csv.reader(io.TextIOWrapper(member, encoding="utf-8", errors="replace", newline=""))
+                    header = [name.strip().lower() for name in next(reader, [])]
+                    tables[table] = [dict(zip(header, row)) for row in reader if len(row) == len(header)]
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, csv.Error, RuntimeError) as error:
+        raise ImportFailed(f"cannot read {path}: {error}") from None
+    if not site:
+        hosts = Counter(normalise_host(row.get("hostname", "")) for row in tables.get("pages", []))
+        hosts.pop("", None)
+        if not hosts:
+            raise ImportFailed(f"{path} does not name its site: give it with --site example.org")
+        site = hosts.most_common(1)[0][0]
+    aggregates: Aggregates = {}
+    skipped = 0
+    views_of: Dict[Tuple[int, str], int] = {}
+    for table in PLAUSIBLE_TABLES:
+        for row in tables.get(table, []):
+            day = plausible_day(row.get("date", ""))
+            if day is None:
+                skipped += 1
+                continue
+            for section, value, detail, metrics in plausible_counts(table, row, site):
+                if section == "pages":
+                    views_of[day, value] = views_of.get((day, value), 0) + metrics.get("views", 0)
+                if section == "exit_pages":
+                    metrics = {**metrics, "views": views_of.get((day, value), 0)}  # an exit rate is exits over the page's views
+                _, total = aggregates.setdefault(day, {}).setdefault((section, value), (detail, Totals()))
+                for name, amount in metrics.items():
+                    total.grow(name, amount)
+    return aggregates, site, skipped
+
+
+def plausible_day(text: str) -> Optional[int]:
+    """A day number from ``2024-01-31``, between 2000 and 2100; None for anything else."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text.strip()):
+        return None
+    try:
+        seconds = in_time_range(_midnight(text.strip()))
+    except ValueError:
+        return None
+    return None if seconds is None else seconds // DAY
+
+
+def plausible_counts(table: str, row: Dict[str, str], site: str) -> List[Tuple[str, str, str, Dict[str, int]]]:
+    """What a row of one of Plausible's tables adds, as (section, value, detail, metrics): section '' is
+    the day's headline numbers."""
+    number = {name: bounded(row.get(column), 1 << 40) for name, column in (
+        ("views", "pageviews"), ("visitors", "visitors"), ("visits", "visits"), ("bounces", "bounces"), ("duration", "visit_duration"),
+    )}
+    session = {name: number[name] for name in ("views", "visitors", "visits", "bounces", "duration")}
+    if table == "visitors":
+        return [("", "", "", session)]
+    if table == "pages":
+        return [("pages", normalise_path(row.get("page", "")), "", {"views": number["views"], "visitors": number["visitors"]})]
+    if table == "entry_pages":
+        entry = {"visits": bounded(row.get("entrances"), 1 << 40), "bounces": number["bounces"], "duration": number["duration"]}
+        return [("entry_pages", normalise_path(row.get("entry_page", "")), "", entry)]
+    if table == "exit_pages":
+        return [("exit_pages", normalise_path(row.get("exit_page", "")), "", {"exits": bounded(row.get("exits"), 1 << 40)})]
+    if table == "custom_events":
+        name = clean_event(row.get("name", ""))
+        events = {"views": bounded(row.get("events"), 1 << 40), "visitors": number["visitors"]}
+        return [] if not name or name in PLAUSIBLE_NOT_EVENTS else [("events", name, "", events)]
+    if table == "sources":
+        source, channel, referrer, campaign = plausible_source(row, site)
+        counts = [("sources", source, channel, session), ("channels", channel, "", session), ("referrers", referrer, "", session)]
+        return counts + ([("campaigns", campaign, "", session)] if campaign else [])
+    if table == "locations":
+        return [("countries", clean_country(row.get("country", "")), "", session)]
+    if table == "devices":
+        return [("devices", PLAUSIBLE_DEVICES.get(row.get("device", "").strip().lower(), ""), "", session)]
+    if table == "browsers":
+        name, _ = foreign_name(PLAUSIBLE_NAMES.get(row.get("browser", "").strip().lower(), row.get("browser", "")))
+        version = clean_version(row.get("browser_version", "").split(".", 1)[0])
+        return [("browsers", " ".join(filter(None, (clean_label(name), version))), "", session)]
+    if table == "operating_systems":
+        name, _ = foreign_name(PLAUSIBLE_NAMES.get(row.get("operating_system", "").strip().lower(), row.get("operating_system", "")))
+        return [("operating_systems", clean_label(name), "", session)]
+    return []
+
+
+SOURCE_NAMES = {name.lower(): (name, channel) for name, channel in {*SOURCE_HOSTS.values(), *SOURCE_COUNTRY_HOSTS.values()}}
+
+
+def plausible_source(row: Dict[str, str], site: str) -> Tuple[str, str, str, str]:
+    """(source, channel, referrer, campaign) of a row of Plausible's sources, as pixeld places a visit:
+    by its campaign, else its referrer, else the source's name (a known one gets its channel)."""
+    utm = [clean_text(row.get(name, ""), MAX_CAMPAIGN) for name in ("utm_source", "utm_medium", "utm_campaign")]
+    if any(utm):
+        campaign = clean_campaign(" / ".join([utm[0] or row.get("source", ""), *utm[1:]]))
+        referrer = campaign_referrer(campaign)
+    else:
+        campaign, referrer = "", normalise_referrer(with_scheme(row.get("referrer", "").strip()), site)
+    name = clean_text(row.get("source", ""), MAX_CAMPAIGN)
+    if not referrer and name and name.lower() != "direct / none":
+        known = SOURCE_NAMES.get(name.lower())
+        referrer = named_referrer(f"{known[0]} ({known[1]})" if known else f"{name} (referral)")
+    return (*classify_source(referrer), referrer, campaign)
+
+
+def goatcounter_header(header: List[str]) -> List[str]:
+    """The column names of a version 2 header, folded (``Referrer scheme`` is ``referrerscheme``): its
+    own test data writes ``2Path,Title,...``, its help page ``2,Path,Title,...``."""
+    names = header[1:] if header[:1] == ["2"] else [header[0][1:], *header[1:]] if header else []
+    return [re.sub(r"[\s_-]", "", name).lower() for name in names]
+
+
+def goatcounter_record(fields: Dict[str, str], memo: Memo) -> Dict[str, str]:
+    """A GoatCounter row as pixeld's export names its fields, for ``read_record``. An event is named
+    by its path; ``Bot`` other than 0 makes it a filtered hit; a referrer of every scheme (an address,
+    a group's name, a campaign, an app) gets its source and channel; ``US-TX`` is US."""
+    event = fields.get("event", "").strip().lower() in ("1", "true", "t")
+    browser, version = foreign_name(fields.get("browser", ""))
+    system = foreign_name(fields.get("system", ""))[0]
+    agent = memo(classify_user_agent, fields["useragent"]) if fields.get("useragent") else None  # only old exports kept it; it is not stored
+    bot = fields.get("bot", "0").strip() not in ("", "0") or (agent is not None and agent.device == "bot")
+    device = "bot" if bot else agent.device if agent is not None else "desktop" if system in DESKTOP_SYSTEMS else ""
+    referrer, campaign = goatcounter_referrer(fields.get("referrer", ""), fields.get("referrerscheme", ""))
+    location = fields.get("location", "")
+    path = fields.get("path", "")
+    return {
+        "time": fields.get("date", ""), "type": "event" if event else "pageview", "path": "" if event else path, "event": path if event else "",
+        "title": fields.get("title", ""), "referrer": referrer, "campaign": campaign, "country": location[:2] if location[2:3] in ("", "-") else "",
+        "browser": browser, "version": version, "os": system, "device": device, "screen": goatcounter_screen(fields.get("screensize", "")),
+    }
+
+
+def goatcounter_referrer(referrer: str, scheme: str) -> Tuple[str, str]:
+    """(referrer, campaign) of a GoatCounter referrer and its scheme: ``h`` an address without its
+    scheme, ``g`` a group's name, ``c`` a campaign's source, ``o`` anything else (an Android app's id)."""
+    referrer = referrer.strip()
+    if not referrer:
+        return "", ""
+    if scheme == "c":
+        return "", referrer
+    if scheme == "g" and ("." not in referrer or " " in referrer):
+        return GOATCOUNTER_GROUPS.get(referrer.lower()) or f"{referrer} (referral)", ""
+    return referrer, ""
+
+
+def goatcounter_screen(value: str) -> str:
+    """``1280,768,1`` (width, height, scale) as ``1280,768``; GoatCounter now keeps widths alone (``1280,0,1``): ``1280``."""
+    width, _, rest = value.partition(",")
+    height = rest.split(",", 1)[0].strip()
+    return f"{width},{height}" if height not in ("", "0") else width
+
+
+def foreign_name(value: str) -> Tuple[str, str]:
+    """A browser's or system's name and major version as another tool writes them (``Chrome 86``,
+    ``Safari 14.0``, ``Windows 7``, ``Mac OS``), named as pixeld's reducer names them."""
+    name, _, version = value.strip().rpartition(" ")
+    if not name or not version[:1].isdigit():
+        name, version = value.strip(), ""
+    return FOREIGN_NAMES.get(name.lower(), name), version.split(".", 1)[0]
+
+
 FLASK_BROWSERS = {"chrome": "Chrome", "firefox": "Firefox", "safari": "Safari", "edge": "Edge", "msie": "Internet Explorer", "opera": "Opera", "samsungbrowser": "Samsung Internet", "yandex": "Yandex"}
 FLASK_BOTS = {"google", "msn", "yahoo", "ask", "aol", "baidu", "bingbot", "googlebot", "yandexbot"}
 
@@ -5152,7 +5644,7 @@ def unescape_log(value: str) -> str:
     return value.replace('\\"', '"').replace("\\\\", "\\") if value != "-" else ""
 
 
-SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database"}
+SITELESS_FORMATS = {"combined": "an access log", "flask": "a Flask database", "goatcounter": "a GoatCounter export"}
 
 
 def require_site(fmt: str, config: Config) -> None:
@@ -5169,12 +5661,21 @@ def detect_format(path: str, fmt: str = "") -> str:
     try:
         with open(path, "rb") as handle:
             head = handle.read(65536)
-    except OSError as error:
+        if head.startswith(b"\x1f\x8b"):
+            head = check_gzip(path)
+    except (OSError, EOFError, zlib.error) as error:
         raise ImportFailed(f"cannot read {path}: {error_reason(error)}") from None
     if not head.strip():
         raise ImportFailed(f"{path} is empty: nothing to import")
+    first_line = head.split(b"\n", 1)[0].strip()
     if head.startswith(b"SQLite format 3\x00"):
         detected = "flask"
+    elif head.startswith(b"PK\x03\x04"):
+        detected = "plausible"
+    elif re.match(rb"\d+,?Path,", first_line):
+        detected = "goatcounter"
+    elif b"url_path" in first_line and b"session_id" in first_line:
+        detected = "umami"
     elif head.lstrip().startswith(b"{"):
         detected = "ndjson"
     elif head.startswith(b"time,") or b",path," in head.split(b"\n", 1)[0]:
@@ -5182,14 +5683,41 @@ def detect_format(path: str, fmt: str = "") -> str:
     else:
         detected = "combined"
     fmt = fmt or detected
+    if fmt == "plausible":
+        plausible_members(path)
+        return fmt
     lines = head.decode("utf-8", "replace").splitlines()[:100]
     if fmt == "csv" and not {"time", "path"} <= set(next(csv.reader(lines[:1]), [])):
         raise ImportFailed(f"{path} is not a pixeld CSV export (it needs at least the columns time and path)")
+    if fmt == "goatcounter":
+        check_goatcounter_header(path, next(csv.reader(lines[:1]), []))
+    if fmt == "umami" and not set(UMAMI_REQUIRED) <= {name.strip().lower() for name in next(csv.reader(lines[:1]), [])}:
+        raise ImportFailed(f"{path} is not Umami's events joined with their sessions (it needs at least the columns {', '.join(UMAMI_REQUIRED)})")
     if fmt == "ndjson" and not any(_is_export_object(line) for line in lines):
         raise ImportFailed(f"{path} is not a pixeld NDJSON export (no line is an object with a time)")
     if fmt == "combined" and not any(_COMBINED.match(line) for line in lines):
         raise ImportFailed(f"{path} is not a file pixeld can import: neither an export, a Flask database nor a combined access log")
     return fmt
+
+
+def check_gzip(path: str) -> bytes:
+    """A gzipped file's first 64 KiB, once the whole file has been read through (its checksum too), so
+    that a file cut short or damaged is refused before anything is written."""
+    with gzip.open(path, "rb") as handle:
+        head = handle.read(65536)
+        while handle.read(1 << 20):
+            pass
+    return head
+
+
+def check_goatcounter_header(path: str, header: List[str]) -> None:
+    """Refuse a GoatCounter export of another version, or one without the columns a hit needs."""
+    version = re.match(r"\d*", header[0] if header else "").group()  # type: ignore[union-attr]
+    if version != "2":
+        raise ImportFailed(f"{path} is a GoatCounter export of version {version or 'unknown'}: pixeld reads version 2 (export it again from GoatCounter)")
+    missing = [name for name in ("path", "event", "session", "date") if name not in goatcounter_header(header)]
+    if missing:
+        raise ImportFailed(f"{path} is not a GoatCounter export: its header lacks {', '.join(missing)}")
 
 
 def _is_export_object(line: str) -> bool:
@@ -6613,11 +7141,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
-    import_cmd = commands.add_parser("import", help="bring page views in from a file", description="Import page views: pixeld's own export, the 2020 Flask tool's database, or a combined access log.")
+    import_cmd = commands.add_parser(
+        "import", help="bring page views in from a file",
+        description="Import page views: pixeld's own export, GoatCounter's CSV export, Umami's events, Plausible's CSV export (daily aggregates), "
+                    "the 2020 Flask tool's database, or a combined access log.",
+    )
     import_cmd.add_argument("file")
     add_db_option(import_cmd, "created if missing")
     add_env_file_option(import_cmd)
-    import_cmd.add_argument("--format", default="", choices=("csv", "ndjson", "flask", "combined"), help="the file's kind (default: detected)")
+    import_cmd.add_argument("--format", default="", choices=IMPORT_FORMATS, help="the file's kind (default: detected)")
     add_filter_options(import_cmd, " The first is the host of rows that name none (Flask database, access logs).")
     add_goal_option(import_cmd)
     import_cmd.add_argument("--geoip", metavar="FILE.mmdb", help="look up countries for access logs; the addresses are then dropped [$PIXELD_GEOIP]")

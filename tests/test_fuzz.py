@@ -73,8 +73,8 @@ def check_domain(view):
     assert view["device"] in ("desktop", "phone", "tablet", "other")
     assert view["language"] == "" or re.fullmatch(r"[a-z]{2,3}", view["language"])
     if view["screen"]:
-        width, height = map(int, view["screen"].split("x"))
-        assert 0 < width <= pixeld.MAX_SCREEN and 0 < height <= pixeld.MAX_SCREEN
+        width, _, height = view["screen"].partition("x")  # a width alone is kept as a width
+        assert 0 < int(width) <= pixeld.MAX_SCREEN and 0 < int(height or 1) <= pixeld.MAX_SCREEN
 
 
 REPORT_KEYS = st.sampled_from(["range", "start", "end", "tz", "site", "format", "limit", "section", "ascii", "path", "referrer", "country", "browser", "os", "device", "language", "x"])

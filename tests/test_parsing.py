@@ -76,7 +76,8 @@ def test_normalise_referrer(raw, expected):
 
 @pytest.mark.parametrize(
     "raw, expected",
-    [("1920,1080", "1920x1080"), ("390x844", "390x844"), ("0,100", ""), ("100001,5", ""), ("abc", ""), ("", ""), ("1920,", ""), ("-1,5", "")],
+    [("1920,1080", "1920x1080"), ("390x844", "390x844"), ("0,100", ""), ("100001,5", ""), ("abc", ""), ("", ""), ("1920,", ""), ("-1,5", ""),
+     ("1280", "1280"), ("1280,0", ""), ("0", "")],  # GoatCounter keeps a width alone: it stays a width
 )
 def test_normalise_screen(raw, expected):
     assert pixeld.normalise_screen(raw) == expected
