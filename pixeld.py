@@ -6162,6 +6162,7 @@ ENVIRONMENT = {
     "hit_path": "PIXELD_HIT_PATH",
     "public_report": "PIXELD_PUBLIC_REPORT",
     "goal": "PIXELD_GOALS",
+    "site_id": "PIXELD_SITE_IDS",
 }
 
 
@@ -6248,6 +6249,10 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--queue-limit", metavar="N", help="hits held in memory while the database cannot take them; more are dropped and counted (default 100000) [$PIXELD_QUEUE_LIMIT]")
     command.add_argument("--hit-path", metavar="PATH", help="serve the hit endpoint at this path as well as /pixel.gif, like /hit (see Content blockers) [$PIXELD_HIT_PATH]")
     command.add_argument("--public-report", action="store_true", default=None, help="anyone may read /report (never /export); set to 1 [$PIXELD_PUBLIC_REPORT]")
+    command.add_argument(
+        "--site-id", metavar="UUID=DOMAIN", action="append",
+        help="the site an Umami website id stands for, for pages that keep Umami's tracker; repeatable [$PIXELD_SITE_IDS, comma-separated]",
+    )
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
     add_goal_option(command)
 
@@ -6367,6 +6372,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         hit_path=parse_hit_path(setting(args, "hit_path", environ, DEFAULT_HIT_PATH)),
         public_report=str(setting(args, "public_report", environ, "")).lower() in ("1", "true", "yes", "on"),
         goals=goals_of(args, environ),
+        site_ids=parse_site_ids(listed(args, "site_id", environ) or ()),
     )
 
 
@@ -6596,8 +6602,9 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
     import urllib.error
     import urllib.request
 
-    def get(path: str) -> Tuple[int, str]:
-        request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    def get(path: str, method: str = "GET", data: Optional[bytes] = None) -> Tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(url + path, data, {**headers, "Content-Type": "text/plain"} if data else headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
                 return answer.status, answer.read(65536).decode("utf-8", "replace")
@@ -6615,7 +6622,19 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
         return findings + [("warn", f"{url}/whoami: {status or 'no answer'}: {body.strip()[:120]}")]
     lines = body.strip().splitlines()
     warned = any(line.startswith("warning:") for line in lines)
-    return findings + [("warn" if warned else "ok", f"{url}/whoami: " + "; ".join(lines))]
+    return findings + [("warn" if warned else "ok", f"{url}/whoami: " + "; ".join(lines)), doctor_trackers(get)]
+
+
+def doctor_trackers(get: Callable[..., Tuple[int, str]]) -> Finding:
+    """Other tools' tags pointed at pixeld need /count, /api/event, /api/send and the script addresses to get
+    through the proxy too; a dry run of a Plausible page view says what such a hit would be."""
+    expected = {("/count?dry_run=1", "GET"): 200, ("/api/event", "OPTIONS"): 204, ("/api/send", "OPTIONS"): 204, ("/js/script.js", "GET"): 200, ("/script.js", "GET"): 200}
+    broken = [f"{method} {path.split('?')[0]} answers {status or 'nothing'}" for (path, method), want in expected.items() for status, _ in [get(path, method)] if status != want]
+    if broken:
+        return "warn", "other trackers: " + "; ".join(broken) + " (pages that keep GoatCounter's, Plausible's or Umami's tag need them)"
+    sample = json.dumps({"n": "pageview", "u": "https://example.org/doctor", "d": "example.org"}).encode()
+    _, verdict = get("/api/event?dry_run=1", "POST", sample)
+    return "ok", f"other trackers: /count, /api/event, /api/send, /js/script.js and /script.js answer; a Plausible page view of example.org: {verdict.strip()[:160]}"
 
 
 def create_app(environ: Optional[Dict[str, str]] = None) -> App:
