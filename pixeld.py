@@ -1990,7 +1990,7 @@ def _midnight(date: str) -> int:
 # into the pixel's own parameters (a RawHit) and then takes the one pipeline, read_hit -> place -> the
 # writer. Nothing else of their payload is kept: no ids, no session or cache tokens, no `rnd`.
 
-MAX_BODY = 8 * 1024  # a tracker's JSON body at most (theirs are a few hundred bytes); the server reads no more
+MAX_BODY = 8 * 1024  # a tracker's JSON body at most (theirs are a few hundred bytes); a larger one is refused
 MAX_FOREIGN_PROPS = 10  # properties taken from one event, as many as the pixel takes
 TRACKER_PATHS = {"/count": "goatcounter", "/api/event": "plausible", "/api/send": "umami"}
 FOREIGN_PROBLEMS = ("too large", "content type", "malformed json", "missing fields")  # bad input, as /metrics counts it
@@ -5537,6 +5537,7 @@ def plain(status: str, message: str) -> Answer:
 MAX_REQUEST_LINE = 32 * 1024  # pixel URLs carry a title and a referrer; real browsers stay far below this
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADERS = 100
+MAX_READ_BODY = 8 * MAX_BODY  # bodies read, so that even a too large one is answered on a connection that stays usable
 WORKERS = 4
 SEND_TIMEOUT = 10.0
 ERROR_STATUSES = {
@@ -5602,9 +5603,9 @@ def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Re
     connection = environ.get("HTTP_CONNECTION", "").lower()
     keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
     length = environ.get("CONTENT_LENGTH", "")
-    body_size = int(length) if length.isdigit() and len(length) < 10 and int(length) <= MAX_BODY and "HTTP_TRANSFER_ENCODING" not in environ else 0
+    body_size = int(length) if length.isdigit() and len(length) < 10 and int(length) <= MAX_READ_BODY and "HTTP_TRANSFER_ENCODING" not in environ else 0
     if (length not in ("", "0") and not body_size) or "HTTP_TRANSFER_ENCODING" in environ:
-        keep_alive = False  # a body that is not read (chunked, or larger than any tracker sends) ends the connection with this request
+        keep_alive = False  # a body that is not read (chunked, or far larger than any tracker's) ends the connection with this request
     return Request(environ, keep_alive, body_size)
 
 
@@ -5745,8 +5746,8 @@ class Server:
     One thread owns every socket: it accepts, reads and parses requests without blocking, so idle
     and slow clients cost a socket, never a thread. Each connection must deliver a complete
     request within ``request_timeout`` seconds (a total deadline, not a per-read timeout), and
-    request lines and headers are capped, and so are bodies (``MAX_BODY``: the JSON that other tools'
-    trackers post; a larger body is not read, and its connection ends with the answer). When
+    request lines and headers are capped, and so are bodies (the JSON that other tools' trackers post:
+    past ``MAX_READ_BODY`` a body is not read, and its connection ends with the answer). When
     connections reach the cap (kept below the open-file limit) or ``accept`` fails for lack of file
     descriptors, the longest-waiting idle connection is closed. Paths the app declares non-blocking (the pixel) are answered on this thread, keeping the
     hot path free of hand-offs; everything else runs on a small pool of worker threads. Keep-alive,
