@@ -6605,7 +6605,9 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
 
     def get(path: str, method: str = "GET", data: Optional[bytes] = None) -> Tuple[int, str]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        request = urllib.request.Request(url + path, data, {**headers, "Content-Type": "text/plain"} if data else headers, method=method)
+        if data:  # a sample hit, as a reader's browser would send it
+            headers.update({"Content-Type": "text/plain", "User-Agent": DOCTOR_BROWSER})
+        request = urllib.request.Request(url + path, data, headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
                 return answer.status, answer.read(65536).decode("utf-8", "replace")
@@ -6626,6 +6628,9 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
     return findings + [("warn" if warned else "ok", f"{url}/whoami: " + "; ".join(lines)), doctor_trackers(get)]
 
 
+DOCTOR_BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
+
+
 def doctor_trackers(get: Callable[..., Tuple[int, str]]) -> Finding:
     """Other tools' tags pointed at pixeld need /count, /api/event, /api/send and the script addresses to get
     through the proxy too; a dry run of a Plausible page view says what such a hit would be."""
@@ -6635,7 +6640,7 @@ def doctor_trackers(get: Callable[..., Tuple[int, str]]) -> Finding:
         return "warn", "other trackers: " + "; ".join(broken) + " (pages that keep GoatCounter's, Plausible's or Umami's tag need them)"
     sample = json.dumps({"n": "pageview", "u": "https://example.org/doctor", "d": "example.org"}).encode()
     _, verdict = get("/api/event?dry_run=1", "POST", sample)
-    return "ok", f"other trackers: /count, /api/event, /api/send, /js/script.js and /script.js answer; a Plausible page view of example.org: {verdict.strip()[:160]}"
+    return "ok", f"other trackers: /count, /api/event, /api/send, /js/script.js and /script.js answer; a Plausible page view from Firefox: {verdict.strip()[:100]}"
 
 
 def create_app(environ: Optional[Dict[str, str]] = None) -> App:
