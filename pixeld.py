@@ -55,7 +55,7 @@ import zoneinfo
 from collections import Counter, deque
 from functools import lru_cache
 from typing import Any, Callable, Deque, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
-from urllib.parse import SplitResult, unquote, urlencode, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlencode, urlsplit
 from urllib.parse import clear_cache as clear_url_cache  # undocumented, in every Python 3
 from wsgiref.handlers import BaseHandler, format_date_time
 
@@ -2060,7 +2060,8 @@ def plausible_hit(base: RawHit, data: Dict[str, Any]) -> ForeignHit:
     parts = split_url(url) if isinstance(url, str) else None
     if not isinstance(name, str) or not name or not isinstance(domain, str) or parts is None or not parts.netloc:
         return ForeignHit(None, "missing fields")
-    path = parts.path + ("%23" + parts.fragment if data.get("h") and parts.fragment else "")  # hash routing: /#/about
+    route = quote(unquote(parts.fragment).split("?", 1)[0], safe="/") if data.get("h") else ""  # hash routing: /#/about, never its query
+    path = parts.path + ("%23" + route if route else "")
     params = page_params(parts.query, path, text_of(data.get("t")), text_of(data.get("r")), text_of(data.get("s")))
     params["host"] = domain.split(",", 1)[0]
     if name == "engagement":
@@ -5096,7 +5097,10 @@ TRACKER_JS = r"""(function (w, d, l, n) {
       }
       if (has("tagged-events") && typeof el.className == "string")
         el.className.split(/\s+/).forEach(function (x) {
-          if ((m = /^plausible-event-(.+?)(?:=|--)(.+)$/.exec(x))) m[1] == "name" ? (name = m[2].replace(/\+/g, " ")) : (props[m[1]] = m[2].replace(/\+/g, " "));
+          if ((m = /^plausible-event-(.+?)(?:=|--)(.+)$/.exec(x))) {
+            m[2] = m[2].replace(/\+/g, " ");
+            m[1] == "name" ? (name = m[2]) : (props[m[1]] = m[2]);
+          }
         });
       if (name) return [name, props];
     }
@@ -5381,7 +5385,7 @@ class App:
         refused = {f'tracker="{tracker}",reason="{reason}"': n for (tracker, reason), n in sorted(rejected.items())}
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
             {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
-             "rejected_requests_total": ("Other trackers' requests refused as bad input (too large, wrong content type, malformed JSON, missing fields).", refused),
+             "rejected_requests_total": ("Other trackers' requests refused as bad input: too large, content type, malformed JSON, missing fields.", refused),
              "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped)},
             gauges,
         ).encode()
@@ -6634,13 +6638,15 @@ DOCTOR_BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firef
 def doctor_trackers(get: Callable[..., Tuple[int, str]]) -> Finding:
     """Other tools' tags pointed at pixeld need /count, /api/event, /api/send and the script addresses to get
     through the proxy too; a dry run of a Plausible page view says what such a hit would be."""
-    expected = {("/count?dry_run=1", "GET"): 200, ("/api/event", "OPTIONS"): 204, ("/api/send", "OPTIONS"): 204, ("/js/script.js", "GET"): 200, ("/script.js", "GET"): 200}
-    broken = [f"{method} {path.split('?')[0]} answers {status or 'nothing'}" for (path, method), want in expected.items() for status, _ in [get(path, method)] if status != want]
+    expected = {**{(path, "OPTIONS"): 204 for path in TRACKER_PATHS}, ("/js/script.js", "GET"): 200, ("/script.js", "GET"): 200}
+    answers = {(path, method): get(path, method)[0] for path, method in expected}
+    broken = [f"{method} {path} answers {status or 'nothing'}" for (path, method), status in answers.items() if status != expected[path, method]]
     if broken:
         return "warn", "other trackers: " + "; ".join(broken) + " (pages that keep GoatCounter's, Plausible's or Umami's tag need them)"
     sample = json.dumps({"n": "pageview", "u": "https://example.org/doctor", "d": "example.org"}).encode()
     _, verdict = get("/api/event?dry_run=1", "POST", sample)
-    return "ok", f"other trackers: /count, /api/event, /api/send, /js/script.js and /script.js answer; a Plausible page view from Firefox: {verdict.strip()[:100]}"
+    listed = "/count, /api/event, /api/send, /js/script.js and /script.js"
+    return "ok", f"other trackers: {listed} answer; a Plausible page view from Firefox: {verdict.strip()[:100]}"
 
 
 def create_app(environ: Optional[Dict[str, str]] = None) -> App:

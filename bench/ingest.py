@@ -301,7 +301,7 @@ def main():
     parser.add_argument("--soak-rate", type=float, default=8000, help="the soak's request rate")
     parser.add_argument("--nginx", action="store_true", help="also measure nginx's empty_gif with the same load")
     parser.add_argument("--flask", action="store_true", help="also measure the 2020 Flask design on gunicorn (pip install -r bench/requirements.txt)")
-    parser.add_argument("--trackers", action="store_true", help="GoatCounter's /count and Plausible's /api/event beside /pixel.gif, under the same load, in turns")
+    parser.add_argument("--trackers", action="store_true", help="GoatCounter's /count and Plausible's /api/event beside /pixel.gif, same load")
     parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
     args = parser.parse_args()
     if not shutil.which("wrk"):

@@ -8,7 +8,6 @@ import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
@@ -48,7 +47,8 @@ def committed(daemon, views: int) -> None:
 def test_goatcounter_count_takes_what_count_js_sends(start_daemon):
     daemon = start_daemon()
     page = {"Referer": "https://example.org/", "User-Agent": CHROME}
-    query = {"p": "/blog/post?x=1", "t": "A post", "r": "https://news.ycombinator.com/item?id=1", "s": "1280,800,2", "q": "?utm_source=Mastodon&secret=9", "rnd": "kq8z"}
+    query = {"p": "/blog/post?x=1", "t": "A post", "r": "https://news.ycombinator.com/item?id=1", "s": "1280,800,2", "q": "?utm_source=Mastodon&secret=9",
+             "rnd": "kq8z"}
     answer = daemon.get("/count?" + urlencode(query), page)
     assert (answer.status, answer.headers["content-type"], answer.body) == (200, "image/gif", pixeld.GIF)
     beacon = daemon.get("/count?" + urlencode({"p": "/about", "t": "About", "r": "", "s": "390,844,3", "q": "", "rnd": "a1"}), page, method="POST")
@@ -106,6 +106,9 @@ def test_plausible_props_and_not_found_become_pixel_parameters():
     assert sum(key.startswith("prop_") for key in many) == pixeld.MAX_FOREIGN_PROPS
     missing = params({"n": "404", "u": "https://example.org/old-post", "d": "example.org", "p": {"path": "/old-post"}})
     assert (missing["event"], missing["path"]) == ("404", "/old-post") and "prop_path" not in missing
+    route = params({"n": "pageview", "u": "https://example.org/app#/search%3Fq%3Dsecret?page=2", "d": "example.org", "h": 1})
+    assert pixeld.normalise_path(route["path"]) == "/app#/search"  # a hash route, never its query
+    assert pixeld.normalise_path(params({"n": "pageview", "u": "https://example.org/app#/x", "d": "example.org"})["path"]) == "/app"
     download = params({"n": "File Download", "u": "https://example.org/", "d": "example.org", "p": {"url": "https://example.org/files/book.pdf?sig=1"}})
     assert download["event"] == "download:/files/book.pdf" and "prop_url" not in download
 
@@ -393,7 +396,8 @@ def test_an_umami_tag_kept_as_it_is_is_counted_by_pixelds_tracker(start_daemon, 
         site.server.shutdown()
     daemon.stop()
     views = stored_pageviews(daemon.db)
-    assert [(view["site"], view["path"], view["title"]) for view in views] == [("site.test", "/manual", "Manual"), ("site.test", "/app", "App"), ("site.test", "/app/next", "App")]
+    assert [(view["site"], view["path"], view["title"]) for view in views] == [
+        ("site.test", "/manual", "Manual"), ("site.test", "/app", "App"), ("site.test", "/app/next", "App")]
     assert {view["screen"] for view in views} == {"1234x987"} and {view["language"] for view in views} == {"en"}
 
 
@@ -429,7 +433,8 @@ def test_plausibles_official_npm_tracker_in_chromium(start_daemon, context, node
         site.server.shutdown()
     daemon.stop()
     views = stored_pageviews(daemon.db)
-    assert [(view["site"], view["path"], view["referrer"]) for view in views] == [("site.test", "/app", "other.test"), ("site.test", "/app/pricing", "other.test")]
+    assert [(view["site"], view["path"], view["referrer"]) for view in views] == [
+        ("site.test", "/app", "other.test"), ("site.test", "/app/pricing", "other.test")]
     assert {view["browser"] for view in views} == {"Chrome"}
 
 
@@ -446,7 +451,8 @@ umami.init({{ websiteId: {json.dumps(SITE_ID)}, hostUrl: {json.dumps(f"http://12
 (async () => {{
   const answers = [];
   for (const call of [
-    () => umami.track({{ url: "/from-node?utm_source=Newsletter", title: "Node <b>page</b>", hostname: "example.org", referrer: "https://lobste.rs/", screen: "1440x900", language: "fr-FR" }}),
+    () => umami.track({{ url: "/from-node?utm_source=Newsletter", title: "Node <b>page</b>", hostname: "example.org",
+                         referrer: "https://lobste.rs/", screen: "1440x900", language: "fr-FR" }}),
     () => umami.track("signup", {{ plan: "pro" }}),
     () => umami.identify({{ email: "reader@example.com" }}),
   ]) {{
