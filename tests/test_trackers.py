@@ -472,3 +472,19 @@ umami.init({{ websiteId: {json.dumps(SITE_ID)}, hostUrl: {json.dumps(f"http://12
     assert (view["site"], view["path"], view["title"], view["screen"], view["language"], view["browser"]) == (
         "example.org", "/from-node", "Node <b>page</b>", "1440x900", "fr", "Firefox")
     assert view["source"] == "newsletter"
+
+
+def test_markup_in_every_field_they_send_is_escaped_in_the_report(start_daemon):
+    daemon = start_daemon("--site-id", f"{SITE_ID}=example.org")
+    evil = "<script>alert(1)</script>"
+    post(daemon, "/api/event", {"n": "pageview", "u": f"https://example.org/{evil}", "d": "example.org", "r": f"https://evil.example/{evil}"})
+    post(daemon, "/api/event", {"n": evil, "u": "https://example.org/", "d": "example.org", "p": {evil: evil}})
+    umami = {"website": SITE_ID, "url": f"/u{evil}", "title": evil, "referrer": f"https://x.example/{evil}", "screen": evil, "language": evil}
+    post(daemon, "/api/send", {"type": "event", "payload": umami})
+    post(daemon, "/api/send", {"type": "event", "payload": {**umami, "name": f"u{evil}", "data": {"k": evil}}})
+    daemon.get(f"/count?p=/g{evil}&t={evil}&r=https://y.example/{evil}&s={evil}&q=?utm_source={evil}", {"User-Agent": CHROME, "Referer": "https://example.org/"})
+    committed(daemon, 3)
+    page = daemon.report("range=today&format=html").text
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert {f"/{evil}", f"/u{evil}", f"/g{evil}"} <= {row["value"] for row in daemon.report_json()["sections"]["pages"]}
+    assert set(events(daemon)) == {evil, f"u{evil}"}
