@@ -7,7 +7,8 @@ A pixel endpoint stores page views without cookies or anything that identifies a
 
 The file reads in the order data flows, one banner per section: configuration; request
 parsing and normalisation; the user-agent reducer; hits (one pipeline for live requests and
-imports); privacy (salts, visitor keys, visits); storage (the dimension registry, schema and
+imports); other trackers' hits (GoatCounter's, Plausible's and Umami's, turned into pixel
+hits); privacy (salts, visitor keys, visits); storage (the dimension registry, schema and
 migrations, batched inserts and counts); the writer; queries; report parameters and rendering;
 export and import; the snippet; the WSGI app; the server; the service (start-up, signals,
 sd_notify, watchdog); the command line.
@@ -2009,13 +2010,9 @@ class ForeignHit(NamedTuple):
 
 def foreign_hit(tracker: str, environ: Dict[str, Any], body: bytes, now: int, site_ids: Dict[str, str], memo: Optional[Memo] = None) -> ForeignHit:
     """A GoatCounter, Plausible or Umami request as the pixel hit it stands for, or why it is not one."""
-    base = RawHit(
-        now, {}, environ.get("HTTP_USER_AGENT", ""), environ.get("HTTP_REFERER", "") or environ.get("HTTP_ORIGIN", ""),
-        environ.get("HTTP_ACCEPT_LANGUAGE", ""), environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR", ""),
-        environ.get("HTTP_FORWARDED", ""), is_prefetch(environ),
-    )
+    base = raw_hit(environ, now, memo)  # their query, for GoatCounter; the headers, for all
     if tracker == "goatcounter":
-        return ForeignHit(base._replace(params=goatcounter_params(parse_query(environ.get("QUERY_STRING", ""), memo))))
+        return ForeignHit(base._replace(params=goatcounter_params(base.params)))
     data = json_body(environ, body)
     if isinstance(data, str):
         return ForeignHit(None, data)
@@ -2106,12 +2103,10 @@ def page_params(query: str, path: str, title: str, referrer: str, screen: str) -
 
 
 def engagement_params(engaged: Any, scroll: Any, per_second: int) -> Dict[str, str]:
-    """An engagement beacon's parameters; what is not a number fails the pipeline's own check."""
-    numbers = [value if isinstance(value, (int, float)) and not isinstance(value, bool) else None for value in (engaged, scroll)]
-    if None in numbers or not all(math.isfinite(value) for value in numbers):  # type: ignore[arg-type]
-        return {"engagement": "1", "engaged": "x", "scroll": "x"}
-    seconds, depth = numbers[0] / per_second, max(0, numbers[1])  # type: ignore[operator]
-    return {"engagement": "1", "engaged": f"{seconds:.1f}" if seconds >= 0 else "x", "scroll": f"{depth:.0f}"}
+    """An engagement beacon's parameters; without two numbers, the pipeline's own check finds it malformed."""
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) for value in (engaged, scroll)):
+        return {"engagement": "1"}
+    return {"engagement": "1", "engaged": f"{engaged / per_second:.1f}", "scroll": f"{max(0, scroll):.0f}"}
 
 
 def event_params(name: str, props: Dict[str, str]) -> Dict[str, str]:
@@ -5021,8 +5016,9 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 # (data-domain, data-api; data-website-id, data-host-url, data-domains, data-auto-track), the features in
 # Plausible's file name (hash, outbound-links, file-downloads, tagged-events, manual, local), keeps their
 # APIs (plausible(name, {props}) with its queue, umami.track(name, data)), posts in their formats (text/plain,
-# so no preflight), and reports reading time and scroll depth as the snippet does. It sends no title-less
-# Plausible hit: its t (title) and s (screen) are pixeld's additions, which Plausible's own server ignores.
+# so no preflight), and reports reading time and scroll depth as the snippet does: Plausible's engagement
+# event, or an Umami payload of type "engagement" that only pixeld knows. To Plausible's format it adds t
+# (the title) and s (the screen), which Plausible's own script does not send.
 TRACKER_JS = r"""(function (w, d, l, n) {
   var c = d.currentScript, a = function (k) { return c.getAttribute(k); }, src = c.src.split(/[?#]/)[0],
     parts = src.split("/").pop().split(".").slice(1, -1), has = function (f) { return parts.indexOf(f) >= 0; },
