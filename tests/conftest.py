@@ -262,10 +262,13 @@ def latin1(text: str) -> str:
     return text.encode("utf-8", "surrogatepass").decode("latin-1")
 
 
-def call(app: "pixeld.App", path: str, query: str = "", method: str = "GET", remote: str = "127.0.0.1", **headers: str) -> Response:
+def call(app: "pixeld.App", path: str, query: str = "", method: str = "GET", remote: str = "127.0.0.1", body: bytes = b"", content_type: str = "",
+         **headers: str) -> Response:
     """One request to the WSGI app. Headers are named as in HTTP (``User-Agent``) or as keywords (``USER_AGENT``)."""
     environ = {"PATH_INFO": path, "QUERY_STRING": latin1(query), "REQUEST_METHOD": method, "REMOTE_ADDR": remote}
     environ.update({"HTTP_" + name.upper().replace("-", "_"): latin1(value) for name, value in headers.items()})
+    if body or content_type:
+        environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": content_type})
     setup_testing_defaults(environ)
     environ["wsgi.errors"] = io.StringIO()
     answer: Dict[str, object] = {}
