@@ -5031,6 +5031,7 @@ TRACKER_JS = r"""(function (w, d, l, n) {
   function off() {
     try { if (localStorage.plausible_ignore == "true" || localStorage.getItem("umami.disabled")) return 1; } catch (x) {}
     if (n.webdriver || (domains.length && domains.indexOf(l.hostname) < 0)) return 1;
+    if (a("data-do-not-track") == "true" && (n.doNotTrack == "1" || w.doNotTrack == "1")) return 1;
     return !has("local") && (l.protocol == "file:" || /^(localhost|127\.|\[::1\]$)/.test(l.hostname));
   }
   function post(body, done) {

@@ -488,3 +488,26 @@ def test_markup_in_every_field_they_send_is_escaped_in_the_report(start_daemon):
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert {f"/{evil}", f"/u{evil}", f"/g{evil}"} <= {row["value"] for row in daemon.report_json()["sections"]["pages"]}
     assert set(events(daemon)) == {evil, f"u{evil}"}
+
+
+def test_umamis_do_not_track_attribute_is_honoured(start_daemon, browser):
+    daemon = start_daemon("--rate-limit", "0", "--site-id", f"{SITE_ID}=site.test")
+    stats = f"http://127.0.0.1:{daemon.port}"
+    site = Site({
+        "/respects": f'<title>DNT</title><script defer src="{stats}/script.js" data-website-id="{SITE_ID}" data-do-not-track="true"></script>',
+        "/ignores": f'<title>Plain</title><script defer src="{stats}/script.js" data-website-id="{SITE_ID}"></script>',
+    })
+    context = browser.new_context(user_agent=DESKTOP_CHROME)
+    context.add_init_script("Object.defineProperty(navigator, 'webdriver', {get: () => false});"
+                            "Object.defineProperty(navigator, 'doNotTrack', {get: () => '1'})")
+    try:
+        page = context.new_page()
+        page.goto(site.url("/respects"))
+        page.goto(site.url("/ignores"))
+        committed(daemon, 1)
+        time.sleep(1.2)  # one more flush: the first page's hit, had it been sent, would be counted by now
+    finally:
+        context.close()
+        site.server.shutdown()
+    daemon.stop()
+    assert [view["path"] for view in stored_pageviews(daemon.db)] == ["/ignores"]
