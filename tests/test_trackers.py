@@ -511,3 +511,26 @@ def test_umamis_do_not_track_attribute_is_honoured(start_daemon, browser):
         site.server.shutdown()
     daemon.stop()
     assert [view["path"] for view in stored_pageviews(daemon.db)] == ["/ignores"]
+
+
+def test_plausibles_hash_and_file_download_variants(start_daemon, context):
+    daemon = start_daemon("--rate-limit", "0")
+    stats = f"http://127.0.0.1:{daemon.port}"
+    site = Site({
+        "/app": '<title>App</title><a id="settings" href="#/settings">settings</a><a id="pdf" href="/files/book.pdf?sig=secret">the book</a>'
+                f'<script defer data-domain="site.test" src="{stats}/js/script.hash.file-downloads.js"></script>',
+        "/files/book.pdf": "pdf",
+    })
+    try:
+        page = context.new_page()
+        page.goto(site.url("/app"))
+        committed(daemon, 1)
+        page.click("#settings")  # a hash route is a page of its own
+        committed(daemon, 2)
+        with page.expect_request(lambda request: "/api/event" in request.url and "File Download" in (request.post_data or "")):
+            page.click("#pdf")
+        wait_for(lambda: events(daemon) == {"download:/files/book.pdf": 1})
+    finally:
+        site.server.shutdown()
+    daemon.stop()
+    assert [view["path"] for view in stored_pageviews(daemon.db)] == ["/app", "/app#/settings"]
