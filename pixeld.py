@@ -2092,7 +2092,7 @@ def umami_hit(base: RawHit, data: Dict[str, Any], site_ids: Dict[str, str]) -> F
     elif payload.get("name") is not None:
         params.update(event_params(text_of(payload.get("name")), parse_props(payload.get("data"))))
     language = text_of(payload.get("language"))
-    return ForeignHit(base._replace(params=params, accept_language=language or base.accept_language, page_url=""))
+    return ForeignHit(base._replace(params=params, accept_language=language or base.accept_language))  # no site named: the Origin's
 
 
 def page_params(query: str, path: str, title: str, referrer: str, screen: str) -> Dict[str, str]:
@@ -2110,10 +2110,9 @@ def engagement_params(engaged: Any, scroll: Any, per_second: int) -> Dict[str, s
 
 
 def event_params(name: str, props: Dict[str, str]) -> Dict[str, str]:
-    """An event with its properties (``prop_NAME``, as the pixel takes them); Plausible's ``404`` is a page not found."""
-    if name == "404":
-        return {"event": "404", **{f"prop_{key}": value for key, value in props.items() if key != "path"}}
-    return {"event": name, **{f"prop_{key}": value for key, value in props.items()}}
+    """An event with its properties (``prop_NAME``, as the pixel takes them). Plausible's ``404`` is the
+    snippet's page not found, the event ``404`` on the missing page, whose path prop it needs no more."""
+    return {"event": name, **{f"prop_{key}": value for key, value in props.items() if not (name == "404" and key == "path")}}
 
 
 def parse_props(value: Any) -> Dict[str, str]:
