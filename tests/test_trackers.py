@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import pytest
 
 import pixeld
-from conftest import CHROME, FIREFOX, Response, free_port, run_pixeld, stored_pageviews, wait_for
+from conftest import CHROME, FIREFOX, Response, free_port, require_tool, run_pixeld, stored_pageviews, wait_for
 from test_privacy import database_files
 
 SITE_ID = "5f1c7a1e-8a8b-4a0e-9d2c-3b4d5e6f7a8b"
@@ -442,7 +442,7 @@ def test_plausibles_official_npm_tracker_in_chromium(start_daemon, context, node
 
 
 def test_umamis_node_client_posts_to_a_real_daemon(start_daemon, node_clients, tmp_path):
-    node = subprocess.run(["which", "node"], capture_output=True, text=True).stdout.strip()
+    node = require_tool("node", "nodejs", package="nodejs")
     daemon = start_daemon("--site-id", f"{SITE_ID}=example.org")
     script = tmp_path / "client.js"
     script.write_text(f"""
