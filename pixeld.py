@@ -7,7 +7,8 @@ A pixel endpoint stores page views without cookies or anything that identifies a
 
 The file reads in the order data flows, one banner per section: configuration; request
 parsing and normalisation; the user-agent reducer; hits (one pipeline for live requests and
-imports); privacy (salts, visitor keys, visits); storage (the dimension registry, schema and
+imports); other trackers' hits (GoatCounter's, Plausible's and Umami's, turned into pixel
+hits); privacy (salts, visitor keys, visits); storage (the dimension registry, schema and
 migrations, batched inserts and counts); the writer; queries; report parameters and rendering;
 export and import; the snippet; the WSGI app; the server; the service (start-up, signals,
 sd_notify, watchdog); the digest and alerts (the e-mail, its sending, the hourly
@@ -86,6 +87,10 @@ LOOPBACK_NETWORKS: Tuple[IPNetwork, ...] = (
 )
 
 
+# Other tools' script addresses, served pixeld's tracker: Plausible's, combined too (/js/script.hash.outbound-links.js), and Umami's old one
+TRACKER_SCRIPT = re.compile(r"/js/(script|plausible)(\.[a-z-]{1,20}){0,8}\.js|/umami\.js")
+
+
 # Referrer spam: domains that fake visits to advertise themselves. Subdomains match too.
 SPAM_DOMAINS = frozenset(
     """
@@ -147,6 +152,7 @@ class Config:
     public_counters: bool = False  # anyone may read one path's views at /counter/PATH.json and .svg
     honour_gpc: bool = False  # a hit with Sec-GPC: 1 is an objection: filtered, not stored
     goals: Tuple[Goal, ...] = ()
+    site_ids: Tuple[Tuple[str, str], ...] = ()  # Umami website ids and the sites they name
 
 
 def parse_listen(value: str) -> Tuple[str, int]:
@@ -217,9 +223,22 @@ def parse_goals(values: Iterable[str]) -> Tuple[Goal, ...]:
     return tuple(goals.values())
 
 
+def parse_site_ids(values: Iterable[str]) -> Tuple[Tuple[str, str], ...]:
+    """``UUID=example.org``: the site that an Umami website id names."""
+    pairs: Dict[str, str] = {}
+    for value in values:
+        website, equals, site = value.partition("=")
+        website = website.strip().lower()
+        if not equals or not re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", website):
+            raise ConfigError(f"cannot parse site id {value[:80]!r}: use UUID=example.org, with the website id from Umami's tracking code")
+        pairs[website] = parse_domain(site, "site of a site id")
+    return tuple(pairs.items())
+
+
 def parse_hit_path(value: str) -> str:
     """Another path for the hit endpoint, like ``/hit``: one or more plain segments."""
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or value in ("/report", "/export", "/healthz", "/metrics", "/whoami"):
+    taken = ("/report", "/export", "/healthz", "/metrics", "/whoami", "/count", "/api/event", "/api/send", "/script.js")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or value in taken or TRACKER_SCRIPT.fullmatch(value):
         raise ConfigError(f"cannot use hit path {value[:60]!r}: use a plain path like /hit that no other endpoint uses")
     return value
 
@@ -2119,6 +2138,161 @@ def parse_export_stamp(text: str) -> Optional[int]:
 @lru_cache(maxsize=1024)
 def _midnight(date: str) -> int:
     return int(dt.datetime.strptime(date, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp())
+
+
+###############################################################################
+# Other trackers: GoatCounter, Plausible and Umami hits as pixel hits #########
+###############################################################################
+
+# Pages that still carry another tool's tracker keep being counted: each tool's request is translated
+# into the pixel's own parameters (a RawHit) and then takes the one pipeline, read_hit -> place -> the
+# writer. Nothing else of their payload is kept: no ids, no session or cache tokens, no `rnd`.
+
+MAX_BODY = 8 * 1024  # a tracker's JSON body at most (theirs are a few hundred bytes); a larger one is refused
+MAX_FOREIGN_PROPS = 10  # properties taken from one event, as many as the pixel takes
+TRACKER_PATHS = {"/count": "goatcounter", "/api/event": "plausible", "/api/send": "umami"}
+FOREIGN_PROBLEMS = ("too large", "content type", "malformed json", "missing fields")  # bad input, as /metrics counts it
+JSON_TYPES = ("application/json", "text/plain")  # Plausible's script posts text/plain, Umami's application/json
+PLAUSIBLE_LINK_EVENTS = {"Outbound Link: Click": "outbound:", "File Download": "download:"}  # named as pixeld's own events are
+TRUE = ("1", "true", "on", "yes")
+
+
+class ForeignHit(NamedTuple):
+    """What another tool's request comes to: a hit for the pipeline, or nothing to record and why."""
+
+    hit: Optional[RawHit]
+    problem: str = ""  # bad input: a short reason, for /metrics, the answer and the dry run
+    note: str = ""  # a well-formed request that records nothing (Umami's identify)
+
+
+def foreign_hit(tracker: str, environ: Dict[str, Any], body: bytes, now: int, site_ids: Dict[str, str], memo: Optional[Memo] = None) -> ForeignHit:
+    """A GoatCounter, Plausible or Umami request as the pixel hit it stands for, or why it is not one."""
+    base = raw_hit(environ, now, memo)  # their query, for GoatCounter; the headers, for all
+    if tracker == "goatcounter":
+        return ForeignHit(base._replace(params=goatcounter_params(base.params)))
+    data = json_body(environ, body)
+    if isinstance(data, str):
+        return ForeignHit(None, data)
+    if tracker == "plausible":
+        return plausible_hit(base, data)
+    return umami_hit(base, data, site_ids)
+
+
+def json_body(environ: Dict[str, Any], body: bytes) -> Union[Dict[str, Any], str]:
+    """A JSON object posted as text or JSON, or what is wrong with it."""
+    length = environ.get("CONTENT_LENGTH") or "0"
+    if not length.isdigit() or int(length) > MAX_BODY or len(body) > MAX_BODY:
+        return "too large"
+    if environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower() not in JSON_TYPES + ("",):
+        return "content type"
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "malformed json"
+    return data if isinstance(data, dict) else "malformed json"
+
+
+def goatcounter_params(query: Dict[str, str]) -> Dict[str, str]:
+    """GoatCounter's ``/count``: p path (or an event's name with e=true), t title, r referrer, s screen
+    ``W,H,scale``, q the page's query (its campaign), b non-zero for a bot; rnd is ignored."""
+    params = {key: value for key, value in parse_query(query.get("q", "").lstrip("?")).items() if key in CAMPAIGN_PARAMS}
+    params.update(title=query.get("t", ""), referrer=query.get("r", ""), resolution=",".join(query.get("s", "").split(",")[:2]))
+    if query.get("e", "").lower() in TRUE:
+        params["event"] = query.get("p", "")  # an event has no page of its own: the page comes from the Referer
+    else:
+        params["path"] = query.get("p", "")
+    if query.get("b", "0") not in ("", "0"):
+        params["bot"] = "1"
+    return params
+
+
+def plausible_hit(base: RawHit, data: Dict[str, Any]) -> ForeignHit:
+    """Plausible's ``/api/event``: n name, u page URL, d domain (the site), r referrer, h hash routing,
+    p props, i interactive; ``engagement`` brings sd (scroll %) and e (engaged ms). pixeld's own script
+    adds t (title) and s (screen ``W,H``)."""
+    name, url, domain = data.get("n"), data.get("u"), data.get("d")
+    parts = split_url(url) if isinstance(url, str) else None
+    if not isinstance(name, str) or not name or not isinstance(domain, str) or parts is None or not parts.netloc:
+        return ForeignHit(None, "missing fields")
+    route = quote(unquote(parts.fragment).split("?", 1)[0], safe="/") if data.get("h") else ""  # hash routing: /#/about, never its query
+    path = parts.path + ("%23" + route if route else "")
+    params = page_params(parts.query, path, text_of(data.get("t")), text_of(data.get("r")), text_of(data.get("s")))
+    params["host"] = domain.split(",", 1)[0]
+    if name == "engagement":
+        return ForeignHit(base._replace(params={**params, **engagement_params(data.get("e"), data.get("sd"), 1000)}, page_url=url))
+    if name != "pageview":
+        props = parse_props(data.get("p"))
+        prefix = PLAUSIBLE_LINK_EVENTS.get(name)
+        if prefix:  # its url prop holds a whole address: only the host (or the file's path) is kept, as the snippet does
+            link = props.pop("url", "")
+            name = prefix + (url_host(link) if prefix == "outbound:" else url_path(link) or "/")
+        params.update(event_params(name, props))
+    return ForeignHit(base._replace(params=params, page_url=url))
+
+
+def umami_hit(base: RawHit, data: Dict[str, Any], site_ids: Dict[str, str]) -> ForeignHit:
+    """Umami's ``/api/send``: ``{"type": "event", "payload": {website, hostname, url, title, referrer,
+    screen, language, name, data}}``. The website id names the site (``--site-id``), else the hostname
+    does. ``identify`` records nothing; ``engagement`` (engaged seconds, scroll %) comes from pixeld's script."""
+    kind, payload = data.get("type"), data.get("payload")
+    if kind == "identify" and isinstance(payload, dict):
+        return ForeignHit(None, note="an Umami identify call: pixeld keeps nothing that identifies a visitor")
+    website = payload.get("website") if isinstance(payload, dict) else None
+    if kind not in ("event", "engagement") or not isinstance(website, str) or not isinstance(payload, dict):
+        return ForeignHit(None, "missing fields")
+    site = site_ids.get(website.strip().lower()) or text_of(payload.get("hostname"))
+    parts = split_url(text_of(payload.get("url")) or "/") or split_url("/")
+    params = page_params(parts.query, parts.path, text_of(payload.get("title")), text_of(payload.get("referrer")), text_of(payload.get("screen")))
+    params["host"] = site
+    if kind == "engagement":
+        params.update(engagement_params(payload.get("engaged"), payload.get("scroll"), 1))
+    elif payload.get("name") is not None:
+        params.update(event_params(text_of(payload.get("name")), parse_props(payload.get("data"))))
+    language = text_of(payload.get("language"))
+    return ForeignHit(base._replace(params=params, accept_language=language or base.accept_language))  # no site named: the Origin's
+
+
+def page_params(query: str, path: str, title: str, referrer: str, screen: str) -> Dict[str, str]:
+    """The pixel's page parameters; of the page's query only its campaign."""
+    params = {key: value for key, value in parse_query(query).items() if key in CAMPAIGN_PARAMS}
+    params.update(path=path or "/", title=title, referrer=referrer, resolution=screen)
+    return params
+
+
+def engagement_params(engaged: Any, scroll: Any, per_second: int) -> Dict[str, str]:
+    """An engagement beacon's parameters; without two numbers, the pipeline's own check finds it malformed."""
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) for value in (engaged, scroll)):
+        return {"engagement": "1"}
+    return {"engagement": "1", "engaged": f"{engaged / per_second:.1f}", "scroll": f"{max(0, scroll):.0f}"}
+
+
+def event_params(name: str, props: Dict[str, str]) -> Dict[str, str]:
+    """An event with its properties (``prop_NAME``, as the pixel takes them). Plausible's ``404`` is the
+    snippet's page not found, the event ``404`` on the missing page, whose path prop it needs no more."""
+    return {"event": name, **{f"prop_{key}": value for key, value in props.items() if not (name == NOT_FOUND_EVENT and key == "path")}}
+
+
+def parse_props(value: Any) -> Dict[str, str]:
+    """At most ``MAX_FOREIGN_PROPS`` properties with text, number or true/false values (Plausible's older
+    scripts send them as a JSON string); nested values are dropped."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value[:MAX_BODY])
+        except (ValueError, RecursionError):
+            return {}
+    if not isinstance(value, dict):
+        return {}
+    props = {}
+    for key, item in value.items():
+        if isinstance(item, bool):
+            item = "true" if item else "false"
+        if isinstance(key, str) and key and isinstance(item, (str, int, float)) and len(props) < MAX_FOREIGN_PROPS:
+            props[key] = str(item)
+    return props
+
+
+def text_of(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 ###############################################################################
@@ -5822,6 +5996,120 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 """
 
 
+# pixeld's tracker at Plausible's and Umami's script addresses (/js/script.js, /js/script.hash.outbound-links.js,
+# /script.js ...), for pages whose script tag loads from their old stats host. It reads their tags' attributes
+# (data-domain, data-api; data-website-id, data-host-url, data-domains, data-auto-track), the features in
+# Plausible's file name (hash, outbound-links, file-downloads, tagged-events, manual, local), keeps their
+# APIs (plausible(name, {props}) with its queue, umami.track(name, data)), posts in their formats (text/plain,
+# so no preflight), and reports reading time and scroll depth as the snippet does: Plausible's engagement
+# event, or an Umami payload of type "engagement" that only pixeld knows. To Plausible's format it adds t
+# (the title) and s (the screen), which Plausible's own script does not send.
+TRACKER_JS = r"""(function (w, d, l, n) {
+  var c = d.currentScript, a = function (k) { return c.getAttribute(k); }, src = c.src.split(/[?#]/)[0],
+    parts = src.split("/").pop().split(".").slice(1, -1), has = function (f) { return parts.indexOf(f) >= 0; },
+    site = a("data-website-id"), domain = a("data-domain") || l.hostname, origin = src.split("/").slice(0, 3).join("/"),
+    api = site ? (a("data-host-url") || origin).replace(/\/+$/, "") + "/api/send" : a("data-api") || origin + "/api/event",
+    domains = (a("data-domains") || "").split(",").map(function (x) { return x.trim(); }).filter(Boolean),
+    auto = site ? a("data-auto-track") != "false" : !has("manual"), hash = has("hash"),
+    files = /\.(pdf|xlsx?|docx?|txt|rtf|csv|exe|key|pp[st]x?|7z|pkg|rar|gz|zip|avi|mov|mp4|mpe?g|wmv|midi?|mp3|wav|wma|dmg|epub)$/i,
+    last, lastUrl, seen = 0, since = 0, depth = 0, sent = 0;
+  function off() {
+    try { if (localStorage.plausible_ignore == "true" || localStorage.getItem("umami.disabled")) return 1; } catch (x) {}
+    if (n.webdriver || (domains.length && domains.indexOf(l.hostname) < 0)) return 1;
+    if (a("data-do-not-track") == "true" && (n.doNotTrack == "1" || w.doNotTrack == "1")) return 1;
+    return !has("local") && (l.protocol == "file:" || /^(localhost|127\.|\[::1\]$)/.test(l.hostname));
+  }
+  function post(body, done) {
+    var x = JSON.stringify(body);
+    if (!w.fetch) return n.sendBeacon && n.sendBeacon(api, x);
+    fetch(api, { method: "POST", headers: { "Content-Type": "text/plain" }, body: x, keepalive: true })
+      .then(function (r) { done && done({ status: r.status }); }, function (e) { done && done({ error: e }); });
+  }
+  function send(name, props, done, url, engaged) {
+    if (off()) return done && done();
+    url = url || l.href;
+    var ref = last ? "" : d.referrer, p = url.replace(/^[a-z]+:\/\/[^\/]*/i, "").replace(hash ? /^$/ : /#.*$/, "");
+    post(site ? { type: engaged ? "engagement" : "event", payload: {
+      website: site, hostname: l.hostname, url: p, title: d.title, referrer: ref, screen: screen.width + "x" + screen.height,
+      language: n.language, name: name || undefined, data: props, engaged: engaged && engaged[0], scroll: engaged && engaged[1] } }
+      : { n: engaged ? "engagement" : name || "pageview", u: url, d: domain, r: ref || null, h: hash ? 1 : undefined, p: props,
+        t: d.title, s: screen.width + "," + screen.height, e: engaged && engaged[0] * 1000, sd: engaged && engaged[1] }, done);
+  }
+  function tick() {
+    var t = Date.now();
+    if (since) seen += t - since;
+    since = d.visibilityState == "visible" ? t : 0;
+    if (since) depth = Math.max(depth, Math.min(100, Math.round(100 * (scrollY + innerHeight) / d.documentElement.scrollHeight)));
+  }
+  function engage() {
+    tick();
+    if (lastUrl && (seen > 99 || depth > sent)) {
+      send("", undefined, undefined, lastUrl, [Math.round(seen / 100) / 10, depth]);
+      seen = 0; sent = depth;
+    }
+  }
+  function view(force) {
+    var here = l.pathname + (hash ? l.hash : "");
+    if ((here == last && !force) || off()) return;
+    engage();
+    send("");
+    last = here; lastUrl = l.href; seen = depth = sent = 0; tick();
+  }
+  var queued = (w.plausible && w.plausible.q) || [];
+  w.plausible = function (name, o) {
+    o = o || {};
+    name == "pageview" ? (send("", o.props, o.callback, o.u), last = l.pathname) : send(name, o.props, o.callback, o.u);
+  };
+  queued.forEach(function (q) { w.plausible.apply(w, q); });
+  w.umami = {
+    track: function (x, data) {
+      if (!x) return view(1);
+      if (typeof x == "function") x = x({ website: site, hostname: l.hostname, url: l.pathname, title: d.title });
+      typeof x == "string" ? send(x, data) : x && send(x.name || "", x.data, 0, x.url && l.origin + x.url);
+    },
+    identify: function () {}
+  };
+  function tagged(el) {
+    for (var i = 0; el && el.getAttribute && i < 4; el = el.parentNode, i++) {
+      var name = el.getAttribute("data-umami-event"), props = {}, m, k;
+      if (name) {
+        for (k = 0; k < el.attributes.length; k++)
+          if ((m = /^data-umami-event-(.+)$/.exec(el.attributes[k].name))) props[m[1]] = el.attributes[k].value;
+        return [name, props];
+      }
+      if (has("tagged-events") && typeof el.className == "string")
+        el.className.split(/\s+/).forEach(function (x) {
+          if ((m = /^plausible-event-(.+?)(?:=|--)(.+)$/.exec(x))) {
+            m[2] = m[2].replace(/\+/g, " ");
+            m[1] == "name" ? (name = m[2]) : (props[m[1]] = m[2]);
+          }
+        });
+      if (name) return [name, props];
+    }
+  }
+  d.addEventListener("click", function (v) {
+    var t = tagged(v.target), link = v.target.closest && v.target.closest("a[href]");
+    if (t) send(t[0], t[1]);
+    else if (link && has("outbound-links") && link.host && link.host != l.host) send("Outbound Link: Click", { url: link.href });
+    else if (link && has("file-downloads") && files.test(link.pathname)) send("File Download", { url: link.href });
+  }, true);
+  if (auto) {
+    ["pushState", "replaceState"].forEach(function (f) {
+      var o = history[f];
+      history[f] = function () { var r = o.apply(this, arguments); setTimeout(view); return r; };
+    });
+    w.addEventListener("popstate", function () { view(); });
+    if (hash) w.addEventListener("hashchange", function () { view(); });
+    d.prerendering ? d.addEventListener("prerenderingchange", function () { view(); }, { once: true }) : view();
+  }
+  w.addEventListener("scroll", tick);
+  w.addEventListener("pagehide", engage);
+  d.addEventListener("visibilitychange", function () { d.hidden ? engage() : tick(); });
+})(window, document, location, navigator);
+"""
+TRACKER_JS_BYTES = TRACKER_JS.encode()
+
+
 def snippet(url: str = SNIPPET_PLACEHOLDER, local: bool = False, hit_path: str = DEFAULT_HIT_PATH) -> str:
     """The snippet to paste into pages, pointing at ``url`` and its hit path; ``local`` lets it count on localhost too."""
     text = SNIPPET.replace(SNIPPET_PLACEHOLDER, url.rstrip("/")).replace(DEFAULT_HIT_PATH, hit_path)
@@ -5840,6 +6128,13 @@ GIF_HEADERS = [
     ("Content-Type", "image/gif"),
     ("Content-Length", str(len(GIF))),
     ("Cache-Control", "no-store"),
+    ("Cross-Origin-Resource-Policy", "cross-origin"),
+]
+SCRIPT_HEADERS = [
+    ("Content-Type", "application/javascript; charset=utf-8"),
+    ("Content-Length", str(len(TRACKER_JS_BYTES))),
+    ("Cache-Control", "public, max-age=3600"),
+    ("X-Content-Type-Options", "nosniff"),
     ("Cross-Origin-Resource-Policy", "cross-origin"),
 ]
 PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
@@ -5874,17 +6169,24 @@ class App:
         self._readers = threading.local()
         self.outcomes: Counter = Counter()  # hits since start, by outcome: pageview, event, malformed, or a filter reason
         self.dropped_props = 0  # event property values dropped since start because they look personal
+        self.rejected: Counter = Counter()  # other trackers' requests refused as bad input, by (tracker, reason)
         self.open_connections: Optional[Callable[[], int]] = None  # set by the server that runs the app, if it knows
-        self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path)
-        self.routes: Dict[str, Callable[[Environ], Answer]] = {
-            DEFAULT_HIT_PATH: self.pixel,
-            config.hit_path: self.pixel,
-            "/report": self.report,
-            "/export": self.export,
-            "/whoami": self.whoami,
-            "/metrics": self.metrics,
-            "/healthz": self.healthz,
-            "/": self.index,
+        self.site_ids = dict(config.site_ids)
+        self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path, *TRACKER_PATHS)
+        hits, reads = ("GET", "HEAD", "POST"), ("GET", "HEAD")  # hits may come as sendBeacon POSTs
+        self.routes: Dict[str, Tuple[Callable[[Environ], Answer], Tuple[str, ...]]] = {
+            DEFAULT_HIT_PATH: (self.pixel, hits),
+            config.hit_path: (self.pixel, hits),
+            "/count": (self.foreign, hits),
+            "/api/event": (self.foreign, ("POST",)),
+            "/api/send": (self.foreign, ("POST",)),
+            "/script.js": (self.script, reads),
+            "/report": (self.report, reads),
+            "/export": (self.export, reads),
+            "/whoami": (self.whoami, reads),
+            "/metrics": (self.metrics, reads),
+            "/healthz": (self.healthz, reads),
+            "/": (self.index, reads),
         }
 
     def close(self) -> None:
@@ -5894,14 +6196,15 @@ class App:
             self.writer.close()
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> List[bytes]:
-        method = environ.get("REQUEST_METHOD", "GET")
-        path = environ.get("PATH_INFO", "")
-        route = self.routes.get(path) or self.route_by_prefix(path)
+        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        route, methods = self.routes.get(path) or self.route_by_prefix(path)
         if route is None:
             status, headers, body = plain("404 Not Found", "not found")
-        elif method not in ("GET", "HEAD") and not (method == "POST" and route == self.pixel):  # sendBeacon POSTs
-            status, headers, body = plain("405 Method Not Allowed", "use GET or HEAD")
-            headers.append(("Allow", "GET, HEAD"))
+        elif method == "OPTIONS" and path in TRACKER_PATHS:
+            status, headers, body = "204 No Content", preflight_headers(methods), b""
+        elif method not in methods:
+            status, headers, body = plain("405 Method Not Allowed", f"use {' or '.join(methods)}")
+            headers.append(("Allow", ", ".join(methods)))
         else:
             status, headers, body = route(environ)
         start_response(status, headers)
@@ -5923,8 +6226,11 @@ class App:
         return "200 OK", list(GIF_HEADERS), GIF
 
     def record(self, environ: Environ) -> None:
-        """Run the hit through the pipeline; place what counts in its visit and hand it to the writer."""
-        outcome = read_hit(raw_hit(environ, int(self.clock()), self.memo), self.config, self.memo, self.country_of)
+        self.take(raw_hit(environ, int(self.clock()), self.memo))
+
+    def take(self, hit: RawHit) -> None:
+        """Run a hit through the pipeline; place what counts in its visit and hand it to the writer."""
+        outcome = read_hit(hit, self.config, self.memo, self.country_of)
         with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
             item, step = place(outcome, self.visitors)
             if item is not None:
@@ -5932,6 +6238,28 @@ class App:
         self.outcomes[outcome_name(outcome, item)] += 1
         if isinstance(outcome, Accepted):
             self.dropped_props += outcome.dropped_props
+
+    def foreign(self, environ: Environ) -> Answer:
+        """GoatCounter's ``/count``, Plausible's ``/api/event`` and Umami's ``/api/send``: the hit goes the
+        pixel's way (``take``), and the answer is the one that tool's tracker expects, bad input included."""
+        tracker = TRACKER_PATHS[environ["PATH_INFO"]]
+        length = environ.get("CONTENT_LENGTH") or "0"
+        body = environ["wsgi.input"].read(int(length)) if length.isdigit() and 0 < int(length) <= MAX_BODY else b""
+        foreign = foreign_hit(tracker, environ, body, int(self.clock()), self.site_ids, self.memo)
+        if "dry_run=" in environ.get("QUERY_STRING", "") and self.deny_report(environ) is None:
+            return plain("200 OK", explain_foreign(foreign, self.config, self.country_of))
+        if foreign.problem:
+            self.rejected[tracker, foreign.problem] += 1
+        elif foreign.hit is not None:
+            try:
+                self.take(foreign.hit)
+            except Exception as error:  # as for the pixel: a bug must never break the host page
+                self.log(f"{tracker}: could not record a hit: {type(error).__name__}: {error}"[:200])
+        return tracker_answer(tracker, foreign.problem)
+
+    def script(self, environ: Environ) -> Answer:
+        """pixeld's tracker, at Plausible's and Umami's script addresses."""
+        return "200 OK", list(SCRIPT_HEADERS), TRACKER_JS_BYTES
 
     def overloaded(self) -> bool:
         """For the server: stop reading requests until the writer catches up."""
@@ -5968,13 +6296,16 @@ class App:
             self._readers.conn = None
             return plain("503 Service Unavailable", f"cannot read the database: {error}")
 
-    def route_by_prefix(self, path: str) -> Optional[Callable[[Environ], Answer]]:
-        """The routes that carry a value in their path: a share link's secret, a counter's page."""
+    def route_by_prefix(self, path: str) -> Tuple[Optional[Callable[[Environ], Answer]], Tuple[str, ...]]:
+        """The routes that carry a value in their path, and the methods they take: a share link's secret, a
+        counter's page, one of the other trackers' script names (``script.outbound-links.js``)."""
         if path.startswith("/share/"):
-            return self.shared
+            return self.shared, ("GET", "HEAD")
         if path.startswith("/counter/") and self.config.public_counters:
-            return self.counter
-        return None
+            return self.counter, ("GET", "HEAD")
+        if TRACKER_SCRIPT.fullmatch(path):
+            return self.script, ("GET", "HEAD")
+        return None, ()
 
     def shared(self, environ: Environ) -> Answer:
         """A share link: ``/share/SECRET`` is one site's report, read-only, in every format, without the
@@ -6106,8 +6437,12 @@ class App:
             gauges["open_connections"] = ("Client connections open.", self.open_connections())
         outcomes = Counter({"pageview": 0, "event": 0, **{reason: 0 for reason in FILTER_REASONS if reason != "dropped"}})
         outcomes.update(self.outcomes)
+        rejected = Counter({(tracker, reason): 0 for tracker in ("plausible", "umami") for reason in FOREIGN_PROBLEMS})
+        rejected.update(self.rejected)
+        refused = {f'tracker="{tracker}",reason="{reason}"': n for (tracker, reason), n in sorted(rejected.items())}
         return "200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"), ("Cache-Control", "no-store")], prometheus_text(
             {"hits_total": ("Hits by outcome: page views, events, engagement beacons (unmatched: for no page view remembered), malformed hits, and each filter reason.", {f'outcome="{name}"': n for name, n in sorted(outcomes.items())}),
+             "rejected_requests_total": ("Other trackers' requests refused as bad input: too large, content type, malformed JSON, missing fields.", refused),
              "dropped_hits_total": ("Hits dropped because the database could not take them.", self.writer.dropped),
              "dropped_event_properties_total": ("Event property values dropped: they looked like an e-mail address, a phone number or an account.",
                                                 self.dropped_props)},
@@ -6157,6 +6492,38 @@ COUNTER_HEADERS = [  # a counter is public, cacheable, readable from any origin 
     ("X-Content-Type-Options", "nosniff"),
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
 ]
+
+
+def preflight_headers(methods: Sequence[str]) -> List[Tuple[str, str]]:
+    """CORS for other tools' trackers, which post JSON from the site's pages: any origin, no credentials."""
+    return [
+        ("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", ", ".join(methods)),
+        ("Access-Control-Allow-Headers", "Content-Type"), ("Access-Control-Max-Age", "86400"), ("Content-Length", "0"),
+    ]
+
+
+def tracker_answer(tracker: str, problem: str) -> Answer:
+    """What each tool's tracker expects: GoatCounter a GIF whatever happens; Plausible 202 ``ok``; Umami a
+    JSON object. Bad input is a 400 (413 when too large) with the reason, which neither tracker retries."""
+    if tracker == "goatcounter":
+        return "200 OK", list(GIF_HEADERS), GIF
+    if problem:
+        status = "413 Payload Too Large" if problem == "too large" else "400 Bad Request"
+        body = json.dumps({"errors": {"request": problem}} if tracker == "plausible" else {"error": problem}).encode()
+        content_type = "application/json"
+    else:
+        status, content_type, body = ("202 Accepted", "text/plain; charset=utf-8", b"ok") if tracker == "plausible" else ("200 OK", "application/json", b"{}")
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
+    return status, headers, body
+
+
+def explain_foreign(foreign: ForeignHit, config: Config, country_of: Callable[[Optional[IPAddress]], str]) -> str:
+    """The dry run of another tool's request: what the hit would be, or why there is none."""
+    if foreign.problem:
+        return f"refused: {foreign.problem} (nothing is recorded)"
+    if foreign.hit is None:
+        return f"ignored: {foreign.note}"
+    return explain(read_hit(foreign.hit, config, Memo(), country_of))
 
 
 def prefers_html(accept: str) -> bool:
@@ -6243,6 +6610,7 @@ def plain(status: str, message: str) -> Answer:
 MAX_REQUEST_LINE = 32 * 1024  # pixel URLs carry a title and a referrer; real browsers stay far below this
 MAX_HEADER_BYTES = 32 * 1024
 MAX_HEADERS = 100
+MAX_READ_BODY = 8 * MAX_BODY  # bodies read, so that even a too large one is answered on a connection that stays usable
 WORKERS = 4
 SEND_TIMEOUT = 10.0
 ERROR_STATUSES = {
@@ -6268,6 +6636,8 @@ class Connection:
 class Request(NamedTuple):
     environ: Environ
     keep_alive: bool
+    body_size: int = 0  # the body's bytes to read after the head (a tracker's JSON); 0 for none
+    body: bytes = b""
 
 
 def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Request:
@@ -6305,9 +6675,11 @@ def parse_request(head: bytes, peer: Any, server_address: Tuple[str, int]) -> Re
         environ[key] = environ[key] + "," + value.strip() if key in environ else value.strip()
     connection = environ.get("HTTP_CONNECTION", "").lower()
     keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-    if environ.get("CONTENT_LENGTH", "0") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ:
-        keep_alive = False  # bodies are not read: the connection ends with this request
-    return Request(environ, keep_alive)
+    length = environ.get("CONTENT_LENGTH", "")
+    body_size = int(length) if length.isdigit() and len(length) < 10 and int(length) <= MAX_READ_BODY and "HTTP_TRANSFER_ENCODING" not in environ else 0
+    if (length not in ("", "0") and not body_size) or "HTTP_TRANSFER_ENCODING" in environ:
+        keep_alive = False  # a body that is not read (chunked, or far larger than any tracker's) ends the connection with this request
+    return Request(environ, keep_alive, body_size)
 
 
 def environ_key(name: str) -> str:
@@ -6344,7 +6716,7 @@ def answer_directly(app: Any, request: Request, log: Callable[[str], None]) -> T
     """Run the app for a request of a non-blocking path (the hit) and return the whole response and
     whether the connection stays open. The same protocol as ResponseHandler, without wsgiref's
     per-request bookkeeping: the hit endpoint answers a fixed, small, complete body."""
-    environ = {**INLINE_ENVIRON, "wsgi.input": io.BytesIO(), **request.environ}
+    environ = {**INLINE_ENVIRON, "wsgi.input": io.BytesIO(request.body), **request.environ}
     answer: List[Any] = []
 
     def start_response(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
@@ -6388,7 +6760,7 @@ class ResponseHandler(BaseHandler):
         self.size = 0
 
     def get_stdin(self) -> Any:
-        return io.BytesIO()
+        return io.BytesIO(self.request.body)
 
     def get_stderr(self) -> Any:
         return sys.stderr
@@ -6447,9 +6819,10 @@ class Server:
     One thread owns every socket: it accepts, reads and parses requests without blocking, so idle
     and slow clients cost a socket, never a thread. Each connection must deliver a complete
     request within ``request_timeout`` seconds (a total deadline, not a per-read timeout), and
-    request lines and headers are capped. When connections reach the cap (kept below the open-file
-    limit) or ``accept`` fails for lack of file descriptors, the longest-waiting idle connection is
-    closed. Paths the app declares non-blocking (the pixel) are answered on this thread, keeping the
+    request lines and headers are capped, and so are bodies (the JSON that other tools' trackers post:
+    past ``MAX_READ_BODY`` a body is not read, and its connection ends with the answer). When
+    connections reach the cap (kept below the open-file limit) or ``accept`` fails for lack of file
+    descriptors, the longest-waiting idle connection is closed. Paths the app declares non-blocking (the pixel) are answered on this thread, keeping the
     hot path free of hand-offs; everything else runs on a small pool of worker threads. Keep-alive,
     ``TCP_NODELAY``, and one send per response.
     """
@@ -6572,12 +6945,16 @@ class Server:
                 else:
                     self._wait(conn)
                 return
-            head, conn.buffer = conn.buffer[:end], conn.buffer[end + 4 :]
             try:
-                request = parse_request(head, conn.peer, self.address)
+                request = parse_request(conn.buffer[:end], conn.peer, self.address)
             except BadRequest as error:
                 self._reject(conn, str(error))
                 return
+            finish = end + 4 + request.body_size
+            if len(conn.buffer) < finish:  # the body is on its way: wait for it within the same deadline
+                self._wait(conn)
+                return
+            request, conn.buffer = request._replace(body=conn.buffer[end + 4 : finish]), conn.buffer[finish:]
             if request.environ["PATH_INFO"] not in self.inline_paths:
                 self._unwait(conn)
                 self.busy += 1
@@ -7113,6 +7490,7 @@ ENVIRONMENT = {
     "public_counters": "PIXELD_PUBLIC_COUNTERS",
     "honour_gpc": "PIXELD_HONOUR_GPC",
     "goal": "PIXELD_GOALS",
+    "site_id": "PIXELD_SITE_IDS",
 }
 
 
@@ -7228,6 +7606,10 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--queue-limit", metavar="N", help="hits held in memory while the database cannot take them; more are dropped and counted (default 100000) [$PIXELD_QUEUE_LIMIT]")
     command.add_argument("--hit-path", metavar="PATH", help="serve the hit endpoint at this path as well as /pixel.gif, like /hit (see Content blockers) [$PIXELD_HIT_PATH]")
     command.add_argument("--public-report", action="store_true", default=None, help="anyone may read /report (never /export); set to 1 [$PIXELD_PUBLIC_REPORT]")
+    command.add_argument(
+        "--site-id", metavar="UUID=DOMAIN", action="append",
+        help="the site an Umami website id stands for, for pages that keep Umami's tracker; repeatable [$PIXELD_SITE_IDS, comma-separated]",
+    )
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
     command.add_argument("--public-counters", action="store_true", default=None, help="anyone may read a page's views at /counter/ [$PIXELD_PUBLIC_COUNTERS]")
     command.add_argument("--honour-gpc", action="store_true", default=None, help="do not count browsers that send Sec-GPC: 1 [$PIXELD_HONOUR_GPC]")
@@ -7351,6 +7733,7 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         public_counters=switched_on(setting(args, "public_counters", environ, "")),
         honour_gpc=switched_on(setting(args, "honour_gpc", environ, "")),
         goals=goals_of(args, environ),
+        site_ids=parse_site_ids(listed(args, "site_id", environ) or ()),
     )
 
 
@@ -7800,8 +8183,11 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
     import urllib.error
     import urllib.request
 
-    def get(path: str) -> Tuple[int, str]:
-        request = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    def get(path: str, method: str = "GET", data: Optional[bytes] = None) -> Tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if data:  # a sample hit, as a reader's browser would send it
+            headers.update({"Content-Type": "text/plain", "User-Agent": DOCTOR_BROWSER})
+        request = urllib.request.Request(url + path, data, headers, method=method)
         try:
             with urllib.request.urlopen(request, timeout=10) as answer:
                 return answer.status, answer.read(65536).decode("utf-8", "replace")
@@ -7819,7 +8205,24 @@ def doctor_daemon(url: str, token: str) -> List[Finding]:
         return findings + [("warn", f"{url}/whoami: {status or 'no answer'}: {body.strip()[:120]}")]
     lines = body.strip().splitlines()
     warned = any(line.startswith("warning:") for line in lines)
-    return findings + [("warn" if warned else "ok", f"{url}/whoami: " + "; ".join(lines))]
+    return findings + [("warn" if warned else "ok", f"{url}/whoami: " + "; ".join(lines)), doctor_trackers(get)]
+
+
+DOCTOR_BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
+
+
+def doctor_trackers(get: Callable[..., Tuple[int, str]]) -> Finding:
+    """Other tools' tags pointed at pixeld need /count, /api/event, /api/send and the script addresses to get
+    through the proxy too; a dry run of a Plausible page view says what such a hit would be."""
+    expected = {**{(path, "OPTIONS"): 204 for path in TRACKER_PATHS}, ("/js/script.js", "GET"): 200, ("/script.js", "GET"): 200}
+    answers = {(path, method): get(path, method)[0] for path, method in expected}
+    broken = [f"{method} {path} answers {status or 'nothing'}" for (path, method), status in answers.items() if status != expected[path, method]]
+    if broken:
+        return "warn", "other trackers: " + "; ".join(broken) + " (pages that keep GoatCounter's, Plausible's or Umami's tag need them)"
+    sample = json.dumps({"n": "pageview", "u": "https://example.org/doctor", "d": "example.org"}).encode()
+    _, verdict = get("/api/event?dry_run=1", "POST", sample)
+    listed = "/count, /api/event, /api/send, /js/script.js and /script.js"
+    return "ok", f"other trackers: {listed} answer; a Plausible page view from Firefox: {verdict.strip()[:100]}"
 
 
 def add_digest_commands(commands: Any) -> None:

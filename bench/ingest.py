@@ -13,6 +13,7 @@ as real traffic behind nginx brings (thousands of visitors, not one per User-Age
     python3 bench/ingest.py --nginx             # the same load against nginx's empty_gif, for comparison
     python3 bench/ingest.py --nginx --flask     # and against the 2020 Flask design on gunicorn (bench/flask_design.py)
     python3 bench/ingest.py --paced 3000 --reports bench/data/report-1000000.db  # latency while filtered reports run back to back
+    python3 bench/ingest.py --trackers          # GoatCounter's /count and Plausible's /api/event beside /pixel.gif, same load
 
 Each run checks the stored page views against wrk's 2xx answers; the exact check (stdlib clients
 that count every 2xx they get, SIGTERM in the middle of the load) must show them equal.
@@ -39,21 +40,31 @@ local paths, referrers, agents, screens, languages = {PATHS}, {REFERRERS}, {AGEN
 local close = os.getenv("PIXELD_BENCH_CLOSE") == "1"
 local distinct = os.getenv("PIXELD_BENCH_SINGLE") ~= "1"
 local pause = tonumber(os.getenv("PIXELD_BENCH_DELAY") or "0")
+local endpoint = os.getenv("PIXELD_BENCH_ENDPOINT") or "pixel"
 local counter = 0
 math.randomseed(os.time() + math.floor(os.clock() * 1000000))
 local base = math.random(0, 4000) * 4096
 request = function()
   counter = counter + 1
   local agent = math.random(#agents)
-  local target = "/pixel.gif?path=" .. paths[math.random(#paths)] .. "&host=example.org&title=A%20post&referrer=" ..
-    referrers[math.random(#referrers)] .. "&resolution=" .. screens[agent]
+  local path, referrer = paths[math.random(#paths)], referrers[math.random(#referrers)]
+  local target = "/pixel.gif?path=" .. path .. "&host=example.org&title=A%20post&referrer=" .. referrer .. "&resolution=" .. screens[agent]
   local headers = {["User-Agent"] = agents[agent], ["Accept-Language"] = languages[math.random(#languages)]}
+  local method, body = "GET", nil
+  if endpoint == "count" then  -- GoatCounter's count.js; the page's address comes in the Referer
+    target = "/count?p=" .. path .. "&t=A%20post&r=" .. referrer .. "&s=" .. screens[agent] .. ",1&q=&rnd=" .. math.random(100000, 999999)
+    headers["Referer"] = "https://example.org/"
+  elseif endpoint == "plausible" then  -- Plausible's script: text/plain JSON with the page's address and the referrer as they are
+    local function plain(text) return (text:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end)) end
+    method, target, headers["Content-Type"] = "POST", "/api/event", "text/plain"
+    body = '{"n":"pageview","u":"https://example.org' .. plain(path) .. '","d":"example.org","r":"' .. plain(referrer) .. '","w":1280}'
+  end
   if distinct then
     local n = (base + counter * 7919 + math.random(0, 7)) % 16777216
     headers["X-Forwarded-For"] = "10." .. math.floor(n / 65536) .. "." .. math.floor(n / 256) % 256 .. "." .. n % 256
   end
   if close then headers["Connection"] = "close" end
-  return wrk.format("GET", target, headers)
+  return wrk.format(method, target, headers, body)
 end
 if pause > 0 then
   delay = function() return pause end
@@ -90,9 +101,10 @@ def stored(db):
         conn.close()
 
 
-def wrk(directory, url, seconds, connections, close=False, single=False, delay_ms=0.0):
+def wrk(directory, url, seconds, connections, close=False, single=False, delay_ms=0.0, endpoint="pixel"):
     """Run wrk; return (requests/s, 2xx answers, socket errors, p50, p99, max in ms)."""
-    env = dict(os.environ, PIXELD_BENCH_CLOSE="1" if close else "0", PIXELD_BENCH_SINGLE="1" if single else "0", PIXELD_BENCH_DELAY=str(delay_ms))
+    env = dict(os.environ, PIXELD_BENCH_CLOSE="1" if close else "0", PIXELD_BENCH_SINGLE="1" if single else "0", PIXELD_BENCH_DELAY=str(delay_ms),
+               PIXELD_BENCH_ENDPOINT=endpoint)
     out = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", wrk_script(directory), url], capture_output=True, text=True, env=env,
     ).stdout
@@ -123,7 +135,7 @@ class Reports:
         return f"; meanwhile {len(self.times)} filtered full-year reports, p50 {percentile(self.times, 0.5):.0f} ms"
 
 
-def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags, seed=None):
+def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags, seed=None, endpoint="pixel"):
     """Load a fresh daemon, or one on a copy of ``seed`` while it answers filtered reports back to back."""
     db = os.path.join(directory, re.sub(r"\W+", "-", name) + ".db")
     if seed:
@@ -131,7 +143,7 @@ def run_pixeld(directory, name, seconds, connections, close=False, single=False,
     before = stored(db) if seed else 0
     daemon = Daemon(db, "--rate-limit", "0", *flags)
     reports = Reports(daemon.port) if seed else None
-    rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms)
+    rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms, endpoint)
     meanwhile = reports.stop() if reports else ""
     rss = daemon.peak_rss_mb()
     daemon.stop()
@@ -266,6 +278,19 @@ def exact_check(directory, seconds=4, processes=4):
     print(f"SIGTERM in the middle of the load: 2xx answers {answered:,}, stored {count:,}: {'exactly equal' if answered == count else 'LOST PAGE VIEWS'}")
 
 
+def compare_trackers(directory, seconds, connections, single, rounds=3):
+    """Other tools' endpoints beside the pixel: each run in turn on a fresh daemon, three times, and the best of each
+    compared, since runs on a shared machine vary by 20-40%."""
+    best = {}
+    for round in range(1, rounds + 1):
+        for endpoint in ("pixel", "count", "plausible"):
+            name = {"pixel": "/pixel.gif", "count": "GoatCounter /count", "plausible": "Plausible /api/event"}[endpoint]
+            rate = run_pixeld(directory, f"{name}, keep-alive, round {round}", seconds, connections, False, single, endpoint=endpoint)
+            best[endpoint] = max(best.get(endpoint, 0), rate)
+    for endpoint in ("count", "plausible"):
+        print(f"{endpoint}: {best[endpoint]:,.0f} req/s, {best[endpoint] / best['pixel']:.2f}x /pixel.gif ({best['pixel']:,.0f} req/s)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
@@ -276,6 +301,7 @@ def main():
     parser.add_argument("--soak-rate", type=float, default=8000, help="the soak's request rate")
     parser.add_argument("--nginx", action="store_true", help="also measure nginx's empty_gif with the same load")
     parser.add_argument("--flask", action="store_true", help="also measure the 2020 Flask design on gunicorn (pip install -r bench/requirements.txt)")
+    parser.add_argument("--trackers", action="store_true", help="GoatCounter's /count and Plausible's /api/event beside /pixel.gif, same load")
     parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -284,6 +310,9 @@ def main():
     try:
         if args.soak:
             soak(directory, args.soak, args.connections, 1000 * args.connections / args.soak_rate)
+            return
+        if args.trackers:
+            compare_trackers(directory, args.seconds, args.connections, args.single_visitor)
             return
         if args.paced:
             delay = 1000 * args.connections / args.paced

@@ -73,6 +73,26 @@ def require_tool(*names: str, package: str) -> str:
     missing(f"{names[0]} is not installed (apt-get install {package})")
 
 
+@pytest.fixture(scope="session")
+def node_clients() -> Path:
+    """Other tools' official clients, pinned in tests/package.json and its lock file. The first test that needs
+    them installs them with ``npm ci`` into tests/node_modules (ignored by git), so a newcomer's run is CI's run."""
+    require_tool("node", "nodejs", package="nodejs")
+    tests = ROOT / "tests"
+    locked = json.loads((tests / "package-lock.json").read_text())["packages"]
+    modules = tests / "node_modules"
+
+    def installed(name: str) -> str:
+        manifest = modules / name.split("node_modules/", 1)[1] / "package.json"
+        return json.loads(manifest.read_text()).get("version", "") if manifest.is_file() else ""
+
+    if any(installed(name) != entry["version"] for name, entry in locked.items() if name):
+        npm = require_tool("npm", package="npm")
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=tests, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"npm ci in tests/ failed: {done.stderr.strip()[-500:]}"
+    return modules
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     """A skip raised by the helpers here is reported at the test that needed the tool, not at this file."""
@@ -242,10 +262,13 @@ def latin1(text: str) -> str:
     return text.encode("utf-8", "surrogatepass").decode("latin-1")
 
 
-def call(app: "pixeld.App", path: str, query: str = "", method: str = "GET", remote: str = "127.0.0.1", **headers: str) -> Response:
+def call(app: "pixeld.App", path: str, query: str = "", method: str = "GET", remote: str = "127.0.0.1", body: bytes = b"", content_type: str = "",
+         **headers: str) -> Response:
     """One request to the WSGI app. Headers are named as in HTTP (``User-Agent``) or as keywords (``USER_AGENT``)."""
     environ = {"PATH_INFO": path, "QUERY_STRING": latin1(query), "REQUEST_METHOD": method, "REMOTE_ADDR": remote}
     environ.update({"HTTP_" + name.upper().replace("-", "_"): latin1(value) for name, value in headers.items()})
+    if body or content_type:
+        environ.update({"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)), "CONTENT_TYPE": content_type})
     setup_testing_defaults(environ)
     environ["wsgi.errors"] = io.StringIO()
     answer: Dict[str, object] = {}

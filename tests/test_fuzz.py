@@ -1,6 +1,7 @@
 """Property-based tests: whatever a client sends, the pixel answers the GIF, the report answers 200 or
 400 (never 5xx), and every stored value stays inside its normalised domain."""
 
+import json
 import re
 from urllib.parse import quote
 
@@ -113,3 +114,39 @@ def test_the_fuzzers_would_notice_a_bad_value():
         except AssertionError:
             continue
         raise AssertionError(f"{key}={bad!r} passed the domain check")
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT,
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4), max_leaves=12)
+FIELD = st.one_of(JSON_VALUES, URLISH, st.sampled_from(["pageview", "engagement", "404", "Outbound Link: Click", "File Download", "event", "identify"]))
+PLAUSIBLE = st.dictionaries(st.sampled_from(["n", "u", "d", "r", "w", "h", "p", "i", "sd", "e", "t", "s", "x"]), FIELD, max_size=10)
+UMAMI = st.fixed_dictionaries({"type": FIELD}, optional={"payload": st.one_of(FIELD, st.dictionaries(
+    st.sampled_from(["website", "hostname", "url", "title", "referrer", "screen", "language", "name", "data", "engaged", "scroll", "id"]), FIELD, max_size=10))})
+BODIES = st.one_of(PLAUSIBLE.map(json.dumps), UMAMI.map(json.dumps), st.binary(max_size=400).map(lambda b: b.decode("latin-1")))
+
+
+def test_other_trackers_endpoints_never_fail_and_store_only_clean_values(tmp_path):
+    """Whatever JSON (or not) arrives at /api/event and /api/send, the answer is the tracker's own (202, 200, 400
+    or 413), never a 5xx; whatever query reaches /count, the GIF."""
+    logged = []
+    site_ids = (("5f1c7a1e-8a8b-4a0e-9d2c-3b4d5e6f7a8b", "example.org"),)
+    app = pixeld.App(pixeld.Config(db_path=str(tmp_path / "fuzz.db"), flush_interval=0.05, rate_limit=0, site_ids=site_ids), clock=lambda: NOW, log=logged.append)
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(["/api/event", "/api/send"]), body=BODIES, content_type=st.sampled_from(["text/plain", "application/json", "", "text/html"]),
+           headers=HEADERS, remote=REMOTE, query=QUERY)
+    def endpoint(path, body, content_type, headers, remote, query):
+        answer = call(app, path, method="POST", remote=remote, body=body.encode("utf-8", "surrogatepass"), content_type=content_type, **headers)
+        assert answer.status in (200, 202, 400, 413) and answer.headers["access-control-allow-origin"] == "*"
+        goatcounter = call(app, "/count", query.replace("path=", "p=").replace("title=", "t=").replace("referrer=", "r="), remote=remote, **headers)
+        assert goatcounter.status == 200 and goatcounter.body == pixeld.GIF
+
+    try:
+        endpoint()
+    finally:
+        app.close()
+    assert logged == []
+    views = stored_pageviews(tmp_path / "fuzz.db")
+    assert views
+    for view in views:
+        check_domain(view)

@@ -1,5 +1,7 @@
 """The app is a plain WSGI callable: it runs under gunicorn too, and flushes when gunicorn stops it."""
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -24,9 +26,17 @@ def test_pixel_and_report_under_gunicorn(tmp_path):
             assert answer.status == 200 and answer.headers["content-type"] == "image/gif"
         head = request("127.0.0.1", port, "/pixel.gif?path=/head&host=example.org", {"User-Agent": CHROME}, method="HEAD")
         assert head.status == 200 and head.body == b""
+        for path, body, status in (("/api/event", {"n": "pageview", "u": "https://example.org/plausible", "d": "example.org"}, 202),
+                                   ("/api/send", {"type": "event", "payload": {"website": "x", "hostname": "example.org", "url": "/umami"}}, 200),
+                                   ("/api/event", {"n": "pageview", "u": "https://example.org/", "d": "example.org", "pad": "x" * 20_000}, 413),
+                                   ("/api/send", "{not json", 400)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", path, body=body if isinstance(body, str) else json.dumps(body), headers={"User-Agent": CHROME, "Content-Type": "text/plain"})
+            assert conn.getresponse().status == status
+            conn.close()
     finally:
         proc.send_signal(signal.SIGTERM)  # gunicorn's graceful stop: the worker exits, the writer flushes
         output = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, output
-    assert len(stored_pageviews(db)) == 6
-    assert report_json(db)["pageviews"] == 6
+    assert len(stored_pageviews(db)) == 8  # the pixel's six, and one each from Plausible's and Umami's endpoints
+    assert report_json(db)["pageviews"] == 8

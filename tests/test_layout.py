@@ -7,7 +7,7 @@ import re
 from conftest import PIXELD
 
 SECTIONS = [
-    "Configuration", "Data model", "Request parsing", "User-agent reducer", "Hits", "Privacy", "Storage", "Writer", "Queries", "Report",
+    "Configuration", "Data model", "Request parsing", "User-agent reducer", "Hits", "Other trackers", "Privacy", "Storage", "Writer", "Queries", "Report",
     "Export and import", "Snippet", "WSGI app", "Server", "Service", "Digest and alerts", "Command line",
 ]
 

@@ -92,6 +92,70 @@ def test_a_request_must_arrive_within_its_total_deadline(start_daemon):
     assert daemon.pixel({"path": "/after"}).status == 200
 
 
+def plausible_post(body, extra=b"", path=b"/api/event"):
+    head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nUser-Agent: " + CHROME.encode() + b"\r\nContent-Type: text/plain\r\n"
+    return head + b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
+
+
+def page_view(path):
+    return b'{"n":"pageview","u":"https://example.org%s","d":"example.org"}' % path
+
+
+def test_small_bodies_are_read_and_keep_alive_holds(start_daemon):
+    """Other tools' trackers post JSON: bodies up to MAX_BODY are read, in pieces too, and the next request on
+    the same connection follows its body (pipelined, as keep-alive allows)."""
+    daemon = start_daemon()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+        sock.sendall(b"".join(plausible_post(page_view(b"/p%d" % i)) for i in range(10)))  # ten in one write
+        received = b""
+        while received.count(b"\r\n\r\nok") < 10:
+            received += sock.recv(65536)
+        request = plausible_post(page_view(b"/split"))
+        for piece in (request[:30], request[30:-20], request[-20:-5], request[-5:]):  # the head, then the body, in pieces
+            sock.sendall(piece)
+            time.sleep(0.1)
+        while received.count(b"\r\n\r\nok") < 11:
+            received += sock.recv(65536)
+        sock.sendall(pixel_request(b"path=/after&host=example.org"))
+        while not received.endswith(pixeld.GIF):
+            received += sock.recv(65536)
+    assert received.count(b"HTTP/1.1 202 Accepted") == 11 and b"Connection: close" not in received.split(b"HTTP/1.1 200")[0]
+    daemon.stop()
+    assert sorted(v["path"] for v in stored_pageviews(daemon.db)) == sorted(["/after", "/split", *(f"/p{i}" for i in range(10))])
+
+
+def test_a_body_must_arrive_within_the_deadline_and_a_large_one_is_not_read(start_daemon):
+    daemon = start_daemon("--request-timeout", "1")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as slow:
+        body = page_view(b"/never")
+        slow.sendall(plausible_post(body)[:-10])  # the head and part of the body, then nothing
+        assert slow.recv(10) == b""  # closed at the deadline, unanswered
+    assert time.monotonic() - started < 3
+    large = b'{"n":"pageview","u":"https://example.org/large","d":"example.org","x":"' + b"x" * 20_000 + b'"}'
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+        sock.sendall(plausible_post(large) + plausible_post(page_view(b"/next")))  # too large for a tracker: refused, the connection goes on
+        received = b""
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"ok"):
+            received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 413 ") and b"HTTP/1.1 202 Accepted" in received
+    huge = large.replace(b"x" * 20_000, b"x" * 200_000)
+    try:
+        answer = raw(daemon.port, plausible_post(huge))
+    except ConnectionResetError:  # the body is never read: closing with it unread may reset the connection before the answer is read
+        answer = b""
+    assert answer == b"" or (answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer)
+    chunked = b"POST /api/event HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    answer = raw(daemon.port, chunked)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer
+    bad_length = raw(daemon.port, plausible_post(b"{}", path=b"/api/event").replace(b"Content-Length: 2", b"Content-Length: -2"))
+    assert bad_length.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in bad_length
+    assert daemon.pixel({"path": "/after", "host": "example.org"}).status == 200
+    output = daemon.stop()
+    assert "Traceback" not in output
+    assert [v["path"] for v in stored_pageviews(daemon.db)] == ["/next", "/after"]
+
+
 def run_attack(port, idle_count, trickle_count, seconds, normal):
     """Hold idle and trickling connections open for a while, as a hostile client would."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
