@@ -1,6 +1,8 @@
 """Shared helpers, each defined once: the tools the tests need, the real daemon as a subprocess on a free
 loopback port, real HTTP, the app called in process, the real database, and waiting for them."""
 
+import email
+import email.policy
 import http.client
 import importlib
 import io
@@ -13,10 +15,12 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Iterator, List, NoReturn, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Tuple
 from urllib.parse import urlencode
 from wsgiref.util import setup_testing_defaults
 
@@ -252,6 +256,79 @@ def start_daemon(tmp_path):
     yield start
     for daemon in daemons:
         daemon.stop()
+
+
+class WebSite:
+    """A web site for the browser tests, on a loopback port under real-looking names (site.test, other.test):
+    it serves ``pages`` (``{port}`` in them becomes its port), answers 404 for the paths in ``missing``, keeps
+    the bodies of what forms post (``posted``), and serves the files of ``modules`` under /vendor/."""
+
+    def __init__(self, pages: Optional[Dict[str, str]] = None, missing: Iterable[str] = (), modules: Optional[Path] = None) -> None:
+        self.port, self.pages, self.missing = free_port(), dict(pages or {}), set(missing)
+        self.posted: List[str] = []
+        site = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0].split("#")[0]
+                body, kind = site.pages.get(path, "").replace("{port}", str(site.port)).encode(), "text/html; charset=utf-8"
+                if path.startswith("/vendor/") and modules is not None:
+                    body, kind = (modules / path[len("/vendor/"):]).read_bytes(), "text/javascript"
+                self.send_response(404 if not body or path in site.missing else 200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                site.posted.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                self.do_GET()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "site.test") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+
+# ---- A real mail server (aiosmtpd) for the digest and the alerts ----------------------------------------------
+
+
+class Inbox:
+    """What an SMTP server received: each message's envelope, and each DATA attempt."""
+
+    def __init__(self, answer="250 OK"):
+        self.envelopes, self.attempts, self.answer = [], 0, answer
+
+    async def handle_DATA(self, server, session, envelope):
+        self.attempts += 1
+        if self.answer.startswith("250"):
+            self.envelopes.append(envelope)
+        return self.answer
+
+    def message(self):
+        assert len(self.envelopes) == 1
+        return email.message_from_bytes(self.envelopes[0].content, policy=email.policy.default)
+
+
+@pytest.fixture
+def smtp_server():
+    """Start aiosmtpd on a free loopback port; every server started is stopped at the end."""
+    started = []
+
+    def start(inbox=None, **options):
+        inbox = inbox or Inbox()
+        controller = require_module("aiosmtpd.controller").Controller(inbox, hostname="127.0.0.1", port=free_port(), **options)
+        controller.start()
+        started.append(controller)
+        return inbox, f"127.0.0.1:{controller.port}"
+
+    yield start
+    for controller in started:
+        controller.stop()
 
 
 # ---- The app in process, as a WSGI server calls it -------------------------------------------------------------

@@ -8,7 +8,6 @@ import pytest
 import pixeld
 from pixeld import DAY, Config, Memo, Record, Store, connect
 from conftest import free_port, run_pixeld
-from test_digest import Inbox, smtp_server  # noqa: F401  (a fixture)
 
 HOUR = 1_796_601_600 + 14 * 3600  # 2026-12-07 14:00 UTC
 NOW = HOUR + 3600 + 600  # 15:10: the last complete hour is 14:00 to 15:00

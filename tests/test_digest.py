@@ -12,12 +12,11 @@ import subprocess
 import sys
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 import pixeld
 from pixeld import DAY, Config, Memo, Record, Store, connect
-from conftest import ROOT, free_port, run_pixeld
+from conftest import ROOT, Inbox, free_port, run_pixeld
 from test_html import HOSTILE, parsed
 
 NOW = 1_796_601_600 + 8 * 3600  # Monday 2026-12-07 08:00 UTC: the 7d digest covers 2026-11-30 to 2026-12-06
@@ -51,40 +50,6 @@ def db(tmp_path):
     ]))
     store.conn.close()
     return path
-
-
-class Inbox:
-    """What an SMTP server received: each message's envelope, and each DATA attempt."""
-
-    def __init__(self, answer="250 OK"):
-        self.envelopes, self.attempts, self.answer = [], 0, answer
-
-    async def handle_DATA(self, server, session, envelope):
-        self.attempts += 1
-        if self.answer.startswith("250"):
-            self.envelopes.append(envelope)
-        return self.answer
-
-    def message(self):
-        assert len(self.envelopes) == 1
-        return email.message_from_bytes(self.envelopes[0].content, policy=email.policy.default)
-
-
-@pytest.fixture
-def smtp_server():
-    """Start aiosmtpd on a free loopback port; every server started is stopped at the end."""
-    started = []
-
-    def start(inbox=None, **options):
-        inbox = inbox or Inbox()
-        controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), **options)
-        controller.start()
-        started.append(controller)
-        return inbox, f"127.0.0.1:{controller.port}"
-
-    yield start
-    for controller in started:
-        controller.stop()
 
 
 @pytest.fixture(scope="module")

@@ -2,59 +2,31 @@
 daemon, with a test site served under names that do not look like loopback (site.test, other.test)."""
 
 import queue
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import pixeld
-from conftest import free_port, stored_pageviews, wait_for
+from conftest import WebSite, stored_pageviews, wait_for
 
 DESKTOP_CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
 
 
-class Site:
-    """The test site: a few pages that embed the snippet, served on a loopback port."""
+class Site(WebSite):
+    """The test site: a few pages that embed the snippet."""
 
     def __init__(self, pixeld_url):
+        super().__init__(missing={"/missing"})  # /missing is served with 404 Not Found
         snippet = pixeld.snippet(pixeld_url)
         outbound = snippet.replace("<script data-pixeld=", "<script data-outbound data-pixeld=")
-        self.port = free_port()
         other = f"http://other.test:{self.port}"
-        self.pages = {
+        self.pages.update({
             "/start": f'<title>Elsewhere</title><a id="go" href="http://site.test:{self.port}/post">a post</a>',
             "/post": f"<title>A post</title><p>Hello</p>{snippet}",
             "/spa": f'<title>App</title><button id="next" onclick="history.pushState({{}}, \'\', \'/spa/next\'); document.title = \'Next\'">next</button>{snippet}',
             "/events": f'<title>Events</title><button data-pixeld-event="signup">Sign up</button><a id="out" href="{other}/landing">away</a>{outbound}',
             "/landing": "<title>Landing</title>",
             "/privacy": f'<title>Privacy</title><a id="optout" href="#pixeld-optout">Do not count my visits</a>{snippet}',
-        }
-        self.missing = {"/missing"}  # pages served with 404 Not Found
-        self.posted = []  # the bodies of form submissions, so a test can see the form was sent with its values
-        site = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = self.path.split("?")[0].split("#")[0]
-                body = site.pages.get(path, "").encode()
-                self.send_response(404 if not body or path in site.missing else 200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                site.posted.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
-                self.do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path, host="site.test"):
-        return f"http://{host}:{self.port}{path}"
+        })
 
 
 @pytest.fixture

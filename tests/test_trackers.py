@@ -5,15 +5,13 @@ node client), pixeld's tracker at their script addresses, CORS, bad input, the d
 import http.client
 import json
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 
 import pytest
 
 import pixeld
-from conftest import CHROME, FIREFOX, Response, free_port, require_tool, run_pixeld, stored_pageviews, wait_for
+from conftest import CHROME, FIREFOX, Response, WebSite, require_tool, run_pixeld, stored_pageviews, wait_for
 from test_privacy import database_files
 
 SITE_ID = "5f1c7a1e-8a8b-4a0e-9d2c-3b4d5e6f7a8b"
@@ -296,35 +294,6 @@ def test_their_script_addresses_serve_pixelds_tracker(start_daemon):
 # ---- In a real browser: pixeld's tracker and Plausible's official one ----------------------------------------
 
 
-class Site:
-    """A test site on a loopback port under real-looking names (site.test, other.test), with files from tests/node_modules."""
-
-    def __init__(self, pages, modules=None):
-        self.pages, self.port = pages, free_port()
-        site = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = self.path.split("?")[0].split("#")[0]
-                body, kind = (site.pages.get(path, "").replace("{port}", str(site.port)).encode(), "text/html; charset=utf-8")
-                if path.startswith("/vendor/") and modules is not None:
-                    body, kind = (modules / path[len("/vendor/"):]).read_bytes(), "text/javascript"
-                self.send_response(200 if body else 404)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path, host="site.test"):
-        return f"http://{host}:{self.port}{path}"
-
-
 @pytest.fixture
 def context(browser):
     made = browser.new_context(user_agent=DESKTOP_CHROME, screen={"width": 1234, "height": 987}, viewport={"width": 1000, "height": 600})
@@ -342,7 +311,7 @@ def test_a_plausible_tag_kept_as_it_is_is_counted_by_pixelds_tracker(start_daemo
     tag = f'<script>window.plausible = window.plausible || function () {{ (window.plausible.q = window.plausible.q || []).push(arguments) }};' \
           f'plausible("Queued", {{props: {{early: "yes"}}}});</script>' \
           f'<script defer data-domain="site.test" src="{stats}/js/script.outbound-links.tagged-events.js"></script>'
-    site = Site({
+    site = WebSite({
         "/start": '<title>Elsewhere</title><a id="go" href="http://site.test:{port}/post">a post</a>',
         "/post": '<title>A post</title><a id="out" target="_blank" href="http://other.test:{port}/landing">away</a>'
                  '<button id="tagged" class="big plausible-event-name=Newsletter+Signup plausible-event-plan=pro">Join</button>'
@@ -373,7 +342,7 @@ def test_a_plausible_tag_kept_as_it_is_is_counted_by_pixelds_tracker(start_daemo
 def test_an_umami_tag_kept_as_it_is_is_counted_by_pixelds_tracker(start_daemon, context):
     daemon = start_daemon("--rate-limit", "0", "--site-id", f"{SITE_ID}=site.test")
     stats = f"http://127.0.0.1:{daemon.port}"
-    site = Site({
+    site = WebSite({
         "/app": '<title>App</title><button id="next" onclick="history.pushState({}, \'\', \'/app/next?utm_source=x\')">next</button>'
                 '<button id="tagged" data-umami-event="Signup" data-umami-event-plan="team">Join</button>'
                 '<button id="api" onclick="umami.track(\'Export\', {kind: \'csv\'})">Export</button>' + LONG_PAGE +
@@ -411,7 +380,7 @@ def test_plausibles_official_npm_tracker_in_chromium(start_daemon, context, node
     module = (f'<script type="module">import {{ init, track }} from "/vendor/@plausible-analytics/tracker/plausible.js";'
               f'init({{ domain: "site.test", endpoint: "{endpoint}", outboundLinks: true }});'
               f'window.signup = () => track("Signup", {{ props: {{ plan: "pro" }} }});</script>')
-    site = Site({
+    site = WebSite({
         "/start": '<title>Elsewhere</title><a id="go" href="http://site.test:{port}/app">the app</a>',
         "/app": '<title>App</title><button id="next" onclick="history.pushState({}, \'\', \'/app/pricing\')">next</button>'
                 '<button id="signup" onclick="signup()">Sign up</button><a id="out" href="http://other.test:{port}/landing">away</a>'
@@ -497,7 +466,7 @@ def test_markup_in_every_field_they_send_is_escaped_in_the_report(start_daemon):
 def test_umamis_do_not_track_attribute_is_honoured(start_daemon, browser):
     daemon = start_daemon("--rate-limit", "0", "--site-id", f"{SITE_ID}=site.test")
     stats = f"http://127.0.0.1:{daemon.port}"
-    site = Site({
+    site = WebSite({
         "/respects": f'<title>DNT</title><script defer src="{stats}/script.js" data-website-id="{SITE_ID}" data-do-not-track="true"></script>',
         "/ignores": f'<title>Plain</title><script defer src="{stats}/script.js" data-website-id="{SITE_ID}"></script>',
     })
@@ -520,7 +489,7 @@ def test_umamis_do_not_track_attribute_is_honoured(start_daemon, browser):
 def test_plausibles_hash_and_file_download_variants(start_daemon, context):
     daemon = start_daemon("--rate-limit", "0")
     stats = f"http://127.0.0.1:{daemon.port}"
-    site = Site({
+    site = WebSite({
         "/app": '<title>App</title><a id="settings" href="#/settings">settings</a><a id="pdf" href="/files/book.pdf?sig=secret">the book</a>'
                 f'<script defer data-domain="site.test" src="{stats}/js/script.hash.file-downloads.js"></script>',
         "/files/book.pdf": "pdf",
