@@ -2852,6 +2852,7 @@ class Query(NamedTuple):
     site: str = ""
     filters: Tuple[Tuple[str, str], ...] = ()  # (name, value): path, referrer, country, browser, os, device, language
     now: Optional[int] = None  # for a live report (range=realtime): the moment "visitors now" counts back from
+    grain: str = ""  # the series' buckets (group=): hour, day, week or month; empty: chosen by the range (series_grain)
 
 
 class ReportData(NamedTuple):
@@ -2902,7 +2903,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     span = query.range
     scope = _scope(conn, query)
     previous = _totals(conn, Range(2 * span.start - span.end, span.start), scope)
-    grain, bounds = series_bounds(span, query.zone)
+    grain, bounds = series_bounds(span, query.zone, query.grain)
     if scope.filtered:
         counts, moments, totals = _count_matching(conn, span, bounds, scope)
     else:
@@ -3325,7 +3326,7 @@ def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int]
     rows = {start: [start, 0, 0] for start in bounds[:-1]}
     inner = Range(-(-span.start // QUARTER) * QUARTER, span.end // QUARTER * QUARTER)
     if moments is None and (inner.start >= inner.end or grain == "minute"):
-        moments = list(_raw_counts(conn, [span], scope, series_step(span)))
+        moments = list(_raw_counts(conn, [span], scope, 60 if grain == "minute" else QUARTER))
     elif moments is None:
         for start, views, visitors in _bucket_totals(conn, bounds, inner, scope.site_id):
             rows[start][1] += views
@@ -3371,14 +3372,13 @@ def series_grain(span: Range) -> str:
     return "minute" if days <= 1 / 24 else "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month"
 
 
-def series_step(span: Range) -> int:
-    """The seconds that raw page views are counted in for the series: a minute, or a quarter hour."""
-    return 60 if series_grain(span) == "minute" else QUARTER
+GRAINS = {"hour": 3600, "day": DAY, "week": 7 * DAY, "month": 28 * DAY}  # what group= takes, and each grain's shortest bucket
+MAX_BUCKETS = 10_000  # a series' buckets at most: group=hour over years would be a page nobody can read
 
 
-def series_bounds(span: Range, zone: dt.tzinfo) -> Tuple[str, List[int]]:
-    """The grain for a range and its bucket edges."""
-    grain = series_grain(span)
+def series_bounds(span: Range, zone: dt.tzinfo, grain: str = "") -> Tuple[str, List[int]]:
+    """The grain for a range (the one asked for, else chosen by its length) and its bucket edges."""
+    grain = grain or series_grain(span)
     bounds = [span.start]
     while True:
         following = next_boundary(bounds[-1], grain, zone)
@@ -3553,7 +3553,8 @@ def parse_report_request(params: Dict[str, str], now: float, first_day: Callable
     if section and section not in SECTION_TITLES:
         raise ReportError(f"unknown section {section!r}: use one of {', '.join(SECTION_TITLES)}")
     live = params.get("range") == "realtime"
-    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None)
+    span = parse_range(params, now, first_day, zone)
+    query = Query(span, zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None, parse_group(params.get("group", ""), span))
     kept = tuple((name, value) for name, value in params.items() if name in LINK_PARAMS)
     return ReportRequest(query, fmt, parse_limit(params.get("limit", "")), section, params.get("ascii", "") not in ("", "0"), kept)
 
@@ -3578,6 +3579,15 @@ def parse_filters(params: Dict[str, str]) -> Tuple[Tuple[str, str], ...]:
             value = value.upper() if section.match == "upper" else value.lower()
         filters.append((name, value))
     return tuple(filters)
+
+
+def parse_group(value: str, span: Range) -> str:
+    """The series' grain that ``group=`` asks for: hour, day, week or month (empty: chosen by the range)."""
+    if value and value not in GRAINS:
+        raise ReportError(f"unknown group {value!r}: use {', '.join(GRAINS)}")
+    if value and (span.end - span.start) // GRAINS[value] > MAX_BUCKETS:
+        raise ReportError(f"group={value} makes more than {MAX_BUCKETS:,} points over this range: use a longer grain or a shorter range")
+    return value
 
 
 def parse_limit(value: str) -> Optional[int]:
@@ -3838,7 +3848,7 @@ def cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", *FILTERS)  # what the page's links carry over
+LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", "group", *FILTERS)  # what the page's links carry over
 RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
 PAGE_STYLE = """
 :root{--fg:#1d1f21;--muted:#5f6368;--bg:#fff;--line:#e3e3e3;--bar:#dbe8ff;--accent:#1a56db;--chart:#3b82f6}
@@ -3871,7 +3881,7 @@ def render_html(report: ReportData, request: ReportRequest) -> str:
         + (f" · sites: {esc(', '.join(report.sites))}" if not query.site and report.sites else "") + "</p>",
         '<p class="public">This report is public: anyone with its address can read it.</p>' if request.public else "",
         html_range_links(request), html_filters(request), "</header>",
-        html_headline(report), html_chart(report), *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
+        html_headline(report), html_chart(report), html_group_links(request, report.grain), *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
     ]
     for name in shown_sections(report, request):
         parts.append(html_section(name, limited(report.sections[name], request, text=True), report, request))
@@ -3898,6 +3908,12 @@ def html_range_links(request: ReportRequest) -> str:
         for name in RANGE_LINKS
     ]
     return f'<nav aria-label="ranges">{"".join(links)}</nav>'
+
+
+def html_group_links(request: ReportRequest, grain: str) -> str:
+    """Links that show the series per hour, day, week or month (``group=``)."""
+    links = [f'<a href="{report_link(request, group=name)}"{" aria-current=page" if name == grain else ""}>{name}</a>' for name in GRAINS]
+    return f'<nav aria-label="series per">per {"".join(links)}</nav>'
 
 
 def html_filters(request: ReportRequest) -> str:
@@ -5288,6 +5304,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
+    report_cmd.add_argument("--group", default="", choices=("", *GRAINS), metavar="GRAIN", help="the series per hour, day, week or month (default: chosen by the range)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
     report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))
@@ -5487,7 +5504,7 @@ def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo
 
 def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
-    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "ascii", *FILTERS)
+    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "group", "ascii", *FILTERS)
     try:
         request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH
