@@ -382,17 +382,18 @@ class Metrics(NamedTuple):
         return round(self.duration / self.visits) if self.visits else 0
 
     @property
-    def time_on_page(self) -> float:
+    def time_on_page(self) -> Optional[float]:
         """Average engaged seconds over the page views that reported engagement (not over every page
-        view: a page view without JavaScript, or never shown, says nothing about reading)."""
-        return round(self.engaged / self.engaged_views, 1) if self.engaged_views else 0.0
+        view: a page view without JavaScript, or never shown, says nothing about reading); None
+        when none did, which is unknown, not zero."""
+        return round(self.engaged / self.engaged_views, 1) if self.engaged_views else None
 
     @property
-    def scroll_depth(self) -> float:
-        """Average deepest scroll, in percent, over the page views that reported engagement."""
-        return round(self.scroll / self.engaged_views, 1) if self.engaged_views else 0.0
+    def scroll_depth(self) -> Optional[float]:
+        """Average deepest scroll, in percent, over the page views that reported engagement; None when none did."""
+        return round(self.scroll / self.engaged_views, 1) if self.engaged_views else None
 
-    def headline(self) -> Dict[str, float]:
+    def headline(self) -> Dict[str, Optional[float]]:
         """The headline numbers, by their JSON names."""
         return {
             "visitors": self.visitors, "visits": self.visits, "pageviews": self.views, "pages_per_visit": self.pages_per_visit,
@@ -444,6 +445,17 @@ def format_duration(seconds: int) -> str:
     minutes, seconds = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+NOT_REPORTED = "–"  # a time on page or scroll depth where no page view reported engagement: unknown, not 0s and 0%
+
+
+def format_time_on_page(seconds: Optional[float]) -> str:
+    return NOT_REPORTED if seconds is None else format_duration(round(seconds))
+
+
+def format_scroll_depth(depth: Optional[float]) -> str:
+    return NOT_REPORTED if depth is None else f"{depth:.0f}%"
 
 
 # The kinds of report section, one row type each: what a row shows, which metrics it needs, and how
@@ -509,8 +521,8 @@ class EngagementRow(NamedTuple):
     value: str
     count: int
     percent: float
-    time_on_page: float
-    scroll_depth: float
+    time_on_page: Optional[float]  # None (JSON null, an empty CSV cell, "–" in text and HTML): no page view reported engagement
+    scroll_depth: Optional[float]
 
     METRICS = ("views", "engaged", "engaged_views", "scroll")
     COLUMNS = ViewsRow.COLUMNS + (("Time", 9), ("Scroll", 8))
@@ -521,7 +533,7 @@ class EngagementRow(NamedTuple):
         return cls(value, sums.views, percent(sums.views, totals.views), sums.time_on_page, sums.scroll_depth)
 
     def cells(self) -> Tuple[str, ...]:
-        return (f"{self.count:,}", f"{self.percent:.1f}%", format_duration(round(self.time_on_page)), f"{self.scroll_depth:.0f}%")
+        return (f"{self.count:,}", f"{self.percent:.1f}%", format_time_on_page(self.time_on_page), format_scroll_depth(self.scroll_depth))
 
     def json(self) -> Dict[str, Any]:
         return {"value": self.value, "count": self.count, "percent": self.percent, "time_on_page": self.time_on_page, "scroll_depth": self.scroll_depth}
@@ -592,7 +604,7 @@ Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow]
 def text_columns(kind: type, rows: Sequence[Row]) -> Tuple[Tuple[str, int], ...]:
     """The columns a text report shows for a section's rows: time and scroll only when some page
     reported engagement, since 80 columns leave no room to spare."""
-    if kind is EngagementRow and not any(row.time_on_page or row.scroll_depth for row in rows):  # type: ignore[union-attr]
+    if kind is EngagementRow and all(row.time_on_page is None for row in rows):  # type: ignore[union-attr]
         return ViewsRow.COLUMNS
     return kind.COLUMNS  # type: ignore[attr-defined, no-any-return]
 
@@ -3675,9 +3687,9 @@ def iso(seconds: int, zone: dt.tzinfo = dt.timezone.utc) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if zone is dt.timezone.utc else moment.isoformat()
 
 
-def change(current: float, previous: float) -> Optional[int]:
-    """Percent change against the previous period; None when there was nothing before."""
-    return round(100 * (current - previous) / previous) if previous else None
+def change(current: Optional[float], previous: Optional[float]) -> Optional[int]:
+    """Percent change against the previous period; None when there was nothing before (or nothing reported now)."""
+    return round(100 * (current - previous) / previous) if previous and current is not None else None
 
 
 def days_in(span: Range) -> int:
@@ -3773,8 +3785,8 @@ def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]
         "visit_duration": format_duration(int(now["visit_duration"])),
     }
     if report.totals.engaged_views or report.previous.engaged_views:  # shown once some page view reported engagement
-        shown["time_on_page"] = format_duration(round(now["time_on_page"]))
-        shown["scroll_depth"] = f"{now['scroll_depth']:.0f}%"
+        shown["time_on_page"] = format_time_on_page(now["time_on_page"])
+        shown["scroll_depth"] = format_scroll_depth(now["scroll_depth"])
     counted = "Events" if any(name == "event" for name, _ in report.query.filters) else "Page views"
     titles = {
         "visitors": "Visitors", "visits": "Visits", "pageviews": counted, "pages_per_visit": "Pages per visit", "bounce_rate": "Bounce rate",
@@ -3793,7 +3805,7 @@ def render_headline(report: ReportData, ascii: bool) -> List[str]:
     return lines
 
 
-def format_change(current: float, previous: float, ascii: bool) -> str:
+def format_change(current: Optional[float], previous: Optional[float], ascii: bool) -> str:
     percent_change = change(current, previous)
     if percent_change is None:
         return "new" if current else ""

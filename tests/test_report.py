@@ -103,8 +103,8 @@ def test_json_report_has_the_same_data():
     assert (document["visitors"], document["visits"], document["pages_per_visit"], document["bounce_rate"], document["visit_duration"]) == (2, 3, 1.33, 33.3, 83)
     assert document["filtered"] == {"total": 3, "bot": 2, "spam": 1}
     assert document["sections"]["pages"] == [
-        {"value": "/", "count": 3, "percent": 75.0, "time_on_page": 0.0, "scroll_depth": 0.0},
-        {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+        {"value": "/", "count": 3, "percent": 75.0, "time_on_page": None, "scroll_depth": None},
+        {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": None, "scroll_depth": None},
     ]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
     assert set(document["sections"]) == set(pixeld.SECTION_TITLES)
