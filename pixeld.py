@@ -3862,6 +3862,11 @@ def cut(text: str, width: int) -> str:
 
 LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", "group", *FILTERS)  # what the page's links carry over
 RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
+SIDE_BY_SIDE = (  # on a wide screen sections sit two by two, in this order (the others follow, as listed); a phone shows them one below the other
+    ("pages", "sources"), ("entry_pages", "channels"), ("referrers", "campaigns"), ("countries", "devices"),
+    ("browsers", "operating_systems"), ("screens", "languages"),
+)
+WIDE_ORDER = {name: place for place, name in enumerate(name for pair in SIDE_BY_SIDE for name in pair)}
 PAGE_STYLE = """
 :root{--fg:#1d1f21;--muted:#5f6368;--bg:#fff;--line:#e3e3e3;--bar:#dbe8ff;--accent:#1a56db;--chart:#3b82f6}
 @media (prefers-color-scheme:dark){:root{--fg:#e8e8e8;--muted:#a0a4a8;--bg:#16181b;--line:#2c2f33;--bar:#1f3354;--accent:#8ab4f8;--chart:#5b9cf6}}
@@ -3876,6 +3881,8 @@ table{width:100%;border-collapse:collapse;table-layout:fixed}td,th{padding:.25re
 th{text-align:right;font-weight:600;color:var(--muted);font-size:.85rem}th:first-child{text-align:left}.n{text-align:right;width:5.6rem;font-variant-numeric:tabular-nums}
 td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
 @media (max-width:30rem){.n{width:3.9rem}body{padding:.6rem}}
+@media (min-width:62.5rem){body{max-width:84rem;padding:1rem 1.5rem}main{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:0 2.5rem;align-items:start}
+main>section:only-child{grid-column:1/-1}.n{width:4.4rem}}
 @media print{nav,.filters a{display:none}body{max-width:none;color:#000;background:#fff}a{color:#000}td.l span{background:#ddd;-webkit-print-color-adjust:exact;print-color-adjust:exact}}
 """
 
@@ -3895,8 +3902,10 @@ def render_html(report: ReportData, request: ReportRequest) -> str:
         html_range_links(request), html_filters(request), "</header>",
         html_headline(report), html_chart(report), html_group_links(request, report.grain), *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
     ]
+    parts.append("<main>")
     for name in shown_sections(report, request):
         parts.append(html_section(name, limited(report.sections[name], request, text=True), report, request))
+    parts.append("</main>")
     parts.append(f'<footer><p class="muted">pixeld {__version__} · filtered {sum(report.filtered.values()):,}{esc(filtered_breakdown(report.filtered))}</p></footer></body></html>')
     return "".join(parts) + "\n"
 
@@ -4002,7 +4011,8 @@ def html_section(name: str, rows: List[Row], report: ReportData, request: Report
     head = f'<tr><th>{esc(section.title)}</th>{"".join(f"<th class=n>{esc(header)}</th>" for header in headers)}</tr>'
     more = len(report.sections[name]) - len(rows)
     footer = f'<p class="muted"><a href="{report_link(request, section=name)}">all {more + len(rows):,}</a></p>' if more > 0 else ""
-    return f'<section><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
+    order = WIDE_ORDER.get(name, len(WIDE_ORDER) + list(SECTIONS).index(name))  # ``order`` only acts in the wide layout's grid
+    return f'<section style="order:{order}"><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
 
 
 ###############################################################################
