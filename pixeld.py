@@ -668,6 +668,9 @@ DIMENSIONS: Tuple[Dimension, ...] = (
     )),
     Dimension("screens", 5, "screen", (Field("screen", normalise_screen, "resolution"),), (Section("screens", "Screen sizes", "(unknown)", "screen"),)),
     Dimension("languages", 6, "language", (Field("language", clean_language),), (Section("languages", "Languages", "(unknown)", "language", "lower"),)),
+    Dimension("hostnames", 10, "hostname", (Field("hostname", normalise_host),), (  # the page's own host; its site may be a --site it belongs to
+        Section("hostnames", "Hostnames", "(no host)", "hostname", "lower", row=VisitorsRow),
+    )),
 )
 EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
     Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
@@ -1331,6 +1334,13 @@ def in_domains(host: str, domains: Union[FrozenSet[str], Tuple[str, ...]]) -> bo
     return any(".".join(parts[i:]) in domains for i in range(len(parts)))
 
 
+def site_of(host: str, sites: Tuple[str, ...]) -> str:
+    """The site a page's host counts under: the most specific ``--site`` it is or belongs to
+    (``blog.example.org`` under ``example.org``), else the host itself."""
+    parts = host.split(".")
+    return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in sites), host)
+
+
 def lookup_country(lookup: Optional[Callable[[str], Any]], address: Optional[IPAddress]) -> str:
     """ISO country code of an address from the GeoIP lookup, or empty. The address is not kept."""
     if lookup is None or address is None or not address.is_global:
@@ -1601,10 +1611,11 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     """Decide what a hit is, for live requests and access logs alike: filtered, malformed (None), or a
     normalised page view, event or engagement beacon."""
     params = hit.params
-    site = memo(normalise_host, params["host"]) if params.get("host") else memo(url_host, hit.page_url)
+    host = memo(normalise_host, params["host"]) if params.get("host") else memo(url_host, hit.page_url)
+    site = site_of(host, config.sites)
     address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)  # a new address is the rule: no memo
     campaign, campaign_source = campaign_of(params)
-    referrer = f"{campaign_source} (campaign)" if campaign_source else memo(normalise_referrer, params.get("referrer", ""), site)
+    referrer = f"{campaign_source} (campaign)" if campaign_source else memo(normalise_referrer, params.get("referrer", ""), host)
     agent = memo(classify_user_agent, hit.user_agent)
     reason = filter_reason(config, site, address, agent, hit.user_agent, referrer, hit.prefetch, bool(params.get("bot")))
     if reason:
@@ -1619,7 +1630,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     source, channel = memo(classify_source, referrer)
     view = PageView(
         time=hit.time, site=site, referrer=referrer, country=country_of(address), browser=agent.browser, version=agent.version, os=agent.os,
-        device=agent.device, language=memo(primary_language, hit.accept_language), campaign=campaign, source=source, channel=channel, **sent,
+        device=agent.device, language=memo(primary_language, hit.accept_language), campaign=campaign, source=source, channel=channel, hostname=host, **sent,
     )
     return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement)
 
@@ -1645,9 +1656,10 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     if when is None:
         return None
     text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
-    site = normalise_host(text("site", default_site))
     fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
-    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(normalise_referrer, with_scheme(text("referrer", "")), site)
+    fields["hostname"] = fields["hostname"] or normalise_host(text("site", default_site))  # rows from before hostnames: the site was the host
+    site = site_of(normalise_host(text("site", default_site)), config.sites)
+    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(normalise_referrer, with_scheme(text("referrer", "")), fields["hostname"])
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
     view = PageView(time=when, site=site, first_today=text("first_today", "") in ("1", "True", "true"), **fields)
     agent = UserAgent(view.browser, view.version, view.os, "bot" if text("device", "") == "bot" else view.device)
@@ -2150,6 +2162,30 @@ def add_text_dimension(name: str) -> Migration:
     return migration
 
 
+def add_hostnames(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Migration: page views and events get the page's hostname. Before it, a page's host was its
+    site, so older rows take their site (a week of rows per statement, with progress), and older
+    days count their page views under it."""
+    dim = DIMENSION_NAMED["hostnames"]
+    empty = _intern(conn, "")
+    for table in ("pageviews", "events"):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
+        first, last = conn.execute(f"SELECT min(id), max(id) FROM {table}").fetchone()
+        if first is None:
+            continue
+        shown = time.monotonic()
+        for start in range(second_of(first), second_of(last) + 1, 7 * DAY):
+            conn.execute(f"UPDATE {table} SET {dim.column} = site WHERE id >= ? AND id < ?", (first_id(start), first_id(start + 7 * DAY)))
+            if time.monotonic() - shown >= 1:
+                shown = time.monotonic()
+                progress(f"adding hostnames to {table}: {100 * (start - second_of(first)) // max(1, second_of(last) - second_of(first)):.0f}%")
+    if conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():  # a new database has no older days to speak of
+        progress("counting older days under their hostnames")
+    pages = DIMENSION_NAMED["pages"].code
+    for table, period in (("daily", "day"), ("monthly", "month")):
+        conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, site, {SUMMED_METRICS} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
+
+
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
     row = conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()
     return row[0] if row else -1
@@ -2218,6 +2254,7 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """
     CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll);
     """,
+    add_hostnames,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll")  # what a raw row holds beside its dimensions
@@ -3864,7 +3901,7 @@ LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", "group
 RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
 SIDE_BY_SIDE = (  # on a wide screen sections sit two by two, in this order (the others follow, as listed); a phone shows them one below the other
     ("pages", "sources"), ("entry_pages", "channels"), ("referrers", "campaigns"), ("countries", "devices"),
-    ("browsers", "operating_systems"), ("screens", "languages"),
+    ("browsers", "operating_systems"), ("screens", "languages"), ("hostnames", "events"),
 )
 WIDE_ORDER = {name: place for place, name in enumerate(name for pair in SIDE_BY_SIDE for name in pair)}
 PAGE_STYLE = """
@@ -4642,7 +4679,8 @@ def describe_request(hit: RawHit, config: Config, proxied: bool) -> List[str]:
     trusted = peer is not None and is_in(peer, config.trusted_proxies)
     address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)
     via = "X-Forwarded-For" if hit.forwarded_for.strip() else "Forwarded" if hit.forwarded.strip() else ""
-    site = normalise_host(hit.params["host"]) if hit.params.get("host") else url_host(hit.page_url)
+    host = normalise_host(hit.params["host"]) if hit.params.get("host") else url_host(hit.page_url)
+    site = site_of(host, config.sites) + (f" (hostname {host})" if host and site_of(host, config.sites) != host else "")
     lines = [
         f"peer: {hit.peer or '(unknown)'}",
         f"trusted proxy: {'yes' if trusted else 'no'} (--trusted-proxy {', '.join(map(str, config.trusted_proxies)) or 'none'})",
