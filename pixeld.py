@@ -251,17 +251,26 @@ _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
 _SCREEN = re.compile(r"\s*(\d{1,6})\s*[,xX]\s*(\d{1,6})\s*")
 DEVICES = ("desktop", "phone", "tablet", "bot", "other")
+CLICK_IDS = (  # advertising and mailing click ids: each names one click, and so one person; never stored, wherever they come
+    "gclid", "gclsrc", "gbraid", "wbraid", "dclid", "gad_source", "fbclid", "msclkid", "twclid", "ttclid", "li_fat_id", "yclid", "ysclid", "mc_eid", "mc_cid",
+    "_hsenc", "_hsmi", "igshid", "epik", "rdt_cid", "s_kwcid", "ef_id", "irclickid", "obclid", "sccid", "_kx", "vero_id", "oly_enc_id", "oly_anon_id",
+    "wickedid", "srsltid", "scid", "qclid", "cvid", "mkt_tok",
+)
+_CLICK_ID = re.compile(r"[?&;]?\b(?:" + "|".join(CLICK_IDS) + r")=[^&;#\s]*", re.IGNORECASE)
 
 # How each stored value is made safe. The hit pipeline calls these through the App's ``Memo``
 # (never through a cache of their own): what a visitor sent must not outlive the salt.
 
 
 def clean_text(value: str, limit: int) -> str:
-    """Drop control characters, fold runs of white space, and cut to ``limit`` characters."""
+    """Drop control characters, fold runs of white space, cut to ``limit`` characters, and drop
+    click ids (``gclid=...``), which every stored text goes through."""
     if value.isascii() and value.isprintable():
-        return " ".join(value.split())[:limit]
-    value = " ".join(_CONTROL.sub(" ", value).split())
-    return "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
+        value = " ".join(value.split())[:limit]
+    else:
+        value = " ".join(_CONTROL.sub(" ", value).split())
+        value = "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
+    return _CLICK_ID.sub("", value).strip() if "=" in value else value
 
 
 def normalise_path(value: str) -> str:
@@ -323,6 +332,11 @@ def normalise_screen(value: str) -> str:
     if not (0 < width <= MAX_SCREEN and 0 < height <= MAX_SCREEN):
         return ""
     return f"{width}x{height}"
+
+
+def clean_campaign_part(value: str) -> str:
+    """A campaign's content or term (``utm_content``, ``utm_term``), lower-cased as its source, medium and name are."""
+    return clean_text(value, MAX_CAMPAIGN).lower()
 
 
 def clean_campaign(value: str) -> str:
@@ -660,6 +674,10 @@ DIMENSIONS: Tuple[Dimension, ...] = (
     Dimension("campaigns", 7, "campaign", (Field("campaign", clean_campaign),), (
         Section("campaigns", "Campaigns", filter="campaign", nothing="(no campaigns)", lists_empty=False),
     )),
+    Dimension("campaign_details", 11, "campaign_detail", (Field("campaign_content", clean_campaign_part, "utm_content"), Field("campaign_term", clean_campaign_part, "utm_term")), (
+        Section("campaign_content", "Campaign content", filter="content", part="campaign_content", nothing="(no campaign content)", lists_empty=False),
+        Section("campaign_terms", "Campaign terms", filter="term", part="campaign_term", nothing="(no campaign terms)", lists_empty=False),
+    )),
     Dimension("countries", 3, "country", (Field("country", clean_country),), (Section("countries", "Countries", "(unknown)", "country", "upper"),)),
     Dimension("agents", 4, "agent", (Field("browser", clean_label), Field("version", clean_version), Field("os", clean_label), Field("device", clean_device)), (
         Section("browsers", "Browsers", "(unknown)", "browser", "agent", "browser"),
@@ -675,7 +693,7 @@ DIMENSIONS: Tuple[Dimension, ...] = (
 EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
     Section("events", "Events", filter="event", row=EventRow, nothing="(no events)"),
 ))
-AGENT_FIELDS = tuple(field.name for field in DIMENSIONS[6].fields)  # the agents table's columns
+AGENT_FIELDS = next(tuple(field.name for field in dim.fields) for dim in DIMENSIONS if dim.column == "agent")  # the agents table's columns
 FIELD_SEPARATOR = "\t"  # a text dimension of several fields stores them in one string: "search\tGoogle"
 COUNTED = tuple(dim for dim in DIMENSIONS if dim.code)
 EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
@@ -869,7 +887,7 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
-CAMPAIGN_PARAMS = ("utm_source", "ref", "source", "utm_medium", "utm_campaign")  # what campaign_of reads from a page's address
+CAMPAIGN_PARAMS = ("utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term", "ref", "source")  # what a page's address may pass on (the snippet's list)
 
 
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
@@ -2153,7 +2171,7 @@ def add_text_dimension(name: str) -> Migration:
         empty = _intern(conn, FIELD_SEPARATOR.join("" for _ in dim.fields))
         for table in ("pageviews", "events") if dim.in_events else ("pageviews",):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
-        if dim.code:
+        if dim.code and conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():  # a new database has no older days to speak of
             progress(f"counting older days under the new dimension {name}")
             pages = DIMENSION_NAMED["pages"].code
             for table, period in (("daily", "day"), ("monthly", "month")):
@@ -2255,6 +2273,7 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     CREATE INDEX monthly_by_value ON monthly (dim, site, value, month, views, visitors, visits, bounces, duration, engaged, engaged_views, scroll);
     """,
     add_hostnames,
+    add_text_dimension("campaign_details"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll")  # what a raw row holds beside its dimensions
@@ -2999,11 +3018,14 @@ def filter_ids(name: str, value: str) -> Tuple[str, str, Tuple[str, ...]]:
         return "agent", "SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?", (value, value)
     if section.part and dim.column == "agent":
         return "agent", f"SELECT id FROM agents WHERE {section.part} = ?", (value,)
-    if section.part == "channel":  # sources are stored as "channel\tsource"
-        return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value + FIELD_SEPARATOR, value + FIELD_SEPARATOR + "\U0010ffff")
-    if section.part == "source":
+    if section.part == "source":  # sources are stored as "channel\tsource", and the channels are few
         values = tuple(FIELD_SEPARATOR.join((channel, value)) for channel in CHANNELS)
         return dim.column, f"SELECT id FROM strings WHERE value IN ({', '.join('?' * len(values))})", values
+    if section.part == dim.fields[0].name:  # the first of several fields ("channel\tsource"): a range of the strings' index
+        return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value + FIELD_SEPARATOR, value + FIELD_SEPARATOR + "\U0010ffff")
+    if section.part == dim.fields[-1].name:  # the last: among the values ever counted (stored values hold no tab)
+        pattern = "*" + FIELD_SEPARATOR + re.sub(r"([*?[])", r"[\1]", value)
+        return dim.column, f"SELECT id FROM strings WHERE id IN (SELECT value FROM monthly WHERE dim = {dim.code}) AND value GLOB ?", (pattern,)
     if section.match == "prefix" and value.endswith("*"):
         return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value[:-1], value[:-1] + "\U0010ffff")
     return dim.column, "SELECT id FROM strings WHERE value = ?", (value,)
@@ -3900,7 +3922,7 @@ def cut(text: str, width: int) -> str:
 LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", "group", *FILTERS)  # what the page's links carry over
 RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
 SIDE_BY_SIDE = (  # on a wide screen sections sit two by two, in this order (the others follow, as listed); a phone shows them one below the other
-    ("pages", "sources"), ("entry_pages", "channels"), ("referrers", "campaigns"), ("countries", "devices"),
+    ("pages", "sources"), ("entry_pages", "channels"), ("referrers", "campaigns"), ("campaign_content", "campaign_terms"), ("countries", "devices"),
     ("browsers", "operating_systems"), ("screens", "languages"), ("hostnames", "events"),
 )
 WIDE_ORDER = {name: place for place, name in enumerate(name for pair in SIDE_BY_SIDE for name in pair)}
@@ -4349,7 +4371,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
   }
   function url(q) {
     var p = new URLSearchParams(l.search), m = "";
-    ["utm_source", "utm_medium", "utm_campaign", "ref", "source"].forEach(function (x) { if (p.get(x)) m += "&" + x + "=" + e(p.get(x)); });
+    %CAMPAIGN_PARAMS%.forEach(function (x) { if (p.get(x)) m += "&" + x + "=" + e(p.get(x)); });
     return hit(q, m);
   }
   function send(x) { n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x); }
@@ -4392,7 +4414,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 })(window, document, location, navigator);
 </script>
 <noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
-"""
+""".replace("%CAMPAIGN_PARAMS%", json.dumps(CAMPAIGN_PARAMS))  # the snippet passes on what the server takes, and no click id
 
 
 def snippet(url: str = SNIPPET_PLACEHOLDER, local: bool = False, hit_path: str = DEFAULT_HIT_PATH) -> str:

@@ -7,8 +7,8 @@ import json
 import sqlite3
 
 import pixeld
-from pixeld import DAY, Batch, Store, connect
-from conftest import CHROME, run_pixeld, stored_pageviews, view, wait_for
+from pixeld import DAY, Store, connect
+from conftest import CHROME, run_pixeld, stored_pageviews, wait_for
 
 T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
 HOSTS = {"blog.example.org": 3, "docs.example.org": 2, "www.example.org": 1}  # www. is folded: example.org
@@ -65,15 +65,20 @@ def test_an_import_takes_the_site_from_the_configured_sites_and_keeps_the_hostna
 def test_older_rows_and_days_take_their_site_as_their_hostname(tmp_path):
     """A database from before hostnames: its rows' site was the page's host, so the migration copies it, in batches, and counts older days."""
     db = tmp_path / "old.db"
-    store = Store(connect(str(db)))
-    views = [view(T0 + n * 3 * DAY + n, site=site, path=f"/{n}") for n, site in enumerate(["blog.example.org", "example.org"] * 20)]
-    store.write(Batch(records=[pixeld.Record(v, 1) for v in views], events=[pixeld.Event("signup", views[0])]))
-    conn = store.conn
-    for table in ("pageviews", "events"):  # back to the schema before hostnames
-        conn.execute(f"ALTER TABLE {table} DROP COLUMN hostname")
-    conn.execute("DELETE FROM daily WHERE dim = 10")
-    conn.execute("DELETE FROM monthly WHERE dim = 10")
-    conn.execute(f"PRAGMA user_version = {pixeld.MIGRATIONS.index(pixeld.add_hostnames)}")
+    conn = sqlite3.connect(db, isolation_level=None)
+    pixeld.migrate(conn, 0, target=pixeld.MIGRATIONS.index(pixeld.add_hostnames))  # the schema just before hostnames
+    store = Store(conn)
+    strings = {value: store.intern(value) for value in ("", "x", "blog.example.org", "example.org", "signup")}
+    agent = store.agent(pixeld.UserAgent("Chrome", "131", "Windows", "desktop"))
+    for n in range(40):
+        site, when = ("blog.example.org", "example.org")[n % 2], T0 + n * 3 * DAY
+        for table in ("pageviews", "events") if n == 0 else ("pageviews",):
+            columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != "id"]
+            values = [agent if c == "agent" else strings[site] if c == "site" else strings["signup"] if c == "name" else 1 if c in pixeld.ROW_NUMBERS else strings["x"] for c in columns]
+            conn.execute(f"INSERT INTO {table} (id, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})", (pixeld.first_id(when), *values))
+        for table, column, period in (("daily", "day", when // DAY), ("monthly", "month", pixeld.month_of_day(when // DAY))):  # counted under the page
+            conn.execute(f"INSERT INTO {table} ({column}, site, dim, value, views, visitors, visits, bounces, duration) VALUES (?, ?, 1, ?, 1, 1, 1, 1, 0) "
+                         "ON CONFLICT DO UPDATE SET views = views + 1, visitors = visitors + 1, visits = visits + 1, bounces = bounces + 1", (period, strings[site], strings["x"]))
     conn.close()
     said = []
     connect(str(db), progress=said.append).close()

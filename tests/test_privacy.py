@@ -108,9 +108,9 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
 
     conn = sqlite3.connect(db)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(pageviews)")]
-    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll", "hostname"]
+    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll", "hostname", "campaign_detail"]
     event_columns = [row[1] for row in conn.execute("PRAGMA table_info(events)")]
-    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll", "hostname"]
+    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", "first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll", "hostname", "campaign_detail"]
     rows = conn.execute("SELECT * FROM pageviews ORDER BY id").fetchall()
     conn.close()
     assert len(rows) == 16
