@@ -674,7 +674,9 @@ DIMENSIONS: Tuple[Dimension, ...] = (
     Dimension("campaigns", 7, "campaign", (Field("campaign", clean_campaign),), (
         Section("campaigns", "Campaigns", filter="campaign", nothing="(no campaigns)", lists_empty=False),
     )),
-    Dimension("campaign_details", 11, "campaign_detail", (Field("campaign_content", clean_campaign_part, "utm_content"), Field("campaign_term", clean_campaign_part, "utm_term")), (
+    Dimension("campaign_details", 11, "campaign_detail", (
+        Field("campaign_content", clean_campaign_part, "utm_content"), Field("campaign_term", clean_campaign_part, "utm_term"),
+    ), (
         Section("campaign_content", "Campaign content", filter="content", part="campaign_content", nothing="(no campaign content)", lists_empty=False),
         Section("campaign_terms", "Campaign terms", filter="term", part="campaign_term", nothing="(no campaign terms)", lists_empty=False),
     )),
@@ -887,7 +889,7 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
-CAMPAIGN_PARAMS = ("utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term", "ref", "source")  # what a page's address may pass on (the snippet's list)
+CAMPAIGN_PARAMS = ("utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term", "ref", "source")  # what a page's address passes on
 
 
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
@@ -3940,8 +3942,8 @@ table{width:100%;border-collapse:collapse;table-layout:fixed}td,th{padding:.25re
 th{text-align:right;font-weight:600;color:var(--muted);font-size:.85rem}th:first-child{text-align:left}.n{text-align:right;width:5.6rem;font-variant-numeric:tabular-nums}
 td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
 @media (max-width:30rem){.n{width:3.9rem}body{padding:.6rem}}
-@media (min-width:62.5rem){body{max-width:84rem;padding:1rem 1.5rem}main{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:0 2.5rem;align-items:start}
-main>section:only-child{grid-column:1/-1}.n{width:4.4rem}}
+@media (min-width:62.5rem){body{max-width:84rem;padding:1rem 1.5rem}.n{width:4.4rem}
+main{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:0 2.5rem;align-items:start}main>section:only-child{grid-column:1/-1}}
 @media print{nav,.filters a{display:none}body{max-width:none;color:#000;background:#fff}a{color:#000}td.l span{background:#ddd;-webkit-print-color-adjust:exact;print-color-adjust:exact}}
 """
 
@@ -3959,7 +3961,8 @@ def render_html(report: ReportData, request: ReportRequest) -> str:
         + (f" · sites: {esc(', '.join(report.sites))}" if not query.site and report.sites else "") + "</p>",
         '<p class="public">This report is public: anyone with its address can read it.</p>' if request.public else "",
         html_range_links(request), html_filters(request), "</header>",
-        html_headline(report), html_chart(report), html_group_links(request, report.grain), *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
+        html_headline(report), html_chart(report), html_group_links(request, report.grain),
+        *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
     ]
     parts.append("<main>")
     for name in shown_sections(report, request):
@@ -5386,7 +5389,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
-    report_cmd.add_argument("--group", default="", choices=("", *GRAINS), metavar="GRAIN", help="the series per hour, day, week or month (default: chosen by the range)")
+    report_cmd.add_argument("--group", default="", choices=("", *GRAINS), metavar="GRAIN", help="the series per hour, day, week or month (default: by the range)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
     report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))

@@ -20,7 +20,7 @@ LAUNCH = {"utm_source": "newsletter", "utm_medium": "email", "utm_campaign": "la
 def test_content_and_term_are_kept_and_the_campaign_drills_down_into_them(start_daemon):
     daemon = start_daemon("--rate-limit", "0")
     for n, (campaign, content, term) in enumerate([(LAUNCH, "banner", "Running Shoes"), (LAUNCH, HOSTILE, ""), (LAUNCH, "banner", ""),
-                                                    ({"utm_source": "ads", "utm_campaign": "spring"}, "sidebar", f'"><img src=x onerror=alert(2)>')]):
+                                                    ({"utm_source": "ads", "utm_campaign": "spring"}, "sidebar", '"><img src=x onerror=alert(2)>')]):
         daemon.pixel({"path": f"/p{n}", "host": "example.org", **campaign, "utm_content": content, "utm_term": term}, {"X-Forwarded-For": f"198.51.100.{n}"})
     daemon.pixel({"path": "/plain", "host": "example.org"})
     wait_for(lambda: daemon.report_json()["pageviews"] == 5)
@@ -48,12 +48,14 @@ def test_content_and_term_are_kept_and_the_campaign_drills_down_into_them(start_
     copy = daemon.db.parent / "copy.db"
     (daemon.db.parent / "export.ndjson").write_text(exported)
     assert run_pixeld("import", str(daemon.db.parent / "export.ndjson"), "--db", str(copy))[0] == 0
-    assert [(v["campaign_content"], v["campaign_term"]) for v in stored_pageviews(copy)] == [(v["campaign_content"], v["campaign_term"]) for v in stored_pageviews(daemon.db)]
+    details = lambda db: [(v["campaign_content"], v["campaign_term"]) for v in stored_pageviews(db)]  # noqa: E731
+    assert details(copy) == details(daemon.db)
 
 
 def test_an_access_log_keeps_content_and_term(tmp_path):
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time() - 60))
-    line = f'198.51.100.1 - - [{stamp}] "GET /post?utm_source=news&utm_campaign=launch&utm_content=Hero&utm_term=shoes&gclid=CLICK1 HTTP/1.1" 200 5 "-" "{CHROME}"\n'
+    target = "/post?utm_source=news&utm_campaign=launch&utm_content=Hero&utm_term=shoes&gclid=CLICK1"
+    line = f'198.51.100.1 - - [{stamp}] "GET {target} HTTP/1.1" 200 5 "-" "{CHROME}"\n'
     (tmp_path / "access.log").write_text(line)
     assert run_pixeld("import", str(tmp_path / "access.log"), "--db", str(tmp_path / "p.db"), "--site", "example.org")[0] == 0
     [view] = stored_pageviews(tmp_path / "p.db")
@@ -75,7 +77,8 @@ def test_click_ids_never_reach_the_database_or_its_wal(start_daemon, tmp_path):
         mixed = name.upper() if len(value) % 2 else name  # GCLID= as well as gclid=
         daemon.pixel({  # every parameter that is stored, and the click ids as parameters of their own
             "path": f"/landing%3F{mixed}={value}", "host": "example.org", "title": f"Welcome {mixed}={value}",
-            "referrer": f"https://www.google.com/aclk;{name}={value}?{ids}", name: value, **LAUNCH, "utm_content": f"{name}={value}", "utm_term": f"x&{name}={value}",
+            "referrer": f"https://www.google.com/aclk;{name}={value}?{ids}", name: value, **LAUNCH,
+            "utm_content": f"{name}={value}", "utm_term": f"x&{name}={value}",
         }, {"Referer": f"https://example.org/landing?{ids}"})
         daemon.pixel({"event": f"signup?{name}={value}", "path": f"/x;{name}={value}", "host": "example.org"})
         daemon.pixel({"host": "example.org"}, {"Referer": f"https://example.org/from-page;{name}={value}?{ids}"})  # the page's URL alone
@@ -91,8 +94,9 @@ def test_click_ids_never_reach_the_database_or_its_wal(start_daemon, tmp_path):
     views = stored_pageviews(daemon.db)
     assert {v["path"] for v in views} == {"/landing", "/from-page"} and {v["title"] for v in views} <= {"Welcome", ""}
     # pixeld's own export, with click ids in every column, imported
-    row = {"time": int(time.time()) - 60, "type": "pageview", "site": "example.org", "path": f"/a?{ids}", "title": f"t {ids}", "referrer": f"google.com/x;gclid={CLICK_IDS['gclid']}",
-           "campaign": f"gclid={CLICK_IDS['gclid']} / email / launch", "campaign_content": f"fbclid={CLICK_IDS['fbclid']}", "campaign_term": f"msclkid={CLICK_IDS['msclkid']}"}
+    row = {"time": int(time.time()) - 60, "type": "pageview", "site": "example.org", "path": f"/a?{ids}", "title": f"t {ids}",
+           "referrer": f"google.com/x;gclid={CLICK_IDS['gclid']}", "campaign": f"gclid={CLICK_IDS['gclid']} / email / launch",
+           "campaign_content": f"fbclid={CLICK_IDS['fbclid']}", "campaign_term": f"msclkid={CLICK_IDS['msclkid']}"}
     (tmp_path / "rows.ndjson").write_text(json.dumps(row) + "\n")
     assert run_pixeld("import", str(tmp_path / "rows.ndjson"), "--db", str(tmp_path / "imported.db"))[0] == 0
     assert len(stored_pageviews(tmp_path / "imported.db")) == 1

@@ -47,7 +47,8 @@ def test_without_a_configured_site_each_host_is_a_site(start_daemon):
     wait_for(lambda: len(stored_pageviews(daemon.db)) == 6)
     document = daemon.report_json("range=today")
     assert document["sites"] == ["blog.example.org", "docs.example.org", "example.org"]
-    assert {view["site"]: view["hostname"] for view in stored_pageviews(daemon.db)} == {host: host for host in ("blog.example.org", "docs.example.org", "example.org")}
+    hosts = ("blog.example.org", "docs.example.org", "example.org")
+    assert {view["site"]: view["hostname"] for view in stored_pageviews(daemon.db)} == {host: host for host in hosts}
 
 
 def test_an_import_takes_the_site_from_the_configured_sites_and_keeps_the_hostname(tmp_path):
@@ -74,11 +75,13 @@ def test_older_rows_and_days_take_their_site_as_their_hostname(tmp_path):
         site, when = ("blog.example.org", "example.org")[n % 2], T0 + n * 3 * DAY
         for table in ("pageviews", "events") if n == 0 else ("pageviews",):
             columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != "id"]
-            values = [agent if c == "agent" else strings[site] if c == "site" else strings["signup"] if c == "name" else 1 if c in pixeld.ROW_NUMBERS else strings["x"] for c in columns]
+            named = {"agent": agent, "site": strings[site], "name": strings["signup"], **{number: 1 for number in pixeld.ROW_NUMBERS}}
+            values = [named.get(column, strings["x"]) for column in columns]
             conn.execute(f"INSERT INTO {table} (id, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})", (pixeld.first_id(when), *values))
         for table, column, period in (("daily", "day", when // DAY), ("monthly", "month", pixeld.month_of_day(when // DAY))):  # counted under the page
             conn.execute(f"INSERT INTO {table} ({column}, site, dim, value, views, visitors, visits, bounces, duration) VALUES (?, ?, 1, ?, 1, 1, 1, 1, 0) "
-                         "ON CONFLICT DO UPDATE SET views = views + 1, visitors = visitors + 1, visits = visits + 1, bounces = bounces + 1", (period, strings[site], strings["x"]))
+                         "ON CONFLICT DO UPDATE SET views = views + 1, visitors = visitors + 1, visits = visits + 1, bounces = bounces + 1",
+                         (period, strings[site], strings["x"]))
     conn.close()
     said = []
     connect(str(db), progress=said.append).close()
