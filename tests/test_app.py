@@ -25,7 +25,7 @@ def test_js_style_page_view_is_stored_normalised(start_daemon):
     assert {k: v for k, v in stored.items() if k != "time"} == {
         "site": "example.org", "path": "/blog/café", "title": "Café notes", "channel": "search", "source": "Google", "referrer": "google.com/search",
         "campaign": "", "country": "", "browser": "Chrome", "version": "131", "os": "Windows", "device": "desktop", "screen": "1920x1080", "language": "de",
-        "hostname": "example.org",
+        "campaign_content": "", "campaign_term": "", "hostname": "example.org",
     }
 
 
