@@ -321,17 +321,26 @@ _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]")
 _LANGUAGE = re.compile(r"[a-z]{2,3}")
 _SCREEN = re.compile(r"\s*(\d{1,6})\s*(?:[,xX]\s*(\d{1,6})\s*)?")
 DEVICES = ("desktop", "phone", "tablet", "bot", "other")
+CLICK_IDS = (  # advertising and mailing click ids: each names one click, and so one person; never stored, wherever they come
+    "gclid", "gclsrc", "gbraid", "wbraid", "dclid", "gad_source", "fbclid", "msclkid", "twclid", "ttclid", "li_fat_id", "yclid", "ysclid", "mc_eid", "mc_cid",
+    "_hsenc", "_hsmi", "igshid", "epik", "rdt_cid", "s_kwcid", "ef_id", "irclickid", "obclid", "sccid", "_kx", "vero_id", "oly_enc_id", "oly_anon_id",
+    "wickedid", "srsltid", "scid", "qclid", "cvid", "mkt_tok",
+)
+_CLICK_ID = re.compile(r"[?&;]?\b(?:" + "|".join(CLICK_IDS) + r")=[^&;#\s]*", re.IGNORECASE)
 
 # How each stored value is made safe. The hit pipeline calls these through the App's ``Memo``
 # (never through a cache of their own): what a visitor sent must not outlive the salt.
 
 
 def clean_text(value: str, limit: int) -> str:
-    """Drop control characters, fold runs of white space, and cut to ``limit`` characters."""
+    """Drop control characters, fold runs of white space, cut to ``limit`` characters, and drop
+    click ids (``gclid=...``), which every stored text goes through."""
     if value.isascii() and value.isprintable():
-        return " ".join(value.split())[:limit]
-    value = " ".join(_CONTROL.sub(" ", value).split())
-    return "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
+        value = " ".join(value.split())[:limit]
+    else:
+        value = " ".join(_CONTROL.sub(" ", value).split())
+        value = "".join(ch for ch in value if unicodedata.category(ch) not in ("Cs", "Co", "Cn"))[:limit]
+    return _CLICK_ID.sub("", value).strip() if "=" in value else value
 
 
 def normalise_path(value: str) -> str:
@@ -394,6 +403,11 @@ def normalise_screen(value: str) -> str:
     if not (0 < width <= MAX_SCREEN and (0 < height <= MAX_SCREEN or match.group(2) is None)):
         return ""
     return f"{width}x{height}" if match.group(2) else str(width)
+
+
+def clean_campaign_part(value: str) -> str:
+    """A campaign's content or term (``utm_content``, ``utm_term``), lower-cased as its source, medium and name are."""
+    return clean_text(value, MAX_CAMPAIGN).lower()
 
 
 def clean_campaign(value: str) -> str:
@@ -505,21 +519,22 @@ class Metrics(NamedTuple):
         return round(self.duration / self.visits) if self.visits else 0
 
     @property
-    def time_on_page(self) -> float:
+    def time_on_page(self) -> Optional[float]:
         """Average engaged seconds over the page views that reported engagement (not over every page
-        view: a page view without JavaScript, or never shown, says nothing about reading)."""
-        return round(self.engaged / self.engaged_views, 1) if self.engaged_views else 0.0
+        view: a page view without JavaScript, or never shown, says nothing about reading); None
+        when none did, which is unknown, not zero."""
+        return round(self.engaged / self.engaged_views, 1) if self.engaged_views else None
 
     @property
-    def scroll_depth(self) -> float:
-        """Average deepest scroll, in percent, over the page views that reported engagement."""
-        return round(self.scroll / self.engaged_views, 1) if self.engaged_views else 0.0
+    def scroll_depth(self) -> Optional[float]:
+        """Average deepest scroll, in percent, over the page views that reported engagement; None when none did."""
+        return round(self.scroll / self.engaged_views, 1) if self.engaged_views else None
 
     @property
     def conversion_rate(self) -> float:
         return percent(self.converted, self.visitors)
 
-    def headline(self, goals: bool = False) -> Dict[str, float]:
+    def headline(self, goals: bool = False) -> Dict[str, Optional[float]]:
         """The headline numbers, by their JSON names; the conversion rate when there are goals."""
         numbers = {
             "visitors": self.visitors, "visits": self.visits, "pageviews": self.views, "pages_per_visit": self.pages_per_visit,
@@ -572,6 +587,17 @@ def format_duration(seconds: int) -> str:
     minutes, seconds = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+NOT_REPORTED = "–"  # a time on page or scroll depth where no page view reported engagement: unknown, not 0s and 0%
+
+
+def format_time_on_page(seconds: Optional[float]) -> str:
+    return NOT_REPORTED if seconds is None else format_duration(round(seconds))
+
+
+def format_scroll_depth(depth: Optional[float]) -> str:
+    return NOT_REPORTED if depth is None else f"{depth:.0f}%"
 
 
 # The kinds of report section, one row type each: what a row shows, which metrics it needs, and how
@@ -639,8 +665,8 @@ class EngagementRow(NamedTuple):
     value: str
     count: int
     percent: float
-    time_on_page: float
-    scroll_depth: float
+    time_on_page: Optional[float]  # None (JSON null, an empty CSV cell, "–" in text and HTML): no page view reported engagement
+    scroll_depth: Optional[float]
 
     METRICS = ("views", "engaged", "engaged_views", "scroll")
     SHOWN_BY = "views"  # a value is a row when it has some of this
@@ -652,7 +678,7 @@ class EngagementRow(NamedTuple):
         return cls(value, sums.views, percent(sums.views, totals.views), sums.time_on_page, sums.scroll_depth)
 
     def cells(self) -> Tuple[str, ...]:
-        return (f"{self.count:,}", f"{self.percent:.1f}%", format_duration(round(self.time_on_page)), f"{self.scroll_depth:.0f}%")
+        return (f"{self.count:,}", f"{self.percent:.1f}%", format_time_on_page(self.time_on_page), format_scroll_depth(self.scroll_depth))
 
     def json(self) -> Dict[str, Any]:
         return {"value": self.value, "count": self.count, "percent": self.percent, "time_on_page": self.time_on_page, "scroll_depth": self.scroll_depth}
@@ -862,7 +888,7 @@ Row = Union[ViewsRow, VisitorsRow, EngagementRow, EntryRow, EventRow, Acquisitio
 def text_columns(kind: type, rows: Sequence[Row]) -> Tuple[Tuple[str, int], ...]:
     """The columns a text report shows for a section's rows: time and scroll only when some page
     reported engagement, since 80 columns leave no room to spare."""
-    if kind is EngagementRow and not any(row.time_on_page or row.scroll_depth for row in rows):  # type: ignore[union-attr]
+    if kind is EngagementRow and all(row.time_on_page is None for row in rows):  # type: ignore[union-attr]
         return ViewsRow.COLUMNS
     return kind.COLUMNS  # type: ignore[attr-defined, no-any-return]
 
@@ -933,6 +959,12 @@ DIMENSIONS: Tuple[Dimension, ...] = (
     Dimension("campaigns", 7, "campaign", (Field("campaign", clean_campaign),), (
         Section("campaigns", "Campaigns", filter="campaign", row=AcquisitionRow, nothing="(no campaigns)", lists_empty=False),
     ), visitors="(firsts >> 2 & 1)", per_visit=True),
+    Dimension("campaign_details", 11, "campaign_detail", (
+        Field("campaign_content", clean_campaign_part, "utm_content"), Field("campaign_term", clean_campaign_part, "utm_term"),
+    ), (
+        Section("campaign_content", "Campaign content", filter="content", part="campaign_content", nothing="(no campaign content)", lists_empty=False),
+        Section("campaign_terms", "Campaign terms", filter="term", part="campaign_term", nothing="(no campaign terms)", lists_empty=False),
+    ), per_visit=True),
     Dimension("countries", 3, "country", (Field("country", clean_country),), (Section("countries", "Countries", "(unknown)", "country", "upper"),)),
     Dimension("agents", 4, "agent", (Field("browser", clean_label), Field("version", clean_version), Field("os", clean_label), Field("device", clean_device)), (
         Section("browsers", "Browsers", "(unknown)", "browser", "agent", "browser"),
@@ -941,6 +973,9 @@ DIMENSIONS: Tuple[Dimension, ...] = (
     )),
     Dimension("screens", 5, "screen", (Field("screen", normalise_screen, "resolution"),), (Section("screens", "Screen sizes", "(unknown)", "screen"),)),
     Dimension("languages", 6, "language", (Field("language", clean_language),), (Section("languages", "Languages", "(unknown)", "language", "lower"),)),
+    Dimension("hostnames", 10, "hostname", (Field("hostname", normalise_host),), (  # the page's own host; its site may be a --site it belongs to
+        Section("hostnames", "Hostnames", "(no host)", "hostname", "lower", row=VisitorsRow),
+    )),
     Dimension("goals", 12, "goals", (Field("goals", clean_goal_names, by_visitor=True),), (Section("goals", "Goals", row=GoalRow, nothing="(no goals reached)", computed=True),), in_events=False),
 )
 EVENT_NAMES = Dimension("events", 8, "name", (Field("event", clean_event),), (  # the events table only
@@ -950,7 +985,7 @@ EVENT_DETAILS = (  # sections read from raw event rows, not counted per value
     Section("properties", "Properties", row=PropertyRow, nothing="(no properties)", needs="event"),
     Section("not_found", "Not found", "(direct)", link="path", row=NotFoundRow, nothing="(no pages not found)"),
 )
-AGENT_FIELDS = tuple(field.name for field in DIMENSIONS[6].fields)  # the agents table's columns
+AGENT_FIELDS = next(tuple(field.name for field in dim.fields) for dim in DIMENSIONS if dim.column == "agent")  # the agents table's columns
 FIELD_SEPARATOR = "\t"  # a text dimension of several fields stores them in one string: "search\tGoogle"
 COUNTED = tuple(dim for dim in DIMENSIONS if dim.code)
 EVENT_DIMENSIONS = tuple(dim for dim in DIMENSIONS if dim.in_events)
@@ -1153,7 +1188,7 @@ def is_in(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
     return False
 
 
-CAMPAIGN_PARAMS = ("utm_source", "ref", "source", "utm_medium", "utm_campaign")  # what campaign_of reads from a page's address
+CAMPAIGN_PARAMS = ("utm_source", "utm_medium", "utm_campaign", "utm_content", "utm_term", "ref", "source")  # what a page's address passes on
 
 
 def campaign_of(params: Dict[str, str]) -> Tuple[str, str]:
@@ -1670,6 +1705,13 @@ def in_domains(host: str, domains: Union[FrozenSet[str], Tuple[str, ...]]) -> bo
     return any(".".join(parts[i:]) in domains for i in range(len(parts)))
 
 
+def site_of(host: str, sites: Tuple[str, ...]) -> str:
+    """The site a page's host counts under: the most specific ``--site`` it is or belongs to
+    (``blog.example.org`` under ``example.org``), else the host itself."""
+    parts = host.split(".")
+    return next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in sites), host)
+
+
 def lookup_country(lookup: Optional[Callable[[str], Any]], address: Optional[IPAddress]) -> str:
     """ISO country code of an address from the GeoIP lookup, or empty. The address is not kept."""
     if lookup is None or address is None or not address.is_global:
@@ -1974,10 +2016,11 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     """Decide what a hit is, for live requests and access logs alike: filtered, malformed (None), or a
     normalised page view, event or engagement beacon."""
     params = hit.params
-    site = memo(normalise_host, params["host"]) if params.get("host") else memo(url_host, hit.page_url)
+    host = memo(normalise_host, params["host"]) if params.get("host") else memo(url_host, hit.page_url)
+    site = site_of(host, config.sites)
     address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)  # a new address is the rule: no memo
     campaign, campaign_source = campaign_of(params)
-    referrer = f"{campaign_source} (campaign)" if campaign_source else memo(normalise_referrer, params.get("referrer", ""), site)
+    referrer = f"{campaign_source} (campaign)" if campaign_source else memo(normalise_referrer, params.get("referrer", ""), host)
     agent = memo(classify_user_agent, hit.user_agent)
     reason = filter_reason(config, site, address, agent, hit.user_agent, referrer, hit.prefetch, bool(params.get("bot")))
     reason = reason or ("gpc" if hit.gpc and config.honour_gpc else "")
@@ -1994,7 +2037,7 @@ def read_hit(hit: RawHit, config: Config, memo: Memo, country_of: Callable[[Opti
     source, channel = memo(classify_source, referrer)
     view = PageView(
         time=hit.time, site=site, referrer=referrer, country=country_of(address), browser=agent.browser, version=agent.version, os=agent.os,
-        device=agent.device, language=memo(primary_language, hit.accept_language), campaign=campaign, source=source, channel=channel, **sent,
+        device=agent.device, language=memo(primary_language, hit.accept_language), campaign=campaign, source=source, channel=channel, hostname=host, **sent,
     )
     return Accepted(view, event, str(address or ""), hit.user_agent, engagement=engagement, props=props, dropped_props=dropped)
 
@@ -2020,10 +2063,12 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     if when is None:
         return None
     text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
-    site = memo(normalise_host, text("site", default_site))
     fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
+    host = memo(normalise_host, text("site", default_site))
+    fields["hostname"] = fields["hostname"] or host  # rows from before hostnames: the site was the host
+    site = site_of(host, config.sites)
     referrer = text("referrer", "")
-    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(named_referrer, referrer) or memo(normalise_referrer, with_scheme(referrer), site)
+    fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(named_referrer, referrer) or memo(normalise_referrer, with_scheme(referrer), fields["hostname"])
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
     first_today = text("first_today", "") in ("1", "True", "true")
     firsts = bounded(row.get("firsts"), ALL_VISIT_FIRSTS) if "firsts" in row else ALL_VISIT_FIRSTS * first_today  # older exports: a day's first
@@ -2443,7 +2488,7 @@ class Generation:
     def firsts(self, number: int, arrival: "Arrival") -> int:
         """A bit per ``VISIT_FIRSTS`` dimension whose value the visitor brings for the first time today."""
         bits = 0
-        for index, value in enumerate(arrival.firsts()):
+        for index, value in enumerate(arrival[at] for at in FIRSTS_AT):
             wanted, slot = (hash(value) & 0x7FFFFFFF) | 1, number * len(VISIT_FIRSTS) + index
             if not self.seen[slot]:
                 self.seen[slot] = wanted
@@ -2508,25 +2553,14 @@ NO_SEEN = array.array("I", [0] * len(VISIT_FIRSTS))
 CONVERTED_BIT = MAX_GOALS  # in ``Generation.goals``: the visitor reached a goal today
 
 
-class Arrival(NamedTuple):
-    """Where a visit came from, as its first page view says: it is stamped on every page view and
-    event of the visit, so that internal navigation is never counted as direct."""
-
-    referrer: str
-    campaign: str
-    source: str
-    channel: str
-
-    @classmethod
-    def of(cls, view: PageView) -> "Arrival":
-        return cls(view.referrer, view.campaign, view.source, view.channel)
-
-    def firsts(self) -> Tuple[str, ...]:
-        """Its value in each ``VISIT_FIRSTS`` dimension: sources, referrers, campaigns."""
-        return (self.source, self.referrer, self.campaign)
-
-
-DIRECT = Arrival("", "", "", "direct")
+# Where a visit came from, as its first page view says: the values of the ``per_visit`` dimensions
+# (source and channel, referrer, campaign and its content and term). They are stamped on every page
+# view and event of the visit, so that internal navigation is never counted as direct.
+Arrival = Tuple[str, ...]
+ARRIVAL_FIELDS = tuple(field.name for dim in DIMENSIONS if dim.per_visit for field in dim.fields)
+arrival_of: Callable[[PageView], Arrival] = operator.attrgetter(*ARRIVAL_FIELDS)
+DIRECT = arrival_of(PageView(0, ""))
+FIRSTS_AT = tuple(ARRIVAL_FIELDS.index(DIMENSION_NAMED[name].fields[-1].name) for name in VISIT_FIRSTS)  # each VISIT_FIRSTS value in an arrival
 UNWRITTEN_PAGES = array.array("I", [UNWRITTEN] * RECENT_PAGES)
 
 
@@ -2590,14 +2624,14 @@ class Visitors:
         if hit.engagement is not None:
             return self.engage(view.time, view.site, hit.address, hit.user_agent, view.path, *hit.engagement), None
         if hit.event:
-            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, Arrival.of(view), hit.props)
+            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, arrival_of(view), hit.props)
             if seen is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
             first, props_first, arrival, converted = seen
             if hit.event != NOT_FOUND_EVENT:  # a missing page keeps the link that led to it: its sources are what to fix
                 view = arrived(view, arrival)
             return Event(hit.event, view.counted(first, 0, converted), hit.props, props_first), None
-        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, Arrival.of(view))
+        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, arrival_of(view))
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
         step, view = observation.step, arrived(view, observation.arrival)
@@ -2716,9 +2750,9 @@ class Visitors:
 
 def arrived(view: PageView, arrival: Arrival) -> PageView:
     """The page view as its visit came: internal navigation takes the visit's referrer, campaign and source."""
-    if arrival == (view.referrer, view.campaign, view.source, view.channel):
+    if arrival_of(view) == arrival:
         return view
-    return view._replace(referrer=arrival.referrer, campaign=arrival.campaign, source=arrival.source, channel=arrival.channel)
+    return view._replace(**dict(zip(ARRIVAL_FIELDS, arrival)))
 
 
 Item = Union[PageView, Record, Event, Engagement, FilteredHit]  # what the writer takes
@@ -2877,7 +2911,7 @@ def add_text_dimension(name: str) -> Migration:
         empty = _intern(conn, FIELD_SEPARATOR.join("" for _ in dim.fields))
         for table in ("pageviews", "events") if dim.in_events else ("pageviews",):
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
-        if dim.code and conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():
+        if dim.code and conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():  # a new database has no older days to speak of
             progress(f"counting older days under the new dimension {name}")
             pages = DIMENSION_NAMED["pages"].code
             sums = ", ".join(f"sum({column})" for column in counted_columns(conn))
@@ -2895,6 +2929,30 @@ def add_event_properties(conn: sqlite3.Connection, progress: Callable[[str], Non
     conn.execute(f"ALTER TABLE events ADD COLUMN props INTEGER NOT NULL DEFAULT {empty}")
     conn.execute("ALTER TABLE events ADD COLUMN props_first INTEGER NOT NULL DEFAULT 0")
     conn.execute("CREATE INDEX events_by_name ON events (name)")  # one event's rows (404s, event=) without reading every event
+
+
+def add_hostnames(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Migration: page views and events get the page's hostname. Before it, a page's host was its
+    site, so older rows take their site (a week of rows per statement, with progress), and older
+    days count their page views under it."""
+    dim = DIMENSION_NAMED["hostnames"]
+    empty = _intern(conn, "")
+    for table in ("pageviews", "events"):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
+        first, last = conn.execute(f"SELECT min(id), max(id) FROM {table}").fetchone()
+        if first is None:
+            continue
+        shown = time.monotonic()
+        for start in range(second_of(first), second_of(last) + 1, 7 * DAY):
+            conn.execute(f"UPDATE {table} SET {dim.column} = site WHERE id >= ? AND id < ?", (first_id(start), first_id(start + 7 * DAY)))
+            if time.monotonic() - shown >= 1:
+                shown = time.monotonic()
+                progress(f"adding hostnames to {table}: {100 * (start - second_of(first)) // max(1, second_of(last) - second_of(first)):.0f}%")
+    if conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():  # a new database has no older days to speak of
+        progress("counting older days under their hostnames")
+    pages = DIMENSION_NAMED["pages"].code
+    for table, period in (("daily", "day"), ("monthly", "month")):
+        conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, site, {SUMMED_METRICS} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
 
 
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
@@ -3011,6 +3069,8 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
         engaged INTEGER NOT NULL, engaged_views INTEGER NOT NULL, scroll INTEGER NOT NULL, exits INTEGER NOT NULL, converted INTEGER NOT NULL,
         PRIMARY KEY (day, site, section, value)) WITHOUT ROWID;
     """,
+    add_hostnames,
+    add_text_dimension("campaign_details"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 IMPORTED_COLUMNS = ("day", "site", "section", "value", "detail", *Metrics._fields)
@@ -3775,6 +3835,7 @@ class Query(NamedTuple):
     filters: Tuple[Tuple[str, str], ...] = ()  # (name, value): path, referrer, country, browser, os, device, language
     now: Optional[int] = None  # for a live report (range=realtime): the moment "visitors now" counts back from
     goals: Tuple[Goal, ...] = ()  # the operator's goals, for the Goals section and the conversion rate
+    grain: str = ""  # the series' buckets (group=): hour, day, week or month; empty: chosen by the range (series_grain)
 
 
 class ReportData(NamedTuple):
@@ -3828,7 +3889,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     scope = _scope(conn, query)
     before = Range(2 * span.start - span.end, span.start)
     previous = _with_event_conversions(_totals(conn, before, scope), _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
-    grain, bounds = series_bounds(span, query.zone)
+    grain, bounds = series_bounds(span, query.zone, query.grain)
     imported = _imported(conn, span, query.zone, scope)
     if scope.filtered:
         counts, moments, totals = _count_matching(conn, span, bounds, scope)
@@ -3975,11 +4036,14 @@ def filter_ids(name: str, value: str) -> Tuple[str, str, Tuple[str, ...]]:
         return "agent", "SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?", (value, value)
     if section.part and dim.column == "agent":
         return "agent", f"SELECT id FROM agents WHERE {section.part} = ?", (value,)
-    if section.part == "channel":  # sources are stored as "channel\tsource"
-        return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value + FIELD_SEPARATOR, value + FIELD_SEPARATOR + "\U0010ffff")
-    if section.part == "source":
+    if section.part == "source":  # sources are stored as "channel\tsource", and the channels are few
         values = tuple(FIELD_SEPARATOR.join((channel, value)) for channel in CHANNELS)
         return dim.column, f"SELECT id FROM strings WHERE value IN ({', '.join('?' * len(values))})", values
+    if section.part == dim.fields[0].name:  # the first of several fields ("channel\tsource"): a range of the strings' index
+        return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value + FIELD_SEPARATOR, value + FIELD_SEPARATOR + "\U0010ffff")
+    if section.part == dim.fields[-1].name:  # the last: among the values ever counted (stored values hold no tab)
+        pattern = "*" + FIELD_SEPARATOR + re.sub(r"([*?[])", r"[\1]", value)
+        return dim.column, f"SELECT id FROM strings WHERE id IN (SELECT value FROM monthly WHERE dim = {dim.code}) AND value GLOB ?", (pattern,)
     if section.match == "prefix" and value.endswith("*"):
         return dim.column, "SELECT id FROM strings WHERE value >= ? AND value < ?", (value[:-1], value[:-1] + "\U0010ffff")
     return dim.column, "SELECT id FROM strings WHERE value = ?", (value,)
@@ -4358,7 +4422,7 @@ def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int]
     rows = {start: [start, 0, 0] for start in bounds[:-1]}
     inner = Range(-(-span.start // QUARTER) * QUARTER, span.end // QUARTER * QUARTER)
     if moments is None and (inner.start >= inner.end or grain == "minute"):
-        moments = list(_raw_counts(conn, [span], scope, series_step(span)))
+        moments = list(_raw_counts(conn, [span], scope, 60 if grain == "minute" else QUARTER))
     elif moments is None:
         for start, views, visitors in _bucket_totals(conn, bounds, inner, scope.site_id):
             rows[start][1] += views
@@ -4404,14 +4468,13 @@ def series_grain(span: Range) -> str:
     return "minute" if days <= 1 / 24 else "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month"
 
 
-def series_step(span: Range) -> int:
-    """The seconds that raw page views are counted in for the series: a minute, or a quarter hour."""
-    return 60 if series_grain(span) == "minute" else QUARTER
+GRAINS = {"hour": 3600, "day": DAY, "week": 7 * DAY, "month": 28 * DAY}  # what group= takes, and each grain's shortest bucket
+MAX_BUCKETS = 10_000  # a series' buckets at most: group=hour over years would be a page nobody can read
 
 
-def series_bounds(span: Range, zone: dt.tzinfo) -> Tuple[str, List[int]]:
-    """The grain for a range and its bucket edges."""
-    grain = series_grain(span)
+def series_bounds(span: Range, zone: dt.tzinfo, grain: str = "") -> Tuple[str, List[int]]:
+    """The grain for a range (the one asked for, else chosen by its length) and its bucket edges."""
+    grain = grain or series_grain(span)
     bounds = [span.start]
     while True:
         following = next_boundary(bounds[-1], grain, zone)
@@ -4741,7 +4804,8 @@ def parse_report_request(
     if section and section not in SECTION_TITLES:
         raise ReportError(f"unknown section {section!r}: use one of {', '.join(SECTION_TITLES)}")
     live = params.get("range") == "realtime"
-    query = Query(parse_range(params, now, first_day, zone), zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None, tuple(goals))
+    span = parse_range(params, now, first_day, zone)
+    query = Query(span, zone, parse_site(params.get("site", "")), parse_filters(params), int(now) if live else None, tuple(goals), parse_group(params.get("group", ""), span))
     kept = tuple((name, value) for name, value in params.items() if name in LINK_PARAMS)
     return ReportRequest(query, fmt, parse_limit(params.get("limit", "")), section, params.get("ascii", "") not in ("", "0"), kept)
 
@@ -4766,6 +4830,15 @@ def parse_filters(params: Dict[str, str]) -> Tuple[Tuple[str, str], ...]:
             value = value.upper() if section.match == "upper" else value.lower()
         filters.append((name, value))
     return tuple(filters)
+
+
+def parse_group(value: str, span: Range) -> str:
+    """The series' grain that ``group=`` asks for: hour, day, week or month (empty: chosen by the range)."""
+    if value and value not in GRAINS:
+        raise ReportError(f"unknown group {value!r}: use {', '.join(GRAINS)}")
+    if value and (span.end - span.start) // GRAINS[value] > MAX_BUCKETS:
+        raise ReportError(f"group={value} makes more than {MAX_BUCKETS:,} points over this range: use a longer grain or a shorter range")
+    return value
 
 
 def parse_limit(value: str) -> Optional[int]:
@@ -4853,9 +4926,9 @@ def iso(seconds: int, zone: dt.tzinfo = dt.timezone.utc) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if zone is dt.timezone.utc else moment.isoformat()
 
 
-def change(current: float, previous: float) -> Optional[int]:
-    """Percent change against the previous period; None when there was nothing before."""
-    return round(100 * (current - previous) / previous) if previous else None
+def change(current: Optional[float], previous: Optional[float]) -> Optional[int]:
+    """Percent change against the previous period; None when there was nothing before (or nothing reported now)."""
+    return round(100 * (current - previous) / previous) if previous and current is not None else None
 
 
 def days_in(span: Range) -> int:
@@ -4959,8 +5032,8 @@ def headline_rows(report: ReportData, ascii: bool) -> List[Tuple[str, str, str]]
         "visit_duration": format_duration(int(now["visit_duration"])),
     }
     if report.totals.engaged_views or report.previous.engaged_views:  # shown once some page view reported engagement
-        shown["time_on_page"] = format_duration(round(now["time_on_page"]))
-        shown["scroll_depth"] = f"{now['scroll_depth']:.0f}%"
+        shown["time_on_page"] = format_time_on_page(now["time_on_page"])
+        shown["scroll_depth"] = format_scroll_depth(now["scroll_depth"])
     if goals:
         shown["conversion_rate"] = f"{now['conversion_rate']:.1f}%"
     counted = "Events" if any(name == "event" for name, _ in report.query.filters) else "Page views"
@@ -4981,7 +5054,7 @@ def render_headline(report: ReportData, ascii: bool) -> List[str]:
     return lines
 
 
-def format_change(current: float, previous: float, ascii: bool) -> str:
+def format_change(current: Optional[float], previous: Optional[float], ascii: bool) -> str:
     percent_change = change(current, previous)
     if percent_change is None:
         return "new" if current else ""
@@ -5051,8 +5124,13 @@ def render_section(name: str, rows: List[Row], request: ReportRequest, width: in
     return lines if rows else lines + [section.nothing]
 
 
-LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", *FILTERS)  # what the page's links carry over
+LINK_PARAMS = ("range", "start", "end", "tz", "site", "limit", "section", "group", *FILTERS)  # what the page's links carry over
 RANGE_LINKS = ("realtime", "today", "yesterday", "7d", "30d", "month", "year", "all")
+SIDE_BY_SIDE = (  # on a wide screen sections sit two by two, in this order (the others follow, as listed); a phone shows them one below the other
+    ("pages", "sources"), ("entry_pages", "channels"), ("referrers", "campaigns"), ("campaign_content", "campaign_terms"), ("countries", "devices"),
+    ("browsers", "operating_systems"), ("screens", "languages"), ("hostnames", "events"),
+)
+WIDE_ORDER = {name: place for place, name in enumerate(name for pair in SIDE_BY_SIDE for name in pair)}
 PAGE_STYLE = """
 :root{--fg:#1d1f21;--muted:#5f6368;--bg:#fff;--line:#e3e3e3;--bar:#dbe8ff;--accent:#1a56db;--chart:#3b82f6}
 @media (prefers-color-scheme:dark){:root{--fg:#e8e8e8;--muted:#a0a4a8;--bg:#16181b;--line:#2c2f33;--bar:#1f3354;--accent:#8ab4f8;--chart:#5b9cf6}}
@@ -5068,6 +5146,8 @@ table{width:100%;border-collapse:collapse;table-layout:fixed}td,th{padding:.25re
 th{text-align:right;font-weight:600;color:var(--muted);font-size:.85rem}th:first-child{text-align:left}.n{text-align:right;width:5.6rem;font-variant-numeric:tabular-nums}
 td.n{overflow-wrap:anywhere}td.l{position:relative;overflow-wrap:anywhere}td.l span{position:absolute;left:0;top:0;bottom:0;background:var(--bar);z-index:-1}td.l a,td.l b{position:relative}
 @media (max-width:30rem){.n{width:3.9rem}body{padding:.6rem}}
+@media (min-width:62.5rem){body{max-width:84rem;padding:1rem 1.5rem}.n{width:4.4rem}
+main{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:0 2.5rem;align-items:start}main>section:only-child{grid-column:1/-1}}
 @media print{nav,.filters a{display:none}body{max-width:none;color:#000;background:#fff}a{color:#000}td.l span{background:#ddd;-webkit-print-color-adjust:exact;print-color-adjust:exact}}
 """
 
@@ -5085,10 +5165,13 @@ def render_html(report: ReportData, request: ReportRequest) -> str:
         + (f" · sites: {esc(', '.join(report.sites))}" if not query.site and report.sites else "") + "</p>",
         '<p class="public">This report is public: anyone with its address can read it.</p>' if request.public else "",
         html_range_links(request), html_filters(request), "</header>",
-        html_headline(report), html_chart(report), *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
+        html_headline(report), html_chart(report), html_group_links(request, report.grain),
+        *[f"<p class=\"muted\">Note: {esc(note)}</p>" for note in report.notes],
     ]
+    parts.append("<main>")
     for name in shown_sections(report, request):
         parts.append(html_section(name, limited(report.sections[name], request, text=True), report, request))
+    parts.append("</main>")
     parts.append(f'<footer><p class="muted">pixeld {__version__} · filtered {sum(report.filtered.values()):,}{esc(filtered_breakdown(report.filtered))}</p></footer></body></html>')
     return "".join(parts) + "\n"
 
@@ -5112,6 +5195,12 @@ def html_range_links(request: ReportRequest) -> str:
         for name in RANGE_LINKS
     ]
     return f'<nav aria-label="ranges">{"".join(links)}</nav>'
+
+
+def html_group_links(request: ReportRequest, grain: str) -> str:
+    """Links that show the series per hour, day, week or month (``group=``)."""
+    links = [f'<a href="{report_link(request, group=name)}"{" aria-current=page" if name == grain else ""}>{name}</a>' for name in GRAINS]
+    return f'<nav aria-label="series per">per {"".join(links)}</nav>'
 
 
 def html_filters(request: ReportRequest) -> str:
@@ -5212,7 +5301,8 @@ def html_section(name: str, rows: List[Row], report: ReportData, request: Report
     head = f'<tr><th>{esc(section.title)}</th>{"".join(html_header(header, width) for header, width in section.row.COLUMNS)}</tr>'
     more = len(report.sections[name]) - len(rows)
     footer = f'<p class="muted"><a href="{report_link(request, section=name)}">all {more + len(rows):,}</a></p>' if more > 0 else ""
-    return f'<section><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
+    order = WIDE_ORDER.get(name, len(WIDE_ORDER) + list(SECTIONS).index(name))  # ``order`` only acts in the wide layout's grid
+    return f'<section style="order:{order}"><h2>{esc(section.title)}</h2><table>{head}{"".join(body)}</table>{footer}</section>'
 
 
 def render_counter_json(path: str, views: int) -> str:
@@ -5941,7 +6031,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
   }
   function url(q) {
     var p = new URLSearchParams(l.search), m = "";
-    ["utm_source", "utm_medium", "utm_campaign", "ref", "source"].forEach(function (x) { if (p.get(x)) m += "&" + x + "=" + e(p.get(x)); });
+    %CAMPAIGN_PARAMS%.forEach(function (x) { if (p.get(x)) m += "&" + x + "=" + e(p.get(x)); });
     return hit(q, m);
   }
   function send(x) { off() || (n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x)); }
@@ -5993,7 +6083,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 })(window, document, location, navigator);
 </script>
 <noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
-"""
+""".replace("%CAMPAIGN_PARAMS%", json.dumps(CAMPAIGN_PARAMS))  # the snippet passes on what the server takes, and no click id
 
 
 # pixeld's tracker at Plausible's and Umami's script addresses (/js/script.js, /js/script.hash.outbound-links.js,
@@ -6558,7 +6648,8 @@ def describe_request(hit: RawHit, config: Config, proxied: bool) -> List[str]:
     trusted = peer is not None and is_in(peer, config.trusted_proxies)
     address = client_address(hit.peer, hit.forwarded_for, hit.forwarded, config.trusted_proxies)
     via = "X-Forwarded-For" if hit.forwarded_for.strip() else "Forwarded" if hit.forwarded.strip() else ""
-    site = normalise_host(hit.params["host"]) if hit.params.get("host") else url_host(hit.page_url)
+    host = normalise_host(hit.params["host"]) if hit.params.get("host") else url_host(hit.page_url)
+    site = site_of(host, config.sites) + (f" (hostname {host})" if host and site_of(host, config.sites) != host else "")
     lines = [
         f"peer: {hit.peer or '(unknown)'}",
         f"trusted proxy: {'yes' if trusted else 'no'} (--trusted-proxy {', '.join(map(str, config.trusted_proxies)) or 'none'})",
@@ -7509,6 +7600,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
+    report_cmd.add_argument("--group", default="", choices=("", *GRAINS), metavar="GRAIN", help="the series per hour, day, week or month (default: by the range)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
     report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))
@@ -7769,7 +7861,7 @@ def command_zone(args: argparse.Namespace, environ: Dict[str, str]) -> dt.tzinfo
 
 def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
-    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "ascii", *FILTERS)
+    names = ("start", "end", "range", "tz", "site", "format", "limit", "section", "group", "ascii", *FILTERS)
     try:
         request = parse_report_request(command_params(args, names), time.time(), lambda: first_day_with_data(conn), command_zone(args, environ), goals_of(args, environ))
         width = shutil.get_terminal_size((WIDTH, 24)).columns if sys.stdout.isatty() else WIDTH

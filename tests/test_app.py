@@ -25,6 +25,7 @@ def test_js_style_page_view_is_stored_normalised(start_daemon):
     assert {k: v for k, v in stored.items() if k != "time"} == {
         "site": "example.org", "path": "/blog/café", "title": "Café notes", "channel": "search", "source": "Google", "referrer": "google.com/search",
         "campaign": "", "country": "", "browser": "Chrome", "version": "131", "os": "Windows", "device": "desktop", "screen": "1920x1080", "language": "de", "goals": "",
+        "campaign_content": "", "campaign_term": "", "hostname": "example.org",
     }
 
 
@@ -103,7 +104,7 @@ def test_report_over_http_shows_what_was_sent(start_daemon):
     for line in ("/                           ", "Chrome 131", "Safari 17", "Firefox 133", "iOS", "phone", "390x844", "fr"):
         assert line in text, line
     sections = json.loads(daemon.report("range=today&format=json").text)["sections"]
-    assert sections["pages"][0] == {"value": "/", "count": 2, "percent": 66.7, "time_on_page": 0.0, "scroll_depth": 0.0}
+    assert sections["pages"][0] == {"value": "/", "count": 2, "percent": 66.7, "time_on_page": None, "scroll_depth": None}
     assert dict((r["value"], r["count"]) for r in sections["devices"]) == {"desktop": 2, "phone": 1}
 
 

@@ -23,8 +23,10 @@ from conftest import CHROME, IPHONE, PIXELD, ROOT, Daemon, free_port, request, r
 COUNTRIES = {"81.2.69.0/24": "GB", "89.160.20.0/24": "SE"}
 CAMPAIGN = {"utm_source": "newsletter", "utm_medium": "email", "utm_campaign": "launch"}
 READERS = [  # two readers who differ in every dimension; each dimension's value is taken from the reader who has it
-    {"address": "81.2.69.142", "ua": CHROME, "language": "de-AT,de;q=0.9", "referrer": "https://news.ycombinator.com/item?id=1", "query": {}, "n": 1},
-    {"address": "89.160.20.112", "ua": IPHONE, "language": "fr-FR,fr;q=0.8", "referrer": "", "query": CAMPAIGN, "n": 2},
+    {"address": "81.2.69.142", "ua": CHROME, "language": "de-AT,de;q=0.9", "referrer": "https://news.ycombinator.com/item?id=1", "query": {}, "n": 1,
+     "host": "example.org"},
+    {"address": "89.160.20.112", "ua": IPHONE, "language": "fr-FR,fr;q=0.8", "referrer": "", "query": CAMPAIGN, "n": 2,
+     "host": "blog.example.org"},  # a subdomain of the site (--site example.org): the same site, another hostname
 ]
 DIMENSIONS = pixeld.DIMENSIONS + (pixeld.EVENT_NAMES,)
 GOALS = {"PIXELD_GOALS": "Sample=path:/sample-path-1"}  # the first reader reaches it: the goals dimension has a value
@@ -41,7 +43,7 @@ def sample(field, n):
 def page_params(reader):
     """What the snippet sends for the reader's page view: every parameter field, the referrer and the campaign."""
     params = {field.param: sample(field, reader["n"]) for field in pixeld.PARAM_FIELDS}
-    return {**params, "host": "example.org", "referrer": reader["referrer"], **reader["query"]}
+    return {**params, "host": reader["host"], "referrer": reader["referrer"], **reader["query"]}
 
 
 def log_line(reader, when):
@@ -67,8 +69,8 @@ def dry_run(reader, mmdb, *more):
 
 
 # A combined access log cannot hold what the page sends beside its address (the title, the screen) nor the
-# Accept-Language header: those dimensions come in from logs empty.
-LOG_LACKS = {field.name for field in pixeld.PARAM_FIELDS if field.name != "path"} | {"language"}
+# Accept-Language header, nor the page's host (its rows are the --site's): those dimensions come in from logs empty, or as the site.
+LOG_LACKS = {field.name for field in pixeld.PARAM_FIELDS if field.name != "path"} | {"language", "hostname"}
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Time on page and scroll depth: engagement beacons over HTTP (joined in memory to the visitor's page
 view, filtered like page views, malformed ones ignored) and from the real snippet in Chromium."""
 
+import json
 import sqlite3
 import time
 
@@ -50,6 +51,32 @@ def test_engagement_is_joined_to_the_page_view_and_counted_once(start_daemon):
     assert "Time on page" in text and "Scroll depth" in text and "30m 00s" in text
 
 
+def test_a_page_without_engagement_reads_as_unknown_not_as_unread(start_daemon):
+    """A page whose views reported no engagement (no JavaScript, never shown) shows "–", not 0s and 0%."""
+    import csv
+    import io
+
+    daemon = start_daemon()
+    daemon.pixel({"path": "/read", "host": "example.org"}, {"X-Forwarded-For": "198.51.100.1"})
+    engage(daemon, "/read", "0", "0")  # reported: shown for a moment, never scrolled, which is 0s and 0%
+    daemon.pixel({"path": "/noscript", "host": "example.org"}, {"X-Forwarded-For": "198.51.100.2"})
+    daemon.stop()
+    pages = {row["value"]: row for row in report_json(daemon.db)["sections"]["pages"]}
+    assert (pages["/read"]["time_on_page"], pages["/read"]["scroll_depth"]) == (0.0, 0.0)
+    assert (pages["/noscript"]["time_on_page"], pages["/noscript"]["scroll_depth"]) == (None, None)  # JSON: null
+    text = run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--section", "pages")[1]
+    lines = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("/")}
+    assert lines["/read"][-2:] == ["0s", "0%"] and lines["/noscript"][-2:] == ["–", "–"]
+    html = run_pixeld("report", "--db", str(daemon.db), "--range", "today", "--section", "pages", "--format", "html")[1]
+    row = html.split(">/noscript</a>", 1)[1].split("</tr>", 1)[0]
+    assert row.endswith('<td class="n">–</td><td class="n">–</td>')
+    cells = [row for row in csv.reader(io.StringIO(run_pixeld("report", "--db", str(daemon.db), "--format", "csv")[1])) if row[1] == "/noscript"]
+    assert ["pages_time_on_page", "/noscript", "", ""] in cells and ["pages_scroll_depth", "/noscript", "", ""] in cells
+    daemon = start_daemon(db=daemon.db)  # the headline too, when nothing in the range reported engagement
+    document = json.loads(daemon.report("range=today&format=json&path=/noscript").text)
+    assert document["time_on_page"] is None and document["scroll_depth"] is None and document["change"]["time_on_page"] is None
+
+
 @pytest.mark.parametrize("engaged, scroll", [
     ("abc", "50"), ("-5", "50"), ("NaN", "50"), ("1e9", "50"), ("10", "-1"), ("10", "abc"), ("999999999", "10"), ("10", ""), ("", "10"),
     ("10\u00e9", "50"), ("\u0661\u0660", "50"), ("Infinity", "50"), ("0x10", "50"),
@@ -77,7 +104,7 @@ def test_engagement_without_a_page_view_from_a_bot_or_for_another_path_is_droppe
     daemon.stop()
     assert rows(daemon.db) == [("/post", 0, None, 1, 0)]
     document = report_json(daemon.db)
-    assert document["pageviews"] == 1 and document["time_on_page"] == 0.0
+    assert document["pageviews"] == 1 and document["time_on_page"] is None
     assert document["filtered"] == {"total": 3, "bot": 1, "headless": 1, "foreign": 1}
 
 
@@ -133,7 +160,7 @@ def test_reading_half_a_long_page_for_two_seconds(reading):
     page.evaluate("window.scrollTo(0, (document.documentElement.scrollHeight - window.innerHeight) / 2)")
     time.sleep(2.2)
     page.close(run_before_unload=True)
-    wait_for(lambda: page_rows(daemon).get("/long", {}).get("time_on_page", 0) > 0)
+    wait_for(lambda: (page_rows(daemon).get("/long", {}).get("time_on_page") or 0) > 0)
     row = page_rows(daemon)["/long"]
     assert row["time_on_page"] >= 1.5 and 40 <= row["scroll_depth"] <= 70, row
 
@@ -152,7 +179,7 @@ def test_a_single_page_app_sends_the_previous_pages_engagement_first(reading):
     assert kinds[:3] == ["view:%2Fapp", "engagement:%2Fapp", "view:%2Fapp%2Fnext"], kinds
     engaged = [url for url in beacons if "engagement=1" in url][0]
     assert "&host=site.test&engaged=" in engaged and "&scroll=" in engaged
-    wait_for(lambda: page_rows(daemon)["/app"]["time_on_page"] >= 1)
+    wait_for(lambda: (page_rows(daemon)["/app"]["time_on_page"] or 0) >= 1)
 
 
 HIDDEN = """Object.defineProperty(Document.prototype, "visibilityState", {get: () => "hidden"});
@@ -175,4 +202,4 @@ def test_a_background_tab_never_shown_reports_no_engaged_time(reading):
     wait_for(lambda: "/long" in page_rows(daemon))
     time.sleep(1.5)
     assert [url for url in beacons if "engagement=1" in url] == []
-    assert (page_rows(daemon)["/long"]["time_on_page"], page_rows(daemon)["/long"]["scroll_depth"]) == (0, 0)
+    assert (page_rows(daemon)["/long"]["time_on_page"], page_rows(daemon)["/long"]["scroll_depth"]) == (None, None)

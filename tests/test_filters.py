@@ -46,7 +46,8 @@ def test_every_filter_is_tallied_by_reason(start_daemon, tmp_path):
     daemon.stop()
 
     stored = stored_pageviews(daemon.db)
-    assert [(v["site"], v["path"]) for v in stored] == [(p["host"], p["path"]) for p, _, reason in sends if reason is None]
+    assert [(v["hostname"], v["path"]) for v in stored] == [(p["host"], p["path"]) for p, _, reason in sends if reason is None]
+    assert [v["site"] for v in stored][:3] == ["example.org", "example.org", "shop.example"]  # a subdomain counts under its configured site
     expected = {}
     for _, _, reason in sends:
         if reason:

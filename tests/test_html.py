@@ -24,7 +24,7 @@ def sample(**sections):
 
 
 PIXELD_TAGS = {"html", "head", "meta", "link", "title", "style", "body", "header", "h1", "h2", "p", "nav", "a", "b", "dl", "div", "dt", "dd", "small",
-               "figure", "svg", "line", "text", "rect", "figcaption", "section", "table", "tr", "th", "td", "span", "footer"}
+               "figure", "svg", "line", "text", "rect", "figcaption", "main", "section", "table", "tr", "th", "td", "span", "footer"}
 
 
 def parsed(page):
@@ -176,6 +176,13 @@ def test_the_page_in_chromium_hostile_values_links_and_a_phone(start_daemon, bro
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), page.evaluate("document.documentElement.scrollWidth")
         body = page.inner_text("body")
         assert HOSTILE[0] in body and HOSTILE[1] in body
+        box = lambda title: page.locator(f"section:has(h2:text-is('{title}'))").bounding_box()  # noqa: E731
+        pairs = [("Pages", "Sources"), ("Countries", "Devices"), ("Browsers", "Operating systems")]
+        if viewport["width"] > 1000:  # two by two, side by side
+            assert all(box(left)["y"] == box(right)["y"] and box(left)["x"] + box(left)["width"] < box(right)["x"] for left, right in pairs)
+        else:  # a phone: one below the other, in the order of the page
+            assert all(box(left)["y"] < box(right)["y"] and box(left)["x"] == box(right)["x"] for left, right in pairs)
+            assert box("Entry pages")["y"] < box("Sources")["y"]
         shot = tmp_path / f"report-{viewport['width']}.png"
         page.screenshot(path=str(shot), full_page=True)
         assert png_colours(shot) > 20

@@ -99,7 +99,7 @@ def test_dry_run_says_what_a_hit_would_be_and_stores_nothing(start_daemon, tmp_p
     spam.write_text("spammy.example\n")
     daemon = start_daemon("--site", "example.org", "--spam-list", str(spam))
     cases = [
-        ({"path": "/post", "host": "example.org", "referrer": "https://www.google.de/"}, CHROME, "counted as a page view of example.org/post (title (none), channel search, source Google, referrer google.de, campaign (none), country (unknown), browser Chrome, version 131, os Windows, device desktop"),
+        ({"path": "/post", "host": "example.org", "referrer": "https://www.google.de/"}, CHROME, "counted as a page view of example.org/post (title (none), channel search, source Google, referrer google.de, campaign (none), campaign_content (none), campaign_term (none), country (unknown), browser Chrome, version 131, os Windows, device desktop"),
         ({"path": "/", "host": "example.org"}, GOOGLEBOT, "filtered: bot (the User-Agent is a crawler"),
         ({"path": "/", "host": "other.net"}, CHROME, "filtered: foreign (the site is not one of --site)"),
         ({"path": "/", "host": "example.org", "referrer": "https://spammy.example/x"}, CHROME, "filtered: spam (the referrer's domain is on the referrer spam list)"),

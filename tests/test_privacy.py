@@ -109,9 +109,9 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
     conn = sqlite3.connect(db)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(pageviews)")]
     visits = ["first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll", "firsts", "exit", "converted"]
-    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", *visits, "goals"]
+    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", *visits, "goals", "hostname", "campaign_detail"]
     event_columns = [row[1] for row in conn.execute("PRAGMA table_info(events)")]
-    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", *visits, "props", "props_first"]
+    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", *visits, "props", "props_first", "hostname", "campaign_detail"]
     rows = conn.execute("SELECT * FROM pageviews ORDER BY id").fetchall()
     conn.close()
     assert len(rows) == 16

@@ -103,8 +103,8 @@ def test_json_report_has_the_same_data():
     assert (document["visitors"], document["visits"], document["pages_per_visit"], document["bounce_rate"], document["visit_duration"]) == (2, 3, 1.33, 33.3, 83)
     assert document["filtered"] == {"total": 3, "bot": 2, "spam": 1}
     assert document["sections"]["pages"] == [
-        {"value": "/", "count": 3, "percent": 75.0, "time_on_page": 0.0, "scroll_depth": 0.0},
-        {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": 0.0, "scroll_depth": 0.0},
+        {"value": "/", "count": 3, "percent": 75.0, "time_on_page": None, "scroll_depth": None},
+        {"value": "/a", "count": 1, "percent": 25.0, "time_on_page": None, "scroll_depth": None},
     ]
     assert document["start"] == "2026-11-22T00:00:00Z" and document["end"] == "2026-11-29T00:00:00Z"
     assert set(document["sections"]) == set(pixeld.SECTION_TITLES) - {"properties"}  # shown with event= only
@@ -266,3 +266,49 @@ def test_filters_with_every_format(busy_app, fmt):
         assert document["pageviews"] == 1 and document["filters"]["path"] == "/p1*"
     else:
         assert "totals,pageviews,1," in body
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "text", "html"])
+def test_group_sets_the_series_grain_in_every_format(busy_app, fmt):
+    answer = call(busy_app, "/report", f"range=30d&group=week&format={fmt}")
+    assert answer.status == 200
+    mondays = ["2026-11-02", "2026-11-09", "2026-11-16", "2026-11-23"]  # ISO weeks from Monday; the range starts on 2026-10-30
+    if fmt == "json":
+        series = json.loads(answer.text)["series"]
+        assert series["grain"] == "week"
+        assert [row["start"][:10] for row in series["rows"]] == ["2026-10-30", *mondays]
+        assert series["rows"][-1]["pageviews"] == 12  # yesterday (Friday) and today (Saturday) are one week
+    elif fmt == "csv":
+        assert [row.split(",")[1][:10] for row in answer.text.splitlines() if row.startswith("series,")] == ["2026-10-30", *mondays]
+    elif fmt == "text":
+        assert "Page views per week" in answer.text and re.search(r"^2026-11-23 wk .*12 ", answer.text, re.M)
+    else:
+        assert "Page views per week" in answer.text and 'aria-current=page>week</a>' in answer.text
+        assert 'href="?range=30d&amp;group=month"' in answer.text  # the other grains are a link away
+
+
+def test_group_default_follows_the_range_and_each_grain_works(busy_app):
+    grain = lambda query: json.loads(call(busy_app, "/report", query + "&format=json").text)["series"]  # noqa: E731
+    assert grain("range=30d")["grain"] == "day" and grain("range=today")["grain"] == "hour"
+    hours = grain("range=2d&group=hour")
+    assert hours["grain"] == "hour" and len(hours["rows"]) >= 24 and sum(row["pageviews"] for row in hours["rows"]) == 12
+    days = grain("range=today&group=day")
+    assert days["rows"] == [{"start": "2026-11-28T00:00:00Z", "pageviews": 11, "visitors": 11}]
+    months = grain("range=30d&group=month")
+    assert [row["start"][:10] for row in months["rows"]] == ["2026-10-30", "2026-11-01"] and months["rows"][1]["pageviews"] == 12
+    tokyo = grain("range=2d&group=day&tz=Asia/Tokyo")
+    assert all(row["start"].endswith("T00:00:00+09:00") for row in tokyo["rows"][1:])
+
+
+def test_group_with_a_filter(busy_app):
+    series = json.loads(call(busy_app, "/report", "range=30d&group=week&format=json&path=/p1*").text)["series"]
+    assert series["grain"] == "week" and [row["pageviews"] for row in series["rows"]] == [0, 0, 0, 0, 2]  # /p10 yesterday, /p1 today
+
+
+@pytest.mark.parametrize("query, reason", [("group=year", "unknown group"), ("group=", ""), ("start=2000-01-01&group=hour", "more than 10,000 points")])
+def test_bad_group_gets_400_with_one_line(busy_app, query, reason):
+    answer = call(busy_app, "/report", query)
+    if not reason:
+        assert answer.status == 200  # empty: chosen by the range
+        return
+    assert answer.status == 400 and reason in answer.text and answer.text.count("\n") == 1
