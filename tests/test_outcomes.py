@@ -192,3 +192,17 @@ def test_a_page_not_found_keeps_the_link_that_led_to_it_within_a_visit(tmp_path)
         assert missing == {"/gone": ["(direct)"], "/old": ["news.ycombinator.com/item"]}
     finally:
         app.close()
+
+
+def test_a_campaigns_content_and_term_belong_to_its_visit(tmp_path):
+    clock = Clock(NINE)
+    app = make_app(tmp_path / "content.db", clock)
+    try:
+        hit(app, clock, NINE, "203.0.113.1", path="/", utm_source="newsletter", utm_medium="email", utm_campaign="dec", utm_content="header", utm_term="tea")
+        hit(app, clock, NINE + 60, "203.0.113.1", path="/post")
+        settle(app)
+        document = report(app, campaign="newsletter / email / dec")
+        assert document["pageviews"] == 2
+        assert rows(document, "campaign_content", "count") == {"header": (2,)} and rows(document, "campaign_terms", "count") == {"tea": (2,)}
+    finally:
+        app.close()
