@@ -261,7 +261,7 @@ def test_downloads_are_counted_when_opted_in(setup):
     page.wait_for_timeout(500)
     assert events_named(daemon) == {"download:/files/book.pdf": 1, "download:other.test/pub/code.ZIP": 1, "download:/notes.txt": 1}
     on_page = daemon.report_json("range=today&event=download:/files/book.pdf")["sections"]["pages"]
-    assert on_page == [{"value": "/files", "count": 1, "percent": 100.0, "time_on_page": 0.0, "scroll_depth": 0.0}]
+    assert on_page == [{"value": "/files", "count": 1, "percent": 100.0, "time_on_page": None, "scroll_depth": None}]
 
 
 def test_form_submissions_are_counted_and_no_field_value_is_ever_sent(setup):

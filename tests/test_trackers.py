@@ -331,7 +331,7 @@ def test_a_plausible_tag_kept_as_it_is_is_counted_by_pixelds_tracker(start_daemo
         page.click("#out")  # an outbound link (to a new tab)
         wait_for(lambda: events(daemon).get("outbound:other.test") == 1)
         page.close(run_before_unload=True)  # leaving the page sends its reading time and scroll depth
-        wait_for(lambda: daemon.report_json()["scroll_depth"] > 50 and daemon.report_json()["time_on_page"] > 0)
+        wait_for(lambda: (daemon.report_json()["scroll_depth"] or 0) > 50 and (daemon.report_json()["time_on_page"] or 0) > 0)
     finally:
         site.server.shutdown()
     daemon.stop()
@@ -361,7 +361,7 @@ def test_an_umami_tag_kept_as_it_is_is_counted_by_pixelds_tracker(start_daemon, 
         page.mouse.wheel(0, 1500)
         page.click("#next")  # an SPA navigation: the page left reports its reading time and scroll depth
         committed(daemon, 3)
-        wait_for(lambda: daemon.report_json()["scroll_depth"] > 50 and daemon.report_json()["time_on_page"] > 0)
+        wait_for(lambda: (daemon.report_json()["scroll_depth"] or 0) > 50 and (daemon.report_json()["time_on_page"] or 0) > 0)
         page.click("#tagged")
         page.click("#api")
         wait_for(lambda: events(daemon) == {"Signup": 1, "Export": 1})
@@ -397,7 +397,7 @@ def test_plausibles_official_npm_tracker_in_chromium(start_daemon, context, node
         page.mouse.wheel(0, 1500)
         page.click("#next")  # an SPA navigation; the page left sends its engagement event (its engaged time counts only with focus)
         committed(daemon, 2)
-        wait_for(lambda: daemon.report_json()["scroll_depth"] > 50)
+        wait_for(lambda: (daemon.report_json()["scroll_depth"] or 0) > 50)
         page.click("#signup")
         wait_for(lambda: events(daemon).get("Signup") == 1)
         page.click("#out")
