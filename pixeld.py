@@ -5,11 +5,12 @@ A pixel endpoint stores page views without cookies or anything that identifies a
 ``/report`` reads them back as plain text or JSON. Standard library only (Python 3.9+);
 ``geoip2`` is used for countries when installed and configured.
 
-The file reads in the order data flows, one banner per section: configuration; request
-parsing and normalisation; the user-agent reducer; hits (one pipeline for live requests and
-imports); other trackers' hits (GoatCounter's, Plausible's and Umami's, turned into pixel
-hits); privacy (salts, visitor keys, visits); storage (the dimension registry, schema and
-migrations, batched inserts and counts); the writer; queries; report parameters and rendering;
+The file reads in the order data flows, one banner per section: configuration; the data model
+(the dimension registry with each value's cleaner, page views, metrics, the report's row
+kinds); request parsing and normalisation; the user-agent reducer; hits (one pipeline for live
+requests and imports); other trackers' hits (GoatCounter's, Plausible's and Umami's, turned into
+pixel hits); privacy (salts, visitor keys, visits, goals); storage (schema and migrations,
+batched inserts and counts); the writer; queries; report parameters and rendering;
 export and import; the snippet; the WSGI app; the server; the service (start-up, signals,
 sd_notify, watchdog); the digest and alerts (the e-mail, its sending, the hourly
 comparison); the command line.
