@@ -2624,18 +2624,19 @@ class Visitors:
         view = hit.view
         if hit.engagement is not None:
             return self.engage(view.time, view.site, hit.address, hit.user_agent, view.path, *hit.engagement), None
+        own = arrival_of(view)
         if hit.event:
-            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, arrival_of(view), hit.props)
+            seen = self.observe_event(view.time, view.site, hit.address, hit.user_agent, hit.event, own, hit.props)
             if seen is None:
                 return FilteredHit(view.time, view.site, "rate-limited"), None
             first, props_first, arrival, converted = seen
             if hit.event != NOT_FOUND_EVENT:  # a missing page keeps the link that led to it: its sources are what to fix
-                view = arrived(view, arrival)
+                view = arrived(view, own, arrival)
             return Event(hit.event, view.counted(first, 0, converted), hit.props, props_first), None
-        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, arrival_of(view))
+        observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, own)
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
-        step, view = observation.step, arrived(view, observation.arrival)
+        step, view = observation.step, arrived(view, own, observation.arrival)
         reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_path(view.path)] if self.goals else []
         if step.generation is None:  # a visitor not remembered: each page view counts as a new one
             firsts, first_goals, converted = ALL_VISIT_FIRSTS, reached, int(bool(reached))
@@ -2749,9 +2750,10 @@ class Visitors:
         return [generation.salt for generation in (self._current, self._previous) if generation is not None]
 
 
-def arrived(view: PageView, arrival: Arrival) -> PageView:
-    """The page view as its visit came: internal navigation takes the visit's referrer, campaign and source."""
-    if arrival_of(view) == arrival:
+def arrived(view: PageView, own: Arrival, arrival: Arrival) -> PageView:
+    """The page view (which came as ``own`` says) as its visit came: internal navigation takes the
+    visit's referrer, campaign and source."""
+    if own == arrival:
         return view
     return view._replace(**dict(zip(ARRIVAL_FIELDS, arrival)))
 
@@ -3889,7 +3891,9 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     span = query.range
     scope = _scope(conn, query)
     before = Range(2 * span.start - span.end, span.start)
-    previous = _with_event_conversions(_totals(conn, before, scope), _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
+    previous = _totals(conn, before, scope)
+    if query.goals:  # the previous period's conversions are only shown beside a conversion rate
+        previous = _with_event_conversions(previous, _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
     grain, bounds = series_bounds(span, query.zone, query.grain)
     imported = _imported(conn, span, query.zone, scope)
     if scope.filtered:
@@ -7592,7 +7596,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     add_serve_options(commands.add_parser("serve", help="run the daemon (the default)", description="Run the pixeld daemon."))
+    add_report_commands(commands)
+    add_import_and_check_commands(commands)
+    add_operations_commands(commands)
+    add_share_and_top_commands(commands)
+    add_digest_commands(commands)
+    return parser
 
+
+def add_report_commands(commands: Any) -> None:
+    """``report`` and ``export``: the database file read directly."""
     report_cmd = commands.add_parser("report", help="print the report from the database file", description="Print the report straight from the database, also while the daemon runs.")
     add_db_option(report_cmd, "read-only")
     add_env_file_option(report_cmd)
@@ -7612,6 +7625,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_range_options(export_cmd, default="everything")
     export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
 
+
+def add_import_and_check_commands(commands: Any) -> None:
+    """``import`` and ``check``: files and single hits through the pipeline."""
     import_cmd = commands.add_parser(
         "import", help="bring page views in from a file",
         description="Import page views: pixeld's own export, GoatCounter's CSV export, Umami's events, Plausible's CSV export (daily aggregates), "
@@ -7639,6 +7655,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_filter_options(check_cmd)
     add_env_file_option(check_cmd)
 
+
+def add_operations_commands(commands: Any) -> None:
+    """``doctor``, ``backup`` and ``snippet``: what an operator runs around the daemon."""
     doctor_cmd = commands.add_parser("doctor", help="check the setup and explain what is wrong", description="Check the database, token, GeoIP file, time zone and state directory, and with --url a running daemon. Exit status 0 when nothing fails.")
     add_serve_options(doctor_cmd)
     add_env_file_option(doctor_cmd)
@@ -7652,9 +7671,6 @@ def build_parser() -> argparse.ArgumentParser:
     snippet_cmd = commands.add_parser("snippet", help="print the HTML snippet for your pages", description="Print the snippet to paste into your pages.")
     snippet_cmd.add_argument("--url", default=SNIPPET_PLACEHOLDER, help="the address pixeld answers on, as your readers' browsers reach it")
     snippet_cmd.add_argument("--hit-path", metavar="PATH", help="the hit path the daemon serves (serve --hit-path) [$PIXELD_HIT_PATH]")
-    add_share_and_top_commands(commands)
-    add_digest_commands(commands)
-    return parser
 
 
 def add_share_and_top_commands(commands: Any) -> None:
