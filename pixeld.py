@@ -3891,19 +3891,22 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     span = query.range
     scope = _scope(conn, query)
     before = Range(2 * span.start - span.end, span.start)
-    previous = _totals(conn, before, scope)
+    days = counted_days(conn)
+    counted, counted_before = with_counts(span, days), with_counts(before, days)
+    previous = _totals(conn, counted_before, scope)
     if query.goals:  # the previous period's conversions are only shown beside a conversion rate
-        previous = _with_event_conversions(previous, _count(conn, before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"])
+        events_before = _count(conn, counted_before, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,))["events"]
+        previous = _with_event_conversions(previous, events_before)
     grain, bounds = series_bounds(span, query.zone, query.grain)
     imported = _imported(conn, span, query.zone, scope)
     if scope.filtered:
-        counts, moments, totals = _count_matching(conn, span, bounds, scope)
+        counts, moments, totals = _count_matching(conn, counted, bounds, scope)
     else:
-        counts, moments = _count(conn, span, scope, COUNTED), None
+        counts, moments = _count(conn, counted, scope, COUNTED), None
         totals = _total(counts["pages"])
         previous = _plus(previous, _imported(conn, before, query.zone, scope).totals)
-    series = _with_imported_days(_series(conn, span, grain, bounds, scope, moments), bounds, imported, query.zone)
-    counts.update(_count(conn, span, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
+    series = _with_imported_days(_series(conn, counted, grain, bounds, scope, moments), bounds, imported, query.zone)
+    counts.update(_count(conn, counted, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
     totals = _plus(_with_event_conversions(totals, counts["events"]), imported.totals)
     labels = _labeller(conn, counts, multi_site=not query.site)
     sections = {**_sections(counts, labels, totals, imported.sections), **_event_details(conn, span, scope)}
@@ -4081,6 +4084,22 @@ PART_SUMS = tuple(name for name in Metrics._fields if name in ("views", "visitor
 REPORT_NICENESS = 10  # how much nicer than the daemon the threads that scan for a report are
 MATCHED_CHUNK = 200_000  # page views a filtered report reads in one statement at most, which bounds its memory
 Moments = List[Tuple[int, int, int]]  # (a moment in a series bucket, page views, visitors), counted from raw rows
+
+
+def counted_days(conn: sqlite3.Connection) -> Tuple[Optional[int], Optional[int]]:
+    """The first and the last UTC day the daily counts know (None, None for none): every page view and
+    event lies between them, also those that ``--keep-days`` has deleted since."""
+    return conn.execute("SELECT (SELECT min(day) FROM daily), (SELECT max(day) FROM daily)").fetchone()
+
+
+def with_counts(span: Range, days: Tuple[Optional[int], Optional[int]]) -> Range:
+    """The part of a range that can hold page views and events (``counted_days``), empty at its start when
+    none can: a range over decades is counted as ``range=all`` is, not month by empty month."""
+    first, last = days
+    if first is None or last is None:
+        return Range(span.start, span.start)
+    start, end = max(span.start, first * DAY), min(span.end, (last + 1) * DAY)
+    return Range(start, end) if start < end else Range(span.start, span.start)
 
 
 class MatchKey(NamedTuple):
@@ -4443,7 +4462,7 @@ def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int]
 def _bucket_totals(conn: sqlite3.Connection, bounds: List[int], inner: Range, site_id: Optional[int]) -> Iterable[Tuple[int, int, int]]:
     """Sum the quarter totals per bucket in SQLite: each bucket is a range scan of the primary key."""
     clause, args = _site_clause(site_id)
-    buckets = [(start, max(start, inner.start) // QUARTER, -(-min(end, inner.end) // QUARTER)) for start, end in zip(bounds, bounds[1:])]
+    buckets = [(start, max(start, inner.start) // QUARTER, -(-min(end, inner.end) // QUARTER)) for start, end in zip(bounds, bounds[1:]) if end > inner.start and start < inner.end]
     for i in range(0, len(buckets), 300):
         chunk = buckets[i : i + 300]
         values = ",".join("(?, ?, ?)" for _ in chunk)
@@ -4468,9 +4487,10 @@ def _raw_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope: Scope, 
 
 
 def series_grain(span: Range) -> str:
-    """Minutes up to an hour, hours up to two days, then days, weeks, months."""
+    """Minutes up to an hour, hours up to two days, then days, weeks, months, and years past ten years
+    (a range over decades would otherwise chart hundreds of months, nearly all of them before any data)."""
     days = (span.end - span.start) / DAY
-    return "minute" if days <= 1 / 24 else "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month"
+    return "minute" if days <= 1 / 24 else "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month" if days <= 3660 else "year"
 
 
 GRAINS = {"hour": 3600, "day": DAY, "week": 7 * DAY, "month": 28 * DAY}  # what group= takes, and each grain's shortest bucket
@@ -4500,8 +4520,10 @@ def next_boundary(moment: int, grain: str, zone: dt.tzinfo) -> int:
         date += dt.timedelta(days=1)
     elif grain == "week":
         date += dt.timedelta(days=7 - date.weekday())
-    else:
+    elif grain == "month":
         date = (date.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+    else:
+        date = dt.date(date.year + 1, 1, 1)
     return local_midnight(date, zone)
 
 
@@ -4774,7 +4796,7 @@ def path_views(conn: sqlite3.Connection, path: str, site_id: int, span: Optional
 TEXT_ROWS = 10
 WIDTH = 80
 CONTENT_TYPES = {"text": "text/plain; charset=utf-8", "json": "application/json", "csv": "text/csv; charset=utf-8", "html": "text/html; charset=utf-8"}
-SERIES_FORMATS = {"minute": "%H:%M", "hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d %a", "week": "%Y-%m-%d wk", "month": "%Y-%m"}
+SERIES_FORMATS = {"minute": "%H:%M", "hour": "%Y-%m-%d %H:%M", "day": "%Y-%m-%d %a", "week": "%Y-%m-%d wk", "month": "%Y-%m", "year": "%Y"}
 SECTION_TITLES = {name: section.title for name, (_, section) in SECTIONS.items()}
 EIGHTHS = " ▏▎▍▌▋▊▉"
 

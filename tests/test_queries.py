@@ -246,3 +246,20 @@ def test_the_threads_that_scan_for_a_report_yield_the_cpu_to_the_daemon(store):
     store.conn.create_function("niceness", 0, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
     rows = list(pixeld.read_parallel([store.conn], "SELECT niceness()", [(), ()]))
     assert rows == [(min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + pixeld.REPORT_NICENESS),)] * 2
+
+
+@pytest.mark.parametrize("filters", [(), (("country", "DE"),)])
+def test_a_range_over_decades_counts_what_its_data_holds_and_charts_years(store, filters):
+    """Time before the first and after the last day with counts holds nothing: a range from 1970 to 2100
+    counts what the same days within the data count, with a page view at each edge of the data, and
+    charts one bucket per year, not 1,560 months."""
+    first, last = utc("2025-12-31T23:59:59"), utc("2026-11-28T00:00:00")
+    write(store, records=[Record(view(first, "/a", country="DE"), 1), Record(view(first + 1, "/b"), 1), Record(view(last, "/a", country="DE"), 1)])
+    decades = query_report(store.conn, Query(Range(0, 4_102_444_800), filters=filters))
+    data = query_report(store.conn, Query(Range(utc("2025-12-31T00:00:00"), utc("2026-11-29T00:00:00")), filters=filters))
+    assert decades.totals == data.totals and decades.sections == data.sections
+    assert decades.totals.views == (2 if filters else 3) and decades.previous == pixeld.Metrics()
+    assert decades.grain == "year" and len(decades.series) == 130
+    assert {pixeld.iso(start)[:4]: views for start, views, _ in decades.series if views} == {"2025": 1, "2026": 1 if filters else 2}
+    empty = query_report(store.conn, Query(Range(utc("2030-01-01T00:00:00"), utc("2031-01-01T00:00:00")), filters=filters))
+    assert empty.totals.views == 0 and sum(views for _, views, _ in empty.series) == 0
