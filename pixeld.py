@@ -559,6 +559,9 @@ def _set_item(index: int, items: List[int], value: int) -> None:
     items[index] = value
 
 
+NO_METRICS = (0,) * len(Metrics._fields)
+
+
 @_named_metrics
 class Totals(list):
     """Running sums of the metrics while counting, read and written by name (``totals.views += 1``).
@@ -566,8 +569,9 @@ class Totals(list):
 
     __slots__ = ()
 
-    def __init__(self) -> None:
-        super().__init__([0] * len(Metrics._fields))
+    def __init__(self, metrics: Iterable[int] = NO_METRICS) -> None:
+        """Zeros, or a copy of metrics in ``Metrics`` order (numbers, not NULLs) to start from."""
+        super().__init__(metrics)
 
     def add(self, metrics: Sequence[int], sign: int = 1) -> None:
         """Add (or take away) a row of metrics in ``Metrics`` order, as SQL selects them."""
@@ -4406,6 +4410,7 @@ def _add(counts: Counts, name: str, site: int, value: int, metrics: Sequence[int
 def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, site_id: Optional[int], counts: Counts, sign: int = 1) -> None:
     """Add up (or, with ``sign`` -1, take away) ``daily`` (days first..end) or ``monthly`` (months first..end) counts."""
     names = {dim.code: dim.name for dim in COUNTED + (EVENT_NAMES,) if dim.name in counts}
+    counted = {code: counts[name] for code, name in names.items()}
     period = "day" if table == "daily" else "month"
     clause, args = _site_clause(site_id)
     for dim, site, value, *metrics in conn.execute(
@@ -4413,7 +4418,14 @@ def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, s
         f"FROM {table} WHERE {period} >= ? AND {period} < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
         (first, end, *names) + args,
     ):
-        _add(counts, names[dim], site, value, metrics, sign)
+        total = counted[dim].get((site, value))
+        if total is not None:
+            total.add(metrics, sign)
+        elif sign == 1:  # sums of NOT NULL columns: numbers
+            counted[dim][site, value] = Totals(metrics)
+        else:
+            total = counted[dim][site, value] = Totals()
+            total.add(metrics, sign)
 
 
 def _raw_clause(scope: Scope) -> Tuple[str, Tuple[Any, ...]]:
@@ -4612,18 +4624,26 @@ def _sections(counts: Counts, labels: Dict[str, Label], totals: Metrics, importe
             continue
         label, kind = labels[name], section.row
         others = [(other.part, labels[other.name]) for other in dim.sections if kind.OTHERS and other.part and other.part != section.part]
-        sums: Dict[str, Totals] = {}
+        sums: Dict[str, Totals] = {}  # the counted totals of a value, until another value shows as the same (then a copy)
+        copied: Set[str] = set()
         parts: Dict[str, Dict[str, str]] = {}
         counted = counts[dim.name].items()
         for (site, value), metrics in sorted(counted, key=lambda item: -item[1].views) if others else counted:
             shown = label(site, value)
             total = sums.get(shown)
             if total is None:
-                total = sums[shown] = Totals()
+                sums[shown] = metrics
                 parts[shown] = {part: other(site, value) for part, other in others}
+                continue
+            if shown not in copied:
+                copied.add(shown)
+                total = sums[shown] = Totals(total)
             total.add(metrics)
         for shown, (detail, metrics) in (imported or {}).get(name, {}).items():
-            sums.setdefault(shown, Totals()).add(metrics)
+            if shown not in copied:
+                copied.add(shown)
+                sums[shown] = Totals(sums.get(shown, NO_METRICS))
+            sums[shown].add(metrics)
             parts.setdefault(shown, {part: detail for part, _ in others})
         rows = [(kind.make(shown, total.frozen(), totals, parts[shown]), total.views) for shown, total in sums.items()
                 if (shown or section.lists_empty) and getattr(total, kind.SHOWN_BY)]
