@@ -10,16 +10,26 @@ peak RSS; bytes on disk per page view; the time to build each database; start-up
 import speed of pixeld's own CSV export.
 
     python3 bench/report.py [--sizes 100k,1m,10m] [--runs 7] [--dir bench/data] [--keep]
+    python3 bench/report.py --keep --compare /tmp/pixeld-before.py --rounds 3   # beside an earlier pixeld.py, alternately
+    python3 bench/report.py --visitors 10k,100k,200k --compare /tmp/pixeld-before.py  # daemon RSS with that many visitors today
+
+With --compare, both versions serve a copy of each database each (the earlier one must read its
+schema version) and every report is requested of one and then of the other, in turns, so that
+both see the machine's same hour; --rounds repeats the whole measurement and prints each round.
 """
 
 import argparse
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
-from common import COUNTRIES, COUNTRY_WEIGHTS, LANGUAGES, PATH_WEIGHTS, PATHS, PIXELD, REFERRERS, USER_AGENTS, Daemon, percentile, pixeld
+import common
+from common import COUNTRIES, COUNTRY_WEIGHTS, LANGUAGES, PATH_WEIGHTS, PATHS, PIXELD, REFERRERS, USER_AGENTS, Daemon, percentile, pixeld, request
 
 YEAR = 365 * pixeld.DAY
 
@@ -67,20 +77,142 @@ def build(path, count):
     return time.perf_counter() - started
 
 
-def time_report(daemon, query, runs):
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        status, body = request_report(daemon, query)
-        times.append((time.perf_counter() - started) * 1000)
-        assert status == 200, body[:200]
-    return percentile(times, 0.5)
+FILTER = "path=/blog/*&country=DE"
+DECADES = "start=0&end=4102444800"  # all time as an explicit range (1970 to 2100), as the 2020 design asked for it
 
 
-def request_report(daemon, query):
-    from common import request
+def reports(count):
+    """(column, query, runs divisor) of each report timed: a range holding about a million page views for the first filtered one."""
+    days = max(1, min(365, round(365 * 1_000_000 / count)))
+    return [
+        ("year", "range=365d", 1), ("7 days", "range=7d", 1), ("all", "range=all", 1), ("all as a range", DECADES, 1),
+        ("filtered", f"range={days}d&{FILTER}", 2), ("filtered, year", f"range=365d&{FILTER}", 2), ("filtered, all as a range", f"{DECADES}&{FILTER}", 2),
+    ]
 
-    return request(daemon.port, "/report?" + query)
+
+def start_daemon(script, path):
+    """A daemon of ``script`` (a pixeld.py) on ``path``."""
+    common.PIXELD = script
+    try:
+        return Daemon(path)
+    finally:
+        common.PIXELD = PIXELD
+
+
+def time_reports(daemons, queries, runs):
+    """p50 in ms of each query on each daemon, asked of each daemon in turn."""
+    times = {(label, query): [] for label in daemons for _, query, _ in queries}
+    for _, query, divisor in queries:
+        for run in range(max(3, runs // divisor)):
+            for label, daemon in (daemons.items() if run % 2 == 0 else reversed(list(daemons.items()))):
+                started = time.perf_counter()
+                status, body = request(daemon.port, "/report?" + query)
+                times[label, query].append((time.perf_counter() - started) * 1000)
+                assert status == 200, body[:200]
+    return {key: percentile(values, 0.5) for key, values in times.items()}
+
+
+def measure_reports(versions, path, count, runs, workdir):
+    """Start-up, report p50s and peak RSS of each version on its own copy of the database at ``path``."""
+    copies, daemons = [], {}
+    try:
+        for label, script in versions.items():
+            copy = path
+            if len(versions) > 1:
+                copy = os.path.join(workdir, f"{label}-{os.path.basename(path)}")
+                shutil.copyfile(path, copy)
+                copies.append(copy)
+            daemons[label] = start_daemon(script, copy)
+        unfiltered = [query for query in reports(count) if FILTER not in query[1]]
+        times = time_reports(daemons, unfiltered, runs)
+        rss_unfiltered = {label: daemon.peak_rss_mb() for label, daemon in daemons.items()}
+        times.update(time_reports(daemons, [query for query in reports(count) if FILTER in query[1]], runs))
+        return {label: (daemon.startup, {name: times[label, query] for name, query, _ in reports(count)}, rss_unfiltered[label], daemon.peak_rss_mb())
+                for label, daemon in daemons.items()}
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+        for copy in copies:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(copy + suffix):
+                    os.remove(copy + suffix)
+
+
+VISITORS_LUA = r"""
+local visitors = tonumber(os.getenv("PIXELD_BENCH_VISITORS"))
+local threads, made = {}, 0
+setup = function(thread)
+  thread:set("first", made)
+  made = made + 1
+  table.insert(threads, thread)
+end
+init = function(args)
+  step, sent = tonumber(os.getenv("PIXELD_BENCH_THREADS")), 0
+end
+request = function()
+  local n = (first + sent * step) % visitors
+  sent = sent + 1
+  local address = "10." .. math.floor(n / 65536) % 256 .. "." .. math.floor(n / 256) % 256 .. "." .. n % 256
+  return wrk.format("GET", "/pixel.gif?path=%2Fp" .. n % 1000 .. "&host=example.org", {["X-Forwarded-For"] = address,
+    ["User-Agent"] = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"})
+end
+"""
+
+
+def rss_mb(pid):
+    """The resident memory of a process and its children (several workers, if any), in MB."""
+    pids, total = [pid], 0
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        pids.append(int(child))
+    for each in pids:
+        try:
+            with open(f"/proc/{each}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+def remembered(port):
+    status, body = request(port, "/metrics")
+    match = re.search(rb"^pixeld_remembered_visitors (\d+)", body, re.M)
+    return int(match.group(1)) if status == 200 and match else 0
+
+
+def measure_visitors(versions, count, workdir):
+    """RSS of each version's daemon on a fresh database before and after ``count`` distinct visitors
+    (one page view each, a new address through the trusted proxy each), once the writer has caught up."""
+    script = os.path.join(workdir, "visitors.lua")
+    with open(script, "w") as handle:
+        handle.write(VISITORS_LUA)
+    results = {}
+    for label, pixeld_py in versions.items():
+        db = os.path.join(workdir, f"visitors-{label}.db")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(db + suffix):
+                os.remove(db + suffix)
+        common.PIXELD = pixeld_py
+        daemon = Daemon(db, "--rate-limit", "0")
+        common.PIXELD = PIXELD
+        try:
+            time.sleep(1)
+            before = rss_mb(daemon.proc.pid)
+            env = dict(os.environ, PIXELD_BENCH_VISITORS=str(count), PIXELD_BENCH_THREADS="2")
+            load = subprocess.Popen(["wrk", "-t2", "-c16", "-d600s", "-s", script, f"http://127.0.0.1:{daemon.port}/"], env=env, stdout=subprocess.DEVNULL)
+            try:
+                while remembered(daemon.port) < count and load.poll() is None:
+                    time.sleep(0.1)
+            finally:
+                load.terminate()
+                load.wait()
+            time.sleep(2)
+            results[label] = (before, rss_mb(daemon.proc.pid), remembered(daemon.port))
+        finally:
+            daemon.stop()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(db + suffix):
+                os.remove(db + suffix)
+    return results
 
 
 def measure_import(source_db, workdir):
@@ -105,37 +237,47 @@ def main():
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     parser.add_argument("--keep", action="store_true", help="reuse databases built by an earlier run")
+    parser.add_argument("--compare", metavar="PIXELD_PY", help="an earlier pixeld.py to measure beside this one, alternately")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the measurements (not the builds) this many times")
+    parser.add_argument("--visitors", metavar="COUNTS", help="instead of reports: daemon RSS with this many visitors today (10k,100k,200k)")
+    parser.add_argument("--no-import", action="store_true", help="skip the import of pixeld's own CSV export")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
-    rows = []
+    versions = {"now": PIXELD, **({"before": os.path.abspath(args.compare)} if args.compare else {})}
+    if args.visitors:
+        with tempfile.TemporaryDirectory(dir=args.dir) as workdir:
+            for round_number in range(args.rounds):
+                for count in map(size, args.visitors.split(",")):
+                    for label, (before, after, kept) in measure_visitors(versions, count, workdir).items():
+                        print(f"round {round_number + 1}, {count:>7,} visitors, {label:>6}: RSS {before:.0f} MB at start, {after:.0f} MB after "
+                              f"({kept:,} remembered)", flush=True)
+        return
+    built = {}
     for count in map(size, args.sizes.split(",")):
         path = os.path.join(args.dir, f"report-{count}.db")
-        built = "kept" if args.keep and os.path.exists(path) else f"{build(path, count):.0f} s"
-        per_view = os.path.getsize(path) / count
-        daemon = Daemon(path)
-        try:
-            year = time_report(daemon, "range=365d", args.runs)
-            week = time_report(daemon, "range=7d", args.runs)
-            rss_unfiltered = daemon.peak_rss_mb()
-            days = max(1, min(365, round(365 * 1_000_000 / count)))  # a range holding about a million page views
-            filtered = time_report(daemon, f"range={days}d&path=/blog/*&country=DE", max(3, args.runs // 2))
-            filtered_year = time_report(daemon, "range=365d&path=/blog/*&country=DE", 3)
-            rss = daemon.peak_rss_mb()
-            startup = daemon.startup
-        finally:
-            daemon.stop()
-        rows.append((count, built, per_view, startup, year, week, filtered, filtered_year, rss_unfiltered, rss))
-        print(f"{count:>11,} page views: built in {built}, {per_view:.1f} B/view, start {startup * 1000:.0f} ms, year {year:.0f} ms, "
-              f"7 days {week:.0f} ms, filtered {filtered:.0f} ms (full year {filtered_year:.0f} ms), RSS {rss_unfiltered:.0f} MB ({rss:.0f} MB after filtered)", flush=True)
-    largest_small = max((r[0] for r in rows if r[0] <= 1_000_000), default=None)
-    if largest_small:
+        built[count] = "kept" if args.keep and os.path.exists(path) else f"{build(path, count):.0f} s"
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as workdir:
+        for round_number in range(args.rounds):
+            for count in map(size, args.sizes.split(",")):
+                path = os.path.join(args.dir, f"report-{count}.db")
+                per_view = os.path.getsize(path) / count
+                for label, (startup, times, rss_unfiltered, rss) in measure_reports(versions, path, count, args.runs, workdir).items():
+                    rows.append((round_number + 1, label, count, built[count], per_view, startup, times, rss_unfiltered, rss))
+                    print(f"round {round_number + 1}, {label:>6}, {count:>11,} page views: built in {built[count]}, {per_view:.1f} B/view, "
+                          f"start {startup * 1000:.0f} ms, " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in times.items()) +
+                          f", RSS {rss_unfiltered:.0f} MB ({rss:.0f} MB after filtered)", flush=True)
+    largest_small = max((count for count in map(size, args.sizes.split(",")) if count <= 1_000_000), default=None)
+    if largest_small and not args.no_import:
         rate = measure_import(os.path.join(args.dir, f"report-{largest_small}.db"), args.dir)
         print(f"import of pixeld's CSV export ({largest_small:,} rows): {rate:,.0f} rows/s")
+    names = [name for name, _, _ in reports(1_000_000)]
     print()
-    print("| page views | build | bytes/view | start | year p50 | 7 days p50 | filtered p50 (≤ 1M views) | filtered, full year | peak RSS (unfiltered / after filtered) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for count, built, per_view, startup, year, week, filtered, filtered_year, rss_unfiltered, rss in rows:
-        print(f"| {count:,} | {built} | {per_view:.1f} | {startup * 1000:.0f} ms | {year:.0f} ms | {week:.0f} ms | {filtered:.0f} ms | {filtered_year:.0f} ms | {rss_unfiltered:.0f} / {rss:.0f} MB |")
+    print("| round | version | page views | build | bytes/view | start | " + " | ".join(f"{name} p50" for name in names) + " | peak RSS (unfiltered / after filtered) |")
+    print("|---" * (7 + len(names)) + "|")
+    for round_number, label, count, built_in, per_view, startup, times, rss_unfiltered, rss in rows:
+        print(f"| {round_number} | {label} | {count:,} | {built_in} | {per_view:.1f} | {startup * 1000:.0f} ms | "
+              + " | ".join(f"{ms:.0f} ms" for ms in times.values()) + f" | {rss_unfiltered:.0f} / {rss:.0f} MB |")
 
 
 if __name__ == "__main__":
