@@ -162,7 +162,7 @@ end
 def rss_mb(pid):
     """The resident memory of a process and its children (several workers, if any), in MB."""
     pids, total = [pid], 0
-    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split():
         pids.append(int(child))
     for each in pids:
         try:
@@ -175,7 +175,7 @@ def rss_mb(pid):
 
 def remembered(port):
     status, body = request(port, "/metrics")
-    match = re.search(rb"^pixeld_remembered_visitors (\d+)", body, re.M)
+    match = re.search(rb"^pixeld_remembered_visitors (\d+)", body, re.MULTILINE)
     return int(match.group(1)) if status == 200 and match else 0
 
 
