@@ -3917,7 +3917,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
-        sites=_sites(conn, span, query.site),
+        sites=_sites(conn, span, query.site, None if scope.filtered else {site for site, _ in counts["pages"]}),
         totals=totals,
         previous=previous,
         filtered=_count_filtered(conn, span, scope.site_id),
@@ -4472,17 +4472,17 @@ def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int]
 
 
 def _bucket_totals(conn: sqlite3.Connection, bounds: List[int], inner: Range, site_id: Optional[int]) -> Iterable[Tuple[int, int, int]]:
-    """Sum the quarter totals per bucket in SQLite: each bucket is a range scan of the primary key."""
+    """Sum the quarter totals per bucket in SQLite: each bucket is a range scan of the primary key, summed in a
+    subquery of its own (grouping the joined rows by bucket would sort every quarter hour first)."""
     clause, args = _site_clause(site_id)
     buckets = [(start, max(start, inner.start) // QUARTER, -(-min(end, inner.end) // QUARTER)) for start, end in zip(bounds, bounds[1:]) if end > inner.start and start < inner.end]
+    sums = [f"(SELECT coalesce(sum({name}), 0) FROM quarters WHERE quarter >= first AND quarter < last{clause})" for name in ("views", "visitors")]
     for i in range(0, len(buckets), 300):
         chunk = buckets[i : i + 300]
         values = ",".join("(?, ?, ?)" for _ in chunk)
         yield from conn.execute(
-            f"WITH bucket(start, first, last) AS (VALUES {values}) "
-            f"SELECT bucket.start, sum(views), sum(visitors) FROM bucket JOIN quarters ON quarter >= first AND quarter < last{clause} "
-            "GROUP BY bucket.start",
-            tuple(value for bucket in chunk for value in bucket) + args,
+            f"WITH bucket(start, first, last) AS (VALUES {values}) SELECT start, {', '.join(sums)} FROM bucket",
+            tuple(value for bucket in chunk for value in bucket) + args + args,
         )
 
 
@@ -4567,13 +4567,19 @@ def _count_filtered(conn: sqlite3.Connection, span: Range, site_id: Optional[int
     return {reason: hits for reason, hits in rows}
 
 
-def _sites(conn: sqlite3.Connection, span: Range, site: str) -> List[str]:
+def _sites(conn: sqlite3.Connection, span: Range, site: str, counted: Optional[Iterable[int]] = None) -> List[str]:
+    """The sites with page views or imported days in the range: those ``counted`` (an unfiltered report's
+    pages), or else those of the quarter-hour totals."""
     if site:
         return [site]
+    imported = "SELECT DISTINCT site FROM imported WHERE day >= ? AND day < ?"
+    days = (span.start // DAY, -(-span.end // DAY))
+    if counted is not None:
+        ids = set(counted).union(row[0] for row in conn.execute(imported, days))
+        return [value or NO_HOST for value in sorted(_strings_by_id(conn, ids).values())]
     rows = conn.execute(
-        "SELECT value FROM strings WHERE id IN (SELECT DISTINCT site FROM quarters WHERE quarter >= ? AND quarter < ? "
-        "UNION SELECT DISTINCT site FROM imported WHERE day >= ? AND day < ?) ORDER BY value",
-        (span.start // QUARTER, -(-span.end // QUARTER), span.start // DAY, -(-span.end // DAY)),
+        f"SELECT value FROM strings WHERE id IN (SELECT DISTINCT site FROM quarters WHERE quarter >= ? AND quarter < ? UNION {imported}) ORDER BY value",
+        (span.start // QUARTER, -(-span.end // QUARTER)) + days,
     )
     return [value or NO_HOST for (value,) in rows]
 
