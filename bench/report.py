@@ -3,10 +3,11 @@
 
 Builds databases of page views spread over the last 365 days (about 1,000 paths with Zipf-like
 popularity, 200 referrers, 50 countries, realistic browsers and screens) by direct inserts
-through pixeld's own Store, then measures on the real daemon over HTTP: /report p50 for the full
-year, the last 7 days, and a filtered report (one path prefix and one country, over the most
-recent days holding about a million page views); the daemon's
-peak RSS; bytes on disk per page view; the time to build each database; start-up time; and the
+through pixeld's own Store, then measures on the real daemon over HTTP: /report p50 (and the daemon's
+CPU time per report, which a busy machine inflates less than the wall clock) for the full year, the
+last 7 days, all time (as range=all and as an explicit range over decades), and filtered reports
+(one path prefix and one country: over the most recent days holding about a million page views,
+over the full year, and over decades); the daemon's peak RSS; bytes on disk per page view; the time to build each database; start-up time; and the
 import speed of pixeld's own CSV export.
 
     python3 bench/report.py [--sizes 100k,1m,10m] [--runs 7] [--dir bench/data] [--keep]
@@ -100,16 +101,34 @@ def start_daemon(script, path):
 
 
 def time_reports(daemons, queries, runs):
-    """p50 in ms of each query on each daemon, asked of each daemon in turn."""
+    """p50 in ms of each query on each daemon, asked of each daemon in turn; and the daemon's mean CPU
+    time per report in ms (its own and its threads', which a busy machine does not inflate as it does the wall clock)."""
     times = {(label, query): [] for label in daemons for _, query, _ in queries}
+    cpu = {}
     for _, query, divisor in queries:
-        for run in range(max(3, runs // divisor)):
+        used = {label: cpu_seconds(daemon.proc.pid) for label, daemon in daemons.items()}
+        count = max(3, runs // divisor)
+        for run in range(count):
             for label, daemon in (daemons.items() if run % 2 == 0 else reversed(list(daemons.items()))):
                 started = time.perf_counter()
                 status, body = request(daemon.port, "/report?" + query)
                 times[label, query].append((time.perf_counter() - started) * 1000)
                 assert status == 200, body[:200]
-    return {key: percentile(values, 0.5) for key, values in times.items()}
+        cpu.update({(label, query): (cpu_seconds(daemon.proc.pid) - used[label]) * 1000 / count for label, daemon in daemons.items()})
+    return {key: (percentile(values, 0.5), cpu[key]) for key, values in times.items()}
+
+
+def cpu_seconds(pid):
+    """CPU time used by a process and its children (workers, if any), its finished threads included."""
+    total = 0
+    for each in [pid] + [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()]:
+        try:
+            with open(f"/proc/{each}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
 
 
 def measure_reports(versions, path, count, runs, workdir):
@@ -265,7 +284,7 @@ def main():
                 for label, (startup, times, rss_unfiltered, rss) in measure_reports(versions, path, count, args.runs, workdir).items():
                     rows.append((round_number + 1, label, count, built[count], per_view, startup, times, rss_unfiltered, rss))
                     print(f"round {round_number + 1}, {label:>6}, {count:>11,} page views: built in {built[count]}, {per_view:.1f} B/view, "
-                          f"start {startup * 1000:.0f} ms, " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in times.items()) +
+                          f"start {startup * 1000:.0f} ms, " + ", ".join(f"{name} {ms:.0f} ms ({cpu:.0f} CPU)" for name, (ms, cpu) in times.items()) +
                           f", RSS {rss_unfiltered:.0f} MB ({rss:.0f} MB after filtered)", flush=True)
     largest_small = max((count for count in map(size, args.sizes.split(",")) if count <= 1_000_000), default=None)
     if largest_small and not args.no_import:
@@ -273,11 +292,11 @@ def main():
         print(f"import of pixeld's CSV export ({largest_small:,} rows): {rate:,.0f} rows/s")
     names = [name for name, _, _ in reports(1_000_000)]
     print()
-    print("| round | version | page views | build | bytes/view | start | " + " | ".join(f"{name} p50" for name in names) + " | peak RSS (unfiltered / after filtered) |")
+    print("| round | version | page views | build | bytes/view | start | " + " | ".join(f"{name} p50 (CPU)" for name in names) + " | peak RSS (unfiltered / after filtered) |")
     print("|---" * (7 + len(names)) + "|")
     for round_number, label, count, built_in, per_view, startup, times, rss_unfiltered, rss in rows:
         print(f"| {round_number} | {label} | {count:,} | {built_in} | {per_view:.1f} | {startup * 1000:.0f} ms | "
-              + " | ".join(f"{ms:.0f} ms" for ms in times.values()) + f" | {rss_unfiltered:.0f} / {rss:.0f} MB |")
+              + " | ".join(f"{ms:.0f} ms ({cpu:.0f})" for ms, cpu in times.values()) + f" | {rss_unfiltered:.0f} / {rss:.0f} MB |")
 
 
 if __name__ == "__main__":
