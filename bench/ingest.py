@@ -302,6 +302,10 @@ def main():
     parser.add_argument("--nginx", action="store_true", help="also measure nginx's empty_gif with the same load")
     parser.add_argument("--flask", action="store_true", help="also measure the 2020 Flask design on gunicorn (pip install -r bench/requirements.txt)")
     parser.add_argument("--trackers", action="store_true", help="GoatCounter's /count and Plausible's /api/event beside /pixel.gif, same load")
+    parser.add_argument(
+        "--workers", type=lambda text: text.split(","), default=[""],
+        help="pixeld's --workers, or several to compare in one run (0,1,2); default: pixeld's own (one per core)",
+    )
     parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -316,7 +320,10 @@ def main():
             return
         if args.paced:
             delay = 1000 * args.connections / args.paced
-            run_pixeld(directory, f"paced at {args.paced:,.0f} req/s", args.seconds, args.connections, False, args.single_visitor, delay)
+            for workers in args.workers:
+                flags = ("--workers", workers) if workers else ()
+                label = f", --workers {workers}" if workers else ""
+                run_pixeld(directory, f"paced at {args.paced:,.0f} req/s{label}", args.seconds, args.connections, False, args.single_visitor, delay, *flags)
             if args.reports:
                 run_pixeld(directory, f"paced at {args.paced:,.0f} req/s, reports", args.seconds, args.connections, False, args.single_visitor, delay, seed=args.reports)
             if args.nginx and shutil.which("nginx"):  # the floor: what wrk measures on this machine for a server that does nothing
@@ -325,12 +332,21 @@ def main():
                 run_flask(directory, args.seconds, args.connections, False, delay)
             return
         mode = "one visitor per User-Agent" if args.single_visitor else "a new address per hit"
-        keep = run_pixeld(directory, f"pixeld keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor)
-        fresh = run_pixeld(directory, f"pixeld new connection per request, {mode}", args.seconds, args.connections, True, args.single_visitor)
+        rates = {}
+        for workers in args.workers:
+            flags = ("--workers", workers) if workers else ()
+            label = f", --workers {workers}" if workers else ""
+            rates[workers] = (
+                run_pixeld(directory, f"pixeld{label} keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor, 0.0, *flags),
+                run_pixeld(directory, f"pixeld{label} new connection per request, {mode}", args.seconds, args.connections, True, args.single_visitor, 0.0, *flags),
+            )
+        keep, fresh = rates[args.workers[-1]]
         if args.nginx and shutil.which("nginx"):
             nginx_keep = run_nginx(directory, args.seconds, args.connections, False)
             nginx_fresh = run_nginx(directory, args.seconds, args.connections, True)
-            print(f"pixeld / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x")
+            for workers, (keep, fresh) in rates.items():
+                label = f" --workers {workers}" if workers else ""
+                print(f"pixeld{label} / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x")
         if args.flask:
             flask_keep = run_flask(directory, args.seconds, args.connections, False)
             flask_fresh = run_flask(directory, args.seconds, args.connections, True)
