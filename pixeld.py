@@ -7295,30 +7295,38 @@ class Server:
 
 
 HANDOVER_BATCH = 256  # hits in one message to the owner at most (a message must fit in the channel's buffer)
+CHANNEL_MESSAGE = 256 * 1024  # a channel message's size at most: the socket's send buffer
 
 
 class OwnerGone(Exception):
-    """The process that owns the visitors has gone: what an acceptor holds was never acknowledged."""
+    """The process that owns the visitors has gone: what an acceptor holds is never answered."""
 
 
 class Acceptor(Server):
-    """The server of an acceptor process (``serve --workers N``): it accepts from the shared listening
-    socket, reads and parses requests, and reads each hit as far as it can without the visitors
+    """The server of an acceptor process (``serve --workers N``): it accepts on its own socket of the
+    shared port, reads and parses requests, and reads each hit as far as it can without the visitors
     (``HitReader``: normalised, its User-Agent reduced, its source classified). The outcomes of a
     round of events go to the process that owns the visitors and the writer in one message on
-    ``channel``; only once that process has acknowledged them are the hits answered. Nothing answered
-    is lost: an acceptor that dies, or whose owner does, has answered nothing it did not hand over.
+    ``channel``, and only once the message is there are the hits answered.
+
+    On a Unix socket a message that ``send`` has taken sits in the receiving socket's queue: it is
+    the owner's, and stays readable after the acceptor dies (the owner reads a channel to its end
+    before it reaps an acceptor, and on SIGTERM before it flushes the writer). So nothing answered is
+    lost, without a round trip per batch: waiting for an acknowledgement put a second process's
+    wake-up on every hit's path, and on a busy machine doubled the latency at half load.
+    Back-pressure: the channel holds a few messages (``net.unix.max_dgram_qlen``, 10 by default); while
+    the owner holds back (its writer behind), ``send`` blocks and the acceptor stops reading.
 
     Every other request (the report, a dry run, other tools' trackers) is handed over with its
     connection: the socket itself crosses the channel (``SCM_RIGHTS``), with the bytes read on it.
-    The slow-client defences are the server's own; back-pressure comes from the owner, which stops
-    acknowledging while its writer is behind, so the acceptor stops reading."""
+    The slow-client defences are the server's own."""
 
     def __init__(self, reader: "HitReader", listener: socket.socket, channel: socket.socket, log: Callable[[str], None], request_timeout: float = 10.0) -> None:
         super().__init__(reader, listener, log, request_timeout, threads=1)
         self.reader = reader
         self.channel = channel
-        self.held: List[Tuple[Connection, bytes, bool]] = []  # answers waiting for the owner's acknowledgement
+        self.held: List[Tuple[Connection, bytes, bool]] = []  # answers waiting for their hits to be handed over
+        self.batch = min(HANDOVER_BATCH, max(1, reader.config.queue_limit // 4))  # the owner checks its writer's queue between messages
 
     def _take(self, conn: Connection, request: Request, finish: int) -> bool:
         if not self.reader.handles(request.environ):
@@ -7339,18 +7347,15 @@ class Acceptor(Server):
         self._close(conn)
 
     def _after_events(self) -> None:
-        """Hand the round's hits to the owner, wait for its acknowledgement, then answer them and go on
-        with what each connection sent next (pipelined requests)."""
+        """Hand the round's hits to the owner, then answer them and go on with what each connection
+        sent next (pipelined requests)."""
         while self.held:
             outbox, self.reader.outbox = self.reader.outbox, []
-            for start in range(0, len(outbox), HANDOVER_BATCH):
+            for start in range(0, len(outbox), self.batch):
                 try:
-                    self.channel.send(b"H" + marshal.dumps(outbox[start : start + HANDOVER_BATCH]))
-                    acknowledged = self.channel.recv(16) == b"A"
+                    self.channel.send(b"H" + marshal.dumps(outbox[start : start + self.batch]))
                 except OSError:
-                    acknowledged = False
-                if not acknowledged:
-                    raise OwnerGone()
+                    raise OwnerGone() from None
             held, self.held = self.held, []
             for conn, data, keep_alive in held:
                 if self._send_answer(conn, data, keep_alive):
@@ -7363,14 +7368,19 @@ class Acceptor(Server):
             self.channel.send(b"B", socket.MSG_DONTWAIT)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, shared by every process that accepts (one accept queue: a connection
-    waiting there is never lost with an acceptor that dies)."""
+def listen(host: str, port: int, shared: bool = False, backlog: int = 1024) -> socket.socket:
+    """A listening socket; ``shared``: one of several on the same port (``SO_REUSEPORT``), one per acceptor
+    process, among which the kernel spreads new connections evenly. (One socket shared by all of them
+    woke them all for each connection, and the first to wake took a whole burst of them.) With no
+    ``backlog`` the socket only holds the port: the owner's, which accepts nothing."""
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listener.bind((host, port))
-        listener.listen(1024)
+        if backlog:
+            listener.listen(backlog)
     except OSError:
         listener.close()
         raise
@@ -7422,8 +7432,9 @@ def watchdog_interval() -> float:
 
 
 def make_listener(config: Config) -> socket.socket:
+    """The listening socket, or with acceptor processes a socket that holds the port for theirs."""
     try:
-        return listen(config.host, config.port)
+        return listen(config.host, config.port, shared=bool(config.workers), backlog=0 if config.workers else 1024)
     except OSError as error:
         raise ConfigError(f"cannot listen on {format_address(config.host, config.port)}: {error_reason(error)}") from None
 
@@ -7487,9 +7498,9 @@ class Supervisor:
 
     Each acceptor is forked with a channel (a ``SOCK_SEQPACKET`` socket pair, so each message arrives
     whole). On it come batches of hits read (``H``), connections handed over (``C``, the socket itself)
-    and heartbeats (``B``); each batch is admitted, in order, to the visitors and the writer, then
-    acknowledged (``A``), and only then does the acceptor answer its hits. While the writer is behind,
-    the owner's loop holds (``Server._hold``): no batch is acknowledged, so the acceptors stop reading.
+    and heartbeats (``B``); each batch is admitted, in order, to the visitors and the writer. While the
+    writer is behind, the owner's loop holds (``Server._hold``): it reads no channel, they fill up, and
+    the acceptors stop reading (``Acceptor``).
     An acceptor that ends is restarted (at most once a second per slot); an acceptor silent for
     longer than the watchdog allows keeps the owner from pinging systemd's watchdog."""
 
@@ -7501,6 +7512,7 @@ class Supervisor:
         self.started: Dict[int, float] = {}  # when each slot's latest acceptor started
         self.server: Optional[Server] = None
         self.app: Optional[App] = None
+        self.adopted: List[Tuple[socket.socket, Any, bytes]] = []  # connections handed over, to serve once every channel is read
         self.stopping = False
 
     def start(self, server: Server, app: App) -> None:
@@ -7516,7 +7528,7 @@ class Supervisor:
             code = 1
             try:
                 mine.close()
-                code = run_acceptor(self.config, self.listener, theirs, self.log)
+                code = run_acceptor(self.config, self.listener.getsockname()[:2], theirs, self.log)
             except BaseException:  # noqa: B036 - whatever happens, this process must end here
                 pass
             finally:
@@ -7526,13 +7538,28 @@ class Supervisor:
         mine.setblocking(False)
         worker = self.workers[slot] = Worker(slot, pid, mine)
         if self.server is not None:
-            self.server.watch(mine, lambda: self._receive(worker))
+            self.server.watch(mine, lambda: self._ready(worker))
+
+    def _ready(self, worker: Worker) -> None:
+        """A channel has messages. Connections handed over are served once every channel is read: a hit
+        answered before a request was sent (``/metrics``, a report) is admitted before it is served."""
+        self._receive(worker)
+        if self.adopted:
+            for other in list(self.workers.values()):
+                self._receive(other)
+            adopted, self.adopted = self.adopted, []
+            for sock, peer, buffer in adopted:
+                if self.server is not None and not self.stopping:
+                    self.server.adopt(sock, peer, buffer)
+                else:
+                    sock.close()
 
     def _receive(self, worker: Worker) -> None:
-        """Take every message waiting on a worker's channel."""
-        while True:
+        """Take the messages waiting on a worker's channel, until the writer falls behind: the rest wait
+        there, and the acceptors stop reading once the channels are full."""
+        while not self.app.overloaded():  # type: ignore[union-attr]
             try:
-                message, fds, _, _ = socket.recv_fds(worker.channel, 1 << 20, 1)
+                message, fds, _, _ = socket.recv_fds(worker.channel, CHANNEL_MESSAGE, 1)
             except BlockingIOError:
                 return
             except OSError:
@@ -7544,17 +7571,9 @@ class Supervisor:
             kind = message[:1]
             if kind == b"H":
                 self._admit(marshal.loads(message[1:]))
-                try:
-                    worker.channel.send(b"A")
-                except OSError:
-                    pass  # it has gone: its EOF comes next
             elif kind == b"C" and fds:
                 peer, buffer = marshal.loads(message[1:])
-                sock = socket.socket(fileno=fds.pop())
-                if self.server is not None and not self.stopping:
-                    self.server.adopt(sock, peer, buffer)
-                else:
-                    sock.close()
+                self.adopted.append((socket.socket(fileno=fds.pop()), peer, buffer))
             for fd in fds:
                 os.close(fd)
 
@@ -7593,7 +7612,7 @@ class Supervisor:
         now = time.monotonic()
         return [worker for worker in self.workers.values() if now - worker.heard > limit]
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 20.0) -> None:
         """Ask every acceptor to stop, admit what they hand over meanwhile, and wait for them to end."""
         self.stopping = True
         self.server = None  # closed by now: connections handed over are closed unanswered
@@ -7602,23 +7621,32 @@ class Supervisor:
                 os.kill(worker.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while self.workers and time.monotonic() < deadline:
+            if self.app.overloaded():  # type: ignore[union-attr]
+                time.sleep(0.005)
+                continue
             ready, _, _ = select.select([worker.channel for worker in self.workers.values()], [], [], 0.25)
             for worker in list(self.workers.values()):
                 if worker.channel in ready:
                     self._receive(worker)
-        for worker in list(self.workers.values()):
+        for worker in list(self.workers.values()):  # wedged: what it handed over is still read, to its end
             with contextlib.suppress(OSError):
                 os.kill(worker.pid, signal.SIGKILL)
-            self._ended(worker)
+            until = time.monotonic() + 5.0
+            while worker.slot in self.workers and time.monotonic() < until:
+                self._receive(worker)
+                time.sleep(0.01)
+            if worker.slot in self.workers:
+                self._ended(worker)
+        for sock, _, _ in self.adopted:
+            sock.close()
 
 
-def run_acceptor(config: Config, listener: socket.socket, channel: socket.socket, log: Callable[[str], None]) -> int:
-    """An acceptor process, just forked: it keeps only the listening socket and its channel (not the
-    database, nor other clients' connections), serves hits until SIGTERM, and ends."""
-    keep = sorted((listener.fileno(), channel.fileno()))
-    os.closerange(3, keep[0])
-    os.closerange(keep[0] + 1, keep[1])
-    os.closerange(keep[1] + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+def run_acceptor(config: Config, address: Tuple[str, int], channel: socket.socket, log: Callable[[str], None]) -> int:
+    """An acceptor process, just forked: it keeps only its channel (not the database, nor other clients'
+    connections), listens on the port beside the other acceptors, serves hits until SIGTERM, and ends."""
+    os.closerange(3, channel.fileno())
+    os.closerange(channel.fileno() + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    listener = listen(*address, shared=True)
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
