@@ -7325,6 +7325,7 @@ class Acceptor(Server):
         super().__init__(reader, listener, log, request_timeout, threads=1)
         self.reader = reader
         self.channel = channel
+        self.owner = os.getppid()
         self.held: List[Tuple[Connection, bytes, bool]] = []  # answers waiting for their hits to be handed over
         self.batch = min(HANDOVER_BATCH, max(1, reader.config.queue_limit // 4))  # the owner checks its writer's queue between messages
 
@@ -7363,9 +7364,16 @@ class Acceptor(Server):
                     self._serve_buffered(conn)
 
     def beat(self) -> None:
-        """Tell the owner this loop is alive (its watchdog); never wait for room to do so."""
-        with contextlib.suppress(OSError):
+        """Tell the owner this loop is alive (its watchdog), never waiting for room to do so; end with
+        an owner that has gone (killed: an acceptor must not keep the port without it)."""
+        try:
             self.channel.send(b"B", socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        except OSError:
+            raise OwnerGone() from None
+        if os.getppid() != self.owner:
+            raise OwnerGone()
 
 
 def listen(host: str, port: int, shared: bool = False, backlog: int = 1024) -> socket.socket:
