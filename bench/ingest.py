@@ -77,6 +77,30 @@ end
 """
 
 
+def processes(daemon):
+    """The daemon's process and its acceptor processes (``--workers``)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if entry.isdigit() and int(stat.read().rsplit(")", 1)[1].split()[1]) == daemon.proc.pid:
+                    children.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return [daemon.proc.pid] + children
+
+
+def memory_mb(pid, field):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+
+
+def peak_rss(daemon):
+    """Peak RSS of every process of the daemon, in MB: their sum (an upper bound), and the owner's own."""
+    peaks = [memory_mb(pid, "VmHWM") for pid in processes(daemon)]
+    return sum(peaks), peaks[0], len(peaks) - 1
+
+
 def lua_list(values):
     return "{" + ", ".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
@@ -145,13 +169,14 @@ def run_pixeld(directory, name, seconds, connections, close=False, single=False,
     reports = Reports(daemon.port) if seed else None
     rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms, endpoint)
     meanwhile = reports.stop() if reports else ""
-    rss = daemon.peak_rss_mb()
+    rss, owner, acceptors = peak_rss(daemon)
     daemon.stop()
     count = stored(db) - before
     # wrk stops mid-flight: up to one request per connection was handled but never read by wrk.
     verdict = "none lost" if ok <= count <= ok + connections else "MISMATCH"
     print(f"{name}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
-          f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB{meanwhile}", flush=True)
+          f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB"
+          + (f" (the owner {owner:.0f} MB, {acceptors} acceptors {rss - owner:.0f} MB)" if acceptors else "") + meanwhile, flush=True)
     return rate
 
 
@@ -216,8 +241,7 @@ def soak(directory, seconds, connections, delay_ms):
 
     def sample():
         while not stop.wait(1.0):
-            with open(f"/proc/{daemon.proc.pid}/status") as status:
-                samples.append(next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")))
+            samples.append(sum(memory_mb(pid, "VmRSS") for pid in processes(daemon)))  # the owner and its acceptors
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -306,6 +330,7 @@ def main():
         "--workers", type=lambda text: text.split(","), default=[""],
         help="pixeld's --workers, or several to compare in one run (0,1,2); default: pixeld's own (one per core)",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the keep-alive and new-connection runs (and nginx's) for ranges")
     parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -332,21 +357,30 @@ def main():
                 run_flask(directory, args.seconds, args.connections, False, delay)
             return
         mode = "one visitor per User-Agent" if args.single_visitor else "a new address per hit"
-        rates = {}
-        for workers in args.workers:
-            flags = ("--workers", workers) if workers else ()
-            label = f", --workers {workers}" if workers else ""
-            rates[workers] = (
-                run_pixeld(directory, f"pixeld{label} keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor, 0.0, *flags),
-                run_pixeld(directory, f"pixeld{label} new connection per request, {mode}", args.seconds, args.connections, True, args.single_visitor, 0.0, *flags),
-            )
-        keep, fresh = rates[args.workers[-1]]
-        if args.nginx and shutil.which("nginx"):
-            nginx_keep = run_nginx(directory, args.seconds, args.connections, False)
-            nginx_fresh = run_nginx(directory, args.seconds, args.connections, True)
-            for workers, (keep, fresh) in rates.items():
-                label = f" --workers {workers}" if workers else ""
-                print(f"pixeld{label} / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x")
+        ratios = {}
+        for round in range(1, args.rounds + 1):
+            rates = {}
+            for workers in args.workers:
+                flags = ("--workers", workers) if workers else ()
+                label = f", --workers {workers}" if workers else ""
+                rates[workers] = (
+                    run_pixeld(directory, f"pixeld{label} keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor, 0.0, *flags),
+                    run_pixeld(directory, f"pixeld{label} new connection per request, {mode}", args.seconds, args.connections, True, args.single_visitor, 0.0, *flags),
+                )
+            keep, fresh = rates[args.workers[-1]]
+            if args.nginx and shutil.which("nginx"):
+                nginx_keep = run_nginx(directory, args.seconds, args.connections, False)
+                nginx_fresh = run_nginx(directory, args.seconds, args.connections, True)
+                for workers, (keep, fresh) in rates.items():
+                    label = f" --workers {workers}" if workers else ""
+                    ratios.setdefault(label, []).append((keep / nginx_keep, fresh / nginx_fresh, keep, fresh))
+                    print(f"round {round}: pixeld{label} / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x", flush=True)
+        if args.rounds > 1:
+            for label, seen in ratios.items():
+                keeps, freshes = [r[0] for r in seen], [r[1] for r in seen]
+                print(f"pixeld{label} over {len(seen)} rounds: keep-alive {min(r[2] for r in seen):,.0f}-{max(r[2] for r in seen):,.0f} req/s, "
+                      f"{min(keeps):.2f}-{max(keeps):.2f}x nginx; new connections {min(r[3] for r in seen):,.0f}-{max(r[3] for r in seen):,.0f} req/s, "
+                      f"{min(freshes):.2f}-{max(freshes):.2f}x nginx")
         if args.flask:
             flask_keep = run_flask(directory, args.seconds, args.connections, False)
             flask_fresh = run_flask(directory, args.seconds, args.connections, True)
