@@ -7440,9 +7440,15 @@ def watchdog_interval() -> float:
 
 
 def make_listener(config: Config) -> socket.socket:
-    """The listening socket, or with acceptor processes a socket that holds the port for theirs."""
+    """The listening socket, or with acceptor processes a socket that holds the port for theirs. The port
+    is first taken alone: ``SO_REUSEPORT`` would let a second pixeld (the same user's) join the
+    first one's port and quietly take half its hits into another database."""
     try:
-        return listen(config.host, config.port, shared=bool(config.workers), backlog=0 if config.workers else 1024)
+        if not config.workers:
+            return listen(config.host, config.port)
+        with listen(config.host, config.port, backlog=0) as alone:
+            port = alone.getsockname()[1]
+        return listen(config.host, port, shared=True, backlog=0)
     except OSError as error:
         raise ConfigError(f"cannot listen on {format_address(config.host, config.port)}: {error_reason(error)}") from None
 
