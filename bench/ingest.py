@@ -95,10 +95,17 @@ def memory_mb(pid, field):
         return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
 
 
+def proportional_mb(pid):
+    """A process's share of the memory it uses (PSS): pages shared with the others (an acceptor is forked
+    from the owner) count once over all of them."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) / 1024 for line in rollup if line.startswith("Pss:"))
+
+
 def peak_rss(daemon):
-    """Peak RSS of every process of the daemon, in MB: their sum (an upper bound), and the owner's own."""
-    peaks = [memory_mb(pid, "VmHWM") for pid in processes(daemon)]
-    return sum(peaks), peaks[0], len(peaks) - 1
+    """The owner's peak RSS, the memory of all the daemon's processes now (their PSS added up), and how many acceptors."""
+    pids = processes(daemon)
+    return memory_mb(pids[0], "VmHWM"), sum(map(proportional_mb, pids)), len(pids) - 1
 
 
 def lua_list(values):
@@ -162,6 +169,9 @@ class Reports:
 def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags, seed=None, endpoint="pixel"):
     """Load a fresh daemon, or one on a copy of ``seed`` while it answers filtered reports back to back."""
     db = os.path.join(directory, re.sub(r"\W+", "-", name) + ".db")
+    for stale in (db, db + "-wal", db + "-shm"):  # the same run again (--rounds): a fresh database
+        if os.path.exists(stale):
+            os.remove(stale)
     if seed:
         shutil.copy(seed, db)
     before = stored(db) if seed else 0
@@ -169,14 +179,14 @@ def run_pixeld(directory, name, seconds, connections, close=False, single=False,
     reports = Reports(daemon.port) if seed else None
     rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms, endpoint)
     meanwhile = reports.stop() if reports else ""
-    rss, owner, acceptors = peak_rss(daemon)
+    rss, total, acceptors = peak_rss(daemon)
     daemon.stop()
     count = stored(db) - before
     # wrk stops mid-flight: up to one request per connection was handled but never read by wrk.
     verdict = "none lost" if ok <= count <= ok + connections else "MISMATCH"
     print(f"{name}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
           f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB"
-          + (f" (the owner {owner:.0f} MB, {acceptors} acceptors {rss - owner:.0f} MB)" if acceptors else "") + meanwhile, flush=True)
+          + (f", with its {acceptors} acceptors {total:.0f} MB (PSS) at the end" if acceptors else "") + meanwhile, flush=True)
     return rate
 
 
@@ -241,7 +251,7 @@ def soak(directory, seconds, connections, delay_ms):
 
     def sample():
         while not stop.wait(1.0):
-            samples.append(sum(memory_mb(pid, "VmRSS") for pid in processes(daemon)))  # the owner and its acceptors
+            samples.append(sum(map(proportional_mb, processes(daemon))))  # the owner and its acceptors, shared pages once
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -253,7 +263,7 @@ def soak(directory, seconds, connections, delay_ms):
     dropped = re.search(r"dropping hits", output) is not None
     print(f"soak {seconds} s: {rate:,.0f} req/s, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
           f"({'none lost' if ok <= count <= ok + connections else 'LOST ' + str(ok - count)}{'; the daemon dropped hits' if dropped else ''})")
-    print(f"  RSS: start {samples[0]:.0f} MB, peak {max(samples):.0f} MB, end {samples[-1]:.0f} MB; remembered visitors at the end {visitors:,}; "
+    print(f"  memory (PSS of every process): start {samples[0]:.0f} MB, peak {max(samples):.0f} MB, end {samples[-1]:.0f} MB; remembered visitors at the end {visitors:,}; "
           f"{(max(samples) - samples[0]) * 1024 * 1024 / max(1, visitors):.0f} bytes per remembered visitor")
 
 
