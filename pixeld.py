@@ -7099,7 +7099,7 @@ class Server:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._serve_buffered(Connection(sock, peer))
+            self._read(Connection(sock, peer), first=True)
 
     def _make_room(self, pause: bool) -> None:
         """Close the longest-waiting idle connection; out of descriptors with none idle, pause accepting."""
@@ -7109,10 +7109,14 @@ class Server:
             self.selector.unregister(self.listener)
             self.accept_paused_until = time.monotonic() + 0.1
 
-    def _read(self, conn: Connection) -> None:
+    def _read(self, conn: Connection, first: bool = False) -> None:
+        """Read what the client sent. A new connection is read at once (``first``): its request has
+        usually arrived with it, and then it is answered without ever being watched for reading."""
         try:
             data = conn.sock.recv(65536)
         except BlockingIOError:
+            if first:
+                self._wait(conn)
             return
         except OSError:
             data = b""
