@@ -6236,6 +6236,8 @@ SCRIPT_HEADERS = [
     ("Cross-Origin-Resource-Policy", "cross-origin"),
 ]
 PROXY_HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
+HIT_METHODS = ("GET", "HEAD", "POST")  # hits may come as sendBeacon POSTs
+FOREIGN_METHODS = {"/count": HIT_METHODS, "/api/event": ("POST",), "/api/send": ("POST",)}  # other tools' trackers, by path
 Environ = Dict[str, Any]
 StartResponse = Callable[..., Any]
 Answer = Tuple[str, List[Tuple[str, str]], Any]  # status, headers, and bytes or a generator of bytes
@@ -6271,13 +6273,11 @@ class App:
         self.open_connections: Optional[Callable[[], int]] = None  # set by the server that runs the app, if it knows
         self.site_ids = dict(config.site_ids)
         self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path, *TRACKER_PATHS)
-        hits, reads = ("GET", "HEAD", "POST"), ("GET", "HEAD")  # hits may come as sendBeacon POSTs
+        reads = ("GET", "HEAD")
         self.routes: Dict[str, Tuple[Callable[[Environ], Answer], Tuple[str, ...]]] = {
-            DEFAULT_HIT_PATH: (self.pixel, hits),
-            config.hit_path: (self.pixel, hits),
-            "/count": (self.foreign, hits),
-            "/api/event": (self.foreign, ("POST",)),
-            "/api/send": (self.foreign, ("POST",)),
+            DEFAULT_HIT_PATH: (self.pixel, HIT_METHODS),
+            config.hit_path: (self.pixel, HIT_METHODS),
+            **{path: (self.foreign, methods) for path, methods in FOREIGN_METHODS.items()},
             "/script.js": (self.script, reads),
             "/report": (self.report, reads),
             "/export": (self.export, reads),
@@ -6330,8 +6330,15 @@ class App:
         """Run a hit through the pipeline; place what counts in its visit and hand it to the writer."""
         self.admit(read_hit(hit, self.config, self.memo, self.country_of))
 
+    def admit_packed(self, packed: Optional[tuple]) -> None:
+        """A hit an acceptor process read (``HitReader``), or another tracker's request it refused."""
+        if packed is not None and len(packed) == len(REFUSED):
+            self.rejected[packed[1], packed[2]] += 1
+        else:
+            self.admit(unpack_outcome(packed))
+
     def admit(self, outcome: Outcome) -> None:
-        """Place a hit already read (here, or by an acceptor process: ``HitReader``) and hand it to the writer."""
+        """Place a hit already read (here, or by an acceptor process) and hand it to the writer."""
         with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
             item, step = place(outcome, self.visitors)
             if item is not None:
@@ -6344,9 +6351,7 @@ class App:
         """GoatCounter's ``/count``, Plausible's ``/api/event`` and Umami's ``/api/send``: the hit goes the
         pixel's way (``take``), and the answer is the one that tool's tracker expects, bad input included."""
         tracker = TRACKER_PATHS[environ["PATH_INFO"]]
-        length = environ.get("CONTENT_LENGTH") or "0"
-        body = environ["wsgi.input"].read(int(length)) if length.isdigit() and 0 < int(length) <= MAX_BODY else b""
-        foreign = foreign_hit(tracker, environ, body, int(self.clock()), self.site_ids, self.memo)
+        foreign = foreign_hit(tracker, environ, foreign_body(environ), int(self.clock()), self.site_ids, self.memo)
         if "dry_run=" in environ.get("QUERY_STRING", "") and self.deny_report(environ) is None:
             return plain("200 OK", explain_foreign(foreign, self.config, self.country_of))
         if foreign.problem:
@@ -6583,27 +6588,50 @@ class HitReader:
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
         self.memo = Memo()
         self.day = -1
-        self.paths = frozenset((DEFAULT_HIT_PATH, config.hit_path))
+        self.site_ids = dict(config.site_ids)
+        self.methods = {DEFAULT_HIT_PATH: HIT_METHODS, config.hit_path: HIT_METHODS, **FOREIGN_METHODS}
         self.outbox: List[Optional[tuple]] = []
 
     def handles(self, environ: Environ) -> bool:
-        """The requests answered here; the owner answers the rest (a dry run, a wrong method, other trackers)."""
-        return environ["PATH_INFO"] in self.paths and environ["REQUEST_METHOD"] in ("GET", "HEAD", "POST") and "dry_run=" not in environ["QUERY_STRING"]
+        """The requests answered here; the owner answers the rest (a dry run, a wrong method, a preflight)."""
+        return environ["REQUEST_METHOD"] in self.methods.get(environ["PATH_INFO"], ()) and "dry_run=" not in environ["QUERY_STRING"]
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> List[bytes]:
         now = int(self.clock())
         if now // DAY != self.day:
             self.day = now // DAY
             self.memo.clear()
+        tracker = TRACKER_PATHS.get(environ["PATH_INFO"])
+        if tracker is None:
+            self.read(lambda: raw_hit(environ, now, self.memo), "pixel")
+            status, headers, body = "200 OK", list(GIF_HEADERS), GIF
+        else:  # as App.foreign
+            foreign = foreign_hit(tracker, environ, foreign_body(environ), now, self.site_ids, self.memo)
+            if foreign.problem:
+                self.outbox.append((REFUSED[0], tracker, foreign.problem))
+            elif foreign.hit is not None:
+                self.read(lambda: foreign.hit, tracker)
+            status, headers, body = tracker_answer(tracker, foreign.problem)
+        start_response(status, headers)
+        return [b""] if environ["REQUEST_METHOD"] == "HEAD" else [body]
+
+    def read(self, hit: Callable[[], RawHit], what: str) -> None:
         try:
-            self.outbox.append(pack_outcome(read_hit(raw_hit(environ, now, self.memo), self.config, self.memo, self.country_of)))
+            self.outbox.append(pack_outcome(read_hit(hit(), self.config, self.memo, self.country_of)))
         except Exception as error:  # as in App.pixel: a bug must never break the host page
-            self.log(f"pixel: could not record a hit: {type(error).__name__}: {error}"[:200])
-        start_response("200 OK", list(GIF_HEADERS))
-        return [b""] if environ["REQUEST_METHOD"] == "HEAD" else [GIF]
+            self.log(f"{what}: could not record a hit: {type(error).__name__}: {error}"[:200])
 
     def country_of(self, address: Optional[IPAddress]) -> str:
         return lookup_country(self.geoip, address)
+
+
+REFUSED = ("refused", "tracker", "problem")  # the shape of another tracker's refused request, packed
+
+
+def foreign_body(environ: Environ) -> bytes:
+    """The JSON body of another tool's tracker, when its size is one a tracker sends."""
+    length = environ.get("CONTENT_LENGTH") or "0"
+    return environ["wsgi.input"].read(int(length)) if length.isdigit() and 0 < int(length) <= MAX_BODY else b""
 
 
 def pack_outcome(outcome: Outcome) -> Optional[tuple]:
@@ -7599,7 +7627,7 @@ class Supervisor:
         assert self.app is not None
         for packed in batch:
             try:
-                self.app.admit(unpack_outcome(packed))
+                self.app.admit_packed(packed)
             except Exception as error:  # as in App.pixel: one hit must not take the owner down
                 self.log(f"pixel: could not record a hit: {type(error).__name__}: {error}"[:200])
 

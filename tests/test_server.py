@@ -312,9 +312,11 @@ def test_with_acceptors_every_other_request_is_handed_over_whole(start_daemon, w
     assert answers.count(b"HTTP/1.1 ") == 3
     assert answers.index(b"200 OK") < answers.index(b"\r\n\r\nok\n") < answers.index(b"counted as a page view")
     assert daemon.get("/pixel.gif", method="DELETE").status == 405
-    metrics = daemon.get("/metrics").text
-    assert "pixeld_hits_total{outcome=\"pageview\"} 1" in metrics  # the hit answered first was admitted before /metrics was served
     assert daemon.get("/count?p=/goat&t=x", {"User-Agent": CHROME, "Referer": "https://example.org/"}).status == 200
+    assert request("127.0.0.1", daemon.port, "/api/event", {"Content-Type": "text/plain", "User-Agent": CHROME}, "POST").status == 400  # no body
+    metrics = daemon.get("/metrics").text  # what was answered before is counted: every channel is read before a hand-over is served
+    assert 'pixeld_hits_total{outcome="pageview"} 2' in metrics
+    assert 'pixeld_rejected_requests_total{tracker="plausible",reason="malformed json"} 1' in metrics
 
 
 def raw_until_closed(sock):
