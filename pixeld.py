@@ -7013,7 +7013,7 @@ class Server:
     past ``MAX_READ_BODY`` a body is not read, and its connection ends with the answer). When
     connections reach the cap (kept below the open-file limit) or ``accept`` fails for lack of file
     descriptors, the longest-waiting idle connection is closed. Paths the app declares non-blocking (the pixel) are answered on this thread, keeping the
-    hot path free of hand-offs; everything else runs on a small pool of worker threads. Keep-alive,
+    hot path free of hand-offs; everything else runs on a small pool of threads. Keep-alive,
     ``TCP_NODELAY``, and one send per response.
     """
 
@@ -7210,7 +7210,7 @@ class Server:
         except OSError:
             self._close(conn)
             return False
-        if sent < len(data):  # the client is not reading: a worker finishes the send, with a timeout, and closes
+        if sent < len(data):  # the client is not reading: a thread finishes the send, with a timeout, and closes
             self.busy += 1
             self.jobs.put((conn, None, data[sent:]))
             return False
@@ -7303,11 +7303,11 @@ class Server:
                 self._close(conn)
 
     def _shut_down(self, grace: float = 5.0) -> None:
-        """Stop accepting, drop idle connections, give the workers a few seconds to finish.
+        """Stop accepting, drop idle connections, give the threads a few seconds to finish.
 
         Every pixel hit was answered (and handed to the writer) on this thread, so nothing that
-        was acknowledged waits on a worker: a long export to a slow client must not hold up the
-        final flush until systemd loses patience. Workers are daemon threads; they end with us."""
+        was acknowledged waits on a thread: a long export to a slow client must not hold up the
+        final flush until systemd loses patience. They are daemon threads; they end with us."""
         self.listener_closed = True
         if self.listener is not None:
             if not self.accept_paused_until:
@@ -7349,7 +7349,7 @@ class Acceptor(Server):
     Back-pressure: the channel holds a few messages (``net.unix.max_dgram_qlen``, 10 by default); while
     the owner holds back (its writer behind), ``send`` blocks and the acceptor stops reading.
 
-    Every other request (the report, a dry run, other tools' trackers) is handed over with its
+    Every other request (the report, a dry run, a preflight) is handed over with its
     connection: the socket itself crosses the channel (``SCM_RIGHTS``), with the bytes read on it.
     The slow-client defences are the server's own."""
 
