@@ -6577,7 +6577,7 @@ class HitReader:
     """The hit endpoint as an acceptor process serves it (``serve --workers N``): it answers what
     ``App.pixel`` answers, and reads each hit as far as it can without the visitors, which live in the
     one process that owns them and the writer. The outcomes wait in ``outbox`` for the server to hand
-    them over; the server sends the answers only once that process has taken them.
+    them over; it sends the answers only once the message carrying them is in that process's socket.
 
     Like the app it owns a memo of raw inputs, emptied when the UTC day (and so the salt) changes."""
 
