@@ -7655,6 +7655,10 @@ class Supervisor:
             worker.heard += held
 
     def silent(self, limit: float) -> List[Worker]:
+        """The acceptors not heard from for ``limit`` seconds; none while the owner holds back (it reads
+        no channel then, and the acceptors wait for room in theirs)."""
+        if self.app is not None and self.app.overloaded():
+            return []
         now = time.monotonic()
         return [worker for worker in self.workers.values() if now - worker.heard > limit]
 
