@@ -77,6 +77,37 @@ end
 """
 
 
+def processes(daemon):
+    """The daemon's process and its acceptor processes (``--workers``)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if entry.isdigit() and int(stat.read().rsplit(")", 1)[1].split()[1]) == daemon.proc.pid:
+                    children.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return [daemon.proc.pid] + children
+
+
+def memory_mb(pid, field):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+
+
+def proportional_mb(pid):
+    """A process's share of the memory it uses (PSS): pages shared with the others (an acceptor is forked
+    from the owner) count once over all of them."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) / 1024 for line in rollup if line.startswith("Pss:"))
+
+
+def peak_rss(daemon):
+    """The owner's peak RSS, the memory of all the daemon's processes now (their PSS added up), and how many acceptors."""
+    pids = processes(daemon)
+    return memory_mb(pids[0], "VmHWM"), sum(map(proportional_mb, pids)), len(pids) - 1
+
+
 def lua_list(values):
     return "{" + ", ".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values) + "}"
 
@@ -138,6 +169,9 @@ class Reports:
 def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags, seed=None, endpoint="pixel"):
     """Load a fresh daemon, or one on a copy of ``seed`` while it answers filtered reports back to back."""
     db = os.path.join(directory, re.sub(r"\W+", "-", name) + ".db")
+    for stale in (db, db + "-wal", db + "-shm"):  # the same run again (--rounds): a fresh database
+        if os.path.exists(stale):
+            os.remove(stale)
     if seed:
         shutil.copy(seed, db)
     before = stored(db) if seed else 0
@@ -145,13 +179,14 @@ def run_pixeld(directory, name, seconds, connections, close=False, single=False,
     reports = Reports(daemon.port) if seed else None
     rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms, endpoint)
     meanwhile = reports.stop() if reports else ""
-    rss = daemon.peak_rss_mb()
+    rss, total, acceptors = peak_rss(daemon)
     daemon.stop()
     count = stored(db) - before
     # wrk stops mid-flight: up to one request per connection was handled but never read by wrk.
     verdict = "none lost" if ok <= count <= ok + connections else "MISMATCH"
     print(f"{name}: {rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
-          f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB{meanwhile}", flush=True)
+          f"({verdict}; {failed} socket errors); peak RSS {rss:.0f} MB"
+          + (f", with its {acceptors} acceptors {total:.0f} MB (PSS) at the end" if acceptors else "") + meanwhile, flush=True)
     return rate
 
 
@@ -216,8 +251,7 @@ def soak(directory, seconds, connections, delay_ms):
 
     def sample():
         while not stop.wait(1.0):
-            with open(f"/proc/{daemon.proc.pid}/status") as status:
-                samples.append(next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:")))
+            samples.append(sum(map(proportional_mb, processes(daemon))))  # the owner and its acceptors, shared pages once
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -229,7 +263,7 @@ def soak(directory, seconds, connections, delay_ms):
     dropped = re.search(r"dropping hits", output) is not None
     print(f"soak {seconds} s: {rate:,.0f} req/s, p99 {p99:.2f} ms, max {worst:.1f} ms; 2xx {ok:,}, stored {count:,} "
           f"({'none lost' if ok <= count <= ok + connections else 'LOST ' + str(ok - count)}{'; the daemon dropped hits' if dropped else ''})")
-    print(f"  RSS: start {samples[0]:.0f} MB, peak {max(samples):.0f} MB, end {samples[-1]:.0f} MB; remembered visitors at the end {visitors:,}; "
+    print(f"  memory (PSS of every process): start {samples[0]:.0f} MB, peak {max(samples):.0f} MB, end {samples[-1]:.0f} MB; remembered visitors at the end {visitors:,}; "
           f"{(max(samples) - samples[0]) * 1024 * 1024 / max(1, visitors):.0f} bytes per remembered visitor")
 
 
@@ -302,6 +336,11 @@ def main():
     parser.add_argument("--nginx", action="store_true", help="also measure nginx's empty_gif with the same load")
     parser.add_argument("--flask", action="store_true", help="also measure the 2020 Flask design on gunicorn (pip install -r bench/requirements.txt)")
     parser.add_argument("--trackers", action="store_true", help="GoatCounter's /count and Plausible's /api/event beside /pixel.gif, same load")
+    parser.add_argument(
+        "--workers", type=lambda text: text.split(","), default=[""],
+        help="pixeld's --workers, or several to compare in one run (0,1,2); default: pixeld's own (one per core)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the keep-alive and new-connection runs (and nginx's) for ranges")
     parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
     args = parser.parse_args()
     if not shutil.which("wrk"):
@@ -316,7 +355,10 @@ def main():
             return
         if args.paced:
             delay = 1000 * args.connections / args.paced
-            run_pixeld(directory, f"paced at {args.paced:,.0f} req/s", args.seconds, args.connections, False, args.single_visitor, delay)
+            for workers in args.workers:
+                flags = ("--workers", workers) if workers else ()
+                label = f", --workers {workers}" if workers else ""
+                run_pixeld(directory, f"paced at {args.paced:,.0f} req/s{label}", args.seconds, args.connections, False, args.single_visitor, delay, *flags)
             if args.reports:
                 run_pixeld(directory, f"paced at {args.paced:,.0f} req/s, reports", args.seconds, args.connections, False, args.single_visitor, delay, seed=args.reports)
             if args.nginx and shutil.which("nginx"):  # the floor: what wrk measures on this machine for a server that does nothing
@@ -325,12 +367,30 @@ def main():
                 run_flask(directory, args.seconds, args.connections, False, delay)
             return
         mode = "one visitor per User-Agent" if args.single_visitor else "a new address per hit"
-        keep = run_pixeld(directory, f"pixeld keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor)
-        fresh = run_pixeld(directory, f"pixeld new connection per request, {mode}", args.seconds, args.connections, True, args.single_visitor)
-        if args.nginx and shutil.which("nginx"):
-            nginx_keep = run_nginx(directory, args.seconds, args.connections, False)
-            nginx_fresh = run_nginx(directory, args.seconds, args.connections, True)
-            print(f"pixeld / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x")
+        ratios = {}
+        for round in range(1, args.rounds + 1):
+            rates = {}
+            for workers in args.workers:
+                flags = ("--workers", workers) if workers else ()
+                label = f", --workers {workers}" if workers else ""
+                rates[workers] = (
+                    run_pixeld(directory, f"pixeld{label} keep-alive, {mode}", args.seconds, args.connections, False, args.single_visitor, 0.0, *flags),
+                    run_pixeld(directory, f"pixeld{label} new connection per request, {mode}", args.seconds, args.connections, True, args.single_visitor, 0.0, *flags),
+                )
+            keep, fresh = rates[args.workers[-1]]
+            if args.nginx and shutil.which("nginx"):
+                nginx_keep = run_nginx(directory, args.seconds, args.connections, False)
+                nginx_fresh = run_nginx(directory, args.seconds, args.connections, True)
+                for workers, (keep, fresh) in rates.items():
+                    label = f" --workers {workers}" if workers else ""
+                    ratios.setdefault(label, []).append((keep / nginx_keep, fresh / nginx_fresh, keep, fresh))
+                    print(f"round {round}: pixeld{label} / nginx: keep-alive {keep / nginx_keep:.2f}x, new connection per request {fresh / nginx_fresh:.2f}x", flush=True)
+        if args.rounds > 1:
+            for label, seen in ratios.items():
+                keeps, freshes = [r[0] for r in seen], [r[1] for r in seen]
+                print(f"pixeld{label} over {len(seen)} rounds: keep-alive {min(r[2] for r in seen):,.0f}-{max(r[2] for r in seen):,.0f} req/s, "
+                      f"{min(keeps):.2f}-{max(keeps):.2f}x nginx; new connections {min(r[3] for r in seen):,.0f}-{max(r[3] for r in seen):,.0f} req/s, "
+                      f"{min(freshes):.2f}-{max(freshes):.2f}x nginx")
         if args.flask:
             flask_keep = run_flask(directory, args.seconds, args.connections, False)
             flask_fresh = run_flask(directory, args.seconds, args.connections, True)

@@ -235,6 +235,19 @@ class Daemon:
         assert answer.status == 200, answer.text
         return json.loads(answer.text)
 
+    def acceptors(self) -> List[int]:
+        """The acceptor processes (``--workers``): the daemon's children."""
+        children = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        if int(stat.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                            children.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    pass  # gone meanwhile
+        return sorted(children)
+
     def stop(self, sig: int = signal.SIGTERM) -> str:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -73,6 +73,17 @@ def test_port_in_use(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in err
 
 
+def test_a_second_daemon_cannot_join_the_first_ones_port(start_daemon, tmp_path):
+    """Acceptor processes share their port (SO_REUSEPORT); another pixeld must not slip into it."""
+    first = start_daemon("--workers", "2")
+    err = bad_start(tmp_path / "other.db", "--listen", f"127.0.0.1:{first.port}", "--workers", "2")
+    assert f"cannot listen on 127.0.0.1:{first.port}: Address already in use" in err
+
+
+def test_bad_workers(tmp_path):
+    assert "cannot parse --workers 'many'" in bad_start(tmp_path / "p.db", "--workers", "many")
+
+
 def test_database_problems(tmp_path):
     not_sqlite = tmp_path / "notes.db"
     not_sqlite.write_text("plain text, not SQLite\n" * 200)

@@ -4,6 +4,8 @@ import ipaddress
 import time
 from pathlib import Path
 
+import pytest
+
 import pixeld
 from conftest import CHROME, call, stored_pageviews
 
@@ -33,8 +35,10 @@ def database_files(db: Path):
     return [path for path in db.parent.iterdir() if path.name.startswith(db.name)]
 
 
-def test_nothing_identifying_reaches_the_database_its_wal_or_the_output(start_daemon):
-    daemon = start_daemon()
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_nothing_identifying_reaches_the_database_its_wal_or_the_output(start_daemon, workers):
+    """In one process, and with acceptor processes, whose channels carry the address and User-Agent in memory only."""
+    daemon = start_daemon("--workers", workers)
     for address in ADDRESSES:
         for ua in CANARY_UAS:
             answer = daemon.pixel(

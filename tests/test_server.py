@@ -268,3 +268,61 @@ def test_out_of_file_descriptors_the_accept_loop_survives(tmp_path):
 def cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_sockets(pid):
+    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+
+
+def test_two_acceptors_both_serve_and_count_visitors_exactly(start_daemon):
+    """``--workers 2``: the kernel spreads connections over both acceptor processes, and the one process
+    that owns the visitors counts each visitor once, whichever acceptor its hits came through."""
+    daemon = start_daemon("--workers", "2", "--rate-limit", "0")
+    acceptors = daemon.acceptors()
+    assert len(acceptors) == 2
+    before = {pid: open_sockets(pid) for pid in acceptors}
+    conns = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(40)]
+    for round in range(5):
+        for n, conn in enumerate(conns):
+            conn.sendall(pixel_request(f"path=/p/{round}&host=example.org".encode()).replace(b"Connection: close", f"X-Forwarded-For: 198.51.100.{n % 20}".encode()))
+            answer = b""
+            while not answer.endswith(pixeld.GIF):
+                answer += conn.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    held = {pid: open_sockets(pid) - before[pid] for pid in acceptors}
+    assert all(count > 0 for count in held.values()) and sum(held.values()) == 40, held  # both serve; each connection stays with one
+    for conn in conns:
+        conn.close()
+    wait_for(lambda: daemon.report_json()["pageviews"] == 200)
+    assert daemon.report_json()["visitors"] == 20  # 20 addresses, each over two connections that may have gone to either acceptor
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_with_acceptors_every_other_request_is_handed_over_whole(start_daemon, workers):
+    """The report, a dry run, a wrong method and other tools' trackers cross to the owner with their
+    connection, which keeps working (keep-alive) after the hand-over; as one process answers them."""
+    daemon = start_daemon("--workers", workers, "--rate-limit", "0")
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(
+            pixel_request(b"path=/first&host=example.org").replace(b"Connection: close\r\n", b"")
+            + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            + b"GET /pixel.gif?path=/x&dry_run=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: " + CHROME.encode() + b"\r\n\r\n"
+        )
+        answers = raw_until_closed(sock)
+    assert answers.count(b"HTTP/1.1 ") == 3
+    assert answers.index(b"200 OK") < answers.index(b"\r\n\r\nok\n") < answers.index(b"counted as a page view")
+    assert daemon.get("/pixel.gif", method="DELETE").status == 405
+    assert daemon.get("/count?p=/goat&t=x", {"User-Agent": CHROME, "Referer": "https://example.org/"}).status == 200
+    assert request("127.0.0.1", daemon.port, "/api/event", {"Content-Type": "text/plain", "User-Agent": CHROME}, "POST").status == 400  # no body
+    metrics = daemon.get("/metrics").text  # what was answered before is counted: every channel is read before a hand-over is served
+    assert 'pixeld_hits_total{outcome="pageview"} 2' in metrics
+    assert 'pixeld_rejected_requests_total{tracker="plausible",reason="malformed json"} 1' in metrics
+
+
+def raw_until_closed(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)

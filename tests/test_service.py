@@ -168,6 +168,29 @@ class Container:
             self.proc.wait()
 
 
+def test_a_wedged_acceptor_stops_the_watchdog(start_daemon, tmp_path):
+    """An acceptor process that stops answering (kill -STOP) keeps the owner from pinging the watchdog,
+    so systemd restarts the service as it would a wedged loop; the status line says which one."""
+    systemd = FakeSystemd(str(tmp_path / "notify.sock"))
+    daemon = start_daemon("--workers", "2", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"})
+    systemd.wait_for("READY=1")
+    systemd.wait_for("WATCHDOG=1")
+    wedged = daemon.acceptors()[1]
+    os.kill(wedged, signal.SIGSTOP)
+    try:
+        assert f"(pid {wedged}) silent for" in systemd.wait_for("silent for")
+        systemd.messages = []
+        systemd.sock.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            systemd.wait_for("WATCHDOG=1")
+    finally:
+        os.kill(wedged, signal.SIGCONT)
+    systemd.sock.settimeout(10)
+    systemd.wait_for("WATCHDOG=1")  # heard from again
+    daemon.stop()
+    systemd.sock.close()
+
+
 def test_a_real_systemd_boot():
     """Install pixeld in a booted Debian exactly as the README says, and watch systemd run it."""
     if os.geteuid() != 0:
@@ -199,6 +222,14 @@ def test_a_real_systemd_boot():
         wait_for(lambda: container.run("systemctl show -p MainPID --value pixeld").stdout.strip() not in (frozen, "0")
                        and container.run("systemctl is-active pixeld", check=False).stdout.strip() == "active", seconds=40)
         assert int(container.run("systemctl show -p NRestarts --value pixeld").stdout) >= 1
+        restarts = int(container.run("systemctl show -p NRestarts --value pixeld").stdout)
+        main_pid = container.run("systemctl show -p MainPID --value pixeld").stdout.strip()
+        acceptors = container.run(f"cat /proc/{main_pid}/task/{main_pid}/children").stdout.split()
+        assert len(acceptors) == int(container.run("nproc").stdout) - 1  # an acceptor process per core but one, under the unit's hardening
+        if acceptors:  # a frozen acceptor: the watchdog restarts the service too
+            container.run(f"kill -STOP {acceptors[0]}")
+            wait_for(lambda: int(container.run("systemctl show -p NRestarts --value pixeld").stdout) > restarts
+                           and container.run("systemctl is-active pixeld", check=False).stdout.strip() == "active", seconds=40)
 
         # The README's token recipe: a systemd credential, read with --token-file.
         container.run("install -d -m 700 /etc/pixeld && echo boot-test-token > /etc/pixeld/token && chmod 600 /etc/pixeld/token")
