@@ -3982,7 +3982,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     counts.update(_count(conn, span, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
     totals = _plus(_with_event_conversions(totals, counts["events"]), imported.totals)
     labels = _labeller(conn, counts, multi_site=not query.site)
-    sections = {**_sections(counts, labels, totals, imported.sections), **_event_details(conn, span, scope)}
+    sections = {**_sections(counts, labels, totals, imported.sections), **_event_details(conn, span, scope, imported.sections.get("not_found", {}))}
     sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
@@ -4003,6 +4003,7 @@ ImportedSections = Dict[str, Dict[str, Tuple[str, Totals]]]  # section -> value 
 # The report sections that imported daily aggregates (Plausible's export) feed; a report names the others.
 IMPORTED_SECTIONS = (
     "pages", "entry_pages", "exit_pages", "sources", "channels", "referrers", "campaigns", "countries", "browsers", "operating_systems", "devices", "events",
+    "not_found",
 )
 
 
@@ -4718,15 +4719,15 @@ def _visit_notes(conn: sqlite3.Connection, span: Range, goals: Sequence[Goal]) -
 
 def iso_date(day: int) -> str:
     return (EPOCH_DATE + dt.timedelta(days=day)).isoformat()
-def _event_details(conn: sqlite3.Connection, span: Range, scope: Scope) -> Dict[str, List[Row]]:
+def _event_details(conn: sqlite3.Connection, span: Range, scope: Scope, imported_not_found: Dict[str, Tuple[str, Totals]]) -> Dict[str, List[Row]]:
     """The sections read from raw event rows (``EVENT_DETAILS``): the properties of the event the report
-    is filtered on, and the pages not found. Events are few beside page views, so they are read as
-    stored, with the report's filters."""
+    is filtered on, and the pages not found (with those of imported days). Events are few beside page
+    views, so they are read as stored, with the report's filters."""
     clause, args = _raw_clause(scope)
     bounds = (first_id(span.start), first_id(span.end)) + args
     return {
         "properties": _properties(conn, bounds, clause) if scope.table == "events" else [],
-        "not_found": _not_found(conn, bounds, clause, many_sites=scope.site_id is None),
+        "not_found": _not_found(conn, bounds, clause, scope.site_id is None, imported_not_found),
     }
 
 
@@ -4748,8 +4749,11 @@ def _properties(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str) 
     return sorted(rows, key=lambda row: (-row.count, row.property, row.property_value))
 
 
-def _not_found(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, many_sites: bool) -> List[Row]:
-    """The paths of the ``404`` events, with the referrers that led there, most first."""
+def _not_found(
+    conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, many_sites: bool, imported: Dict[str, Tuple[str, Totals]]
+) -> List[Row]:
+    """The paths of the ``404`` events, with the referrers that led there, most first; and those of
+    imported days (Plausible's daily counts of its ``404`` events by path), which name no referrer."""
     name = _string_id(conn, NOT_FOUND_EVENT)
     found = conn.execute(
         f"SELECT site, path, referrer, count(*) FROM events WHERE id >= ? AND id < ? AND name = {name}{clause} GROUP BY site, path, referrer", bounds,
@@ -4757,11 +4761,16 @@ def _not_found(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, m
     strings = _strings_by_id(conn, {value for row in found for value in row[:3]})
     several = many_sites and len({row[0] for row in found}) > 1
     paths: Dict[str, Counter] = {}
+    counts: Counter = Counter()
     for site, path, referrer, count in found:
         shown = (strings.get(site) or NO_HOST) + strings.get(path, "") if several else strings.get(path, "")
         paths.setdefault(shown, Counter())[strings.get(referrer, "") or "(direct)"] += count
-    rows = [NotFoundRow(path, sum(sources.values()), tuple(sorted(sources.items(), key=lambda item: (-item[1], item[0])))) for path, sources in paths.items()]
-    return sorted(rows, key=lambda row: (-row.count, row.value))
+        counts[shown] += count
+    for path, (_, metrics) in imported.items():
+        paths.setdefault(path, Counter())
+        counts[path] += metrics.views
+    rows = [NotFoundRow(path, counts[path], tuple(sorted(sources.items(), key=lambda item: (-item[1], item[0])))) for path, sources in paths.items()]
+    return sorted((row for row in rows if row.count), key=lambda row: (-row.count, row.value))
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -6042,10 +6051,13 @@ def plausible_counts(table: str, row: Dict[str, str], site: str) -> List[Tuple[s
         return [("entry_pages", normalise_path(row.get("entry_page", "")), "", entry)]
     if table == "exit_pages":
         return [("exit_pages", normalise_path(row.get("exit_page", "")), "", {"exits": bounded(row.get("exits"), 1 << 40)})]
-    if table == "custom_events":
+    if table == "custom_events":  # a 404's path is a page not found, as pixeld's own 404 events are; one without a path is an event only
         name = clean_event(row.get("name", ""))
         events = {"views": bounded(row.get("events"), 1 << 40), "visitors": number["visitors"]}
-        return [] if not name or name in PLAUSIBLE_NOT_EVENTS else [("events", name, "", events)]
+        if not name or name in PLAUSIBLE_NOT_EVENTS:
+            return []
+        not_found = name == NOT_FOUND_EVENT and row.get("path", "").strip()
+        return [("events", name, "", events)] + ([("not_found", normalise_path(row["path"]), "", {"views": events["views"]})] if not_found else [])
     if table == "sources":
         source, channel, referrer, campaign = plausible_source(row, site)
         counts = [("sources", source, channel, session), ("channels", channel, "", session), ("referrers", referrer, "", session)]

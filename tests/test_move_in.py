@@ -265,6 +265,36 @@ def test_plausible_again_replaces_and_days_counted_by_pixeld_are_left_out(tmp_pa
     assert whole(other)["pageviews"] == 30 + 1
 
 
+def test_plausible_404_events_are_pages_not_found_on_the_imported_days(tmp_path):
+    """Plausible's export carries each 404 event's path (its ``path`` column): those counts show in Not found, as
+    pixeld's own 404 events do, beside the live ones, and a 404 without a path stays an event only."""
+    files = {**PLAUSIBLE, "custom_events": "date,name,link_url,path,visitors,events\n2024-01-01,Signup,,,2,3\n"
+             "2024-01-01,404,,/old-post,4,5\n2024-01-02,404,,/old-post,1,2\n2024-01-02,404,,/gone?ref=x,1,1\n2024-01-02,404,,,3,3\n"}
+    code, err, db = imported(tmp_path, plausible_zip(tmp_path / "p.zip", files=files))
+    assert code == 0, err
+    live = pixeld_events(tmp_path, [("2024-01-03T10:00:00Z", "/old-post", "news.example.com/link")])
+    assert run_pixeld("import", str(live), "--db", str(db))[0] == 0
+    report = whole(db)
+    assert [(row["value"], row["count"]) for row in report["sections"]["not_found"]] == [("/old-post", 8), ("/gone", 1)]
+    assert section(report, "not_found")["/old-post"]["sources"] == [{"value": "news.example.com/link", "count": 1}]
+    assert section(report, "events")["404"]["count"] == 5 + 2 + 1 + 3 + 1
+    (note,) = report["notes"]
+    assert "2024-01-01 to 2024-01-02" in note and "Not found" not in note
+    code, out, _ = run_pixeld("report", "--db", str(db), "--format", "json", "--start", "2024-01-02", "--end", "2024-01-02")
+    assert [(row["value"], row["count"]) for row in json.loads(out)["sections"]["not_found"]] == [("/old-post", 2), ("/gone", 1)]
+    filtered = whole(db, "--country", "DE")
+    assert filtered["sections"]["not_found"] == [] and "not included" in filtered["notes"][0]
+    code, out, _ = run_pixeld("report", "--db", str(db), "--format", "csv", "--range", "all")
+    assert "not_found,/old-post,8," in out
+
+
+def pixeld_events(tmp_path, events):
+    """pixeld's own export holding 404 events: (time, path, referrer)."""
+    path = tmp_path / "events.csv"
+    rows = [[when, "event", "example.org", page, referrer, "404"] for when, page, referrer in events]
+    return write_csv(path, "time,type,site,path,referrer,event", rows)
+
+
 @pytest.mark.parametrize("name, reason", [
     ("../../imported_visitors_20240101_20240102.csv", "not one of Plausible's tables"),
     ("/etc/imported_visitors.csv", "not one of Plausible's tables"),
