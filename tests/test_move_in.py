@@ -6,11 +6,13 @@ import csv
 import gzip
 import io
 import json
+import random
 import sqlite3
 import zipfile
 
 import pytest
 
+import pixeld
 from conftest import CHROME, report_json, run_pixeld
 
 GOATCOUNTER_HEADER = "2Path,Title,Event,UserAgent,Browser,System,Session,Bot,Referrer,Referrer scheme,Screen size,Location,FirstVisit,Date"
@@ -398,3 +400,70 @@ def test_hostile_values_are_escaped_in_the_served_report(start_daemon, tmp_path)
     assert answer.status == 200 and json.loads(answer.text)["sections"]["pages"]
     daemon.pixel({"path": "/live", "host": "example.org"}, {"User-Agent": CHROME, "X-Forwarded-For": "198.51.100.9"})
     daemon.stop()
+
+
+# ---- Visits held until they end count as the daemon's -------------------------------------------------------
+
+
+def interleaved_goatcounter_rows(count, seed=5):
+    """``count`` rows over three days, in time order: many sessions at once, some coming back after more than
+    30 idle minutes (a new visit) or across midnight, events and bots among them."""
+    rng = random.Random(seed)
+    start = 1_709_251_200 + 20 * 3600  # 2024-03-01 20:00 UTC
+    sessions = [(f"{rng.getrandbits(60):015x}-{i:016x}", rng.choice(["Chrome 120", "Firefox 121", "Safari 17.1"]), rng.choice(["Windows 10", "Linux", "iOS 17"]),
+                 rng.choice(["US-TX", "DE", "GB"]), "3" if i % 37 == 0 else "0") for i in range(150)]
+    rows, moment = [], start
+    for _ in range(count):
+        moment += rng.choice([1, 5, 20, 60, 240])
+        session, browser, system, location, bot = rng.choice(sessions)
+        referrer, scheme = rng.choice([("", ""), ("www.reddit.com/r/x", "h"), ("Hacker News", "g"), ("newsletter", "c")])
+        page = rng.choice(["/", "/a", "/b", "/c/d", "/e"])
+        event = rng.random() < 0.05
+        stamp = pixeld.iso(moment)
+        rows.append(["click" if event else page, "" if event else f"Title {page}", "1" if event else "0", "", browser, system, session, bot,
+                     referrer, scheme, "1280,768,1", location, "0", stamp])
+    return rows
+
+
+def imported_live(path, db, site):
+    """The rows of a GoatCounter export placed in visits and written as the daemon writes live hits: each page
+    view as it comes, its visit's entry row and exits updated as the visit grows (``Store.write`` of a ``Batch``),
+    a batch covering a few minutes at most, as the daemon's writer does (a batch spanning more than 30 minutes
+    could see a visitor's next visit begin before the page views of the last one were written)."""
+    config = pixeld.Config(sites=(site,))
+    reader = pixeld.ImportReader(config, None)
+    store = pixeld.Store(pixeld.connect(str(db)), shares_cpu=False)
+    batch = pixeld.Batch()
+    with open(path, newline="") as handle:
+        lines = csv.reader(handle)
+        header = pixeld.goatcounter_header(next(lines))
+        for row in lines:
+            fields = dict(zip(header, row))
+            outcome = pixeld.read_record(pixeld.goatcounter_record(fields, reader.memo), config, reader.memo, site)
+            if isinstance(outcome, pixeld.Accepted):
+                outcome = outcome._replace(address=fields["session"])
+            item, step = pixeld.place(outcome, reader.visitors)
+            if item is not None:
+                batch.add(item, step)
+            if batch.views and isinstance(item, pixeld.PageView) and item.time - batch.views[0][0].time >= 300:
+                store.write(batch)
+                batch = pixeld.Batch()
+    store.write(batch)
+    store.conn.close()
+
+
+def test_visits_held_until_they_end_count_as_the_daemons(tmp_path):
+    path = write_csv(tmp_path / "gc.csv", GOATCOUNTER_HEADER, interleaved_goatcounter_rows(6000))
+    code, err, db = imported(tmp_path, path, "--site", "example.org")
+    assert code == 0, err
+    live = tmp_path / "live.db"
+    imported_live(path, live, "example.org")
+    for args in (["--range", "all"], ["--start", "2024-03-02", "--end", "2024-03-02"], ["--range", "all", "--path", "/a"]):
+        held_report, live_report = (run_pixeld("report", "--db", str(written), "--format", "json", *args) for written in (db, live))
+        assert held_report[0] == 0 and held_report == live_report
+    counts = ("SELECT d.day, d.dim, coalesce(s.value, a.browser || a.version || a.os || a.device), d.views, d.visitors, d.visits, d.bounces, d.duration, "
+              "d.exits FROM daily d LEFT JOIN strings s ON s.id = d.value AND d.dim != 4 LEFT JOIN agents a ON a.id = d.value AND d.dim = 4")
+    with sqlite3.connect(db) as held, sqlite3.connect(live) as written:
+        assert sorted(held.execute(counts)) == sorted(written.execute(counts))
+        assert held.execute("SELECT sum(visit_views > 0), sum(visit_views = 1), sum(exit) FROM pageviews").fetchone() == \
+            written.execute("SELECT sum(visit_views > 0), sum(visit_views = 1), sum(exit) FROM pageviews").fetchone()
