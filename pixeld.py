@@ -3531,20 +3531,26 @@ class Store:
 
 
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
-StoredValues = Tuple[Any, ...]  # a page view's time, its site and dimension values (``PAGEVIEW_KEYS``), then its ``ROW_NUMBERS``
-
-
-def stored_values(record: Record) -> StoredValues:
-    """A page view reduced to what is stored, before interning (``Store.write_rows``): made where an
-    import reads its rows, so that the writer's process is left little more than SQLite's work."""
-    view = record.view
-    return (view.time, view.site, *[get(view) if not joined else FIELD_SEPARATOR.join(get(view)) for get, joined in STORED_FIELDS],
-            int(view.first_today), record.visit_views, record.duration, record.engaged, record.scroll, view.firsts, record.exit, view.converted)
-
-
 # Per dimension, in PAGEVIEW_KEYS order: how to get its fields from a PageView, and whether they are joined into one string
 STORED_FIELDS = tuple((operator.itemgetter(*(PageView._fields.index(field.name) for field in dim.fields)), len(dim.fields) > 1 and dim.column != "agent")
                       for dim in DIMENSIONS)
+StoredValues = Tuple[Any, ...]  # a page view's time, its site and dimension values (``PAGEVIEW_KEYS``), then its ``ROW_NUMBERS``
+
+
+def stored_dimensions(view: PageView) -> Tuple[Any, ...]:
+    """A page view's site and dimension values, before interning (``PAGEVIEW_KEYS``)."""
+    return (view.site, *[get(view) if not joined else FIELD_SEPARATOR.join(get(view)) for get, joined in STORED_FIELDS])
+
+
+def stored_values(record: Record, dimensions: Callable[[PageView], Tuple[Any, ...]] = stored_dimensions) -> StoredValues:
+    """A page view reduced to what is stored, before interning (``Store.write_rows``): made where an
+    import reads its rows, so that the writer's process is left little more than SQLite's work.
+    ``dimensions`` may remember the values of page views that repeat."""
+    view = record.view
+    return (view.time, *dimensions(view), int(view.first_today), record.visit_views, record.duration, record.engaged, record.scroll, view.firsts,
+            record.exit, view.converted)
+
+
 Aggregates = Dict[int, Dict[Tuple[str, str], Tuple[str, Totals]]]  # day -> (section, value) -> (detail, metrics): another tool's daily counts
 
 
@@ -5652,6 +5658,7 @@ class ImportReader:
         self.outcomes: Dict[Tuple[str, ...], Outcome] = {}  # what a foreign row's content reads as, whatever its time and visitor
         self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
         self.visits = ImportVisits()
+        self.dimensions: Dict[Tuple[str, ...], Tuple[Any, ...]] = {}  # a page view's stored values by its fields (``stored_dimensions``): most repeat
         self.imported = self.filtered = self.skipped = 0
         self.batch = ImportBatch()
         self.send: Callable[[ImportBatch], None] = lambda batch: None
@@ -5664,8 +5671,17 @@ class ImportReader:
             "goatcounter": self._read_goatcounter, "umami": self._read_umami,
         }
         readers[fmt](path)
-        self.batch.rows.extend(map(stored_values, self.visits.end_all()))
+        self.batch.rows.extend(stored_values(record, self._dimensions) for record in self.visits.end_all())
         self._flush()
+
+    def _dimensions(self, view: PageView) -> Tuple[Any, ...]:
+        fields = view[1 : -len(VISITOR_FLAGS)]
+        found = self.dimensions.get(fields)
+        if found is None:
+            if len(self.dimensions) >= MAX_OUTCOMES:
+                self.dimensions.clear()
+            found = self.dimensions[fields] = stored_dimensions(view)
+        return found
 
     def _read_csv(self, path: str) -> None:
         with open_text(path) as handle:
@@ -5802,7 +5818,7 @@ class ImportReader:
         else:
             self.imported += 1
         if isinstance(item, PageView):
-            self.batch.rows.extend(map(stored_values, self.visits.add(item, step)))  # type: ignore[arg-type]
+            self.batch.rows.extend(stored_values(record, self._dimensions) for record in self.visits.add(item, step))  # type: ignore[arg-type]
         elif isinstance(item, Record):
             self.batch.rows.append(stored_values(item))
         elif isinstance(item, Event):
@@ -5851,7 +5867,7 @@ class ImportVisits:
 
     def __init__(self) -> None:
         self.open: "collections.OrderedDict[Tuple[int, int, int], OpenVisit]" = collections.OrderedDict()  # least recently grown first
-        self.clock = 0  # the latest page view's time
+        self.due = 0  # no visit held can end before a page view after this time
 
     def add(self, view: PageView, step: VisitStep) -> List[Record]:
         """Place a page view in its visit; return the page views of the visits that have ended."""
@@ -5863,14 +5879,16 @@ class ImportVisits:
         else:
             self.open.move_to_end(step.visit)
         visit.views.append(view)
-        visit.duration, visit.last = max(visit.duration, step.duration), max(visit.last, view.time)
-        if view.time <= self.clock:
+        if step.duration > visit.duration:
+            visit.duration = step.duration
+        if view.time > visit.last:
+            visit.last = view.time
+        if view.time <= self.due:
             return []
-        self.clock = view.time
         ended: List[Record] = []
         while self.open:
-            first = next(iter(self.open.values()))
-            if first.last + VISIT_TIMEOUT + self.LATE >= self.clock:
+            self.due = next(iter(self.open.values())).last + VISIT_TIMEOUT + self.LATE
+            if self.due >= view.time:
                 break
             ended += self.open.popitem(last=False)[1].records()
         return ended
