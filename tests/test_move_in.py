@@ -410,8 +410,8 @@ def interleaved_goatcounter_rows(count, seed=5):
     30 idle minutes (a new visit) or across midnight, events and bots among them."""
     rng = random.Random(seed)
     start = 1_709_251_200 + 20 * 3600  # 2024-03-01 20:00 UTC
-    sessions = [(f"{rng.getrandbits(60):015x}-{i:016x}", rng.choice(["Chrome 120", "Firefox 121", "Safari 17.1"]), rng.choice(["Windows 10", "Linux", "iOS 17"]),
-                 rng.choice(["US-TX", "DE", "GB"]), "3" if i % 37 == 0 else "0") for i in range(150)]
+    sessions = [(f"{rng.getrandbits(60):015x}-{i:016x}", rng.choice(["Chrome 120", "Firefox 121", "Safari 17.1"]),
+                 rng.choice(["Windows 10", "Linux", "iOS 17"]), rng.choice(["US-TX", "DE", "GB"]), "3" if i % 37 == 0 else "0") for i in range(150)]
     rows, moment = [], start
     for _ in range(count):
         moment += rng.choice([1, 5, 20, 60, 240])
