@@ -467,3 +467,16 @@ def test_visits_held_until_they_end_count_as_the_daemons(tmp_path):
         assert sorted(held.execute(counts)) == sorted(written.execute(counts))
         assert held.execute("SELECT sum(visit_views > 0), sum(visit_views = 1), sum(exit) FROM pageviews").fetchone() == \
             written.execute("SELECT sum(visit_views > 0), sum(visit_views = 1), sum(exit) FROM pageviews").fetchone()
+
+
+def test_a_row_far_out_of_time_order_is_counted_in_its_visit(tmp_path):
+    """A row that comes hours after its visit was written (an export out of time order) is still a page view of
+    that visit: nothing is lost, the visit is counted once, and the late page view is its exit."""
+    late = ["/late", "Late", "0", "", "Firefox 120", "Linux", SESSION_A, "0", "", "", "", "DE", "0", "2024-03-01T10:07:00Z"]
+    rows = goatcounter_rows()[:2] + [["/x", "X", "0", "", "Chrome 86", "Linux", f"s{hour}", "0", "", "", "", "DE", "1", f"2024-03-01T{hour}:00:00Z"]
+                                     for hour in range(11, 16)] + [late]
+    code, err, db = imported(tmp_path, write_csv(tmp_path / "gc.csv", GOATCOUNTER_HEADER, rows), "--site", "example.org")
+    assert code == 0, err
+    report = whole(db)
+    assert (report["pageviews"], report["visits"]) == (8, 6)
+    assert section(report, "exit_pages")["/late"]["exit_rate"] == 100.0 and section(report, "entry_pages")["/blog/a"]["visits"] == 1
