@@ -44,6 +44,7 @@ import itertools
 import json
 import marshal
 import math
+import multiprocessing
 import operator
 import os
 import queue
@@ -1076,6 +1077,20 @@ class Memo:
         value = table[args] = function(*args)
         return value
 
+    def cleaned(self, cleaners: Sequence[Tuple[str, Callable[[str], Any]]], get: Callable[[str], Any]) -> Dict[str, Any]:
+        """``{name: self(clean, text)}`` for many fields at once, where ``get(name)`` gives a field's value
+        (None, text, or what ``str`` makes text): an import's hot loop, where a call per field costs
+        more than reading the cache."""
+        tables, fields = self._tables, {}
+        for name, clean in cleaners:
+            value = get(name)
+            if value.__class__ is not str:
+                value = "" if value is None else str(value)
+            table = tables.get(clean)
+            found = None if table is None else table.get((value,))
+            fields[name] = self(clean, value) if found is None else found
+        return fields
+
     def size(self) -> int:
         return sum(len(table) for table in self._tables.values())
 
@@ -2070,34 +2085,44 @@ def read_record(row: Dict[str, Any], config: Config, memo: Memo, default_site: s
     when = parse_stamp(row.get("time"))
     if when is None:
         return None
-    text = {key: str(value) for key, value in row.items() if value is not None and value != ""}.get
-    fields = {name: memo(clean, text(name, "")) for name, clean in FIELD_CLEANERS.items()}  # values repeat: clean each once
-    host = memo(normalise_host, text("site", default_site))
+    get = row.get
+    fields = memo.cleaned(FIELD_CLEANING, get)  # values repeat: clean each once
+    host = memo(normalise_host, _text(get("site")) or default_site)
     fields["hostname"] = fields["hostname"] or host  # rows from before hostnames: the site was the host
-    site = site_of(host, config.sites)
-    referrer = text("referrer", "")
+    site = memo(site_of, host, config.sites)
+    referrer = _text(get("referrer"))
     fields["referrer"] = campaign_referrer(fields["campaign"]) or memo(named_referrer, referrer) or memo(normalise_referrer, with_scheme(referrer), fields["hostname"])
     fields["source"], fields["channel"] = memo(classify_source, fields["referrer"])
-    first_today = text("first_today", "") in ("1", "True", "true")
-    firsts = bounded(row.get("firsts"), ALL_VISIT_FIRSTS) if "firsts" in row else ALL_VISIT_FIRSTS * first_today  # older exports: a day's first
-    view = PageView(time=when, site=site, **fields).counted(first_today, firsts, bounded(row.get("converted"), 1))
-    agent = UserAgent(view.browser, view.version, view.os, "bot" if text("device", "") == "bot" else view.device)
+    first_today = _text(get("first_today")) in ("1", "True", "true")
+    firsts = bounded(get("firsts"), ALL_VISIT_FIRSTS) if "firsts" in row else ALL_VISIT_FIRSTS * first_today  # older exports: a day's first
+    view = PageView._make((when, site, *CLEANED_VIEW_FIELDS(fields), first_today, firsts, bounded(get("converted"), 1)))
+    agent = UserAgent(view.browser, view.version, view.os, "bot" if _text(get("device")) == "bot" else view.device)
     reason = filter_reason(config, site, None, agent, "", view.referrer)
     if reason:
         return FilteredHit(when, site if reason != "foreign" else "", reason)
-    event = clean_event(text("event", "")) if text("type", "pageview") == "event" else ""
-    if text("type", "pageview") == "event" and not event:
+    kind = _text(get("type")) or "pageview"
+    event = clean_event(_text(get("event"))) if kind == "event" else ""
+    if kind == "event" and not event:
         return None
-    visit_views = bounded(row.get("visit_views"), 1_000_000)
-    scroll = None if text("scroll", "") == "" else bounded(row.get("scroll"), 100)
+    visit_views = bounded(get("visit_views"), 1_000_000)
+    scroll = None if _text(get("scroll")) == "" else bounded(get("scroll"), 100)
     stored = (
-        visit_views, bounded(row.get("duration"), 10 * DAY) if visit_views else 0, bounded(row.get("engaged"), MAX_ENGAGED) if scroll is not None else 0,
-        scroll, bounded(row.get("exit"), 1),
+        visit_views, bounded(get("duration"), 10 * DAY) if visit_views else 0, bounded(get("engaged"), MAX_ENGAGED) if scroll is not None else 0,
+        scroll, bounded(get("exit"), 1),
     )
-    props, dropped = read_properties(text("props", "")) if event else ((), 0)
-    props_first = bounded(row.get("props_first"), (1 << MAX_PROPS) - 1)
+    props, dropped = read_properties(_text(get("props"))) if event else ((), 0)
+    props_first = bounded(get("props_first"), (1 << MAX_PROPS) - 1)
     # a duration belongs to a visit's entry; engagement to a page view that reported it
     return Accepted(view, event, "", "", stored, props=props, props_first=props_first, dropped_props=dropped)
+
+
+FIELD_CLEANING = tuple(FIELD_CLEANERS.items())
+CLEANED_VIEW_FIELDS = operator.itemgetter(*(field.name for field in VIEW_FIELDS))  # a record's fields, cleaned, in PageView order
+
+
+def _text(value: Any) -> str:
+    """A record's value as text: None is empty."""
+    return value if value.__class__ is str else "" if value is None else str(value)
 
 
 def filter_reason(
@@ -3240,29 +3265,66 @@ class Store:
         self._sliced: Callable[[Iterable[Any]], Iterator[Any]] = sliced if shares_cpu else iter  # an import serves no pixel: it need not yield
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
+        self._values: Dict[Union[str, Tuple[str, ...]], int] = {}  # for ``write_rows``: strings and agents alike
         self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
 
     def write(self, batch: Batch) -> None:
         """Commit a batch at once: live page views (placed in their visits), imported records, events,
         engagement and filtered hits."""
+        with self._committed() as tally:
+            self._insert(batch.records, tally)
+            remember = self._insert_live(batch.views, batch.engagements, tally)
+            self._insert_events(batch.events, tally)
+            self._tally_filtered(batch.filtered)
+        remember()
+
+    def write_rows(self, rows: Sequence["StoredValues"], events: Sequence[Event], filtered: Sequence[FilteredHit]) -> None:
+        """Commit an import's batch: page views reduced to what is stored where they were read
+        (``stored_values``, so that only interning is left here), events and filtered hits."""
+        with self._committed() as tally:
+            if rows:
+                tally.count_rows(self._interned_rows(rows))
+            self._insert_events(events, tally)
+            self._tally_filtered(filtered)
+
+    @contextlib.contextmanager
+    def _committed(self) -> Iterator["Tally"]:
+        """One transaction, and the counts it adds; on failure it is rolled back and the caches forgotten."""
         self.conn.execute("BEGIN IMMEDIATE")
         for ids in self._ids.values():
             ids.clear()
         try:
             tally = Tally(self.conn, self._sliced)
-            self._insert(batch.records, tally)
-            remember = self._insert_live(batch.views, batch.engagements, tally)
-            self._insert_events(batch.events, tally)
-            self._tally_filtered(batch.filtered)
+            yield tally
             tally.save()
             self.conn.execute("COMMIT")
         except BaseException:
             self._strings.clear()
             self._agents.clear()
+            self._values.clear()
             if self.conn.in_transaction:  # SQLite may have rolled back already (a full disk, say)
                 self.conn.execute("ROLLBACK")
             raise
-        remember()
+
+    def _interned_rows(self, rows: Sequence["StoredValues"]) -> List[Tuple[Any, ...]]:
+        """Rows as ``Tally.count_rows`` takes them: an id by time, the values interned, the numbers as they are."""
+        ids = self._ids["pageviews"]
+        ids.load(min(row[0] for row in rows), max(row[0] for row in rows))
+        get, end = self._values.get, 2 + len(PAGEVIEW_KEYS)
+        numbered = []
+        for row in rows:
+            keys = tuple(map(get, row[1:end]))
+            if None in keys:
+                keys = tuple(self._value_id(value) for value in row[1:end])
+            numbered.append((ids.next(row[0]), *keys, *row[end:], row[0]))
+        return numbered
+
+    def _value_id(self, value: Union[str, Tuple[str, ...]]) -> int:
+        """The id of a stored value: an agent's (a tuple of its fields) or a string's."""
+        found = self._values.get(value)
+        if found is None:
+            found = self._values[value] = self.agent(UserAgent(*value)) if isinstance(value, tuple) else self.intern(value)
+        return found
 
     def replace_imported(self, site: str, days: "Aggregates") -> Tuple[int, int]:
         """Write another tool's daily aggregates for a site in one transaction, replacing what an earlier
@@ -3476,6 +3538,26 @@ class Store:
 
 
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
+# Per dimension, in PAGEVIEW_KEYS order: how to get its fields from a PageView, and whether they are joined into one string
+STORED_FIELDS = tuple((operator.itemgetter(*(PageView._fields.index(field.name) for field in dim.fields)), len(dim.fields) > 1 and dim.column != "agent")
+                      for dim in DIMENSIONS)
+StoredValues = Tuple[Any, ...]  # a page view's time, its site and dimension values (``PAGEVIEW_KEYS``), then its ``ROW_NUMBERS``
+
+
+def stored_dimensions(view: PageView) -> Tuple[Any, ...]:
+    """A page view's site and dimension values, before interning (``PAGEVIEW_KEYS``)."""
+    return (view.site, *[get(view) if not joined else FIELD_SEPARATOR.join(get(view)) for get, joined in STORED_FIELDS])
+
+
+def stored_values(record: Record, dimensions: Callable[[PageView], Tuple[Any, ...]] = stored_dimensions) -> StoredValues:
+    """A page view reduced to what is stored, before interning (``Store.write_rows``): made where an
+    import reads its rows, so that the writer's process is left little more than SQLite's work.
+    ``dimensions`` may remember the values of page views that repeat."""
+    view = record.view
+    return (view.time, *dimensions(view), int(view.first_today), record.visit_views, record.duration, record.engaged, record.scroll, view.firsts,
+            record.exit, view.converted)
+
+
 Aggregates = Dict[int, Dict[Tuple[str, str], Tuple[str, Totals]]]  # day -> (section, value) -> (detail, metrics): another tool's daily counts
 
 
@@ -3916,7 +3998,7 @@ def _query_report(conn: sqlite3.Connection, query: Query) -> ReportData:
     counts.update(_count(conn, counted, scope._replace(table="events", visitors="first_today"), (EVENT_NAMES,)))
     totals = _plus(_with_event_conversions(totals, counts["events"]), imported.totals)
     labels = _labeller(conn, counts, multi_site=not query.site)
-    sections = {**_sections(counts, labels, totals, imported.sections), **_event_details(conn, span, scope)}
+    sections = {**_sections(counts, labels, totals, imported.sections), **_event_details(conn, span, scope, imported.sections.get("not_found", {}))}
     sections["goals"] = _goal_rows(counts, labels, totals, query.goals)
     return ReportData(
         query=query,
@@ -3937,6 +4019,7 @@ ImportedSections = Dict[str, Dict[str, Tuple[str, Totals]]]  # section -> value 
 # The report sections that imported daily aggregates (Plausible's export) feed; a report names the others.
 IMPORTED_SECTIONS = (
     "pages", "entry_pages", "exit_pages", "sources", "channels", "referrers", "campaigns", "countries", "browsers", "operating_systems", "devices", "events",
+    "not_found",
 )
 
 
@@ -4693,15 +4776,15 @@ def _visit_notes(conn: sqlite3.Connection, span: Range, goals: Sequence[Goal]) -
 
 def iso_date(day: int) -> str:
     return (EPOCH_DATE + dt.timedelta(days=day)).isoformat()
-def _event_details(conn: sqlite3.Connection, span: Range, scope: Scope) -> Dict[str, List[Row]]:
+def _event_details(conn: sqlite3.Connection, span: Range, scope: Scope, imported_not_found: Dict[str, Tuple[str, Totals]]) -> Dict[str, List[Row]]:
     """The sections read from raw event rows (``EVENT_DETAILS``): the properties of the event the report
-    is filtered on, and the pages not found. Events are few beside page views, so they are read as
-    stored, with the report's filters."""
+    is filtered on, and the pages not found (with those of imported days). Events are few beside page
+    views, so they are read as stored, with the report's filters."""
     clause, args = _raw_clause(scope)
     bounds = (first_id(span.start), first_id(span.end)) + args
     return {
         "properties": _properties(conn, bounds, clause) if scope.table == "events" else [],
-        "not_found": _not_found(conn, bounds, clause, many_sites=scope.site_id is None),
+        "not_found": _not_found(conn, bounds, clause, scope.site_id is None, imported_not_found),
     }
 
 
@@ -4723,8 +4806,11 @@ def _properties(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str) 
     return sorted(rows, key=lambda row: (-row.count, row.property, row.property_value))
 
 
-def _not_found(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, many_sites: bool) -> List[Row]:
-    """The paths of the ``404`` events, with the referrers that led there, most first."""
+def _not_found(
+    conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, many_sites: bool, imported: Dict[str, Tuple[str, Totals]]
+) -> List[Row]:
+    """The paths of the ``404`` events, with the referrers that led there, most first; and those of
+    imported days (Plausible's daily counts of its ``404`` events by path), which name no referrer."""
     name = _string_id(conn, NOT_FOUND_EVENT)
     found = conn.execute(
         f"SELECT site, path, referrer, count(*) FROM events WHERE id >= ? AND id < ? AND name = {name}{clause} GROUP BY site, path, referrer", bounds,
@@ -4732,11 +4818,16 @@ def _not_found(conn: sqlite3.Connection, bounds: Tuple[Any, ...], clause: str, m
     strings = _strings_by_id(conn, {value for row in found for value in row[:3]})
     several = many_sites and len({row[0] for row in found}) > 1
     paths: Dict[str, Counter] = {}
+    counts: Counter = Counter()
     for site, path, referrer, count in found:
         shown = (strings.get(site) or NO_HOST) + strings.get(path, "") if several else strings.get(path, "")
         paths.setdefault(shown, Counter())[strings.get(referrer, "") or "(direct)"] += count
-    rows = [NotFoundRow(path, sum(sources.values()), tuple(sorted(sources.items(), key=lambda item: (-item[1], item[0])))) for path, sources in paths.items()]
-    return sorted(rows, key=lambda row: (-row.count, row.value))
+        counts[shown] += count
+    for path, (_, metrics) in imported.items():
+        paths.setdefault(path, Counter())
+        counts[path] += metrics.views
+    rows = [NotFoundRow(path, counts[path], tuple(sorted(sources.items(), key=lambda item: (-item[1], item[0])))) for path, sources in paths.items()]
+    return sorted((row for row in rows if row.count), key=lambda row: (-row.count, row.value))
 
 
 def _strings_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> Dict[int, str]:
@@ -5389,7 +5480,7 @@ EXPORT_FIELDS = (
 )
 IMPORT_BATCH = 20_000
 MISSING: Any = object()  # a cache's answer for what it does not hold
-MAX_OUTCOMES = 1 << 16  # distinct row contents an import remembers the reading of (no visitor, no time: see ``_add_visitor_row``)
+MAX_OUTCOMES = 1 << 17  # distinct row contents an import remembers the reading of (no visitor, no time: see ``_add_visitor_row``)
 IMPORT_FORMATS = ("csv", "ndjson", "flask", "combined", "goatcounter", "umami", "plausible")
 _COMBINED = re.compile(
     r'(?P<address>\S+) \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<method>[A-Z]+) (?P<target>\S+)[^"]*" '
@@ -5479,24 +5570,20 @@ class Importer:
     unless forced, and a file it cannot read.
 
     Formats: pixeld's own export (``csv``, ``ndjson``); the SQLite database of the 2020 Flask
-    tool (``flask``); web server access logs in the combined format (``combined``). Every row
-    goes through the hit pipeline (``read_hit`` for log lines, ``read_record`` for reduced rows),
-    so values are normalised and filtered as a live hit's would be. Access logs are counted in
-    visits as live hits are, and their addresses are dropped after the country lookup.
+    tool (``flask``); web server access logs in the combined format (``combined``); GoatCounter's,
+    Umami's and Plausible's exports. An ``ImportReader`` reads the rows, in a second process where
+    the platform can fork (``read_apart``), so that reading and writing use two cores; this process
+    alone writes.
     """
 
     def __init__(self, conn: sqlite3.Connection, config: Config, geoip: Any, progress: Callable[[str], None]) -> None:
         self.store = Store(conn, shares_cpu=False)
         self.config = config
-        self.site = config.sites[0] if config.sites else ""
-        self.geoip = geoip
+        self.reader = ImportReader(config, geoip)
         self.progress = progress
-        self.memo = Memo()
-        self.outcomes: Dict[Tuple[str, ...], Outcome] = {}  # what a foreign row's content reads as, whatever its time and visitor
-        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
-        self.imported = self.filtered = self.skipped = self.notes = 0
+        self.read = ImportBatch()  # the latest batch: its counts are those of every row read so far
+        self.notes = 0
         self.unit = "page views and events"
-        self.batch = Batch()
         self._started = self._reported = time.monotonic()
 
     def run(self, path: str, fmt: str, force: bool) -> None:
@@ -5505,21 +5592,160 @@ class Importer:
         if seen and not force:
             when = dt.datetime.fromtimestamp(seen[0], dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             raise ImportFailed(f"{path} was imported on {when}; use --force to import it again")
-        readers = {
-            "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined,
-            "goatcounter": self._read_goatcounter, "umami": self._read_umami, "plausible": self._read_plausible,
-        }
-        readers[fmt](path)
-        self._flush()
+        if fmt == "plausible":
+            self._import_plausible(path)
+        else:
+            read_apart(self.reader, path, fmt, self._write)
         self.store.conn.execute(
             "INSERT INTO imports VALUES (?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET rows = excluded.rows, at = excluded.at",
-            (fingerprint, os.path.basename(path), self.imported, int(time.time())),
+            (fingerprint, os.path.basename(path), self.read.imported, int(time.time())),
         )
         seconds = time.monotonic() - self._started
         self.progress(
-            f"imported {self.imported:,} {self.unit} from {path} in {seconds:.1f} s ({self.imported / max(seconds, 1e-9):,.0f} rows/s); "
-            f"{self.filtered:,} filtered, {self.skipped:,} lines skipped" + (f"; {self.notes:,} new annotations" if self.notes else "")
+            f"imported {self.read.imported:,} {self.unit} from {path} in {seconds:.1f} s ({self.read.imported / max(seconds, 1e-9):,.0f} rows/s); "
+            f"{self.read.filtered_hits:,} filtered, {self.read.skipped:,} lines skipped" + (f"; {self.notes:,} new annotations" if self.notes else "")
+            + self._cpu()
         )
+
+    @staticmethod
+    def _cpu() -> str:
+        """The CPU time each process took: an import reads and writes on two cores at once (``read_apart``)."""
+        reading = cpu_seconds(resource.RUSAGE_CHILDREN)
+        return f"; CPU {cpu_seconds(resource.RUSAGE_SELF):.1f} s" + (f" writing, {reading:.1f} s reading" if reading else "")
+
+    def _import_plausible(self, path: str) -> None:
+        """Plausible's CSV export: a zip of daily aggregates per report section, not page views. They are
+        read whole, checked, and stored as imported daily counts (``Store.replace_imported``) that the
+        report adds to its own; nothing is written until every file has been read."""
+        aggregates, site, skipped = read_plausible(path, self.reader.site)
+        if self.config.sites and not in_domains(site, self.config.sites):
+            raise ImportFailed(f"{path} holds the site {site!r}, which is not one of --site")
+        written, left_out = self.store.replace_imported(site, aggregates)
+        self.read = ImportBatch(imported=sum(len(values) for day, values in aggregates.items()), skipped=skipped)
+        self.unit = "daily counts"
+        self.progress(f"{site}: daily aggregates for {written:,} days imported" + (
+            f"; {left_out:,} days left out, on which pixeld counted page views of its own" if left_out else ""))
+
+    def _write(self, batch: "ImportBatch") -> None:
+        try:
+            self.store.write_rows(batch.rows, batch.events, batch.filtered)
+        except sqlite3.IntegrityError:  # the daemon wrote into the same second meanwhile: ids are recomputed
+            self.store.write_rows(batch.rows, batch.events, batch.filtered)
+        for date, site, text in batch.notes:
+            self.notes += add_annotation(self.store.conn, date, site, text)[1]
+        self.read = batch
+        now = time.monotonic()
+        if now - self._reported >= 1:
+            self._reported = now
+            self.progress(f"{batch.imported:,} rows, {batch.imported / (now - self._started):,.0f} rows/s")
+
+
+def cpu_seconds(who: int) -> float:
+    """User and system CPU time of this process (``RUSAGE_SELF``) or of its ended children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclasses.dataclass
+class ImportBatch:
+    """What an import's reader hands its writer at a time: page views reduced to what is stored
+    (``stored_values``), events, filtered hits and notes (date, site, text); and the rows read so far."""
+
+    rows: List[StoredValues] = dataclasses.field(default_factory=list)
+    events: List[Event] = dataclasses.field(default_factory=list)
+    filtered: List[FilteredHit] = dataclasses.field(default_factory=list)
+    notes: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    imported: int = 0  # page views and events read so far
+    filtered_hits: int = 0
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.events) + len(self.filtered)
+
+
+def read_apart(reader: "ImportReader", path: str, fmt: str, write: Callable[[ImportBatch], None]) -> None:
+    """Read a file's batches and write each: the reading in a second process where the platform can
+    fork, so that it and the writing use two cores, else in this one. The reading process writes
+    nothing and touches no database: its batches come over a pipe, an error there is raised here, and
+    a process that ended without saying it was done fails the import."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        reader.read(path, fmt, write)
+        return
+    context = multiprocessing.get_context("fork")
+    receiving, sending = context.Pipe(duplex=False)
+    process = context.Process(target=_read_and_send, args=(reader, path, fmt, sending), name="pixeld import reader", daemon=True)
+    process.start()
+    sending.close()
+    try:
+        while True:
+            try:
+                message = receiving.recv()
+            except EOFError:
+                process.join()
+                raise ImportFailed(f"reading {path} stopped: the reading process ended with status {process.exitcode}") from None
+            if message is None:
+                return
+            if isinstance(message, BaseException):
+                raise message
+            write(message)
+    finally:
+        receiving.close()
+        if process.is_alive():
+            process.terminate()
+        process.join()
+
+
+def _read_and_send(reader: "ImportReader", path: str, fmt: str, pipe: Any) -> None:
+    """The reading process: its batches, then None when done, or the error that stopped it."""
+    try:
+        reader.read(path, fmt, pipe.send)
+        pipe.send(None)
+    except Exception as error:  # raised again in the writing process
+        pipe.send(error)
+    finally:
+        pipe.close()
+
+
+class ImportReader:
+    """Reads the page views and events of a file, as the daemon reads hits: every row goes through
+    the hit pipeline (``read_hit`` for log lines, ``read_record`` for reduced rows), so values are
+    normalised and filtered as a live hit's would be. Rows that name their visitor (access logs,
+    GoatCounter, Umami) are counted in visits by visitors of the import's own, in memory, and the
+    address or session id is dropped; an export's rows bring their visits' numbers along. It hands
+    batches (``ImportBatch``) to a writer, and touches no database itself."""
+
+    def __init__(self, config: Config, geoip: Any) -> None:
+        self.config = config
+        self.site = config.sites[0] if config.sites else ""
+        self.geoip = geoip
+        self.memo = Memo()
+        self.outcomes: Dict[Tuple[str, ...], Outcome] = {}  # what a foreign row's content reads as, whatever its time and visitor
+        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
+        self.visits = ImportVisits()
+        self.dimensions: Dict[Tuple[str, ...], Tuple[Any, ...]] = {}  # a page view's stored values by its fields (``stored_dimensions``): most repeat
+        self.imported = self.filtered = self.skipped = 0
+        self.batch = ImportBatch()
+        self.send: Callable[[ImportBatch], None] = lambda batch: None
+
+    def read(self, path: str, fmt: str, send: Callable[[ImportBatch], None]) -> None:
+        """Read the file, handing each batch to ``send``; the last one carries the final counts."""
+        self.send = send
+        readers = {
+            "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined,
+            "goatcounter": self._read_goatcounter, "umami": self._read_umami,
+        }
+        readers[fmt](path)
+        self.batch.rows.extend(stored_values(record, self._dimensions) for record in self.visits.end_all())
+        self._flush()
+
+    def _dimensions(self, view: PageView) -> Tuple[Any, ...]:
+        fields = view[1 : -len(VISITOR_FLAGS)]
+        found = self.dimensions.get(fields)
+        if found is None:
+            if len(self.dimensions) >= MAX_OUTCOMES:
+                self.dimensions.clear()
+            found = self.dimensions[fields] = stored_dimensions(view)
+        return found
 
     def _read_csv(self, path: str) -> None:
         with open_text(path) as handle:
@@ -5563,18 +5789,6 @@ class Importer:
                     continue
                 fields = {name: row[index] for name, index in columns.items()}
                 self._add_visitor_row(content(row), umami_time(fields["created_at"]), lambda fields=fields: umami_record(fields), fields["session_id"])
-
-    def _read_plausible(self, path: str) -> None:
-        """Plausible's CSV export: a zip of daily aggregates per report section, not page views. They are
-        read whole, checked, and stored as imported daily counts (``Store.replace_imported``) that the
-        report adds to its own; nothing is written until every file has been read."""
-        aggregates, site, skipped = read_plausible(path, self.site)
-        if self.config.sites and not in_domains(site, self.config.sites):
-            raise ImportFailed(f"{path} holds the site {site!r}, which is not one of --site")
-        written, left_out = self.store.replace_imported(site, aggregates)
-        self.imported, self.skipped, self.unit = sum(len(values) for day, values in aggregates.items()), skipped, "daily counts"
-        self.progress(f"{site}: daily aggregates for {written:,} days imported" + (
-            f"; {left_out:,} days left out, on which pixeld counted page views of its own" if left_out else ""))
 
     def _read_ndjson(self, path: str) -> None:
         with open_text(path) as handle:
@@ -5629,12 +5843,12 @@ class Importer:
             self._add(read_record(row, self.config, self.memo, self.site) if row else None, live=False)
 
     def _add_annotation(self, row: Dict[str, Any]) -> None:
-        """An export's note: kept once however often it is imported; one for a site that ``--site`` does not accept is skipped."""
+        """An export's note (kept once however often it is imported, by the writer); one for a site that ``--site`` does not accept is skipped."""
         when, site, text = parse_stamp(row.get("time")), normalise_host(str(row.get("site") or "")), clean_text(str(row.get("note") or ""), MAX_NOTE)
         if when is None or not text or (site and self.config.sites and not in_domains(site, self.config.sites)):
             self.skipped += 1
             return
-        self.notes += add_annotation(self.store.conn, dt.datetime.fromtimestamp(when, dt.timezone.utc).date().isoformat(), site, text)[1]
+        self.batch.notes.append((dt.datetime.fromtimestamp(when, dt.timezone.utc).date().isoformat(), site, text))
 
     def _add_visitor_row(self, content: Tuple[str, ...], when: str, record: Callable[[], Optional[Dict[str, Any]]], visitor: str) -> None:
         """A foreign row that names its visitor (a session id): read as an export's row is (``record``
@@ -5650,15 +5864,16 @@ class Importer:
             if len(self.outcomes) >= MAX_OUTCOMES:
                 self.outcomes.clear()
             self.outcomes[content] = outcome
-        if isinstance(outcome, Accepted):
-            outcome = outcome._replace(view=PageView._make((second, *outcome.view[1:])), address=visitor or f"row {self.imported}")
+        if isinstance(outcome, Accepted):  # its time and visitor (faster than ``_replace``)
+            outcome = Accepted._make((PageView._make((second, *outcome.view[1:])), outcome.event, visitor or f"row {self.imported}", *outcome[3:]))
         elif isinstance(outcome, FilteredHit):
             outcome = outcome._replace(time=second)
         self._add(outcome, live=True)
 
     def _add(self, outcome: Outcome, live: bool) -> None:
-        """Batch a row as the daemon batches a hit (``place``): an access log's lines are placed in
-        visits by visitors of the import's own; an export's rows bring their visits along."""
+        """Batch a row as the daemon batches a hit (``place``): rows that name their visitor are placed in
+        visits by visitors of the import's own (``ImportVisits`` holds each visit until it ends); an
+        export's rows bring their visits along."""
         item, step = place(outcome, self.visitors if live else None)
         if outcome is None:
             self.skipped += 1
@@ -5666,21 +5881,87 @@ class Importer:
             self.filtered += 1
         else:
             self.imported += 1
-        if item is not None:
-            self.batch.add(item, step)
+        if isinstance(item, PageView):
+            self.batch.rows.extend(stored_values(record, self._dimensions) for record in self.visits.add(item, step))  # type: ignore[arg-type]
+        elif isinstance(item, Record):
+            self.batch.rows.append(stored_values(item))
+        elif isinstance(item, Event):
+            self.batch.events.append(item)
+        elif isinstance(item, FilteredHit):
+            self.batch.filtered.append(item)
         if len(self.batch) >= IMPORT_BATCH:
             self._flush()
 
     def _flush(self) -> None:
-        try:
-            self.store.write(self.batch)
-        except sqlite3.IntegrityError:  # the daemon wrote into the same second meanwhile: ids are recomputed
-            self.store.write(self.batch)
-        self.batch = Batch()
-        now = time.monotonic()
-        if now - self._reported >= 1:
-            self._reported = now
-            self.progress(f"{self.imported:,} rows, {self.imported / (now - self._started):,.0f} rows/s")
+        self.batch.imported, self.batch.filtered_hits, self.batch.skipped = self.imported, self.filtered, self.skipped
+        self.send(self.batch)
+        self.batch = ImportBatch()
+
+
+class OpenVisit:
+    """A visit an import holds until it ends: its page views in the order they came, its duration so far,
+    its latest page view's time, and whether its entry is among them (see ``ImportVisits``)."""
+
+    __slots__ = ("views", "duration", "last", "entry")
+
+    def __init__(self, entry: bool) -> None:
+        self.views: List[PageView] = []
+        self.duration = self.last = 0
+        self.entry = entry
+
+    def records(self) -> List[Record]:
+        """Its page views as written once, in their final state: the entry with the visit's page views and
+        duration, the latest as the exit."""
+        records = [Record(view) for view in self.views]
+        if self.entry:
+            records[0] = Record(self.views[0], len(self.views), self.duration)
+        records[-1] = records[-1]._replace(exit=1)
+        return records
+
+
+class ImportVisits:
+    """An import's visits, held in memory until no later row can join them, so that each page view is
+    written once, in its final state. The daemon writes a visit's page views as they come and then
+    updates its entry and exits as it grows; both count the same. A visit ends 30 idle minutes after
+    its latest page view; another half hour allows for rows a little out of order. A row later still
+    joins the visit in memory, as the daemon's would, but its entry was written: it is written as a
+    page view of that visit, and as its exit too."""
+
+    LATE = VISIT_TIMEOUT  # how far out of time order a row may come and still be counted exactly
+
+    def __init__(self) -> None:
+        self.open: "collections.OrderedDict[Tuple[int, int, int], OpenVisit]" = collections.OrderedDict()  # least recently grown first
+        self.due = 0  # no visit held can end before a page view after this time
+
+    def add(self, view: PageView, step: VisitStep) -> List[Record]:
+        """Place a page view in its visit; return the page views of the visits that have ended."""
+        if step.generation is None:  # a visitor not remembered: a visit of one page view
+            return [Record(view, 1, exit=1)]
+        visit = self.open.get(step.visit)
+        if visit is None:
+            visit = self.open[step.visit] = OpenVisit(entry=step.views == 1)
+        else:
+            self.open.move_to_end(step.visit)
+        visit.views.append(view)
+        if step.duration > visit.duration:
+            visit.duration = step.duration
+        if view.time > visit.last:
+            visit.last = view.time
+        if view.time <= self.due:
+            return []
+        ended: List[Record] = []
+        while self.open:
+            self.due = next(iter(self.open.values())).last + VISIT_TIMEOUT + self.LATE
+            if self.due >= view.time:
+                break
+            ended += self.open.popitem(last=False)[1].records()
+        return ended
+
+    def end_all(self) -> List[Record]:
+        """Every visit still held, at the end of the file."""
+        ended = [record for visit in self.open.values() for record in visit.records()]
+        self.open.clear()
+        return ended
 
 
 def open_text(path: str) -> IO[str]:
@@ -5852,10 +6133,13 @@ def plausible_counts(table: str, row: Dict[str, str], site: str) -> List[Tuple[s
         return [("entry_pages", normalise_path(row.get("entry_page", "")), "", entry)]
     if table == "exit_pages":
         return [("exit_pages", normalise_path(row.get("exit_page", "")), "", {"exits": bounded(row.get("exits"), 1 << 40)})]
-    if table == "custom_events":
+    if table == "custom_events":  # a 404's path is a page not found, as pixeld's own 404 events are; one without a path is an event only
         name = clean_event(row.get("name", ""))
         events = {"views": bounded(row.get("events"), 1 << 40), "visitors": number["visitors"]}
-        return [] if not name or name in PLAUSIBLE_NOT_EVENTS else [("events", name, "", events)]
+        if not name or name in PLAUSIBLE_NOT_EVENTS:
+            return []
+        not_found = name == NOT_FOUND_EVENT and row.get("path", "").strip()
+        return [("events", name, "", events)] + ([("not_found", normalise_path(row["path"]), "", {"views": events["views"]})] if not_found else [])
     if table == "sources":
         source, channel, referrer, campaign = plausible_source(row, site)
         counts = [("sources", source, channel, session), ("channels", channel, "", session), ("referrers", referrer, "", session)]

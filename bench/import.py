@@ -5,7 +5,8 @@
 Builds the file in a temporary folder (a year of hits: sessions of one to six page views, Zipf-like
 paths, referrers of every scheme, GoatCounter's browser, system, screen and location values, 1% bots
 and 3% events), runs the import as a user would, and prints rows per second from the wall clock and
-per second of CPU (the machine may be shared).
+per second of CPU (the machine may be shared): the CPU of both of the import's processes, reading and
+writing, whose own last line gives each.
 """
 
 import csv

@@ -6,11 +6,13 @@ import csv
 import gzip
 import io
 import json
+import random
 import sqlite3
 import zipfile
 
 import pytest
 
+import pixeld
 from conftest import CHROME, report_json, run_pixeld
 
 GOATCOUNTER_HEADER = "2Path,Title,Event,UserAgent,Browser,System,Session,Bot,Referrer,Referrer scheme,Screen size,Location,FirstVisit,Date"
@@ -265,6 +267,36 @@ def test_plausible_again_replaces_and_days_counted_by_pixeld_are_left_out(tmp_pa
     assert whole(other)["pageviews"] == 30 + 1
 
 
+def test_plausible_404_events_are_pages_not_found_on_the_imported_days(tmp_path):
+    """Plausible's export carries each 404 event's path (its ``path`` column): those counts show in Not found, as
+    pixeld's own 404 events do, beside the live ones, and a 404 without a path stays an event only."""
+    files = {**PLAUSIBLE, "custom_events": "date,name,link_url,path,visitors,events\n2024-01-01,Signup,,,2,3\n"
+             "2024-01-01,404,,/old-post,4,5\n2024-01-02,404,,/old-post,1,2\n2024-01-02,404,,/gone?ref=x,1,1\n2024-01-02,404,,,3,3\n"}
+    code, err, db = imported(tmp_path, plausible_zip(tmp_path / "p.zip", files=files))
+    assert code == 0, err
+    live = pixeld_events(tmp_path, [("2024-01-03T10:00:00Z", "/old-post", "news.example.com/link")])
+    assert run_pixeld("import", str(live), "--db", str(db))[0] == 0
+    report = whole(db)
+    assert [(row["value"], row["count"]) for row in report["sections"]["not_found"]] == [("/old-post", 8), ("/gone", 1)]
+    assert section(report, "not_found")["/old-post"]["sources"] == [{"value": "news.example.com/link", "count": 1}]
+    assert section(report, "events")["404"]["count"] == 5 + 2 + 1 + 3 + 1
+    (note,) = report["notes"]
+    assert "2024-01-01 to 2024-01-02" in note and "Not found" not in note
+    code, out, _ = run_pixeld("report", "--db", str(db), "--format", "json", "--start", "2024-01-02", "--end", "2024-01-02")
+    assert [(row["value"], row["count"]) for row in json.loads(out)["sections"]["not_found"]] == [("/old-post", 2), ("/gone", 1)]
+    filtered = whole(db, "--country", "DE")
+    assert filtered["sections"]["not_found"] == [] and "not included" in filtered["notes"][0]
+    code, out, _ = run_pixeld("report", "--db", str(db), "--format", "csv", "--range", "all")
+    assert "not_found,/old-post,8," in out
+
+
+def pixeld_events(tmp_path, events):
+    """pixeld's own export holding 404 events: (time, path, referrer)."""
+    path = tmp_path / "events.csv"
+    rows = [[when, "event", "example.org", page, referrer, "404"] for when, page, referrer in events]
+    return write_csv(path, "time,type,site,path,referrer,event", rows)
+
+
 @pytest.mark.parametrize("name, reason", [
     ("../../imported_visitors_20240101_20240102.csv", "not one of Plausible's tables"),
     ("/etc/imported_visitors.csv", "not one of Plausible's tables"),
@@ -368,3 +400,83 @@ def test_hostile_values_are_escaped_in_the_served_report(start_daemon, tmp_path)
     assert answer.status == 200 and json.loads(answer.text)["sections"]["pages"]
     daemon.pixel({"path": "/live", "host": "example.org"}, {"User-Agent": CHROME, "X-Forwarded-For": "198.51.100.9"})
     daemon.stop()
+
+
+# ---- Visits held until they end count as the daemon's -------------------------------------------------------
+
+
+def interleaved_goatcounter_rows(count, seed=5):
+    """``count`` rows over three days, in time order: many sessions at once, some coming back after more than
+    30 idle minutes (a new visit) or across midnight, events and bots among them."""
+    rng = random.Random(seed)
+    start = 1_709_251_200 + 20 * 3600  # 2024-03-01 20:00 UTC
+    sessions = [(f"{rng.getrandbits(60):015x}-{i:016x}", rng.choice(["Chrome 120", "Firefox 121", "Safari 17.1"]),
+                 rng.choice(["Windows 10", "Linux", "iOS 17"]), rng.choice(["US-TX", "DE", "GB"]), "3" if i % 37 == 0 else "0") for i in range(150)]
+    rows, moment = [], start
+    for _ in range(count):
+        moment += rng.choice([1, 5, 20, 60, 240])
+        session, browser, system, location, bot = rng.choice(sessions)
+        referrer, scheme = rng.choice([("", ""), ("www.reddit.com/r/x", "h"), ("Hacker News", "g"), ("newsletter", "c")])
+        page = rng.choice(["/", "/a", "/b", "/c/d", "/e"])
+        event = rng.random() < 0.05
+        stamp = pixeld.iso(moment)
+        rows.append(["click" if event else page, "" if event else f"Title {page}", "1" if event else "0", "", browser, system, session, bot,
+                     referrer, scheme, "1280,768,1", location, "0", stamp])
+    return rows
+
+
+def imported_live(path, db, site):
+    """The rows of a GoatCounter export placed in visits and written as the daemon writes live hits: each page
+    view as it comes, its visit's entry row and exits updated as the visit grows (``Store.write`` of a ``Batch``),
+    a batch covering a few minutes at most, as the daemon's writer does (a batch spanning more than 30 minutes
+    could see a visitor's next visit begin before the page views of the last one were written)."""
+    config = pixeld.Config(sites=(site,))
+    reader = pixeld.ImportReader(config, None)
+    store = pixeld.Store(pixeld.connect(str(db)), shares_cpu=False)
+    batch = pixeld.Batch()
+    with open(path, newline="") as handle:
+        lines = csv.reader(handle)
+        header = pixeld.goatcounter_header(next(lines))
+        for row in lines:
+            fields = dict(zip(header, row))
+            outcome = pixeld.read_record(pixeld.goatcounter_record(fields, reader.memo), config, reader.memo, site)
+            if isinstance(outcome, pixeld.Accepted):
+                outcome = outcome._replace(address=fields["session"])
+            item, step = pixeld.place(outcome, reader.visitors)
+            if item is not None:
+                batch.add(item, step)
+            if batch.views and isinstance(item, pixeld.PageView) and item.time - batch.views[0][0].time >= 300:
+                store.write(batch)
+                batch = pixeld.Batch()
+    store.write(batch)
+    store.conn.close()
+
+
+def test_visits_held_until_they_end_count_as_the_daemons(tmp_path):
+    path = write_csv(tmp_path / "gc.csv", GOATCOUNTER_HEADER, interleaved_goatcounter_rows(6000))
+    code, err, db = imported(tmp_path, path, "--site", "example.org")
+    assert code == 0, err
+    live = tmp_path / "live.db"
+    imported_live(path, live, "example.org")
+    for args in (["--range", "all"], ["--start", "2024-03-02", "--end", "2024-03-02"], ["--range", "all", "--path", "/a"]):
+        held_report, live_report = (run_pixeld("report", "--db", str(written), "--format", "json", *args) for written in (db, live))
+        assert held_report[0] == 0 and held_report == live_report
+    counts = ("SELECT d.day, d.dim, coalesce(s.value, a.browser || a.version || a.os || a.device), d.views, d.visitors, d.visits, d.bounces, d.duration, "
+              "d.exits FROM daily d LEFT JOIN strings s ON s.id = d.value AND d.dim != 4 LEFT JOIN agents a ON a.id = d.value AND d.dim = 4")
+    with sqlite3.connect(db) as held, sqlite3.connect(live) as written:
+        assert sorted(held.execute(counts)) == sorted(written.execute(counts))
+        assert held.execute("SELECT sum(visit_views > 0), sum(visit_views = 1), sum(exit) FROM pageviews").fetchone() == \
+            written.execute("SELECT sum(visit_views > 0), sum(visit_views = 1), sum(exit) FROM pageviews").fetchone()
+
+
+def test_a_row_far_out_of_time_order_is_counted_in_its_visit(tmp_path):
+    """A row that comes hours after its visit was written (an export out of time order) is still a page view of
+    that visit: nothing is lost, the visit is counted once, and the late page view is its exit."""
+    late = ["/late", "Late", "0", "", "Firefox 120", "Linux", SESSION_A, "0", "", "", "", "DE", "0", "2024-03-01T10:07:00Z"]
+    rows = goatcounter_rows()[:2] + [["/x", "X", "0", "", "Chrome 86", "Linux", f"s{hour}", "0", "", "", "", "DE", "1", f"2024-03-01T{hour}:00:00Z"]
+                                     for hour in range(11, 16)] + [late]
+    code, err, db = imported(tmp_path, write_csv(tmp_path / "gc.csv", GOATCOUNTER_HEADER, rows), "--site", "example.org")
+    assert code == 0, err
+    report = whole(db)
+    assert (report["pageviews"], report["visits"]) == (8, 6)
+    assert section(report, "exit_pages")["/late"]["exit_rate"] == 100.0 and section(report, "entry_pages")["/blog/a"]["visits"] == 1
