@@ -3307,7 +3307,8 @@ class Store:
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
         self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
         self.final_after = final_after  # the daemon's: rows older than this are final, and left as they are
-        self._changeable_from = FIRST_ID  # the oldest row id the batch being written may still change
+        self._changeable_from = FIRST_ID  # the oldest row id the batch being written may still change ...
+        self._late: Set[int] = set()  # ... beside the rows it stores late, which no feed has shipped yet
         self._written: Optional[Dict[str, List[int]]] = {"pageviews": [], "events": []} if logs_writes else None  # an import's: for the feed log
         self.logged: List[int] = []  # the feed log entries this store wrote
 
@@ -3319,6 +3320,7 @@ class Store:
         for ids in self._ids.values():
             ids.clear()
         self._changeable_from = first_id(now - self.final_after + final_margin(self.final_after)) if now is not None and self.final_after else FIRST_ID
+        self._late.clear()
         try:
             tally = Tally(self.conn, self._sliced)
             self._insert(batch.records, tally)
@@ -3352,6 +3354,8 @@ class Store:
         late = [row_id for row_id in row_ids if row_id < self._changeable_from]
         if late:
             self._log(table, min(late), max(late), pack_ids(late), done=1)
+            if table == "pageviews":
+                self._late.update(late)
 
     def _log(self, table: str, low: int, high: int, ids: bytes, done: int = 0) -> None:
         cursor = self.conn.execute("INSERT INTO feed_log (at, done, tbl, low, high, ids) VALUES (?, ?, ?, ?, ?, ?)", (int(time.time()), done, table, low, high, ids))
@@ -3509,7 +3513,7 @@ class Store:
     def _stored(self, row_ids: Iterable[int]) -> Dict[int, Tuple[Any, ...]]:
         """Page view rows by id, as written so far (in this transaction too), in ``PAGEVIEW_COLUMNS`` order;
         only those the batch may still change (a final row is left out, as a deleted one is)."""
-        ids, found = [row_id for row_id in row_ids if row_id >= self._changeable_from], {}
+        ids, found = [row_id for row_id in row_ids if row_id >= self._changeable_from or row_id in self._late], {}
         for first in range(0, len(ids), 500):
             chunk = ids[first : first + 500]
             for row in self.conn.execute(f"SELECT {', '.join(PAGEVIEW_COLUMNS)} FROM pageviews WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
@@ -8247,8 +8251,12 @@ def run_feed(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     node = parse_node(args.node) if args.node is not None else None
     pending = f"{args.cursor_file}.next" if args.cursor_file is not None else ""
     if pending:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.remove(pending)  # a cursor left by a run whose consumer failed must never be committed after this run
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise FeedError(f"cannot remove {pending}: {error_reason(error)}") from None
     cursor = parse_cursor(read_cursor(args.cursor_file) if pending else args.since)
     if hasattr(os, "nice"):
         os.nice(19)
