@@ -8263,9 +8263,10 @@ def run_feed(args: argparse.Namespace, environ: Dict[str, str]) -> None:
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
         feed = Feed(conn, cursor, int(time.time()), node)
+        out = sys.stdout.buffer  # UTF-8 whatever the locale: the consumer reads JSON
         for chunk in feed.lines():
-            sys.stdout.write(chunk)
-        sys.stdout.flush()
+            out.write(chunk.encode("utf-8"))
+        out.flush()
     except BrokenPipeError:  # the consumer stopped reading: the cursor stays where it was
         sys.stdout = open(os.devnull, "w")
         raise FeedError("the consumer stopped reading: the cursor was not advanced") from None

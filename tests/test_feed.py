@@ -333,3 +333,15 @@ def test_rows_the_writer_stores_after_they_are_final_ship_once_though_the_feed_h
     time.sleep(10)
     assert [row["path"] for row in feed_and_commit(db, cursor)] == ["/on-time"]
     assert feed_and_commit(db, cursor) == []
+
+
+def test_rows_are_utf8_json_whatever_the_locale_and_hostile_text_stays_text(tmp_path):
+    db = tmp_path / "pixeld.db"
+    title = 'Grüße — 日本 "</script><script>alert(1)</script>\\'
+    store = pixeld.Store(pixeld.connect(str(db)))
+    store.write(pixeld.Batch(records=[pixeld.Record(pixeld.PageView(int(time.time()) - 2 * pixeld.DAY, "example.org", path="/ü", title=title), 1, 0)]))
+    store.conn.close()
+    code, out, err = run_pixeld("export", "--db", str(db), "--since", "", env={"PYTHONIOENCODING": "ascii", "LC_ALL": "C"})
+    assert code == 0, err
+    [row] = [json.loads(line) for line in out.splitlines()]
+    assert (row["title"], row["path"], row["node"]) == (title, "/ü", "")
