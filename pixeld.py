@@ -131,6 +131,10 @@ class Goal(NamedTuple):
 MAX_GOALS = 31  # a visitor's goals of the day are bits of one 32-bit number, beside the bit "converted"
 
 
+FINAL_AFTER = 25 * 3600  # a page view no longer changes this long after its second (serve --final-after): a day and the 30 minutes after midnight
+NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62})")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
@@ -154,6 +158,8 @@ class Config:
     honour_gpc: bool = False  # a hit with Sec-GPC: 1 is an objection: filtered, not stored
     goals: Tuple[Goal, ...] = ()
     site_ids: Tuple[Tuple[str, str], ...] = ()  # Umami website ids and the sites they name
+    node: str = ""  # stamps the feed's rows (serve --node): which pixeld of several collected them
+    final_after: int = FINAL_AFTER  # seconds after which a stored page view no longer changes (FINAL_AFTER)
 
 
 def parse_listen(value: str) -> Tuple[str, int]:
@@ -195,6 +201,27 @@ def parse_count(value: Any, what: str) -> int:
     if count < 0:
         raise ConfigError(f"{what} must not be negative")
     return count
+
+
+def parse_node(value: Any) -> str:
+    """A node's name: lower-case letters, digits, dots, dashes and underscores, at most 63; empty for none."""
+    name = str(value).strip()
+    if name and not NODE_NAME.fullmatch(name):
+        raise ConfigError(f"node name {name[:80]!r} is not one: use up to 63 lower-case letters, digits, dots, dashes or underscores")
+    return name
+
+
+def default_node() -> str:
+    """This machine's host name, as a node's name when it makes one (else none)."""
+    name = socket.gethostname().lower()
+    return name if NODE_NAME.fullmatch(name) else ""
+
+
+def parse_final_after(value: Any) -> int:
+    seconds = parse_count(value, "--final-after")
+    if not 1 <= seconds <= 30 * DAY:
+        raise ConfigError("--final-after must be between 1 second and 30 days")
+    return seconds
 
 
 def parse_seconds(value: Any, what: str) -> float:
@@ -2958,6 +2985,21 @@ def add_hostnames(conn: sqlite3.Connection, progress: Callable[[str], None]) -> 
         conn.execute(f"INSERT INTO {table} SELECT {period}, site, {dim.code}, site, {SUMMED_METRICS} FROM {table} WHERE dim = {pages} GROUP BY {period}, site")
 
 
+def note_feed_settings(conn: sqlite3.Connection, node: str, final_after: int, now: int) -> None:
+    """Keep the daemon's node name and final delay in ``meta``, where the feed (``export``) reads them:
+    rows carry neither. The name is the key (``node NAME``), since when the value."""
+    conn.execute("DELETE FROM meta WHERE key LIKE 'node %' AND key != ?", (f"node {node}",))
+    conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (f"node {node}", now))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('final_after', ?)", (final_after,))
+
+
+def feed_settings(conn: sqlite3.Connection) -> Tuple[str, int]:
+    """The node name and the final delay the daemon last served this file with (none, and the default, if never)."""
+    node = conn.execute("SELECT substr(key, 6) FROM meta WHERE key LIKE 'node %' ORDER BY value DESC LIMIT 1").fetchone()
+    final_after = conn.execute("SELECT value FROM meta WHERE key = 'final_after'").fetchone()
+    return (node[0] if node else ""), (final_after[0] if final_after else FINAL_AFTER)
+
+
 def _string_id(conn: sqlite3.Connection, value: str) -> int:
     row = conn.execute("SELECT id FROM strings WHERE value = ?", (value,)).fetchone()
     return row[0] if row else -1
@@ -3074,6 +3116,14 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
     """,
     add_hostnames,
     add_text_dimension("campaign_details"),
+    # What each import wrote, for the feed (export --cursor-file): rows imported with old times ship on its next run, once.
+    # ``tbl`` pageviews or events: ``ids`` the row ids written (``pack_ids``), from ``low`` to ``high``; ``imported``: the
+    # days replaced (``pack_ids``) of the site whose string id ``low`` (and ``high``) holds. ``done`` once the import has ended.
+    """
+    CREATE TABLE feed_log (
+        seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, done INTEGER NOT NULL, tbl TEXT NOT NULL, low INTEGER NOT NULL, high INTEGER NOT NULL, ids BLOB NOT NULL);
+    CREATE INDEX feed_log_by_range ON feed_log (tbl, high, low);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 IMPORTED_COLUMNS = ("day", "site", "section", "value", "detail", *Metrics._fields)
@@ -3190,6 +3240,28 @@ def second_of(pageview_id: int) -> int:
     return (pageview_id >> ID_SHIFT) + ID_EPOCH
 
 
+FIRST_ID = first_id(0)  # below every id
+
+
+def final_margin(final_after: int) -> int:
+    """How much sooner than ``final_after`` the writer stops changing a row than the feed ships it: a write
+    transaction that began before the feed read, and commits after, cannot have changed a row the feed shipped."""
+    return min(60, max(1, final_after // 10))
+
+
+def pack_ids(ids: Sequence[int]) -> bytes:
+    """Row ids (or days), sorted, as the feed log keeps them: deltas, compressed (about two bytes an id)."""
+    ordered = sorted(ids)
+    deltas = array.array("q", [ordered[0], *(b - a for a, b in zip(ordered, ordered[1:]))]) if ordered else array.array("q")
+    return zlib.compress(deltas.tobytes(), 1)
+
+
+def unpack_ids(packed: bytes) -> List[int]:
+    deltas = array.array("q")
+    deltas.frombytes(zlib.decompress(packed))
+    return list(itertools.accumulate(deltas))
+
+
 @dataclasses.dataclass
 class Batch:
     """What one commit writes. The writer and the importer fill it the same way (``add``)."""
@@ -3228,19 +3300,25 @@ class Store:
     them, because the rolled-back transaction may have created rows the cache still names.
     """
 
-    def __init__(self, conn: sqlite3.Connection, shares_cpu: bool = True) -> None:
+    def __init__(self, conn: sqlite3.Connection, shares_cpu: bool = True, final_after: int = 0, logs_writes: bool = False) -> None:
         self.conn = conn
         self._sliced: Callable[[Iterable[Any]], Iterator[Any]] = sliced if shares_cpu else iter  # an import serves no pixel: it need not yield
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
         self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
+        self.final_after = final_after  # the daemon's: rows older than this are final, and left as they are
+        self._changeable_from = FIRST_ID  # the oldest row id the batch being written may still change
+        self._written: Optional[Dict[str, List[int]]] = {"pageviews": [], "events": []} if logs_writes else None  # an import's: for the feed log
+        self.logged: List[int] = []  # the feed log entries this store wrote
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch, now: Optional[int] = None) -> None:
         """Commit a batch at once: live page views (placed in their visits), imported records, events,
-        engagement and filtered hits."""
+        engagement and filtered hits. Given the time (the daemon's writer), rows that are final by then
+        (``final_after``) stay as they are: engagement or a visit's growth that reaches them is not counted."""
         self.conn.execute("BEGIN IMMEDIATE")
         for ids in self._ids.values():
             ids.clear()
+        self._changeable_from = first_id(now - self.final_after + final_margin(self.final_after)) if now is not None and self.final_after else FIRST_ID
         try:
             tally = Tally(self.conn, self._sliced)
             self._insert(batch.records, tally)
@@ -3248,14 +3326,36 @@ class Store:
             self._insert_events(batch.events, tally)
             self._tally_filtered(batch.filtered)
             tally.save()
+            self._log_written()
             self.conn.execute("COMMIT")
         except BaseException:
             self._strings.clear()
             self._agents.clear()
+            if self._written is not None:
+                for written in self._written.values():
+                    written.clear()
             if self.conn.in_transaction:  # SQLite may have rolled back already (a full disk, say)
                 self.conn.execute("ROLLBACK")
             raise
         remember()
+
+    def _log_written(self) -> None:
+        """An import's batch: note the ids it wrote in the feed log, so that the feed ships them once."""
+        for table, written in (self._written or {}).items():
+            if written:
+                self._log(table, min(written), max(written), pack_ids(written))
+                written.clear()
+
+    def _log(self, table: str, low: int, high: int, ids: bytes, done: int = 0) -> None:
+        cursor = self.conn.execute("INSERT INTO feed_log (at, done, tbl, low, high, ids) VALUES (?, ?, ?, ?, ?, ?)", (int(time.time()), done, table, low, high, ids))
+        self.logged.append(cursor.lastrowid or 0)
+
+    def end_log(self) -> None:
+        """The import has ended: what it wrote no longer changes, and the feed may ship it."""
+        for first in range(0, len(self.logged), 500):
+            chunk = self.logged[first : first + 500]
+            self.conn.execute(f"UPDATE feed_log SET done = 1 WHERE seq IN ({', '.join('?' * len(chunk))})", chunk)
+        self.logged.clear()
 
     def replace_imported(self, site: str, days: "Aggregates") -> Tuple[int, int]:
         """Write another tool's daily aggregates for a site in one transaction, replacing what an earlier
@@ -3270,6 +3370,8 @@ class Store:
             self.conn.executemany(insert_sql("imported", IMPORTED_COLUMNS), (
                 (day, site_id, section, value, detail, *totals) for day, values in kept.items() for (section, value), (detail, totals) in values.items()
             ))
+            if kept:
+                self._log("imported", site_id, site_id, pack_ids(sorted(kept)), done=1)
             self.conn.execute("COMMIT")
         except BaseException:
             self._strings.clear()
@@ -3291,6 +3393,8 @@ class Store:
             rows.append((row_id, *keys, int(view.first_today), visit_views, duration, engaged, scroll, view.firsts, exit, view.converted, view.time))
             placed.append((row_id, keys))
         tally.count_rows(rows)
+        if self._written is not None:
+            self._written["pageviews"].extend(row_id for row_id, _ in placed)
         return placed
 
     def _insert_events(self, events: Sequence[Event], tally: "Tally") -> None:
@@ -3305,6 +3409,8 @@ class Store:
                          self.intern(properties_text(props)), props_first))
             tally.event(view.time, keys[0], name_id, int(view.first_today), view.converted)
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
+        if self._written is not None:
+            self._written["events"].extend(row[0] for row in rows)
 
     def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence[Engagement], tally: "Tally") -> Callable[[], None]:
         """Insert live page views, add engagement to the page views it belongs to, then bring the entry
@@ -3391,8 +3497,9 @@ class Store:
         self.conn.executemany("UPDATE pageviews SET exit = 0 WHERE id = ?", updates)
 
     def _stored(self, row_ids: Iterable[int]) -> Dict[int, Tuple[Any, ...]]:
-        """Page view rows by id, as written so far (in this transaction too), in ``PAGEVIEW_COLUMNS`` order."""
-        ids, found = list(row_ids), {}
+        """Page view rows by id, as written so far (in this transaction too), in ``PAGEVIEW_COLUMNS`` order;
+        only those the batch may still change (a final row is left out, as a deleted one is)."""
+        ids, found = [row_id for row_id in row_ids if row_id >= self._changeable_from], {}
         for first in range(0, len(ids), 500):
             chunk = ids[first : first + 500]
             for row in self.conn.execute(f"SELECT {', '.join(PAGEVIEW_COLUMNS)} FROM pageviews WHERE id IN ({', '.join('?' * len(chunk))})", chunk):
@@ -3692,8 +3799,9 @@ class Writer:
         clock: Callable[[], float] = time.time,
         queue_limit: int = 100_000,
         goals: Sequence[Goal] = (),
+        final_after: int = FINAL_AFTER,
     ) -> None:
-        self.store = Store(conn)
+        self.store = Store(conn, final_after=final_after)
         self.goals = goals
         self.flush_interval = flush_interval
         self.log = log
@@ -3783,7 +3891,7 @@ class Writer:
         while self._batch:
             try:
                 started = time.monotonic()
-                self.store.write(self._batch)
+                self.store.write(self._batch, int(self.clock()))
                 self.last_commit, self.commit_seconds = time.monotonic(), time.monotonic() - started
             except Exception as error:  # a locked or full database, or worse: keep the batch, try again
                 self._note_error(f"cannot write to the database: {error}")
@@ -5373,6 +5481,12 @@ def export_lines(conn: sqlite3.Connection, span: Range, site: str, fmt: str) -> 
 def export_sql(table: str, kind: str) -> str:
     """SELECT a table's rows in EXPORT_FIELDS order, every dimension resolved to its text; a field the
     table lacks is empty. Left joins: a value whose id names nothing exports empty, and its row stays."""
+    selected, joins = export_columns(table, kind)
+    return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
+
+
+def export_columns(table: str, kind: str) -> Tuple[List[str], List[str]]:
+    """The SQL of each of EXPORT_FIELDS for a table's rows (the time as the row's id), and the joins they need."""
     columns = PAGEVIEW_COLUMNS if table == "pageviews" else EVENT_COLUMNS
     selected, joins = ["t.id", f"'{kind}'", "coalesce(s.value, '')"], ["LEFT JOIN strings s ON s.id = t.site"]
     for number, dim in enumerate(DIMENSIONS + (EVENT_NAMES,)):
@@ -5396,7 +5510,7 @@ def export_sql(table: str, kind: str) -> str:
     else:
         selected += ["''", "0"]
     selected.append("''")  # a note: annotations only
-    return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
+    return selected, joins
 
 
 def annotation_rows(conn: sqlite3.Connection, span: Range, site: str) -> List[Tuple[Any, ...]]:
@@ -5407,6 +5521,175 @@ def annotation_rows(conn: sqlite3.Connection, span: Range, site: str) -> List[Tu
         midnight = local_midnight(dt.date.fromisoformat(note.date), dt.timezone.utc)
         rows.append((first_id(midnight), "annotation", note.site) + ("",) * (len(EXPORT_FIELDS) - 4) + (note.text,))
     return rows
+
+
+FEED_FIELDS = ("id", "node", *EXPORT_FIELDS[:-1])  # a page view's or event's row in the feed: the export's (no note), its id and node
+AGGREGATE_FIELDS = ("id", "node", "time", "type", "site", "revision", "section", "value", "detail", *Metrics._fields)  # an imported day's count
+FEED_ROW_FIELDS = FEED_FIELDS + tuple(name for name in AGGREGATE_FIELDS if name not in FEED_FIELDS)  # every field a feed row can have
+FEED_CHUNK = 5000  # rows the feed reads and writes at once
+_CURSOR = re.compile(r"1:(\d{1,12}):(\d{1,18})")
+
+
+class FeedError(Exception):
+    """A cursor the feed cannot take, or a feed that cannot be written: one line, exit status 2."""
+
+
+class FeedCursor(NamedTuple):
+    """Where the feed stands: every row not imported, older than ``second``, has shipped; and every
+    import in the feed log up to entry ``seq``. Written as ``1:SECOND:SEQ``."""
+
+    second: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"1:{self.second}:{self.seq}"
+
+
+def parse_cursor(text: str) -> FeedCursor:
+    """A cursor as the feed wrote it; empty text is the start (everything ships)."""
+    text = text.strip()
+    if not text:
+        return FeedCursor(0, 0)
+    match = _CURSOR.fullmatch(text)
+    if match is None:
+        raise FeedError(f"cursor {text[:40]!r} is not one pixeld wrote (1:SECOND:ENTRY)")
+    return FeedCursor(int(match.group(1)), int(match.group(2)))
+
+
+class LogEntry(NamedTuple):
+    seq: int
+    table: str
+    low: int
+    high: int
+    ids: bytes
+
+
+class Feed:
+    """One run of the incremental feed: every page view and event once, in its final state, and the
+    daily counts imported from other tools, as NDJSON rows; and the cursor after them.
+
+    Rows the daemon wrote ship once older than the final delay (``final_after``, which the daemon
+    keeps in ``meta``): it no longer changes them. Rows an import wrote ship, wherever their times
+    fall, once their import has ended: the feed log names the ids each import wrote, so that rows of
+    the same seconds shipped earlier are not shipped again. Everything is read in one snapshot of the file."""
+
+    def __init__(self, conn: sqlite3.Connection, cursor: FeedCursor, now: int, node: Optional[str] = None) -> None:
+        self.conn = conn
+        conn.execute("BEGIN")  # one snapshot: the cursor names exactly what is read
+        stored_node, self.final_after = feed_settings(conn)
+        self.node = stored_node if node is None else node
+        last = conn.execute("SELECT coalesce(max(seq), 0) FROM feed_log").fetchone()[0]
+        if cursor.seq > last:
+            raise FeedError(f"the cursor names import {cursor.seq:,}, and this database has logged {last:,}: is it another database's cursor?")
+        if cursor.second > now:
+            raise FeedError(f"the cursor stands at {iso(min(cursor.second, LATEST))}, in the future: is it another machine's cursor?")
+        self.start = cursor
+        self.entries = self._ready_entries(cursor.seq, now)
+        self.next = FeedCursor(max(cursor.second, now - self.final_after), self.entries[-1].seq if self.entries else cursor.seq)
+        self.rows = 0
+
+    def _ready_entries(self, after: int, now: int) -> List[LogEntry]:
+        """The feed log's entries after ``after`` whose imports have ended (or stopped writing, a final
+        delay ago), up to the first that has not: the log is read in order."""
+        ready = []
+        for seq, done, at, table, low, high, ids in self.conn.execute("SELECT seq, done, at, tbl, low, high, ids FROM feed_log WHERE seq > ? ORDER BY seq", (after,)):
+            if not done and at > now - self.final_after:
+                break
+            ready.append(LogEntry(seq, table, low, high, ids))
+        return ready
+
+    def lines(self) -> Iterator[str]:
+        """The rows, a chunk of lines at a time: the daemon's, then the imports', then imported counts."""
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS feed_ids (id INTEGER PRIMARY KEY)")
+        for table, kind in (("pageviews", "pageview"), ("events", "event")):
+            yield from self._chunks(self._live(table, kind))
+            yield from self._chunks(self._imported(table, kind))
+        yield from self._chunks(self._aggregates())
+
+    def _chunks(self, rows: Union[sqlite3.Cursor, Iterator[Tuple[str]]]) -> Iterator[str]:
+        while True:
+            chunk = rows.fetchmany(FEED_CHUNK) if isinstance(rows, sqlite3.Cursor) else list(itertools.islice(rows, FEED_CHUNK))
+            if not chunk:
+                return
+            self.rows += len(chunk)
+            yield "\n".join(row[0] for row in chunk) + "\n"
+
+    def _live(self, table: str, kind: str) -> sqlite3.Cursor:
+        """The daemon's rows between the cursor's second and the next one's: every row there but those an import wrote."""
+        low, high = first_id(self.start.second), first_id(self.next.second)
+        self._fill_ids(
+            row_id for (packed,) in self.conn.execute("SELECT ids FROM feed_log WHERE tbl = ? AND high >= ? AND low < ?", (table, low, high))
+            for row_id in unpack_ids(packed) if low <= row_id < high
+        )
+        return self.conn.execute(feed_sql(table, kind, f"{table} t") + " WHERE t.id >= ? AND t.id < ? AND t.id NOT IN (SELECT id FROM temp.feed_ids) ORDER BY t.id",
+                                 (self.node, low, high))
+
+    def _imported(self, table: str, kind: str) -> sqlite3.Cursor:
+        """The rows the newly ended imports wrote, as they are now (a row deleted since is gone)."""
+        self._fill_ids(row_id for entry in self.entries if entry.table == table for row_id in unpack_ids(entry.ids))
+        return self.conn.execute(feed_sql(table, kind, f"temp.feed_ids f JOIN {table} t ON t.id = f.id") + " ORDER BY t.id", (self.node,))
+
+    def _fill_ids(self, ids: Iterable[int]) -> None:
+        self.conn.execute("DELETE FROM temp.feed_ids")
+        self.conn.executemany("INSERT OR IGNORE INTO temp.feed_ids VALUES (?)", ((row_id,) for row_id in ids))
+
+    def _aggregates(self) -> Iterator[Tuple[str]]:
+        """Another tool's daily counts of the days newly imported (again), as they are now; ``revision`` is
+        the import's entry, so that a consumer keeps the latest of a day's rows (a later import replaces it)."""
+        latest: Dict[Tuple[int, int], int] = {}
+        for entry in self.entries:
+            if entry.table == "imported":
+                latest.update(((entry.low, day), entry.seq) for day in unpack_ids(entry.ids))
+        sql = f"SELECT s.value, i.section, i.value, i.detail, {', '.join(f'i.{name}' for name in Metrics._fields)} FROM imported i JOIN strings s ON s.id = i.site WHERE i.site = ? AND i.day = ?"
+        for (site, day), seq in sorted(latest.items(), key=lambda item: (item[0][1], item[0][0])):
+            for site_name, section, value, detail, *metrics in self.conn.execute(sql, (site, day)):
+                key = hashlib.blake2b(f"{site_name}\t{day}\t{section}\t{value}".encode(), digest_size=8).digest()
+                row = (int.from_bytes(key, "big") >> 1, self.node, iso(day * DAY), "aggregate", site_name, seq, section, value, detail, *metrics)
+                yield (json.dumps(dict(zip(AGGREGATE_FIELDS, row)), ensure_ascii=False),)
+
+    def close(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+def feed_sql(table: str, kind: str, source: str) -> str:
+    """SELECT a table's rows as the feed's NDJSON lines, made by SQLite: the node is the one parameter."""
+    selected, joins = export_columns(table, kind)
+    time_sql = f"strftime('%Y-%m-%dT%H:%M:%SZ', (t.id >> {ID_SHIFT}) + {ID_EPOCH}, 'unixepoch')"
+    pairs = [("id", "t.id"), ("node", "?"), ("time", time_sql), *zip(EXPORT_FIELDS[1:-1], selected[1:-1])]
+    fields = ", ".join(f"'{name}', {value}" for name, value in pairs)
+    return f"SELECT json_object({fields}) FROM {source} {' '.join(joins)}"
+
+
+FEED_NAMES = ("node", "type", "site", "channel", "source", "country", "browser", "version", "os", "device", "screen", "language", "hostname", "section")
+FEED_NUMBERS = (*ROW_NUMBERS, "props_first", "revision", *Metrics._fields)
+
+
+def feed_schema(engine: str, table: str = "pixeld") -> str:
+    """The CREATE TABLE statement for the feed's rows, every field typed. ClickHouse: a ReplacingMergeTree
+    ordered for one site's time ranges; a row shipped again (the same site, time, node, type and id)
+    replaces the one before, and of an imported day's counts the latest revision is kept."""
+    clickhouse = engine == "clickhouse"
+    columns = []
+    for name in FEED_ROW_FIELDS:
+        if name == "id":
+            kind = "UInt64" if clickhouse else "UBIGINT NOT NULL"
+        elif name == "time":
+            kind = "DateTime('UTC')" if clickhouse else "TIMESTAMP NOT NULL"
+        elif name == "scroll":
+            kind = "Nullable(UInt64)" if clickhouse else "UBIGINT"
+        elif name in FEED_NUMBERS:
+            kind = "UInt64 DEFAULT 0" if clickhouse else "UBIGINT DEFAULT 0"
+        elif name in FEED_NAMES:
+            kind = "LowCardinality(String) DEFAULT ''" if clickhouse else "VARCHAR DEFAULT ''"
+        else:
+            kind = "String DEFAULT ''" if clickhouse else "VARCHAR DEFAULT ''"
+        columns.append(f"    {name} {kind}")
+    body = ",\n".join(columns)
+    if clickhouse:
+        return (f"CREATE TABLE IF NOT EXISTS {table} (\n{body}\n)\nENGINE = ReplacingMergeTree(revision)\n"
+                "PARTITION BY toYYYYMM(time)\nORDER BY (site, time, node, type, id);\n")
+    return f"CREATE TABLE IF NOT EXISTS {table} (\n{body},\n    PRIMARY KEY (node, type, id)\n);\n"
 
 
 def parse_export_request(params: Dict[str, str], now: float, first_day: Callable[[], Optional[int]], zone: dt.tzinfo) -> Tuple[str, Range, str]:
@@ -5435,7 +5718,7 @@ class Importer:
     """
 
     def __init__(self, conn: sqlite3.Connection, config: Config, geoip: Any, progress: Callable[[str], None]) -> None:
-        self.store = Store(conn, shares_cpu=False)
+        self.store = Store(conn, shares_cpu=False, logs_writes=True)
         self.config = config
         self.site = config.sites[0] if config.sites else ""
         self.geoip = geoip
@@ -5458,8 +5741,11 @@ class Importer:
             "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined,
             "goatcounter": self._read_goatcounter, "umami": self._read_umami, "plausible": self._read_plausible,
         }
-        readers[fmt](path)
-        self._flush()
+        try:
+            readers[fmt](path)
+            self._flush()
+        finally:
+            self.store.end_log()
         self.store.conn.execute(
             "INSERT INTO imports VALUES (?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET rows = excluded.rows, at = excluded.at",
             (fingerprint, os.path.basename(path), self.imported, int(time.time())),
@@ -6255,7 +6541,9 @@ class App:
         self.clock = clock
         self.log = log
         self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
-        self.writer = Writer(connect(config.db_path, progress=log), config.flush_interval, log, config.keep_days, clock, config.queue_limit, config.goals)
+        conn = connect(config.db_path, progress=log)
+        note_feed_settings(conn, config.node, config.final_after, int(clock()))
+        self.writer = Writer(conn, config.flush_interval, log, config.keep_days, clock, config.queue_limit, config.goals, config.final_after)
         self.memo = Memo()
         self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear, goals=config.goals)
         self._visitors_lock = threading.Lock()
@@ -7587,6 +7875,8 @@ ENVIRONMENT = {
     "honour_gpc": "PIXELD_HONOUR_GPC",
     "goal": "PIXELD_GOALS",
     "site_id": "PIXELD_SITE_IDS",
+    "node": "PIXELD_NODE",
+    "final_after": "PIXELD_FINAL_AFTER",
 }
 
 
@@ -7623,7 +7913,17 @@ def add_report_commands(commands: Any) -> None:
     add_db_option(export_cmd, "read-only")
     add_env_file_option(export_cmd)
     add_range_options(export_cmd, default="everything")
-    export_cmd.add_argument("--format", default="csv", choices=("csv", "ndjson"))
+    export_cmd.add_argument("--format", choices=("csv", "ndjson"), help="csv (the default) or ndjson (the feed's only format)")
+    feed = export_cmd.add_mutually_exclusive_group()
+    feed.add_argument(
+        "--cursor-file", metavar="FILE",
+        help="the feed: every page view, event and imported count once, final, since the cursor in FILE (none: from the start); "
+             "the next cursor goes to FILE.next once every row is written",
+    )
+    feed.add_argument("--since", metavar="CURSOR", help="the feed since CURSOR ('' for the start); the next cursor is printed on stderr")
+    feed.add_argument("--commit-cursor", metavar="FILE", help="take FILE.next as FILE: run it once the feed's consumer has succeeded")
+    feed.add_argument("--schema", choices=("clickhouse", "duckdb"), help="print the CREATE TABLE statement for the feed's rows")
+    export_cmd.add_argument("--node", metavar="NAME", help="stamp the feed's rows with this node (default: the one the daemon serves this database as)")
 
 
 def add_import_and_check_commands(commands: Any) -> None:
@@ -7721,6 +8021,11 @@ def add_serve_options(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument("--keep-days", metavar="N", help="delete single page views older than N days, daily; counts stay (default: keep all) [$PIXELD_KEEP_DAYS]")
     command.add_argument("--public-counters", action="store_true", default=None, help="anyone may read a page's views at /counter/ [$PIXELD_PUBLIC_COUNTERS]")
+    command.add_argument("--node", metavar="NAME", help="this pixeld's name among several, stamped on the feed's rows (default: the host name) [$PIXELD_NODE]")
+    command.add_argument(
+        "--final-after", metavar="SECONDS",
+        help=f"a page view no longer changes this long after it was seen, and the feed ships it (default {FINAL_AFTER}) [$PIXELD_FINAL_AFTER]",
+    )
     command.add_argument("--honour-gpc", action="store_true", default=None, help="do not count browsers that send Sec-GPC: 1 [$PIXELD_HONOUR_GPC]")
     add_goal_option(command)
 
@@ -7843,6 +8148,8 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
         honour_gpc=switched_on(setting(args, "honour_gpc", environ, "")),
         goals=goals_of(args, environ),
         site_ids=parse_site_ids(listed(args, "site_id", environ) or ()),
+        node=parse_node(setting(args, "node", environ, default_node())),
+        final_after=parse_final_after(setting(args, "final_after", environ, FINAL_AFTER)),
     )
 
 
@@ -7891,6 +8198,15 @@ def run_report(args: argparse.Namespace, environ: Dict[str, str]) -> None:
 
 
 def run_export(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    if args.schema:
+        sys.stdout.write(feed_schema(args.schema))
+        return
+    if args.commit_cursor:
+        commit_cursor(args.commit_cursor)
+        return
+    if args.cursor_file is not None or args.since is not None:
+        run_feed(args, environ)
+        return
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
         params = command_params(args, ("start", "end", "range", "site", "format"))
@@ -7902,6 +8218,74 @@ def run_export(args: argparse.Namespace, environ: Dict[str, str]) -> None:
         sys.stdout = open(os.devnull, "w")
     finally:
         conn.close()
+
+
+def run_feed(args: argparse.Namespace, environ: Dict[str, str]) -> None:
+    """The feed: rows to stdout, then (only once all are written) the next cursor, to FILE.next or stderr."""
+    if args.format == "csv":
+        raise FeedError("the feed writes NDJSON only: leave out --format csv")
+    if any(getattr(args, name, "") for name in ("range", "start", "end", "site")):
+        raise FeedError("the feed ships every site and day once: --range, --start, --end and --site do not apply")
+    node = parse_node(args.node) if args.node is not None else None
+    pending = f"{args.cursor_file}.next" if args.cursor_file is not None else ""
+    if pending:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(pending)  # a cursor left by a run whose consumer failed must never be committed after this run
+    cursor = parse_cursor(read_cursor(args.cursor_file) if pending else args.since)
+    conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
+    try:
+        feed = Feed(conn, cursor, int(time.time()), node)
+        for chunk in feed.lines():
+            sys.stdout.write(chunk)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the consumer stopped reading: the cursor stays where it was
+        sys.stdout = open(os.devnull, "w")
+        raise FeedError("the consumer stopped reading: the cursor was not advanced") from None
+    except sqlite3.Error as error:
+        raise StorageError(f"cannot read the database: {error}") from None
+    finally:
+        conn.close()
+    if pending:
+        write_cursor(pending, feed.next)
+    else:
+        print(f"next cursor: {feed.next}", file=sys.stderr)
+
+
+def read_cursor(path: str) -> str:
+    """The cursor a file holds; a missing file is the start."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read(200)
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as error:
+        raise FeedError(f"cannot read the cursor file {path}: {error_reason(error) if isinstance(error, OSError) else 'not text'}") from None
+
+
+def write_cursor(path: str, cursor: FeedCursor) -> None:
+    """Write a cursor whole (a temporary file, synced, renamed), so that a crash leaves the old one or the new."""
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "w", encoding="ascii") as handle:
+            handle.write(f"{cursor}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise FeedError(f"cannot write the cursor file {path}: {error_reason(error)}") from None
+
+
+def commit_cursor(path: str) -> None:
+    """The consumer took every row of the last run: its next cursor becomes the cursor."""
+    pending = f"{path}.next"
+    try:
+        with open(pending, encoding="ascii") as handle:
+            parse_cursor(handle.read(200))
+        os.replace(pending, path)
+    except FileNotFoundError:
+        raise FeedError(f"no {pending}: the last feed run did not complete, so there is nothing to commit") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise FeedError(f"cannot commit the cursor {pending}: {error_reason(error) if isinstance(error, OSError) else 'not text'}") from None
 
 
 def run_import(args: argparse.Namespace, environ: Dict[str, str]) -> None:
@@ -8558,7 +8942,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = N
             config = config_from(args, environ)
             check_database_path(config.db_path)
             serve(config, log_line)
-    except (ConfigError, StorageError, ReportError, ImportFailed, SendFailed) as error:
+    except (ConfigError, StorageError, ReportError, ImportFailed, SendFailed, FeedError) as error:
         print(f"pixeld: {error}", file=sys.stderr)
         return 2
     return 0
