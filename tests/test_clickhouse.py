@@ -28,7 +28,7 @@ from conftest import CHROME, FIREFOX, IPHONE, PIXELD, ROOT, free_port, report_js
 
 import pixeld
 
-FINAL_AFTER = 3  # seconds after which a row is final here (serve and export --final-after), rather than a day
+FINAL_AFTER = 8  # seconds after which a row is final here (serve and export --final-after), rather than a day
 NODES = ("node-a", "node-b")
 READERS = [f"127.0.0.{number}" for number in range(10, 50)]  # client addresses: loopback is 127.0.0.0/8
 COUNTRIES = {"127.0.0.0/27": "DE", "127.0.0.32/28": "FR"}  # the last two readers have no country
@@ -113,7 +113,8 @@ def clickhouse(tmp_path, chdb) -> ClickHouse:
 
 def local(command: str, cursor: Optional[Path] = None) -> str:
     """A README command for this machine: this checkout's pixeld.py run by this Python, and this test's files."""
-    command = command.replace("python3 /usr/local/bin/pixeld.py", "python3 pixeld.py").replace("python3 pixeld.py", f"{shlex.quote(sys.executable)} {shlex.quote(str(PIXELD))}")
+    ours = f"{shlex.quote(sys.executable)} {shlex.quote(str(PIXELD))}"
+    command = command.replace("/usr/bin/python3 /usr/local/bin/pixeld.py", ours).replace("python3 pixeld.py", ours)
     if cursor is not None:
         command = command.replace("/var/lib/pixeld/feed.cursor", shlex.quote(str(cursor)))
     return command
@@ -121,9 +122,10 @@ def local(command: str, cursor: Optional[Path] = None) -> str:
 
 def feed(house: ClickHouse, node: "Node", fail_after: Optional[int] = None) -> subprocess.CompletedProcess:
     """One run of the node's feed: the README's timer command, with the node's settings as its EnvironmentFile gives them."""
+    require_tool("ifne", package="moreutils")
     command = readme_feed_command()
     assert command.startswith("/bin/bash -c '") and command.endswith("'"), command
-    more = {"PIXELD_DB": str(node.db), "PIXELD_ENV_FILE": ""}
+    more = {"PIXELD_DB": str(node.db)}
     if fail_after is not None:
         more["CLICKHOUSE_FAIL_AFTER"] = str(fail_after)
     return subprocess.run(
