@@ -318,12 +318,19 @@ def test_the_readmes_sql_over_two_nodes_gives_their_reports_summed_through_a_fai
     keys = {"headline": list(expected["headline"]), **{name: [list(expected[name][0])] for name in SECTIONS}}
     assert comparable(ours, keys) == comparable({"headline": expected["headline"], **{name: expected[name] for name in SECTIONS}}, keys)
 
+    # nginx's hash kept each reader on one node: each counts as one visitor, with one visit, over both nodes.
+    assert (ours["headline"]["visitors"], ours["headline"]["visits"]) == (len(READERS), len(READERS))
+
     # Nothing twice: each node's page views and events, once each.
     stored = clickhouse.query("SELECT node, type, count() AS rows, uniqExact(id) AS ids FROM pixeld FINAL GROUP BY node, type ORDER BY node, type")
     signups = sum(1 for number in range(len(READERS)) if number % 7 == 0)
     assert sum(int(row["rows"]) for row in stored if row["type"] == "pageview") == views
     assert sum(int(row["rows"]) for row in stored if row["type"] == "event") == signups
     assert all(row["rows"] == row["ids"] for row in stored) and {row["node"] for row in stored} == set(NODES)
+
+    # What ClickHouse holds names no reader: no address, no User-Agent.
+    held = json.dumps(clickhouse.query("SELECT * FROM pixeld"))
+    assert not [text for text in READERS + list(AGENTS) if text in held]
 
     # A later run ships nothing new.
     for node in nodes:
@@ -347,3 +354,16 @@ def test_reading_time_that_arrives_after_the_page_view_is_in_the_row_clickhouse_
     assert numbers(row) == {"path": "/long-read", "engaged": 95, "scroll": 80}
     [page] = clickhouse.query(readme_sql()["pages"], **today())
     assert numbers(page) == node_report(node)["sections"]["pages"][0]
+
+
+def test_each_node_feeds_clickhouse_every_minute_as_the_daemons_user():
+    """The README's feed units: a oneshot service as pixeld.service's own user and state (so it reads the database and
+    keeps its cursor there), which commits the cursor only after the whole pipeline succeeded; a timer every minute."""
+    def settings(unit: str) -> Dict[str, str]:
+        return dict(line.split("=", 1) for line in readme_block("ini", unit).splitlines() if "=" in line and not line.startswith("#"))
+
+    service, timer = settings("pixeld-feed.service"), settings("pixeld-feed.timer")
+    assert service["Type"] == "oneshot" and (service["DynamicUser"], service["User"], service["StateDirectory"]) == ("yes", "pixeld", "pixeld")
+    command = shlex.split(readme_feed_command())[2]
+    assert command.startswith("set -o pipefail; ") and command.count(" | ") == 1 and command.endswith(" && /usr/bin/python3 /usr/local/bin/pixeld.py export --commit-cursor /var/lib/pixeld/feed.cursor")
+    assert (timer["OnCalendar"], timer["Persistent"]) == ("minutely", "true")
