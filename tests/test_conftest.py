@@ -56,7 +56,8 @@ def run_pytest(tmp_path, source, ci):
 def test_a_missing_tool_is_a_skip_with_its_reason_at_the_test(tmp_path):
     code, out = run_pytest(tmp_path, NEEDS, ci=False)
     assert code == 0 and "1 passed, 4 skipped" in out and "pyproject.toml" in out, out  # the summary comes from the project's -ra
-    assert "SKIPPED [1] test_needs.py:11: pixeld_no_such_package is not installed (it is in tests/requirements.txt: .venv/bin/pip install -r tests/requirements.txt)" in out, out
+    installs = "tests/requirements.txt: .venv/bin/pip install -r tests/requirements.txt"
+    assert f"SKIPPED [1] test_needs.py:11: pixeld_no_such_package is not installed (it is in {installs})" in out, out
     assert "SKIPPED [1] test_needs.py:15: pixeld-no-such-script is not installed next to" in out, out
     assert "SKIPPED [1] test_needs.py:19: pixeld-no-such-program is not installed (apt-get install pixeld-no-such-package)" in out, out
     assert "SKIPPED [1] test_needs.py:23: pixeld-no-such-program is not installed" in out, out

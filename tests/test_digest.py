@@ -265,7 +265,8 @@ def unit_settings(text):
 
 def test_the_readme_units_are_a_weekly_digest_and_an_hourly_alert():
     units = readme_units()
-    assert set(units) == {"pixeld-digest.service", "pixeld-digest.timer", "pixeld-alert.service", "pixeld-alert.timer", "pixeld-feed.service", "pixeld-feed.timer"}
+    assert set(units) == {"pixeld-digest.service", "pixeld-digest.timer", "pixeld-alert.service", "pixeld-alert.timer",
+                          "pixeld-feed.service", "pixeld-feed.timer"}  # the feed's: tests/test_clickhouse.py
     digest_timer, alert_timer = unit_settings(units["pixeld-digest.timer"]), unit_settings(units["pixeld-alert.timer"])
     assert digest_timer["OnCalendar"].startswith("Mon ") and digest_timer["Persistent"] == "true"
     assert alert_timer["OnCalendar"] == "*-*-* *:05:00"
