@@ -236,15 +236,24 @@ def numbers(row: Dict[str, Any]) -> Dict[str, Any]:
     return {key: int(value) if isinstance(value, str) and value.isdigit() else value for key, value in row.items()}
 
 
-def clickhouse_report(house: ClickHouse) -> Dict[str, Any]:
-    sql = readme_sql()
-    [headline] = house.query(sql["headline"], **today())
-    return {"headline": numbers(headline), **{name: [numbers(row) for row in house.query(sql[name], **today())] for name in SECTIONS}}
+def as_report_row(name: str, row: Dict[str, Any]) -> Dict[str, Any]:
+    """A section's row from the README's SQL under the names of pixeld's JSON: its first column is the value; columns
+    that pixeld's rows lack (the page views that reported reading time) are left out."""
+    (_, value), *rest = numbers(row).items()
+    shown = {"value": value, **dict(rest)}
+    assert {"value", "count", "percent"} <= set(shown), (name, row)
+    return {key: number for key, number in shown.items() if key != "reported"}
 
 
-def bounces(node: Node) -> int:
-    """A node's bounces, as its report counts them: the CSV report's bounces per entry page, added up."""
-    code, out, err = run_pixeld("report", "--db", str(node.db), "--format", "csv", "--range", "today", "--site", "example.org")
+def clickhouse_report(house: ClickHouse, span: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    sql, span = readme_sql(), span or today()
+    [headline] = house.query(sql["headline"], **span)
+    return {"headline": numbers(headline), **{name: [as_report_row(name, row) for row in house.query(sql[name], **span)] for name in SECTIONS}}
+
+
+def bounces(node: Node, *span: str) -> int:
+    """A node's bounces (today, unless ``span`` says), as its report counts them: the CSV report's bounces per entry page, added up."""
+    code, out, err = run_pixeld("report", "--db", str(node.db), "--format", "csv", *(span or ("--range", "today")), "--site", "example.org")
     assert code == 0, err
     return sum(int(line.split(",")[2]) for line in out.splitlines() if line.startswith("entry_bounces,"))
 
@@ -353,7 +362,7 @@ def test_reading_time_that_arrives_after_the_page_view_is_in_the_row_clickhouse_
     [row] = clickhouse.query("SELECT path, engaged, scroll FROM pixeld FINAL WHERE type = 'pageview'")
     assert numbers(row) == {"path": "/long-read", "engaged": 95, "scroll": 80}
     [page] = clickhouse.query(readme_sql()["pages"], **today())
-    assert numbers(page) == node_report(node)["sections"]["pages"][0]
+    assert as_report_row("pages", page) == node_report(node)["sections"]["pages"][0]
 
 
 def test_each_node_feeds_clickhouse_every_minute_as_the_daemons_user():
@@ -368,3 +377,24 @@ def test_each_node_feeds_clickhouse_every_minute_as_the_daemons_user():
     assert command.startswith("set -o pipefail; ") and command.count(" | ") == 1
     assert command.endswith(" && /usr/bin/python3 /usr/local/bin/pixeld.py export --commit-cursor /var/lib/pixeld/feed.cursor")
     assert (timer["OnCalendar"], timer["Persistent"]) == ("minutely", "true")
+
+
+def test_the_readmes_sql_adds_in_the_daily_counts_imported_from_another_tool(tmp_path, clickhouse):
+    """A site that moved in from Plausible: its daily counts travel as aggregate rows, and the README's SQL gives the
+    report over them, exactly, as pixeld's own report adds them in."""
+    from test_move_in import plausible_zip
+
+    node = Node("moved-in", tmp_path)
+    code, _, err = run_pixeld("import", str(plausible_zip(tmp_path / "example_org_20240103.zip")), "--db", str(node.db))
+    assert code == 0, err
+    shipped = feed(clickhouse, node)
+    assert shipped.returncode == 0, shipped.stderr
+    assert {row["type"] for row in clickhouse.query("SELECT DISTINCT type FROM pixeld")} == {"aggregate"}
+    theirs = report_json(node.db, "--range", "all", "--site", "example.org")
+    span = {"site": "example.org", **{edge: theirs[edge].replace("T", " ").rstrip("Z") for edge in ("start", "end")}}
+    ours = clickhouse_report(clickhouse, span)
+    assert theirs["pageviews"] == 38  # what the Plausible export holds, so the comparison is not of nothing
+    assert ours["headline"] == {"pageviews": theirs["pageviews"], "visitors": theirs["visitors"], "visits": theirs["visits"],
+                                "bounces": bounces(node, "--range", "all"), "bounce_rate": theirs["bounce_rate"], "visit_duration": theirs["visit_duration"]}
+    for name in SECTIONS:
+        assert ours[name] == theirs["sections"][name][:10], name
