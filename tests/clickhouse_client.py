@@ -8,6 +8,7 @@ a consumer that dies in the middle of a batch, having taken part of it.
 """
 
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -38,7 +39,7 @@ def main() -> int:
     database = session.Session(os.environ["CHDB_PATH"])
     try:
         if query is None:  # --multiquery: the statements on standard input
-            for statement in sys.stdin.read().split(";"):
+            for statement in re.split(r";[ \t]*(?:\n|$)", sys.stdin.read()):  # a statement ends with ; at the end of a line
                 if statement.strip():
                     database.query(statement)
             return 0

@@ -54,7 +54,7 @@ def readme_section() -> str:
 
 
 def readme_sql() -> Dict[str, str]:
-    """The section's SQL blocks, by the first word of their comment: headline, pages, sources, countries, browsers."""
+    """The section's SQL blocks, by the first word of their comment: once (the view), headline, pages, sources, countries, browsers."""
     blocks = re.findall(r"```sql\n-- (?:The )?(\w+)[^\n]*\n(.*?)```", readme_section(), re.S)
     return {name.lower(): sql for name, sql in blocks}
 
@@ -107,6 +107,9 @@ def clickhouse(tmp_path, chdb) -> ClickHouse:
     [create] = [line for line in readme_section().splitlines() if "--schema clickhouse" in line]
     done = subprocess.run(["bash", "-c", "set -o pipefail; " + local(create)], env=house.env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    view = readme_sql()["once"]  # the README's view, pasted into clickhouse-client
+    done = subprocess.run(["clickhouse-client", "--multiquery"], input=view, env=house.env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "CREATE VIEW" in view, done.stderr
     assert house.query("SELECT count() AS rows FROM pixeld") == [{"rows": 0}]
     return house
 
