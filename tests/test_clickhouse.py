@@ -163,6 +163,15 @@ def nginx_config(prefix: Path, port: int, nodes: List[int]) -> Path:
     return conf
 
 
+def node_settings(name: str) -> Dict[str, str]:
+    """A node's /etc/pixeld.env as the README gives it, on loopback: nginx's address is 127.0.0.1 here, and the daemon
+    listens where the test says (``--listen`` wins over the file)."""
+    lines = readme_block("sh", "# /etc/pixeld.env").splitlines()
+    settings = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    assert {"PIXELD_LISTEN", "PIXELD_TRUSTED_PROXIES", "PIXELD_NODE"} <= set(settings), settings
+    return {**settings, "PIXELD_TRUSTED_PROXIES": "127.0.0.1", "PIXELD_NODE": name}
+
+
 @pytest.fixture
 def cluster(tmp_path, start_daemon):
     """Two pixeld nodes (each as the README runs one: its own name, X-Forwarded-For believed from nginx only) behind a
@@ -173,8 +182,7 @@ def cluster(tmp_path, start_daemon):
     nodes, ports = [], []
     for name in NODES:
         node = Node(name, tmp_path)
-        daemon = start_daemon("--node", name, "--trusted-proxy", "127.0.0.1", "--site", "example.org", "--geoip", str(countries),
-                              "--final-after", str(FINAL_AFTER), db=node.db)
+        daemon = start_daemon("--site", "example.org", "--geoip", str(countries), "--final-after", str(FINAL_AFTER), env=node_settings(name), db=node.db)
         nodes.append(node)
         ports.append(daemon.port)
     prefix = tmp_path / "nginx"
