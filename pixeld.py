@@ -3346,9 +3346,17 @@ class Store:
                 self._log(table, min(written), max(written), pack_ids(written))
                 written.clear()
 
+    def _log_late(self, table: str, row_ids: Sequence[int]) -> None:
+        """The daemon's rows stored so late that they are final already (the database was unavailable for
+        long): the feed may have passed their seconds, so they are logged as an import's are, and ship once."""
+        late = [row_id for row_id in row_ids if row_id < self._changeable_from]
+        if late:
+            self._log(table, min(late), max(late), pack_ids(late), done=1)
+
     def _log(self, table: str, low: int, high: int, ids: bytes, done: int = 0) -> None:
         cursor = self.conn.execute("INSERT INTO feed_log (at, done, tbl, low, high, ids) VALUES (?, ?, ?, ?, ?, ?)", (int(time.time()), done, table, low, high, ids))
-        self.logged.append(cursor.lastrowid or 0)
+        if not done:
+            self.logged.append(cursor.lastrowid or 0)
 
     def end_log(self) -> None:
         """The import has ended: what it wrote no longer changes, and the feed may ship it."""
@@ -3395,6 +3403,7 @@ class Store:
         tally.count_rows(rows)
         if self._written is not None:
             self._written["pageviews"].extend(row_id for row_id, _ in placed)
+        self._log_late("pageviews", [row_id for row_id, _ in placed])
         return placed
 
     def _insert_events(self, events: Sequence[Event], tally: "Tally") -> None:
@@ -3411,6 +3420,7 @@ class Store:
         self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
         if self._written is not None:
             self._written["events"].extend(row[0] for row in rows)
+        self._log_late("events", [row[0] for row in rows])
 
     def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence[Engagement], tally: "Tally") -> Callable[[], None]:
         """Insert live page views, add engagement to the page views it belongs to, then bring the entry
@@ -5485,8 +5495,9 @@ def export_sql(table: str, kind: str) -> str:
     return f"SELECT {', '.join(selected)} FROM {table} t {' '.join(joins)} WHERE t.id >= ? AND t.id < ?"
 
 
-def export_columns(table: str, kind: str) -> Tuple[List[str], List[str]]:
-    """The SQL of each of EXPORT_FIELDS for a table's rows (the time as the row's id), and the joins they need."""
+def export_columns(table: str, kind: str, pairs: str = "") -> Tuple[List[str], List[str]]:
+    """The SQL of each of EXPORT_FIELDS for a table's rows (the time as the row's id), and the joins they need.
+    ``pairs`` names a table of the two-field values already split (id, first, second): faster than splitting each row's."""
     columns = PAGEVIEW_COLUMNS if table == "pageviews" else EVENT_COLUMNS
     selected, joins = ["t.id", f"'{kind}'", "coalesce(s.value, '')"], ["LEFT JOIN strings s ON s.id = t.site"]
     for number, dim in enumerate(DIMENSIONS + (EVENT_NAMES,)):
@@ -5495,6 +5506,9 @@ def export_columns(table: str, kind: str) -> Tuple[List[str], List[str]]:
         elif dim.column == "agent":
             selected += [f"coalesce(a.{field}, '')" for field in AGENT_FIELDS]
             joins.append("LEFT JOIN agents a ON a.id = t.agent")
+        elif len(dim.fields) == 2 and pairs:
+            selected += [f"coalesce(j{number}.first, '')", f"coalesce(j{number}.second, '')"]
+            joins.append(f"LEFT JOIN {pairs} j{number} ON j{number}.id = t.{dim.column}")
         elif len(dim.fields) == 2:  # "first\tsecond"
             value = f"coalesce(j{number}.value, '')"
             tab = f"instr({value}, char(9))"
@@ -5586,7 +5600,6 @@ class Feed:
         self.start = cursor
         self.entries = self._ready_entries(cursor.seq, now)
         self.next = FeedCursor(max(cursor.second, now - self.final_after), self.entries[-1].seq if self.entries else cursor.seq)
-        self.rows = 0
 
     def _ready_entries(self, after: int, now: int) -> List[LogEntry]:
         """The feed log's entries after ``after`` whose imports have ended (or stopped writing, a final
@@ -5601,6 +5614,11 @@ class Feed:
     def lines(self) -> Iterator[str]:
         """The rows, a chunk of lines at a time: the daemon's, then the imports', then imported counts."""
         self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS feed_ids (id INTEGER PRIMARY KEY)")
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS feed_pairs (id INTEGER PRIMARY KEY, first TEXT NOT NULL, second TEXT NOT NULL)")
+        self.conn.execute(  # every two-field value (a source, a campaign's content and term) holds a tab: nothing else does
+            "INSERT OR REPLACE INTO temp.feed_pairs SELECT id, substr(value, 1, instr(value, char(9)) - 1), substr(value, instr(value, char(9)) + 1) "
+            "FROM strings WHERE instr(value, char(9)) > 0"
+        )
         for table, kind in (("pageviews", "pageview"), ("events", "event")):
             yield from self._chunks(self._live(table, kind))
             yield from self._chunks(self._imported(table, kind))
@@ -5611,27 +5629,26 @@ class Feed:
             chunk = rows.fetchmany(FEED_CHUNK) if isinstance(rows, sqlite3.Cursor) else list(itertools.islice(rows, FEED_CHUNK))
             if not chunk:
                 return
-            self.rows += len(chunk)
             yield "\n".join(row[0] for row in chunk) + "\n"
 
     def _live(self, table: str, kind: str) -> sqlite3.Cursor:
         """The daemon's rows between the cursor's second and the next one's: every row there but those an import wrote."""
         low, high = first_id(self.start.second), first_id(self.next.second)
-        self._fill_ids(
+        imported = self._fill_ids(
             row_id for (packed,) in self.conn.execute("SELECT ids FROM feed_log WHERE tbl = ? AND high >= ? AND low < ?", (table, low, high))
             for row_id in unpack_ids(packed) if low <= row_id < high
         )
-        return self.conn.execute(feed_sql(table, kind, f"{table} t") + " WHERE t.id >= ? AND t.id < ? AND t.id NOT IN (SELECT id FROM temp.feed_ids) ORDER BY t.id",
-                                 (self.node, low, high))
+        skip = " AND t.id NOT IN (SELECT id FROM temp.feed_ids)" if imported else ""
+        return self.conn.execute(feed_sql(table, kind, f"{table} t") + f" WHERE t.id >= ? AND t.id < ?{skip} ORDER BY t.id", (self.node, low, high))
 
     def _imported(self, table: str, kind: str) -> sqlite3.Cursor:
         """The rows the newly ended imports wrote, as they are now (a row deleted since is gone)."""
         self._fill_ids(row_id for entry in self.entries if entry.table == table for row_id in unpack_ids(entry.ids))
         return self.conn.execute(feed_sql(table, kind, f"temp.feed_ids f JOIN {table} t ON t.id = f.id") + " ORDER BY t.id", (self.node,))
 
-    def _fill_ids(self, ids: Iterable[int]) -> None:
+    def _fill_ids(self, ids: Iterable[int]) -> int:
         self.conn.execute("DELETE FROM temp.feed_ids")
-        self.conn.executemany("INSERT OR IGNORE INTO temp.feed_ids VALUES (?)", ((row_id,) for row_id in ids))
+        return self.conn.executemany("INSERT OR IGNORE INTO temp.feed_ids VALUES (?)", ((row_id,) for row_id in ids)).rowcount
 
     def _aggregates(self) -> Iterator[Tuple[str]]:
         """Another tool's daily counts of the days newly imported (again), as they are now; ``revision`` is
@@ -5654,7 +5671,7 @@ class Feed:
 
 def feed_sql(table: str, kind: str, source: str) -> str:
     """SELECT a table's rows as the feed's NDJSON lines, made by SQLite: the node is the one parameter."""
-    selected, joins = export_columns(table, kind)
+    selected, joins = export_columns(table, kind, "temp.feed_pairs")
     time_sql = f"strftime('%Y-%m-%dT%H:%M:%SZ', (t.id >> {ID_SHIFT}) + {ID_EPOCH}, 'unixepoch')"
     pairs = [("id", "t.id"), ("node", "?"), ("time", time_sql), *zip(EXPORT_FIELDS[1:-1], selected[1:-1])]
     fields = ", ".join(f"'{name}', {value}" for name, value in pairs)
@@ -8221,7 +8238,8 @@ def run_export(args: argparse.Namespace, environ: Dict[str, str]) -> None:
 
 
 def run_feed(args: argparse.Namespace, environ: Dict[str, str]) -> None:
-    """The feed: rows to stdout, then (only once all are written) the next cursor, to FILE.next or stderr."""
+    """The feed: rows to stdout, then (only once all are written) the next cursor, to FILE.next or stderr. It runs
+    at the lowest CPU priority: a timer ships it every minute, and the pixel beside it keeps its latency."""
     if args.format == "csv":
         raise FeedError("the feed writes NDJSON only: leave out --format csv")
     if any(getattr(args, name, "") for name in ("range", "start", "end", "site")):
@@ -8232,6 +8250,8 @@ def run_feed(args: argparse.Namespace, environ: Dict[str, str]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(pending)  # a cursor left by a run whose consumer failed must never be committed after this run
     cursor = parse_cursor(read_cursor(args.cursor_file) if pending else args.since)
+    if hasattr(os, "nice"):
+        os.nice(19)
     conn = connect(setting(args, "db", environ, DEFAULT_DB), readonly=True)
     try:
         feed = Feed(conn, cursor, int(time.time()), node)

@@ -13,6 +13,7 @@ as real traffic behind nginx brings (thousands of visitors, not one per User-Age
     python3 bench/ingest.py --nginx             # the same load against nginx's empty_gif, for comparison
     python3 bench/ingest.py --nginx --flask     # and against the 2020 Flask design on gunicorn (bench/flask_design.py)
     python3 bench/ingest.py --paced 3000 --reports bench/data/report-1000000.db  # latency while filtered reports run back to back
+    python3 bench/ingest.py --paced 3000 --seconds 130 --feed 60  # latency while the feed ships every minute, runs alternated with none
     python3 bench/ingest.py --trackers          # GoatCounter's /count and Plausible's /api/event beside /pixel.gif, same load
 
 Each run checks the stored page views against wrk's 2xx answers; the exact check (stdlib clients
@@ -33,7 +34,7 @@ import threading
 import time
 from urllib.parse import quote
 
-from common import HERE, LANGUAGES, PATH_WEIGHTS, PATHS, REFERRERS, USER_AGENTS, Daemon, free_port, percentile, request
+from common import HERE, LANGUAGES, PATH_WEIGHTS, PATHS, PIXELD, REFERRERS, USER_AGENTS, Daemon, free_port, percentile, request
 
 LUA = r"""
 local paths, referrers, agents, screens, languages = {PATHS}, {REFERRERS}, {AGENTS}, {SCREENS}, {LANGUAGES}
@@ -135,16 +136,44 @@ class Reports:
         return f"; meanwhile {len(self.times)} filtered full-year reports, p50 {percentile(self.times, 0.5):.0f} ms"
 
 
-def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags, seed=None, endpoint="pixel"):
-    """Load a fresh daemon, or one on a copy of ``seed`` while it answers filtered reports back to back."""
+class Feeder:
+    """The feed (``export --cursor-file``, then ``--commit-cursor``) run every ``every`` seconds while the load
+    runs, as a timer would; its rows go to a pipe that counts them."""
+
+    def __init__(self, db, every, directory):
+        self.db, self.every, self.cursor = db, every, os.path.join(directory, "feed.cursor")
+        self.runs, self.done = [], threading.Event()  # (seconds, rows) of each run
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def run(self):
+        while not self.done.wait(self.every):
+            started = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, PIXELD, "export", "--env-file", "", "--db", self.db, "--cursor-file", self.cursor], stdout=subprocess.PIPE)
+            rows = sum(block.count(b"\n") for block in iter(lambda: proc.stdout.read(1 << 20), b""))
+            assert proc.wait() == 0
+            subprocess.run([sys.executable, PIXELD, "export", "--commit-cursor", self.cursor], check=True)
+            self.runs.append((time.perf_counter() - started, rows))
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        shipped = ", ".join(f"{rows:,} rows in {seconds:.2f} s" for seconds, rows in self.runs)
+        return f"; meanwhile the feed every {self.every:g} s: {shipped or 'no run'}"
+
+
+def run_pixeld(directory, name, seconds, connections, close=False, single=False, delay_ms=0.0, *flags, seed=None, endpoint="pixel", feed=0.0):
+    """Load a fresh daemon, or one on a copy of ``seed`` while it answers filtered reports back to back, or
+    while the feed ships every ``feed`` seconds."""
     db = os.path.join(directory, re.sub(r"\W+", "-", name) + ".db")
     if seed:
         shutil.copy(seed, db)
     before = stored(db) if seed else 0
     daemon = Daemon(db, "--rate-limit", "0", *flags)
     reports = Reports(daemon.port) if seed else None
+    feeder = Feeder(db, feed, directory) if feed else None
     rate, ok, failed, p50, p99, worst = wrk(directory, f"http://127.0.0.1:{daemon.port}/", seconds, connections, close, single, delay_ms, endpoint)
-    meanwhile = reports.stop() if reports else ""
+    meanwhile = reports.stop() if reports else feeder.stop() if feeder else ""
     rss = daemon.peak_rss_mb()
     daemon.stop()
     count = stored(db) - before
@@ -303,6 +332,8 @@ def main():
     parser.add_argument("--flask", action="store_true", help="also measure the 2020 Flask design on gunicorn (pip install -r bench/requirements.txt)")
     parser.add_argument("--trackers", action="store_true", help="GoatCounter's /count and Plausible's /api/event beside /pixel.gif, same load")
     parser.add_argument("--reports", metavar="DB", help="with --paced: run on a copy of DB (bench/report.py's) while filtered reports run back to back")
+    parser.add_argument("--feed", metavar="SECONDS", type=float, default=0,
+                        help="with --paced: runs without and with the feed shipping every SECONDS (rows final after 5 s), alternated twice")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("needs wrk: apt-get install wrk")
@@ -313,6 +344,13 @@ def main():
             return
         if args.trackers:
             compare_trackers(directory, args.seconds, args.connections, args.single_visitor)
+            return
+        if args.paced and args.feed:
+            delay = 1000 * args.connections / args.paced
+            for attempt in (1, 2):
+                for every in (0, args.feed):
+                    name = f"paced at {args.paced:,.0f} req/s, {'feed' if every else 'no feed'} {attempt}"
+                    run_pixeld(directory, name, args.seconds, args.connections, False, args.single_visitor, delay, "--final-after", "5", feed=every)
             return
         if args.paced:
             delay = 1000 * args.connections / args.paced

@@ -313,3 +313,22 @@ def test_the_plain_export_is_unchanged_beside_the_feed(start_daemon, tmp_path):
     assert code == 0 and list(json.loads(out.splitlines()[0])) == list(pixeld.EXPORT_FIELDS)
     code, out, _ = run_pixeld("export", "--db", str(daemon.db))
     assert code == 0 and out.splitlines()[0] == ",".join(pixeld.EXPORT_FIELDS)
+
+
+def test_rows_the_writer_stores_after_they_are_final_ship_once_though_the_feed_has_passed_them(tmp_path):
+    """A page view stored more than the final delay after it was seen (the database unavailable that long) is
+    logged as an import's rows are: the next run ships it, and no later run ships it again."""
+    db = tmp_path / "pixeld.db"
+    conn = pixeld.connect(str(db))
+    pixeld.note_feed_settings(conn, "n", 10, int(time.time()))
+    now = int(time.time())
+    store = pixeld.Store(conn, final_after=10)
+    store.write(pixeld.Batch(records=[pixeld.Record(pixeld.PageView(now - 3, "example.org", path="/on-time"), 1, 0)]), now)
+    cursor = tmp_path / "c"
+    cursor.write_text(str(pixeld.FeedCursor(now - 5, 0)))  # the feed has passed the second of the late row below
+    store.write(pixeld.Batch(records=[pixeld.Record(pixeld.PageView(now - 60, "example.org", path="/late"), 1, 0)]), now)
+    conn.close()
+    assert [row["path"] for row in feed_and_commit(db, cursor)] == ["/late"]
+    time.sleep(10)
+    assert [row["path"] for row in feed_and_commit(db, cursor)] == ["/on-time"]
+    assert feed_and_commit(db, cursor) == []
