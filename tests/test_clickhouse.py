@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from conftest import CHROME, FIREFOX, IPHONE, PIXELD, ROOT, free_port, report_json, require_module, require_tool, run_pixeld, wait_for, write_mmdb
+from conftest import CHROME, FIREFOX, IPHONE, PIXELD, ROOT, Daemon, free_port, report_json, require_module, require_tool, run_pixeld, wait_for, write_mmdb
 from test_move_in import plausible_zip
 
 import pixeld
@@ -146,6 +146,7 @@ def feed(house: ClickHouse, node: "Node", fail_after: Optional[int] = None) -> s
 class Node:
     def __init__(self, name: str, tmp_path: Path) -> None:
         self.name, self.db, self.cursor = name, tmp_path / f"{name}.db", tmp_path / f"{name}.cursor"
+        self.daemon: Optional[Daemon] = None  # the node's pixeld, where it runs one
 
 
 def nginx_config(prefix: Path, port: int, nodes: List[int]) -> Path:
@@ -182,9 +183,9 @@ def cluster(tmp_path, start_daemon):
     nodes, ports = [], []
     for name in NODES:
         node = Node(name, tmp_path)
-        daemon = start_daemon("--site", "example.org", "--geoip", str(countries), "--final-after", str(FINAL_AFTER), env=node_settings(name), db=node.db)
+        node.daemon = start_daemon("--site", "example.org", "--geoip", str(countries), "--final-after", str(FINAL_AFTER), env=node_settings(name), db=node.db)
         nodes.append(node)
-        ports.append(daemon.port)
+        ports.append(node.daemon.port)
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     port = free_port()
@@ -373,6 +374,25 @@ def test_reading_time_that_arrives_after_the_page_view_is_in_the_row_clickhouse_
     assert numbers(row) == {"path": "/long-read", "engaged": 95, "scroll": 80}
     [page] = clickhouse.query(readme_sql()["pages"], **today())
     assert as_report_row("pages", page) == node_report(node)["sections"]["pages"][0]
+
+
+def test_while_a_node_is_down_nginx_sends_its_readers_to_another_and_nothing_stored_is_lost(cluster):
+    """The README's recipe when a node dies: its readers' hits go to the other node meanwhile (each counts there once
+    more as a visitor that day), what it stored stays, and the pixel never fails."""
+    port, nodes = cluster
+    for reader in READERS:
+        pixel(reader, port, CHROME, path="/before")
+    wait_for(lambda: sum(node_report(node)["pageviews"] for node in nodes) == len(READERS), seconds=60)
+    counted = {node.name: node_report(node)["visitors"] for node in nodes}
+    dead, alive = nodes
+    dead.daemon.stop()
+    for reader in READERS:
+        pixel(reader, port, CHROME, path="/during")
+    moved = counted[dead.name]
+    assert moved and counted[alive.name], counted  # nginx's hash had spread the readers over both
+    wait_for(lambda: node_report(alive)["pageviews"] == counted[alive.name] + len(READERS), seconds=60)
+    assert node_report(alive)["visitors"] == counted[alive.name] + moved  # the dead node's readers, new visitors there
+    assert node_report(dead)["pageviews"] == node_report(dead)["visitors"] == moved  # what it stored before it stopped
 
 
 def test_each_node_feeds_clickhouse_every_minute_as_the_daemons_user():
