@@ -3,7 +3,8 @@ enough", tested as written. A real nginx with the README's upstream splits reade
 each node's feed (the README's timer command, with its pipefail pipeline into clickhouse-client) ships into one
 ClickHouse table made from ``export --schema clickhouse``; the README's SQL then gives the nodes' own reports, summed.
 A consumer that dies half-way through a batch loses and duplicates nothing; reading time that arrives after a page
-view is in the row ClickHouse ends up with.
+view is in the row ClickHouse ends up with; while a node is down, nginx sends its readers to another; a site's history
+imported from another tool is in the README's SQL's numbers as in pixeld's report.
 
 chdb is big (about 900 MB), so it has its own requirements file, which .ci/run installs; without it these tests skip
 with the command that installs it. ``clickhouse-client`` itself is tests/clickhouse_client.py: the same arguments,
