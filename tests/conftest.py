@@ -40,7 +40,7 @@ FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.
 # ---- The tools the tests need -------------------------------------------------------------------------------
 # Every test that needs a package or a program asks for it here, in the test or in a fixture. Where it is missing
 # the test is skipped, with the reason in the summary (-ra); under CI (the CI variable set) it fails instead,
-# because CI installs all of them (.ci/run, tests/requirements.txt): a test that CI skips can never fail.
+# because CI installs all of them (.ci/run, tests/requirements*.txt): a test that CI skips can never fail.
 
 
 def missing(reason: str) -> NoReturn:
@@ -50,13 +50,13 @@ def missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def require_module(name: str) -> ModuleType:
-    """A package from tests/requirements.txt, imported into the interpreter that runs the tests."""
+def require_module(name: str, requirements: str = "tests/requirements.txt") -> ModuleType:
+    """A package from ``requirements`` (a file that .ci/run installs), imported into the interpreter that runs the tests."""
     try:
         return importlib.import_module(name)
     except ImportError:
         pass
-    missing(f"{name} is not installed (it is in tests/requirements.txt)")
+    missing(f"{name} is not installed (it is in {requirements}: .venv/bin/pip install -r {requirements})")
 
 
 def require_script(name: str) -> str:

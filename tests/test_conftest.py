@@ -56,7 +56,8 @@ def run_pytest(tmp_path, source, ci):
 def test_a_missing_tool_is_a_skip_with_its_reason_at_the_test(tmp_path):
     code, out = run_pytest(tmp_path, NEEDS, ci=False)
     assert code == 0 and "1 passed, 4 skipped" in out and "pyproject.toml" in out, out  # the summary comes from the project's -ra
-    assert "SKIPPED [1] test_needs.py:11: pixeld_no_such_package is not installed (it is in tests/requirements.txt)" in out, out
+    installs = "tests/requirements.txt: .venv/bin/pip install -r tests/requirements.txt"
+    assert f"SKIPPED [1] test_needs.py:11: pixeld_no_such_package is not installed (it is in {installs})" in out, out
     assert "SKIPPED [1] test_needs.py:15: pixeld-no-such-script is not installed next to" in out, out
     assert "SKIPPED [1] test_needs.py:19: pixeld-no-such-program is not installed (apt-get install pixeld-no-such-package)" in out, out
     assert "SKIPPED [1] test_needs.py:23: pixeld-no-such-program is not installed" in out, out
@@ -86,6 +87,18 @@ def test_ci_runs_the_readmes_test_command_with_ci_set():
     [command] = [line for line in readme if line.endswith("/python -m pytest")]
     assert command in ci
     assert 'export CI="${CI:-true}"' in ci and ci.index('export CI="${CI:-true}"') < ci.index(command)
+
+
+def test_ci_installs_the_optional_requirements_before_the_tests():
+    """Requirements kept out of the README's default install (chdb, for the ClickHouse tests) are installed by .ci/run,
+    into the same venv, before the README's test command runs: under CI their tests run."""
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    [command] = [index for index, line in enumerate(ci) if line.endswith("/python -m pytest")]
+    optional = sorted(path.name for path in (ROOT / "tests").glob("requirements-*.txt"))
+    assert optional
+    for name in optional:
+        [install] = [index for index, line in enumerate(ci) if line.endswith(f".venv/bin/pip install -q -r tests/{name}")]
+        assert install < command
 
 
 def test_the_commands_the_tests_run_read_no_settings_file():

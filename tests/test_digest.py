@@ -254,7 +254,7 @@ def test_the_default_sendmail_is_the_usual_path():
 
 
 def readme_units():
-    """The systemd units the README gives for the digest and alerts, by file name."""
+    """The systemd units the README gives, by file name: the digest's and the alerts' (and the ClickHouse feed's)."""
     blocks = re.findall(r"```ini\n# /etc/systemd/system/(\S+)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     return {name: f"# /etc/systemd/system/{name}\n{body}" for name, body in blocks}
 
@@ -265,7 +265,8 @@ def unit_settings(text):
 
 def test_the_readme_units_are_a_weekly_digest_and_an_hourly_alert():
     units = readme_units()
-    assert set(units) == {"pixeld-digest.service", "pixeld-digest.timer", "pixeld-alert.service", "pixeld-alert.timer"}
+    assert set(units) == {"pixeld-digest.service", "pixeld-digest.timer", "pixeld-alert.service", "pixeld-alert.timer",
+                          "pixeld-feed.service", "pixeld-feed.timer"}  # the feed's: tests/test_clickhouse.py
     digest_timer, alert_timer = unit_settings(units["pixeld-digest.timer"]), unit_settings(units["pixeld-alert.timer"])
     assert digest_timer["OnCalendar"].startswith("Mon ") and digest_timer["Persistent"] == "true"
     assert alert_timer["OnCalendar"] == "*-*-* *:05:00"
