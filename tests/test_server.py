@@ -326,3 +326,80 @@ def raw_until_closed(sock):
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def test_clients_with_huge_user_agents_are_all_answered_and_counted(start_daemon):
+    """20 clients at once, each with a 30 KB User-Agent: the hits cross to the owner in messages cut by size
+    (not one too long for the channel, which would end the acceptor and leave them all unanswered), each
+    answered and stored; the acceptor stays. Two such User-Agents that differ only at the end stay two visitors."""
+    daemon = start_daemon("--workers", "1", "--rate-limit", "0")
+    acceptors = daemon.acceptors()
+    agents = [CHROME + " " + "x" * 30_000 + suffix for suffix in ("a", "b")]
+    conns = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(20)]
+    time.sleep(0.3)  # all connected: their requests come in one round
+    for n, conn in enumerate(conns):
+        conn.sendall(b"GET /pixel.gif?path=/big/" + str(n).encode() + b"&host=example.org HTTP/1.1\r\nHost: x\r\nUser-Agent: "
+                     + agents[n % 2].encode() + b"\r\nConnection: close\r\n\r\n")
+    answers = [raw_until_closed(conn) for conn in conns]
+    for conn in conns:
+        conn.close()
+    assert all(answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(pixeld.GIF) for answer in answers)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 20)
+    assert daemon.report_json()["visitors"] == 2
+    assert daemon.acceptors() == acceptors
+    assert "ended" not in daemon.stop()
+
+
+def test_an_acceptor_process_that_fails_says_why_without_client_data(tmp_path):
+    """An acceptor that cannot go on ends with one line naming the error (here: settings it cannot read)."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with mine, theirs:
+        proc = subprocess.Popen([sys.executable, str(PIXELD), pixeld.ACCEPTOR_COMMAND, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        mine.send(b"not the settings")
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert output.decode().strip().startswith("pixeld: acceptor (pid ") and "stopped by an error: UnpicklingError in " in output.decode()
+    assert len(output.decode().strip().splitlines()) == 1 and "Traceback" not in output.decode()
+
+
+def memory_holds(pid, needles):
+    """Which of ``needles`` (bytes) a process's writable memory holds, read through /proc (root)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "rw" not in perms:
+                continue
+            start, end = (int(part, 16) for part in span.split("-"))
+            try:
+                mem.seek(start)
+                region = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            found.update(needle for needle in needles if needle in region)
+    return found
+
+
+def test_a_restarted_acceptor_holds_nothing_the_owner_saw(start_daemon):
+    """An acceptor is a fresh interpreter, on its first start and each restart: it holds none of the raw inputs
+    the owner's memory has seen (the User-Agent and address of hits), which a fork would copy into it."""
+    if os.geteuid() != 0:
+        pytest.skip("reading another process's memory needs root")
+    daemon = start_daemon("--workers", "1", "--rate-limit", "0")
+    agent, address = CHROME + " DistinctiveBot/7.7.7-q2w9", "198.51.100.77"
+    for n in range(50):
+        assert daemon.pixel({"path": f"/seen/{n}", "host": "example.org"}, {"User-Agent": agent, "X-Forwarded-For": address}).status == 200
+    for n in range(5):  # a dry run the owner reads itself (and records: one with a proxy's header may not see the report)
+        assert daemon.get(f"/pixel.gif?path=/dry/{n}&dry_run=1", {"User-Agent": agent, "X-Forwarded-For": address}).status == 200
+    wait_for(lambda: daemon.report_json()["filtered"]["total"] == 55)  # counted as a bot's, once each
+    needles = {agent.encode(), address.encode()}
+    assert memory_holds(daemon.proc.pid, needles) == needles  # the test can fail: the owner has seen both
+    [first] = daemon.acceptors()
+    with open(f"/proc/{first}/cmdline", "rb") as cmdline:
+        assert pixeld.ACCEPTOR_COMMAND.encode() in cmdline.read().split(b"\0")
+    os.kill(first, 9)
+    wait_for(lambda: len(daemon.acceptors()) == 1 and first not in daemon.acceptors())
+    [second] = daemon.acceptors()
+    wait_for(lambda: daemon.get("/healthz").status == 200)
+    assert memory_holds(second, needles) == set()
