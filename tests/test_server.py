@@ -2,6 +2,7 @@
 
 Every attack here is bounded in count and time and aims only at the daemon on loopback."""
 
+import ctypes
 import os
 import resource
 import socket
@@ -403,3 +404,48 @@ def test_a_restarted_acceptor_holds_nothing_the_owner_saw(start_daemon):
     [second] = daemon.acceptors()
     wait_for(lambda: daemon.get("/healthz").status == 200)
     assert memory_holds(second, needles) == set()
+
+
+def channel_of(pid):
+    """A copy of an acceptor process's channel to its owner (``pidfd_getfd``, root): a way to send the owner
+    what no acceptor sends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in sorted(int(name) for name in os.listdir(f"/proc/{pid}/fd")):
+            copy = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+            if copy < 0:
+                continue
+            sock = None
+            try:
+                sock = socket.socket(fileno=copy)
+            except OSError:
+                os.close(copy)
+                continue
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
+                return sock
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("no channel")
+
+
+def test_the_owner_drops_a_message_it_cannot_read_and_goes_on(start_daemon):
+    """A message on a channel that is not a batch of hits, or one cut short for its length, costs that message
+    (one line in the log), never the owner: it goes on counting, and saves every hit answered at SIGTERM."""
+    if os.geteuid() != 0 or not hasattr(os, "pidfd_open"):
+        pytest.skip("taking another process's socket needs root and pidfd_getfd")
+    daemon = start_daemon("--workers", "1", "--rate-limit", "0")
+    assert daemon.pixel({"path": "/before", "host": "example.org"}).status == 200
+    with channel_of(daemon.acceptors()[0]) as channel:
+        channel.setsockopt(socket.SOL_SOCKET, 32, 1 << 20)  # SO_SNDBUFFORCE: room for a message the owner cannot take whole
+        channel.send(b"H" + b"\xff" * 100)
+        channel.send(b"H" + pixeld.marshal.dumps([("accepted", "not a page view")]))
+        channel.send(b"H" + pixeld.marshal.dumps([pixeld.pack_read(None)] * 100_000))  # 300 KB, over what the owner reads a message into
+    for n in range(20):
+        assert daemon.pixel({"path": f"/after/{n}", "host": "example.org"}).status == 200
+    wait_for(lambda: daemon.report_json()["pageviews"] == 21)
+    output = daemon.stop()
+    assert daemon.proc.returncode == 0 and "Traceback" not in output
+    assert output.count("acceptor 0: dropped a message") == 3, output
+    assert len(stored_pageviews(daemon.db)) == 21
