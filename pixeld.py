@@ -7699,8 +7699,8 @@ class Acceptor(Server):
     On a Unix socket a message that ``send`` has taken sits in the receiving socket's queue: it is
     the owner's, and stays readable after the acceptor dies (the owner reads a channel to its end
     before it reaps an acceptor, and on SIGTERM before it flushes the writer). So nothing answered is
-    lost, without a round trip per batch: waiting for an acknowledgement put a second process's
-    wake-up on every hit's path, and on a busy machine doubled the latency at half load.
+    lost, without a round trip per batch (which would put the owner's wake-up on every hit's path).
+    A round's hits go in messages of at most ``CHANNEL_MESSAGE`` bytes (``hit_messages``).
     Back-pressure: the channel holds a few messages (``net.unix.max_dgram_qlen``, 10 by default); while
     the owner holds back (its writer behind), ``send`` blocks and the acceptor stops reading.
 
@@ -7789,8 +7789,8 @@ def hit_messages(outbox: List[tuple]) -> Iterator[bytes]:
 
 def listen(host: str, port: int, shared: bool = False, backlog: int = 1024) -> socket.socket:
     """A listening socket; ``shared``: one of several on the same port (``SO_REUSEPORT``), one per acceptor
-    process, among which the kernel spreads new connections evenly. (One socket shared by all of them
-    woke them all for each connection, and the first to wake took a whole burst of them.) With no
+    process, among which the kernel spreads new connections evenly (so each process wakes for its own
+    connections only). With no
     ``backlog`` the socket only holds the port: the owner's, which accepts nothing."""
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -8738,9 +8738,8 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
 
 def default_workers() -> int:
     """An acceptor process per core but one, which the owner of the visitors and the writer needs for
-    itself (it sets the ceiling); on one core, one process does all. Measured on two cores shared with
-    the load (as they are with a TLS proxy): a second acceptor raised keep-alive throughput within the
-    noise, and took p99 from 20-25 ms to 30-200 ms and new connections from 3,000-5,500 to 3,100 a second."""
+    itself (it sets the ceiling); on one core, one process does all (bench/README.md: more acceptors
+    than that raised the tail latency, not the throughput)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return cores - 1
 
