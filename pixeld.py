@@ -3539,7 +3539,6 @@ class Store:
         return found
 
 
-
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
 # Per dimension, in PAGEVIEW_KEYS order: how to get its fields from a PageView, and whether they are joined into one string
 STORED_FIELDS = tuple((operator.itemgetter(*(PageView._fields.index(field.name) for field in dim.fields)), len(dim.fields) > 1 and dim.column != "agent")
@@ -4643,7 +4642,6 @@ def _retention_notes(conn: sqlite3.Connection, span: Range, scope: Scope) -> Lis
     if span.start % DAY or span.end % DAY:
         return [f"page views before {since} UTC were deleted (--keep-days): partial days before then are not counted"]
     return []
-
 
 
 def _count_filtered(conn: sqlite3.Connection, span: Range, site_id: Optional[int]) -> Dict[str, int]:
@@ -6578,6 +6576,27 @@ StartResponse = Callable[..., Any]
 Answer = Tuple[str, List[Tuple[str, str]], Any]  # status, headers, and bytes or a generator of bytes
 
 
+def foreign_body(environ: Environ) -> bytes:
+    """The JSON body of another tool's tracker, when its size is one a tracker sends."""
+    length = environ.get("CONTENT_LENGTH") or "0"
+    return environ["wsgi.input"].read(int(length)) if length.isdigit() and 0 < int(length) <= MAX_BODY else b""
+
+
+def tracker_answer(tracker: str, problem: str) -> Answer:
+    """What each tool's tracker expects: GoatCounter a GIF whatever happens; Plausible 202 ``ok``; Umami a
+    JSON object. Bad input is a 400 (413 when too large) with the reason, which neither tracker retries."""
+    if tracker == "goatcounter":
+        return "200 OK", list(GIF_HEADERS), GIF
+    if problem:
+        status = "413 Payload Too Large" if problem == "too large" else "400 Bad Request"
+        body = json.dumps({"errors": {"request": problem}} if tracker == "plausible" else {"error": problem}).encode()
+        content_type = "application/json"
+    else:
+        status, content_type, body = ("202 Accepted", "text/plain; charset=utf-8", b"ok") if tracker == "plausible" else ("200 OK", "application/json", b"{}")
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
+    return status, headers, body
+
+
 class Refused(NamedTuple):
     """Another tool's tracker request refused as bad input: counted, by tracker and reason, and nothing more."""
 
@@ -6586,6 +6605,44 @@ class Refused(NamedTuple):
 
 
 ReadHit = Union[Outcome, Refused]  # what reading a request to the hit endpoint yields
+
+
+MAX_CARRIED_AGENT = 512  # characters of a User-Agent carried to the owner: it is reduced already, and only keys the visitor
+
+
+def carried_agent(user_agent: str) -> str:
+    """A User-Agent as the visitor key needs it, short enough for a batch of hits to stay small: a long one
+    (a header can hold 30 KB of it) becomes its start and a digest of the whole, so two such stay apart."""
+    if len(user_agent) <= MAX_CARRIED_AGENT:
+        return user_agent
+    digest = hashlib.blake2b(user_agent.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+    return user_agent[: MAX_CARRIED_AGENT - len(digest)] + digest
+
+
+def pack_read(read: ReadHit) -> tuple:
+    """A hit read, as plain tuples (``marshal``) to cross a socket between processes, its kind first. The
+    visitor key's parts (address, User-Agent) cross only in memory, as they do between threads."""
+    if isinstance(read, Refused):
+        return ("refused", *read)
+    if isinstance(read, FilteredHit):
+        return ("filtered", *read)
+    if isinstance(read, Accepted):
+        return ("accepted", tuple(read.view), read.event, read.address, carried_agent(read.user_agent), read.engagement, read.props, read.dropped_props)
+    return ("malformed",)
+
+
+def unpack_read(packed: tuple) -> ReadHit:
+    kind, *fields = packed
+    if kind == "refused":
+        return Refused(*fields)
+    if kind == "filtered":
+        return FilteredHit(*fields)
+    if kind == "accepted":
+        view, event, address, user_agent, engagement, props, dropped = fields
+        return Accepted(PageView._make(view), event, address, user_agent, engagement=engagement, props=props, dropped_props=dropped)
+    if kind == "malformed":
+        return None
+    raise ValueError(f"a hit of unknown kind {str(kind)[:20]!r}")
 
 
 class HitReader:
@@ -6647,44 +6704,6 @@ class HitReader:
 
     def country_of(self, address: Optional[IPAddress]) -> str:
         return lookup_country(self.geoip, address)
-
-
-def pack_read(read: ReadHit) -> tuple:
-    """A hit read, as plain tuples (``marshal``) to cross a socket between processes, its kind first. The
-    visitor key's parts (address, User-Agent) cross only in memory, as they do between threads."""
-    if isinstance(read, Refused):
-        return ("refused", *read)
-    if isinstance(read, FilteredHit):
-        return ("filtered", *read)
-    if isinstance(read, Accepted):
-        return ("accepted", tuple(read.view), read.event, read.address, carried_agent(read.user_agent), read.engagement, read.props, read.dropped_props)
-    return ("malformed",)
-
-
-def unpack_read(packed: tuple) -> ReadHit:
-    kind, *fields = packed
-    if kind == "refused":
-        return Refused(*fields)
-    if kind == "filtered":
-        return FilteredHit(*fields)
-    if kind == "accepted":
-        view, event, address, user_agent, engagement, props, dropped = fields
-        return Accepted(PageView._make(view), event, address, user_agent, engagement=engagement, props=props, dropped_props=dropped)
-    if kind == "malformed":
-        return None
-    raise ValueError(f"a hit of unknown kind {str(kind)[:20]!r}")
-
-
-MAX_CARRIED_AGENT = 512  # characters of a User-Agent carried to the owner: it is reduced already, and only keys the visitor
-
-
-def carried_agent(user_agent: str) -> str:
-    """A User-Agent as the visitor key needs it, short enough for a batch of hits to stay small: a long one
-    (a header can hold 30 KB of it) becomes its start and a digest of the whole, so two such stay apart."""
-    if len(user_agent) <= MAX_CARRIED_AGENT:
-        return user_agent
-    digest = hashlib.blake2b(user_agent.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
-    return user_agent[: MAX_CARRIED_AGENT - len(digest)] + digest
 
 
 class App:
@@ -7000,12 +7019,6 @@ Read the report with <code>curl http://127.0.0.1:8000/report</code> on this mach
 """
 
 
-def foreign_body(environ: Environ) -> bytes:
-    """The JSON body of another tool's tracker, when its size is one a tracker sends."""
-    length = environ.get("CONTENT_LENGTH") or "0"
-    return environ["wsgi.input"].read(int(length)) if length.isdigit() and 0 < int(length) <= MAX_BODY else b""
-
-
 def outcome_name(outcome: Outcome, item: Optional[Item]) -> str:
     """What became of a hit, for /metrics: pageview, event, engagement, a filter reason, malformed, or
     unmatched (engagement for no page view seen)."""
@@ -7039,21 +7052,6 @@ def preflight_headers(methods: Sequence[str]) -> List[Tuple[str, str]]:
         ("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", ", ".join(methods)),
         ("Access-Control-Allow-Headers", "Content-Type"), ("Access-Control-Max-Age", "86400"), ("Content-Length", "0"),
     ]
-
-
-def tracker_answer(tracker: str, problem: str) -> Answer:
-    """What each tool's tracker expects: GoatCounter a GIF whatever happens; Plausible 202 ``ok``; Umami a
-    JSON object. Bad input is a 400 (413 when too large) with the reason, which neither tracker retries."""
-    if tracker == "goatcounter":
-        return "200 OK", list(GIF_HEADERS), GIF
-    if problem:
-        status = "413 Payload Too Large" if problem == "too large" else "400 Bad Request"
-        body = json.dumps({"errors": {"request": problem}} if tracker == "plausible" else {"error": problem}).encode()
-        content_type = "application/json"
-    else:
-        status, content_type, body = ("202 Accepted", "text/plain; charset=utf-8", b"ok") if tracker == "plausible" else ("200 OK", "application/json", b"{}")
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
-    return status, headers, body
 
 
 def explain_foreign(foreign: ForeignHit, config: Config, country_of: Callable[[Optional[IPAddress]], str]) -> str:
@@ -7354,6 +7352,20 @@ def error_response(code: str) -> bytes:
     status = ERROR_STATUSES[code]
     body = f"{status[4:].lower()}\n".encode()
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def connection_limit() -> int:
+    """How many connections to hold: raise the soft open-file limit to the hard one (at most
+    65,536), and stay well below it, so accepting never runs the process out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return max(16, min(soft - 64, 16_384))
 
 
 class Server:
@@ -7689,6 +7701,18 @@ class OwnerGone(Exception):
     """The process that owns the visitors has gone: what an acceptor holds is never answered."""
 
 
+def hit_messages(outbox: List[tuple]) -> Iterator[bytes]:
+    """A batch of hits read, as messages for the owner of at most ``CHANNEL_MESSAGE`` bytes each (halved until
+    they fit; a hit carries nothing long, so one always fits)."""
+    message = b"H" + marshal.dumps(outbox)
+    if len(message) <= CHANNEL_MESSAGE or len(outbox) == 1:
+        yield message
+        return
+    half = len(outbox) // 2
+    yield from hit_messages(outbox[:half])
+    yield from hit_messages(outbox[half:])
+
+
 class Acceptor(Server):
     """The server of an acceptor process (``serve --workers N``): it accepts on its own socket of the
     shared port, reads and parses requests, and reads each hit as far as it can without the visitors
@@ -7775,18 +7799,6 @@ class Acceptor(Server):
             raise OwnerGone()
 
 
-def hit_messages(outbox: List[tuple]) -> Iterator[bytes]:
-    """A batch of hits read, as messages for the owner of at most ``CHANNEL_MESSAGE`` bytes each (halved until
-    they fit; a hit carries nothing long, so one always fits)."""
-    message = b"H" + marshal.dumps(outbox)
-    if len(message) <= CHANNEL_MESSAGE or len(outbox) == 1:
-        yield message
-        return
-    half = len(outbox) // 2
-    yield from hit_messages(outbox[:half])
-    yield from hit_messages(outbox[half:])
-
-
 def listen(host: str, port: int, shared: bool = False, backlog: int = 1024) -> socket.socket:
     """A listening socket; ``shared``: one of several on the same port (``SO_REUSEPORT``), one per acceptor
     process, among which the kernel spreads new connections evenly (so each process wakes for its own
@@ -7805,20 +7817,6 @@ def listen(host: str, port: int, shared: bool = False, backlog: int = 1024) -> s
         raise
     listener.setblocking(False)
     return listener
-
-
-def connection_limit() -> int:
-    """How many connections to hold: raise the soft open-file limit to the hard one (at most
-    65,536), and stay well below it, so accepting never runs the process out of descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):
-            pass
-    return max(16, min(soft - 64, 16_384))
 
 
 ###############################################################################
@@ -7850,6 +7848,10 @@ def watchdog_interval() -> float:
     return int(usec) / 2e6
 
 
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def make_listener(config: Config) -> socket.socket:
     """The listening socket, or with acceptor processes a socket that holds the port for theirs. The port
     is first taken alone: ``SO_REUSEPORT`` would let a second pixeld (the same user's) join the
@@ -7864,8 +7866,31 @@ def make_listener(config: Config) -> socket.socket:
         raise ConfigError(f"cannot listen on {format_address(config.host, config.port)}: {error_reason(error)}") from None
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+SWITCH_INTERVAL = 0.001  # how long the writer may hold the interpreter while the serve loop waits (Python's default: 5 ms)
+GC_FREEZE_INTERVAL = 0.25  # seconds between moving long-lived objects out of the garbage collector's way
+GC_FULL_INTERVAL = DAY  # a full collection, for the rare cycle, once a day
+
+
+def collector() -> Callable[[], None]:
+    """Keeps the garbage collector short, called from a serve loop's heartbeat.
+
+    Python's full collections walk every tracked object in the middle of serving: the memo's
+    entries, and the hits waiting for the writer (a full collection took up to 60 ms under load).
+    Frozen, they are skipped; reference counting still frees them, and a full collection runs
+    from here once a day."""
+    collected = {"young": time.monotonic(), "full": time.monotonic()}
+
+    def collect() -> None:
+        now = time.monotonic()
+        if now - collected["full"] >= GC_FULL_INTERVAL:
+            collected["full"] = now
+            gc.unfreeze()
+            gc.collect()
+        if now - collected["young"] >= GC_FREEZE_INTERVAL:
+            collected["young"] = now
+            gc.freeze()  # a constant-time move; the young generation's own collections stay small
+
+    return collect
 
 
 class Worker:
@@ -8098,6 +8123,34 @@ def run_acceptor(fd: int, log: Callable[[str], None]) -> int:
     return 0
 
 
+def heartbeat(app: App, supervisor: Optional[Supervisor] = None) -> Callable[[], None]:
+    """Called from the serve loop: pings the systemd watchdog, so a wedged loop gets restarted, keeps
+    systemd's status line current, and keeps the garbage collector short (``collector``). With
+    acceptor processes, it restarts those that ended, and the watchdog is pinged only while every
+    one of them is heard from: a wedged acceptor gets the service restarted as a wedged loop does."""
+    interval = watchdog_interval()
+    last = [0.0, ""]
+    collect = collector()
+
+    def beat() -> None:
+        now = time.monotonic()
+        collect()
+        silent = supervisor.silent(max(2 * interval, 1.0)) if supervisor is not None else []
+        if supervisor is not None:
+            supervisor.tend()
+        if interval and now - last[0] >= interval and not silent:
+            last[0] = now
+            notify("WATCHDOG=1")
+        status = app.writer.status()
+        if silent:
+            status = f"acceptor {silent[0].slot} (pid {silent[0].pid}) silent for {now - silent[0].heard:.0f} s"
+        if status != last[1]:
+            last[1] = status
+            notify(f"STATUS={status}")
+
+    return beat
+
+
 def serve(config: Config, log: Callable[[str], None]) -> None:
     """Run until SIGTERM or SIGINT, then stop accepting, finish requests and flush every hit.
 
@@ -8137,61 +8190,6 @@ def serve(config: Config, log: Callable[[str], None]) -> None:
         listener.close()
         app.close()
     log("stopped; every page view is saved")
-
-
-SWITCH_INTERVAL = 0.001  # how long the writer may hold the interpreter while the serve loop waits (Python's default: 5 ms)
-GC_FREEZE_INTERVAL = 0.25  # seconds between moving long-lived objects out of the garbage collector's way
-GC_FULL_INTERVAL = DAY  # a full collection, for the rare cycle, once a day
-
-
-def heartbeat(app: App, supervisor: Optional[Supervisor] = None) -> Callable[[], None]:
-    """Called from the serve loop: pings the systemd watchdog, so a wedged loop gets restarted, keeps
-    systemd's status line current, and keeps the garbage collector short (``collector``). With
-    acceptor processes, it restarts those that ended, and the watchdog is pinged only while every
-    one of them is heard from: a wedged acceptor gets the service restarted as a wedged loop does."""
-    interval = watchdog_interval()
-    last = [0.0, ""]
-    collect = collector()
-
-    def beat() -> None:
-        now = time.monotonic()
-        collect()
-        silent = supervisor.silent(max(2 * interval, 1.0)) if supervisor is not None else []
-        if supervisor is not None:
-            supervisor.tend()
-        if interval and now - last[0] >= interval and not silent:
-            last[0] = now
-            notify("WATCHDOG=1")
-        status = app.writer.status()
-        if silent:
-            status = f"acceptor {silent[0].slot} (pid {silent[0].pid}) silent for {now - silent[0].heard:.0f} s"
-        if status != last[1]:
-            last[1] = status
-            notify(f"STATUS={status}")
-
-    return beat
-
-
-def collector() -> Callable[[], None]:
-    """Keeps the garbage collector short, called from a serve loop's heartbeat.
-
-    Python's full collections walk every tracked object in the middle of serving: the memo's
-    entries, and the hits waiting for the writer (a full collection took up to 60 ms under load).
-    Frozen, they are skipped; reference counting still frees them, and a full collection runs
-    from here once a day."""
-    collected = {"young": time.monotonic(), "full": time.monotonic()}
-
-    def collect() -> None:
-        now = time.monotonic()
-        if now - collected["full"] >= GC_FULL_INTERVAL:
-            collected["full"] = now
-            gc.unfreeze()
-            gc.collect()
-        if now - collected["young"] >= GC_FREEZE_INTERVAL:
-            collected["young"] = now
-            gc.freeze()  # a constant-time move; the young generation's own collections stay small
-
-    return collect
 
 
 ###############################################################################
