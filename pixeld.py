@@ -8054,8 +8054,9 @@ class Supervisor:
         return [worker for worker in self.workers.values() if now - worker.heard > limit]
 
     def stop(self, grace: float = STOP_GRACE) -> None:
-        """Ask every acceptor to stop and wait for them to end, admitting everything they hand over meanwhile:
-        each channel is read to its end, writer behind or not (what is in it was answered)."""
+        """Ask every acceptor to stop and wait for them to end, admitting everything they hand over meanwhile
+        (as the writer keeps up). Those still there after ``grace`` (wedged, or waiting for room in their
+        channel) are killed, and each channel is read to its end, writer behind or not: what is in it was answered."""
         self.stopping = True
         self.server = None  # closed by now: connections handed over are closed unanswered
         for worker in list(self.workers.values()):
@@ -8063,24 +8064,27 @@ class Supervisor:
                 worker.process.terminate()
         deadline = time.monotonic() + grace
         while self.workers and time.monotonic() < deadline:
-            self._drain(list(self.workers.values()), 0.25)
-        for worker in list(self.workers.values()):  # wedged: once killed, what it handed over is still read, to its end
+            if self.app is not None and self.app.overloaded():
+                time.sleep(0.005)
+            else:
+                self._drain(list(self.workers.values()), 0.25, draining=False)
+        for worker in list(self.workers.values()):
             with contextlib.suppress(OSError):
                 worker.process.kill()
         until = time.monotonic() + 5.0
         while self.workers and time.monotonic() < until:
-            self._drain(list(self.workers.values()), 0.25)
+            self._drain(list(self.workers.values()), 0.25, draining=True)
         for worker in list(self.workers.values()):
             self.log(f"acceptor {worker.slot} (pid {worker.pid}) would not end; its channel is closed unread")
             self._ended(worker)
         for sock, _, _ in self.adopted:
             sock.close()
 
-    def _drain(self, workers: List[Worker], timeout: float) -> None:
+    def _drain(self, workers: List[Worker], timeout: float, draining: bool) -> None:
         ready, _, _ = select.select([worker.channel for worker in workers], [], [], timeout)
         for worker in workers:
             if worker.channel in ready:
-                self._receive(worker, draining=True)
+                self._receive(worker, draining)
 
 
 class Settings(pickle.Unpickler):
