@@ -6722,7 +6722,7 @@ class App:
         self.config = config
         self.clock = clock
         self.log = log
-        self.hits = HitReader(config, clock, log, Memo())
+        self.hits = HitReader(config, lambda: self.clock(), lambda message: self.log(message), Memo())  # the app's clock and log, even when replaced
         self.geoip, self.memo = self.hits.geoip, self.hits.memo
         self.writer = Writer(connect(config.db_path, progress=log), config.flush_interval, log, config.keep_days, clock, config.queue_limit, config.goals)
         self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear, goals=config.goals)
