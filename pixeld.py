@@ -6691,7 +6691,7 @@ class HitReader:
         if foreign.problem:
             take(Refused(tracker, foreign.problem))
         elif foreign.hit is not None:
-            self.read(lambda: foreign.hit, tracker, take)  # type: ignore[arg-type,return-value]
+            self.read(lambda: foreign.hit, tracker, take)
         return tracker_answer(tracker, foreign.problem)
 
     def read(self, hit: Callable[[], RawHit], what: str, take: Callable[[ReadHit], None]) -> None:
