@@ -47,6 +47,7 @@ import math
 import multiprocessing
 import operator
 import os
+import pickle
 import queue
 import re
 import resource
@@ -57,9 +58,11 @@ import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
+import traceback
 import unicodedata
 import zipfile
 import zlib
@@ -3661,7 +3664,6 @@ class Store:
         return found
 
 
-
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
 # Per dimension, in PAGEVIEW_KEYS order: how to get its fields from a PageView, and whether they are joined into one string
 STORED_FIELDS = tuple((operator.itemgetter(*(PageView._fields.index(field.name) for field in dim.fields)), len(dim.fields) > 1 and dim.column != "agent")
@@ -4766,7 +4768,6 @@ def _retention_notes(conn: sqlite3.Connection, span: Range, scope: Scope) -> Lis
     if span.start % DAY or span.end % DAY:
         return [f"page views before {since} UTC were deleted (--keep-days): partial days before then are not counted"]
     return []
-
 
 
 def _count_filtered(conn: sqlite3.Connection, span: Range, site_id: Optional[int]) -> Dict[str, int]:
@@ -6886,6 +6887,136 @@ StartResponse = Callable[..., Any]
 Answer = Tuple[str, List[Tuple[str, str]], Any]  # status, headers, and bytes or a generator of bytes
 
 
+def foreign_body(environ: Environ) -> bytes:
+    """The JSON body of another tool's tracker, when its size is one a tracker sends."""
+    length = environ.get("CONTENT_LENGTH") or "0"
+    return environ["wsgi.input"].read(int(length)) if length.isdigit() and 0 < int(length) <= MAX_BODY else b""
+
+
+def tracker_answer(tracker: str, problem: str) -> Answer:
+    """What each tool's tracker expects: GoatCounter a GIF whatever happens; Plausible 202 ``ok``; Umami a
+    JSON object. Bad input is a 400 (413 when too large) with the reason, which neither tracker retries."""
+    if tracker == "goatcounter":
+        return "200 OK", list(GIF_HEADERS), GIF
+    if problem:
+        status = "413 Payload Too Large" if problem == "too large" else "400 Bad Request"
+        body = json.dumps({"errors": {"request": problem}} if tracker == "plausible" else {"error": problem}).encode()
+        content_type = "application/json"
+    else:
+        status, content_type, body = ("202 Accepted", "text/plain; charset=utf-8", b"ok") if tracker == "plausible" else ("200 OK", "application/json", b"{}")
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
+    return status, headers, body
+
+
+class Refused(NamedTuple):
+    """Another tool's tracker request refused as bad input: counted, by tracker and reason, and nothing more."""
+
+    tracker: str
+    problem: str
+
+
+ReadHit = Union[Outcome, Refused]  # what reading a request to the hit endpoint yields
+
+
+MAX_CARRIED_AGENT = 512  # characters of a User-Agent carried to the owner: it is reduced already, and only keys the visitor
+
+
+def carried_agent(user_agent: str) -> str:
+    """A User-Agent as the visitor key needs it, short enough for a batch of hits to stay small: a long one
+    (a header can hold 30 KB of it) becomes its start and a digest of the whole, so two such stay apart."""
+    if len(user_agent) <= MAX_CARRIED_AGENT:
+        return user_agent
+    digest = hashlib.blake2b(user_agent.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+    return user_agent[: MAX_CARRIED_AGENT - len(digest)] + digest
+
+
+def pack_read(read: ReadHit) -> tuple:
+    """A hit read, as plain tuples (``marshal``) to cross a socket between processes, its kind first. The
+    visitor key's parts (address, User-Agent) cross only in memory, as they do between threads."""
+    if isinstance(read, Refused):
+        return ("refused", *read)
+    if isinstance(read, FilteredHit):
+        return ("filtered", *read)
+    if isinstance(read, Accepted):
+        return ("accepted", tuple(read.view), read.event, read.address, carried_agent(read.user_agent), read.engagement, read.props, read.dropped_props)
+    return ("malformed",)
+
+
+def unpack_read(packed: tuple) -> ReadHit:
+    kind, *fields = packed
+    if kind == "refused":
+        return Refused(*fields)
+    if kind == "filtered":
+        return FilteredHit(*fields)
+    if kind == "accepted":
+        view, event, address, user_agent, engagement, props, dropped = fields
+        return Accepted(PageView._make(view), event, address, user_agent, engagement=engagement, props=props, dropped_props=dropped)
+    if kind == "malformed":
+        return None
+    raise ValueError(f"a hit of unknown kind {str(kind)[:20]!r}")
+
+
+class HitReader:
+    """The hit endpoint: the pixel and other tools' trackers. It reads each hit as far as it can without the
+    visitors (normalised, its User-Agent reduced, its source classified), hands what it read on, and
+    gives the answer: the GIF, or what that tool's tracker expects, whatever the request holds.
+
+    The app answers its hits through one (``App.hit``), and so does each acceptor process
+    (``serve --workers N``), as its WSGI app: there what it reads waits in ``outbox``, packed, for the
+    server to hand it over to the process that owns the visitors and the writer.
+
+    It holds a memo of raw inputs: the app's, emptied with each new salt; else its own, emptied when
+    the UTC day (and so the salt) changes."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time, log: Callable[[str], None] = print, memo: Optional[Memo] = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.log = log
+        self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
+        self.memo = memo if memo is not None else Memo()
+        self.day = -1 if memo is None else None  # the UTC day its own memo was last emptied
+        self.site_ids = dict(config.site_ids)
+        self.methods: Dict[str, Tuple[str, ...]] = {DEFAULT_HIT_PATH: HIT_METHODS, config.hit_path: HIT_METHODS, **FOREIGN_METHODS}
+        self.outbox: List[tuple] = []
+
+    def handles(self, environ: Environ) -> bool:
+        """The requests an acceptor answers; the owner answers the rest (a dry run, a wrong method, a preflight)."""
+        return environ["REQUEST_METHOD"] in self.methods.get(environ["PATH_INFO"], ()) and "dry_run=" not in environ["QUERY_STRING"]
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> List[bytes]:
+        status, headers, body = self.answer(environ, lambda read: self.outbox.append(pack_read(read)))
+        start_response(status, headers)
+        return [b""] if environ["REQUEST_METHOD"] == "HEAD" else [body]
+
+    def answer(self, environ: Environ, take: Callable[[ReadHit], None]) -> Answer:
+        """Read the hit a request carries, give it to ``take``, and answer."""
+        now = int(self.clock())
+        if self.day is not None and now // DAY != self.day:
+            self.day = now // DAY
+            self.memo.clear()
+        tracker = TRACKER_PATHS.get(environ["PATH_INFO"])
+        if tracker is None:
+            self.read(lambda: raw_hit(environ, now, self.memo), "pixel", take)
+            return "200 OK", list(GIF_HEADERS), GIF
+        foreign = foreign_hit(tracker, environ, foreign_body(environ), now, self.site_ids, self.memo)
+        if foreign.problem:
+            take(Refused(tracker, foreign.problem))
+        elif foreign.hit is not None:
+            self.read(lambda: foreign.hit, tracker, take)
+        return tracker_answer(tracker, foreign.problem)
+
+    def read(self, hit: Callable[[], RawHit], what: str, take: Callable[[ReadHit], None]) -> None:
+        try:
+            outcome = read_hit(hit(), self.config, self.memo, self.country_of)
+        except Exception as error:  # a bug must never break the host page: log one line, still answer
+            self.log(f"{what}: could not record a hit: {type(error).__name__}: {error}"[:200])
+            return
+        take(outcome)
+
+    def country_of(self, address: Optional[IPAddress]) -> str:
+        return lookup_country(self.geoip, address)
+
+
 class App:
     """The WSGI application: ``/pixel.gif`` (and ``--hit-path``) captures, ``/report`` and ``/export``
     read, ``/whoami``, ``/metrics``, ``/healthz`` and ``/`` help.
@@ -6902,11 +7033,11 @@ class App:
         self.config = config
         self.clock = clock
         self.log = log
-        self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
+        self.hits = HitReader(config, lambda: self.clock(), lambda message: self.log(message), Memo())  # the app's clock and log, even when replaced
+        self.geoip, self.memo = self.hits.geoip, self.hits.memo
         conn = connect(config.db_path, progress=log)
         note_feed_settings(conn, config.node, config.final_after, int(clock()))
         self.writer = Writer(conn, config.flush_interval, log, config.keep_days, clock, config.queue_limit, config.goals, config.final_after)
-        self.memo = Memo()
         self.visitors = Visitors(config.rate_limit, on_new_salt=self.memo.clear, goals=config.goals)
         self._visitors_lock = threading.Lock()
         self.closed = False
@@ -6916,13 +7047,10 @@ class App:
         self.dropped_props = 0  # event property values dropped since start because they look personal
         self.rejected: Counter = Counter()  # other trackers' requests refused as bad input, by (tracker, reason)
         self.open_connections: Optional[Callable[[], int]] = None  # set by the server that runs the app, if it knows
-        self.site_ids = dict(config.site_ids)
-        self.nonblocking_paths = (DEFAULT_HIT_PATH, config.hit_path, *TRACKER_PATHS)
+        self.nonblocking_paths = tuple(self.hits.methods)
         reads = ("GET", "HEAD")
         self.routes: Dict[str, Tuple[Callable[[Environ], Answer], Tuple[str, ...]]] = {
-            DEFAULT_HIT_PATH: (self.pixel, HIT_METHODS),
-            config.hit_path: (self.pixel, HIT_METHODS),
-            **{path: (self.foreign, methods) for path, methods in FOREIGN_METHODS.items()},
+            **{path: (self.hit, methods) for path, methods in self.hits.methods.items()},
             "/script.js": (self.script, reads),
             "/report": (self.report, reads),
             "/export": (self.export, reads),
@@ -6957,33 +7085,35 @@ class App:
             return [b""]
         return [body] if isinstance(body, bytes) else body
 
-    def pixel(self, environ: Environ) -> Answer:
-        """Record the hit and answer the GIF, whatever the request holds. A dry run (``dry_run=1``)
-        from a request allowed to read the report says what the hit would be, and records nothing."""
+    def hit(self, environ: Environ) -> Answer:
+        """The pixel and other tools' trackers: the hit is read (``HitReader``), placed in its visit and handed
+        to the writer, and the answer is the GIF or what that tool's tracker expects, whatever the request
+        holds. A dry run (``dry_run=1``) from a request allowed to read the report says what the hit
+        would be, and records nothing."""
         if "dry_run=" in environ.get("QUERY_STRING", "") and self.deny_report(environ) is None:
-            return plain("200 OK", explain(read_hit(raw_hit(environ, int(self.clock())), self.config, Memo(), self.country_of)))
+            return plain("200 OK", self.dry_run(environ))
+        return self.hits.answer(environ, self.take)
+
+    def dry_run(self, environ: Environ) -> str:
+        now, tracker = int(self.clock()), TRACKER_PATHS.get(environ["PATH_INFO"])
+        if tracker is None:
+            return explain(read_hit(raw_hit(environ, now), self.config, Memo(), self.country_of))
+        foreign = foreign_hit(tracker, environ, foreign_body(environ), now, self.hits.site_ids, Memo())
+        return explain_foreign(foreign, self.config, self.country_of)
+
+    def take(self, read: "ReadHit") -> None:
+        """A hit read here or by an acceptor process (``HitReader``): another tracker's request refused is
+        counted; an outcome is placed in its visit and handed to the writer."""
         try:
-            self.record(environ)
-        except Exception as error:  # a bug must never break the host page: log one line, still answer
-            self.log(f"pixel: could not record a hit: {type(error).__name__}: {error}"[:200])
-        return "200 OK", list(GIF_HEADERS), GIF
-
-    def record(self, environ: Environ) -> None:
-        self.take(raw_hit(environ, int(self.clock()), self.memo))
-
-    def take(self, hit: RawHit) -> None:
-        """Run a hit through the pipeline; place what counts in its visit and hand it to the writer."""
-        self.admit(read_hit(hit, self.config, self.memo, self.country_of))
-
-    def admit_packed(self, packed: Optional[tuple]) -> None:
-        """A hit an acceptor process read (``HitReader``), or another tracker's request it refused."""
-        if packed is not None and len(packed) == len(REFUSED):
-            self.rejected[packed[1], packed[2]] += 1
-        else:
-            self.admit(unpack_outcome(packed))
+            if isinstance(read, Refused):
+                self.rejected[read.tracker, read.problem] += 1
+            else:
+                self.admit(read)
+        except Exception as error:  # a bug must never break the host page, nor the acceptor's batch: log one line
+            self.log(f"could not record a hit: {type(error).__name__}: {error}"[:200])
 
     def admit(self, outcome: Outcome) -> None:
-        """Place a hit already read (here, or by an acceptor process) and hand it to the writer."""
+        """Place a hit already read and hand it to the writer."""
         with self._visitors_lock:  # the writer must see a visit's page views in the order they were placed
             item, step = place(outcome, self.visitors)
             if item is not None:
@@ -6991,22 +7121,6 @@ class App:
         self.outcomes[outcome_name(outcome, item)] += 1
         if isinstance(outcome, Accepted):
             self.dropped_props += outcome.dropped_props
-
-    def foreign(self, environ: Environ) -> Answer:
-        """GoatCounter's ``/count``, Plausible's ``/api/event`` and Umami's ``/api/send``: the hit goes the
-        pixel's way (``take``), and the answer is the one that tool's tracker expects, bad input included."""
-        tracker = TRACKER_PATHS[environ["PATH_INFO"]]
-        foreign = foreign_hit(tracker, environ, foreign_body(environ), int(self.clock()), self.site_ids, self.memo)
-        if "dry_run=" in environ.get("QUERY_STRING", "") and self.deny_report(environ) is None:
-            return plain("200 OK", explain_foreign(foreign, self.config, self.country_of))
-        if foreign.problem:
-            self.rejected[tracker, foreign.problem] += 1
-        elif foreign.hit is not None:
-            try:
-                self.take(foreign.hit)
-            except Exception as error:  # as for the pixel: a bug must never break the host page
-                self.log(f"{tracker}: could not record a hit: {type(error).__name__}: {error}"[:200])
-        return tracker_answer(tracker, foreign.problem)
 
     def script(self, environ: Environ) -> Answer:
         """pixeld's tracker, at Plausible's and Umami's script addresses."""
@@ -7218,86 +7332,6 @@ Read the report with <code>curl http://127.0.0.1:8000/report</code> on this mach
 """
 
 
-class HitReader:
-    """The hit endpoint as an acceptor process serves it (``serve --workers N``): it answers what
-    ``App.pixel`` answers, and reads each hit as far as it can without the visitors, which live in the
-    one process that owns them and the writer. The outcomes wait in ``outbox`` for the server to hand
-    them over; it sends the answers only once the message carrying them is in that process's socket.
-
-    Like the app it owns a memo of raw inputs, emptied when the UTC day (and so the salt) changes."""
-
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time, log: Callable[[str], None] = print) -> None:
-        self.config = config
-        self.clock = clock
-        self.log = log
-        self.geoip = open_geoip(config.geoip_path) if config.geoip_path else None
-        self.memo = Memo()
-        self.day = -1
-        self.site_ids = dict(config.site_ids)
-        self.methods = {DEFAULT_HIT_PATH: HIT_METHODS, config.hit_path: HIT_METHODS, **FOREIGN_METHODS}
-        self.outbox: List[Optional[tuple]] = []
-
-    def handles(self, environ: Environ) -> bool:
-        """The requests answered here; the owner answers the rest (a dry run, a wrong method, a preflight)."""
-        return environ["REQUEST_METHOD"] in self.methods.get(environ["PATH_INFO"], ()) and "dry_run=" not in environ["QUERY_STRING"]
-
-    def __call__(self, environ: Environ, start_response: StartResponse) -> List[bytes]:
-        now = int(self.clock())
-        if now // DAY != self.day:
-            self.day = now // DAY
-            self.memo.clear()
-        tracker = TRACKER_PATHS.get(environ["PATH_INFO"])
-        if tracker is None:
-            self.read(lambda: raw_hit(environ, now, self.memo), "pixel")
-            status, headers, body = "200 OK", list(GIF_HEADERS), GIF
-        else:  # as App.foreign
-            foreign = foreign_hit(tracker, environ, foreign_body(environ), now, self.site_ids, self.memo)
-            if foreign.problem:
-                self.outbox.append((REFUSED[0], tracker, foreign.problem))
-            elif foreign.hit is not None:
-                self.read(lambda: foreign.hit, tracker)
-            status, headers, body = tracker_answer(tracker, foreign.problem)
-        start_response(status, headers)
-        return [b""] if environ["REQUEST_METHOD"] == "HEAD" else [body]
-
-    def read(self, hit: Callable[[], RawHit], what: str) -> None:
-        try:
-            self.outbox.append(pack_outcome(read_hit(hit(), self.config, self.memo, self.country_of)))
-        except Exception as error:  # as in App.pixel: a bug must never break the host page
-            self.log(f"{what}: could not record a hit: {type(error).__name__}: {error}"[:200])
-
-    def country_of(self, address: Optional[IPAddress]) -> str:
-        return lookup_country(self.geoip, address)
-
-
-REFUSED = ("refused", "tracker", "problem")  # the shape of another tracker's refused request, packed
-
-
-def foreign_body(environ: Environ) -> bytes:
-    """The JSON body of another tool's tracker, when its size is one a tracker sends."""
-    length = environ.get("CONTENT_LENGTH") or "0"
-    return environ["wsgi.input"].read(int(length)) if length.isdigit() and 0 < int(length) <= MAX_BODY else b""
-
-
-def pack_outcome(outcome: Outcome) -> Optional[tuple]:
-    """A hit's outcome as plain tuples (``marshal``), to cross a pipe between processes. The visitor
-    key's parts (address, User-Agent) cross only in memory, as they do between threads."""
-    if isinstance(outcome, Accepted):
-        return (tuple(outcome.view), outcome.event, outcome.address, outcome.user_agent, outcome.engagement, outcome.props, outcome.dropped_props)
-    if isinstance(outcome, FilteredHit):
-        return tuple(outcome)
-    return None
-
-
-def unpack_outcome(packed: Optional[tuple]) -> Outcome:
-    if packed is None:
-        return None
-    if len(packed) == len(FilteredHit._fields):
-        return FilteredHit(*packed)
-    view, event, address, user_agent, engagement, props, dropped = packed
-    return Accepted(PageView._make(view), event, address, user_agent, engagement=engagement, props=props, dropped_props=dropped)
-
-
 def outcome_name(outcome: Outcome, item: Optional[Item]) -> str:
     """What became of a hit, for /metrics: pageview, event, engagement, a filter reason, malformed, or
     unmatched (engagement for no page view seen)."""
@@ -7331,21 +7365,6 @@ def preflight_headers(methods: Sequence[str]) -> List[Tuple[str, str]]:
         ("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", ", ".join(methods)),
         ("Access-Control-Allow-Headers", "Content-Type"), ("Access-Control-Max-Age", "86400"), ("Content-Length", "0"),
     ]
-
-
-def tracker_answer(tracker: str, problem: str) -> Answer:
-    """What each tool's tracker expects: GoatCounter a GIF whatever happens; Plausible 202 ``ok``; Umami a
-    JSON object. Bad input is a 400 (413 when too large) with the reason, which neither tracker retries."""
-    if tracker == "goatcounter":
-        return "200 OK", list(GIF_HEADERS), GIF
-    if problem:
-        status = "413 Payload Too Large" if problem == "too large" else "400 Bad Request"
-        body = json.dumps({"errors": {"request": problem}} if tracker == "plausible" else {"error": problem}).encode()
-        content_type = "application/json"
-    else:
-        status, content_type, body = ("202 Accepted", "text/plain; charset=utf-8", b"ok") if tracker == "plausible" else ("200 OK", "application/json", b"{}")
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
-    return status, headers, body
 
 
 def explain_foreign(foreign: ForeignHit, config: Config, country_of: Callable[[Optional[IPAddress]], str]) -> str:
@@ -7646,6 +7665,20 @@ def error_response(code: str) -> bytes:
     status = ERROR_STATUSES[code]
     body = f"{status[4:].lower()}\n".encode()
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+def connection_limit() -> int:
+    """How many connections to hold: raise the soft open-file limit to the hard one (at most
+    65,536), and stay well below it, so accepting never runs the process out of descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return max(16, min(soft - 64, 16_384))
 
 
 class Server:
@@ -7971,12 +8004,26 @@ class Server:
         self.wake_writer.close()
 
 
-HANDOVER_BATCH = 256  # hits in one message to the owner at most (a message must fit in the channel's buffer)
-CHANNEL_MESSAGE = 256 * 1024  # a channel message's size at most: the socket's send buffer
+HANDOVER_BATCH = 256  # hits in one message to the owner at most: the owner checks its writer's queue between messages
+CHANNEL_MESSAGE = 64 * 1024  # bytes in one message to the owner at most, well within the channel's send buffer
+CHANNEL_RECEIVE = 4 * CHANNEL_MESSAGE  # what the owner reads a message into: one longer is cut short, and dropped
+OWNER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)  # what sending on a channel whose owner has gone fails with
 
 
 class OwnerGone(Exception):
     """The process that owns the visitors has gone: what an acceptor holds is never answered."""
+
+
+def hit_messages(outbox: List[tuple]) -> Iterator[bytes]:
+    """A batch of hits read, as messages for the owner of at most ``CHANNEL_MESSAGE`` bytes each (halved until
+    they fit; a hit carries nothing long, so one always fits)."""
+    message = b"H" + marshal.dumps(outbox)
+    if len(message) <= CHANNEL_MESSAGE or len(outbox) == 1:
+        yield message
+        return
+    half = len(outbox) // 2
+    yield from hit_messages(outbox[:half])
+    yield from hit_messages(outbox[half:])
 
 
 class Acceptor(Server):
@@ -7989,8 +8036,8 @@ class Acceptor(Server):
     On a Unix socket a message that ``send`` has taken sits in the receiving socket's queue: it is
     the owner's, and stays readable after the acceptor dies (the owner reads a channel to its end
     before it reaps an acceptor, and on SIGTERM before it flushes the writer). So nothing answered is
-    lost, without a round trip per batch: waiting for an acknowledgement put a second process's
-    wake-up on every hit's path, and on a busy machine doubled the latency at half load.
+    lost, without a round trip per batch (which would put the owner's wake-up on every hit's path).
+    A round's hits go in messages of at most ``CHANNEL_MESSAGE`` bytes (``hit_messages``).
     Back-pressure: the channel holds a few messages (``net.unix.max_dgram_qlen``, 10 by default); while
     the owner holds back (its writer behind), ``send`` blocks and the acceptor stops reading.
 
@@ -8018,7 +8065,7 @@ class Acceptor(Server):
         try:
             socket.send_fds(self.channel, [b"C" + marshal.dumps((conn.peer, conn.buffer))], [conn.sock.fileno()])
         except OSError as error:
-            if error.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+            if error.errno in OWNER_GONE:
                 raise OwnerGone() from None
             self._reject(conn, "431")
             return
@@ -8030,33 +8077,45 @@ class Acceptor(Server):
         while self.held:
             outbox, self.reader.outbox = self.reader.outbox, []
             for start in range(0, len(outbox), self.batch):
-                try:
-                    self.channel.send(b"H" + marshal.dumps(outbox[start : start + self.batch]))
-                except OSError:
-                    raise OwnerGone() from None
+                for message in hit_messages(outbox[start : start + self.batch]):
+                    self._send(message)
             held, self.held = self.held, []
             for conn, data, keep_alive in held:
                 if self._send_answer(conn, data, keep_alive):
                     self._unwait_keep_registered(conn)
                     self._serve_buffered(conn)
 
+    def _send(self, message: bytes) -> None:
+        """Send a message, waiting for room; a message the channel cannot take costs its hits (logged), never the acceptor."""
+        for _ in range(100):
+            try:
+                self.channel.send(message)
+                return
+            except OSError as error:
+                if error.errno in OWNER_GONE:
+                    raise OwnerGone() from None
+                if error.errno != errno.ENOBUFS:
+                    self.log(f"acceptor: could not hand hits over: {error_reason(error)}"[:200])
+                    return
+            time.sleep(0.01)  # the kernel is short of memory for a moment
+        self.log("acceptor: could not hand hits over: no memory for the message")
+
     def beat(self) -> None:
         """Tell the owner this loop is alive (its watchdog), never waiting for room to do so; end with
         an owner that has gone (killed: an acceptor must not keep the port without it)."""
         try:
             self.channel.send(b"B", socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            pass
-        except OSError:
-            raise OwnerGone() from None
+        except OSError as error:
+            if error.errno in OWNER_GONE:
+                raise OwnerGone() from None
         if os.getppid() != self.owner:
             raise OwnerGone()
 
 
 def listen(host: str, port: int, shared: bool = False, backlog: int = 1024) -> socket.socket:
     """A listening socket; ``shared``: one of several on the same port (``SO_REUSEPORT``), one per acceptor
-    process, among which the kernel spreads new connections evenly. (One socket shared by all of them
-    woke them all for each connection, and the first to wake took a whole burst of them.) With no
+    process, among which the kernel spreads new connections evenly (so each process wakes for its own
+    connections only). With no
     ``backlog`` the socket only holds the port: the owner's, which accepts nothing."""
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -8071,20 +8130,6 @@ def listen(host: str, port: int, shared: bool = False, backlog: int = 1024) -> s
         raise
     listener.setblocking(False)
     return listener
-
-
-def connection_limit() -> int:
-    """How many connections to hold: raise the soft open-file limit to the hard one (at most
-    65,536), and stay well below it, so accepting never runs the process out of descriptors."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):
-            pass
-    return max(16, min(soft - 64, 16_384))
 
 
 ###############################################################################
@@ -8116,6 +8161,10 @@ def watchdog_interval() -> float:
     return int(usec) / 2e6
 
 
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def make_listener(config: Config) -> socket.socket:
     """The listening socket, or with acceptor processes a socket that holds the port for theirs. The port
     is first taken alone: ``SO_REUSEPORT`` would let a second pixeld (the same user's) join the
@@ -8130,66 +8179,62 @@ def make_listener(config: Config) -> socket.socket:
         raise ConfigError(f"cannot listen on {format_address(config.host, config.port)}: {error_reason(error)}") from None
 
 
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+SWITCH_INTERVAL = 0.001  # how long the writer may hold the interpreter while the serve loop waits (Python's default: 5 ms)
+GC_FREEZE_INTERVAL = 0.25  # seconds between moving long-lived objects out of the garbage collector's way
+GC_FULL_INTERVAL = DAY  # a full collection, for the rare cycle, once a day
 
 
-def serve(config: Config, log: Callable[[str], None]) -> None:
-    """Run until SIGTERM or SIGINT, then stop accepting, finish requests and flush every hit.
+def collector() -> Callable[[], None]:
+    """Keeps the garbage collector short, called from a serve loop's heartbeat.
 
-    With ``config.workers`` acceptor processes (``--workers``), they take every connection and this
-    process owns the visitors, the writer and every request but the hit; else it does everything."""
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    app = App(config, log=log)
-    try:
-        listener = make_listener(config)
-    except ConfigError:
-        app.close()
-        raise
-    address = listener.getsockname()[:2]
-    supervisor = Supervisor(config, listener, log) if config.workers else None
-    server = Server(app, None if supervisor else listener, log, config.request_timeout, address=address)
-    app.open_connections = lambda: len(server.waiting) + server.busy
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    if supervisor is not None:
-        supervisor.start(server, app)
-    log(
-        f"version {__version__} listening on http://{format_address(*address)}, "
-        + (f"{config.workers} acceptor processes, " if config.workers else "")
-        + f"database {os.path.abspath(config.db_path)}, GeoIP {'on' if config.geoip_path else 'off'}, "
-        f"trusted proxies {', '.join(map(str, config.trusted_proxies)) or 'none'}, "
-        f"report {'public' if config.public_report else 'by token' if config.token else 'from loopback only'}"
-        + (", view counters public" if config.public_counters else "") + (", Sec-GPC honoured" if config.honour_gpc else "")
-    )
-    notify(f"READY=1\nSTATUS=listening on {format_address(*address)}")
-    server.serve(stopping, heartbeat(app, supervisor))
-    notify("STOPPING=1\nSTATUS=saving the last page views")
-    if supervisor is not None:
-        supervisor.stop()
-    listener.close()
-    app.close()
-    log("stopped; every page view is saved")
+    Python's full collections walk every tracked object in the middle of serving: the memo's
+    entries, and the hits waiting for the writer (a full collection took up to 60 ms under load).
+    Frozen, they are skipped; reference counting still frees them, and a full collection runs
+    from here once a day."""
+    collected = {"young": time.monotonic(), "full": time.monotonic()}
+
+    def collect() -> None:
+        now = time.monotonic()
+        if now - collected["full"] >= GC_FULL_INTERVAL:
+            collected["full"] = now
+            gc.unfreeze()
+            gc.collect()
+        if now - collected["young"] >= GC_FREEZE_INTERVAL:
+            collected["young"] = now
+            gc.freeze()  # a constant-time move; the young generation's own collections stay small
+
+    return collect
 
 
 class Worker:
     """One acceptor process, as its owner sees it."""
 
-    __slots__ = ("slot", "pid", "channel", "heard")
+    __slots__ = ("slot", "process", "channel", "heard", "listening")
 
-    def __init__(self, slot: int, pid: int, channel: socket.socket) -> None:
-        self.slot, self.pid, self.channel = slot, pid, channel
+    def __init__(self, slot: int, process: subprocess.Popen, channel: socket.socket) -> None:
+        self.slot, self.process, self.channel = slot, process, channel
         self.heard = time.monotonic()
+        self.listening = False  # it has said so: its first message
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+ACCEPTOR_COMMAND = "acceptor-process"  # the hidden command line of an acceptor process: this file, the command, its channel's descriptor
+ACCEPTOR_START = 10.0  # seconds the owner waits for its acceptors to listen before it says it is ready
+STOP_GRACE = 10.0  # seconds acceptors get to end at SIGTERM, well inside the unit's TimeoutStopSec (30 s), leaving the rest to the writer
 
 
 class Supervisor:
     """The acceptor processes (``--workers N``) and their channels, seen from the process that owns the
     visitors and the writer.
 
-    Each acceptor is forked with a channel (a ``SOCK_SEQPACKET`` socket pair, so each message arrives
-    whole). On it come batches of hits read (``H``), connections handed over (``C``, the socket itself)
-    and heartbeats (``B``); each batch is admitted, in order, to the visitors and the writer. While the
+    Each acceptor is a fresh interpreter running this file (never a fork: it must hold none of the
+    owner's raw inputs, salt or visitors, nor a lock another thread held), with a channel (a
+    ``SOCK_SEQPACKET`` socket pair, so each message arrives whole) on which its settings go first. On it
+    come batches of hits read (``H``), connections handed over (``C``, the socket itself) and
+    heartbeats (``B``); each batch is admitted, in order, to the visitors and the writer. While the
     writer is behind, the owner's loop holds (``Server._hold``): it reads no channel, they fill up, and
     the acceptors stop reading (``Acceptor``).
     An acceptor that ends is restarted (at most once a second per slot); an acceptor silent for
@@ -8197,7 +8242,7 @@ class Supervisor:
 
     def __init__(self, config: Config, listener: socket.socket, log: Callable[[str], None]) -> None:
         self.config = config
-        self.listener = listener
+        self.address = listener.getsockname()[:2]
         self.log = log
         self.workers: Dict[int, Worker] = {}  # by slot
         self.started: Dict[int, float] = {}  # when each slot's latest acceptor started
@@ -8207,27 +8252,34 @@ class Supervisor:
         self.stopping = False
 
     def start(self, server: Server, app: App) -> None:
+        """Start the acceptors, and wait (a while) until each listens."""
         self.server, self.app = server, app
         server.resumed = self.resumed
         for slot in range(self.config.workers):
             self._spawn(slot)
+        deadline = time.monotonic() + ACCEPTOR_START
+        while time.monotonic() < deadline and any(not worker.listening for worker in self.workers.values()):
+            ready, _, _ = select.select([worker.channel for worker in self.workers.values()], [], [], 0.1)
+            for worker in list(self.workers.values()):
+                if worker.channel in ready:
+                    self._receive(worker)
 
     def _spawn(self, slot: int) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:  # the acceptor: it never returns into the owner's code
-            code = 1
-            try:
-                mine.close()
-                code = run_acceptor(self.config, self.listener.getsockname()[:2], theirs, self.log)
-            except BaseException:  # noqa: B036 - whatever happens, this process must end here
-                pass
-            finally:
-                os._exit(code)
-        theirs.close()
         self.started[slot] = time.monotonic()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), ACCEPTOR_COMMAND, str(theirs.fileno())], stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
+            )
+            mine.send(pickle.dumps((self.config, self.address)))
+        except (OSError, subprocess.SubprocessError) as error:
+            self.log(f"cannot start acceptor {slot}: {error_reason(error)}")
+            mine.close()
+            return
+        finally:
+            theirs.close()
         mine.setblocking(False)
-        worker = self.workers[slot] = Worker(slot, pid, mine)
+        worker = self.workers[slot] = Worker(slot, process, mine)
         if self.server is not None:
             self.server.watch(mine, lambda: self._ready(worker))
 
@@ -8245,46 +8297,53 @@ class Supervisor:
                 else:
                     sock.close()
 
-    def _receive(self, worker: Worker) -> None:
+    def _receive(self, worker: Worker, draining: bool = False) -> None:
         """Take the messages waiting on a worker's channel, until the writer falls behind: the rest wait
-        there, and the acceptors stop reading once the channels are full."""
-        while not self.app.overloaded():  # type: ignore[union-attr]
+        there, and the acceptors stop reading once the channels are full. ``draining`` (stopping): every
+        message, to the channel's end."""
+        assert self.app is not None
+        while draining or not self.app.overloaded():
             try:
-                message, fds, _, _ = socket.recv_fds(worker.channel, CHANNEL_MESSAGE, 1)
+                message, fds, flags, _ = socket.recv_fds(worker.channel, CHANNEL_RECEIVE, 1)
             except BlockingIOError:
                 return
             except OSError:
-                message, fds = b"", []
+                message, fds, flags = b"", [], 0
             if not message:
                 self._ended(worker)
                 return
-            worker.heard = time.monotonic()
-            kind = message[:1]
-            if kind == b"H":
-                self._admit(marshal.loads(message[1:]))
-            elif kind == b"C" and fds:
-                peer, buffer = marshal.loads(message[1:])
-                self.adopted.append((socket.socket(fileno=fds.pop()), peer, buffer))
-            for fd in fds:
-                os.close(fd)
-
-    def _admit(self, batch: List[Optional[tuple]]) -> None:
-        assert self.app is not None
-        for packed in batch:
+            worker.heard, worker.listening = time.monotonic(), True
             try:
-                self.app.admit_packed(packed)
-            except Exception as error:  # as in App.pixel: one hit must not take the owner down
-                self.log(f"pixel: could not record a hit: {type(error).__name__}: {error}"[:200])
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ValueError(f"a message longer than {CHANNEL_RECEIVE:,} bytes")
+                self._take(message, fds)
+            except Exception as error:  # one bad message must not take the owner down, nor stop it reading
+                self.log(f"acceptor {worker.slot}: dropped a message: {type(error).__name__}: {error}"[:200])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _take(self, message: bytes, fds: List[int]) -> None:
+        """One message: a batch of hits is admitted; a connection handed over waits in ``adopted`` (its descriptor
+        taken out of ``fds``)."""
+        assert self.app is not None
+        kind = message[:1]
+        if kind == b"H":
+            for packed in marshal.loads(message[1:]):
+                self.app.take(unpack_read(packed))
+        elif kind == b"C" and fds:
+            peer, buffer = marshal.loads(message[1:])
+            self.adopted.append((socket.socket(fileno=fds.pop()), peer, buffer))
 
     def _ended(self, worker: Worker) -> None:
         if self.server is not None:
             self.server.unwatch(worker.channel)
         worker.channel.close()
         del self.workers[worker.slot]
-        _, status = os.waitpid(worker.pid, 0)
+        code = worker.process.wait()
         if self.stopping:
             return
-        how = f"signal {-os.waitstatus_to_exitcode(status)}" if os.WIFSIGNALED(status) else f"exit {os.waitstatus_to_exitcode(status)}"
+        how = f"signal {-code}" if code < 0 else f"exit {code}"
         self.log(f"acceptor {worker.slot} (pid {worker.pid}) ended ({how}); starting another")
         self.tend()
 
@@ -8307,62 +8366,78 @@ class Supervisor:
         now = time.monotonic()
         return [worker for worker in self.workers.values() if now - worker.heard > limit]
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Ask every acceptor to stop, admit what they hand over meanwhile, and wait for them to end."""
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Ask every acceptor to stop and wait for them to end, admitting everything they hand over meanwhile
+        (as the writer keeps up). Those still there after ``grace`` (wedged, or waiting for room in their
+        channel) are killed, and each channel is read to its end, writer behind or not: what is in it was answered."""
         self.stopping = True
         self.server = None  # closed by now: connections handed over are closed unanswered
         for worker in list(self.workers.values()):
             with contextlib.suppress(OSError):
-                os.kill(worker.pid, signal.SIGTERM)
+                worker.process.terminate()
         deadline = time.monotonic() + grace
         while self.workers and time.monotonic() < deadline:
-            if self.app.overloaded():  # type: ignore[union-attr]
+            if self.app is not None and self.app.overloaded():
                 time.sleep(0.005)
-                continue
-            ready, _, _ = select.select([worker.channel for worker in self.workers.values()], [], [], 0.25)
-            for worker in list(self.workers.values()):
-                if worker.channel in ready:
-                    self._receive(worker)
-        for worker in list(self.workers.values()):  # wedged: what it handed over is still read, to its end
+            else:
+                self._drain(list(self.workers.values()), 0.25, draining=False)
+        for worker in list(self.workers.values()):
             with contextlib.suppress(OSError):
-                os.kill(worker.pid, signal.SIGKILL)
-            until = time.monotonic() + 5.0
-            while worker.slot in self.workers and time.monotonic() < until:
-                self._receive(worker)
-                time.sleep(0.01)
-            if worker.slot in self.workers:
-                self._ended(worker)
+                worker.process.kill()
+        until = time.monotonic() + 5.0
+        while self.workers and time.monotonic() < until:
+            self._drain(list(self.workers.values()), 0.25, draining=True)
+        for worker in list(self.workers.values()):
+            self.log(f"acceptor {worker.slot} (pid {worker.pid}) would not end; its channel is closed unread")
+            self._ended(worker)
         for sock, _, _ in self.adopted:
             sock.close()
 
+    def _drain(self, workers: List[Worker], timeout: float, draining: bool) -> None:
+        ready, _, _ = select.select([worker.channel for worker in workers], [], [], timeout)
+        for worker in workers:
+            if worker.channel in ready:
+                self._receive(worker, draining)
 
-def run_acceptor(config: Config, address: Tuple[str, int], channel: socket.socket, log: Callable[[str], None]) -> int:
-    """An acceptor process, just forked: it keeps only its channel (not the database, nor other clients'
-    connections), listens on the port beside the other acceptors, serves hits until SIGTERM, and ends."""
-    os.closerange(3, channel.fileno())
-    os.closerange(channel.fileno() + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-    listener = listen(*address, shared=True)
+
+class Settings(pickle.Unpickler):
+    """Reads the settings an acceptor process gets on its channel: classes of this file, however it was
+    started (``__main__`` or ``pixeld``), and of the standard library."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("__main__", __name__):
+            return globals()[name]
+        return super().find_class(module, name)
+
+
+def run_acceptor(fd: int, log: Callable[[str], None]) -> int:
+    """An acceptor process, started by the owner of the visitors (``Supervisor``) with its channel on descriptor
+    ``fd``: it reads its settings there, listens on the port beside the other acceptors (and says so), serves
+    hits until SIGTERM, and ends. An error ends it with one line naming the error's type and where it
+    was raised, never what a client sent."""
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    channel.setblocking(True)
-    server = Acceptor(HitReader(config, log=log), listener, channel, log, config.request_timeout)
-    collect = collector()
-
-    def beat() -> None:
-        collect()
-        server.beat()
-
+    channel = socket.socket(fileno=fd)
     try:
+        config, address = Settings(io.BytesIO(channel.recv(CHANNEL_RECEIVE))).load()
+        listener = listen(*address, shared=True)
+        channel.send(b"B")
+        server = Acceptor(HitReader(config, log=log), listener, channel, log, config.request_timeout)
+        collect = collector()
+
+        def beat() -> None:
+            collect()
+            server.beat()
+
         server.serve(stopping, beat)
     except OwnerGone:
         return 1
+    except Exception as error:
+        where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+        log(f"acceptor (pid {os.getpid()}) stopped by an error: {type(error).__name__}" + (f" in {where.name}, line {where.lineno}" if where else ""))
+        return 1
     return 0
-
-
-SWITCH_INTERVAL = 0.001  # how long the writer may hold the interpreter while the serve loop waits (Python's default: 5 ms)
-GC_FREEZE_INTERVAL = 0.25  # seconds between moving long-lived objects out of the garbage collector's way
-GC_FULL_INTERVAL = DAY  # a full collection, for the rare cycle, once a day
 
 
 def heartbeat(app: App, supervisor: Optional[Supervisor] = None) -> Callable[[], None]:
@@ -8393,26 +8468,45 @@ def heartbeat(app: App, supervisor: Optional[Supervisor] = None) -> Callable[[],
     return beat
 
 
-def collector() -> Callable[[], None]:
-    """Keeps the garbage collector short, called from a serve loop's heartbeat.
+def serve(config: Config, log: Callable[[str], None]) -> None:
+    """Run until SIGTERM or SIGINT, then stop accepting, finish requests and flush every hit.
 
-    Python's full collections walk every tracked object in the middle of serving: the memo's
-    entries, and the hits waiting for the writer (a full collection took up to 60 ms under load).
-    Frozen, they are skipped; reference counting still frees them, and a full collection runs
-    from here once a day."""
-    collected = {"young": time.monotonic(), "full": time.monotonic()}
-
-    def collect() -> None:
-        now = time.monotonic()
-        if now - collected["full"] >= GC_FULL_INTERVAL:
-            collected["full"] = now
-            gc.unfreeze()
-            gc.collect()
-        if now - collected["young"] >= GC_FREEZE_INTERVAL:
-            collected["young"] = now
-            gc.freeze()  # a constant-time move; the young generation's own collections stay small
-
-    return collect
+    With ``config.workers`` acceptor processes (``--workers``), they take every connection and this
+    process owns the visitors, the writer and every request but the hit; else it does everything."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    app = App(config, log=log)
+    try:
+        listener = make_listener(config)
+    except ConfigError:
+        app.close()
+        raise
+    supervisor = Supervisor(config, listener, log) if config.workers else None
+    try:
+        address = listener.getsockname()[:2]
+        server = Server(app, None if supervisor else listener, log, config.request_timeout, address=address)
+        app.open_connections = lambda: len(server.waiting) + server.busy
+        stopping = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stopping.set())
+        if supervisor is not None:
+            supervisor.start(server, app)
+        log(
+            f"version {__version__} listening on http://{format_address(*address)}, "
+            + (f"{config.workers} acceptor processes, " if config.workers else "")
+            + f"database {os.path.abspath(config.db_path)}, GeoIP {'on' if config.geoip_path else 'off'}, "
+            f"trusted proxies {', '.join(map(str, config.trusted_proxies)) or 'none'}, "
+            f"report {'public' if config.public_report else 'by token' if config.token else 'from loopback only'}"
+            + (", view counters public" if config.public_counters else "") + (", Sec-GPC honoured" if config.honour_gpc else "")
+        )
+        notify(f"READY=1\nSTATUS=listening on {format_address(*address)}")
+        server.serve(stopping, heartbeat(app, supervisor))
+    finally:  # whatever ended the loop, every hit answered is saved
+        notify("STOPPING=1\nSTATUS=saving the last page views")
+        if supervisor is not None:
+            supervisor.stop()
+        listener.close()
+        app.close()
+    log("stopped; every page view is saved")
 
 
 ###############################################################################
@@ -8978,9 +9072,8 @@ def config_from(args: argparse.Namespace, environ: Dict[str, str]) -> Config:
 
 def default_workers() -> int:
     """An acceptor process per core but one, which the owner of the visitors and the writer needs for
-    itself (it sets the ceiling); on one core, one process does all. Measured on two cores shared with
-    the load (as they are with a TLS proxy): a second acceptor raised keep-alive throughput within the
-    noise, and took p99 from 20-25 ms to 30-200 ms and new connections from 3,000-5,500 to 3,100 a second."""
+    itself (it sets the ceiling); on one core, one process does all (bench/README.md: more acceptors
+    than that raised the tail latency, not the throughput)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return cores - 1
 
@@ -9768,6 +9861,8 @@ def log_line(message: str) -> None:
 def main(argv: Optional[List[str]] = None, environ: Optional[Dict[str, str]] = None, clock: Callable[[], float] = time.time) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = dict(os.environ) if environ is None else environ
+    if argv[:1] == [ACCEPTOR_COMMAND] and len(argv) == 2 and argv[1].isdigit():
+        return run_acceptor(int(argv[1]), log_line)
     args = build_parser().parse_args(argv or ["serve"])
     commands = {"report": run_report, "export": run_export, "import": run_import, "backup": run_backup, "check": run_check, "doctor": run_doctor}
     commands.update(share=run_share, top=run_top)

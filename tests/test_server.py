@@ -2,6 +2,7 @@
 
 Every attack here is bounded in count and time and aims only at the daemon on loopback."""
 
+import ctypes
 import os
 import resource
 import socket
@@ -326,3 +327,125 @@ def raw_until_closed(sock):
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def test_clients_with_huge_user_agents_are_all_answered_and_counted(start_daemon):
+    """20 clients at once, each with a 30 KB User-Agent: the hits cross to the owner in messages cut by size
+    (not one too long for the channel, which would end the acceptor and leave them all unanswered), each
+    answered and stored; the acceptor stays. Two such User-Agents that differ only at the end stay two visitors."""
+    daemon = start_daemon("--workers", "1", "--rate-limit", "0")
+    acceptors = daemon.acceptors()
+    agents = [CHROME + " " + "x" * 30_000 + suffix for suffix in ("a", "b")]
+    conns = [socket.create_connection(("127.0.0.1", daemon.port), timeout=10) for _ in range(20)]
+    time.sleep(0.3)  # all connected: their requests come in one round
+    for n, conn in enumerate(conns):
+        conn.sendall(b"GET /pixel.gif?path=/big/" + str(n).encode() + b"&host=example.org HTTP/1.1\r\nHost: x\r\nUser-Agent: "
+                     + agents[n % 2].encode() + b"\r\nConnection: close\r\n\r\n")
+    answers = [raw_until_closed(conn) for conn in conns]
+    for conn in conns:
+        conn.close()
+    assert all(answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(pixeld.GIF) for answer in answers)
+    wait_for(lambda: daemon.report_json()["pageviews"] == 20)
+    assert daemon.report_json()["visitors"] == 2
+    assert daemon.acceptors() == acceptors
+    assert "ended" not in daemon.stop()
+
+
+def test_an_acceptor_process_that_fails_says_why_without_client_data(tmp_path):
+    """An acceptor that cannot go on ends with one line naming the error (here: settings it cannot read)."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with mine, theirs:
+        proc = subprocess.Popen([sys.executable, str(PIXELD), pixeld.ACCEPTOR_COMMAND, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        mine.send(b"not the settings")
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert output.decode().strip().startswith("pixeld: acceptor (pid ") and "stopped by an error: UnpicklingError in " in output.decode()
+    assert len(output.decode().strip().splitlines()) == 1 and "Traceback" not in output.decode()
+
+
+def memory_holds(pid, needles):
+    """Which of ``needles`` (bytes) a process's writable memory holds, read through /proc (root)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if "rw" not in perms:
+                continue
+            start, end = (int(part, 16) for part in span.split("-"))
+            try:
+                mem.seek(start)
+                region = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            found.update(needle for needle in needles if needle in region)
+    return found
+
+
+def test_a_restarted_acceptor_holds_nothing_the_owner_saw(start_daemon):
+    """An acceptor is a fresh interpreter, on its first start and each restart: it holds none of the raw inputs
+    the owner's memory has seen (the User-Agent and address of hits), which a fork would copy into it."""
+    if os.geteuid() != 0:
+        pytest.skip("reading another process's memory needs root")
+    daemon = start_daemon("--workers", "1", "--rate-limit", "0")
+    agent, address = CHROME + " DistinctiveBot/7.7.7-q2w9", "198.51.100.77"
+    for n in range(50):
+        assert daemon.pixel({"path": f"/seen/{n}", "host": "example.org"}, {"User-Agent": agent, "X-Forwarded-For": address}).status == 200
+    for n in range(5):  # a dry run the owner reads itself (and records: one with a proxy's header may not see the report)
+        assert daemon.get(f"/pixel.gif?path=/dry/{n}&dry_run=1", {"User-Agent": agent, "X-Forwarded-For": address}).status == 200
+    wait_for(lambda: daemon.report_json()["filtered"]["total"] == 55)  # counted as a bot's, once each
+    needles = {agent.encode(), address.encode()}
+    assert memory_holds(daemon.proc.pid, needles) == needles  # the test can fail: the owner has seen both
+    [first] = daemon.acceptors()
+    with open(f"/proc/{first}/cmdline", "rb") as cmdline:
+        assert pixeld.ACCEPTOR_COMMAND.encode() in cmdline.read().split(b"\0")
+    os.kill(first, 9)
+    wait_for(lambda: len(daemon.acceptors()) == 1 and first not in daemon.acceptors())
+    [second] = daemon.acceptors()
+    wait_for(lambda: daemon.get("/healthz").status == 200)
+    assert memory_holds(second, needles) == set()
+
+
+def channel_of(pid):
+    """A copy of an acceptor process's channel to its owner (``pidfd_getfd``, root): a way to send the owner
+    what no acceptor sends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in sorted(int(name) for name in os.listdir(f"/proc/{pid}/fd")):
+            copy = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+            if copy < 0:
+                continue
+            sock = None
+            try:
+                sock = socket.socket(fileno=copy)
+            except OSError:
+                os.close(copy)
+                continue
+            if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
+                return sock
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("no channel")
+
+
+def test_the_owner_drops_a_message_it_cannot_read_and_goes_on(start_daemon):
+    """A message on a channel that is not a batch of hits, or one cut short for its length, costs that message
+    (one line in the log), never the owner: it goes on counting, and saves every hit answered at SIGTERM."""
+    if os.geteuid() != 0 or not hasattr(os, "pidfd_open"):
+        pytest.skip("taking another process's socket needs root and pidfd_getfd")
+    daemon = start_daemon("--workers", "1", "--rate-limit", "0")
+    assert daemon.pixel({"path": "/before", "host": "example.org"}).status == 200
+    with channel_of(daemon.acceptors()[0]) as channel:
+        channel.setsockopt(socket.SOL_SOCKET, 32, 1 << 20)  # SO_SNDBUFFORCE: room for a message the owner cannot take whole
+        channel.send(b"H" + b"\xff" * 100)
+        channel.send(b"H" + pixeld.marshal.dumps([("accepted", "not a page view")]))
+        channel.send(b"H" + pixeld.marshal.dumps([pixeld.pack_read(None)] * 100_000))  # 300 KB, over what the owner reads a message into
+    for n in range(20):
+        assert daemon.pixel({"path": f"/after/{n}", "host": "example.org"}).status == 200
+    wait_for(lambda: daemon.report_json()["pageviews"] == 21)
+    output = daemon.stop()
+    assert daemon.proc.returncode == 0 and "Traceback" not in output
+    assert output.count("acceptor 0: dropped a message") == 3, output
+    assert len(stored_pageviews(daemon.db)) == 21
