@@ -3299,7 +3299,9 @@ def unpack_ids(packed: bytes) -> List[int]:
 
 @dataclasses.dataclass
 class Batch:
-    """What one commit writes. The writer and the importer fill it the same way (``add``)."""
+    """What one commit writes: the writer fills it (``add``) with what ``place`` gives. Records (rows
+    that bring their visits' numbers) are written as they are; imports write theirs, reduced where
+    they are read, with ``Store.write_rows``."""
 
     views: List[Tuple[PageView, Optional[VisitStep]]] = dataclasses.field(default_factory=list)  # live, placed in their visits
     records: List[Record] = dataclasses.field(default_factory=list)  # imported, with their visits' numbers
