@@ -5915,12 +5915,13 @@ class ImportReader:
             self._add(FilteredHit(second, view.site, "rate-limited"), live=False)
             return
         self.imported += 1
+        own = reading.arrival
         firsts, first_goals, converted = self.visitors.flags(observation, reading.reached)
-        if first_goals or observation.arrival != reading.arrival:
-            dimensions = self._dimensions(self.visitors.shown(view, reading.arrival, observation.arrival, first_goals))  # type: ignore[arg-type]
+        if first_goals:
+            dimensions = self._dimensions(self.visitors.shown(view, own, observation.arrival, first_goals))  # type: ignore[arg-type]
         else:
-            dimensions = reading.dimensions
-        self.batch.rows.extend(self.visits.add((second, dimensions, observation.first_today, firsts, converted), observation.step))
+            dimensions = reading.dimensions_as(observation.arrival, lambda arrival: self._dimensions(arrived(view, own, arrival)))  # type: ignore[arg-type]
+        self.batch.rows += self.visits.add((second, dimensions, observation.first_today, firsts, converted), observation.step)
         if len(self.batch) >= IMPORT_BATCH:
             self._flush()
 
@@ -5952,15 +5953,27 @@ class ImportReader:
         self.batch = ImportBatch()
 
 
-class Reading(NamedTuple):
+class Reading:
     """What a foreign row's content reads as, whatever its time and visitor (``ImportReader._add_visitor_row``);
-    for a page view, what placing it in its visit needs: how a visit it begins came, the goals its path
-    reaches, and its stored dimensions when its visit came that way."""
+    for a page view, what placing it in its visit needs: how a visit it begins came (None: not a page
+    view), the goals its path reaches, and its stored dimensions by how its visit came (``arrived``)."""
 
-    outcome: Union[Accepted, FilteredHit]
-    arrival: Optional[Arrival] = None  # None: not a page view
-    reached: List[int] = []
-    dimensions: Tuple[Any, ...] = ()
+    __slots__ = ("outcome", "arrival", "reached", "dimensions")
+    MAX_ARRIVALS = 16  # the ways of coming it remembers the dimensions for: most pages are reached a few ways
+
+    def __init__(self, outcome: Union[Accepted, FilteredHit], arrival: Optional[Arrival] = None, reached: Sequence[int] = (),
+                 dimensions: Tuple[Any, ...] = ()) -> None:
+        self.outcome, self.arrival, self.reached = outcome, arrival, list(reached)
+        self.dimensions = {arrival: dimensions}
+
+    def dimensions_as(self, arrival: Arrival, dimensions_of: Callable[[Arrival], Tuple[Any, ...]]) -> Tuple[Any, ...]:
+        """Its stored dimensions in a visit that came as ``arrival`` says (``dimensions_of`` makes them the first time)."""
+        found = self.dimensions.get(arrival)
+        if found is None:
+            if len(self.dimensions) >= self.MAX_ARRIVALS:
+                self.dimensions = {self.arrival: self.dimensions[self.arrival]}
+            found = self.dimensions[arrival] = dimensions_of(arrival)
+        return found
 
 
 class OpenVisit:
