@@ -5915,12 +5915,11 @@ class ImportReader:
             self._add(FilteredHit(second, view.site, "rate-limited"), live=False)
             return
         self.imported += 1
-        own = reading.arrival
         firsts, first_goals, converted = self.visitors.flags(observation, reading.reached)
         if first_goals:
-            dimensions = self._dimensions(self.visitors.shown(view, own, observation.arrival, first_goals))  # type: ignore[arg-type]
+            dimensions = self._dimensions(self.visitors.shown(view, reading.arrival, observation.arrival, first_goals))  # type: ignore[arg-type]
         else:
-            dimensions = reading.dimensions_as(observation.arrival, lambda arrival: self._dimensions(arrived(view, own, arrival)))  # type: ignore[arg-type]
+            dimensions = reading.dimensions_as(observation.arrival, self._dimensions)
         self.batch.rows += self.visits.add((second, dimensions, observation.first_today, firsts, converted), observation.step)
         if len(self.batch) >= IMPORT_BATCH:
             self._flush()
@@ -5948,9 +5947,13 @@ class ImportReader:
             self._flush()
 
     def _flush(self) -> None:
+        """Hand the batch over. What the reader holds by now (the caches, the visits still open) is frozen
+        out of the garbage collector, as the daemon's memo is (``collector``): each full collection walked
+        it all again, a seventh of the reading. None of it forms cycles: reference counting frees it."""
         self.batch.imported, self.batch.filtered_hits, self.batch.skipped = self.imported, self.filtered, self.skipped
         self.send(self.batch)
         self.batch = ImportBatch()
+        gc.freeze()
 
 
 class Reading:
@@ -5966,13 +5969,13 @@ class Reading:
         self.outcome, self.arrival, self.reached = outcome, arrival, list(reached)
         self.dimensions = {arrival: dimensions}
 
-    def dimensions_as(self, arrival: Arrival, dimensions_of: Callable[[Arrival], Tuple[Any, ...]]) -> Tuple[Any, ...]:
+    def dimensions_as(self, arrival: Arrival, dimensions_of: Callable[[PageView], Tuple[Any, ...]]) -> Tuple[Any, ...]:
         """Its stored dimensions in a visit that came as ``arrival`` says (``dimensions_of`` makes them the first time)."""
         found = self.dimensions.get(arrival)
         if found is None:
             if len(self.dimensions) >= self.MAX_ARRIVALS:
                 self.dimensions = {self.arrival: self.dimensions[self.arrival]}
-            found = self.dimensions[arrival] = dimensions_of(arrival)
+            found = self.dimensions[arrival] = dimensions_of(arrived(self.outcome.view, self.arrival, arrival))  # type: ignore[arg-type,union-attr]
         return found
 
 
