@@ -2581,6 +2581,19 @@ class Generation:
         return row if self.start[number] == start and row != UNWRITTEN else None
 
 
+class SessionGeneration(Generation):
+    """An import's generation. Its visitors name themselves by a session id from the file being imported
+    (GoatCounter's ``Session``, Umami's ``session_id``), not by a reader's address and User-Agent: the
+    key only has to tell them apart, in memory, for the day. Python's own string hash (itself randomly
+    keyed per process) of the salt and the id does that ten times faster than a keyed BLAKE2b."""
+
+    __slots__ = ()
+
+    def key(self, site: str, address: str, user_agent: str) -> int:
+        return hash((self.salt, site, address, user_agent)) & KEY_MASK | 1 << 56
+
+
+KEY_MASK = (1 << 56) - 1
 NO_PAGES = array.array("I", [0] * RECENT_PAGES)
 NO_SEEN = array.array("I", [0] * len(VISIT_FIRSTS))
 CONVERTED_BIT = MAX_GOALS  # in ``Generation.goals``: the visitor reached a goal today
@@ -2643,10 +2656,12 @@ class Visitors:
     holds a lock around ``observe`` and the hand-over to the writer.
     """
 
-    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None, goals: Sequence[Goal] = ()) -> None:
+    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None, goals: Sequence[Goal] = (),
+                 generation: Callable[[int], Generation] = Generation) -> None:
         self.rate_limit = rate_limit
         self.on_new_salt = on_new_salt
         self.goals = tuple(goals)
+        self.generation = generation  # a day's visitors: ``SessionGeneration`` for an import's
         self._current = Generation(-1, slots=1)  # a placeholder: the first hit brings the first real day
         self._previous: Optional[Generation] = None
 
@@ -2757,7 +2772,7 @@ class Visitors:
         day = now // DAY
         if day > self._current.day:
             self._previous = self._current if day == self._current.day + 1 else None
-            self._current = Generation(day)
+            self._current = self.generation(day)
             self.on_new_salt()
         if self._previous is not None and now >= self._current.day * DAY + VISIT_TIMEOUT:
             self._previous = None  # every visit begun under it has ended, or moved on to today's key
@@ -5743,7 +5758,7 @@ class ImportReader:
         self.geoip = geoip
         self.memo = Memo()
         self.readings: Dict[Tuple[str, ...], Optional[Reading]] = {}  # what a foreign row's content reads as, whatever its time and visitor
-        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
+        self.visitors = self._visitors(SessionGeneration)  # an access log's are keyed as live ones are (``_read_combined``)
         self.visits = ImportVisits()
         self.dimensions: Dict[Tuple[str, ...], Tuple[Any, ...]] = {}  # a page view's stored values by its fields (``stored_dimensions``): most repeat
         self.imported = self.filtered = self.skipped = 0
@@ -5760,6 +5775,9 @@ class ImportReader:
         readers[fmt](path)
         self.batch.rows.extend(self.visits.end_all())
         self._flush()
+
+    def _visitors(self, generation: Callable[[int], Generation]) -> Visitors:
+        return Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=self.config.goals, generation=generation)
 
     def _dimensions(self, view: PageView) -> Tuple[Any, ...]:
         fields = view[1 : -len(VISITOR_FLAGS)]
@@ -5839,6 +5857,7 @@ class ImportReader:
             raise ImportFailed(f"{path} is not a database of the Flask tool: {error}") from None
 
     def _read_combined(self, path: str) -> None:
+        self.visitors = self._visitors(Generation)  # a reader's address and User-Agent: keyed with BLAKE2b, as the daemon keys them
         with open_text(path) as handle:
             for line in handle:
                 match = _COMBINED.match(line)
@@ -5936,7 +5955,8 @@ class ImportReader:
         else:
             self.imported += 1
         if isinstance(item, PageView):
-            self.batch.rows.extend(self.visits.add((item.time, self._dimensions(item), item.first_today, item.firsts, item.converted), step))  # type: ignore[arg-type]
+            held = (item.time, self._dimensions(item), item.first_today, item.firsts, item.converted)
+            self.batch.rows.extend(self.visits.add(held, step))  # type: ignore[arg-type]
         elif isinstance(item, Record):
             self.batch.rows.append(stored_values(item))
         elif isinstance(item, Event):
