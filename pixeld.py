@@ -2488,22 +2488,25 @@ class Generation:
         visit came the way its first page view says (``arrival``). The latest page views stay reachable
         across visits: a beacon from a tab left open still lands."""
         previous = None
-        if not self.views[number] or now - self.last[number] > VISIT_TIMEOUT:
-            self.start[number] = self.last[number] = now
-            self.views[number] = 1
+        views, last, page_time, next_page = self.views[number], self.last[number], self.page_time, self.next_page[number]
+        if not views or now - last > VISIT_TIMEOUT:
+            start = self.start[number] = self.last[number] = last = now
+            views = self.views[number] = 1
             self.entry[number] = UNWRITTEN
             self.origin.pop(number, None)
             self.arrival[number] = self.arrival_id(arrival)
         else:
-            self.views[number] += 1
-            self.last[number] = max(self.last[number], now)
-            before = number * RECENT_PAGES + (self.next_page[number] - 1) % RECENT_PAGES
-            if self.page_time[before] >= self.start[number]:
-                previous = (before, self.page_time[before])
-        slot = number * RECENT_PAGES + self.next_page[number]
-        self.next_page[number] = (self.next_page[number] + 1) % RECENT_PAGES
-        self.page_path[slot], self.page_time[slot], self.page_row[slot] = path_hash(path), now, UNWRITTEN
-        return VisitStep(self, number, self.start[number], self.views[number], self.last[number] - self.start[number], slot, self.visit_key(number), previous)
+            start = self.start[number]
+            views = self.views[number] = views + 1
+            if now > last:
+                last = self.last[number] = now
+            before = number * RECENT_PAGES + (next_page - 1) % RECENT_PAGES
+            if page_time[before] >= start:
+                previous = (before, page_time[before])
+        slot = number * RECENT_PAGES + next_page
+        self.next_page[number] = (next_page + 1) % RECENT_PAGES
+        self.page_path[slot], page_time[slot], self.page_row[slot] = path_hash(path), now, UNWRITTEN
+        return VisitStep(self, number, start, views, last - start, slot, self.visit_key(number), previous)
 
     def arrival_id(self, arrival: "Arrival") -> int:
         found = self.arrival_ids.get(arrival)
