@@ -2720,7 +2720,7 @@ class Visitors:
         number = self._find(now, site, address, user_agent)
         if number < 0:
             return Observation(True, VisitStep(None, -1, now, 1, 0, -1, (-1, -1, now)), arrival)
-        if not self._within_rate_limit(generation, number, now):
+        if self.rate_limit > 0 and not self._within_rate_limit(generation, number, now):
             return None
         first_today = not generation.counted[number]
         generation.counted[number] = 1
@@ -5806,13 +5806,14 @@ class ImportReader:
             header = goatcounter_header(next(reader, []))
             session, date = header.index("session"), header.index("date")
             content = operator.itemgetter(*(i for i, name in enumerate(header) if name not in ("session", "date", "firstvisit")))
+            width, add = len(header), self._add_visitor_row
             for row in reader:
                 if not row:
                     continue  # GoatCounter allows blank lines
-                if len(row) != len(header):
+                if len(row) != width:
                     self._add(None, live=True)
                     continue
-                self._add_visitor_row(content(row), row[date], lambda row=row: goatcounter_record(dict(zip(header, row)), self.memo), row[session])
+                add(content(row), row[date], lambda row=row: goatcounter_record(dict(zip(header, row)), self.memo), row[session])
 
     def _read_umami(self, path: str) -> None:
         """Umami's ``website_event`` rows joined with their ``session`` (Umami Cloud's data export, or
