@@ -2518,22 +2518,25 @@ class Generation:
         visit came the way its first page view says (``arrival``). The latest page views stay reachable
         across visits: a beacon from a tab left open still lands."""
         previous = None
-        if not self.views[number] or now - self.last[number] > VISIT_TIMEOUT:
-            self.start[number] = self.last[number] = now
-            self.views[number] = 1
+        views, last, page_time, next_page = self.views[number], self.last[number], self.page_time, self.next_page[number]
+        if not views or now - last > VISIT_TIMEOUT:
+            start = self.start[number] = self.last[number] = last = now
+            views = self.views[number] = 1
             self.entry[number] = UNWRITTEN
             self.origin.pop(number, None)
             self.arrival[number] = self.arrival_id(arrival)
         else:
-            self.views[number] += 1
-            self.last[number] = max(self.last[number], now)
-            before = number * RECENT_PAGES + (self.next_page[number] - 1) % RECENT_PAGES
-            if self.page_time[before] >= self.start[number]:
-                previous = (before, self.page_time[before])
-        slot = number * RECENT_PAGES + self.next_page[number]
-        self.next_page[number] = (self.next_page[number] + 1) % RECENT_PAGES
-        self.page_path[slot], self.page_time[slot], self.page_row[slot] = path_hash(path), now, UNWRITTEN
-        return VisitStep(self, number, self.start[number], self.views[number], self.last[number] - self.start[number], slot, self.visit_key(number), previous)
+            start = self.start[number]
+            views = self.views[number] = views + 1
+            if now > last:
+                last = self.last[number] = now
+            before = number * RECENT_PAGES + (next_page - 1) % RECENT_PAGES
+            if page_time[before] >= start:
+                previous = (before, page_time[before])
+        slot = number * RECENT_PAGES + next_page
+        self.next_page[number] = (next_page + 1) % RECENT_PAGES
+        self.page_path[slot], page_time[slot], self.page_row[slot] = path_hash(path), now, UNWRITTEN
+        return VisitStep(self, number, start, views, last - start, slot, self.visit_key(number), previous)
 
     def arrival_id(self, arrival: "Arrival") -> int:
         found = self.arrival_ids.get(arrival)
@@ -2611,6 +2614,19 @@ class Generation:
         return row if self.start[number] == start and row != UNWRITTEN else None
 
 
+class SessionGeneration(Generation):
+    """An import's generation. Its visitors name themselves by a session id from the file being imported
+    (GoatCounter's ``Session``, Umami's ``session_id``), not by a reader's address and User-Agent: the
+    key only has to tell them apart, in memory, for the day. Python's own string hash (itself randomly
+    keyed per process) of the salt and the id does that ten times faster than a keyed BLAKE2b."""
+
+    __slots__ = ()
+
+    def key(self, site: str, address: str, user_agent: str) -> int:
+        return hash((self.salt, site, address, user_agent)) & KEY_MASK | 1 << 56
+
+
+KEY_MASK = (1 << 56) - 1
 NO_PAGES = array.array("I", [0] * RECENT_PAGES)
 NO_SEEN = array.array("I", [0] * len(VISIT_FIRSTS))
 CONVERTED_BIT = MAX_GOALS  # in ``Generation.goals``: the visitor reached a goal today
@@ -2673,10 +2689,12 @@ class Visitors:
     holds a lock around ``observe`` and the hand-over to the writer.
     """
 
-    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None, goals: Sequence[Goal] = ()) -> None:
+    def __init__(self, rate_limit: int, on_new_salt: Callable[[], None] = lambda: None, goals: Sequence[Goal] = (),
+                 generation: Callable[[int], Generation] = Generation) -> None:
         self.rate_limit = rate_limit
         self.on_new_salt = on_new_salt
         self.goals = tuple(goals)
+        self.generation = generation  # a day's visitors: ``SessionGeneration`` for an import's
         self._current = Generation(-1, slots=1)  # a placeholder: the first hit brings the first real day
         self._previous: Optional[Generation] = None
 
@@ -2698,17 +2716,31 @@ class Visitors:
         observation = self.observe(view.time, view.site, hit.address, hit.user_agent, view.path, own)
         if observation is None:
             return FilteredHit(view.time, view.site, "rate-limited"), None
-        step, view = observation.step, arrived(view, own, observation.arrival)
-        reached = [index for index, goal in enumerate(self.goals) if goal.reached_by_path(view.path)] if self.goals else []
+        firsts, first_goals, converted = self.flags(observation, self.reached_by_path(view.path))
+        return self.shown(view, own, observation.arrival, first_goals).counted(observation.first_today, firsts, converted), observation.step
+
+    def reached_by_path(self, path: str) -> List[int]:
+        """The goals (indexes) a page view of this path reaches."""
+        return [index for index, goal in enumerate(self.goals) if goal.reached_by_path(path)] if self.goals else []
+
+    def flags(self, observation: Observation, reached: List[int]) -> Tuple[int, List[int], int]:
+        """What a page view placed in its visit brings: a bit per ``VISIT_FIRSTS`` value the visitor brings
+        for the first time today, the goals (of ``reached``) first reached today, and whether it is the
+        visitor's first goal today."""
+        step = observation.step
         if step.generation is None:  # a visitor not remembered: each page view counts as a new one
-            firsts, first_goals, converted = ALL_VISIT_FIRSTS, reached, int(bool(reached))
-        else:  # a visit comes one way all along: only its first page view, or the day's, can bring a new one
-            new = step.views == 1 or observation.first_today
-            firsts = step.generation.firsts(step.number, observation.arrival) if new else 0
-            first_goals, converted = step.generation.reach(step.number, reached) if reached else ([], 0)
+            return ALL_VISIT_FIRSTS, reached, int(bool(reached))
+        new = step.views == 1 or observation.first_today  # a visit comes one way all along: only its first page view, or the day's, can bring a new one
+        firsts = step.generation.firsts(step.number, observation.arrival) if new else 0
+        first_goals, converted = step.generation.reach(step.number, reached) if reached else ([], 0)
+        return firsts, first_goals, converted
+
+    def shown(self, view: PageView, own: Arrival, arrival: Arrival, first_goals: List[int]) -> PageView:
+        """The page view as stored: as its visit came (``arrived``), naming the goals it reached first today."""
+        view = arrived(view, own, arrival)
         if first_goals:
             view = view._replace(goals="\t".join(sorted(self.goals[index].name for index in first_goals)))
-        return view.counted(observation.first_today, firsts, converted), step
+        return view
 
     def observe(self, now: int, site: str, address: str, user_agent: str, path: str = "", arrival: Arrival = DIRECT) -> Optional[Observation]:
         """Place a page view in its visit (a new visit came as ``arrival`` says); None when the visitor is
@@ -2718,7 +2750,7 @@ class Visitors:
         number = self._find(now, site, address, user_agent)
         if number < 0:
             return Observation(True, VisitStep(None, -1, now, 1, 0, -1, (-1, -1, now)), arrival)
-        if not self._within_rate_limit(generation, number, now):
+        if self.rate_limit > 0 and not self._within_rate_limit(generation, number, now):
             return None
         first_today = not generation.counted[number]
         generation.counted[number] = 1
@@ -2773,7 +2805,7 @@ class Visitors:
         day = now // DAY
         if day > self._current.day:
             self._previous = self._current if day == self._current.day + 1 else None
-            self._current = Generation(day)
+            self._current = self.generation(day)
             self.on_new_salt()
         if self._previous is not None and now >= self._current.day * DAY + VISIT_TIMEOUT:
             self._previous = None  # every visit begun under it has ended, or moved on to today's key
@@ -3685,6 +3717,15 @@ def stored_values(record: Record, dimensions: Callable[[PageView], Tuple[Any, ..
     view = record.view
     return (view.time, *dimensions(view), int(view.first_today), record.visit_views, record.duration, record.engaged, record.scroll, view.firsts,
             record.exit, view.converted)
+
+
+HeldView = Tuple[int, Tuple[Any, ...], bool, int, int]  # an imported page view held in its visit: time, ``stored_dimensions``, first_today, firsts, converted
+
+
+def held_values(view: HeldView, visit_views: int = 0, duration: int = 0, exit: int = 0) -> StoredValues:
+    """A held page view reduced to what is stored, as ``stored_values`` reduces its ``Record`` (it reported no engagement)."""
+    time, dimensions, first_today, firsts, converted = view
+    return (time, *dimensions, int(first_today), visit_views, duration, 0, None, firsts, exit, converted)
 
 
 Aggregates = Dict[int, Dict[Tuple[str, str], Tuple[str, Totals]]]  # day -> (section, value) -> (detail, metrics): another tool's daily counts
@@ -6033,8 +6074,8 @@ class ImportReader:
         self.site = config.sites[0] if config.sites else ""
         self.geoip = geoip
         self.memo = Memo()
-        self.outcomes: Dict[Tuple[str, ...], Outcome] = {}  # what a foreign row's content reads as, whatever its time and visitor
-        self.visitors = Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=config.goals)
+        self.readings: Dict[Tuple[str, ...], Optional[Reading]] = {}  # what a foreign row's content reads as, whatever its time and visitor
+        self.visitors = self._visitors(SessionGeneration)  # an access log's are keyed as live ones are (``_read_combined``)
         self.visits = ImportVisits()
         self.dimensions: Dict[Tuple[str, ...], Tuple[Any, ...]] = {}  # a page view's stored values by its fields (``stored_dimensions``): most repeat
         self.imported = self.filtered = self.skipped = 0
@@ -6049,8 +6090,11 @@ class ImportReader:
             "goatcounter": self._read_goatcounter, "umami": self._read_umami,
         }
         readers[fmt](path)
-        self.batch.rows.extend(stored_values(record, self._dimensions) for record in self.visits.end_all())
+        self.batch.rows.extend(self.visits.end_all())
         self._flush()
+
+    def _visitors(self, generation: Callable[[int], Generation]) -> Visitors:
+        return Visitors(rate_limit=0, on_new_salt=self.memo.clear, goals=self.config.goals, generation=generation)
 
     def _dimensions(self, view: PageView) -> Tuple[Any, ...]:
         fields = view[1 : -len(VISITOR_FLAGS)]
@@ -6076,13 +6120,14 @@ class ImportReader:
             header = goatcounter_header(next(reader, []))
             session, date = header.index("session"), header.index("date")
             content = operator.itemgetter(*(i for i, name in enumerate(header) if name not in ("session", "date", "firstvisit")))
+            width, add = len(header), self._add_visitor_row
             for row in reader:
                 if not row:
                     continue  # GoatCounter allows blank lines
-                if len(row) != len(header):
+                if len(row) != width:
                     self._add(None, live=True)
                     continue
-                self._add_visitor_row(content(row), row[date], lambda row=row: goatcounter_record(dict(zip(header, row)), self.memo), row[session])
+                add(content(row), row[date], lambda row=row: goatcounter_record(dict(zip(header, row)), self.memo), row[session])
 
     def _read_umami(self, path: str) -> None:
         """Umami's ``website_event`` rows joined with their ``session`` (Umami Cloud's data export, or
@@ -6130,6 +6175,7 @@ class ImportReader:
             raise ImportFailed(f"{path} is not a database of the Flask tool: {error}") from None
 
     def _read_combined(self, path: str) -> None:
+        self.visitors = self._visitors(Generation)  # a reader's address and User-Agent: keyed with BLAKE2b, as the daemon keys them
         with open_text(path) as handle:
             for line in handle:
                 match = _COMBINED.match(line)
@@ -6169,20 +6215,51 @@ class ImportReader:
         makes it one; ``read_record`` reads it), then placed in visits by the import's own visitors, the
         id standing where a live hit's address stands (in memory only). A row without one is a visitor
         of its own. What a row reads as depends on its content alone, not on its time or visitor: rows
-        that repeat a page, referrer and agent are read once."""
+        that repeat a page, referrer and agent are read once (``Reading``)."""
         second = parse_stamp(when)
-        outcome = self.outcomes.get(content, MISSING) if second is not None else None
-        if outcome is MISSING:
-            row = record()
-            outcome = read_record(row, self.config, self.memo, self.site) if row else None
-            if len(self.outcomes) >= MAX_OUTCOMES:
-                self.outcomes.clear()
-            self.outcomes[content] = outcome
-        if isinstance(outcome, Accepted):  # its time and visitor (faster than ``_replace``)
-            outcome = Accepted._make((PageView._make((second, *outcome.view[1:])), outcome.event, visitor or f"row {self.imported}", *outcome[3:]))
-        elif isinstance(outcome, FilteredHit):
-            outcome = outcome._replace(time=second)
-        self._add(outcome, live=True)
+        reading = self.readings.get(content, MISSING) if second is not None else None
+        if reading is MISSING:
+            reading = self._reading(record())
+            if len(self.readings) >= MAX_OUTCOMES:
+                self.readings.clear()
+            self.readings[content] = reading
+        if reading is None:
+            self._add(None, live=True)
+        elif reading.arrival is not None:
+            self._add_view(second, reading, visitor or f"row {self.imported}")  # type: ignore[arg-type]
+        elif isinstance(reading.outcome, Accepted):  # an event: its time and visitor (faster than ``_replace``)
+            outcome = reading.outcome
+            self._add(Accepted._make((PageView._make((second, *outcome.view[1:])), outcome.event, visitor or f"row {self.imported}", *outcome[3:])), live=True)
+        else:
+            self._add(reading.outcome._replace(time=second), live=True)  # type: ignore[union-attr]
+
+    def _reading(self, row: Optional[Dict[str, Any]]) -> Optional["Reading"]:
+        """What a foreign row's content reads as (``read_record``), and for a page view what placing it in its visit needs."""
+        outcome = read_record(row, self.config, self.memo, self.site) if row else None
+        if outcome is None:
+            return None
+        if isinstance(outcome, FilteredHit) or outcome.event:
+            return Reading(outcome)
+        own = arrival_of(outcome.view)
+        return Reading(outcome, own, self.visitors.reached_by_path(outcome.view.path), self._dimensions(outcome.view))
+
+    def _add_view(self, second: int, reading: "Reading", visitor: str) -> None:
+        """A page view read before (``reading``) at this time, by this visitor: placed in its visit as ``Visitors.admit``
+        places a live one, without building the page view again unless its visit came another way or it reached a goal."""
+        view = reading.outcome.view  # type: ignore[union-attr]
+        observation = self.visitors.observe(second, view.site, visitor, "", view.path, reading.arrival)
+        if observation is None:  # over the rate limit: an import sets none
+            self._add(FilteredHit(second, view.site, "rate-limited"), live=False)
+            return
+        self.imported += 1
+        firsts, first_goals, converted = self.visitors.flags(observation, reading.reached)
+        if first_goals:
+            dimensions = self._dimensions(self.visitors.shown(view, reading.arrival, observation.arrival, first_goals))  # type: ignore[arg-type]
+        else:
+            dimensions = reading.dimensions_as(observation.arrival, self._dimensions)
+        self.batch.rows += self.visits.add((second, dimensions, observation.first_today, firsts, converted), observation.step)
+        if len(self.batch) >= IMPORT_BATCH:
+            self._flush()
 
     def _add(self, outcome: Outcome, live: bool) -> None:
         """Batch a row as the daemon batches a hit (``place``): rows that name their visitor are placed in
@@ -6196,7 +6273,8 @@ class ImportReader:
         else:
             self.imported += 1
         if isinstance(item, PageView):
-            self.batch.rows.extend(stored_values(record, self._dimensions) for record in self.visits.add(item, step))  # type: ignore[arg-type]
+            held = (item.time, self._dimensions(item), item.first_today, item.firsts, item.converted)
+            self.batch.rows.extend(self.visits.add(held, step))  # type: ignore[arg-type]
         elif isinstance(item, Record):
             self.batch.rows.append(stored_values(item))
         elif isinstance(item, Event):
@@ -6207,9 +6285,36 @@ class ImportReader:
             self._flush()
 
     def _flush(self) -> None:
+        """Hand the batch over. What the reader holds by now (the caches, the visits still open) is frozen
+        out of the garbage collector, as the daemon's memo is (``collector``): each full collection walked
+        it all again, a seventh of the reading. None of it forms cycles: reference counting frees it."""
         self.batch.imported, self.batch.filtered_hits, self.batch.skipped = self.imported, self.filtered, self.skipped
         self.send(self.batch)
         self.batch = ImportBatch()
+        gc.freeze()
+
+
+class Reading:
+    """What a foreign row's content reads as, whatever its time and visitor (``ImportReader._add_visitor_row``);
+    for a page view, what placing it in its visit needs: how a visit it begins came (None: not a page
+    view), the goals its path reaches, and its stored dimensions by how its visit came (``arrived``)."""
+
+    __slots__ = ("outcome", "arrival", "reached", "dimensions")
+    MAX_ARRIVALS = 16  # the ways of coming it remembers the dimensions for: most pages are reached a few ways
+
+    def __init__(self, outcome: Union[Accepted, FilteredHit], arrival: Optional[Arrival] = None, reached: Sequence[int] = (),
+                 dimensions: Tuple[Any, ...] = ()) -> None:
+        self.outcome, self.arrival, self.reached = outcome, arrival, list(reached)
+        self.dimensions = {arrival: dimensions}
+
+    def dimensions_as(self, arrival: Arrival, dimensions_of: Callable[[PageView], Tuple[Any, ...]]) -> Tuple[Any, ...]:
+        """Its stored dimensions in a visit that came as ``arrival`` says (``dimensions_of`` makes them the first time)."""
+        found = self.dimensions.get(arrival)
+        if found is None:
+            if len(self.dimensions) >= self.MAX_ARRIVALS:
+                self.dimensions = {self.arrival: self.dimensions[self.arrival]}
+            found = self.dimensions[arrival] = dimensions_of(arrived(self.outcome.view, self.arrival, arrival))  # type: ignore[arg-type,union-attr]
+        return found
 
 
 class OpenVisit:
@@ -6219,18 +6324,18 @@ class OpenVisit:
     __slots__ = ("views", "duration", "last", "entry")
 
     def __init__(self, entry: bool) -> None:
-        self.views: List[PageView] = []
+        self.views: List[HeldView] = []
         self.duration = self.last = 0
         self.entry = entry
 
-    def records(self) -> List[Record]:
+    def rows(self) -> List[StoredValues]:
         """Its page views as written once, in their final state: the entry with the visit's page views and
         duration, the latest as the exit."""
-        records = [Record(view) for view in self.views]
+        last = len(self.views) - 1
+        rows = [held_values(view, exit=int(index == last)) for index, view in enumerate(self.views)]
         if self.entry:
-            records[0] = Record(self.views[0], len(self.views), self.duration)
-        records[-1] = records[-1]._replace(exit=1)
-        return records
+            rows[0] = held_values(self.views[0], last + 1, self.duration, int(last == 0))
+        return rows
 
 
 class ImportVisits:
@@ -6247,10 +6352,10 @@ class ImportVisits:
         self.open: "collections.OrderedDict[Tuple[int, int, int], OpenVisit]" = collections.OrderedDict()  # least recently grown first
         self.due = 0  # no visit held can end before a page view after this time
 
-    def add(self, view: PageView, step: VisitStep) -> List[Record]:
-        """Place a page view in its visit; return the page views of the visits that have ended."""
+    def add(self, view: HeldView, step: VisitStep) -> List[StoredValues]:
+        """Place a page view in its visit; return the page views of the visits that have ended, as stored."""
         if step.generation is None:  # a visitor not remembered: a visit of one page view
-            return [Record(view, 1, exit=1)]
+            return [held_values(view, 1, exit=1)]
         visit = self.open.get(step.visit)
         if visit is None:
             visit = self.open[step.visit] = OpenVisit(entry=step.views == 1)
@@ -6259,21 +6364,22 @@ class ImportVisits:
         visit.views.append(view)
         if step.duration > visit.duration:
             visit.duration = step.duration
-        if view.time > visit.last:
-            visit.last = view.time
-        if view.time <= self.due:
+        time = view[0]
+        if time > visit.last:
+            visit.last = time
+        if time <= self.due:
             return []
-        ended: List[Record] = []
+        ended: List[StoredValues] = []
         while self.open:
             self.due = next(iter(self.open.values())).last + VISIT_TIMEOUT + self.LATE
-            if self.due >= view.time:
+            if self.due >= time:
                 break
-            ended += self.open.popitem(last=False)[1].records()
+            ended += self.open.popitem(last=False)[1].rows()
         return ended
 
-    def end_all(self) -> List[Record]:
-        """Every visit still held, at the end of the file."""
-        ended = [record for visit in self.open.values() for record in visit.records()]
+    def end_all(self) -> List[StoredValues]:
+        """Every visit still held, at the end of the file, as stored."""
+        ended = [row for visit in self.open.values() for row in visit.rows()]
         self.open.clear()
         return ended
 

@@ -432,6 +432,7 @@ def imported_live(path, db, site):
     could see a visitor's next visit begin before the page views of the last one were written)."""
     config = pixeld.Config(sites=(site,))
     reader = pixeld.ImportReader(config, None)
+    visitors = pixeld.Visitors(rate_limit=0, on_new_salt=reader.memo.clear, goals=config.goals)  # the daemon's own, keyed as it keys a hit
     store = pixeld.Store(pixeld.connect(str(db)), shares_cpu=False)
     batch = pixeld.Batch()
     with open(path, newline="") as handle:
@@ -442,7 +443,7 @@ def imported_live(path, db, site):
             outcome = pixeld.read_record(pixeld.goatcounter_record(fields, reader.memo), config, reader.memo, site)
             if isinstance(outcome, pixeld.Accepted):
                 outcome = outcome._replace(address=fields["session"])
-            item, step = pixeld.place(outcome, reader.visitors)
+            item, step = pixeld.place(outcome, visitors)
             if item is not None:
                 batch.add(item, step)
             if batch.views and isinstance(item, pixeld.PageView) and item.time - batch.views[0][0].time >= 300:
