@@ -6768,6 +6768,14 @@ def file_fingerprint(path: str) -> str:
 ###############################################################################
 
 SNIPPET_PLACEHOLDER = "https://stats.example.org"
+# Reading time and scroll depth, measured alike by the snippet and the tracker at other tools' addresses:
+# visible milliseconds (``seen``, since ``since``) and the deepest share of the page shown (``depth``).
+ENGAGEMENT_TICK = """  function tick() {
+    var t = Date.now();
+    if (since) seen += t - since;
+    since = d.visibilityState == "visible" ? t : 0;
+    if (since) depth = Math.max(depth, Math.min(100, Math.round(100 * (scrollY + innerHeight) / d.documentElement.scrollHeight)));
+  }"""
 SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below point at your pixeld server. -->
 <script data-pixeld="https://stats.example.org">
 (function (w, d, l, n) {
@@ -6795,12 +6803,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
     return hit(q, m);
   }
   function send(x) { off() || (n.sendBeacon ? n.sendBeacon(x) : (new Image().src = x)); }
-  function tick() {
-    var t = Date.now();
-    if (since) seen += t - since;
-    since = d.visibilityState == "visible" ? t : 0;
-    if (since) depth = Math.max(depth, Math.min(100, Math.round(100 * (scrollY + innerHeight) / d.documentElement.scrollHeight)));
-  }
+%TICK%
   function engage() {
     tick();
     if (last && (seen > 99 || depth > sent)) {
@@ -6843,7 +6846,7 @@ SNIPPET = """<!-- pixeld: privacy-first analytics, no cookies. Both URLs below p
 })(window, document, location, navigator);
 </script>
 <noscript><img src="https://stats.example.org/pixel.gif" alt="" width="1" height="1" referrerpolicy="no-referrer-when-downgrade"></noscript>
-""".replace("%CAMPAIGN_PARAMS%", json.dumps(CAMPAIGN_PARAMS))  # the snippet passes on what the server takes, and no click id
+""".replace("%CAMPAIGN_PARAMS%", json.dumps(CAMPAIGN_PARAMS)).replace("%TICK%", ENGAGEMENT_TICK)  # the snippet passes on what the server takes, and no click id
 
 
 # pixeld's tracker at Plausible's and Umami's script addresses (/js/script.js, /js/script.hash.outbound-links.js,
@@ -6885,12 +6888,7 @@ TRACKER_JS = r"""(function (w, d, l, n) {
       : { n: engaged ? "engagement" : name || "pageview", u: url, d: domain, r: ref || null, h: hash ? 1 : undefined, p: props,
         t: d.title, s: screen.width + "," + screen.height, e: engaged && engaged[0] * 1000, sd: engaged && engaged[1] }, done);
   }
-  function tick() {
-    var t = Date.now();
-    if (since) seen += t - since;
-    since = d.visibilityState == "visible" ? t : 0;
-    if (since) depth = Math.max(depth, Math.min(100, Math.round(100 * (scrollY + innerHeight) / d.documentElement.scrollHeight)));
-  }
+%TICK%
   function engage() {
     tick();
     if (lastUrl && (seen > 99 || depth > sent)) {
@@ -6956,7 +6954,7 @@ TRACKER_JS = r"""(function (w, d, l, n) {
   w.addEventListener("pagehide", engage);
   d.addEventListener("visibilitychange", function () { d.hidden ? engage() : tick(); });
 })(window, document, location, navigator);
-"""
+""".replace("%TICK%", ENGAGEMENT_TICK)
 TRACKER_JS_BYTES = TRACKER_JS.encode()
 
 
