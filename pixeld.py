@@ -2901,6 +2901,94 @@ RAW_METRICS = raw_metrics()
 SUMMED_METRICS = ", ".join(f"sum({name})" for name in Metrics._fields)  # SQL over daily and monthly counts
 
 
+ROW_FLAGS = (("first_today", 0, 1), ("exit", 1, 1), ("converted", 2, 1), ("firsts", 3, len(VISIT_FIRSTS)))  # (name, lowest bit, bits) in ``flags``
+FLAG_NAMES = tuple(name for name, _, _ in ROW_FLAGS)
+FLAG_BITS = {name: bit for name, bit, _ in ROW_FLAGS}
+
+
+class Combo(NamedTuple):
+    """Columns of page view and event rows stored as one: the id of their combination, in a table of its own.
+    Their values come together (a path with its title and host; a visit's source, referrer and campaign; a
+    browser with its screen and language), so a few thousand combinations stand for millions of rows, and
+    one id of a byte or two takes the place of three or four columns, each a header byte and a value."""
+
+    table: str
+    column: str
+    members: Tuple[str, ...]
+
+
+COMBOS = (
+    Combo("pages", "page", ("path", "title", "hostname")),
+    Combo("arrivals", "arrival", ("source", "referrer", "campaign", "campaign_detail")),
+    Combo("devices", "device", ("agent", "screen", "language")),
+)
+COMBO_OF = {member: combo for combo in COMBOS for member in combo.members}
+ROW_TABLES = {"pageviews": "pageview_rows", "events": "event_rows"}  # the view that shows rows whole (for exports), and the table that stores them
+KEY_VIEWS = {"pageviews": "pageview_keys", "events": "event_keys"}  # the view reports scan: combinations as their ids, each flag as a column
+
+
+def stored_column(column: str) -> str:
+    """The stored column (and key view's) that holds a row column: its combination's, or its own."""
+    combo = COMBO_OF.get(column)
+    return combo.column if combo else column
+
+
+def stored_columns(columns: Sequence[str]) -> List[str]:
+    """Row columns as stored: a combination's members as its one column, the flags as ``flags``."""
+    stored: List[str] = []
+    for column in columns:
+        name = COMBO_OF[column].column if column in COMBO_OF else column
+        if name not in stored and column not in FLAG_NAMES:
+            stored.append(name)
+    return stored + ["flags"]
+
+
+def store_rows_sql(table: str, columns: Sequence[str], source: str, value: Callable[[str], str] = lambda column: f"b.{column}", where: str = "") -> List[str]:
+    """SQL that stores rows read from ``source`` (as ``b``, with ``columns`` as readers name them, ``value`` of
+    each) in the table of ``table``'s rows: each combination not yet known, then the rows with their
+    combinations' ids. A member the rows do not hold (an event's title) is the empty string, id 0."""
+    statements, joins, ids = [], [], {}
+    for combo in COMBOS:
+        members = [value(member) if member in columns else "0" for member in combo.members]
+        statements.append(f"INSERT OR IGNORE INTO {combo.table} ({', '.join(combo.members)}) SELECT DISTINCT {', '.join(members)} FROM {source} AS b{where}")
+        joins.append(f"CROSS JOIN {combo.table} ON " + " AND ".join(f"{combo.table}.{member} = {sql}" for member, sql in zip(combo.members, members)))
+        ids[combo.column] = f"{combo.table}.id"
+    flags = " | ".join(f"({value(name)} << {bit})" for name, bit, _ in ROW_FLAGS)
+    stored = stored_columns(columns)
+    selected = [ids.get(column) or (flags if column == "flags" else value(column)) for column in stored]
+    statements.append(f"INSERT INTO {ROW_TABLES[table]} ({', '.join(stored)}) SELECT {', '.join(selected)} FROM {source} AS b {' '.join(joins)}{where}")
+    return statements
+
+
+def create_row_views(conn: sqlite3.Connection, table: str, columns: Sequence[str]) -> None:
+    """The views on a table's stored rows: ``table`` shows them as ``columns``, every member of a combination
+    and each flag a column (for exports, and whoever reads rows whole), then the combinations' ids;
+    ``KEY_VIEWS[table]`` what reports test and count, without a join (SQLite joins for every row of an
+    aggregate, used or not)."""
+    flags = {name: f"r.flags >> {bit} & {(1 << bits) - 1} AS {name}" for name, bit, bits in ROW_FLAGS}
+    stored = [row[1] for row in conn.execute(f"PRAGMA table_info({ROW_TABLES[table]})")]
+    combos = [combo for combo in COMBOS if combo.column in stored]
+    whole = [flags.get(column) or (f"{COMBO_OF[column].table}.{column} AS {column}" if column in COMBO_OF else f"r.{column}") for column in columns]
+    whole += [f"r.{combo.column}" for combo in combos]  # what a report's filters test (``filter_ids``)
+    joins = " ".join(f"LEFT JOIN {combo.table} ON {combo.table}.id = r.{combo.column}" for combo in combos)
+    conn.execute(f"CREATE VIEW {table} AS SELECT {', '.join(whole)} FROM {ROW_TABLES[table]} AS r {joins}")
+    keys = [f"r.{column}" for column in stored if column != "flags"] + list(flags.values())
+    conn.execute(f"CREATE VIEW {KEY_VIEWS[table]} AS SELECT {', '.join(keys)} FROM {ROW_TABLES[table]} AS r")
+
+
+def add_row_column(conn: sqlite3.Connection, table: str, definition: str) -> None:
+    """Add a column to page view or event rows: to the table itself before ``compact_rows``, after it to
+    the table that stores them, and to the views that show them."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'view' AND name = ?", (table,)).fetchone():
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+        return
+    columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+    conn.execute(f"ALTER TABLE {ROW_TABLES[table]} ADD COLUMN {definition}")
+    conn.execute(f"DROP VIEW {table}")
+    conn.execute(f"DROP VIEW {KEY_VIEWS[table]}")
+    create_row_views(conn, table, [*columns, definition.split()[0]])
+
+
 def add_sources(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
     """Migration 2: page views and events get a source and channel, derived from the referrer they
     stored, and so do the daily and monthly counts (from their referrer counts). Only rows with a
@@ -3007,7 +3095,7 @@ def add_text_dimension(name: str) -> Migration:
         dim = DIMENSION_NAMED[name]
         empty = _intern(conn, FIELD_SEPARATOR.join("" for _ in dim.fields))
         for table in ("pageviews", "events") if dim.in_events else ("pageviews",):
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {dim.column} INTEGER NOT NULL DEFAULT {empty}")
+            add_row_column(conn, table, f"{dim.column} INTEGER NOT NULL DEFAULT {empty}")
         if dim.code and conn.execute("SELECT 1 FROM daily LIMIT 1").fetchone():  # a new database has no older days to speak of
             progress(f"counting older days under the new dimension {name}")
             pages = DIMENSION_NAMED["pages"].code
@@ -3095,6 +3183,45 @@ def visits_goals_and_exits(conn: sqlite3.Connection, progress: Callable[[str], N
     add_text_dimension("goals")(conn, progress)
     if conn.execute("SELECT 1 FROM pageviews LIMIT 1").fetchone():
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('visit_sources_since', ?)", (int(time.time()) // DAY,))
+
+
+def compact_rows(conn: sqlite3.Connection, progress: Callable[[str], None]) -> None:
+    """Migration: page view and event rows take about half the bytes. SQLite spends a header byte on every
+    column, and stores 0 and 1 in no bytes: values that come together are stored as one combination
+    (``COMBOS``), the four numbers of a bit or three each (``ROW_FLAGS``) as one column, ``flags``, and
+    the empty string, which most campaign, goals and referrer columns hold, takes the id 0. Each table is
+    copied into its new layout (``ROW_TABLES``) a week of rows per statement, with progress; views under
+    the old names show the rows as they were (``create_row_views``)."""
+    for combo in COMBOS:
+        conn.execute(f"CREATE TABLE {combo.table} (id INTEGER PRIMARY KEY, {', '.join(f'{m} INTEGER NOT NULL' for m in combo.members)}, UNIQUE ({', '.join(combo.members)}))")
+    empty = _string_id(conn, "")
+    if empty > 0:
+        conn.execute("UPDATE strings SET id = 0 WHERE id = ?", (empty,))
+        agents = DIMENSION_NAMED["agents"].code
+        for counts in ("daily", "monthly"):
+            conn.execute(f"UPDATE {counts} SET value = 0 WHERE value = ? AND dim != {agents}", (empty,))
+    else:
+        conn.execute("INSERT INTO strings (id, value) VALUES (0, '')")
+    numbers = {"id", "agent", *ROW_NUMBERS, "props_first"}
+    for table, stored in ROW_TABLES.items():
+        described = {row[1]: row for row in conn.execute(f"PRAGMA table_info({table})")}
+        columns = list(described)
+        declared = [f"{name} INTEGER PRIMARY KEY" if name == "id" else f"{name} INTEGER" + (" NOT NULL" if name not in described or described[name][3] else "")
+                    for name in stored_columns(columns)]
+        conn.execute(f"CREATE TABLE {stored} ({', '.join(declared)})")
+        value = (lambda column: f"b.{column}" if column in numbers or empty <= 0 else f"CASE b.{column} WHEN {empty} THEN 0 ELSE b.{column} END")
+        statements = store_rows_sql(table, columns, table, value, " WHERE b.id >= ? AND b.id < ?")
+        first, last = conn.execute(f"SELECT min(id), max(id) FROM {table}").fetchone()
+        shown = time.monotonic()
+        for start in range(second_of(first), second_of(last) + 1, 7 * DAY) if first is not None else ():
+            for statement in statements:
+                conn.execute(statement, (first_id(start), first_id(start + 7 * DAY)))
+            if time.monotonic() - shown >= 1:
+                shown = time.monotonic()
+                progress(f"compacting {table}: {100 * (start - second_of(first)) // max(1, second_of(last) - second_of(first)):.0f}%")
+        conn.execute(f"DROP TABLE {table}")
+        create_row_views(conn, table, columns)
+    conn.execute("CREATE INDEX events_by_name ON event_rows (name)")
 
 
 MIGRATIONS: Tuple[Union[str, Migration], ...] = (
@@ -3191,6 +3318,7 @@ MIGRATIONS: Tuple[Union[str, Migration], ...] = (
         seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, done INTEGER NOT NULL, tbl TEXT NOT NULL, low INTEGER NOT NULL, high INTEGER NOT NULL, ids BLOB NOT NULL);
     CREATE INDEX feed_log_by_range ON feed_log (tbl, high, low);
     """,
+    compact_rows,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 IMPORTED_COLUMNS = ("day", "site", "section", "value", "detail", *Metrics._fields)
@@ -3198,6 +3326,7 @@ ROW_NUMBERS = ("first_today", "visit_views", "duration", "engaged", "scroll", "f
 PAGEVIEW_COLUMNS = ("id", "site", *(dim.column for dim in DIMENSIONS), *ROW_NUMBERS)
 EVENT_EXTRAS = ("props", "props_first")  # what an event row holds beside a page view's columns: its properties
 EVENT_COLUMNS = ("id", "site", *(dim.column for dim in EVENT_DIMENSIONS), EVENT_NAMES.column, *ROW_NUMBERS, *EVENT_EXTRAS)
+STORE_EVENTS = store_rows_sql("events", EVENT_COLUMNS, "temp.event_batch")  # a batch's events, from a temporary table as a reader names their columns
 COUNTED_KEYS = tuple((index, dim.code) for index, dim in enumerate(DIMENSIONS, start=1) if dim.code)  # (place in a row's keys, code)
 STORED_KEYS = slice(1, 2 + len(DIMENSIONS))  # a row's site and dimension ids, as ``Store._keys`` makes them
 STORED_VISIT_VIEWS, STORED_DURATION, STORED_ENGAGED, STORED_SCROLL, STORED_EXIT = (
@@ -3375,7 +3504,7 @@ class Store:
         self._strings: Dict[str, int] = {}
         self._agents: Dict[Tuple[str, str, str, str], int] = {}
         self._values: Dict[Union[str, Tuple[str, ...]], int] = {}  # for ``write_rows``: strings and agents alike
-        self._ids = {table: TimeIds(conn, table) for table in ("pageviews", "events")}
+        self._ids = {table: TimeIds(conn, stored) for table, stored in ROW_TABLES.items()}
         self.final_after = final_after  # the daemon's: rows older than this are final, and left as they are
         self._changeable_from = FIRST_ID  # the oldest row id the batch being written may still change ...
         self._late: Set[int] = set()  # ... beside the rows it stores late, which no feed has shipped yet
@@ -3533,7 +3662,11 @@ class Store:
             rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None, view.firsts, 0, view.converted,
                          self.intern(properties_text(props)), props_first))
             tally.event(view.time, keys[0], name_id, int(view.first_today), view.converted)
-        self.conn.executemany(insert_sql("events", EVENT_COLUMNS), rows)
+        self.conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS event_batch ({', '.join(EVENT_COLUMNS)})")
+        self.conn.execute("DELETE FROM temp.event_batch")
+        self.conn.executemany(insert_sql("temp.event_batch", EVENT_COLUMNS), rows)
+        for statement in STORE_EVENTS:
+            self.conn.execute(statement)
         self._note_written("events", [row[0] for row in rows])
 
     def _insert_live(self, views: Sequence[Tuple[PageView, Optional[VisitStep]]], engagements: Sequence[Engagement], tally: "Tally") -> Callable[[], None]:
@@ -3591,7 +3724,7 @@ class Store:
             updates.append((total, deepest, row_id))
             tally.engagement(engagement.time // DAY, row[STORED_KEYS], total - engaged, int(scroll is None), deepest - (scroll or 0))
             _grow(targets, entries, engagement, 0, engagement.time + total - engagement.start)
-        self.conn.executemany("UPDATE pageviews SET engaged = ?, scroll = ? WHERE id = ?", updates)
+        self.conn.executemany("UPDATE pageview_rows SET engaged = ?, scroll = ? WHERE id = ?", updates)
 
     def _grow_visits(self, targets: Dict[int, List[int]], tally: "Tally") -> None:
         """Bring each growing visit's entry row, and its day's counts, up to the visit's page views and duration."""
@@ -3607,7 +3740,7 @@ class Store:
                 continue
             updates.append((views, duration, row_id))
             tally.visit_grew(day, row[STORED_KEYS], -1 if written_views == 1 and views > 1 else 0, duration - written_duration)
-        self.conn.executemany("UPDATE pageviews SET visit_views = ?, duration = ? WHERE id = ?", updates)
+        self.conn.executemany("UPDATE pageview_rows SET visit_views = ?, duration = ? WHERE id = ?", updates)
 
     def _no_longer_exits(self, row_ids: Sequence[int], tally: "Tally") -> None:
         """A visit's exit is its last page view: the page views that others followed lose the mark, and their counts an exit."""
@@ -3618,7 +3751,7 @@ class Store:
             if row is not None and row[STORED_EXIT]:
                 updates.append((row_id,))
                 tally.grew(second_of(row_id) // DAY, row[STORED_KEYS], (("exits", -1),))
-        self.conn.executemany("UPDATE pageviews SET exit = 0 WHERE id = ?", updates)
+        self.conn.executemany(f"UPDATE pageview_rows SET flags = flags & ~{1 << FLAG_BITS['exit']} WHERE id = ?", updates)
 
     def _stored(self, row_ids: Iterable[int]) -> Dict[int, Tuple[Any, ...]]:
         """Page view rows by id, as written so far (in this transaction too), in ``PAGEVIEW_COLUMNS`` order;
@@ -3638,7 +3771,7 @@ class Store:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 count = self.conn.execute(
-                    "DELETE FROM pageviews WHERE id IN (SELECT id FROM pageviews WHERE id < ? ORDER BY id LIMIT ?)", (first_id(before), chunk)
+                    "DELETE FROM pageview_rows WHERE id IN (SELECT id FROM pageview_rows WHERE id < ? ORDER BY id LIMIT ?)", (first_id(before), chunk)
                 ).rowcount
                 if count < chunk:
                     self.conn.execute(
@@ -3846,7 +3979,8 @@ class Tally:
         conn = self.conn
         conn.execute("DELETE FROM temp.batch")
         conn.executemany(insert_sql("temp.batch", BATCH_COLUMNS), rows)
-        conn.execute(f"INSERT INTO pageviews ({', '.join(PAGEVIEW_COLUMNS)}) SELECT {', '.join(PAGEVIEW_COLUMNS)} FROM temp.batch")
+        for statement in STORE_BATCH:
+            conn.execute(statement)
         conn.execute(
             f"INSERT INTO temp.changes ({', '.join(CHANGE_COLUMNS)}) "
             + " UNION ALL ".join(f"SELECT time / {DAY}, site, {code}, {column}, {metrics} FROM temp.batch GROUP BY 1, 2, 4" for code, column, metrics in COUNTED_COLUMNS)
@@ -3894,6 +4028,7 @@ class Tally:
 
 CHANGE_COLUMNS = ("day", "site", "dim", "value", *Metrics._fields)
 BATCH_COLUMNS = (*PAGEVIEW_COLUMNS, "time")  # a batch's new page view rows, with the second they count in
+STORE_BATCH = store_rows_sql("pageviews", PAGEVIEW_COLUMNS, "temp.batch")
 COUNTED_COLUMNS = tuple((dim.code, dim.column, ", ".join(raw_metrics(dim.visitors))) for dim in COUNTED)  # what a batch counts, per dimension
 
 
@@ -4115,6 +4250,25 @@ class ReportData(NamedTuple):
     annotations: List[Annotation] = []  # notes on the days the range touches
 
 
+class Members:
+    """What the combination ids of stored rows stand for (``COMBOS``): a dimension's value in each,
+    read once per report and combination table, where a report needs them."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.tables: Dict[str, Dict[int, Tuple[int, ...]]] = {}
+
+    def value(self, column: str, stored: int) -> int:
+        """The value id of row column ``column`` in a row whose stored column holds ``stored``."""
+        combo = COMBO_OF.get(column)
+        if combo is None:
+            return stored
+        table = self.tables.get(combo.table)
+        if table is None:
+            table = self.tables[combo.table] = {row[0]: row[1:] for row in self.conn.execute(f"SELECT id, {', '.join(combo.members)} FROM {combo.table}")}
+        return table[stored][combo.members.index(column)]
+
+
 class Scope(NamedTuple):
     """Which page views count: one site (or all), and SQL conditions on raw rows (empty when unfiltered)."""
 
@@ -4289,7 +4443,7 @@ def _visitors_now(conn: sqlite3.Connection, now: int, scope: Scope) -> int:
     a visitor has one visit at a time, so this counts visitors. Visits last a day at most."""
     clause, args = _raw_clause(scope)
     return conn.execute(
-        f"SELECT count(*) FROM {scope.table} WHERE id >= ? AND id < ? AND visit_views > 0 AND (id >> {ID_SHIFT}) + {ID_EPOCH} + duration >= ?{clause}",
+        f"SELECT count(*) FROM {KEY_VIEWS[scope.table]} WHERE id >= ? AND id < ? AND visit_views > 0 AND (id >> {ID_SHIFT}) + {ID_EPOCH} + duration >= ?{clause}",
         (first_id(now - DAY), first_id(now + 1), now - LIVE_WINDOW) + args,
     ).fetchone()[0]
 
@@ -4299,7 +4453,15 @@ def _total(counted: Dict[Tuple[int, int], Totals]) -> Metrics:
 
 
 def filter_ids(name: str, value: str) -> Tuple[str, str, Tuple[str, ...]]:
-    """The column one filter tests on a raw row, and SQL for the ids it matches, as its section says it matches."""
+    """The stored column one filter tests on a raw row, and SQL for the ids it matches: its dimension's, or of
+    the combinations that hold them (``COMBOS``)."""
+    column, sql, args = value_ids(name, value)
+    combo = COMBO_OF.get(column)
+    return (combo.column, f"SELECT id FROM {combo.table} WHERE {column} IN ({sql})", args) if combo else (column, sql, args)
+
+
+def value_ids(name: str, value: str) -> Tuple[str, str, Tuple[str, ...]]:
+    """The column of the dimension one filter tests, and SQL for the ids it matches, as its section says it matches."""
     dim, section = FILTERS[name]
     if section.part == "browser":  # a name, or a name and a major version: "Chrome" or "Chrome 131"
         return "agent", "SELECT id FROM agents WHERE browser = ? OR browser || ' ' || version = ?", (value, value)
@@ -4376,43 +4538,53 @@ KEY_COMBINATIONS = 20_000  # value combinations one packed key may take at most,
 
 
 def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, counted: Sequence[Dimension] = COUNTED) -> List[MatchKey]:
-    """Pack the value ids of several dimensions into one integer key per matching row, above a bit for
+    """Pack the stored ids of several dimensions into one integer key per matching row, above a bit for
     each metric a row may count in (a visitor, a visit, a bounce, an engaged view), so that Counter
-    counts value combinations and their metrics at once. Dimensions share a key while their ids fit in
-    ``KEY_BITS`` and the product of their numbers of values in the range (from the monthly counts)
-    stays under ``KEY_COMBINATIONS``: the more rows a key stands for, the fewer keys SQLite joins and
-    Python counts. Each metric that adds an amount gets a key of its own per dimension."""
-    strings, agents = (max(conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for conn in conns) for table in ("strings", "agents"))
-    width = {dim.name: (agents if dim.column == "agent" else strings).bit_length() for dim in counted}
+    counts value combinations and their metrics at once. A stored column holds one dimension's id, or
+    a combination's (``COMBOS``) for all its dimensions at once. Columns share a key while their ids
+    fit in ``KEY_BITS`` and the product of their numbers of values in the range (from the monthly
+    counts; a combination's, at most its table's) stays under ``KEY_COMBINATIONS``: the more rows a
+    key stands for, the fewer keys SQLite joins and Python counts. Each metric that adds an amount
+    gets a key of its own per column."""
+    tables = {"strings", "agents", *(combo.table for combo in COMBOS)}
+    largest = {table: max(conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for conn in conns) for table in tables}
     values = dict(conns[0].execute(
         "SELECT dim, count(DISTINCT value) FROM monthly WHERE month >= ? AND month < ? GROUP BY dim",
         (month_of_day(span.start // DAY), month_of_day((span.end - 1) // DAY) + 1),
     ).fetchall())
-    groups: List[List[Dimension]] = []
+    columns: Dict[str, List[Dimension]] = {}  # stored column -> the counted dimensions it holds
     for dim in counted:
-        group = groups[-1] + [dim] if groups else []
-        fits = sum(width[member.name] for member in group) + len(_flags(group)) <= KEY_BITS
-        if group and fits and math.prod(values.get(member.code, 1) for member in group) <= KEY_COMBINATIONS:
+        columns.setdefault(stored_column(dim.column), []).append(dim)
+    width = {column: largest[COMBO_OF[dims[0].column].table if dims[0].column in COMBO_OF else "agents" if column == "agent" else "strings"].bit_length()
+             for column, dims in columns.items()}
+    sizes = {column: min(math.prod(values.get(dim.code, 1) for dim in dims), 1 << width[column]) for column, dims in columns.items()}
+    groups: List[List[str]] = []
+    for column in columns:
+        group = groups[-1] + [column] if groups else []
+        fits = sum(width[member] for member in group) + len(_flags([dim for member in group for dim in columns[member]])) <= KEY_BITS
+        if group and fits and math.prod(sizes[member] for member in group) <= KEY_COMBINATIONS:
             groups[-1] = group
         else:
-            groups.append([dim])
+            groups.append([column])
     keys = []
     for group in groups:
-        flags = _flags(group)
+        flags = _flags([dim for column in group for dim in columns[column]])
         packed = [f"(({when}) << {bit})" for bit, when in enumerate(flags)]
         parts, shift = [], len(flags)
-        for dim in group:
-            packed.append(f"({dim.column} << {shift})")
-            metrics = row_metrics(dim.visitors)
-            bits = tuple((flags.index(getattr(metrics, metric)[0]), metric) for metric in RAW_NEEDS[dim.name] if getattr(metrics, metric)[0] in flags)
-            parts.append((dim.name, shift, (1 << width[dim.name]) - 1, bits))
-            shift += width[dim.name]
+        for column in group:
+            packed.append(f"({column} << {shift})")
+            for dim in columns[column]:
+                metrics = row_metrics(dim.visitors)
+                bits = tuple((flags.index(getattr(metrics, metric)[0]), metric) for metric in RAW_NEEDS[dim.name] if getattr(metrics, metric)[0] in flags)
+                parts.append((dim.name, shift, (1 << width[column]) - 1, bits))
+            shift += width[column]
         keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts)))
-    for dim in counted:
-        for metric in RAW_NEEDS[dim.name]:
+    for column, dims in columns.items():
+        for metric in dict.fromkeys(metric for dim in dims for metric in RAW_NEEDS[dim.name]):
             when, adds = getattr(ROW_METRICS, metric)
             if adds != "1":
-                keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{dim.column} || ' ' || {adds} END)", ((dim.name, 0, -1, ()),), metric))
+                parts = tuple((dim.name, 0, -1, ()) for dim in dims if metric in RAW_NEEDS[dim.name])
+                keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{column} || ' ' || {adds} END)", parts, metric))
     return keys
 
 
@@ -4449,9 +4621,10 @@ def _count_matching(conn: sqlite3.Connection, span: Range, bounds: List[int], sc
                     found.update(text.split(","))
                 elif text:
                     _add_amounts(found, text)
-    counts: Counts = {dim.name: {} for dim in COUNTED}
-    for key, found in zip(keys, joined):
-        _add_joined(counts, key, found, one_site)
+        counts: Counts = {dim.name: {} for dim in COUNTED}
+        members = Members(conns[-1])  # the newest snapshot of the two: it knows every combination either read
+        for key, found in zip(keys, joined):
+            _add_joined(counts, key, found, one_site, members)
     totals = _total(counts["pages"])._replace(**{metric: sums[metric] for metric in PART_SUMS})
     return counts, moments, totals
 
@@ -4478,7 +4651,7 @@ def readers_for(conn: sqlite3.Connection, parts: Sequence[Range]) -> Iterator[Li
 
 def _read_parts(conns: Sequence[sqlite3.Connection], columns: Sequence[str], scope: Scope, parts: Sequence[Range]) -> Iterator[Any]:
     """One row of ``columns`` (aggregates) over the rows of each part that pass the filters, in order."""
-    sql = f"SELECT {', '.join(columns)} FROM {scope.table} WHERE id >= ? AND id < ?{scope.where}"
+    sql = f"SELECT {', '.join(columns)} FROM {KEY_VIEWS[scope.table]} WHERE id >= ? AND id < ?{scope.where}"
     return read_parallel(conns, sql, [(first_id(part.start), first_id(part.end)) for part in parts])
 
 
@@ -4514,13 +4687,14 @@ def yield_the_cpu() -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + REPORT_NICENESS))
 
 
-def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int]) -> None:
+def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int], members: Members) -> None:
     """Add what one kind of key counted (``match_keys``) to its dimensions' counts."""
+    columns = {name: DIMENSION_NAMED[name].column for name, _, _, _ in key.values}
     for text, amount in found.items():
         site, number = map(int, text.split(":")) if one_site is None else (one_site, int(text))
         for name, shift, mask, bits in key.values:
             counted = counts[name]
-            value = number >> shift & mask
+            value = members.value(columns[name], number >> shift & mask)
             total = counted.get((site, value))
             if total is None:
                 total = counted[site, value] = Totals()
@@ -4635,7 +4809,7 @@ def _totals(conn: sqlite3.Connection, span: Range, scope: Scope) -> Metrics:
     split = split_range(conn, span)
     queries = [(f"SELECT {metrics} FROM monthly WHERE month >= ? AND month < ? AND dim = 1{site_clause}", months + site_args, 1) for months in split.months]
     queries += [(f"SELECT {metrics} FROM daily WHERE day >= ? AND day < ? AND dim = 1{site_clause}", (first, end) + site_args, sign) for first, end, sign in split.days]
-    queries += [(f"SELECT {raw_metrics} FROM pageviews WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args, 1) for r in split.raw]
+    queries += [(f"SELECT {raw_metrics} FROM pageview_keys WHERE id >= ? AND id < ?{site_clause}", (first_id(r.start), first_id(r.end)) + site_args, 1) for r in split.raw]
     sums = Totals()
     for sql, args, sign in queries:
         sums.add(conn.execute(sql, args).fetchone(), sign)
@@ -4694,19 +4868,18 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     the other sections show page views only, which Python counts faster than SQLite can sort."""
     clause, args = _raw_clause(scope)
     bounds = (first_id(span.start), first_id(span.end)) + args
+    members = Members(conn)
     for name in counts:
         dim = DIMENSION_NAMED[name]
-        column = dim.column
+        column, table = stored_column(dim.column), KEY_VIEWS[scope.table]
         if RAW_NEEDS[name] != ("views",):
             for site, value, *metrics in conn.execute(
-                f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} "
-                f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}",
-                bounds,
+                f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} FROM {table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}", bounds,
             ):
-                _add(counts, name, site, value, metrics)
+                _add(counts, name, site, members.value(dim.column, value), metrics)
         else:
-            for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {scope.table} WHERE id >= ? AND id < ?{clause}", bounds)).items():
-                _add(counts, name, site, value, Metrics(views=views))
+            for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {table} WHERE id >= ? AND id < ?{clause}", bounds)).items():
+                _add(counts, name, site, members.value(dim.column, value), Metrics(views=views))
 
 
 def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int], scope: Scope, moments: Optional[Moments] = None) -> Moments:
@@ -4750,7 +4923,7 @@ def _raw_counts(conn: sqlite3.Connection, raw_parts: List[Range], scope: Scope, 
         if part.start < part.end:
             yield from conn.execute(
                 f"SELECT ((id >> {ID_SHIFT}) + {ID_EPOCH}) / {step} * {step} AS q, count(*), sum({scope.visitors}) "
-                f"FROM {scope.table} WHERE id >= ? AND id < ?{clause} GROUP BY q",
+                f"FROM {KEY_VIEWS[scope.table]} WHERE id >= ? AND id < ?{clause} GROUP BY q",
                 (first_id(part.start), first_id(part.end)) + args,
             )
 

@@ -114,9 +114,12 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
     conn = sqlite3.connect(db)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(pageviews)")]
     visits = ["first_today", "visit_views", "duration", "campaign", "source", "engaged", "scroll", "firsts", "exit", "converted"]
-    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", *visits, "goals", "hostname", "campaign_detail"]
+    combinations = ["page", "arrival", "device"]  # ids of value combinations (pixeld.COMBOS), shown beside their values
+    assert columns == ["id", "site", "path", "title", "referrer", "country", "agent", "screen", "language", *visits, "goals", "hostname", "campaign_detail", *combinations]
     event_columns = [row[1] for row in conn.execute("PRAGMA table_info(events)")]
-    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", *visits, "props", "props_first", "hostname", "campaign_detail"]
+    assert event_columns == ["id", "site", "path", "name", "referrer", "country", "agent", "screen", "language", *visits, "props", "props_first", "hostname", "campaign_detail", *combinations]
+    stored = [row[1] for row in conn.execute("PRAGMA table_info(pageview_rows)")]
+    assert stored == ["id", "site", "page", "arrival", "country", "device", "visit_views", "duration", "engaged", "scroll", "goals", "flags"]
     rows = conn.execute("SELECT * FROM pageviews ORDER BY id").fetchall()
     conn.close()
     assert len(rows) == 16
@@ -124,7 +127,8 @@ def test_nothing_links_a_visitors_page_views_across_days_or_restarts(tmp_path):
     readers = [rows[0::2], rows[1::2]]  # each moment: reader 0, then reader 1
     for mine, theirs in zip(*readers):
         assert mine[0] >> pixeld.ID_SHIFT == theirs[0] >> pixeld.ID_SHIFT  # the same second
-        assert mine[3:] == theirs[3:] and mine[1] == theirs[1]  # everything but the id and the page is the same
+        page = columns.index("page")
+        assert mine[3:page] == theirs[3:page] and mine[page + 1 :] == theirs[page + 1 :] and mine[1] == theirs[1]  # all but the id and the page is the same
 
     blobs = [path.read_bytes() for path in tmp_path.iterdir() if path.name.startswith("linked.db")] + ["\n".join(logged).encode()]
     for secret in secrets_seen:

@@ -9,7 +9,7 @@ import pytest
 
 import pixeld
 from pixeld import DAY, Batch, FilteredHit, Query, Range, Store, StorageError, Writer, connect, query_report
-from conftest import section_counts, view, wait_for
+from conftest import request_for, section_counts, view, wait_for
 
 T0 = 1_767_225_600  # 2026-01-01 00:00:00 UTC
 
@@ -19,7 +19,10 @@ def test_new_database_gets_the_current_schema_in_wal_mode(tmp_path):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == pixeld.SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"strings", "agents", "pageviews", "daily", "filtered"} <= tables
+    assert {"strings", "agents", "pageview_rows", "event_rows", "pages", "arrivals", "devices", "daily", "filtered"} <= tables
+    views = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'view'")}
+    assert views == {"pageviews", "events", "pageview_keys", "event_keys"}  # rows whole (for exports), and as reports scan them
+    assert conn.execute("SELECT id FROM strings WHERE value = ''").fetchone() == (0,)  # stored in no bytes
 
 
 def test_an_older_database_is_migrated_and_a_newer_one_refused(tmp_path):
@@ -43,12 +46,21 @@ def old_database(path, version, rows=3):
     conn = sqlite3.connect(path, isolation_level=None)
     pixeld.migrate(conn, 0, target=version)
     string = conn.execute("INSERT INTO strings (value) VALUES ('x')").lastrowid
+    combinations = {combo.column for combo in pixeld.COMBOS}  # the views show them beside their members
     agent = conn.execute("INSERT INTO agents (browser, version, os, device) VALUES ('Chrome', '131', 'Windows', 'desktop')").lastrowid
     for table in ("pageviews", "events"):
-        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != "id"]
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] != "id" and row[1] not in combinations]
         values = [agent if column == "agent" else 1 if column in pixeld.ROW_NUMBERS else string for column in columns]
+        stored = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'view' AND name = ?", (table,)).fetchone()
+        target = "temp.rows" if stored else table  # since ``compact_rows``, rows are stored apart from the view that shows them
+        if stored:
+            conn.execute(f"CREATE TEMP TABLE rows (id, {', '.join(columns)})")
         for n in range(rows):
-            conn.execute(f"INSERT INTO {table} (id, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})", (pixeld.first_id(T0 + n), *values))
+            conn.execute(f"INSERT INTO {target} (id, {', '.join(columns)}) VALUES (?, {', '.join('?' * len(columns))})", (pixeld.first_id(T0 + n), *values))
+        if stored:
+            for statement in pixeld.store_rows_sql(table, ["id", *columns], "temp.rows"):
+                conn.execute(statement)
+            conn.execute("DROP TABLE temp.rows")
     conn.close()
 
 
@@ -61,11 +73,76 @@ def test_the_export_keeps_every_row_of_a_database_migrated_from_an_older_schema(
     assert all(row["path"] == "x" and row["browser"] == "Chrome" for row in exported)
 
 
+def uncompacted(source, path):
+    """A copy of ``source`` (the current schema) as the schema before ``compact_rows`` held it: every value a
+    column of its own, each flag too, and the empty string an id other than 0 (as it was)."""
+    version = pixeld.MIGRATIONS.index(pixeld.compact_rows)
+    conn = sqlite3.connect(path, isolation_level=None)
+    pixeld.migrate(conn, 0, target=version)
+    conn.execute("ATTACH ? AS new", (str(source),))
+    empty = conn.execute("SELECT id FROM strings WHERE value = ''").fetchone()[0]
+    assert empty > 0
+    conn.execute("DELETE FROM strings")
+    conn.execute("DELETE FROM daily")
+    conn.execute("DELETE FROM monthly")
+    conn.execute(f"INSERT INTO strings SELECT CASE id WHEN 0 THEN {empty} ELSE id END, value FROM new.strings")
+    for table in ("agents", "quarters", "filtered", "meta"):
+        conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM new.{table}")
+    agents = pixeld.DIMENSION_NAMED["agents"].code
+    metrics = ", ".join(pixeld.Metrics._fields)
+    for table, period in (("daily", "day"), ("monthly", "month")):
+        conn.execute(f"INSERT INTO {table} ({period}, site, dim, value, {metrics}) "
+                     f"SELECT {period}, site, dim, CASE WHEN dim != {agents} AND value = 0 THEN {empty} ELSE value END, {metrics} FROM new.{table}")
+    for table in ("pageviews", "events"):
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+        numbers = {"id", "agent", *pixeld.ROW_NUMBERS, "props_first"}
+        values = [f"t.{column}" if column in numbers else f"CASE t.{column} WHEN 0 THEN {empty} ELSE t.{column} END" for column in columns]
+        conn.execute(f"INSERT INTO {table} ({', '.join(columns)}) SELECT {', '.join(values)} FROM new.{table} t")
+    conn.execute("DETACH new")
+    conn.close()
+
+
+def test_compacting_rows_changes_no_report_and_no_export(tmp_path):
+    """``compact_rows`` on a database of the schema before it: every report, filtered or not, and every
+    exported row is what the same rows give when written in the new layout; the file is smaller."""
+    store = Store(connect(str(tmp_path / "new.db")))
+    rng = random.Random(3)
+    records = [
+        pixeld.Record(view(T0 + 600 * n + rng.randrange(600), rng.choice(["/", "/a", "/blog/b", "/blog/c"]), title=rng.choice(["", "A", "B"]),
+                           referrer=rng.choice(["", "news.ycombinator.com/item", "google.com"]), source=rng.choice(["", "Google"]),
+                           channel=rng.choice(["direct", "search"]), campaign=rng.choice(["", "", "spring"]), country=rng.choice(["", "DE", "FR"]),
+                           browser=rng.choice(["Chrome", "Firefox"]), screen=rng.choice(["", "390x844"]), language=rng.choice(["", "de", "en"]),
+                           hostname=rng.choice(["", "example.org"]), first_today=rng.random() < 0.4, firsts=rng.randrange(8), converted=rng.randrange(2)),
+                      rng.choice((0, 1, 2)), rng.randrange(300), rng.randrange(60), rng.choice((None, 40, 100)), rng.randrange(2))
+        for n in range(600)
+    ]
+    events = [pixeld.Event(rng.choice(["signup", "404"]), view(T0 + 900 * n, rng.choice(["/a", "/gone"]), country=rng.choice(["", "DE"])),
+                           (("plan", rng.choice(["pro", "free"])),), rng.randrange(2)) for n in range(100)]
+    store.write(Batch(records=records, events=events))
+    store.conn.close()
+    uncompacted(tmp_path / "new.db", tmp_path / "old.db")
+    old = connect(str(tmp_path / "old.db"))  # migrates it
+    new = connect(str(tmp_path / "new.db"))
+    for conn in (old, new):
+        conn.execute("VACUUM")
+    span = Range(T0 - DAY, T0 + 8 * DAY)
+    for filters in ((), (("path", "/blog/*"),), (("country", "DE"), ("browser", "Firefox")), (("source", "Google"),), (("campaign", "spring"),),
+                    (("referrer", ""),), (("event", "signup"),), (("hostname", "example.org"), ("language", "de"))):
+        reports = [query_report(conn, Query(span, filters=filters)) for conn in (old, new)]
+        reports = [pixeld.render_json(report, request_for(report, "json")) for report in reports]
+        assert reports[0] == reports[1], filters
+    exports = [list(pixeld.export_lines(conn, Range(0, pixeld.LATEST), "", "ndjson")) for conn in (old, new)]
+    assert exports[0] == exports[1] and sum(chunk.count("\n") for chunk in exports[0]) == 700
+    assert old.execute("SELECT id FROM strings WHERE value = ''").fetchone() == (0,)
+    assert old.execute("SELECT count(*) FROM pageview_rows").fetchone() == (600,)
+
+
 def test_a_value_whose_id_names_nothing_exports_empty_and_keeps_its_row(tmp_path):
     """What a column added with a default that is no string id did: the row must not vanish from the export."""
     old_database(tmp_path / "bad.db", pixeld.SCHEMA_VERSION, rows=2)
     conn = connect(str(tmp_path / "bad.db"))
-    conn.execute("UPDATE pageviews SET title = 987654, agent = 987654")
+    conn.execute("UPDATE pages SET title = 987654 WHERE id IN (SELECT page FROM pageview_rows)")
+    conn.execute("UPDATE devices SET agent = 987654")
     exported = [json.loads(line) for chunk in pixeld.export_lines(conn, Range(0, pixeld.LATEST), "", "ndjson") for line in chunk.splitlines()]
     assert [(row["type"], row["title"], row["browser"]) for row in exported if row["type"] == "pageview"] == [("pageview", "", "")] * 2
 
