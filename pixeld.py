@@ -4256,17 +4256,20 @@ class Members:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.tables: Dict[str, Dict[int, Tuple[int, ...]]] = {}
+        self.tables: Dict[str, List[Tuple[int, ...]]] = {}
+        self.columns: Dict[str, Dict[int, int]] = {}
 
-    def value(self, column: str, stored: int) -> int:
-        """The value id of row column ``column`` in a row whose stored column holds ``stored``."""
+    def of(self, column: str) -> Optional[Dict[int, int]]:
+        """Row column ``column``'s value id by the id its stored column holds (None: the same id)."""
         combo = COMBO_OF.get(column)
-        if combo is None:
-            return stored
+        if combo is None or column in self.columns:
+            return self.columns.get(column)
         table = self.tables.get(combo.table)
         if table is None:
-            table = self.tables[combo.table] = {row[0]: row[1:] for row in self.conn.execute(f"SELECT id, {', '.join(combo.members)} FROM {combo.table}")}
-        return table[stored][combo.members.index(column)]
+            table = self.tables[combo.table] = self.conn.execute(f"SELECT id, {', '.join(combo.members)} FROM {combo.table}").fetchall()
+        index = combo.members.index(column) + 1
+        values = self.columns[column] = {row[0]: row[index] for row in table}
+        return values
 
 
 class Scope(NamedTuple):
@@ -4689,12 +4692,14 @@ def yield_the_cpu() -> None:
 
 def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int], members: Members) -> None:
     """Add what one kind of key counted (``match_keys``) to its dimensions' counts."""
-    columns = {name: DIMENSION_NAMED[name].column for name, _, _, _ in key.values}
+    values = {name: members.of(DIMENSION_NAMED[name].column) for name, _, _, _ in key.values}
     for text, amount in found.items():
         site, number = map(int, text.split(":")) if one_site is None else (one_site, int(text))
         for name, shift, mask, bits in key.values:
             counted = counts[name]
-            value = members.value(columns[name], number >> shift & mask)
+            value = number >> shift & mask
+            if values[name] is not None:
+                value = values[name][value]  # type: ignore[index]
             total = counted.get((site, value))
             if total is None:
                 total = counted[site, value] = Totals()
@@ -4871,15 +4876,15 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     members = Members(conn)
     for name in counts:
         dim = DIMENSION_NAMED[name]
-        column, table = stored_column(dim.column), KEY_VIEWS[scope.table]
+        column, table, values = stored_column(dim.column), KEY_VIEWS[scope.table], members.of(dim.column)
         if RAW_NEEDS[name] != ("views",):
             for site, value, *metrics in conn.execute(
                 f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} FROM {table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}", bounds,
             ):
-                _add(counts, name, site, members.value(dim.column, value), metrics)
+                _add(counts, name, site, value if values is None else values[value], metrics)
         else:
             for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {table} WHERE id >= ? AND id < ?{clause}", bounds)).items():
-                _add(counts, name, site, members.value(dim.column, value), Metrics(views=views))
+                _add(counts, name, site, value if values is None else values[value], Metrics(views=views))
 
 
 def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int], scope: Scope, moments: Optional[Moments] = None) -> Moments:
