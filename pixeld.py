@@ -2972,7 +2972,7 @@ def create_row_views(conn: sqlite3.Connection, table: str, columns: Sequence[str
     whole += [f"r.{combo.column}" for combo in combos]  # what a report's filters test (``filter_ids``)
     joins = " ".join(f"LEFT JOIN {combo.table} ON {combo.table}.id = r.{combo.column}" for combo in combos)
     conn.execute(f"CREATE VIEW {table} AS SELECT {', '.join(whole)} FROM {ROW_TABLES[table]} AS r {joins}")
-    keys = [f"r.{column}" for column in stored if column != "flags"] + list(flags.values())
+    keys = [f"r.{column}" for column in stored] + list(flags.values())
     conn.execute(f"CREATE VIEW {KEY_VIEWS[table]} AS SELECT {', '.join(keys)} FROM {ROW_TABLES[table]} AS r")
 
 
@@ -4564,7 +4564,7 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, 
     groups: List[List[str]] = []
     for column in columns:
         group = groups[-1] + [column] if groups else []
-        fits = sum(width[member] for member in group) + len(_flags([dim for member in group for dim in columns[member]])) <= KEY_BITS
+        fits = sum(width[member] for member in group) + _packed_flags(_flags([dim for member in group for dim in columns[member]]))[2] <= KEY_BITS
         if group and fits and math.prod(sizes[member] for member in group) <= KEY_COMBINATIONS:
             groups[-1] = group
         else:
@@ -4572,13 +4572,13 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, 
     keys = []
     for group in groups:
         flags = _flags([dim for column in group for dim in columns[column]])
-        packed = [f"(({when}) << {bit})" for bit, when in enumerate(flags)]
-        parts, shift = [], len(flags)
+        packed, position, shift = _packed_flags(flags)
+        parts = []
         for column in group:
             packed.append(f"({column} << {shift})")
             for dim in columns[column]:
                 metrics = row_metrics(dim.visitors)
-                bits = tuple((flags.index(getattr(metrics, metric)[0]), metric) for metric in RAW_NEEDS[dim.name] if getattr(metrics, metric)[0] in flags)
+                bits = tuple((position[getattr(metrics, metric)[0]], metric) for metric in RAW_NEEDS[dim.name] if getattr(metrics, metric)[0] in flags)
                 parts.append((dim.name, shift, (1 << width[column]) - 1, bits))
             shift += width[column]
         keys.append(MatchKey(f"group_concat({site_key}({' | '.join(packed)}))", tuple(parts)))
@@ -4589,6 +4589,27 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, 
                 parts = tuple((dim.name, 0, -1, ()) for dim in dims if metric in RAW_NEEDS[dim.name])
                 keys.append(MatchKey(f"group_concat(CASE WHEN {when} THEN {site_key}{column} || ' ' || {adds} END)", parts, metric))
     return keys
+
+
+FLAG_CONDITIONS = {  # the conditions a row's ``flags`` answer bit for bit: a key takes those bits as they are stored
+    **{name: FLAG_BITS[name] for name in ("first_today", "exit", "converted")},
+    **{DIMENSION_NAMED[name].visitors: FLAG_BITS["firsts"] + index for index, name in enumerate(VISIT_FIRSTS)},
+}
+
+
+def _packed_flags(flags: Sequence[str]) -> Tuple[List[str], Dict[str, int], int]:
+    """SQL that packs the conditions a row may count in into the low bits of a key, where each sits, and the
+    bits they take: those a row's ``flags`` holds (``FLAG_CONDITIONS``) in one term, as stored from the
+    lowest one used, the others above them, a bit each."""
+    low = min((FLAG_CONDITIONS[when] for when in flags if when in FLAG_CONDITIONS), default=0)
+    position = {when: FLAG_CONDITIONS[when] - low for when in flags if when in FLAG_CONDITIONS}
+    mask, top = sum(1 << bit for bit in position.values()), max(position.values(), default=-1) + 1
+    packed = [f"(flags >> {low} & {mask})"] if mask else []
+    for when in flags:
+        if when not in FLAG_CONDITIONS:
+            packed.append(f"(({when}) << {top})")
+            position[when], top = top, top + 1
+    return packed, position, top
 
 
 def _flags(group: Sequence[Dimension]) -> Tuple[str, ...]:
