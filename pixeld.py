@@ -4251,25 +4251,26 @@ class ReportData(NamedTuple):
 
 
 class Members:
-    """What the combination ids of stored rows stand for (``COMBOS``): a dimension's value in each,
-    read once per report and combination table, where a report needs them."""
+    """What the combination ids of stored rows stand for (``COMBOS``): a dimension's value in each, read
+    where a report needs them, once per report (a site with many paths has many combinations)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.tables: Dict[str, List[Tuple[int, ...]]] = {}
-        self.columns: Dict[str, Dict[int, int]] = {}
+        self.tables: Dict[str, Dict[int, Tuple[int, ...]]] = {combo.table: {} for combo in COMBOS}
 
-    def of(self, column: str) -> Optional[Dict[int, int]]:
-        """Row column ``column``'s value id by the id its stored column holds (None: the same id)."""
+    def of(self, column: str, ids: Iterable[int]) -> Optional[Dict[int, int]]:
+        """Row column ``column``'s value id by the id its stored column holds, for ``ids`` at least (None: the same id)."""
         combo = COMBO_OF.get(column)
-        if combo is None or column in self.columns:
-            return self.columns.get(column)
-        table = self.tables.get(combo.table)
-        if table is None:
-            table = self.tables[combo.table] = self.conn.execute(f"SELECT id, {', '.join(combo.members)} FROM {combo.table}").fetchall()
-        index = combo.members.index(column) + 1
-        values = self.columns[column] = {row[0]: row[index] for row in table}
-        return values
+        if combo is None:
+            return None
+        known = self.tables[combo.table]
+        missing = sorted({stored for stored in ids if stored not in known})
+        for first in range(0, len(missing), 500):
+            chunk = missing[first : first + 500]
+            rows = self.conn.execute(f"SELECT id, {', '.join(combo.members)} FROM {combo.table} WHERE id IN ({', '.join(map(str, chunk))})")
+            known.update((row[0], row[1:]) for row in rows)
+        index = combo.members.index(column)
+        return {stored: values[index] for stored, values in known.items()}
 
 
 class Scope(NamedTuple):
@@ -4713,9 +4714,9 @@ def yield_the_cpu() -> None:
 
 def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int], members: Members) -> None:
     """Add what one kind of key counted (``match_keys``) to its dimensions' counts."""
-    values = {name: members.of(DIMENSION_NAMED[name].column) for name, _, _, _ in key.values}
-    for text, amount in found.items():
-        site, number = map(int, text.split(":")) if one_site is None else (one_site, int(text))
+    keys = [((*map(int, text.split(":")),) if one_site is None else (one_site, int(text)), amount) for text, amount in found.items()]
+    values = {name: members.of(DIMENSION_NAMED[name].column, {number >> shift & mask for (_, number), _ in keys}) for name, shift, mask, _ in key.values}
+    for (site, number), amount in keys:
         for name, shift, mask, bits in key.values:
             counted = counts[name]
             value = number >> shift & mask
@@ -4897,15 +4898,16 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     members = Members(conn)
     for name in counts:
         dim = DIMENSION_NAMED[name]
-        column, table, values = stored_column(dim.column), KEY_VIEWS[scope.table], members.of(dim.column)
+        column, table = stored_column(dim.column), KEY_VIEWS[scope.table]
         if RAW_NEEDS[name] != ("views",):
-            for site, value, *metrics in conn.execute(
+            rows = conn.execute(
                 f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} FROM {table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}", bounds,
-            ):
-                _add(counts, name, site, value if values is None else values[value], metrics)
+            ).fetchall()
         else:
-            for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {table} WHERE id >= ? AND id < ?{clause}", bounds)).items():
-                _add(counts, name, site, value if values is None else values[value], Metrics(views=views))
+            rows = [(site, value, views) for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {table} WHERE id >= ? AND id < ?{clause}", bounds)).items()]
+        values = members.of(dim.column, (row[1] for row in rows))
+        for site, value, *metrics in rows:
+            _add(counts, name, site, value if values is None else values[value], metrics)
 
 
 def _series(conn: sqlite3.Connection, span: Range, grain: str, bounds: List[int], scope: Scope, moments: Optional[Moments] = None) -> Moments:
