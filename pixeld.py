@@ -2935,12 +2935,7 @@ def stored_column(column: str) -> str:
 
 def stored_columns(columns: Sequence[str]) -> List[str]:
     """Row columns as stored: a combination's members as its one column, the flags as ``flags``."""
-    stored: List[str] = []
-    for column in columns:
-        name = COMBO_OF[column].column if column in COMBO_OF else column
-        if name not in stored and column not in FLAG_NAMES:
-            stored.append(name)
-    return stored + ["flags"]
+    return [*dict.fromkeys(stored_column(column) for column in columns if column not in FLAG_NAMES), "flags"]
 
 
 def store_rows_sql(table: str, columns: Sequence[str], source: str, value: Callable[[str], str] = lambda column: f"b.{column}", where: str = "") -> List[str]:
@@ -3652,9 +3647,10 @@ class Store:
         return placed
 
     def _insert_events(self, events: Sequence[Event], tally: "Tally") -> None:
+        if not events:
+            return
         ids = self._ids["events"]
-        if events:
-            ids.load(min(e.view.time for e in events), max(e.view.time for e in events))
+        ids.load(min(e.view.time for e in events), max(e.view.time for e in events))
         rows = []
         for name, view, props, props_first in events:
             keys = self._keys(view, EVENT_KEYS)
@@ -3662,7 +3658,6 @@ class Store:
             rows.append((ids.next(view.time), *keys, name_id, int(view.first_today), 0, 0, 0, None, view.firsts, 0, view.converted,
                          self.intern(properties_text(props)), props_first))
             tally.event(view.time, keys[0], name_id, int(view.first_today), view.converted)
-        self.conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS event_batch ({', '.join(EVENT_COLUMNS)})")
         self.conn.execute("DELETE FROM temp.event_batch")
         self.conn.executemany(insert_sql("temp.event_batch", EVENT_COLUMNS), rows)
         for statement in STORE_EVENTS:
@@ -3972,6 +3967,7 @@ class Tally:
         self._daily: Dict[Tuple[int, int, int, int], Totals] = {}
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS changes ({', '.join(CHANGE_COLUMNS)})")
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS batch ({', '.join(BATCH_COLUMNS)})")
+        conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS event_batch ({', '.join(EVENT_COLUMNS)})")
         conn.execute("DELETE FROM temp.changes")
 
     def count_rows(self, rows: Sequence[Tuple[Any, ...]]) -> None:
