@@ -2977,7 +2977,8 @@ def add_row_column(conn: sqlite3.Connection, table: str, definition: str) -> Non
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'view' AND name = ?", (table,)).fetchone():
         conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
         return
-    columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+    combinations = {combo.column for combo in COMBOS}  # the view shows them last, after the row's columns
+    columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})") if row[1] not in combinations]
     conn.execute(f"ALTER TABLE {ROW_TABLES[table]} ADD COLUMN {definition}")
     conn.execute(f"DROP VIEW {table}")
     conn.execute(f"DROP VIEW {KEY_VIEWS[table]}")
@@ -3195,6 +3196,9 @@ def compact_rows(conn: sqlite3.Connection, progress: Callable[[str], None]) -> N
         agents = DIMENSION_NAMED["agents"].code
         for counts in ("daily", "monthly"):
             conn.execute(f"UPDATE {counts} SET value = 0 WHERE value = ? AND dim != {agents}", (empty,))
+        for counts in ("daily", "monthly", "quarters", "filtered", "imported"):  # hits without a host count under the site ""
+            conn.execute(f"UPDATE {counts} SET site = 0 WHERE site = ?", (empty,))
+        conn.execute("UPDATE feed_log SET low = 0, high = 0 WHERE tbl = 'imported' AND low = ?", (empty,))
     else:
         conn.execute("INSERT INTO strings (id, value) VALUES (0, '')")
     numbers = {"id", "agent", *ROW_NUMBERS, "props_first"}
@@ -3785,13 +3789,14 @@ class Store:
         """Interned ids: the site, then one per dimension (the writer's hot path: the caches answer
         almost always, ``intern`` and ``agent`` only on a miss)."""
         strings, agents = self._strings, self._agents
-        keys = [strings.get(view.site) or self.intern(view.site)]
+        site = strings.get(view.site)
+        keys = [self.intern(view.site) if site is None else site]
         for is_agent, value_of in getters:
             value = value_of(view)
-            if is_agent:
-                keys.append(agents.get(value) or self.agent(UserAgent(*value)))
-            else:
-                keys.append(strings.get(value) or self.intern(value))
+            found = agents.get(value) if is_agent else strings.get(value)  # 0 is an id: the empty string's
+            if found is None:
+                found = self.agent(UserAgent(*value)) if is_agent else self.intern(value)
+            keys.append(found)
         return tuple(keys)
 
     def note_goals(self, goals: Sequence[Goal], day: int) -> None:
@@ -4709,25 +4714,27 @@ def yield_the_cpu() -> None:
 
 
 def _add_joined(counts: Counts, key: MatchKey, found: "Counter[str]", one_site: Optional[int], members: Members) -> None:
-    """Add what one kind of key counted (``match_keys``) to its dimensions' counts."""
+    """Add what one kind of key counted (``match_keys``) to its dimensions' counts (the filtered report's
+    hot loop in Python: each part's lookups are made once, and metrics are added by their index)."""
     keys = [((*map(int, text.split(":")),) if one_site is None else (one_site, int(text)), amount) for text, amount in found.items()]
-    values = {name: members.of(DIMENSION_NAMED[name].column, {number >> shift & mask for (_, number), _ in keys}) for name, shift, mask, _ in key.values}
+    parts = [
+        (counts[name], shift, mask, tuple((bit, METRIC_INDEX[metric]) for bit, metric in bits),
+         members.of(DIMENSION_NAMED[name].column, {number >> shift & mask for (_, number), _ in keys}))
+        for name, shift, mask, bits in key.values
+    ]
+    added = METRIC_INDEX[key.amount or "views"]
     for (site, number), amount in keys:
-        for name, shift, mask, bits in key.values:
-            counted = counts[name]
+        for counted, shift, mask, bits, values in parts:
             value = number >> shift & mask
-            if values[name] is not None:
-                value = values[name][value]  # type: ignore[index]
+            if values is not None:
+                value = values[value]
             total = counted.get((site, value))
             if total is None:
                 total = counted[site, value] = Totals()
-            if key.amount:
-                total.grow(key.amount, amount)
-                continue
-            total.views += amount
-            for bit, metric in bits:
+            total[added] += amount
+            for bit, index in bits:
                 if number >> bit & 1:
-                    total.grow(metric, amount)
+                    total[index] += amount
 
 
 def _add_amounts(sums: "Counter[str]", text: str) -> None:

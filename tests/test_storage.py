@@ -86,13 +86,16 @@ def uncompacted(source, path):
     conn.execute("DELETE FROM daily")
     conn.execute("DELETE FROM monthly")
     conn.execute(f"INSERT INTO strings SELECT CASE id WHEN 0 THEN {empty} ELSE id END, value FROM new.strings")
-    for table in ("agents", "quarters", "filtered", "meta"):
+    for table in ("agents", "meta"):
         conn.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM new.{table}")
+    for table in ("quarters", "filtered"):  # a hit without a host counts under the site ""
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+        conn.execute(f"INSERT INTO {table} SELECT {', '.join(f'CASE site WHEN 0 THEN {empty} ELSE site END' if column == 'site' else column for column in columns)} FROM new.{table}")
     agents = pixeld.DIMENSION_NAMED["agents"].code
     metrics = ", ".join(pixeld.Metrics._fields)
     for table, period in (("daily", "day"), ("monthly", "month")):
-        conn.execute(f"INSERT INTO {table} ({period}, site, dim, value, {metrics}) "
-                     f"SELECT {period}, site, dim, CASE WHEN dim != {agents} AND value = 0 THEN {empty} ELSE value END, {metrics} FROM new.{table}")
+        conn.execute(f"INSERT INTO {table} ({period}, site, dim, value, {metrics}) SELECT {period}, CASE site WHEN 0 THEN {empty} ELSE site END, "
+                     f"dim, CASE WHEN dim != {agents} AND value = 0 THEN {empty} ELSE value END, {metrics} FROM new.{table}")
     for table in ("pageviews", "events"):
         columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
         numbers = {"id", "agent", *pixeld.ROW_NUMBERS, "props_first"}
@@ -112,13 +115,14 @@ def test_compacting_rows_changes_no_report_and_no_export(tmp_path):
                            referrer=rng.choice(["", "news.ycombinator.com/item", "google.com"]), source=rng.choice(["", "Google"]),
                            channel=rng.choice(["direct", "search"]), campaign=rng.choice(["", "", "spring"]), country=rng.choice(["", "DE", "FR"]),
                            browser=rng.choice(["Chrome", "Firefox"]), screen=rng.choice(["", "390x844"]), language=rng.choice(["", "de", "en"]),
-                           hostname=rng.choice(["", "example.org"]), first_today=rng.random() < 0.4, firsts=rng.randrange(8), converted=rng.randrange(2)),
+                           hostname=rng.choice(["", "example.org"]), site=rng.choice(["example.org", "example.org", ""]),
+                           first_today=rng.random() < 0.4, firsts=rng.randrange(8), converted=rng.randrange(2)),
                       rng.choice((0, 1, 2)), rng.randrange(300), rng.randrange(60), rng.choice((None, 40, 100)), rng.randrange(2))
         for n in range(600)
     ]
     events = [pixeld.Event(rng.choice(["signup", "404"]), view(T0 + 900 * n, rng.choice(["/a", "/gone"]), country=rng.choice(["", "DE"])),
                            (("plan", rng.choice(["pro", "free"])),), rng.randrange(2)) for n in range(100)]
-    store.write(Batch(records=records, events=events))
+    store.write(Batch(records=records, events=events, filtered=[FilteredHit(T0 + 60, "", "foreign"), FilteredHit(T0 + 60, "example.org", "bot")]))
     store.conn.close()
     uncompacted(tmp_path / "new.db", tmp_path / "old.db")
     old = connect(str(tmp_path / "old.db"))  # migrates it
@@ -126,6 +130,8 @@ def test_compacting_rows_changes_no_report_and_no_export(tmp_path):
     for conn in (old, new):
         conn.execute("VACUUM")
     span = Range(T0 - DAY, T0 + 8 * DAY)
+    assert [sorted(query_report(conn, Query(span)).sites) for conn in (old, new)] == [["(no host)", "example.org"]] * 2  # hits without a host
+    assert [pixeld.counted_site(conn, "") for conn in (old, new)] == [None, None]  # two sites: neither is the only one
     for filters in ((), (("path", "/blog/*"),), (("country", "DE"), ("browser", "Firefox")), (("source", "Google"),), (("campaign", "spring"),),
                     (("referrer", ""),), (("event", "signup"),), (("hostname", "example.org"), ("language", "de"))):
         reports = [query_report(conn, Query(span, filters=filters)) for conn in (old, new)]
@@ -158,6 +164,8 @@ def test_a_new_text_dimension_migrates_older_rows_to_its_empty_value(tmp_path, m
     pixeld.add_text_dimension("themes")(conn, lambda message: None)
     conn.execute("COMMIT")
     empty = conn.execute("SELECT id FROM strings WHERE value = ''").fetchone()[0]
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(pageviews)")]
+    assert columns[-4:] == ["theme", "page", "arrival", "device"] and len(set(columns)) == len(columns)  # each once, the new one before the ids
     assert {row[0] for row in conn.execute("SELECT theme FROM pageviews UNION ALL SELECT theme FROM events")} <= {empty}
     assert conn.execute("SELECT count(*) FROM pageviews WHERE theme = ?", (empty,)).fetchone()[0] == 5
     for table in ("daily", "monthly"):
