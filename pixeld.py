@@ -4029,7 +4029,7 @@ class Tally:
 
 CHANGE_COLUMNS = ("day", "site", "dim", "value", *Metrics._fields)
 BATCH_COLUMNS = (*PAGEVIEW_COLUMNS, "time")  # a batch's new page view rows, with the second they count in
-STORE_BATCH = store_rows_sql("pageviews", PAGEVIEW_COLUMNS, "temp.batch")
+STORE_BATCH = store_rows_sql("pageviews", PAGEVIEW_COLUMNS, "temp.batch")  # a batch's page view rows into their stored table (``count_rows``)
 COUNTED_COLUMNS = tuple((dim.code, dim.column, ", ".join(raw_metrics(dim.visitors))) for dim in COUNTED)  # what a batch counts, per dimension
 
 
