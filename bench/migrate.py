@@ -1,10 +1,12 @@
-"""How long the sources migration (schema 1 -> 2) takes on a large database.
+"""How long the migrations from schema 1 take on a large database: the sources (schema 1 -> 2), and every
+later one on the way, the compact row layout (``compact_rows``) among them.
 
     python3 bench/migrate.py [--rows 10000000]
 
 Builds a schema-1 database (a year of page views, 40% of them with one of 300 referrers, plus
 their daily and monthly referrer counts) in bench/data/, then times ``pixeld.connect``, which
-migrates it, and checks that the source counts add up to the referrer counts.
+migrates it (printing each migration's progress), and checks that the source counts add up to
+the referrer counts.
 """
 
 import argparse
