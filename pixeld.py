@@ -2923,6 +2923,7 @@ COMBOS = (
     Combo("devices", "device", ("agent", "screen", "language")),
 )
 COMBO_OF = {member: combo for combo in COMBOS for member in combo.members}
+COMBO_TABLES = {combo.column: combo.table for combo in COMBOS}  # a stored combination's column -> the table of its ids (others hold string ids)
 ROW_TABLES = {"pageviews": "pageview_rows", "events": "event_rows"}  # the view that shows rows whole (for exports), and the table that stores them
 KEY_VIEWS = {"pageviews": "pageview_keys", "events": "event_keys"}  # the view reports scan: combinations as their ids, each flag as a column
 
@@ -3339,7 +3340,7 @@ def key_getters(dimensions: Sequence[Dimension]) -> KeyGetters:
     joined, as a source's "search\tGoogle"), or the agent's tuple."""
     getters = []
     for dim in dimensions:
-        get = operator.attrgetter(*(field.name for field in dim.fields))
+        get = operator.itemgetter(*(PageView._fields.index(field.name) for field in dim.fields))
         if len(dim.fields) > 1 and dim.column != "agent":
             get = (lambda fields: lambda view: FIELD_SEPARATOR.join(fields(view)))(get)
         getters.append((dim.column == "agent", get))
@@ -3579,9 +3580,10 @@ class Store:
 
     def _note_written(self, table: str, row_ids: List[int]) -> None:
         """Remember the ids a batch wrote for the feed log: all of an import's, and the daemon's stored late."""
-        if self._written is not None:
+        if self._written is not None:  # an import's: it has no final delay, so nothing it stores is late
             self._written[table].extend(row_ids)
-        self._log_late(table, row_ids)
+        else:
+            self._log_late(table, row_ids)
 
     def _log_written(self) -> None:
         """An import's batch: note the ids it wrote in the feed log, so that the feed ships them once."""
@@ -3832,15 +3834,12 @@ class Store:
 
 
 Entries = Dict[Tuple[int, int, int], Tuple[int, VisitStep]]
-# Per dimension, in PAGEVIEW_KEYS order: how to get its fields from a PageView, and whether they are joined into one string
-STORED_FIELDS = tuple((operator.itemgetter(*(PageView._fields.index(field.name) for field in dim.fields)), len(dim.fields) > 1 and dim.column != "agent")
-                      for dim in DIMENSIONS)
 StoredValues = Tuple[Any, ...]  # a page view's time, its site and dimension values (``PAGEVIEW_KEYS``), then its ``ROW_NUMBERS``
 
 
 def stored_dimensions(view: PageView) -> Tuple[Any, ...]:
     """A page view's site and dimension values, before interning (``PAGEVIEW_KEYS``)."""
-    return (view.site, *[get(view) if not joined else FIELD_SEPARATOR.join(get(view)) for get, joined in STORED_FIELDS])
+    return (view.site, *[get(view) for _, get in PAGEVIEW_KEYS])
 
 
 def stored_values(record: Record, dimensions: Callable[[PageView], Tuple[Any, ...]] = stored_dimensions) -> StoredValues:
@@ -4264,14 +4263,14 @@ class Members:
         combo = COMBO_OF.get(column)
         if combo is None:
             return None
-        known = self.tables[combo.table]
-        missing = sorted({stored for stored in ids if stored not in known})
+        known, wanted = self.tables[combo.table], set(ids)
+        missing = sorted(wanted - known.keys())
         for first in range(0, len(missing), 500):
             chunk = missing[first : first + 500]
-            rows = self.conn.execute(f"SELECT id, {', '.join(combo.members)} FROM {combo.table} WHERE id IN ({', '.join(map(str, chunk))})")
+            rows = self.conn.execute(f"SELECT id, {', '.join(combo.members)} FROM {combo.table} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
             known.update((row[0], row[1:]) for row in rows)
         index = combo.members.index(column)
-        return {stored: values[index] for stored, values in known.items()}
+        return {stored: known[stored][index] for stored in wanted}
 
 
 class Scope(NamedTuple):
@@ -4551,7 +4550,7 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, 
     counts; a combination's, at most its table's) stays under ``KEY_COMBINATIONS``: the more rows a
     key stands for, the fewer keys SQLite joins and Python counts. Each metric that adds an amount
     gets a key of its own per column."""
-    tables = {"strings", "agents", *(combo.table for combo in COMBOS)}
+    tables = {"strings", *COMBO_TABLES.values()}
     largest = {table: max(conn.execute(f"SELECT coalesce(max(id), 1) FROM {table}").fetchone()[0] for conn in conns) for table in tables}
     values = dict(conns[0].execute(
         "SELECT dim, count(DISTINCT value) FROM monthly WHERE month >= ? AND month < ? GROUP BY dim",
@@ -4560,8 +4559,7 @@ def match_keys(conns: Sequence[sqlite3.Connection], span: Range, site_key: str, 
     columns: Dict[str, List[Dimension]] = {}  # stored column -> the counted dimensions it holds
     for dim in counted:
         columns.setdefault(stored_column(dim.column), []).append(dim)
-    width = {column: largest[COMBO_OF[dims[0].column].table if dims[0].column in COMBO_OF else "agents" if column == "agent" else "strings"].bit_length()
-             for column, dims in columns.items()}
+    width = {column: largest[COMBO_TABLES.get(column, "strings")].bit_length() for column in columns}
     sizes = {column: min(math.prod(values.get(dim.code, 1) for dim in dims), 1 << width[column]) for column, dims in columns.items()}
     groups: List[List[str]] = []
     for column in columns:
@@ -4879,14 +4877,10 @@ def _count_periods(conn: sqlite3.Connection, table: str, first: int, end: int, s
         f"FROM {table} WHERE {period} >= ? AND {period} < ? AND dim IN ({','.join('?' * len(names))}){clause} GROUP BY dim, site, value",
         (first, end, *names) + args,
     ):
-        total = counted[dim].get((site, value))
-        if total is not None:
-            total.add(metrics, sign)
-        elif sign == 1:  # sums of NOT NULL columns: numbers
+        if sign == 1 and (site, value) not in counted[dim]:  # sums of NOT NULL columns: numbers, taken as they are
             counted[dim][site, value] = Totals(metrics)
         else:
-            total = counted[dim][site, value] = Totals()
-            total.add(metrics, sign)
+            _add(counts, names[dim], site, value, metrics, sign)
 
 
 def _raw_clause(scope: Scope) -> Tuple[str, Tuple[Any, ...]]:
@@ -4898,16 +4892,16 @@ def _count_raw(conn: sqlite3.Connection, span: Range, scope: Scope, counts: Coun
     the other sections show page views only, which Python counts faster than SQLite can sort."""
     clause, args = _raw_clause(scope)
     bounds = (first_id(span.start), first_id(span.end)) + args
-    members = Members(conn)
+    members, read = Members(conn), {}  # dimensions of one combination share its column, and often its query
     for name in counts:
         dim = DIMENSION_NAMED[name]
         column, table = stored_column(dim.column), KEY_VIEWS[scope.table]
         if RAW_NEEDS[name] != ("views",):
-            rows = conn.execute(
-                f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} FROM {table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}", bounds,
-            ).fetchall()
+            sql = f"SELECT site, {column}, {', '.join(raw_metrics(dim.visitors))} FROM {table} WHERE id >= ? AND id < ?{clause} GROUP BY site, {column}"
+            rows = read.get(sql) or read.setdefault(sql, conn.execute(sql, bounds).fetchall())
         else:
-            rows = [(site, value, views) for (site, value), views in Counter(conn.execute(f"SELECT site, {column} FROM {table} WHERE id >= ? AND id < ?{clause}", bounds)).items()]
+            sql = f"SELECT site, {column} FROM {table} WHERE id >= ? AND id < ?{clause}"
+            rows = read.get(sql) or read.setdefault(sql, [(site, value, views) for (site, value), views in Counter(conn.execute(sql, bounds)).items()])
         values = members.of(dim.column, (row[1] for row in rows))
         for site, value, *metrics in rows:
             _add(counts, name, site, value if values is None else values[value], metrics)
@@ -4966,7 +4960,7 @@ def series_grain(span: Range) -> str:
     return "minute" if days <= 1 / 24 else "hour" if days <= 2 else "day" if days <= 92 else "week" if days <= 732 else "month" if days <= 3660 else "year"
 
 
-GRAINS = {"hour": 3600, "day": DAY, "week": 7 * DAY, "month": 28 * DAY}  # what group= takes, and each grain's shortest bucket
+GRAINS = {"hour": 3600, "day": DAY, "week": 7 * DAY, "month": 28 * DAY, "year": 365 * DAY}  # what group= takes, and each grain's shortest bucket
 MAX_BUCKETS = 10_000  # a series' buckets at most: group=hour over years would be a page nobody can read
 
 
@@ -6279,7 +6273,7 @@ class ImportReader:
         self.geoip = geoip
         self.memo = Memo()
         self.readings: Dict[Tuple[str, ...], Optional[Reading]] = {}  # what a foreign row's content reads as, whatever its time and visitor
-        self.visitors = self._visitors(SessionGeneration)  # an access log's are keyed as live ones are (``_read_combined``)
+        self.visitors = self._visitors(SessionGeneration)  # named by session ids; an access log's are keyed as live ones are (``read``)
         self.visits = ImportVisits()
         self.dimensions: Dict[Tuple[str, ...], Tuple[Any, ...]] = {}  # a page view's stored values by its fields (``stored_dimensions``): most repeat
         self.imported = self.filtered = self.skipped = 0
@@ -6289,6 +6283,8 @@ class ImportReader:
     def read(self, path: str, fmt: str, send: Callable[[ImportBatch], None]) -> None:
         """Read the file, handing each batch to ``send``; the last one carries the final counts."""
         self.send = send
+        if fmt == "combined":  # a reader's address and User-Agent: keyed with BLAKE2b, as the daemon keys them
+            self.visitors = self._visitors(Generation)
         readers = {
             "csv": self._read_csv, "ndjson": self._read_ndjson, "flask": self._read_flask, "combined": self._read_combined,
             "goatcounter": self._read_goatcounter, "umami": self._read_umami,
@@ -6379,7 +6375,6 @@ class ImportReader:
             raise ImportFailed(f"{path} is not a database of the Flask tool: {error}") from None
 
     def _read_combined(self, path: str) -> None:
-        self.visitors = self._visitors(Generation)  # a reader's address and User-Agent: keyed with BLAKE2b, as the daemon keys them
         with open_text(path) as handle:
             for line in handle:
                 match = _COMBINED.match(line)
@@ -6480,7 +6475,7 @@ class ImportReader:
             held = (item.time, self._dimensions(item), item.first_today, item.firsts, item.converted)
             self.batch.rows.extend(self.visits.add(held, step))  # type: ignore[arg-type]
         elif isinstance(item, Record):
-            self.batch.rows.append(stored_values(item))
+            self.batch.rows.append(stored_values(item, self._dimensions))
         elif isinstance(item, Event):
             self.batch.events.append(item)
         elif isinstance(item, FilteredHit):
@@ -7344,7 +7339,7 @@ class App:
         self.clock = clock
         self.log = log
         self.hits = HitReader(config, lambda: self.clock(), lambda message: self.log(message), Memo())  # the app's clock and log, even when replaced
-        self.geoip, self.memo = self.hits.geoip, self.hits.memo
+        self.memo = self.hits.memo
         conn = connect(config.db_path, progress=log)
         note_feed_settings(conn, config.node, config.final_after, int(clock()))
         self.writer = Writer(conn, config.flush_interval, log, config.keep_days, clock, config.queue_limit, config.goals, config.final_after)
@@ -7407,9 +7402,9 @@ class App:
     def dry_run(self, environ: Environ) -> str:
         now, tracker = int(self.clock()), TRACKER_PATHS.get(environ["PATH_INFO"])
         if tracker is None:
-            return explain(read_hit(raw_hit(environ, now), self.config, Memo(), self.country_of))
+            return explain(read_hit(raw_hit(environ, now), self.config, Memo(), self.hits.country_of))
         foreign = foreign_hit(tracker, environ, foreign_body(environ), now, self.hits.site_ids, Memo())
-        return explain_foreign(foreign, self.config, self.country_of)
+        return explain_foreign(foreign, self.config, self.hits.country_of)
 
     def take(self, read: "ReadHit") -> None:
         """A hit read here or by an acceptor process (``HitReader``): another tracker's request refused is
@@ -7439,9 +7434,6 @@ class App:
     def overloaded(self) -> bool:
         """For the server: stop reading requests until the writer catches up."""
         return self.writer.backlogged()
-
-    def country_of(self, address: Optional[IPAddress]) -> str:
-        return lookup_country(self.geoip, address)
 
     def report(self, environ: Environ) -> Answer:
         """The report, in the format asked for, or HTML when the request prefers it (a browser)."""
@@ -8569,10 +8561,7 @@ class Supervisor:
             self._spawn(slot)
         deadline = time.monotonic() + ACCEPTOR_START
         while time.monotonic() < deadline and any(not worker.listening for worker in self.workers.values()):
-            ready, _, _ = select.select([worker.channel for worker in self.workers.values()], [], [], 0.1)
-            for worker in list(self.workers.values()):
-                if worker.channel in ready:
-                    self._receive(worker)
+            self._drain(list(self.workers.values()), 0.1, draining=False)
 
     def _spawn(self, slot: int) -> None:
         self.started[slot] = time.monotonic()
@@ -9126,7 +9115,7 @@ def add_report_commands(commands: Any) -> None:
     for name in FILTERS:
         report_cmd.add_argument(f"--{name}", default="", help=f"only page views with this {name}" + (" (a trailing * matches a prefix)" if name in ("path", "referrer") else ""))
     report_cmd.add_argument("--limit", default="", help="rows per section (default 10 in text, all in json and csv)")
-    report_cmd.add_argument("--group", default="", choices=("", *GRAINS), metavar="GRAIN", help="the series per hour, day, week or month (default: by the range)")
+    report_cmd.add_argument("--group", default="", choices=("", *GRAINS), metavar="GRAIN", help="the series per hour, day, week, month or year (default: by the range)")
     report_cmd.add_argument("--section", default="", help="one section in full: " + ", ".join(SECTION_TITLES))
     report_cmd.add_argument("--ascii", nargs="?", const="1", default="", metavar="1", help="bars of # and changes as +12%% for terminals without Unicode (ascii=1)")
     report_cmd.add_argument("--format", default="text", choices=tuple(CONTENT_TYPES))

@@ -255,7 +255,7 @@ def test_report_flags_and_terminal_width(start_daemon):
     assert code == 0 and "Europe/Berlin" in out and "phone" in out and "desktop" not in out
     code, out, _ = run_pixeld("report", "--db", str(daemon.db), "--range", "30d", "--group", "week", "--format", "json", "--path", "/about")
     assert code == 0 and json.loads(out)["series"]["grain"] == "week" and sum(row["pageviews"] for row in json.loads(out)["series"]["rows"]) == 1
-    code, _, err = run_pixeld("report", "--db", str(daemon.db), "--group", "year")
+    code, _, err = run_pixeld("report", "--db", str(daemon.db), "--group", "decade")
     assert code == 2 and "--group" in err
 
     leader, follower = pty.openpty()

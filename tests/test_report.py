@@ -296,6 +296,8 @@ def test_group_default_follows_the_range_and_each_grain_works(busy_app):
     assert days["rows"] == [{"start": "2026-11-28T00:00:00Z", "pageviews": 11, "visitors": 11}]
     months = grain("range=30d&group=month")
     assert [row["start"][:10] for row in months["rows"]] == ["2026-10-30", "2026-11-01"] and months["rows"][1]["pageviews"] == 12
+    years = grain("range=30d&group=year")
+    assert [row["start"][:10] for row in years["rows"]] == ["2026-10-30"] and years["rows"][0]["pageviews"] == sum(row["pageviews"] for row in months["rows"])  # the range's part of 2026
     tokyo = grain("range=2d&group=day&tz=Asia/Tokyo")
     assert all(row["start"].endswith("T00:00:00+09:00") for row in tokyo["rows"][1:])
 
@@ -305,7 +307,7 @@ def test_group_with_a_filter(busy_app):
     assert series["grain"] == "week" and [row["pageviews"] for row in series["rows"]] == [0, 0, 0, 0, 2]  # /p10 yesterday, /p1 today
 
 
-@pytest.mark.parametrize("query, reason", [("group=year", "unknown group"), ("group=", ""), ("start=2000-01-01&group=hour", "more than 10,000 points")])
+@pytest.mark.parametrize("query, reason", [("group=decade", "unknown group"), ("group=", ""), ("start=2000-01-01&group=hour", "more than 10,000 points")])
 def test_bad_group_gets_400_with_one_line(busy_app, query, reason):
     answer = call(busy_app, "/report", query)
     if not reason:
